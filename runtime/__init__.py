@@ -1,0 +1,55 @@
+"""attnrt: an attention runtime for PyTorch.
+
+It probes the device, reads a capability manifest that ranks backends per platform, arch, head
+size and dtype, and runs the first backend that can really serve the request; every choice can be
+explained (`attnrt explain`). Importing attnrt does nothing: no device init, no env writes, no I/O.
+"""
+
+from attnrt.context import ForwardContext, get_forward_context, set_forward_context
+from attnrt.device import Device, probe, simulated_device
+from attnrt.dispatch import (
+    AttentionBackendEnum,
+    Candidate,
+    Decision,
+    backend_name_to_enum,
+    clear_caches,
+    explain,
+    force_backend,
+    global_force_attn_backend,
+    global_force_attn_backend_context_manager,
+    select,
+)
+from attnrt.errors import (
+    AttnrtError,
+    BackendUnavailableError,
+    DeviceSpecError,
+    KernelCompileError,
+    ManifestError,
+    RegistryError,
+    UnknownBackendError,
+)
+from attnrt.interfaces import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadata,
+    AttentionMetadataBuilder,
+)
+from attnrt.layers import LocalAttention
+from attnrt.manifest import load_capability
+from attnrt.registry import register_backend, unregister_backend
+from attnrt.request import AttentionRequest
+from attnrt.support import Package, Reason
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionBackend", "AttentionBackendEnum", "AttentionImpl", "AttentionLayer",
+    "AttentionMetadata", "AttentionMetadataBuilder", "AttentionRequest", "AttnrtError",
+    "BackendUnavailableError", "Candidate", "Decision", "Device", "DeviceSpecError",
+    "ForwardContext", "KernelCompileError", "LocalAttention", "ManifestError", "Package",
+    "Reason", "RegistryError", "UnknownBackendError", "backend_name_to_enum", "clear_caches",
+    "explain", "force_backend", "get_forward_context", "global_force_attn_backend",
+    "global_force_attn_backend_context_manager", "load_capability", "probe", "register_backend",
+    "select", "set_forward_context", "simulated_device", "unregister_backend",
+]

@@ -1,0 +1,3 @@
+"""cuda platform pack: probe (probe.py) and its backend table."""
+
+BACKENDS: dict[str, str] = {}

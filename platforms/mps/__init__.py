@@ -1,0 +1,3 @@
+"""mps platform pack: probe (probe.py) and its backend table."""
+
+BACKENDS: dict[str, str] = {}

@@ -1,0 +1,7 @@
+"""Portable backends, runnable on any platform a pack ranks them for."""
+
+BACKENDS = {
+    "REFERENCE": "attnrt.backends.reference:ReferenceBackend",
+    "TORCH_SDPA": "attnrt.backends.sdpa:TorchSdpaBackend",
+    "FLEX_ATTN": "attnrt.backends.flex:FlexAttentionBackend",
+}

@@ -1,0 +1,70 @@
+"""FLEX_ATTN: torch.compile(flex_attention), with a cached block mask for causal.
+
+Compiled once per process; block masks are cached per (N, M, device) so a new sequence length
+costs one mask build, not a recompile of the kernel's source.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import torch
+
+from attnrt.interfaces import AttentionBackend, AttentionImpl, AttentionMetadata
+
+
+@cache
+def _compiled() -> Any:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@cache
+def _causal_block_mask(n: int, m: int, device: str) -> Any:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    offset = m - n
+
+    def bottom_right(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        return kv_idx <= q_idx + offset
+
+    return create_block_mask(bottom_right, B=None, H=None, Q_LEN=n, KV_LEN=m, device=device)
+
+
+def flex_bnhd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+              scale: float | None) -> torch.Tensor:
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    mask = _causal_block_mask(qt.shape[2], kt.shape[2], str(q.device)) if causal else None
+    out = _compiled()(qt, kt, vt, block_mask=mask, scale=scale,
+                      enable_gqa=qt.shape[1] != kt.shape[1])
+    return out.transpose(1, 2)
+
+
+class FlexAttentionImpl(AttentionImpl):
+    def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
+                 num_kv_heads: int | None = None, prefix: str = "",
+                 **extra_impl_args: Any) -> None:
+        self.softmax_scale = softmax_scale
+        self.causal = causal
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_metadata: AttentionMetadata | None) -> torch.Tensor:
+        return flex_bnhd(query, key, value, self.causal, self.softmax_scale)
+
+
+class FlexAttentionBackend(AttentionBackend):
+    """CUDA and CPU (torch.compile needs a C++ compiler there); power-of-two head sizes."""
+
+    PLATFORMS = frozenset({"cuda", "cpu"})
+    DTYPES = frozenset({"fp16", "bf16", "fp32"})
+    HEAD_SIZES = (16, 32, 64, 128, 256)
+
+    @staticmethod
+    def get_name() -> str:
+        return "FLEX_ATTN"
+
+    @staticmethod
+    def get_impl_cls() -> type[FlexAttentionImpl]:
+        return FlexAttentionImpl

@@ -1,0 +1,82 @@
+"""REFERENCE: pure-torch attention, the numeric ground truth and the last resort everywhere.
+
+Queries are processed in chunks so peak memory is O(N * chunk), not O(N^2): scores for one chunk
+of rows are at most `CHUNK_BYTES`. Accumulation is float32 (float64 for float64 inputs).
+Causal masks are bottom-right aligned, as in FlashAttention 2.1+: query i sees keys j <= i + M - N;
+a row that sees no key outputs zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from attnrt.interfaces import AttentionBackend, AttentionImpl, AttentionMetadata
+
+CHUNK_BYTES = 64 << 20
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                      softmax_scale: float | None = None,
+                      chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """Attention over q [B, N, H, D], k/v [B, M, Hkv, D] (H % Hkv == 0) -> [B, N, H, D].
+
+    Equivalent PyTorch (dense, O(N*M) memory):
+        s = (q.transpose(1, 2) @ k.repeat_interleave(H // Hkv, 2).transpose(1, 2).mT) * scale
+        s = s.masked_fill(causal_bottom_right_mask, -inf)
+        out = (s.softmax(-1) @ v.repeat_interleave(H // Hkv, 2).transpose(1, 2)).transpose(1, 2)
+    """
+    batch, n, heads, dim = q.shape
+    m, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dim)
+    kt = k.to(acc).permute(0, 2, 3, 1).unsqueeze(2)  # [B, Hkv, 1, D, M]
+    vt = v.to(acc).transpose(1, 2).unsqueeze(2)  # [B, Hkv, 1, M, Dv]
+    rows = max(1, chunk_bytes // max(1, batch * heads * m * torch.finfo(acc).bits // 8))
+    chunks = []
+    for start in range(0, n, rows):
+        qc = q[:, start:start + rows].to(acc)
+        c = qc.shape[1]
+        qc = qc.reshape(batch, c, kv_heads, group, dim).permute(0, 2, 3, 1, 4)  # [B,Hkv,g,c,D]
+        s = torch.matmul(qc, kt) * scale  # [B, Hkv, g, c, M]
+        if causal:
+            s = s.masked_fill(_causal_mask(start, c, n, m, q.device), float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        if causal and n > m:
+            p = torch.nan_to_num(p, nan=0.0)  # rows that see no key
+        o = torch.matmul(p, vt)  # [B, Hkv, g, c, Dv]
+        chunks.append(o.permute(0, 3, 1, 2, 4).reshape(batch, c, heads, -1).to(q.dtype))
+    return torch.cat(chunks, dim=1)
+
+
+def _causal_mask(start: int, rows: int, n: int, m: int, device: torch.device) -> torch.Tensor:
+    i = torch.arange(start, start + rows, device=device).unsqueeze(1)
+    j = torch.arange(m, device=device).unsqueeze(0)
+    return j > i + (m - n)
+
+
+class ReferenceImpl(AttentionImpl):
+    def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
+                 num_kv_heads: int | None = None, prefix: str = "",
+                 **extra_impl_args: Any) -> None:
+        self.softmax_scale = softmax_scale
+        self.causal = causal
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_metadata: AttentionMetadata | None) -> torch.Tensor:
+        return chunked_attention(query, key, value, self.causal, self.softmax_scale)
+
+
+class ReferenceBackend(AttentionBackend):
+    """Any platform, dtype and head size; GQA and causal."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "REFERENCE"
+
+    @staticmethod
+    def get_impl_cls() -> type[ReferenceImpl]:
+        return ReferenceImpl

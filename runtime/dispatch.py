@@ -1,0 +1,336 @@
+"""The one selection walk: request + device -> Decision.
+
+    ranking = forced name, or the first manifest rule that matches (REFERENCE appended last)
+    for name in ranking: reasons = support.check(backend, request, device); first with none wins
+
+Every Decision lists each candidate with its verdict, the rule (file:line) and the device;
+`attnrt explain` prints the very Decision a layer gets. Decisions are cached per (device, request,
+force, manifest files); `clear_caches()` empties every cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+from attnrt import registry, support
+from attnrt.device import Device, clear_probe_cache, probe
+from attnrt.errors import BackendUnavailableError, RegistryError, UnknownBackendError
+from attnrt.manifest import Manifest, Rule, clear_manifest_cache, current_manifest
+from attnrt.request import AttentionRequest
+from attnrt.support import Reason
+
+logger = logging.getLogger("attnrt")
+LAST_RESORT = "REFERENCE"
+FORCE_ENV = ("ATTNRT_BACKEND", "FASTVIDEO_ATTENTION_BACKEND")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    reasons: tuple[Reason, ...] = ()
+    note: str = ""
+    reached: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return self.reached and not self.reasons
+
+    def verdict(self) -> str:
+        if not self.reached:
+            return "not reached"
+        return "ok" if not self.reasons else "; ".join(str(r) for r in self.reasons)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "reached": self.reached, "note": self.note,
+                "reasons": [r.to_dict() for r in self.reasons]}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one selection: `backend` is None only from explain() when nothing can run."""
+
+    backend: str | None
+    request: AttentionRequest
+    device: Device
+    candidates: tuple[Candidate, ...]
+    rule: Rule | None
+    forced: str | None = None  # where the force came from, e.g. "ATTNRT_BACKEND=FLASH_ATTN"
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def backend_cls(self) -> type:
+        if self.backend is None:
+            raise BackendUnavailableError(self.failure_message())
+        return registry.load(self.backend)
+
+    @property
+    def rule_where(self) -> str:
+        return self.rule.where if self.rule else "(no rule matched: REFERENCE fallback)"
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{c.name} ({c.verdict()})" for c in self.candidates
+                            if c.reached and not c.ok)
+        return (f"attention for {self.request.describe()} on {self.device.describe()}: "
+                f"{self.backend or 'no backend'} (rule {self.rule_where}"
+                f"{', forced by ' + self.forced if self.forced else ''})"
+                + (f"; skipped {skipped}" if skipped else ""))
+
+    def failure_message(self) -> str:
+        lines = [f"no attention backend can run {self.request.describe()} on "
+                 f"{self.device.describe()}" + (f" (forced by {self.forced})" if self.forced else "")
+                 + ":"]
+        lines += [f"  {c.name}: {c.verdict()}" for c in self.candidates]
+        hints = sorted({r.hint for c in self.candidates for r in c.reasons if r.hint})
+        lines += [f"  hint: {h}" for h in hints]
+        return "\n".join(lines)
+
+    def explain(self) -> str:
+        from attnrt.report import format_decision
+
+        return format_decision(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        from attnrt.report import decision_dict
+
+        return decision_dict(self)
+
+
+# ---------------------------------------------------------------- user intent: force
+
+
+_FORCED: ContextVar[str | None] = ContextVar("attnrt_forced_backend", default=None)
+_global_forced: str | None = None
+
+
+def _name_of(backend: Any) -> str:
+    return str(getattr(backend, "name", backend)).upper()
+
+
+@contextlib.contextmanager
+def force_backend(name: Any) -> Iterator[None]:
+    """Within the block (this thread or task only), every selection uses `name` or raises."""
+    resolved = _name_of(name)
+    registry.spec(resolved)  # unknown names fail here, listing the valid ones
+    token = _FORCED.set(resolved)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def global_force_attn_backend(backend: Any) -> None:
+    """FastVideo's process-wide force; None clears it."""
+    global _global_forced
+    if backend is not None:
+        registry.spec(_name_of(backend))
+    _global_forced = None if backend is None else _name_of(backend)
+    clear_decision_cache()
+
+
+@contextlib.contextmanager
+def global_force_attn_backend_context_manager(backend: Any) -> Iterator[None]:
+    previous = _global_forced
+    global_force_attn_backend(backend)
+    try:
+        yield
+    finally:
+        global_force_attn_backend(previous)
+
+
+def get_global_forced_attn_backend() -> str | None:
+    return _global_forced
+
+
+def forced_backend() -> tuple[str, str] | None:
+    """(name, where it came from), in precedence order: context, global, environment."""
+    if (name := _FORCED.get()) is not None:
+        return name, "force_backend()"
+    if _global_forced is not None:
+        return _global_forced, "global_force_attn_backend()"
+    for var in FORCE_ENV:
+        value = os.environ.get(var, "").strip()
+        if value:
+            return value.upper(), f"{var}={value}"
+    return None
+
+
+def _fallback_mode() -> str:
+    mode = os.environ.get("ATTNRT_FALLBACK", "error").strip().lower() or "error"
+    if mode not in ("error", "warn"):
+        raise ValueError(f"ATTNRT_FALLBACK={mode!r} is not allowed; allowed: error, warn")
+    return mode
+
+
+def strict_mode() -> bool:
+    value = os.environ.get("ATTNRT_STRICT", "0").strip().lower()
+    if value not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise ValueError(f"ATTNRT_STRICT={value!r} is not allowed; allowed: 0, 1, true, false")
+    return value in ("1", "true", "yes")
+
+
+# ---------------------------------------------------------------- the walk
+
+
+_lock = threading.Lock()
+_decisions: dict[tuple[Any, ...], Decision] = {}
+_failures: dict[tuple[Device, AttentionRequest], dict[str, Reason]] = {}
+
+
+def record_failure(request: AttentionRequest, device: Device, name: str, message: str) -> None:
+    """Remember that `name` failed at run time (e.g. a compile error) for this request."""
+    with _lock:
+        _failures.setdefault((device, request), {})[name] = Reason(
+            support.COMPILE_FAILED, f"{name} failed at run time: {message}")
+        _decisions.clear()
+
+
+def reasons_for(name: str, request: AttentionRequest, device: Device) -> list[Reason]:
+    """Why `name` cannot serve `request` on `device` (empty: it can)."""
+    if request.allowed is not None and name not in request.allowed:
+        return [Reason(support.NOT_ALLOWED, f"{name} is not in the layer's "
+                       f"supported_attention_backends ({', '.join(request.allowed)})")]
+    try:
+        cls = registry.load(name)
+    except (RegistryError, UnknownBackendError) as exc:
+        return [Reason(support.NOT_REGISTERED, str(exc))]
+    reasons = support.check(cls, request, device)
+    failed = _failures.get((device, request), {}).get(name)
+    return reasons + [failed] if failed else reasons
+
+
+def _ranking(request: AttentionRequest, device: Device,
+             manifest: Manifest) -> tuple[list[tuple[str, str]], Rule | None]:
+    rule = manifest.match(request, device)
+    ranked = [(n, "") for n in (rule.rank if rule else ())]
+    for name in request.allowed or ():
+        if name not in {n for n, _ in ranked}:
+            registry.spec(name)
+            ranked.append((name, "allowed by the layer, not ranked by the manifest"))
+    if LAST_RESORT not in {n for n, _ in ranked}:
+        ranked.append((LAST_RESORT, "last resort"))
+    return ranked, rule
+
+
+def _walk(ranked: list[tuple[str, str]], request: AttentionRequest,
+          device: Device) -> tuple[str | None, list[Candidate]]:
+    chosen, candidates = None, []
+    for name, note in ranked:
+        if chosen is not None:
+            candidates.append(Candidate(name, note=note, reached=False))
+            continue
+        reasons = tuple(reasons_for(name, request, device))
+        candidates.append(Candidate(name, reasons, note))
+        if not reasons:
+            chosen = name
+    return chosen, candidates
+
+
+def decide(request: AttentionRequest, device: Device | None = None,
+           manifest: Manifest | None = None) -> Decision:
+    """The Decision, even when nothing can run (backend None). select() raises instead."""
+    device = device or probe()
+    manifest = manifest or current_manifest()
+    forced = forced_backend()
+    key = (device, request, forced, _fallback_mode(), manifest.files)
+    with _lock:
+        cached = _decisions.get(key)
+    if cached is not None:
+        return cached
+    decision = _decide(request, device, manifest, forced)
+    with _lock:
+        _decisions[key] = decision
+    if decision.backend is not None:
+        logger.info("%s", decision.summary())
+    return decision
+
+
+def _decide(request: AttentionRequest, device: Device, manifest: Manifest,
+            forced: tuple[str, str] | None) -> Decision:
+    ranked, rule = _ranking(request, device, manifest)
+    if forced is None:
+        chosen, candidates = _walk(ranked, request, device)
+        return Decision(chosen, request, device, tuple(candidates), rule)
+    name, source = forced
+    registry.spec(name)
+    reasons = tuple(reasons_for(name, request, device))
+    head = Candidate(name, reasons, f"forced by {source}")
+    if not reasons or _fallback_mode() != "warn":
+        return Decision(None if reasons else name, request, device, (head,), rule, source)
+    warnings.warn(f"forced backend {name} ({source}) cannot run: {head.verdict()}; "
+                  "ATTNRT_FALLBACK=warn, so the manifest ranking is used", stacklevel=4)
+    chosen, candidates = _walk([(n, note) for n, note in ranked if n != name], request, device)
+    note = f"forced {name} could not run; fell back to the ranking (ATTNRT_FALLBACK=warn)"
+    return Decision(chosen, request, device, (head, *candidates), rule, source, (note,))
+
+
+def select(request: AttentionRequest, device: Device | None = None,
+           manifest: Manifest | None = None) -> Decision:
+    """The Decision for this request; raises BackendUnavailableError when nothing can run."""
+    decision = decide(request, device, manifest)
+    if decision.backend is None:
+        raise BackendUnavailableError(decision.failure_message())
+    return decision
+
+
+def explain(request: AttentionRequest | None = None, device: Device | str | None = None,
+            **request_fields: Any) -> Decision:
+    """The same Decision a layer gets: explain(head_size=128, dtype="bf16", device="cuda:sm90")."""
+    from attnrt.device import parse_device_spec
+
+    if request is None:
+        request = AttentionRequest(**request_fields)
+    if isinstance(device, str):
+        device = parse_device_spec(device)
+    return decide(request, device)
+
+
+def clear_decision_cache() -> None:
+    with _lock:
+        _decisions.clear()
+
+
+def clear_caches() -> None:
+    """Forget decisions, recorded failures, probes, manifests, package checks and loaded classes."""
+    with _lock:
+        _decisions.clear()
+        _failures.clear()
+    clear_probe_cache()
+    clear_manifest_cache()
+    support.package_status.cache_clear()
+    registry.clear_registry_cache()
+
+
+def backend_name_to_enum(name: str) -> BackendName | None:
+    """FastVideo's helper: the registered name as an enum-like value, or None if unknown."""
+    upper = str(name).upper()
+    return BackendName(upper) if registry.is_registered(upper) else None
+
+
+class BackendName(str):
+    """A registered backend name that also answers `.name`, like an enum member."""
+
+    @property
+    def name(self) -> str:
+        return str(self)
+
+
+class _BackendEnumMeta(type):
+    def __getattr__(cls, item: str) -> BackendName:
+        if item.startswith("_") or not registry.is_registered(item):
+            raise AttributeError(f"no attention backend named {item!r}")
+        return BackendName(item)
+
+    def __iter__(cls) -> Iterator[BackendName]:
+        return iter(BackendName(n) for n in registry.names())
+
+
+class AttentionBackendEnum(metaclass=_BackendEnumMeta):
+    """Open stand-in for FastVideo's enum: AttentionBackendEnum.TORCH_SDPA, for any registered name."""

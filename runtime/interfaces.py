@@ -1,0 +1,108 @@
+"""The backend contract, compatible with FastVideo's: a FastVideo-style backend plugs in unchanged.
+
+Shapes: B batch, N query sequence, M key sequence, H query heads, Hkv key/value heads, D head size.
+Tensors are [B, N, H, D] throughout.
+
+A backend class is a namespace of static methods plus capability data (see `attnrt.support`):
+`get_name()` is its stable UPPER_SNAKE name, `get_impl_cls()` the class that runs attention.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-forward data a backend needs beyond q, k, v (FastVideo: current_timestep and more)."""
+
+    current_timestep: int = 0
+
+    def asdict_zerocopy(self, skip_fields: set[str] | None = None) -> dict[str, Any]:
+        """Shallow dict of the fields (tensors are not copied), minus `skip_fields`."""
+        skip = skip_fields or set()
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+
+T = TypeVar("T", bound=AttentionMetadata)
+
+
+class AttentionMetadataBuilder(ABC, Generic[T]):
+    """Builds a backend's metadata once per forward step."""
+
+    def __init__(self) -> None:  # noqa: B027 - a builder may keep no state
+        pass
+
+    @abstractmethod
+    def prepare(self) -> None:
+        """Reset state before a new step."""
+
+    @abstractmethod
+    def build(self, **kwargs: Any) -> T:
+        """Build the metadata for this step."""
+
+
+class AttentionImpl(ABC, Generic[T]):
+    """Runs attention for one layer. Inputs [B, N, H, D]; output [B, N, H, D]."""
+
+    @abstractmethod
+    def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
+                 num_kv_heads: int | None = None, prefix: str = "",
+                 **extra_impl_args: Any) -> None:
+        raise NotImplementedError
+
+    def preprocess_qkv(self, qkv: torch.Tensor, attn_metadata: T) -> torch.Tensor:
+        """Hook before sequence-parallel communication (e.g. tile reordering); identity here."""
+        return qkv
+
+    def postprocess_output(self, output: torch.Tensor, attn_metadata: T) -> torch.Tensor:
+        """Hook after sequence-parallel communication; identity here."""
+        return output
+
+    @abstractmethod
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_metadata: T) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class AttentionBackend(ABC):
+    """A named attention implementation. Subclasses declare what they can run as class data.
+
+    Capability attributes (read by `attnrt.support.check`; omitted ones mean "any"):
+    PLATFORMS, ARCHS, DTYPES, HEAD_SIZES, SUPPORTS_CAUSAL, SUPPORTS_GQA, PACKAGES.
+    A backend may add `extra_reasons(request, device) -> list[Reason]` for limits that are not data.
+    """
+
+    accept_output_buffer: ClassVar[bool] = False
+
+    @staticmethod
+    @abstractmethod
+    def get_name() -> str:
+        raise NotImplementedError
+
+    @staticmethod
+    @abstractmethod
+    def get_impl_cls() -> type[AttentionImpl]:
+        raise NotImplementedError
+
+    @staticmethod
+    def get_metadata_cls() -> type[AttentionMetadata]:
+        return AttentionMetadata
+
+    @staticmethod
+    def get_builder_cls() -> type[AttentionMetadataBuilder] | None:
+        return None
+
+
+class AttentionLayer(Protocol):
+    """What models call: forward(q, k, v) -> output, all [B, N, H, D]."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor) -> torch.Tensor: ...
+
+
+CONTRACT_METHODS = ("get_name", "get_impl_cls", "get_metadata_cls", "get_builder_cls")

@@ -1,0 +1,164 @@
+"""Layers models call: LocalAttention (and, from attnrt.distributed, DistributedAttention).
+
+Shapes: B batch, N query sequence, M key sequence, H heads, Hkv kv heads, D head size.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnrt.context import get_forward_context
+from attnrt.device import Device, device_for_tensor, platform_of_tensor, probe
+from attnrt.dispatch import Decision, record_failure, select, strict_mode
+from attnrt.errors import KernelCompileError
+from attnrt.interfaces import AttentionImpl
+from attnrt.request import AttentionRequest, dtype_name
+
+logger = logging.getLogger("attnrt")
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on interleaved pairs (non-neox, as FastVideo's layers apply it).
+
+    x [B, N, H, D]; cos, sin [N, D/2]. Pairs (x[..., 2i], x[..., 2i+1]) rotate by angle i.
+    """
+    cos = cos.unsqueeze(-2).to(x.dtype)
+    sin = sin.unsqueeze(-2).to(x.dtype)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+
+
+class _Selected:
+    """A decision and the impl built from it, for one (dtype, device) a layer has seen."""
+
+    __slots__ = ("decision", "device", "dtype", "impl")
+
+    def __init__(self, decision: Decision, impl: AttentionImpl, dtype: torch.dtype,
+                 device: torch.device | None) -> None:
+        self.decision, self.impl, self.dtype, self.device = decision, impl, dtype, device
+
+
+class LocalAttention(nn.Module):
+    """Attention on one device through the best backend attnrt can select here.
+
+    forward(q [B, N, H, D], k [B, M, Hkv, D], v [B, M, Hkv, D], freqs_cis=(cos, sin)) -> [B, N, H, D]
+    """
+
+    def __init__(self, num_heads: int, head_size: int, num_kv_heads: int | None = None,
+                 softmax_scale: float | None = None, causal: bool = False,
+                 supported_attention_backends: Any = None, prefix: str = "",
+                 **extra_impl_args: Any) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.softmax_scale = softmax_scale if softmax_scale is not None else head_size ** -0.5
+        self.causal = causal
+        self.prefix = prefix
+        self.extra_impl_args = extra_impl_args
+        self._allowed = (None if supported_attention_backends is None
+                         else tuple(supported_attention_backends))
+        self._by_key: dict[tuple[torch.dtype, str], _Selected] = {}
+        self._active = self._select(torch.get_default_dtype(), None)
+
+    # -- selection ---------------------------------------------------------------------------
+
+    def request_for(self, dtype: torch.dtype) -> AttentionRequest:
+        return AttentionRequest(self.head_size, dtype_name(dtype), self.num_heads,
+                                self.num_kv_heads, self.causal, self._allowed)
+
+    def _device_for(self, tensor_device: torch.device | None) -> Device:
+        device = probe()
+        if tensor_device is None or device.platform in platform_of_tensor(tensor_device):
+            return device
+        return device_for_tensor(tensor_device)
+
+    def _select(self, dtype: torch.dtype, tensor_device: torch.device | None) -> _Selected:
+        key = (dtype, str(tensor_device))
+        found = self._by_key.get(key)
+        if found is None:
+            decision = select(self.request_for(dtype), self._device_for(tensor_device))
+            impl = decision.backend_cls.get_impl_cls()(
+                self.num_heads, self.head_size, self.softmax_scale, self.causal,
+                self.num_kv_heads, self.prefix, **self.extra_impl_args)
+            found = self._by_key[key] = _Selected(decision, impl, dtype, tensor_device)
+        return found
+
+    @property
+    def decision(self) -> Decision:
+        """The decision behind the last forward (or the construction-time one)."""
+        return self._active.decision
+
+    @property
+    def backend_name(self) -> str:
+        return self._active.decision.backend or ""
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                freqs_cis: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        qs, ks = q.shape, k.shape
+        if not (len(qs) == 4 and len(ks) == 4 and ks == v.shape and qs[0] == ks[0]
+                and qs[2] == self.num_heads and qs[3] == self.head_size
+                and ks[2] == self.num_kv_heads and ks[3] == self.head_size
+                and q.dtype is k.dtype is v.dtype and q.device == k.device == v.device):
+            self._raise_bad_input(q, k, v)
+        active = self._active
+        if q.dtype is not active.dtype or q.device != active.device:
+            active = self._active = self._select(q.dtype, q.device)
+        if freqs_cis is not None:
+            cos, sin = freqs_cis
+            q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        try:
+            return active.impl.forward(q, k, v, get_forward_context().attn_metadata)
+        except KernelCompileError as exc:
+            return self._fall_back(active, exc, q, k, v)
+
+    def _fall_back(self, active: _Selected, exc: KernelCompileError, q: torch.Tensor,
+                   k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        name = active.decision.backend or "?"
+        if strict_mode():
+            raise exc
+        logger.warning("%s failed for %s (%s); using the next ranked backend "
+                       "(set ATTNRT_STRICT=1 to make this an error)",
+                       name, active.decision.request.describe(), exc)
+        record_failure(active.decision.request, active.decision.device, name, str(exc))
+        self._by_key = {key: s for key, s in self._by_key.items() if s is not active}
+        self._active = self._select(q.dtype, q.device)
+        return self._active.impl.forward(q, k, v, get_forward_context().attn_metadata)
+
+    def _raise_bad_input(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} has shape {got}; expected 4-D [batch, seq, heads, "
+                                 "head_size]")
+        _check_heads(self, q, k, v)
+        if k.shape != v.shape:
+            raise ValueError(f"k.shape={tuple(k.shape)} and v.shape={tuple(v.shape)} must match")
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(f"batch of q ({q.shape[0]}) and k/v ({k.shape[0]}) must match")
+        if not (q.dtype == k.dtype == v.dtype):
+            raise TypeError(f"q, k, v dtypes must match; got {q.dtype}, {k.dtype}, {v.dtype}")
+        if not q.dtype.is_floating_point:
+            raise TypeError(f"q.dtype={q.dtype} is not a floating dtype; allowed: float16, "
+                            "bfloat16, float32, float64")
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+
+
+def _check_heads(layer: LocalAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.shape[2] != layer.num_heads:
+        raise ValueError(f"q has {q.shape[2]} heads; the layer was built for "
+                         f"num_heads={layer.num_heads}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[3] != layer.head_size:
+            raise ValueError(f"{name} has head size {t.shape[3]}; the layer was built for "
+                             f"head_size={layer.head_size}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[2] != layer.num_kv_heads:
+            raise ValueError(f"{name} has {t.shape[2]} heads; the layer was built for "
+                             f"num_kv_heads={layer.num_kv_heads}")

@@ -1,0 +1,370 @@
+"""The capability manifest: ranked backend names per platform, arch, head size and dtype.
+
+Rules are read top to bottom and the first whose given keys all match decides. User files (the
+`ATTNRT_CAPABILITY` list and `load_capability(path)`) are read before the shipped capability.yaml,
+so their rules win. Files are parsed by PyYAML's safe loader (nothing is imported or executed) at
+node level, so every error names file:line and the key, and duplicate keys are errors.
+
+    schema: 1
+    rules:
+      - platform: cuda            # or a list
+        arch: ">=sm90"            # names, or ranges such as ">=sm80,<sm100"
+        head_size: [64, 128]      # sizes, or ranges such as "<=256"
+        dtype: [bf16, fp16]
+        causal: false             # optional
+        gqa: true                 # optional
+        rank: [TORCH_SDPA_CUDNN, TRITON_FLASH_ATTN, TORCH_SDPA, REFERENCE]
+        measured: {device: NVIDIA H100 80GB HBM3, date: 2026-11-25, torch: 2.11.0}
+        # or  source: "FlashAttention-3 paper, Fig. 5"   (a rule with neither is untested)
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import yaml
+from yaml.constructor import SafeConstructor
+
+from attnrt import registry
+from attnrt.device import ARCH_PATTERNS, PLATFORMS, Device
+from attnrt.errors import ManifestError
+from attnrt.manifest_checks import never_served_errors, shadowing_errors
+from attnrt.ranges import ArchRange, RangeError, SizeRange
+from attnrt.request import AttentionRequest, dtype_name
+
+SCHEMA = 1
+RULE_KEYS = ("platform", "arch", "head_size", "dtype", "causal", "gqa", "rank", "measured",
+             "source", "note")
+MEASURED_KEYS = ("device", "date", "torch", "driver", "cuda", "triton", "tflops", "note")
+
+
+@dataclass(frozen=True)
+class Rule:
+    file: str
+    line: int
+    rank: tuple[str, ...]
+    platforms: frozenset[str] | None = None
+    arch: ArchRange | None = None
+    head_size: SizeRange | None = None
+    dtypes: frozenset[str] | None = None
+    causal: bool | None = None
+    gqa: bool | None = None
+    measured: tuple[tuple[str, str], ...] | None = None
+    source: str | None = None
+    key_lines: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    def line_of(self, key: str) -> int:
+        return dict(self.key_lines).get(key, self.line)
+
+    def matches(self, request: AttentionRequest, device: Device) -> bool:
+        return ((self.platforms is None or device.platform in self.platforms)
+                and (self.arch is None or self.arch.contains(device.platform, device.arch))
+                and (self.head_size is None or self.head_size.contains(request.head_size))
+                and (self.dtypes is None or request.dtype in self.dtypes)
+                and (self.causal is None or self.causal == request.causal)
+                and (self.gqa is None or self.gqa == request.is_gqa))
+
+    @property
+    def provenance(self) -> str:
+        if self.measured is not None:
+            return "measured: " + ", ".join(f"{k} {v}" for k, v in self.measured)
+        if self.source is not None:
+            return f"source: {self.source}"
+        return "untested"
+
+    def conditions(self) -> str:
+        parts = [f"platform={','.join(sorted(self.platforms))}" if self.platforms else "",
+                 f"arch={self.arch}" if self.arch else "",
+                 f"head_size={self.head_size}" if self.head_size else "",
+                 f"dtype={','.join(sorted(self.dtypes))}" if self.dtypes else "",
+                 f"causal={self.causal}" if self.causal is not None else "",
+                 f"gqa={self.gqa}" if self.gqa is not None else ""]
+        return " ".join(p for p in parts if p) or "(any)"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    rules: tuple[Rule, ...]
+    files: tuple[str, ...]
+
+    def match(self, request: AttentionRequest, device: Device) -> Rule | None:
+        for rule in self.rules:
+            if rule.matches(request, device):
+                return rule
+        return None
+
+
+def shipped_path() -> str:
+    return str(resources.files("attnrt") / "capability.yaml")
+
+
+# ---------------------------------------------------------------- parsing with line numbers
+
+
+@dataclass(frozen=True)
+class _Node:
+    value: Any
+    line: int
+
+
+def _compose(text: str, path: str) -> yaml.Node | None:
+    loader = yaml.SafeLoader(text)
+    try:
+        return loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else 1
+        raise ManifestError(f"{path}:{line}: YAML syntax error: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}:1: YAML error: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+def _plain(node: yaml.Node, path: str) -> Any:
+    """A node as plain data, with mappings as {key: _Node} so lines survive; duplicates rejected."""
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, _Node] = {}
+        for key_node, value_node in node.value:
+            key = SafeConstructor().construct_object(key_node, deep=True)
+            if key in out:
+                raise ManifestError(f"{path}:{key_node.start_mark.line + 1}: duplicate key "
+                                    f"{key!r} (first at line {out[key].line})")
+            out[key] = _Node(_plain(value_node, path), key_node.start_mark.line + 1)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_Node(_plain(item, path), item.start_mark.line + 1) for item in node.value]
+    return SafeConstructor().construct_object(node, deep=True)
+
+
+def _strip(value: Any) -> Any:
+    if isinstance(value, _Node):
+        return _strip(value.value)
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items()}
+    return value
+
+
+def parse_file(path: str, text: str | None = None) -> list[Rule]:
+    """Parse one capability file into rules; structural errors raise ManifestError(file:line)."""
+    if text is None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise ManifestError(f"{path}:0: cannot read capability file: {exc.strerror}") from None
+    node = _compose(text, path)
+    if node is None:
+        raise ManifestError(f"{path}:1: empty capability file; expected 'schema: 1' and 'rules:'")
+    doc = _plain(node, path)
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{path}:{node.start_mark.line + 1}: top level must be a mapping "
+                            "with keys schema and rules")
+    return _parse_doc(doc, path)
+
+
+def _parse_doc(doc: dict[str, _Node], path: str) -> list[Rule]:
+    for key, item in doc.items():
+        if key not in ("schema", "rules"):
+            raise ManifestError(f"{path}:{item.line}: unknown top-level key {key!r}; "
+                                "allowed: schema, rules")
+    if "schema" not in doc or doc["schema"].value != SCHEMA:
+        line = doc["schema"].line if "schema" in doc else 1
+        got = doc["schema"].value if "schema" in doc else None
+        raise ManifestError(f"{path}:{line}: schema={got!r} is not supported; allowed: {SCHEMA}")
+    rules = doc.get("rules")
+    if rules is None or not isinstance(rules.value, list):
+        line = rules.line if rules else 1
+        raise ManifestError(f"{path}:{line}: rules must be a list of mappings")
+    return [_parse_rule(item, path) for item in rules.value]
+
+
+def _parse_rule(item: _Node, path: str) -> Rule:
+    if not isinstance(item.value, dict):
+        raise ManifestError(f"{path}:{item.line}: each rule must be a mapping with a rank list")
+    raw: dict[str, _Node] = item.value
+    for key, node in raw.items():
+        if key not in RULE_KEYS:
+            raise ManifestError(f"{path}:{node.line}: unknown rule key {key!r}; allowed: "
+                                f"{', '.join(RULE_KEYS)}")
+    if "rank" not in raw:
+        raise ManifestError(f"{path}:{item.line}: rule has no rank list")
+    fields = {key: _field(key, raw[key], path) for key in raw if key != "note"}
+    fields["key_lines"] = tuple((k, n.line) for k, n in raw.items())
+    return Rule(file=path, line=item.line, **_rename(fields))
+
+
+def _field(key: str, node: _Node, path: str) -> Any:
+    where = f"{path}:{node.line}: {key}"
+    value = _strip(node)
+    try:
+        return _FIELD_PARSERS[key](value, where)
+    except RangeError as exc:
+        raise ManifestError(f"{where}: {exc}") from None
+
+
+def _names(value: Any, where: str) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(v, str) for v in items):
+        raise ManifestError(f"{where}: {value!r} must be a name or a non-empty list of names")
+    return items
+
+
+def _platforms(value: Any, where: str) -> frozenset[str]:
+    names = _names(value, where)
+    bad = [n for n in names if n not in PLATFORMS]
+    if bad:
+        raise ManifestError(f"{where}: unknown platform {bad[0]!r}; allowed: {', '.join(PLATFORMS)}")
+    return frozenset(names)
+
+
+def _arch(value: Any, where: str) -> ArchRange:
+    arch = ArchRange.parse(_names(value, where))
+    for name in arch.names:
+        if not any(p.match(name) for p in ARCH_PATTERNS.values()):
+            raise ManifestError(f"{where}: unknown arch {name!r}; allowed: names such as sm90, "
+                                "gfx942, ascend910b, apple, x86_64, or ranges such as '>=sm80'")
+    return arch
+
+
+def _head_size(value: Any, where: str) -> SizeRange:
+    sizes = SizeRange.parse(value if isinstance(value, list) else [value])
+    low, _ = sizes.bounds()
+    if low < 1:
+        raise ManifestError(f"{where}: {value!r} admits sizes below 1")
+    return sizes
+
+
+def _dtypes(value: Any, where: str) -> frozenset[str]:
+    try:
+        return frozenset(dtype_name(v) for v in _names(value, where))
+    except ValueError as exc:
+        raise ManifestError(f"{where}: {exc}") from None
+
+
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ManifestError(f"{where}: {value!r} must be true or false")
+    return value
+
+
+def _rank(value: Any, where: str) -> tuple[str, ...]:
+    names = _names(value, where)
+    for name in names:
+        if not registry.is_registered(name):
+            raise ManifestError(f"{where}: unknown backend {name!r}; registered: "
+                                f"{', '.join(registry.names())}")
+    if len(set(names)) != len(names):
+        raise ManifestError(f"{where}: {names} names a backend twice")
+    return tuple(names)
+
+
+def _measured(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise ManifestError(f"{where}: must be a mapping with keys among {', '.join(MEASURED_KEYS)}")
+    bad = [k for k in value if k not in MEASURED_KEYS]
+    if bad:
+        raise ManifestError(f"{where}: unknown key {bad[0]!r}; allowed: {', '.join(MEASURED_KEYS)}")
+    if "device" not in value:
+        raise ManifestError(f"{where}: a measured rule names the device it was measured on")
+    return tuple((str(k), _text(v)) for k, v in value.items())
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def _source(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ManifestError(f"{where}: must be a citation string")
+    return value
+
+
+_FIELD_PARSERS = {"platform": _platforms, "arch": _arch, "head_size": _head_size,
+                  "dtype": _dtypes, "causal": _flag, "gqa": _flag, "rank": _rank,
+                  "measured": _measured, "source": _source}
+_FIELD_NAMES = {"platform": "platforms", "dtype": "dtypes"}
+
+
+def _rename(rule_fields: dict[str, Any]) -> dict[str, Any]:
+    return {_FIELD_NAMES.get(k, k): v for k, v in rule_fields.items()}
+
+
+# ---------------------------------------------------------------- loading and the current manifest
+
+
+def validate_files(paths: Iterable[str]) -> list[str]:
+    """Every error in these files, as 'file:line: key: message' lines (empty when clean)."""
+    errors: list[str] = []
+    rules: list[Rule] = []
+    for path in paths:
+        try:
+            rules.extend(parse_file(path))
+        except ManifestError as exc:
+            errors.append(str(exc))
+    errors.extend(shadowing_errors(rules))
+    errors.extend(never_served_errors(rules))
+    return errors
+
+
+def load_manifest(paths: Iterable[str]) -> Manifest:
+    """Parse and validate files (earlier files win); any error raises ManifestError."""
+    paths = tuple(paths)
+    rules: list[Rule] = []
+    for path in paths:
+        rules.extend(parse_file(path))
+    errors = shadowing_errors(rules) + never_served_errors(rules)
+    if errors:
+        raise ManifestError("\n".join(errors))
+    return Manifest(tuple(rules), paths)
+
+
+_lock = threading.Lock()
+_api_files: list[str] = []
+_cache: dict[tuple[str, ...], Manifest] = {}
+
+
+def load_capability(path: str | os.PathLike[str]) -> Manifest:
+    """Add an override file, read before the shipped one; validated now (errors raise)."""
+    path = os.fspath(path)
+    load_manifest([path, shipped_path()])
+    with _lock:
+        if path not in _api_files:
+            _api_files.insert(0, path)
+        _cache.clear()
+    return current_manifest()
+
+
+def manifest_files() -> tuple[str, ...]:
+    env = [p for p in os.environ.get("ATTNRT_CAPABILITY", "").split(os.pathsep) if p]
+    return (*_api_files, *env, shipped_path())
+
+
+def current_manifest() -> Manifest:
+    files = manifest_files()
+    with _lock:
+        cached = _cache.get(files)
+    if cached is None:
+        cached = load_manifest(files)
+        with _lock:
+            _cache[files] = cached
+    return cached
+
+
+def clear_manifest_cache(forget_overrides: bool = False) -> None:
+    with _lock:
+        _cache.clear()
+        if forget_overrides:
+            _api_files.clear()

@@ -1,0 +1,107 @@
+"""Text and JSON views of decisions and of this machine, shared by the API and the CLI."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from attnrt import registry, support
+from attnrt.device import probe, probe_report
+from attnrt.errors import RegistryError
+
+if TYPE_CHECKING:
+    from attnrt.dispatch import Decision
+
+
+def format_decision(d: Decision) -> str:
+    lines = [f"request:  {d.request.describe()}",
+             f"device:   {d.device.describe()}",
+             f"rule:     {d.rule_where}" + (f"  [{d.rule.conditions()}]" if d.rule else ""),
+             f"          provenance: {d.rule.provenance if d.rule else 'untested'}"]
+    if d.forced:
+        lines.append(f"forced:   {d.forced}")
+    lines.append(f"chosen:   {d.backend or 'none (nothing can run this request)'}")
+    lines.append("candidates:")
+    for c in d.candidates:
+        mark = "*" if c.name == d.backend else ("-" if c.reached else " ")
+        note = f"  [{c.note}]" if c.note else ""
+        lines.append(f"  {mark} {c.name:<22} {c.verdict()}{note}")
+    lines += [f"note:     {n}" for n in d.notes]
+    return "\n".join(lines)
+
+
+def decision_dict(d: Decision) -> dict[str, Any]:
+    return {
+        "chosen": d.backend,
+        "request": {"head_size": d.request.head_size, "dtype": d.request.dtype,
+                    "num_heads": d.request.num_heads, "num_kv_heads": d.request.kv_heads,
+                    "causal": d.request.causal, "allowed": d.request.allowed},
+        "device": d.device.to_dict(),
+        "rule": ({"where": d.rule.where, "conditions": d.rule.conditions(),
+                  "provenance": d.rule.provenance} if d.rule else None),
+        "forced": d.forced,
+        "candidates": [c.to_dict() for c in d.candidates],
+        "notes": list(d.notes),
+    }
+
+
+def backend_rows() -> list[dict[str, Any]]:
+    """Every registered backend: origin, declared limits, package availability and versions."""
+    rows = []
+    for name in registry.names():
+        spec = registry.spec(name)
+        row: dict[str, Any] = {"name": name, "target": spec.target, "origin": spec.origin}
+        try:
+            cls = registry.load(name)
+        except RegistryError as exc:
+            rows.append({**row, "available": False, "problems": [str(exc)]})
+            continue
+        problems, versions = [], {}
+        for pkg in support.declared(cls, "PACKAGES"):
+            status = support.package_status(pkg)
+            versions[pkg.module] = status.version
+            if status.reason:
+                problems.append(str(status.reason))
+        platforms = support.declared(cls, "PLATFORMS")
+        rows.append({**row, "available": not problems, "problems": problems,
+                     "versions": versions,
+                     "platforms": sorted(platforms) if platforms else ["any"]})
+    return rows
+
+
+def info_dict() -> dict[str, Any]:
+    from attnrt.manifest import current_manifest, manifest_files
+
+    device = probe()
+    manifest = current_manifest()
+    return {
+        "device": device.to_dict(),
+        "platforms": [{"platform": p, "available": dev is not None, "reason": reason,
+                       "device": dev.to_dict() if dev else None}
+                      for p, dev, reason in probe_report()],
+        "backends": backend_rows(),
+        "manifest_files": list(manifest_files()),
+        "rules": [{"where": r.where, "conditions": r.conditions(), "rank": list(r.rank),
+                   "provenance": r.provenance} for r in manifest.rules
+                  if not r.platforms or device.platform in r.platforms],
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    dev = info["device"]
+    sim = " (simulated)" if dev["simulated"] else ""
+    lines = [f"device: {dev['platform']}:{dev['arch']} {dev['name']}{sim}".rstrip()]
+    lines += [f"  {k}: {v}" for k, v in dev["versions"].items()]
+    lines.append("platforms probed (in order):")
+    lines += [f"  {p['platform']:<5} {'yes' if p['available'] else 'no '}  {p['reason']}"
+              for p in info["platforms"]]
+    lines.append("backends:")
+    for b in info["backends"]:
+        state = "available" if b["available"] else "unavailable: " + "; ".join(b["problems"])
+        versions = " ".join(f"{k} {v}" for k, v in b.get("versions", {}).items() if v)
+        lines.append(f"  {b['name']:<22} {state}{'  (' + versions + ')' if versions else ''}")
+    lines.append("manifest files (first wins):")
+    lines += [f"  {f}" for f in info["manifest_files"]]
+    lines.append(f"rules for {dev['platform']}{sim}:")
+    lines += [f"  {r['where']}: {r['conditions']} -> {', '.join(r['rank'])}  [{r['provenance']}]"
+              for r in info["rules"]]
+    return "\n".join(lines)

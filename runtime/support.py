@@ -1,0 +1,178 @@
+"""What a backend can run, declared as data, and the one generic check that turns it into reasons.
+
+A backend class declares its limits beside its code (xformers style)::
+
+    class FlashAttn3Backend(AttentionBackend):
+        PLATFORMS = frozenset({"cuda"})
+        ARCHS = ">=sm90"
+        DTYPES = frozenset({"fp16", "bf16"})
+        HEAD_SIZES = (64, 96, 128, 192, 256)
+        PACKAGES = (Package("flash_attn_interface", dist="flash-attn-3", hint="..."),)
+
+`check(backend_cls, request, device)` reads those attributes (with defaults, so a FastVideo-style
+backend that declares nothing still works) and returns a list of `Reason`s; empty means "can serve".
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from collections.abc import Collection
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+from packaging.version import InvalidVersion, Version
+
+from attnrt.ranges import ArchRange, describe_sizes
+
+if TYPE_CHECKING:
+    from attnrt.device import Device
+    from attnrt.request import AttentionRequest
+
+# Stable reason codes, for scripts that read `explain --json`.
+PLATFORM = "PLATFORM"
+ARCH = "ARCH"
+DTYPE = "DTYPE"
+HEAD_SIZE = "HEAD_SIZE"
+CAUSAL = "CAUSAL"
+GQA = "GQA"
+PACKAGE_MISSING = "PACKAGE_MISSING"
+VERSION_WINDOW = "VERSION_WINDOW"
+NOT_ALLOWED = "NOT_ALLOWED"
+RUNTIME = "RUNTIME"
+COMPILE_FAILED = "COMPILE_FAILED"
+NOT_REGISTERED = "NOT_REGISTERED"
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a backend refuses a request: a stable code, a sentence, and an optional hint."""
+
+    code: str
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.message} (hint: {self.hint})" if self.hint else self.message
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message, "hint": self.hint}
+
+
+@dataclass(frozen=True)
+class Package:
+    """An optional vendor package a backend needs, with its accepted version window [min, below)."""
+
+    module: str
+    dist: str | None = None
+    min_version: str | None = None
+    below_version: str | None = None
+    hint: str = ""
+
+    def window(self) -> str:
+        parts = [f">={self.min_version}" if self.min_version else "",
+                 f"<{self.below_version}" if self.below_version else ""]
+        return ",".join(p for p in parts if p) or "any"
+
+
+@dataclass(frozen=True)
+class PackageStatus:
+    module: str
+    version: str | None
+    reason: Reason | None
+
+
+@cache
+def package_status(pkg: Package) -> PackageStatus:
+    """Import `pkg.module` once and check its version; the exception text becomes the reason."""
+    hint = pkg.hint or f"pip install {pkg.dist or pkg.module}"
+    try:
+        module = importlib.import_module(pkg.module)
+    except (ImportError, OSError, RuntimeError) as exc:  # broken CUDA extensions raise OSError
+        message = f"import {pkg.module} failed: {exc}"
+        return PackageStatus(pkg.module, None, Reason(PACKAGE_MISSING, message, hint))
+    version = _installed_version(pkg, module)
+    if version is None or (pkg.min_version is None and pkg.below_version is None):
+        return PackageStatus(pkg.module, version, None)
+    try:
+        parsed = Version(version)
+    except InvalidVersion:
+        message = f"{pkg.module} version {version!r} cannot be parsed; required {pkg.window()}"
+        return PackageStatus(pkg.module, version, Reason(VERSION_WINDOW, message, hint))
+    too_old = pkg.min_version is not None and parsed < Version(pkg.min_version)
+    too_new = pkg.below_version is not None and parsed >= Version(pkg.below_version)
+    if too_old or too_new:
+        message = f"{pkg.module} {version} is outside the supported window {pkg.window()}"
+        return PackageStatus(pkg.module, version, Reason(VERSION_WINDOW, message, hint))
+    return PackageStatus(pkg.module, version, None)
+
+
+def _installed_version(pkg: Package, module: Any) -> str | None:
+    if pkg.dist:
+        try:
+            return importlib.metadata.version(pkg.dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    version = getattr(module, "__version__", None)
+    return str(version) if version is not None else None
+
+
+def declared(backend_cls: type, attr: str) -> Any:
+    """A backend's declared capability attribute, with the permissive default for undeclared ones."""
+    if attr == "HEAD_SIZES" and not hasattr(backend_cls, "HEAD_SIZES"):
+        getter = getattr(backend_cls, "get_supported_head_sizes", None)  # FastVideo's spelling
+        return tuple(getter()) if callable(getter) else None
+    return getattr(backend_cls, attr, _DEFAULTS[attr])
+
+
+_DEFAULTS: dict[str, Any] = {
+    "PLATFORMS": None,  # None: any platform
+    "ARCHS": None,  # None: any arch; else an ArchRange spec such as ">=sm80" or a list of names
+    "DTYPES": frozenset({"fp16", "bf16", "fp32", "fp64"}),
+    "HEAD_SIZES": None,  # None: any head size
+    "SUPPORTS_CAUSAL": True,
+    "SUPPORTS_GQA": True,
+    "PACKAGES": (),
+}
+
+
+def check(backend_cls: type, request: AttentionRequest, device: Device) -> list[Reason]:
+    """Every reason `backend_cls` cannot serve `request` on `device`; empty when it can."""
+    name = backend_cls.get_name()
+    reasons = _declared_reasons(backend_cls, name, request, device)
+    for pkg in declared(backend_cls, "PACKAGES"):
+        status = package_status(pkg)
+        if status.reason is not None:
+            reasons.append(status.reason)
+    extra = getattr(backend_cls, "extra_reasons", None)
+    if callable(extra) and not reasons:
+        reasons.extend(extra(request, device))
+    return reasons
+
+
+def _declared_reasons(cls: type, name: str, request: AttentionRequest, device: Device) -> list[Reason]:
+    reasons = []
+    platforms = declared(cls, "PLATFORMS")
+    if platforms is not None and device.platform not in platforms:
+        reasons.append(Reason(PLATFORM, f"platform={device.platform} is not supported by {name}; "
+                                        f"supported: {', '.join(sorted(platforms))}"))
+        return reasons  # arch and the rest mean nothing on a foreign platform
+    archs = declared(cls, "ARCHS")
+    if archs is not None and not ArchRange.parse(archs).contains(device.platform, device.arch):
+        reasons.append(Reason(ARCH, f"arch={device.arch} is not supported by {name}; "
+                                    f"supported: {ArchRange.parse(archs)}"))
+    dtypes = declared(cls, "DTYPES")
+    if request.dtype not in dtypes:
+        reasons.append(Reason(DTYPE, f"dtype={request.dtype} is not supported by {name}; "
+                                     f"supported: {', '.join(sorted(dtypes))}"))
+    sizes: Collection[int] | None = declared(cls, "HEAD_SIZES")
+    if sizes is not None and request.head_size not in sizes:
+        reasons.append(Reason(HEAD_SIZE, f"head_size={request.head_size} is not supported by "
+                                         f"{name}; supported: {describe_sizes(sizes)}"))
+    if request.causal and not declared(cls, "SUPPORTS_CAUSAL"):
+        reasons.append(Reason(CAUSAL, f"causal=True is not supported by {name}; supported: False"))
+    if request.is_gqa and not declared(cls, "SUPPORTS_GQA"):
+        reasons.append(Reason(GQA, f"num_kv_heads={request.num_kv_heads} < num_heads="
+                                   f"{request.num_heads} (GQA) is not supported by {name}"))
+    return reasons
