@@ -209,13 +209,14 @@ def reasons_for(name: str, request: AttentionRequest, device: Device) -> list[Re
 def _ranking(request: AttentionRequest, device: Device,
              manifest: Manifest) -> tuple[list[tuple[str, str]], Rule | None]:
     rule = manifest.match(request, device)
-    ranked = [(n, "") for n in (rule.rank if rule else ())]
+    ranked = [(n, "") for n in (rule.rank if rule else ()) if n != LAST_RESORT]
     for name in request.allowed or ():
-        if name not in {n for n, _ in ranked}:
+        if name not in {n for n, _ in ranked} and name != LAST_RESORT:
             registry.spec(name)
             ranked.append((name, "allowed by the layer, not ranked by the manifest"))
-    if LAST_RESORT not in {n for n, _ in ranked}:
-        ranked.append((LAST_RESORT, "last resort"))
+    # REFERENCE always runs and is always slowest: it closes every walk, whatever the rule says.
+    in_rule = rule is not None and LAST_RESORT in rule.rank
+    ranked.append((LAST_RESORT, "" if in_rule else "last resort"))
     return ranked, rule
 
 

@@ -32,6 +32,17 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
 
 
+def _torch_device(device: Device) -> torch.device | None:
+    """Where tensors for `device` live, so the first forward needs no re-selection."""
+    if device.simulated:
+        return None
+    if device.platform in ("cuda", "rocm"):
+        return torch.device("cuda", torch.cuda.current_device())
+    if device.platform == "npu":
+        return torch.device("npu", torch.npu.current_device())  # type: ignore[attr-defined]
+    return torch.device(device.platform)
+
+
 class _Selected:
     """A decision and the impl built from it, for one (dtype, device) a layer has seen."""
 
@@ -63,7 +74,7 @@ class LocalAttention(nn.Module):
         self._allowed = (None if supported_attention_backends is None
                          else tuple(supported_attention_backends))
         self._by_key: dict[tuple[torch.dtype, str], _Selected] = {}
-        self._active = self._select(torch.get_default_dtype(), None)
+        self._active = self._select(torch.get_default_dtype(), _torch_device(probe()))
 
     # -- selection ---------------------------------------------------------------------------
 

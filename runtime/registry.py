@@ -75,6 +75,10 @@ def register_backend(name: str, backend: str | type, *, origin: str = "register_
         if isinstance(backend, str):
             _add(BackendSpec(name, backend, origin))
             return
+        target = f"{backend.__module__}:{backend.__qualname__}"
+        old = _specs.get(name)
+        if old is not None and old.target != target:
+            _add(BackendSpec(name, target, origin))  # raises the clash error
         validate_backend_class(name, backend)
         _add(BackendSpec(name, f"{backend.__module__}:{backend.__qualname__}", origin), backend)
 
