@@ -131,6 +131,9 @@ def _compose(text: str, path: str) -> yaml.Node | None:
 
 def _plain(node: yaml.Node, path: str) -> Any:
     """A node as plain data, with mappings as {key: _Node} so lines survive; duplicates rejected."""
+    if node.tag not in SafeConstructor.yaml_constructors:
+        raise ManifestError(f"{path}:{node.start_mark.line + 1}: YAML tag {node.tag!r} is not "
+                            "allowed; capability files hold plain data only")
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, _Node] = {}
         for key_node, value_node in node.value:
@@ -239,9 +242,9 @@ def _arch(value: Any, where: str) -> ArchRange:
 
 def _head_size(value: Any, where: str) -> SizeRange:
     sizes = SizeRange.parse(value if isinstance(value, list) else [value])
-    low, _ = sizes.bounds()
-    if low < 1:
-        raise ManifestError(f"{where}: {value!r} admits sizes below 1")
+    low, high = sizes.bounds()
+    if high < max(low, 1):
+        raise ManifestError(f"{where}: {value!r} admits no head size")
     return sizes
 
 

@@ -82,9 +82,10 @@ def rule_covers(earlier: Rule, later: Rule) -> bool:
 
 
 def shadowing_errors(rules: list[Rule]) -> list[str]:
+    """Rules shadowed by an earlier rule of the same file (overriding other files is the point)."""
     errors = []
     for j, later in enumerate(rules):
-        for earlier in rules[:j]:
+        for earlier in (r for r in rules[:j] if r.file == later.file):
             if rule_covers(earlier, later):
                 errors.append(f"{later.where}: rule ({later.conditions()}) is shadowed by the "
                               f"earlier rule at {earlier.where} ({earlier.conditions()}) and can "
