@@ -120,6 +120,8 @@ class LocalAttention(nn.Module):
             self._raise_bad_input(q, k, v)
         active = self._active
         if q.dtype is not active.dtype or q.device != active.device:
+            if not q.dtype.is_floating_point:
+                self._raise_bad_input(q, k, v)
             active = self._active = self._select(q.dtype, q.device)
         if freqs_cis is not None:
             cos, sin = freqs_cis

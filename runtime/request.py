@@ -56,6 +56,8 @@ class AttentionRequest:
                                or self.num_heads % kv):
             raise ValueError(f"num_kv_heads={kv!r} must be a positive integer dividing "
                              f"num_heads={self.num_heads}")
+        if kv is None:  # canonical form, so equal requests hash equal (the cache key)
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.allowed is not None:
             object.__setattr__(self, "allowed", tuple(_backend_name(n) for n in self.allowed))
 

@@ -1,0 +1,169 @@
+"""LocalAttention: input validation, re-selection on dtype change, rotary, GQA, compile fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import attnrt
+from attnrt.errors import KernelCompileError
+from attnrt.layers import apply_rotary_emb
+from tests.conftest import TOLERANCE, rel_l2
+from tests.helpers import CountingImpl, dense_reference, make_backend, randn_qkv
+
+
+class TestBadInput:
+    layer_args = {"num_heads": 4, "head_size": 32, "num_kv_heads": 2}
+
+    @pytest.fixture
+    def layer(self):
+        return attnrt.LocalAttention(**self.layer_args)
+
+    @pytest.fixture
+    def qkv(self):
+        return randn_qkv(1, 8, 4, 32, 2)
+
+    def test_three_dimensional_input(self, layer, qkv):
+        q, k, v = qkv
+        with pytest.raises(ValueError, match=r"q has shape \(8, 4, 32\); expected 4-D"):
+            layer(q[0], k, v)
+
+    def test_wrong_head_count(self, layer):
+        q, k, v = randn_qkv(1, 8, 6, 32, 2)
+        with pytest.raises(ValueError, match="q has 6 heads; the layer was built for num_heads=4"):
+            layer(q, k, v)
+
+    def test_wrong_kv_head_count(self, layer):
+        q, k, v = randn_qkv(1, 8, 4, 32, 4)
+        with pytest.raises(ValueError, match="k has 4 heads;.*num_kv_heads=2"):
+            layer(q, k, v)
+
+    def test_wrong_head_size(self, layer):
+        q, k, v = randn_qkv(1, 8, 4, 16, 2)
+        with pytest.raises(ValueError, match="q has head size 16;.*head_size=32"):
+            layer(q, k, v)
+
+    def test_batch_mismatch(self, layer, qkv):
+        q, k, v = qkv
+        with pytest.raises(ValueError, match=r"batch of q \(2\) and k/v \(1\)"):
+            layer(torch.cat([q, q]), k, v)
+
+    def test_kv_length_mismatch(self, layer, qkv):
+        q, k, v = qkv
+        with pytest.raises(ValueError, match=r"k.shape=.* and v.shape=.* must match"):
+            layer(q, k, v[:, :5])
+
+    def test_dtype_mismatch(self, layer, qkv):
+        q, k, v = qkv
+        with pytest.raises(TypeError, match="dtypes must match"):
+            layer(q, k.half(), v)
+
+    def test_integer_dtype(self, layer, qkv):
+        q, k, v = (t.long() for t in qkv)
+        with pytest.raises(TypeError, match="not a floating dtype"):
+            layer(q, k, v)
+
+
+def test_gqa_layer_matches_float64():
+    layer = attnrt.LocalAttention(8, 64, num_kv_heads=2, causal=True)
+    q, k, v = randn_qkv(2, 40, 8, 64, 2)
+    assert rel_l2(layer(q, k, v), dense_reference(q, k, v, causal=True)) < 1e-5
+
+
+def test_softmax_scale_is_used():
+    layer = attnrt.LocalAttention(2, 32, softmax_scale=0.3)
+    q, k, v = randn_qkv(1, 16, 2, 32)
+    assert rel_l2(layer(q, k, v), dense_reference(q, k, v, scale=0.3)) < 1e-5
+
+
+def test_rotary_pairs_rotate_as_complex_numbers():
+    q, k, v = randn_qkv(1, 6, 2, 8)
+    angles = torch.randn(6, 4)
+    cos, sin = angles.cos(), angles.sin()
+    as_complex = torch.view_as_complex(q.reshape(1, 6, 2, 4, 2).contiguous())
+    rotated = as_complex * torch.polar(torch.ones_like(angles), angles)[None, :, None, :]
+    expected = torch.view_as_real(rotated).reshape(1, 6, 2, 8)
+    assert rel_l2(apply_rotary_emb(q, cos, sin), expected) < 1e-6
+    layer = attnrt.LocalAttention(2, 8)
+    out = layer(q, k, v, freqs_cis=(cos, sin))
+    ref = dense_reference(apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin), v)
+    assert rel_l2(out, ref) < 1e-5
+
+
+def test_dtype_change_reselects_instead_of_running_outside_support(register, write_yaml,
+                                                                   monkeypatch):
+    fp32_only = register("FP32_ONLY", make_backend("FP32_ONLY", DTYPES=frozenset({"fp32"})))
+    monkeypatch.setenv("ATTNRT_CAPABILITY", write_yaml(
+        "schema: 1\nrules:\n  - platform: cpu\n    rank: [FP32_ONLY, TORCH_SDPA]\n"))
+    layer = attnrt.LocalAttention(2, 32)
+    q, k, v = randn_qkv(1, 16, 2, 32)
+    layer(q, k, v)
+    assert layer.backend_name == "FP32_ONLY" and fp32_only.forward_calls == 1
+    out = layer(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert layer.backend_name == "TORCH_SDPA" and fp32_only.forward_calls == 1
+    assert out.dtype == torch.bfloat16
+    layer(q, k, v)
+    assert layer.backend_name == "FP32_ONLY" and fp32_only.forward_calls == 2
+
+
+class FailingImpl(CountingImpl):
+    def forward(self, query, key, value, attn_metadata):
+        type(self).backend.forward_calls += 1
+        raise KernelCompileError("out of shared memory for BLOCK_M=256")
+
+
+@pytest.fixture
+def failing_first(register, write_yaml, monkeypatch):
+    backend = make_backend("FLAKY_ATTN")
+    backend.get_impl_cls = classmethod(lambda cls: type("FlakyImpl", (FailingImpl,),
+                                                        {"backend": cls}))
+    register("FLAKY_ATTN", backend)
+    monkeypatch.setenv("ATTNRT_CAPABILITY", write_yaml(
+        "schema: 1\nrules:\n  - platform: cpu\n    rank: [FLAKY_ATTN, TORCH_SDPA]\n"))
+    return backend
+
+
+def test_compile_failure_falls_to_next_backend_with_one_warning(failing_first, caplog):
+    layer = attnrt.LocalAttention(2, 32)
+    q, k, v = randn_qkv(1, 16, 2, 32)
+    with caplog.at_level(logging.WARNING, logger="attnrt"):
+        out = layer(q, k, v)
+        layer(q, k, v)
+        attnrt.LocalAttention(2, 32)(q, k, v)  # a new layer skips it without trying again
+    assert failing_first.forward_calls == 1
+    assert layer.backend_name == "TORCH_SDPA"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "FLAKY_ATTN failed" in warnings[0].getMessage()
+    assert rel_l2(out, dense_reference(q, k, v)) < 1e-5
+    reasons = attnrt.explain(head_size=32, dtype="fp32", num_heads=2).candidates[0].reasons
+    assert reasons[-1].code == "COMPILE_FAILED"
+
+
+def test_compile_failure_raises_under_strict(failing_first, monkeypatch):
+    monkeypatch.setenv("ATTNRT_STRICT", "1")
+    layer = attnrt.LocalAttention(2, 32)
+    with pytest.raises(KernelCompileError, match="shared memory"):
+        layer(*randn_qkv(1, 16, 2, 32))
+
+
+def test_other_errors_are_never_swallowed(register, write_yaml, monkeypatch):
+    class Boom(CountingImpl):
+        def forward(self, query, key, value, attn_metadata):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    backend = make_backend("BOOM_ATTN")
+    backend.get_impl_cls = classmethod(lambda cls: type("BoomImpl", (Boom,), {"backend": cls}))
+    register("BOOM_ATTN", backend)
+    monkeypatch.setenv("ATTNRT_CAPABILITY", write_yaml(
+        "schema: 1\nrules:\n  - platform: cpu\n    rank: [BOOM_ATTN]\n"))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        attnrt.LocalAttention(2, 32)(*randn_qkv(1, 16, 2, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layer(dtype):
+    layer = attnrt.LocalAttention(4, 64)
+    q, k, v = randn_qkv(1, 65, 4, 64, dtype=dtype)
+    assert rel_l2(layer(q, k, v), dense_reference(q, k, v)) < TOLERANCE[dtype]

@@ -1,0 +1,124 @@
+"""Every portable backend against the float64 dense reference, generated from declared capability.
+
+Ids look like TORCH_SDPA-cpu-bf16-h72-n257-causal-gqa. The CPU caching allocator is poisoned with
+NaN before each call (see `poison_allocator`), so an element a backend forgets to write fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from attnrt import registry
+from attnrt.device import probe
+from attnrt.request import AttentionRequest
+from attnrt.support import check
+from tests.conftest import TOLERANCE, rel_l2
+from tests.helpers import dense_reference, randn_qkv
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# (N, D, H, Hkv, M): odd sizes on purpose (N=1, N=257, D=72, N != M).
+SHAPES = [(1, 64, 4, 4, None), (257, 72, 4, 2, None), (64, 128, 8, 1, None), (33, 64, 4, 4, 47)]
+
+
+def poison_allocator(nbytes: int) -> None:
+    """Fill and free a NaN block so a fresh torch.empty of that size likely reuses NaN memory."""
+    block = torch.full((nbytes // 4 + 1024,), float("nan"), dtype=torch.float32)
+    del block
+
+
+def _cases(names: list[str]) -> list:
+    cases = []
+    for name, dtype, shape, causal in itertools.product(names, DTYPES, SHAPES, (False, True)):
+        n, d, h, hkv, m = shape
+        gqa = "-gqa" if hkv != h else ""
+        cid = f"{name}-cpu-{dtype}-h{d}-n{n}{'-m' + str(m) if m else ''}" \
+              f"{'-causal' if causal else ''}{gqa}"
+        cases.append(pytest.param(name, dtype, shape, causal, id=cid))
+    return cases
+
+
+@pytest.mark.parametrize(("name", "dtype", "shape", "causal"),
+                         _cases(["REFERENCE", "TORCH_SDPA"]))
+def test_portable_backend_matches_float64(name, dtype, shape, causal):
+    n, d, h, hkv, m = shape
+    request = AttentionRequest(d, dtype, h, hkv, causal)
+    cls = registry.load(name)
+    reasons = check(cls, request, probe())
+    if reasons:  # declared refusal: then the reason must name the limit, never run silently
+        assert all(r.code in ("DTYPE", "HEAD_SIZE", "GQA", "CAUSAL") for r in reasons)
+        pytest.skip(f"{name} declares it cannot: {reasons[0]}")
+    q, k, v = randn_qkv(2, n, h, d, hkv, m, dtype=DTYPES[dtype])
+    impl = cls.get_impl_cls()(h, d, d ** -0.5, causal, hkv)
+    poison_allocator(q.numel() * 8)
+    out = impl.forward(q, k, v, None)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert rel_l2(out, dense_reference(q, k, v, causal)) < TOLERANCE[DTYPES[dtype]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("dtype", "causal", "hkv"), [("fp32", False, 4), ("fp32", True, 2)])
+def test_flex_attention_compiled_on_cpu(dtype, causal, hkv):
+    from attnrt.backends.flex import FlexAttentionImpl
+
+    q, k, v = randn_qkv(1, 128, 4, 64, hkv, dtype=DTYPES[dtype])
+    out = FlexAttentionImpl(4, 64, 0.125, causal, hkv).forward(q, k, v, None)
+    assert rel_l2(out, dense_reference(q, k, v, causal, 0.125)) < TOLERANCE[DTYPES[dtype]]
+
+
+def test_reference_gradients_match_float64():
+    q, k, v = (t.double().requires_grad_() for t in randn_qkv(1, 17, 4, 32, 2))
+    from attnrt.backends.reference import chunked_attention
+
+    out = chunked_attention(q, k, v, causal=True, chunk_bytes=256)  # many tiny chunks
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref = _dense_autograd(q2, k2, v2)
+    ref.backward(grad)
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        assert rel_l2(a.grad, b.grad) < 1e-12
+
+
+def _dense_autograd(q, k, v):
+    group = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
+    s = torch.einsum("bnhd,bmhd->bhnm", q, k) * q.shape[-1] ** -0.5
+    n = q.shape[1]
+    s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("bhnm,bmhd->bnhd", s.softmax(-1), v)
+
+
+def test_reference_rows_that_see_no_key_are_zero():
+    from attnrt.backends.reference import chunked_attention
+
+    q, k, v = randn_qkv(1, 8, 2, 16, m=5)
+    out = chunked_attention(q, k, v, causal=True)
+    assert torch.equal(out[:, :3], torch.zeros_like(out[:, :3]))  # rows 0..2 see no key
+    assert rel_l2(out, dense_reference(q, k, v, causal=True)) < 1e-5
+
+
+def test_reference_is_deterministic():
+    from attnrt.backends.reference import chunked_attention
+
+    q, k, v = randn_qkv(1, 100, 4, 64)
+    assert torch.equal(chunked_attention(q, k, v), chunked_attention(q, k, v))
+
+
+@pytest.mark.slow
+def test_reference_memory_is_bounded():
+    """N=8192, 8 heads, D=64: dense fp32 scores would need 2.1 GB; the chunked path stays small."""
+    import subprocess
+    import sys
+
+    code = ("import resource, torch; from attnrt.backends.reference import chunked_attention; "
+            "q = torch.randn(1, 8192, 8, 64); k = torch.randn_like(q); v = torch.randn_like(q); "
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            "out = chunked_attention(q, k, v); assert torch.isfinite(out).all(); "
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300)
+    growth_mb = int(res.stdout.strip())
+    assert growth_mb < 512, f"peak grew by {growth_mb} MB"
