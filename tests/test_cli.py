@@ -1,0 +1,85 @@
+"""attnrt info | explain | validate, text and --json, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from attnrt.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_no_arguments_prints_info(capsys):
+    code, out, _ = run(capsys)
+    assert code == 0
+    assert out.startswith("device: cpu:") and "platforms probed (in order):" in out
+    assert "TORCH_SDPA" in out and "capability.yaml" in out
+
+
+def test_info_json_on_simulated_device(capsys):
+    code, out, _ = run(capsys, "info", "--json", "--device", "cuda:sm90")
+    data = json.loads(out)
+    assert code == 0 and data["device"]["simulated"] is True and data["device"]["arch"] == "sm90"
+    assert {b["name"] for b in data["backends"]} >= {"REFERENCE", "TORCH_SDPA"}
+    assert all("provenance" in r for r in data["rules"])
+
+
+def test_explain_text_names_rule_and_candidates(capsys):
+    code, out, _ = run(capsys, "explain", "--head-size", "128", "--dtype", "bf16", "--heads",
+                       "24", "--kv-heads", "8", "--causal", "--device", "rocm:gfx942")
+    assert code == 0
+    assert "24 heads, 8 kv heads of 128, bf16, causal" in out
+    assert "rocm:gfx942 (simulated)" in out and "capability.yaml:" in out
+    assert "chosen:" in out
+
+
+def test_explain_json_matches_the_api(capsys):
+    import attnrt
+
+    code, out, _ = run(capsys, "explain", "--head-size", "64", "--dtype", "fp32", "--json")
+    data = json.loads(out)
+    assert data["chosen"] == attnrt.explain(head_size=64, dtype="fp32").backend
+    assert data["candidates"][0]["ok"] is True
+
+
+def test_explain_with_nothing_usable_exits_one(capsys):
+    code, out, _ = run(capsys, "explain", "--head-size", "64", "--backends", "FLEX_ATTN",
+                       "--device", "mps")
+    assert code == 1 and "chosen:   none" in out and "platform=mps" in out
+
+
+def test_bad_arguments_exit_nonzero_with_one_line(capsys):
+    code, _, err = run(capsys, "explain", "--head-size", "64", "--dtype", "int8")
+    assert code == 2 and err.startswith("attnrt: error: dtype='int8'")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_validate_good_and_bad_files(capsys, write_yaml, tmp_path):
+    from attnrt.manifest import shipped_path
+
+    code, out, _ = run(capsys, "validate", shipped_path())
+    assert code == 0 and out.strip().endswith(": ok")
+    bad = write_yaml("schema: 1\nrules:\n  - platform: cuda\n    rank: [NOPE]\n")
+    code, out, _ = run(capsys, "validate", bad, "--json")
+    data = json.loads(out)
+    assert code == 1 and data["ok"] is False
+    assert "rules.yaml:4: rank: unknown backend 'NOPE'" in data["files"][bad][0]
+
+
+@pytest.mark.slow
+def test_console_script_runs(tmp_path):
+    import shutil
+    import subprocess
+
+    exe = shutil.which("attnrt")
+    if exe is None:
+        pytest.fail("the attnrt console script is not installed; pip install -e . first")
+    res = subprocess.run([exe, "explain", "--head-size", "64", "--device", "npu:ascend910b"],
+                         capture_output=True, text=True, check=False, timeout=120)
+    assert res.returncode == 0 and "npu:ascend910b (simulated)" in res.stdout

@@ -1,0 +1,36 @@
+"""Packaging: the wheel carries capability.yaml and the platform packs; import cost is bounded."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_wheel_contains_and_loads_the_manifest(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps",
+                          "--no-build-isolation", "-w", str(tmp_path), "-q"],
+                         capture_output=True, text=True, check=False, timeout=300)
+    assert res.returncode == 0, res.stderr
+    wheel = next(tmp_path.glob("attnrt-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        assert "attnrt/capability.yaml" in names
+        for pack in ("cpu", "cuda", "rocm", "mps", "npu"):
+            assert f"attnrt/platforms/{pack}/probe.py" in names
+        assert "attnrt/backends/reference.py" in names
+        zf.extractall(tmp_path / "site")
+    code = ("import attnrt.manifest as m; man = m.current_manifest(); "
+            "assert m.shipped_path().startswith(%r), m.shipped_path(); "
+            "assert man.rules, 'no rules'; print(len(man.rules))" % str(tmp_path / "site"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": ""},
+                         check=False, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) >= 1
