@@ -102,7 +102,7 @@ def simulated_device(spec: str | Device) -> Iterator[Device]:
 
 
 def probe() -> Device:
-    """The device attention will run on: simulated if asked, else the first platform that answers."""
+    """The device attention runs on: simulated if asked, else the first platform that answers."""
     sim = _SIMULATED.get()
     if sim is not None:
         return sim
@@ -129,7 +129,7 @@ def probe_platform(platform: str) -> Device:
 
 def probe_report() -> list[tuple[str, Device | None, str]]:
     """(platform, device or None, reason) for every platform, in probe order, for `attnrt info`."""
-    rows = []
+    rows: list[tuple[str, Device | None, str]] = []
     for platform in PROBE_ORDER:
         try:
             rows.append((platform, probe_platform(platform), "available"))

@@ -85,7 +85,8 @@ class Decision:
 
     def failure_message(self) -> str:
         lines = [f"no attention backend can run {self.request.describe()} on "
-                 f"{self.device.describe()}" + (f" (forced by {self.forced})" if self.forced else "")
+                 f"{self.device.describe()}"
+                 + (f" (forced by {self.forced})" if self.forced else "")
                  + ":"]
         lines += [f"  {c.name}: {c.verdict()}" for c in self.candidates]
         hints = sorted({r.hint for c in self.candidates for r in c.reasons if r.hint})
@@ -334,4 +335,4 @@ class _BackendEnumMeta(type):
 
 
 class AttentionBackendEnum(metaclass=_BackendEnumMeta):
-    """Open stand-in for FastVideo's enum: AttentionBackendEnum.TORCH_SDPA, for any registered name."""
+    """Open stand-in for FastVideo's enum: AttentionBackendEnum.X for any registered name X."""

@@ -56,7 +56,8 @@ class _Selected:
 class LocalAttention(nn.Module):
     """Attention on one device through the best backend attnrt can select here.
 
-    forward(q [B, N, H, D], k [B, M, Hkv, D], v [B, M, Hkv, D], freqs_cis=(cos, sin)) -> [B, N, H, D]
+    forward(q [B, N, H, D], k [B, M, Hkv, D], v [B, M, Hkv, D], freqs_cis=(cos, sin))
+        -> [B, N, H, D]
     """
 
     def __init__(self, num_heads: int, head_size: int, num_kv_heads: int | None = None,
@@ -120,7 +121,8 @@ class LocalAttention(nn.Module):
         # anything unusual goes to _slow_path, which validates in full and re-selects.
         if not (qs[2:] == self._q_tail and ks[2:] == self._kv_tail and ks == v.shape
                 and qs[0] == ks[0] and q.dtype is dt and k.dtype is dt and v.dtype is dt
-                and q.device == active.device and k.get_device() == v.get_device() == q.get_device()):
+                and q.device == active.device
+                and k.get_device() == v.get_device() == q.get_device()):
             active = self._slow_path(q, k, v)
         if freqs_cis is not None:
             cos, sin = freqs_cis

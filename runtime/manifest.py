@@ -227,7 +227,8 @@ def _platforms(value: Any, where: str) -> frozenset[str]:
     names = _names(value, where)
     bad = [n for n in names if n not in PLATFORMS]
     if bad:
-        raise ManifestError(f"{where}: unknown platform {bad[0]!r}; allowed: {', '.join(PLATFORMS)}")
+        raise ManifestError(f"{where}: unknown platform {bad[0]!r}; "
+                            f"allowed: {', '.join(PLATFORMS)}")
     return frozenset(names)
 
 
@@ -274,7 +275,8 @@ def _rank(value: Any, where: str) -> tuple[str, ...]:
 
 def _measured(value: Any, where: str) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, dict):
-        raise ManifestError(f"{where}: must be a mapping with keys among {', '.join(MEASURED_KEYS)}")
+        raise ManifestError(f"{where}: must be a mapping with keys among "
+                            f"{', '.join(MEASURED_KEYS)}")
     bad = [k for k in value if k not in MEASURED_KEYS]
     if bad:
         raise ManifestError(f"{where}: unknown key {bad[0]!r}; allowed: {', '.join(MEASURED_KEYS)}")

@@ -36,7 +36,10 @@ def _interval(comps: tuple[tuple[str, Any], ...]) -> tuple[Bound, Bound]:
     return low, high
 
 
-def _interval_covers(outer: tuple[tuple[str, Any], ...], inner: tuple[tuple[str, Any], ...]) -> bool:
+Comparisons = tuple[tuple[str, Any], ...]
+
+
+def _interval_covers(outer: Comparisons, inner: Comparisons) -> bool:
     (olo, ohi), (ilo, ihi) = _interval(outer), _interval(inner)
     low_ok = olo is None or (ilo is not None and (olo[0] < ilo[0] or (
         olo[0] == ilo[0] and (olo[1] or not ilo[1]))))

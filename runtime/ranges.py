@@ -3,7 +3,7 @@
 A range is one or more comparisons joined by commas (">=sm80,<sm100"). Arch ranges need an order,
 which only some platforms have: CUDA compute capabilities (sm80 < sm90 < sm100) and ROCm gfx names
 (gfx90a < gfx942 < gfx950 < gfx1100). Both kinds answer `contains` and the conservative `covers`
-(True only when every value the other condition admits is admitted here), used to find shadowed rules.
+(True only when every value the other condition admits is admitted here), for shadowed rules.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import operator
 import re
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
+from typing import Any
 
-_OPS: dict[str, Callable[[object, object], bool]] = {
+_OPS: dict[str, Callable[[Any, Any], Any]] = {
     ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
 }
 _COMPARISON = re.compile(r"^\s*(>=|<=|>|<|==)\s*([A-Za-z0-9_]+)\s*$")
@@ -55,7 +56,8 @@ class ArchRange:
     """A set of arch names: exact names plus ordered ranges (each range on one platform)."""
 
     names: frozenset[str]
-    ranges: tuple[tuple[str, tuple[tuple[str, tuple[int, ...]], ...]], ...]  # (platform, comparisons)
+    # (platform, ((operator, arch key), ...)) per range
+    ranges: tuple[tuple[str, tuple[tuple[str, tuple[int, ...]], ...]], ...]
     text: str
 
     @classmethod
@@ -133,8 +135,8 @@ class SizeRange:
 
     def bounds(self) -> tuple[float, float]:
         """Smallest and largest admitted size (inf when unbounded)."""
-        lows = [min(self.sizes)] if self.sizes else []
-        highs = [max(self.sizes)] if self.sizes else []
+        lows: list[float] = [min(self.sizes)] if self.sizes else []
+        highs: list[float] = [max(self.sizes)] if self.sizes else []
         for comps in self.ranges:
             lo, hi = _interval(comps)
             lows.append(lo)

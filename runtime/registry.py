@@ -1,6 +1,6 @@
 """Backend names -> lazy "module:Class" targets.
 
-Sources, all merged into one table: the portable backends (`attnrt.backends.BACKENDS`), each platform
+Sources, merged into one table: the portable backends (`attnrt.backends.BACKENDS`), each platform
 pack's `BACKENDS` table, the `attnrt.backends` entry-point group of installed packages, and
 `register_backend(...)` calls. Nothing is imported until a backend is looked at.
 """
@@ -69,7 +69,7 @@ def _add(spec: BackendSpec, cls: type | None = None) -> None:
 
 
 def register_backend(name: str, backend: str | type, *, origin: str = "register_backend") -> None:
-    """Register a backend class (validated now) or a lazy "module:Class" string (validated at load)."""
+    """Register a backend class (validated now) or a lazy "module:Class" (validated at load)."""
     _ensure_builtins()
     with _lock:
         if isinstance(backend, str):
@@ -144,7 +144,7 @@ def load(name: str) -> type:
 
 
 def clear_registry_cache() -> None:
-    """Forget loaded classes and re-read built-in tables on next use (register_backend calls stay)."""
+    """Re-read built-in tables on next use (register_backend calls stay)."""
     global _loaded_builtins
     with _lock:
         _loaded_builtins = False

@@ -119,7 +119,7 @@ def _installed_version(pkg: Package, module: Any) -> str | None:
 
 
 def declared(backend_cls: type, attr: str) -> Any:
-    """A backend's declared capability attribute, with the permissive default for undeclared ones."""
+    """A backend's declared capability attribute, or the permissive default if undeclared."""
     if attr == "HEAD_SIZES" and not hasattr(backend_cls, "HEAD_SIZES"):
         getter = getattr(backend_cls, "get_supported_head_sizes", None)  # FastVideo's spelling
         return tuple(getter()) if callable(getter) else None
@@ -137,7 +137,7 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
-def check(backend_cls: type, request: AttentionRequest, device: Device) -> list[Reason]:
+def check(backend_cls: Any, request: AttentionRequest, device: Device) -> list[Reason]:
     """Every reason `backend_cls` cannot serve `request` on `device`; empty when it can."""
     name = backend_cls.get_name()
     reasons = _declared_reasons(backend_cls, name, request, device)
@@ -151,7 +151,8 @@ def check(backend_cls: type, request: AttentionRequest, device: Device) -> list[
     return reasons
 
 
-def _declared_reasons(cls: type, name: str, request: AttentionRequest, device: Device) -> list[Reason]:
+def _declared_reasons(cls: type, name: str, request: AttentionRequest,
+                      device: Device) -> list[Reason]:
     reasons = []
     platforms = declared(cls, "PLATFORMS")
     if platforms is not None and device.platform not in platforms:

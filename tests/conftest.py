@@ -1,4 +1,4 @@
-"""Suite-wide setup: Triton interpreter on CPU-only machines, the `gpu` skip hook, cache clearing."""
+"""Suite-wide setup: Triton interpreter on CPU-only machines, the `gpu` skip hook, clean caches."""
 
 from __future__ import annotations
 

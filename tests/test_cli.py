@@ -18,14 +18,18 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 def test_no_arguments_prints_info(capsys):
     code, out, _ = run(capsys)
     assert code == 0
-    assert out.startswith("device: cpu:") and "platforms probed (in order):" in out
-    assert "TORCH_SDPA" in out and "capability.yaml" in out
+    assert out.startswith("device: cpu:")
+    assert "platforms probed (in order):" in out
+    assert "TORCH_SDPA" in out
+    assert "capability.yaml" in out
 
 
 def test_info_json_on_simulated_device(capsys):
     code, out, _ = run(capsys, "info", "--json", "--device", "cuda:sm90")
     data = json.loads(out)
-    assert code == 0 and data["device"]["simulated"] is True and data["device"]["arch"] == "sm90"
+    assert code == 0
+    assert data["device"]["simulated"] is True
+    assert data["device"]["arch"] == "sm90"
     assert {b["name"] for b in data["backends"]} >= {"REFERENCE", "TORCH_SDPA"}
     assert all("provenance" in r for r in data["rules"])
 
@@ -35,7 +39,8 @@ def test_explain_text_names_rule_and_candidates(capsys):
                        "24", "--kv-heads", "8", "--causal", "--device", "rocm:gfx942")
     assert code == 0
     assert "24 heads, 8 kv heads of 128, bf16, causal" in out
-    assert "rocm:gfx942 (simulated)" in out and "capability.yaml:" in out
+    assert "rocm:gfx942 (simulated)" in out
+    assert "capability.yaml:" in out
     assert "chosen:" in out
 
 
@@ -51,12 +56,15 @@ def test_explain_json_matches_the_api(capsys):
 def test_explain_with_nothing_usable_exits_one(capsys):
     code, out, _ = run(capsys, "explain", "--head-size", "64", "--backends", "FLEX_ATTN",
                        "--device", "mps")
-    assert code == 1 and "chosen:   none" in out and "platform=mps" in out
+    assert code == 1
+    assert "chosen:   none" in out
+    assert "platform=mps" in out
 
 
 def test_bad_arguments_exit_nonzero_with_one_line(capsys):
     code, _, err = run(capsys, "explain", "--head-size", "64", "--dtype", "int8")
-    assert code == 2 and err.startswith("attnrt: error: dtype='int8'")
+    assert code == 2
+    assert err.startswith("attnrt: error: dtype='int8'")
     assert len(err.strip().splitlines()) == 1
 
 
@@ -64,11 +72,13 @@ def test_validate_good_and_bad_files(capsys, write_yaml, tmp_path):
     from attnrt.manifest import shipped_path
 
     code, out, _ = run(capsys, "validate", shipped_path())
-    assert code == 0 and out.strip().endswith(": ok")
+    assert code == 0
+    assert out.strip().endswith(": ok")
     bad = write_yaml("schema: 1\nrules:\n  - platform: cuda\n    rank: [NOPE]\n")
     code, out, _ = run(capsys, "validate", bad, "--json")
     data = json.loads(out)
-    assert code == 1 and data["ok"] is False
+    assert code == 1
+    assert data["ok"] is False
     assert "rules.yaml:4: rank: unknown backend 'NOPE'" in data["files"][bad][0]
 
 
@@ -82,4 +92,5 @@ def test_console_script_runs(tmp_path):
         pytest.fail("the attnrt console script is not installed; pip install -e . first")
     res = subprocess.run([exe, "explain", "--head-size", "64", "--device", "npu:ascend910b"],
                          capture_output=True, text=True, check=False, timeout=120)
-    assert res.returncode == 0 and "npu:ascend910b (simulated)" in res.stdout
+    assert res.returncode == 0
+    assert "npu:ascend910b (simulated)" in res.stdout

@@ -1,4 +1,4 @@
-"""The FastVideo-compatible backend contract: a MY_NEW_ATTN-style backend plugs in by registration."""
+"""The FastVideo-compatible contract: a MY_NEW_ATTN-style backend plugs in by registration."""
 
 from __future__ import annotations
 

@@ -12,18 +12,21 @@ from attnrt.device import PlatformUnavailable, parse_device_spec, probe_report
 
 def test_cpu_machine_probes_cpu_and_keeps_every_other_reason():
     dev = attnrt.probe()
-    assert dev.platform == "cpu" and not dev.simulated
+    assert dev.platform == "cpu"
+    assert not dev.simulated
     report = {platform: (d, reason) for platform, d, reason in probe_report()}
     assert [p for p, _, _ in probe_report()] == list(devmod.PROBE_ORDER)
     assert report["cpu"][0] == dev
     for platform in ("rocm", "cuda", "npu", "mps"):
         d, reason = report[platform]
-        assert d is None and reason  # absent stacks keep their reason
+        assert d is None
+        assert reason
 
 
 @pytest.mark.parametrize(("spec", "platform", "arch"), [
-    ("cuda:sm90", "cuda", "sm90"), ("cuda:sm100", "cuda", "sm100"), ("rocm:gfx942", "rocm", "gfx942"),
-    ("rocm:gfx90a", "rocm", "gfx90a"), ("npu:ascend910b", "npu", "ascend910b"), ("mps", "mps", "apple"),
+    ("cuda:sm90", "cuda", "sm90"), ("cuda:sm100", "cuda", "sm100"),
+    ("rocm:gfx942", "rocm", "gfx942"), ("rocm:gfx90a", "rocm", "gfx90a"),
+    ("npu:ascend910b", "npu", "ascend910b"), ("mps", "mps", "apple"),
     ("CPU:x86_64", "cpu", "x86_64"),
 ])
 def test_simulated_specs(spec, platform, arch):
@@ -112,4 +115,5 @@ def test_import_attnrt_has_no_side_effects():
             "assert 'triton' not in sys.modules, 'triton imported'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
-    assert out.stdout == "" and out.stderr == ""
+    assert out.stdout == ""
+    assert out.stderr == ""

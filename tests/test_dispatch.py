@@ -71,7 +71,8 @@ class TestForce:
         with attnrt.force_backend("HALF_ONLY"), pytest.warns(UserWarning, match="HALF_ONLY"):
             decision = attnrt.select(REQ)
         assert decision.backend == "TORCH_SDPA"
-        assert decision.candidates[0].name == "HALF_ONLY" and not decision.candidates[0].ok
+        assert decision.candidates[0].name == "HALF_ONLY"
+        assert not decision.candidates[0].ok
         assert "ATTNRT_FALLBACK=warn" in decision.notes[0]
 
     def test_force_is_per_thread(self):
@@ -107,14 +108,17 @@ class TestWalk:
         decision = attnrt.select(REQ)
         assert decision.backend == "TORCH_SDPA"
         fast = decision.candidates[0]
-        assert fast.name == "FAST_ATTN" and fast.reasons[0].code == "HEAD_SIZE"
-        assert decision.rule is not None and decision.rule.where.endswith("rules.yaml:3")
+        assert fast.name == "FAST_ATTN"
+        assert fast.reasons[0].code == "HEAD_SIZE"
+        assert decision.rule is not None
+        assert decision.rule.where.endswith("rules.yaml:3")
 
     def test_allow_list_restricts_candidates(self):
         decision = attnrt.select(AttentionRequest(64, "fp32", allowed=("REFERENCE",)))
         assert decision.backend == "REFERENCE"
         sdpa = decision.candidates[0]
-        assert sdpa.name == "TORCH_SDPA" and sdpa.reasons[0].code == "NOT_ALLOWED"
+        assert sdpa.name == "TORCH_SDPA"
+        assert sdpa.reasons[0].code == "NOT_ALLOWED"
 
     def test_allow_list_with_unknown_name_is_an_error(self):
         with pytest.raises(attnrt.UnknownBackendError, match="'NOT_A_BACKEND'"):
@@ -140,7 +144,8 @@ class TestWalk:
         manifest = load_manifest([write_yaml("schema: 1\nrules:\n  - platform: mps\n"
                                              "    rank: [TORCH_SDPA]\n")])
         decision = dispatch.decide(REQ, manifest=manifest)
-        assert decision.backend == "REFERENCE" and decision.rule is None
+        assert decision.backend == "REFERENCE"
+        assert decision.rule is None
         assert "no rule matched" in decision.rule_where
 
 
@@ -159,7 +164,8 @@ class TestCacheAndLogging:
             attnrt.select(AttentionRequest(128, "fp32"))
         lines = [r.getMessage() for r in caplog.records if r.name == "attnrt"]
         assert len(lines) == 2
-        assert "TORCH_SDPA" in lines[0] and "64" in lines[0]
+        assert "TORCH_SDPA" in lines[0]
+        assert "64" in lines[0]
 
     def test_clear_caches_forgets_decisions(self, register, cpu_override):
         backend = register("FAST_ATTN", make_backend("FAST_ATTN"))

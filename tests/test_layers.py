@@ -100,12 +100,15 @@ def test_dtype_change_reselects_instead_of_running_outside_support(register, wri
     layer = attnrt.LocalAttention(2, 32)
     q, k, v = randn_qkv(1, 16, 2, 32)
     layer(q, k, v)
-    assert layer.backend_name == "FP32_ONLY" and fp32_only.forward_calls == 1
+    assert layer.backend_name == "FP32_ONLY"
+    assert fp32_only.forward_calls == 1
     out = layer(q.bfloat16(), k.bfloat16(), v.bfloat16())
-    assert layer.backend_name == "TORCH_SDPA" and fp32_only.forward_calls == 1
+    assert layer.backend_name == "TORCH_SDPA"
+    assert fp32_only.forward_calls == 1
     assert out.dtype == torch.bfloat16
     layer(q, k, v)
-    assert layer.backend_name == "FP32_ONLY" and fp32_only.forward_calls == 2
+    assert layer.backend_name == "FP32_ONLY"
+    assert fp32_only.forward_calls == 2
 
 
 class FailingImpl(CountingImpl):
@@ -135,7 +138,8 @@ def test_compile_failure_falls_to_next_backend_with_one_warning(failing_first, c
     assert failing_first.forward_calls == 1
     assert layer.backend_name == "TORCH_SDPA"
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "FLAKY_ATTN failed" in warnings[0].getMessage()
+    assert len(warnings) == 1
+    assert "FLAKY_ATTN failed" in warnings[0].getMessage()
     assert rel_l2(out, dense_reference(q, k, v)) < 1e-5
     reasons = attnrt.explain(head_size=32, dtype="fp32", num_heads=2).candidates[0].reasons
     assert reasons[-1].code == "COMPILE_FAILED"

@@ -8,7 +8,13 @@ from hypothesis import strategies as st
 
 import attnrt
 from attnrt.device import Device
-from attnrt.manifest import current_manifest, load_manifest, parse_file, shipped_path, validate_files
+from attnrt.manifest import (
+    current_manifest,
+    load_manifest,
+    parse_file,
+    shipped_path,
+    validate_files,
+)
 from attnrt.ranges import ArchRange, SizeRange
 from attnrt.request import AttentionRequest
 from tests.helpers import make_backend
@@ -26,7 +32,9 @@ class TestValidation:
 
     def test_yaml_syntax_error_names_the_line(self, write_yaml):
         errs = errors_of(write_yaml, "  - platform: cpu\n    rank: [TORCH_SDPA\n")
-        assert len(errs) == 1 and "rules.yaml:" in errs[0] and "YAML syntax error" in errs[0]
+        assert len(errs) == 1
+        assert "rules.yaml:" in errs[0]
+        assert "YAML syntax error" in errs[0]
 
     @pytest.mark.parametrize(("body", "where", "needle"), [
         ("  - platfrom: cpu\n    rank: [TORCH_SDPA]\n", ":3", "unknown rule key 'platfrom'"),
@@ -62,7 +70,8 @@ class TestValidation:
                                      "  - platform: cuda\n    arch: [sm90]\n    head_size: [64]\n"
                                      "    rank: [REFERENCE]\n")
         assert len(errs) == 1
-        assert "rules.yaml:6" in errs[0] and "shadowed by the earlier rule at" in errs[0]
+        assert "rules.yaml:6" in errs[0]
+        assert "shadowed by the earlier rule at" in errs[0]
         assert "rules.yaml:3" in errs[0]
 
     def test_narrower_earlier_rule_does_not_shadow(self, write_yaml):
@@ -90,7 +99,8 @@ class TestValidation:
 
     def test_yaml_tags_are_not_executed(self, write_yaml):
         errs = errors_of(write_yaml, "  - rank: !!python/object/apply:os.system ['true']\n")
-        assert len(errs) == 1 and "rules.yaml:3" in errs[0]
+        assert len(errs) == 1
+        assert "rules.yaml:3" in errs[0]
         assert "YAML tag 'tag:yaml.org,2002:python/object/apply:os.system' is not allowed" \
             in errs[0]
 
@@ -152,7 +162,8 @@ def test_cuda_arch_range_orders_by_capability(bound, arch):
 
 def test_rocm_arch_order():
     newer = ArchRange.parse(">=gfx942")
-    assert newer.contains("rocm", "gfx950") and newer.contains("rocm", "gfx1100")
+    assert newer.contains("rocm", "gfx950")
+    assert newer.contains("rocm", "gfx1100")
     assert not newer.contains("rocm", "gfx90a")
 
 
@@ -177,4 +188,5 @@ def test_first_matching_rule_decides(head, dtype, causal, gqa, platform):
 def test_manifest_loads_in_order(write_yaml):
     a = write_yaml(HEAD + "  - platform: cpu\n    rank: [REFERENCE]\n", "a.yaml")
     manifest = load_manifest([a, shipped_path()])
-    assert manifest.rules[0].file == a and manifest.files == (a, shipped_path())
+    assert manifest.rules[0].file == a
+    assert manifest.files == (a, shipped_path())

@@ -77,7 +77,8 @@ def test_every_declared_limit_is_refused_with_its_reason(fakes, name, over, code
     request = AttentionRequest(over["head_size"], over["dtype"], 8, over.get("kv_heads"))
     reasons = check(fakes[name], request, parse_device_spec(over["device"]))
     assert [r.code for r in reasons] == [code]
-    assert needle in reasons[0].message and name in reasons[0].message
+    assert needle in reasons[0].message
+    assert name in reasons[0].message
     ok = AttentionRequest(over["head_size"], over["dtype"], 8) if code == "GQA" else None
     if ok is not None:
         assert check(fakes[name], ok, parse_device_spec(over["device"])) == []
@@ -104,7 +105,7 @@ def test_package_version_window_refusals(register, monkeypatch):
     backend = register("VENDOR_ATTN", make_backend("VENDOR_ATTN", PACKAGES=(pkg,)))
     reasons = check(backend, AttentionRequest(64, "fp16"), parse_device_spec("cpu"))
     assert [r.code for r in reasons] == ["VERSION_WINDOW"]
-    assert "fake_vendor_attn 1.9.0 is outside the supported window >=2.5,<3" == reasons[0].message
+    assert reasons[0].message == "fake_vendor_attn 1.9.0 is outside the supported window >=2.5,<3"
     assert reasons[0].hint == "pip install fake-vendor-attn>=2.5"
     fake.__version__ = "2.7.1"
     package_status.cache_clear()

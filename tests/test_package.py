@@ -27,8 +27,8 @@ def test_wheel_contains_and_loads_the_manifest(tmp_path):
         assert "attnrt/backends/reference.py" in names
         zf.extractall(tmp_path / "site")
     code = ("import attnrt.manifest as m; man = m.current_manifest(); "
-            "assert m.shipped_path().startswith(%r), m.shipped_path(); "
-            "assert man.rules, 'no rules'; print(len(man.rules))" % str(tmp_path / "site"))
+            "assert m.shipped_path().startswith({!r}), m.shipped_path(); "
+            "assert man.rules, 'no rules'; print(len(man.rules))".format(str(tmp_path / "site")))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": ""},
                          check=False, timeout=120)

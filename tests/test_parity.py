@@ -54,7 +54,8 @@ def test_portable_backend_matches_float64(name, dtype, shape, causal):
     impl = cls.get_impl_cls()(h, d, d ** -0.5, causal, hkv)
     poison_allocator(q.numel() * 8)
     out = impl.forward(q, k, v, None)
-    assert out.shape == q.shape and out.dtype == q.dtype
+    assert out.shape == q.shape
+    assert out.dtype == q.dtype
     assert rel_l2(out, dense_reference(q, k, v, causal)) < TOLERANCE[DTYPES[dtype]]
 
 
