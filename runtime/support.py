@@ -43,6 +43,7 @@ NOT_ALLOWED = "NOT_ALLOWED"
 RUNTIME = "RUNTIME"
 COMPILE_FAILED = "COMPILE_FAILED"
 NOT_REGISTERED = "NOT_REGISTERED"
+NUM_HEADS = "NUM_HEADS"
 
 
 @dataclass(frozen=True)
@@ -145,10 +146,20 @@ def check(backend_cls: Any, request: AttentionRequest, device: Device) -> list[R
         status = package_status(pkg)
         if status.reason is not None:
             reasons.append(status.reason)
+    if not reasons:
+        reasons.extend(_platform_reasons(request, device, name))
     extra = getattr(backend_cls, "extra_reasons", None)
     if callable(extra) and not reasons:
         reasons.extend(extra(request, device))
     return reasons
+
+
+def _platform_reasons(request: AttentionRequest, device: Device, name: str) -> list[Reason]:
+    """Limits of a platform's stack that bind every backend on it (e.g. MPS: bf16 needs macOS 14),
+    from the pack's optional `platform_reasons(request, device, name)`."""
+    pack = importlib.import_module(f"attnrt.platforms.{device.platform}")
+    hook = getattr(pack, "platform_reasons", None)
+    return list(hook(request, device, name)) if callable(hook) else []
 
 
 def _declared_reasons(cls: type, name: str, request: AttentionRequest,

@@ -1,8 +1,8 @@
-"""ROCm pack: probe parsing, AITER's argument translation and refusals, Triton configs, selection.
+"""ROCm pack: probe parsing, AITER's call and refusals, Triton configs, selection.
 
-No AMD GPU here: the probe runs against monkeypatched torch.version.hip / torch.cuda, AITER against a
-recording stand-in module with the documented signature, selection against simulated devices and
-the proposed rules (platforms/RULES-proposed.yaml).
+No AMD GPU here: the probe runs against monkeypatched torch.version.hip / torch.cuda, AITER
+against a recording stand-in module with the documented signature, selection against simulated
+devices and the proposed rules (platforms/RULES-proposed.yaml).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import types
 from pathlib import Path
 from typing import Any
 
-import attnrt
 import pytest
 import torch
+
+import attnrt
 from attnrt import support
 from attnrt.device import Device, PlatformUnavailable, probe_platform
 from attnrt.dispatch import decide, reasons_for
@@ -318,3 +319,32 @@ def test_triton_backend_finds_the_rocm_configs() -> None:
     from attnrt.backends.triton_flash import block_config
 
     assert block_config("rocm", "gfx950", 256, True) == cfgs.select_config("gfx950", 256)
+
+
+def _unique_configs() -> list[tuple[str, int, cfgs.Config]]:
+    seen: dict[str, tuple[str, int, cfgs.Config]] = {}
+    for arch, table in cfgs.CONFIGS.items():
+        for bucket, entry in table.items():
+            seen.setdefault(f"{bucket}-{entry}", (arch, bucket, entry))
+    return list(seen.values())
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(("arch", "bucket", "config"), _unique_configs(),
+                         ids=[f"{a}-d{b}" for a, b, _ in _unique_configs()])
+def test_every_rocm_config_runs_the_kernel_correctly(arch: str, bucket: int,
+                                                     config: cfgs.Config) -> None:
+    """Each distinct config, forward and backward, against float64 (Triton interpreter on CPU)."""
+    from attnrt.kernels.triton_flash import flash_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (t.to(device).requires_grad_() for t in qkv(40, 51, 2, 1, bucket, torch.float16))
+    out = flash_attention(q, k, v, causal=True, softmax_scale=0.1, config=config)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    ref = dense(*leaves, causal=True, scale=0.1)
+    ref.backward(grad.cpu().double())
+    assert rel_l2(out.detach().cpu(), ref.detach()) < 3e-3
+    for got, want in zip((q, k, v), leaves, strict=True):
+        assert rel_l2(got.grad.cpu(), want.grad) < 1e-2

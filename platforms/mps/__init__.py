@@ -1,3 +1,29 @@
-"""mps platform pack: probe (probe.py) and its backend table."""
+"""mps platform pack: probe (probe.py), its backend table and the memory-bounded SDPA_CHUNKED.
 
-BACKENDS: dict[str, str] = {}
+TORCH_SDPA (attnrt.backends) also runs here; on MPS its math path materialises the [B, H, N, M]
+score matrix, which SDPA_CHUNKED bounds by running SDPA over query chunks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from attnrt.device import Device
+    from attnrt.request import AttentionRequest
+    from attnrt.support import Reason
+
+BACKENDS: dict[str, str] = {
+    "SDPA_CHUNKED": "attnrt.platforms.mps.sdpa_chunked:SdpaChunkedBackend",
+}
+
+
+def platform_reasons(request: AttentionRequest, device: Device, name: str) -> list[Reason]:
+    """Limits of the MPS stack itself, binding every backend on MPS (dtype_rules.py says which).
+
+    `attnrt.support.check` calls this for each backend on an mps device, so TORCH_SDPA and
+    REFERENCE refuse bf16 before macOS 14 and fp64 just as SDPA_CHUNKED does.
+    """
+    from attnrt.platforms.mps.dtype_rules import mps_dtype_reasons
+
+    return mps_dtype_reasons(request.dtype, device, name)
