@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from attnrt.interfaces import AttentionBackend, AttentionImpl, AttentionMetadata
-from attnrt.support import Package, Reason
+from attnrt.support import NUM_HEADS, Package, Reason
 
 if TYPE_CHECKING:
     from attnrt.device import Device
@@ -51,7 +51,6 @@ SPARSE_NONE = 0  # defaultMask; with atten_mask=None the op attends to every key
 SPARSE_RIGHT_DOWN_CAUSAL = 3
 COMPRESSED_MASK_SIZE = 2048
 MAX_HEADS = 256
-NUM_HEADS = "NUM_HEADS"  # reason code for the op's head-count limit
 INSTALL_HINT = ("pip install torch-npu matching your torch version, on a machine with the CANN "
                 "toolkit (Ascend Extension for PyTorch)")
 
