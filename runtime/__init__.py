@@ -19,6 +19,13 @@ from attnrt.dispatch import (
     global_force_attn_backend_context_manager,
     select,
 )
+from attnrt.distributed import (
+    SequenceParallelError,
+    ShardError,
+    ShardMismatchError,
+    init_sequence_parallel,
+)
+from attnrt.distributed_layers import DistributedAttention, DistributedAttention_VSA
 from attnrt.errors import (
     AttnrtError,
     BackendUnavailableError,
@@ -47,6 +54,8 @@ __all__ = [
     "AttentionBackend", "AttentionBackendEnum", "AttentionImpl", "AttentionLayer",
     "AttentionMetadata", "AttentionMetadataBuilder", "AttentionRequest", "AttnrtError",
     "BackendUnavailableError", "Candidate", "Decision", "Device", "DeviceSpecError",
+    "DistributedAttention", "DistributedAttention_VSA", "SequenceParallelError", "ShardError",
+    "ShardMismatchError", "init_sequence_parallel",
     "ForwardContext", "KernelCompileError", "LocalAttention", "ManifestError", "Package",
     "Reason", "RegistryError", "UnknownBackendError", "backend_name_to_enum", "clear_caches",
     "explain", "force_backend", "get_forward_context", "global_force_attn_backend",

@@ -102,6 +102,13 @@ class LocalAttention(nn.Module):
             found = self._by_key[key] = _Selected(decision, impl, dtype, tensor_device)
         return found
 
+    def impl_for(self, dtype: torch.dtype, device: torch.device | None = None) -> AttentionImpl:
+        """The impl this layer runs for inputs of `dtype` on `device` (selected once, cached)."""
+        return self._select(dtype, device).impl
+
+    def decision_for(self, dtype: torch.dtype, device: torch.device | None = None) -> Decision:
+        return self._select(dtype, device).decision
+
     @property
     def decision(self) -> Decision:
         """The decision behind the last forward (or the construction-time one)."""
@@ -186,3 +193,12 @@ def _check_heads(layer: LocalAttention, q: torch.Tensor, k: torch.Tensor, v: tor
         if t.shape[2] != layer.num_kv_heads:
             raise ValueError(f"{name} has {t.shape[2]} heads; the layer was built for "
                              f"num_kv_heads={layer.num_kv_heads}")
+
+
+def __getattr__(name: str) -> Any:
+    # DistributedAttention lives in attnrt.distributed_layers, which imports this module.
+    if name in ("DistributedAttention", "DistributedAttention_VSA"):
+        from attnrt import distributed_layers
+
+        return getattr(distributed_layers, name)
+    raise AttributeError(f"module 'attnrt.layers' has no attribute {name!r}")

@@ -135,6 +135,8 @@ _DEFAULTS: dict[str, Any] = {
     "SUPPORTS_CAUSAL": True,
     "SUPPORTS_GQA": True,
     "PACKAGES": (),
+    # Whether DistributedAttention may append replicated (e.g. text) tokens to the sequence.
+    "SUPPORTS_REPLICATED_TOKENS": True,
 }
 
 

@@ -8,3 +8,6 @@ FLASH_ATTN (the ROCm build of flash_attn, declared with PLATFORMS cuda+rocm by t
 BACKENDS: dict[str, str] = {
     "AITER": "attnrt.platforms.rocm.aiter:AiterFlashAttnBackend",
 }
+
+# torch.distributed backend for sequence parallelism: RCCL, which torch names nccl on ROCm builds.
+DIST_BACKEND = "nccl"
