@@ -1,0 +1,73 @@
+"""Block configs for TRITON_FLASH_ATTN (attnrt.kernels.triton_flash), as plain data.
+
+Keyed by arch ("sm90", "sm80", "default") and head-size bucket (the head size rounded up to a
+power of two: 32, 64, 128, 256, which is the padded BLOCK_D the kernel compiles for). Each entry
+gives, per kernel ("fwd", "bwd_dkdv", "bwd_dq"), BLOCK_M, BLOCK_N, num_warps and num_stages; the
+backend passes the entry as `flash_attention(..., config=...)`.
+
+Nothing is keyed on the exact sequence length: N and M are runtime kernel arguments, so a new
+length never recompiles. Entries are for 16-bit dtypes; float32 (tests only) gets "default".
+
+sm90: measured on one H100 80GB HBM3 (bench/triton_flash_gpu.py, bench/NOTES-triton-flash.md).
+sm80: not measured here. Taken from the Triton fused-attention tutorial and the FlashAttention-2
+paper's A100 settings (BLOCK_M 128, BLOCK_N 64 for D <= 128 with 4 to 8 warps; smaller blocks
+for D = 256 to stay inside 164 KiB of shared memory).
+default: small blocks that fit 64 KiB of shared memory (LDS on ROCm, consumer parts); correct
+everywhere, fast nowhere.
+"""
+
+from __future__ import annotations
+
+Config = dict[str, dict[str, int]]
+
+
+def _cfg(fwd: tuple, dkdv: tuple[int, int, int, int], dq: tuple[int, int, int, int]) -> Config:
+    """Tuples of (BLOCK_M, BLOCK_N, num_warps, num_stages); fwd may add switch names ("tma")."""
+    keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+    entry = {name: dict(zip(keys, vals[:4], strict=True))
+             for name, vals in (("fwd", fwd), ("bwd_dkdv", dkdv), ("bwd_dq", dq))}
+    entry["fwd"].update({switch: 1 for switch in fwd[4:]})
+    return entry
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for fwd, bwd_dkdv, bwd_dq.
+# "tma": K/V tiles of the forward's unmasked loop come through the Hopper bulk tensor copy;
+# the kernel uses it only where D is a power of two and the K/V strides allow a 2D view, and
+# takes the pointer path (same result) elsewhere.
+CONFIGS: dict[str, dict[int, Config]] = {
+    # H100, bf16, B=1 H=24, N=8192, lowest geometric mean of causal and full time; 2026-11-25,
+    # Triton 3.6 (bench/NOTES-triton-flash.md). Bucket 32 was not swept: it copies bucket 64.
+    "sm90": {
+        32: _cfg((128, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)),
+        64: _cfg((128, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)),
+        128: _cfg((128, 128, 8, 3, "tma"), (32, 64, 4, 3), (128, 64, 8, 3)),
+        256: _cfg((128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)),
+    },
+    "sm80": {
+        32: _cfg((128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 3)),
+        64: _cfg((128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 3)),
+        128: _cfg((128, 64, 8, 3), (64, 64, 8, 2), (64, 64, 8, 2)),
+        256: _cfg((64, 64, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
+    },
+    "default": {
+        32: _cfg((64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
+        64: _cfg((64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
+        128: _cfg((64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
+        256: _cfg((32, 32, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1)),
+    },
+}
+
+
+def head_size_bucket(head_size: int) -> int:
+    """The padded head size the kernel compiles for: the next power of two, at least 32."""
+    if not 1 <= head_size <= 256:
+        raise ValueError(f"head_size={head_size} has no TRITON_FLASH_ATTN config; supported: "
+                         "multiples of 8 from 32 to 256")
+    return max(32, 1 << (head_size - 1).bit_length())
+
+
+def select_config(arch: str, head_size: int, sixteen_bit: bool = True) -> Config:
+    """Config for an arch string such as "sm90"; unknown archs and float32 get "default"."""
+    table = CONFIGS.get(arch, CONFIGS["default"]) if sixteen_bit else CONFIGS["default"]
+    entry = table[head_size_bucket(head_size)]
+    return {name: dict(values) for name, values in entry.items()}

@@ -1,0 +1,264 @@
+"""TRITON_FLASH_ATTN against its float64 reference: values, lse, gradients, refusals.
+
+Interpreter cases (CPU, TRITON_INTERPRET=1 from tests/conftest.py) use tiny fp16/fp32 shapes:
+bf16 dots are wrong under the interpreter, which has no numpy bf16. GPU cases use the shipped
+sm90/sm80 configs, so a config that cannot compile fails here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnrt.kernels import triton_flash as tf
+from attnrt.platforms.cuda.triton_flash_configs import CONFIGS, select_config
+
+# Relative L2 error bounds against float64. float32 is exact-ish (ieee dots, fp32 softmax);
+# fp16/bf16 are dominated by rounding P to the input dtype before the P @ V product.
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def nan_buffers(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """Every kernel output starts as NaN, so an element the kernel never wrote fails the test."""
+    made: list[torch.Tensor] = []
+
+    def alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        t = torch.full(shape, float("nan"), dtype=dtype, device=device)
+        made.append(t)
+        return t
+
+    monkeypatch.setattr(tf, "_alloc", alloc)
+    return made
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    # The floor of 1 keeps an exactly-zero reference (dq, dk when M == 1) from dividing by 0;
+    # every other reference here has a norm well above 1.
+    return ((a.double() - b.double()).norm() / max(b.double().norm().item(), 1.0)).item()
+
+
+def _inputs(shape: tuple[int, ...], dtype: torch.dtype, device: str = DEVICE) -> tuple:
+    b, n, m, h, hkv, d = shape
+    q = torch.randn(b, n, h, d, dtype=dtype, device=device)
+    k = torch.randn(b, m, hkv, d, dtype=dtype, device=device)
+    v = torch.randn(b, m, hkv, d, dtype=dtype, device=device)
+    return q, k, v
+
+
+def _run(q, k, v, causal, config=None, scale=None):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, lse = tf.flash_attention(q, k, v, causal=causal, softmax_scale=scale, return_lse=True,
+                                  config=config)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    return (out, lse, *grads), dout
+
+
+def _reference(q, k, v, causal, dout, scale=None):
+    q, k, v = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    out, lse = tf.flash_attention_reference(q, k, v, causal=causal, softmax_scale=scale,
+                                            return_lse=True)
+    grads = torch.autograd.grad(out, (q, k, v), dout.cpu().double())
+    return (out, lse, *grads)
+
+
+def _check_parity(shape, dtype, causal, config=None, scale=None) -> None:
+    q, k, v = _inputs(shape, dtype)
+    got, dout = _run(q, k, v, causal, config, scale)
+    _compare(got, _reference(q, k, v, causal, dout, scale), dtype)
+
+
+def _compare(got, want, dtype) -> None:
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
+        assert g.shape == w.shape, name
+        g = g.cpu()
+        if name == "lse":
+            # -inf marks causal rows that see no key (N > M); it must match exactly.
+            empty = torch.isinf(w)
+            assert torch.equal(torch.isinf(g), empty), "lse -inf rows"
+            g, w = g[~empty], w[~empty]
+        assert torch.isfinite(g).all(), f"{name} has unwritten or non-finite elements"
+        err = _rel(g, w)
+        assert err < TOL[dtype], f"{name}: relative L2 error {err:.2e} >= {TOL[dtype]:.0e}"
+
+
+# (B, N, M, H, Hkv, D): odd lengths hit the tail masks, N > M gives fully masked causal rows.
+INTERP_CASES = [
+    ((1, 17, 17, 2, 2, 32), torch.float32),
+    ((1, 1, 20, 4, 2, 72), torch.float32),
+    ((2, 9, 33, 4, 1, 80), torch.float32),
+    ((1, 19, 7, 4, 2, 128), torch.float32),
+    ((1, 40, 70, 4, 2, 64), torch.float16),
+    ((1, 33, 20, 2, 1, 80), torch.float16),
+    ((1, 1, 1, 1, 1, 32), torch.float16),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(("shape", "dtype"), INTERP_CASES,
+                         ids=lambda x: str(x).replace(" ", "").replace("torch.", ""))
+def test_parity_interpreter(shape, dtype, causal):
+    _check_parity(shape, dtype, causal)
+
+
+@pytest.mark.interpret
+def test_noncontiguous_inputs_and_custom_scale():
+    # q as a transposed [B, H, N, D] buffer, k/v as slices of a wider one: strides, not copies.
+    q = torch.randn(1, 4, 13, 40, dtype=torch.float32).transpose(1, 2)
+    kv = torch.randn(1, 11, 2, 2, 40, dtype=torch.float32)
+    k, v = kv[:, :, :, 0], kv[:, :, :, 1]
+    got, dout = _run(q, k, v, causal=True, scale=0.3)
+    _compare(got, _reference(q, k, v, True, dout, scale=0.3), torch.float32)
+
+
+@pytest.mark.interpret
+def test_lse_gradient_flows():
+    q, k, v = (t.requires_grad_() for t in _inputs((1, 9, 12, 2, 1, 32), torch.float32))
+    _, lse = tf.flash_attention(q, k, v, causal=True, return_lse=True)
+    got = torch.autograd.grad(lse.sum(), (q, k))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    _, lse64 = tf.flash_attention_reference(q64, k64, v64, causal=True, return_lse=True)
+    want = torch.autograd.grad(lse64.sum(), (q64, k64))
+    for g, w in zip(got, want, strict=True):
+        assert _rel(g, w) < TOL[torch.float32]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_config_override_gives_same_result(causal):
+    # 16-row blocks: several unmasked and masked key blocks per query block.
+    cfg = {"fwd": {"BLOCK_M": 16, "BLOCK_N": 16},
+           "bwd_dkdv": {"BLOCK_M": 16, "BLOCK_N": 16}, "bwd_dq": {"BLOCK_M": 16, "BLOCK_N": 16}}
+    _check_parity((1, 21, 57, 2, 1, 32), torch.float32, causal=causal, config=cfg)
+
+
+@pytest.mark.interpret
+def test_deterministic():
+    q, k, v = _inputs((1, 24, 40, 4, 1, 32), torch.float16)
+    dout = torch.randn(1, 24, 4, 32, dtype=torch.float16)
+    runs = []
+    for _ in range(2):
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        out, lse = tf.flash_attention(qq, kk, vv, causal=True, return_lse=True)
+        runs.append((out, lse, *torch.autograd.grad(out, (qq, kk, vv), dout)))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+def _bad(**change) -> dict:
+    q, k, v = _inputs((1, 8, 8, 4, 2, 32), torch.float16, "cpu")
+    args = {"q": q, "k": k, "v": v}
+    for name, fn in change.items():
+        args[name] = fn(args[name]) if callable(fn) else fn
+    return args
+
+
+class TestRefusals:
+    """Each declared limit: the request is refused and the message names the argument."""
+
+    @pytest.mark.parametrize(("args", "exc", "needle"), [
+        (_bad(q=lambda t: t[0]), ValueError, "q.ndim=3"),
+        (_bad(q=lambda t: t[..., :20], k=lambda t: t[..., :20], v=lambda t: t[..., :20]),
+         ValueError, "head_size=20 is not supported by TRITON_FLASH_ATTN"),
+        (_bad(k=lambda t: t[:, :, :1].expand(1, 8, 3, 32), v=lambda t: t[:, :, :1]
+              .expand(1, 8, 3, 32)), ValueError, "num_kv_heads=3"),
+        (_bad(k=lambda t: t.float()), TypeError, "k.dtype=torch.float32"),
+        (_bad(q=lambda t: t.to(torch.int32)), TypeError, "q.dtype=torch.int32"),
+        (_bad(v=lambda t: t[:, :4]), ValueError, "v.shape=(1, 4, 2, 32)"),
+        (_bad(q="not a tensor"), TypeError, "q=str"),
+        (_bad(q=lambda t: t[:, :0]), ValueError, "q.shape=(1, 0, 4, 32)"),
+    ], ids=["ndim", "head_size", "heads", "dtype_mismatch", "int_dtype", "kv_shape", "type",
+            "empty"])
+    def test_refused(self, args, exc, needle):
+        with pytest.raises(exc, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            tf.flash_attention(**args)
+
+    def test_bad_scale(self):
+        with pytest.raises(ValueError, match="softmax_scale=-1.0"):
+            tf.flash_attention(**_bad(), softmax_scale=-1.0)
+
+    def test_bad_config(self):
+        for bad in ({"BLOCK_M": 48}, {"num_stages": 0}, {"BLOCK_N": 8}, {"warps": 4}):
+            with pytest.raises(ValueError, match=r"config\['fwd'\]"):
+                tf.flash_attention(**_bad(), config={"fwd": bad})
+
+    @pytest.mark.skipif(not HAS_CUDA, reason="needs a second device kind to mismatch")
+    def test_device_mismatch(self):
+        args = _bad()
+        args = {"q": args["q"].cuda(), "k": args["k"], "v": args["v"].cuda()}
+        with pytest.raises(ValueError, match="k.device=cpu"):
+            tf.flash_attention(**args)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_shipped_configs_are_accepted(arch):
+    for bucket in CONFIGS[arch]:
+        cfg = select_config(arch, bucket)
+        assert tf._resolve_config(cfg) == cfg
+
+
+def test_declared_capabilities():
+    assert (torch.float16, torch.bfloat16, torch.float32) == tf.SUPPORTED_DTYPES
+    assert {32, 64, 72, 80, 96, 128, 160, 192, 256} <= set(tf.HEAD_SIZES)
+    assert all(d % 8 == 0 and 32 <= d <= 256 for d in tf.HEAD_SIZES)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def _gpu_config(dtype: torch.dtype, head_size: int) -> dict:
+    major, minor = torch.cuda.get_device_capability()
+    return select_config(f"sm{major}{minor}", head_size, sixteen_bit=dtype != torch.float32)
+
+
+GPU_HEAD_SIZES = [32, 40, 64, 72, 80, 96, 128, 160, 192, 256]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("d", GPU_HEAD_SIZES, ids=lambda d: f"h{d}")
+def test_gpu_head_sizes(d, dtype):
+    _check_parity((2, 257, 257, 4, 2, d), dtype, True, _gpu_config(dtype, d))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [(1, 1, 300, 4, 1, 128), (2, 500, 257, 8, 2, 128),
+                                   (1, 257, 1029, 4, 4, 64), (1, 1024, 1024, 6, 3, 128)],
+                         ids=["n1", "n_gt_m", "n_lt_m", "n1024"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gpu_shapes(shape, dtype, causal):
+    _check_parity(shape, dtype, causal, _gpu_config(dtype, shape[-1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("switch", ["tma", "warp_specialize"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_forward_switches(switch, causal):
+    # B=2, GQA and M not a multiple of BLOCK_N: TMA row/column offsets and the masked tail.
+    cfg = _gpu_config(torch.bfloat16, 128)
+    cfg["fwd"][switch] = 1
+    _check_parity((2, 1000, 1000, 4, 2, 128), torch.bfloat16, causal, cfg)
+
+
+@pytest.mark.gpu
+def test_gpu_float32():
+    _check_parity((1, 129, 77, 4, 2, 96), torch.float32, True, _gpu_config(torch.float32, 96))
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic():
+    q, k, v = _inputs((1, 2048, 2048, 8, 2, 128), torch.bfloat16)
+    dout = torch.randn_like(q)
+    cfg = _gpu_config(torch.bfloat16, 128)
+    runs = []
+    for _ in range(2):
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        out, lse = tf.flash_attention(qq, kk, vv, causal=True, return_lse=True, config=cfg)
+        runs.append((out, lse, *torch.autograd.grad(out, (qq, kk, vv), dout)))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
