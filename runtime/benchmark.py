@@ -1,24 +1,483 @@
-"""`attnrt bench` and `attnrt tune` (placeholder until the CUDA pack lands them)."""
+"""`attnrt bench` and `attnrt tune`: time every backend available here on a grid of shapes.
+
+Shapes: B batch, N sequence (queries and keys), H heads, Hkv kv heads, D head size.
+
+For every case of the grid and every backend that can serve it on this device, bench first checks
+the backend against the float64 REFERENCE on fresh random inputs (output, and gradients for the
+backward pass) and refuses to time a wrong one (status WRONG, with its error); then it times it
+(CUDA/ROCm: torch.cuda.Event pairs around each run, synchronized once at the end as
+triton.testing.do_bench does; elsewhere time.perf_counter with a device sync) and reports the
+median. FLOPs count 4*B*H*N*N*D per forward, half of that when causal, 2.5x forward for the
+backward pass. The backend the manifest would choose for the case is marked with '*'.
+
+`tune` runs the same grid and writes an override manifest: one rule per measured
+(platform, arch, head size, dtype, causal, gqa), ranking the backends that ran correctly by
+measured time (REFERENCE last), each with its provenance (`measured:` device, date, versions,
+TFLOP/s per backend). Load it with ATTNRT_CAPABILITY=FILE or attnrt.load_capability(FILE).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from attnrt import registry
+from attnrt.device import Device, probe
+from attnrt.dispatch import LAST_RESORT, decide, reasons_for
+from attnrt.errors import AttnrtError, ManifestError
+from attnrt.request import NAME_DTYPES, AttentionRequest
 
 BENCH_HELP = "time every available backend on a grid of shapes"
 TUNE_HELP = "measure the grid and write an override manifest ranking by what was measured"
+TOLERANCE = {"fp64": 1e-10, "fp32": 1e-5, "fp16": 3e-3, "bf16": 1.5e-2}
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Grid defaults: small on CPU so `attnrt bench` ends in seconds, model-sized on GPUs."""
+
+    heads: int
+    head_sizes: str
+    seq_lens: str
+    dtypes: str
+    repeats: int
+
+
+CPU_DEFAULTS = Defaults(heads=4, head_sizes="64", seq_lens="256", dtypes="fp32", repeats=5)
+GPU_DEFAULTS = Defaults(heads=24, head_sizes="64,128", seq_lens="4096", dtypes="bf16",
+                        repeats=30)
+_TORCH_DEVICE = {"cuda": "cuda", "rocm": "cuda", "mps": "mps", "npu": "npu", "cpu": "cpu"}
+
+
+class BenchDependencyError(AttnrtError, RuntimeError):
+    """An optional package a bench option needs (matplotlib for --plot) is missing."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One shape of the grid; `pass_` is "fwd" or "bwd"."""
+
+    batch: int
+    heads: int
+    kv_heads: int
+    head_size: int
+    seq_len: int
+    dtype: str
+    causal: bool
+    pass_: str
+
+    def request(self) -> AttentionRequest:
+        return AttentionRequest(self.head_size, self.dtype, self.heads, self.kv_heads, self.causal)
+
+    def flops(self) -> float:
+        fwd = 4.0 * self.batch * self.heads * self.seq_len ** 2 * self.head_size
+        fwd = fwd / 2 if self.causal else fwd
+        return fwd * 2.5 if self.pass_ == "bwd" else fwd
+
+    def label(self) -> str:
+        heads = f"H{self.heads}" + (f"/{self.kv_heads}" if self.kv_heads != self.heads else "")
+        return (f"B{self.batch} N{self.seq_len} {heads} D{self.head_size} {self.dtype}"
+                f"{' causal' if self.causal else ''} {self.pass_}")
+
+
+@dataclass
+class Result:
+    backend: str
+    case: Case
+    status: str  # "ok", "WRONG" (failed the reference check, not timed), "FAILED" (raised)
+    ms: float | None = None
+    tflops: float | None = None
+    rel_error: float | None = None
+    error: str = ""
+    chosen: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["case"] = {**asdict(self.case), "label": self.case.label()}
+        return data
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def _csv(text: str, kind: Callable[[str], Any] = str) -> list[Any]:
+    return [kind(x.strip()) for x in str(text).split(",") if x.strip()]
+
+
+def _add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--heads", type=int, default=None, help="query heads (CPU 4, GPU 24)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="kv heads (default: --heads)")
+    parser.add_argument("--head-sizes", default=None, help="comma list (CPU 64, GPU 64,128)")
+    parser.add_argument("--seq-lens", default=None, help="comma list (CPU 256, GPU 4096)")
+    parser.add_argument("--dtypes", default=None, help="comma list (CPU fp32, GPU bf16)")
+    parser.add_argument("--causal", choices=("0", "1", "both"), default="0")
+    parser.add_argument("--pass", dest="pass_", choices=("fwd", "bwd", "both"), default="fwd")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--backends", default=None,
+                        help="comma list (default: every backend available here)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs (CPU 5, GPU 30)")
+    parser.add_argument("--check-seq", type=int, default=2048,
+                        help="longest N checked against the float64 reference (default 2048)")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    _add_grid_arguments(parser)
+    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--plot", default=None, help="write a PNG bar chart (needs matplotlib)")
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    _add_grid_arguments(parser)
+    parser.add_argument("--out", default="attnrt-tuned.yaml",
+                        help="override manifest to write (default attnrt-tuned.yaml)")
+
+
+def build_grid(args: argparse.Namespace, device: Device) -> list[Case]:
+    """The cases the flags ask for, with CPU or GPU defaults for the ones left out."""
+    defaults = CPU_DEFAULTS if device.platform == "cpu" else GPU_DEFAULTS
+    heads = args.heads or defaults.heads
+    kv_heads = args.kv_heads or heads
+    if heads % kv_heads:
+        raise ValueError(f"--kv-heads={kv_heads} must divide --heads={heads}")
+    causal = {"0": [False], "1": [True], "both": [False, True]}[args.causal]
+    passes = ["fwd", "bwd"] if args.pass_ == "both" else [args.pass_]
+    dtypes = _csv(args.dtypes or defaults.dtypes)
+    for dt in dtypes:
+        if dt not in TOLERANCE:
+            raise ValueError(f"--dtypes {dt!r} is not allowed; allowed: {', '.join(TOLERANCE)}")
+    return [Case(args.batch, heads, kv_heads, d, n, dt, c, p)
+            for d in _csv(args.head_sizes or defaults.head_sizes, int)
+            for dt in dtypes for c in causal
+            for n in _csv(args.seq_lens or defaults.seq_lens, int) for p in passes]
+
+
+# ---------------------------------------------------------------- checking and timing
+
+
+def _inputs(case: Case, seq: int, device: str, grad: bool) -> tuple[torch.Tensor, ...]:
+    dtype = NAME_DTYPES[case.dtype]
+    shapes = ((case.batch, seq, case.heads, case.head_size),
+              (case.batch, seq, case.kv_heads, case.head_size),
+              (case.batch, seq, case.kv_heads, case.head_size))
+    return tuple(torch.randn(s, dtype=dtype, device=device).requires_grad_(grad) for s in shapes)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _reference_device(device: str) -> str:
+    return "cpu" if device == "mps" else device  # MPS has no float64
+
+
+def check_error(impl: Any, case: Case, device: str, check_seq: int) -> float:
+    """Relative L2 error vs float64 REFERENCE on fresh inputs (output, plus grads for bwd)."""
+    from attnrt.backends.reference import chunked_attention
+
+    grad = case.pass_ == "bwd"
+    q, k, v = _inputs(case, min(case.seq_len, check_seq), device, grad)
+    out = impl.forward(q, k, v, None)
+    ref_dev = _reference_device(device)
+    ref_in = [t.detach().to(ref_dev, torch.float64).requires_grad_(grad) for t in (q, k, v)]
+    ref = chunked_attention(*ref_in, case.causal, case.head_size ** -0.5)
+    errors = [_rel(out.to(ref_dev), ref)]
+    if grad:
+        if out.grad_fn is None:
+            raise RuntimeError("the backward pass was requested but the output has no gradient")
+        g = torch.randn_like(ref)
+        out.backward(g.to(device, out.dtype))
+        ref.backward(g)
+        for t, r in zip((q, k, v), ref_in, strict=True):
+            if t.grad is None or r.grad is None:
+                raise RuntimeError("the backward pass left an input without a gradient")
+            errors.append(_rel(t.grad.to(ref_dev), r.grad))
+    return max(errors)
+
+
+def _sync(device: str) -> None:
+    module = getattr(torch, device, None)
+    sync = getattr(module, "synchronize", None)
+    if device != "cpu" and callable(sync):
+        sync()
+
+
+def _timed_runs(fn: Callable[[], Any], reset: Callable[[], None], device: str,
+                repeats: int) -> float:
+    """Median milliseconds of `repeats` runs of fn after two warm-up runs."""
+    for _ in range(2):
+        reset()
+        fn()
+    if device == "cuda":
+        return _cuda_event_median(fn, reset, repeats)
+    times = []
+    for _ in range(repeats):
+        reset()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _cuda_event_median(fn: Callable[[], Any], reset: Callable[[], None], repeats: int) -> float:
+    """Events around each run, synchronized once at the end (as triton.testing.do_bench): the
+    GPU time of each run, with the host's launch overhead overlapped as in a real model."""
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+             for _ in range(repeats)]
+    torch.cuda.synchronize()
+    for start, end in pairs:
+        reset()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in pairs)
+
+
+def time_ms(impl: Any, case: Case, device: str, repeats: int) -> float:
+    q, k, v = _inputs(case, case.seq_len, device, case.pass_ == "bwd")
+    if case.pass_ == "fwd":
+        with torch.no_grad():
+            return _timed_runs(lambda: impl.forward(q, k, v, None), lambda: None, device, repeats)
+    out = impl.forward(q, k, v, None)
+    g = torch.randn_like(out)
+
+    def reset() -> None:
+        q.grad = k.grad = v.grad = None
+
+    return _timed_runs(lambda: out.backward(g, retain_graph=True), reset, device, repeats)
+
+
+def measure(name: str, case: Case, device: str, repeats: int, check_seq: int) -> Result:
+    """Check `name` against the reference, then time it if it is right."""
+    impl = registry.load(name).get_impl_cls()(case.heads, case.head_size, case.head_size ** -0.5,
+                                              case.causal, case.kv_heads, "bench")
+    try:
+        err = check_error(impl, case, device, check_seq)
+    except (AttnrtError, RuntimeError, ValueError, TypeError) as exc:
+        return Result(name, case, "FAILED", error=f"{type(exc).__name__}: {_first_line(exc)}")
+    tol = TOLERANCE[case.dtype]
+    if not err <= tol:  # also catches NaN
+        return Result(name, case, "WRONG", rel_error=err,
+                      error=f"rel error {err:.2e} > {tol:.0e} vs float64 REFERENCE; not timed")
+    try:
+        ms = time_ms(impl, case, device, repeats)
+    except (AttnrtError, RuntimeError, ValueError, TypeError) as exc:
+        return Result(name, case, "FAILED", rel_error=err,
+                      error=f"{type(exc).__name__}: {_first_line(exc)}")
+    return Result(name, case, "ok", ms, case.flops() / (ms * 1e-3) / 1e12, err)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+# ---------------------------------------------------------------- the run
+
+
+class _Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total: int, stream: Any = None) -> None:
+        self.total, self.done, self.stream = max(total, 1), 0, stream or sys.stderr
+
+    def step(self, text: str) -> None:
+        self.done += 1
+        filled = 30 * self.done // self.total
+        self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
+                          f"{text[:60]:<60}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def _candidates(case: Case, device: Device, names: list[str] | None) -> list[str]:
+    pool = names if names is not None else registry.names()
+    return [n for n in pool if not reasons_for(n, case.request(), device)]
+
+
+def _chosen(case: Case, device: Device) -> str | None:
+    try:
+        return decide(case.request(), device).backend
+    except (AttnrtError, ValueError):
+        return None
+
+
+def bench_device() -> Device:
+    device = probe()
+    if device.simulated:
+        raise ValueError(f"attnrt bench times real hardware, but the device is simulated "
+                         f"({device.describe()}); drop --device and unset ATTNRT_DEVICE")
+    return device
+
+
+def run_grid(args: argparse.Namespace, device: Device) -> list[Result]:
+    """Every (case, available backend) of the grid: checked, then timed."""
+    cases = build_grid(args, device)
+    names = _csv(args.backends) if args.backends else None
+    for name in names or ():
+        registry.spec(name)  # unknown names fail here, listing the registered ones
+    defaults = CPU_DEFAULTS if device.platform == "cpu" else GPU_DEFAULTS
+    repeats = args.repeats or defaults.repeats
+    plan = [(c, n) for c in cases for n in _candidates(c, device, names)]
+    progress, results = _Progress(len(plan)), []
+    for case, name in plan:
+        progress.step(f"{name} {case.label()}")
+        result = measure(name, case, _TORCH_DEVICE[device.platform], repeats, args.check_seq)
+        result.chosen = name == _chosen(case, device)
+        results.append(result)
+    progress.close()
+    return results
+
+
+def environment(device: Device) -> dict[str, Any]:
+    versions = {"torch": str(torch.__version__)}
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        versions["triton"] = importlib.metadata.version("triton")
+    return {"device": device.to_dict(), "date": datetime.date.today().isoformat(),
+            "versions": versions}
+
+
+def format_table(results: list[Result], device: Device) -> str:
+    lines = [f"attnrt bench on {device.describe()}; * = the manifest's choice",
+             f"  {'backend':<22} {'shape':<40} {'TFLOP/s':>9} {'ms':>10} {'rel err':>9}"]
+    for r in results:
+        mark = "*" if r.chosen else " "
+        err = f"{r.rel_error:.1e}" if r.rel_error is not None else "-"
+        if r.status == "ok":
+            cols = f"{r.tflops:>9.3g} {r.ms:>10.3f} {err:>9}"
+        else:
+            cols = f"{r.status:>9} {err:>20}  {r.error}"
+        lines.append(f"{mark} {r.backend:<22} {r.case.label():<40} {cols}")
+    return "\n".join(lines)
+
+
+def write_plot(results: list[Result], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise BenchDependencyError(f"--plot={path} needs matplotlib ({exc}); install it with "
+                                   "pip install matplotlib (or attnrt[plot])") from None
+    ok = [r for r in results if r.status == "ok"]
+    labels = list(dict.fromkeys(r.case.label() for r in ok))
+    names = list(dict.fromkeys(r.backend for r in ok))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * len(names) ** 0.5), 4))
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        vals = {r.case.label(): r.tflops for r in ok if r.backend == name}
+        ax.bar([x + i * width for x in range(len(labels))],
+               [vals.get(lbl, 0.0) for lbl in labels], width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=30,
+                  ha="right", fontsize=7)
+    ax.set_ylabel("TFLOP/s")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    raise NotImplementedError("attnrt bench is not implemented yet")
+    device = bench_device()
+    results = run_grid(args, device)
+    data = {**environment(device), "results": [r.to_dict() for r in results]}
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+    if args.plot:
+        write_plot(results, args.plot)
+    print(json.dumps(data, indent=2) if args.json else format_table(results, device))
+    return 0
+
+
+# ---------------------------------------------------------------- tune
+
+
+def _cell(case: Case) -> tuple[int, str, bool, bool]:
+    return case.head_size, case.dtype, case.causal, case.kv_heads < case.heads
+
+
+def _three_digits(x: float) -> float:
+    return float(f"{x:.3g}")
+
+
+def tune_rules(results: list[Result], device: Device, env: dict[str, Any]) -> list[dict]:
+    """One rule per measured (head size, dtype, causal, gqa): backends by measured time."""
+    cells: dict[tuple[int, str, bool, bool], list[Result]] = {}
+    for r in results:
+        cells.setdefault(_cell(r.case), []).append(r)
+    return [_rule(key, rs, device, env) for key, rs in cells.items()]
+
+
+def _rule(key: tuple[int, str, bool, bool], results: list[Result], device: Device,
+          env: dict[str, Any]) -> dict[str, Any]:
+    head_size, dtype, causal, gqa = key
+    names = list(dict.fromkeys(r.backend for r in results))
+    cases = {r.case for r in results}
+    ok = {(r.backend, r.case) for r in results if r.status == "ok"}
+    good = [n for n in names if all((n, c) in ok for c in cases)]  # right on every case
+    total = {n: sum(r.ms or 0.0 for r in results if r.backend == n) for n in good}
+    rank = [n for n in sorted(good, key=total.__getitem__) if n != LAST_RESORT] + [LAST_RESORT]
+    tflops = {n: _three_digits(statistics.mean(r.tflops or 0.0 for r in results
+                                               if r.backend == n)) for n in good}
+    shapes = sorted({(c.seq_len, c.pass_) for c in cases})
+    measured = {"device": device.name or device.describe(), "date": env["date"],
+                **env["versions"], "tflops": tflops,
+                "note": "attnrt tune; " + ", ".join(f"N={n} {p}" for n, p in shapes)
+                        + (f"; not ranked (wrong, failed or not run on every shape): "
+                           f"{', '.join(sorted(set(names) - set(good)))}"
+                           if set(names) - set(good) else "")}
+    return {"platform": device.platform, "arch": [device.arch], "head_size": [head_size],
+            "dtype": [dtype], "causal": causal, "gqa": gqa, "rank": rank, "measured": measured}
+
+
+def write_manifest(rules: list[dict], path: str, device: Device) -> None:
+    """Write the override file, then validate it alone and in front of the shipped one."""
+    import yaml
+
+    from attnrt.manifest import load_manifest, shipped_path, validate_files
+
+    header = (f"# attnrt tune on {device.describe()}: rules ranked by measured time.\n"
+              f"# Load with ATTNRT_CAPABILITY={path} (read before the shipped manifest).\n")
+    body = yaml.safe_dump({"schema": 1, "rules": rules}, sort_keys=False, width=100,
+                          default_flow_style=None)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(header + body)
+    errors = validate_files([path])
+    if errors:
+        raise ManifestError("\n".join(errors))
+    load_manifest([path, shipped_path()])
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    raise NotImplementedError("attnrt tune is not implemented yet")
+    device = bench_device()
+    results = run_grid(args, device)
+    env = environment(device)
+    rules = tune_rules(results, device, env)
+    write_manifest(rules, args.out, device)
+    if args.json:
+        print(json.dumps({**env, "out": args.out, "rules": rules}, indent=2))
+    else:
+        print(format_table(results, device))
+        print(f"wrote {len(rules)} rule(s) to {args.out}; use ATTNRT_CAPABILITY={args.out}")
+        for rule in rules:
+            print(f"  D={rule['head_size'][0]} {rule['dtype'][0]} causal={rule['causal']} "
+                  f"gqa={rule['gqa']}: {', '.join(rule['rank'])}")
+    return 0

@@ -1,3 +1,21 @@
-"""cuda platform pack: probe (probe.py) and its backend table."""
+"""cuda platform pack: probe (probe.py), vendor adapters and SDPA-pinned backends, its table.
 
-BACKENDS: dict[str, str] = {}
+Capability lives on each backend class; which one is preferred lives in capability.yaml.
+TRITON_FLASH_ATTN is portable (runtime/backends/triton_flash.py) and also listed by the core
+table; naming it here too is harmless (same target) and keeps this pack complete on its own.
+"""
+
+_PACK = "attnrt.platforms.cuda"
+
+BACKENDS: dict[str, str] = {
+    "TORCH_SDPA_CUDNN": f"{_PACK}.sdpa_pinned:CudnnSdpaBackend",
+    "TORCH_SDPA_FLASH": f"{_PACK}.sdpa_pinned:FlashSdpaBackend",
+    "TORCH_SDPA_EFFICIENT": f"{_PACK}.sdpa_pinned:EfficientSdpaBackend",
+    "FLASH_ATTN": f"{_PACK}.flash_attn:FlashAttnBackend",
+    "FLASH_ATTN_3": f"{_PACK}.flash_attn3:FlashAttn3Backend",
+    "SAGE_ATTN": f"{_PACK}.sage:SageAttnBackend",
+    "TRITON_FLASH_ATTN": "attnrt.backends.triton_flash:TritonFlashAttnBackend",
+}
+
+# torch.distributed backend for sequence parallelism: NCCL between NVIDIA GPUs.
+DIST_BACKEND = "nccl"

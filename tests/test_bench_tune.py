@@ -1,0 +1,163 @@
+"""`attnrt bench` and `attnrt tune` on CPU: tiny grids, a wrong backend refused, tuned rules.
+
+Fake backends make the outcome deterministic: FAKE_WRONG is off by 10% (bench must refuse to
+time it), FAKE_A/FAKE_B sleep for a chosen time per call (tune must rank them by it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import yaml
+
+import attnrt
+from attnrt.cli import main
+from attnrt.manifest import validate_files
+from tests.helpers import CountingBackend, CountingImpl, make_backend
+
+TINY = ["--head-sizes", "32", "--seq-lens", "40", "--heads", "2", "--repeats", "2"]
+
+
+class _ScaledImpl(CountingImpl):
+    """Reference attention times `factor`, after sleeping `delay` seconds; counts calls."""
+
+    def forward(self, query, key, value, attn_metadata):
+        backend: Any = type(self).backend
+        time.sleep(backend.delay)
+        return super().forward(query, key, value, attn_metadata) * backend.factor
+
+
+def _fake(register, name: str, factor: float = 1.0, delay: float = 0.0) -> type[CountingBackend]:
+    backend: Any = make_backend(name, PLATFORMS=frozenset({"cpu"}), factor=factor, delay=delay)
+    backend.get_impl_cls = classmethod(
+        lambda cls: type(f"{cls.NAME}Impl", (_ScaledImpl,), {"backend": cls}))
+    register(name, backend)
+    return backend
+
+
+def _run(*argv: str) -> int:
+    attnrt.clear_caches()
+    return main(list(argv))
+
+
+def test_bench_tiny_grid_json_has_tflops_errors_and_choice(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = _run("bench", *TINY, "--backends", "REFERENCE,TORCH_SDPA", "--causal", "both",
+              "--pass", "both", "--out", str(out))
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["device"]["platform"] == "cpu"
+    assert data["versions"]["torch"]
+    results = data["results"]
+    assert len(results) == 2 * 2 * 2  # backends x causal x pass
+    for r in results:
+        assert r["status"] == "ok", r
+        assert r["tflops"] > 0
+        assert r["ms"] > 0
+        assert 0 < r["rel_error"] < 1e-5
+    assert {r["backend"] for r in results if r["chosen"]} == {"TORCH_SDPA"}
+    causal_fwd = [r for r in results if r["case"]["causal"] and r["case"]["pass_"] == "fwd"]
+    plain_fwd = [r for r in results if not r["case"]["causal"] and r["case"]["pass_"] == "fwd"]
+    # FLOPs: causal counts half, backward 2.5x forward.
+    assert causal_fwd[0]["tflops"] * causal_fwd[0]["ms"] == pytest.approx(
+        plain_fwd[0]["tflops"] * plain_fwd[0]["ms"] / 2, rel=1e-6)
+    captured = capsys.readouterr()
+    assert "* TORCH_SDPA" in captured.out
+    assert "TFLOP/s" in captured.out
+    assert "[###" in captured.err  # the progress bar
+
+
+def test_bench_refuses_to_time_a_wrong_backend(register, tmp_path, capsys):
+    wrong = _fake(register, "FAKE_WRONG", factor=1.1)
+    out = tmp_path / "bench.json"
+    assert _run("bench", *TINY, "--backends", "FAKE_WRONG,TORCH_SDPA", "--out", str(out)) == 0
+    by_name = {r["backend"]: r for r in json.loads(out.read_text())["results"]}
+    assert by_name["FAKE_WRONG"]["status"] == "WRONG"
+    assert by_name["FAKE_WRONG"]["ms"] is None
+    assert by_name["FAKE_WRONG"]["tflops"] is None
+    assert by_name["FAKE_WRONG"]["rel_error"] == pytest.approx(0.1, rel=1e-3)
+    assert "not timed" in by_name["FAKE_WRONG"]["error"]
+    assert wrong.forward_calls == 1  # the reference check ran it once; no timing runs
+    assert by_name["TORCH_SDPA"]["status"] == "ok"
+    assert "WRONG" in capsys.readouterr().out
+
+
+def test_bench_refuses_simulated_devices_and_unknown_backends(capsys):
+    assert _run("bench", *TINY, "--device", "cuda:sm90") == 2
+    assert "simulated" in capsys.readouterr().err
+    assert _run("bench", *TINY, "--backends", "NOPE_ATTN") == 2
+    assert "NOPE_ATTN" in capsys.readouterr().err
+
+
+def test_bench_plot_needs_matplotlib_or_writes_png(tmp_path, capsys):
+    png = tmp_path / "bench.png"
+    rc = _run("bench", *TINY, "--backends", "TORCH_SDPA", "--plot", str(png))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert rc == 2
+        assert "matplotlib" in capsys.readouterr().err
+        assert not png.exists()
+    else:
+        assert rc == 0
+        assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def _tune(tmp_path, name: str) -> dict[str, Any]:
+    path = tmp_path / name
+    rc = _run("tune", *TINY, "--backends", "FAKE_A,FAKE_B", "--causal", "both",
+              "--out", str(path))
+    assert rc == 0
+    assert validate_files([str(path)]) == []
+    return {"path": str(path), "doc": yaml.safe_load(path.read_text())}
+
+
+def _choice(causal: bool) -> str | None:
+    attnrt.clear_caches()
+    return attnrt.explain(head_size=32, dtype="fp32", num_heads=2, causal=causal).backend
+
+
+def test_tune_writes_valid_rules_that_flip_the_choice(register, tmp_path, monkeypatch):
+    fake_a = _fake(register, "FAKE_A", delay=0.05)
+    fake_b = _fake(register, "FAKE_B", delay=0.0)
+    assert _choice(False) == "TORCH_SDPA"  # the shipped cpu rule
+    first = _tune(tmp_path, "first.yaml")
+    rules = first["doc"]["rules"]
+    assert len(rules) == 2  # one per measured causal value
+    for rule in rules:
+        assert rule["rank"] == ["FAKE_B", "FAKE_A", "REFERENCE"]
+        assert rule["platform"] == "cpu"
+        assert rule["head_size"] == [32]
+        assert rule["dtype"] == ["fp32"]
+        assert rule["gqa"] is False
+        measured = rule["measured"]
+        assert {"device", "date", "torch", "tflops"} <= set(measured)
+        assert measured["tflops"]["FAKE_B"] > measured["tflops"]["FAKE_A"] > 0
+    monkeypatch.setenv("ATTNRT_CAPABILITY", first["path"])
+    assert _choice(False) == "FAKE_B"
+    assert _choice(True) == "FAKE_B"
+    assert _choice_rule_is(first["path"])
+
+    fake_a.delay, fake_b.delay = 0.0, 0.05  # now A is the fast one: the tuned choice follows
+    second = _tune(tmp_path, "second.yaml")
+    assert all(r["rank"][:2] == ["FAKE_A", "FAKE_B"] for r in second["doc"]["rules"])
+    monkeypatch.setenv("ATTNRT_CAPABILITY", second["path"])
+    assert _choice(False) == "FAKE_A"
+
+
+def _choice_rule_is(path: str) -> bool:
+    decision = attnrt.explain(head_size=32, dtype="fp32", num_heads=2)
+    return decision.rule is not None and decision.rule.file == path and \
+        decision.rule.measured is not None
+
+
+def test_tune_ranks_only_backends_that_were_right(register, tmp_path):
+    _fake(register, "FAKE_A")
+    _fake(register, "FAKE_B", factor=1.1)  # wrong: must not be ranked at all
+    doc = _tune(tmp_path, "tuned.yaml")["doc"]
+    for rule in doc["rules"]:
+        assert rule["rank"] == ["FAKE_A", "REFERENCE"]
+        assert "FAKE_B" in rule["measured"]["note"]
