@@ -13,7 +13,7 @@ from attnrt.interfaces import AttentionBackend, AttentionImpl
 def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                     scale: float | None = None) -> torch.Tensor:
     """Float64 dense attention on [B, N, H, D] / [B, M, Hkv, D]; bottom-right causal."""
-    q64, k64, v64 = (t.detach().double().cpu() for t in (q, k, v))
+    q64, k64, v64 = (t.double().cpu() for t in (q, k, v))  # differentiable when inputs are
     group = q.shape[2] // k.shape[2]
     k64, v64 = k64.repeat_interleave(group, 2), v64.repeat_interleave(group, 2)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])

@@ -7,7 +7,6 @@ rules against simulated devices, and SDPA_CHUNKED (portable torch) on CPU.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,41 +17,19 @@ from attnrt import support
 from attnrt.backends.sdpa import sdpa_bnhd
 from attnrt.device import Device, PlatformUnavailable, probe_platform
 from attnrt.dispatch import decide, reasons_for
+from attnrt.manifest import shipped_path
 from attnrt.platforms.mps import probe as mps_probe
 from attnrt.platforms.mps import sdpa_chunked
 from attnrt.platforms.mps.sdpa_chunked import SdpaChunkedBackend, chunk_rows, chunked_sdpa
 from attnrt.request import AttentionRequest
+from tests.conftest import rel_l2
+from tests.helpers import dense_reference
 
-RULES = str(Path(__file__).resolve().parents[1] / "platforms" / "RULES-proposed.yaml")
+RULES = shipped_path()  # the rules under test are the shipped ones
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2, torch.float64: 1e-12}
 
 
-@pytest.fixture(autouse=True)
-def _clean(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("ATTNRT_CAPABILITY", RULES)
-    attnrt.clear_caches()
-    yield
-    attnrt.clear_caches()
 
-
-def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-          scale: float) -> torch.Tensor:
-    """float64 dense attention, [B, N, H, D]; bottom-right causal; rows seeing no key are 0."""
-    q64, k64, v64 = (t.double() for t in (q, k, v))
-    group = q.shape[2] // k.shape[2]
-    k64, v64 = k64.repeat_interleave(group, 2), v64.repeat_interleave(group, 2)
-    s = torch.einsum("bnhd,bmhd->bhnm", q64, k64) * scale
-    n, m = q.shape[1], k.shape[1]
-    if causal:
-        s = s.masked_fill(torch.ones(n, m, dtype=torch.bool).triu(m - n + 1), float("-inf"))
-    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
-    return torch.einsum("bhnm,bmhd->bnhd", p, v64)
-
-
-def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if not torch.isfinite(out).all():
-        return math.inf
-    return float((out.double() - ref).norm() / ref.norm())
 
 
 def qkv(n: int, m: int, h: int, hkv: int, d: int, dtype: torch.dtype = torch.float32):
@@ -179,7 +156,7 @@ def test_layer_runs_sdpa_chunked_on_cpu_when_forced(monkeypatch: pytest.MonkeyPa
     out = layer(q, k, v)
     assert layer.backend_name == "SDPA_CHUNKED"
     assert calls["n"] == math.ceil(40 / chunk_rows(2, 4, 40, 4, 4096)) > 1
-    assert rel_l2(out, dense(q, k, v, True, 32 ** -0.5)) < TOL[torch.float32]
+    assert rel_l2(out, dense_reference(q, k, v, True, 32 ** -0.5)) < TOL[torch.float32]
 
 
 # ---------------------------------------------------------------- parity and chunking
@@ -212,7 +189,7 @@ def test_chunked_sdpa_matches_float64_reference(monkeypatch: pytest.MonkeyPatch,
     assert calls["n"] == math.ceil((n - first) / 16) > 1
     assert out.dtype == dtype
     assert out.shape == q.shape
-    assert rel_l2(out, dense(q, k, v, causal, 0.21)) < TOL[dtype]
+    assert rel_l2(out, dense_reference(q, k, v, causal, 0.21)) < TOL[dtype]
 
 
 def test_rows_that_see_no_key_are_zero_and_never_computed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -221,7 +198,7 @@ def test_rows_that_see_no_key_are_zero_and_never_computed(monkeypatch: pytest.Mo
     out = chunked_sdpa(q, k, v, causal=True, softmax_scale=None, chunk_bytes=1 << 20)
     assert calls["n"] == 1
     assert torch.equal(out[:, :20], torch.zeros_like(out[:, :20]))
-    assert rel_l2(out, dense(q, k, v, True, 16 ** -0.5)) < TOL[torch.float32]
+    assert rel_l2(out, dense_reference(q, k, v, True, 16 ** -0.5)) < TOL[torch.float32]
 
 
 def test_one_chunk_is_exactly_plain_sdpa() -> None:

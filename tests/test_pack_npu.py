@@ -7,10 +7,8 @@ a TypeError), checks the documented argument rules, and computes what the docs s
 
 from __future__ import annotations
 
-import math
 import sys
 import types
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,40 +18,18 @@ import attnrt
 from attnrt import support
 from attnrt.device import Device, PlatformUnavailable, probe_platform
 from attnrt.dispatch import decide, reasons_for
+from attnrt.manifest import shipped_path
 from attnrt.platforms import npu as npu_pack
 from attnrt.platforms.npu import probe as npu_probe
 from attnrt.platforms.npu.fusion_attention import NUM_HEADS, NpuFusionAttnBackend
 from attnrt.request import AttentionRequest
+from tests.conftest import rel_l2
+from tests.helpers import dense_reference
 
-RULES = str(Path(__file__).resolve().parents[1] / "platforms" / "RULES-proposed.yaml")
-
-
-@pytest.fixture(autouse=True)
-def _clean(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("ATTNRT_CAPABILITY", RULES)
-    attnrt.clear_caches()
-    yield
-    attnrt.clear_caches()
+RULES = shipped_path()  # the rules under test are the shipped ones
 
 
-def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-          scale: float) -> torch.Tensor:
-    """float64 dense attention, [B, N, H, D]; bottom-right causal; rows seeing no key are 0."""
-    q64, k64, v64 = (t.double() for t in (q, k, v))
-    group = q.shape[2] // k.shape[2]
-    k64, v64 = k64.repeat_interleave(group, 2), v64.repeat_interleave(group, 2)
-    s = torch.einsum("bnhd,bmhd->bhnm", q64, k64) * scale
-    n, m = q.shape[1], k.shape[1]
-    if causal:
-        s = s.masked_fill(torch.ones(n, m, dtype=torch.bool).triu(m - n + 1), float("-inf"))
-    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
-    return torch.einsum("bhnm,bmhd->bnhd", p, v64)
 
-
-def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if not torch.isfinite(out).all():
-        return math.inf
-    return float((out.double() - ref).norm() / ref.norm())
 
 
 def qkv(n: int, m: int, h: int, hkv: int, d: int, dtype: torch.dtype = torch.float32):
@@ -105,7 +81,7 @@ def _documented_result(call: dict[str, Any]) -> tuple[Any, ...]:
     causal = mode == 3
     if causal and q.shape[1] > k.shape[1]:
         raise ValueError("invalid rows: the adapter promised never to send them")
-    out = dense(q, k, v, causal, call["scale"]).to(q.dtype)
+    out = dense_reference(q, k, v, causal, call["scale"]).to(q.dtype)
     return out, None, None, None, 0, 0, 0
 
 
@@ -190,7 +166,7 @@ def test_fusion_attention_call_is_the_documented_one(fake_npu: FakeTorchNpu, n: 
     assert call["keep_prob"] == 1.0
     assert call["pse"] is None
     assert call["prefix"] is None
-    assert rel_l2(out, dense(q, k, v, causal, 0.11)) < 1e-5
+    assert rel_l2(out, dense_reference(q, k, v, causal, 0.11)) < 1e-5
 
 
 def test_rows_that_see_no_key_are_zero_and_never_sent(fake_npu: FakeTorchNpu) -> None:
@@ -199,21 +175,21 @@ def test_rows_that_see_no_key_are_zero_and_never_sent(fake_npu: FakeTorchNpu) ->
     (call,) = fake_npu.calls
     assert call["query"].shape[1] == 20  # only the rows that see keys
     assert torch.equal(out[:, :30], torch.zeros_like(out[:, :30]))
-    assert rel_l2(out, dense(q, k, v, True, 0.2)) < 1e-5
+    assert rel_l2(out, dense_reference(q, k, v, True, 0.2)) < 1e-5
 
 
 def test_default_scale_is_passed_explicitly(fake_npu: FakeTorchNpu) -> None:
     q, k, v = qkv(16, 16, 2, 2, 64, torch.float16)
     out = NpuFusionAttnBackend.get_impl_cls()(2, 64, None, False).forward(q, k, v, None)
     assert fake_npu.calls[0]["scale"] == pytest.approx(1 / 8)  # the op's own default is 1.0
-    assert rel_l2(out, dense(q, k, v, False, 1 / 8)) < 3e-3
+    assert rel_l2(out, dense_reference(q, k, v, False, 1 / 8)) < 3e-3
 
 
 def test_non_contiguous_inputs_are_made_contiguous(fake_npu: FakeTorchNpu) -> None:
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(12, 12, 2, 2, 32))
     assert not q.is_contiguous()
     out = NpuFusionAttnBackend.get_impl_cls()(2, 32, 0.3, True).forward(q, k, v, None)
-    assert rel_l2(out, dense(q, k, v, True, 0.3)) < 1e-5
+    assert rel_l2(out, dense_reference(q, k, v, True, 0.3)) < 1e-5
 
 
 # ---------------------------------------------------------------- selection and refusals

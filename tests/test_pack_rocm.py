@@ -2,7 +2,7 @@
 
 No AMD GPU here: the probe runs against monkeypatched torch.version.hip / torch.cuda, AITER
 against a recording stand-in module with the documented signature, selection against simulated
-devices and the proposed rules (platforms/RULES-proposed.yaml).
+devices and the shipped rules.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import math
 import sys
 import types
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,38 +20,18 @@ import attnrt
 from attnrt import support
 from attnrt.device import Device, PlatformUnavailable, probe_platform
 from attnrt.dispatch import decide, reasons_for
+from attnrt.manifest import shipped_path
 from attnrt.platforms.rocm import probe as rocm_probe
 from attnrt.platforms.rocm import triton_flash_configs as cfgs
 from attnrt.platforms.rocm.aiter import AiterFlashAttnBackend
 from attnrt.request import AttentionRequest
+from tests.conftest import rel_l2
+from tests.helpers import dense_reference
 
-RULES = str(Path(__file__).resolve().parents[1] / "platforms" / "RULES-proposed.yaml")
-
-
-@pytest.fixture(autouse=True)
-def _clean(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("ATTNRT_CAPABILITY", RULES)
-    attnrt.clear_caches()
-    yield
-    attnrt.clear_caches()
+RULES = shipped_path()  # the rules under test are the shipped ones
 
 
-def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-          scale: float) -> torch.Tensor:
-    """float64 dense attention, [B, N, H, D]; bottom-right causal; rows seeing no key are 0."""
-    q64, k64, v64 = (t.double() for t in (q, k, v))
-    group = q.shape[2] // k.shape[2]
-    k64, v64 = k64.repeat_interleave(group, 2), v64.repeat_interleave(group, 2)
-    s = torch.einsum("bnhd,bmhd->bhnm", q64, k64) * scale
-    n, m = q.shape[1], k.shape[1]
-    if causal:
-        s = s.masked_fill(torch.ones(n, m, dtype=torch.bool).triu(m - n + 1), float("-inf"))
-    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
-    return torch.einsum("bhnm,bmhd->bnhd", p, v64)
 
-
-def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref).norm() / ref.norm())
 
 
 def qkv(n: int, m: int, h: int, hkv: int, d: int, dtype: torch.dtype = torch.float32):
@@ -150,7 +129,7 @@ class FakeAiter(types.ModuleType):
                                "alibi_slopes": alibi_slopes, "return_lse": return_lse,
                                "return_attn_probs": return_attn_probs})
             scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-            out = dense(q, k, v, causal, scale).to(q.dtype)
+            out = dense_reference(q, k, v, causal, scale).to(q.dtype)
             return (out,) if self.tuple_return else out
 
         self.flash_attn_func = flash_attn_func
@@ -183,7 +162,7 @@ def test_aiter_call_is_the_documented_one(monkeypatch: pytest.MonkeyPatch, tuple
     assert call["bias"] is None
     assert not call["return_lse"]
     assert out.shape == q.shape
-    assert rel_l2(out, dense(q, k, v, causal, 0.17)) < 1e-5
+    assert rel_l2(out, dense_reference(q, k, v, causal, 0.17)) < 1e-5
 
 
 def test_aiter_is_chosen_on_gfx942_when_installed(fake_aiter: FakeAiter) -> None:
@@ -343,7 +322,7 @@ def test_every_rocm_config_runs_the_kernel_correctly(arch: str, bucket: int,
     grad = torch.randn_like(out)
     out.backward(grad)
     leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
-    ref = dense(*leaves, causal=True, scale=0.1)
+    ref = dense_reference(*leaves, causal=True, scale=0.1)
     ref.backward(grad.cpu().double())
     assert rel_l2(out.detach().cpu(), ref.detach()) < 3e-3
     for got, want in zip((q, k, v), leaves, strict=True):

@@ -1,8 +1,8 @@
 """cuda platform pack: probe (probe.py), vendor adapters and SDPA-pinned backends, its table.
 
 Capability lives on each backend class; which one is preferred lives in capability.yaml.
-TRITON_FLASH_ATTN is portable (runtime/backends/triton_flash.py) and also listed by the core
-table; naming it here too is harmless (same target) and keeps this pack complete on its own.
+TRITON_FLASH_ATTN is portable (runtime/backends/triton_flash.py, shared with ROCm), registered
+by the core table; its per-arch block configs live here in triton_flash_configs.py.
 """
 
 _PACK = "attnrt.platforms.cuda"
@@ -14,7 +14,6 @@ BACKENDS: dict[str, str] = {
     "FLASH_ATTN": f"{_PACK}.flash_attn:FlashAttnBackend",
     "FLASH_ATTN_3": f"{_PACK}.flash_attn3:FlashAttn3Backend",
     "SAGE_ATTN": f"{_PACK}.sage:SageAttnBackend",
-    "TRITON_FLASH_ATTN": "attnrt.backends.triton_flash:TritonFlashAttnBackend",
 }
 
 # torch.distributed backend for sequence parallelism: NCCL between NVIDIA GPUs.

@@ -47,7 +47,9 @@ class FlashAttnBackend(AttentionBackend):
     DTYPES = frozenset({"fp16", "bf16"})
     HEAD_SIZES = range(8, 257, 8)  # any D <= 256 runs (padded to 8 inside); these waste nothing
     PACKAGES = (Package(MODULE, dist="flash-attn", min_version="2.5", below_version="3",
-                        hint="pip install flash-attn --no-build-isolation"),)
+                        hint="pip install flash-attn --no-build-isolation (NVIDIA); on ROCm, "
+                             "build flash-attention from source with GPU_ARCHS set to your gfx "
+                             "arch, e.g. GPU_ARCHS=gfx942"),)
 
     @staticmethod
     def get_name() -> str:

@@ -18,7 +18,7 @@ cuDNN or build show up as a reason at selection time instead of a failure at for
 Causal with N != M: attnrt masks are bottom-right aligned, SDPA's is_causal is top-left. For
 N < M the shared `sdpa_bnhd` passes `causal_lower_right(N, M)` (PyTorch routes it to flash or
 efficient natively and materializes a dense mask otherwise); for N > M the first N - M rows see no
-key and are zeros, and the last M rows are run as a square causal problem (see _bottom_right).
+key and are zeros, and the last M rows are run as a square causal problem (see sdpa_bnhd).
 When the pinned kernel refuses a shape at run time ("No available kernel"), the refusal becomes
 a KernelCompileError naming the shape, and LocalAttention moves to the next ranked backend (or
 raises under ATTNRT_STRICT=1).
@@ -57,27 +57,13 @@ def pinned_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
 
     try:
         with sdpa_kernel([getattr(SDPBackend, sdp)]):
-            return _bottom_right(q, k, v, causal, scale)
+            return sdpa_bnhd(q, k, v, causal, scale)
     except RuntimeError as exc:
         if not any(marker in str(exc) for marker in _NO_KERNEL):
             raise  # a CUDA or kernel error: never hidden behind a fallback
         raise KernelCompileError(
             f"{name}: PyTorch's {sdp} kernel refused q{tuple(q.shape)}, k{tuple(k.shape)}, "
             f"{q.dtype}, causal={causal}: {_gate_story(q, k, v, causal, sdp)}") from exc
-
-
-def _bottom_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                  scale: float | None) -> torch.Tensor:
-    """sdpa_bnhd, except causal with N > M: rows i < N - M see no key (zeros, as in attnrt's
-    convention) and the last M rows are a square causal problem. Measured on an H100 (torch 2.11),
-    cuDNN and efficient (D >= 160) return wrong values for those rows through the lower-right mask.
-    """
-    n, m = q.shape[1], k.shape[1]
-    if not causal or n <= m:
-        return sdpa_bnhd(q, k, v, causal, scale)
-    tail = sdpa_bnhd(q[:, n - m:], k, v, True, scale)
-    head = tail.new_zeros((q.shape[0], n - m, *tail.shape[2:]))
-    return torch.cat((head, tail), dim=1)
 
 
 def _gate_story(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sdp: str) -> str:

@@ -4,4 +4,5 @@ BACKENDS = {
     "REFERENCE": "attnrt.backends.reference:ReferenceBackend",
     "TORCH_SDPA": "attnrt.backends.sdpa:TorchSdpaBackend",
     "FLEX_ATTN": "attnrt.backends.flex:FlexAttentionBackend",
+    "TRITON_FLASH_ATTN": "attnrt.backends.triton_flash:TritonFlashAttnBackend",
 }

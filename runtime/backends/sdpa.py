@@ -17,9 +17,14 @@ from attnrt.interfaces import AttentionBackend, AttentionImpl, AttentionMetadata
 def sdpa_bnhd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
               scale: float | None) -> torch.Tensor:
     """SDPA on [B, N, H, D] tensors (GQA through enable_gqa) -> [B, N, H, D]."""
+    n, m = q.shape[1], k.shape[1]
+    if causal and n > m:
+        # Rows i < N - M see no key (zeros); the last M rows are a square causal problem. Through
+        # the lower-right mask, cuDNN and efficient returned wrong rows here (H100, torch 2.11).
+        tail = sdpa_bnhd(q[:, n - m:], k, v, True, scale)
+        return torch.cat((tail.new_zeros((q.shape[0], n - m, *tail.shape[2:])), tail), dim=1)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = qt.shape[1] != kt.shape[1]
-    n, m = qt.shape[2], kt.shape[2]
     if causal and n != m:
         from torch.nn.attention.bias import causal_lower_right
 
