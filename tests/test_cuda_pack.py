@@ -417,9 +417,10 @@ def test_gpu_parity(name, dtype, shape, causal):
     device = attnrt.probe()
     reasons = support.check(registry.load(name), AttentionRequest(d, dtype, h, hkv, causal),
                             device)
-    if reasons:  # a declared refusal is a result too: it must name what it refuses
+    if reasons:  # a declared refusal is the tested result here: it must name what it refuses
         assert all(r.code in {"GQA", "HEAD_SIZE", "RUNTIME"} for r in reasons), reasons
-        pytest.skip("; ".join(str(r) for r in reasons))
+        assert all(name in r.message for r in reasons), reasons
+        return
     q, k, v = (t.cuda() for t in randn_qkv(2, n, h, d, hkv=hkv, m=m, dtype=GPU_DTYPES[dtype]))
     out = _impl(name, h, d, causal, hkv, d ** -0.5).forward(q, k, v, None)
     assert out.shape == q.shape
