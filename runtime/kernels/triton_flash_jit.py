@@ -1,0 +1,329 @@
+"""Device code of TRITON_FLASH_ATTN: the Triton kernels and their helpers (host side, checks,
+configs and autograd live in triton_flash.py). Shapes and conventions: see triton_flash.py.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile_ptrs(base, stride_r, stride_d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    return base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+
+
+@triton.jit
+def _load_tile(ptrs, row0, n_rows, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    # Masks only where needed: the padded head dimension and, on tail blocks, the rows.
+    rows = row0 + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    if MASK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), other=0.0)
+    if HEAD_DIM == BLOCK_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+
+
+@triton.jit
+def _store_tile(ptrs, val, row0, n_rows, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    rows = row0 + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    tl.store(ptrs, val, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _causal_bounds(start_m, N, M, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Key range of a query block: [0, full) needs no mask, [full, hi) is masked."""
+    if CAUSAL:
+        off = M - N
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + off, 0), M)
+        full = tl.minimum(tl.maximum(start_m + off + 1, 0), M)
+    else:
+        hi = M
+        full = M
+    return (full // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, lo, hi, offs_m, N, M, qk_scale, skn, svn,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+               WARP_SPEC: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs += tl.cast(lo, tl.int64) * skn
+    v_ptrs += tl.cast(lo, tl.int64) * svn
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+        k = _load_tile(k_ptrs, start_n, M, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if MASKED:
+            cols = start_n + offs_n
+            keep = cols[None, :] < M
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + (M - N))
+            qk = tl.where(keep, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # Rows that have seen no key yet keep m = -inf; subtract 0 instead to avoid NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_sub[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_sub = m_new
+            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_ptrs, start_n, M, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+        k_ptrs += BLOCK_N * skn
+        v_ptrs += BLOCK_N * svn
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _online_softmax(qk, m_i, l_i, qk_scale):
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, row0, col, hi, qk_scale,
+                   BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """The unmasked loop with K/V tiles fetched by the Hopper bulk tensor copy (TMA)."""
+    for start_n in range(0, hi, BLOCK_N):
+        k = k_desc.load([row0 + start_n, col])
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale)
+        v = v_desc.load([row0 + start_n, col])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["N", "M"])
+def _fwd_kernel(Q, K, V, OUT, LSE, K_DESC, V_DESC,
+                sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
+                N, M, H, GROUP, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                WARP_SPEC: tl.constexpr, USE_TMA: tl.constexpr):
+    # Heaviest causal blocks first, so the short ones fill the tail of the grid.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q_ptrs = _tile_ptrs(Q + b * sqb + h * sqh + start_m.to(tl.int64) * sqn, sqn, sqd,
+                        BLOCK_M, BLOCK_D)
+    q = _load_tile(q_ptrs, start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+    k_ptrs = _tile_ptrs(K + b * skb + hk * skh, skn, skd, BLOCK_N, BLOCK_D)
+    v_ptrs = _tile_ptrs(V + b * svb + hk * svh, svn, svd, BLOCK_N, BLOCK_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    full, hi = _causal_bounds(start_m, N, M, CAUSAL, BLOCK_M, BLOCK_N)
+    if USE_TMA:
+        # K/V viewed as 2D [B * M, Hkv * D]; the host checked that the strides allow it.
+        acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, K_DESC, V_DESC, (bh // H) * M,
+                                       (h // GROUP).to(tl.int32) * HEAD_DIM, full, qk_scale,
+                                       BLOCK_N, PREC)
+    else:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, full, offs_m, N, M,
+                                   qk_scale, skn, svn, BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL,
+                                   PREC, WARP_SPEC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, full, hi, offs_m, N, M,
+                               qk_scale, skn, svn, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, PREC,
+                               False)
+    o_ptrs = _tile_ptrs(OUT + b * sob + h * soh + start_m.to(tl.int64) * son, son, sod,
+                        BLOCK_M, BLOCK_D)
+    _fwd_epilogue(o_ptrs, LSE + bh.to(tl.int64) * N, acc, l_i, m_i, start_m, N, BLOCK_M,
+                  HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _fwd_epilogue(o_ptrs, lse_ptr, acc, l_i, m_i, start_m, N, BLOCK_M: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # l == 0 only for a row that saw no key: its output is 0 and its lse -inf, not NaN.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    tl.store(lse_ptr + offs_m, lse, mask=offs_m < N)
+    out = acc / l_safe[:, None]
+    _store_tile(o_ptrs, out.to(o_ptrs.dtype.element_ty), start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit(do_not_specialize=["N"])
+def _bwd_delta_kernel(OUT, DO, DELTA, sob, son, soh, sod, sdb, sdn, sdh, sdd, N, H,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[b, h, i] = sum_d dO * O, the row term of the softmax gradient."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    row = start_m.to(tl.int64)
+    o = _load_tile(_tile_ptrs(OUT + b * sob + h * soh + row * son, son, sod, BLOCK_M, BLOCK_D),
+                   start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(_tile_ptrs(DO + b * sdb + h * sdh + row * sdn, sdn, sdd, BLOCK_M, BLOCK_D),
+                    start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
+
+
+@triton.jit
+def _load_row_stats(LSE, DELTA, offs_m, N):
+    # lse = -inf (a row that saw no key) becomes +inf so that exp2(s - lse) = 0, not NaN;
+    # rows past N get +inf too, so tail blocks need no further mask.
+    lse = tl.load(LSE + offs_m, mask=offs_m < N, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + offs_m, mask=offs_m < N, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, lo, hi, offs_n, N, M, qk_scale,
+                sqn, sdn, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                MASKED: tl.constexpr, PREC: tl.constexpr):
+    q_ptrs += tl.cast(lo, tl.int64) * sqn
+    do_ptrs += tl.cast(lo, tl.int64) * sdn
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_ptrs, start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+        lse, delta = _load_row_stats(LSE, DELTA, offs_m, N)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+        if MASKED:
+            s_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (M - N), s_t, float("-inf"))
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        do = _load_tile(do_ptrs, start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
+        q_ptrs += BLOCK_M * sqn
+        do_ptrs += BLOCK_M * sdn
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_q_range(start_n, N, M, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Query blocks that see a key block: [lo, mid) partly masked, [mid, end) unmasked."""
+    end = tl.cdiv(N, BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        off = M - N
+        lo = (tl.minimum(tl.maximum(start_n - off, 0), end) // BLOCK_M) * BLOCK_M
+        mid = tl.cdiv(tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - off, 0), end), BLOCK_M)
+        return lo, mid * BLOCK_M, end
+    return 0, 0, end
+
+
+@triton.jit(do_not_specialize=["N", "M"])
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+                     sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
+                     sdb, sdn, sdh, sdd, sdkb, sdkn, sdkh, sdkd, sdvb, sdvn, sdvh, sdvd,
+                     N, M, H, HKV, GROUP, qk_scale, sm_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    # One program owns a key block of one kv head and loops over the GROUP query heads that
+    # read it: dK/dV are summed in registers, so no atomics and a deterministic result.
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b = (bhk // HKV).to(tl.int64)
+    hk = bhk % HKV
+    row = start_n.to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_tile(_tile_ptrs(K + b * skb + hk.to(tl.int64) * skh + row * skn, skn, skd,
+                              BLOCK_N, BLOCK_D), start_n, M, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(_tile_ptrs(V + b * svb + hk.to(tl.int64) * svh + row * svn, svn, svd,
+                              BLOCK_N, BLOCK_D), start_n, M, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo, mid, end = _dkdv_q_range(start_n, N, M, CAUSAL, BLOCK_M, BLOCK_N)
+    for g in range(GROUP):
+        h = (hk * GROUP + g).to(tl.int64)
+        q_ptrs = _tile_ptrs(Q + b * sqb + h * sqh, sqn, sqd, BLOCK_M, BLOCK_D)
+        do_ptrs = _tile_ptrs(DO + b * sdb + h * sdh, sdn, sdd, BLOCK_M, BLOCK_D)
+        stats = (b * H + h) * N
+        if CAUSAL:
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + stats, DELTA + stats, lo,
+                                 mid, offs_n, N, M, qk_scale, sqn, sdn, BLOCK_M, HEAD_DIM,
+                                 BLOCK_D, True, PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + stats, DELTA + stats, mid, end,
+                             offs_n, N, M, qk_scale, sqn, sdn, BLOCK_M, HEAD_DIM, BLOCK_D, False,
+                             PREC)
+    dk_ptrs = _tile_ptrs(DK + b * sdkb + hk.to(tl.int64) * sdkh + row * sdkn, sdkn, sdkd,
+                         BLOCK_N, BLOCK_D)
+    dv_ptrs = _tile_ptrs(DV + b * sdvb + hk.to(tl.int64) * sdvh + row * sdvn, sdvn, sdvd,
+                         BLOCK_N, BLOCK_D)
+    _store_tile(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), start_n, M, BLOCK_N, HEAD_DIM,
+                BLOCK_D)
+    _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), start_n, M, BLOCK_N, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, lo, hi, offs_m, N, M, qk_scale, skn, svn,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs += tl.cast(lo, tl.int64) * skn
+    v_ptrs += tl.cast(lo, tl.int64) * svn
+    for start_n in range(lo, hi, BLOCK_N):
+        k = _load_tile(k_ptrs, start_n, M, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        if MASKED:
+            cols = start_n + offs_n
+            keep = cols[None, :] < M
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + (M - N))
+            s = tl.where(keep, s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None])
+        v = _load_tile(v_ptrs, start_n, M, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+        k_ptrs += BLOCK_N * skn
+        v_ptrs += BLOCK_N * svn
+    return dq
+
+
+@triton.jit(do_not_specialize=["N", "M"])
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+                   sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
+                   sdb, sdn, sdh, sdd, sdqb, sdqn, sdqh, sdqd,
+                   N, M, H, GROUP, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    row = start_m.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load_tile(_tile_ptrs(Q + b * sqb + h * sqh + row * sqn, sqn, sqd, BLOCK_M, BLOCK_D),
+                   start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(_tile_ptrs(DO + b * sdb + h * sdh + row * sdn, sdn, sdd, BLOCK_M, BLOCK_D),
+                    start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+    lse, delta = _load_row_stats(LSE + bh.to(tl.int64) * N, DELTA + bh.to(tl.int64) * N,
+                                 offs_m, N)
+    k_ptrs = _tile_ptrs(K + b * skb + hk * skh, skn, skd, BLOCK_N, BLOCK_D)
+    v_ptrs = _tile_ptrs(V + b * svb + hk * svh, svn, svd, BLOCK_N, BLOCK_D)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full, hi = _causal_bounds(start_m, N, M, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, 0, full, offs_m, N, M, qk_scale, skn,
+                   svn, BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, PREC)
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, full, hi, offs_m, N, M, qk_scale, skn,
+                   svn, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, PREC)
+    dq_ptrs = _tile_ptrs(DQ + b * sdqb + h * sdqh + row * sdqn, sdqn, sdqd, BLOCK_M, BLOCK_D)
+    _store_tile(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), start_m, N, BLOCK_M, HEAD_DIM,
+                BLOCK_D)
