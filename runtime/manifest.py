@@ -74,6 +74,13 @@ class Rule:
                 and (self.gqa is None or self.gqa == request.is_gqa))
 
     @property
+    def provenance_kind(self) -> str:
+        """'measured' (on hardware), 'published' (cited, untested here) or 'untested'."""
+        if self.measured is not None:
+            return "measured"
+        return "published" if self.source is not None else "untested"
+
+    @property
     def provenance(self) -> str:
         if self.measured is not None:
             return "measured: " + ", ".join(f"{k} {v}" for k, v in self.measured)

@@ -10,13 +10,14 @@ from attnrt.errors import RegistryError
 
 if TYPE_CHECKING:
     from attnrt.dispatch import Decision
+    from attnrt.manifest import Rule
 
 
 def format_decision(d: Decision) -> str:
     lines = [f"request:  {d.request.describe()}",
              f"device:   {d.device.describe()}",
              f"rule:     {d.rule_where}" + (f"  [{d.rule.conditions()}]" if d.rule else ""),
-             f"          provenance: {d.rule.provenance if d.rule else 'untested'}"]
+             f"          provenance: {_provenance(d.rule)}"]
     if d.forced:
         lines.append(f"forced:   {d.forced}")
     lines.append(f"chosen:   {d.backend or 'none (nothing can run this request)'}")
@@ -29,6 +30,17 @@ def format_decision(d: Decision) -> str:
     return "\n".join(lines)
 
 
+_KIND_LABELS = {"measured": "measured on hardware", "published": "from published figures, "
+                "untested here", "untested": "untested"}
+
+
+def _provenance(rule: Rule | None) -> str:
+    if rule is None:
+        return "untested (no rule matched)"
+    label = _KIND_LABELS[rule.provenance_kind]
+    return label if rule.provenance_kind == "untested" else f"{label}; {rule.provenance}"
+
+
 def decision_dict(d: Decision) -> dict[str, Any]:
     return {
         "chosen": d.backend,
@@ -37,7 +49,8 @@ def decision_dict(d: Decision) -> dict[str, Any]:
                     "causal": d.request.causal, "allowed": d.request.allowed},
         "device": d.device.to_dict(),
         "rule": ({"where": d.rule.where, "conditions": d.rule.conditions(),
-                  "provenance": d.rule.provenance} if d.rule else None),
+                  "provenance": d.rule.provenance,
+                  "provenance_kind": d.rule.provenance_kind} if d.rule else None),
         "forced": d.forced,
         "candidates": [c.to_dict() for c in d.candidates],
         "notes": list(d.notes),
@@ -81,7 +94,8 @@ def info_dict() -> dict[str, Any]:
         "backends": backend_rows(),
         "manifest_files": list(manifest_files()),
         "rules": [{"where": r.where, "conditions": r.conditions(), "rank": list(r.rank),
-                   "provenance": r.provenance} for r in manifest.rules
+                   "provenance": r.provenance, "provenance_kind": r.provenance_kind,
+                   "label": _provenance(r)} for r in manifest.rules
                   if not r.platforms or device.platform in r.platforms],
     }
 
@@ -102,6 +116,6 @@ def format_info(info: dict[str, Any]) -> str:
     lines.append("manifest files (first wins):")
     lines += [f"  {f}" for f in info["manifest_files"]]
     lines.append(f"rules for {dev['platform']}{sim}:")
-    lines += [f"  {r['where']}: {r['conditions']} -> {', '.join(r['rank'])}  [{r['provenance']}]"
+    lines += [f"  {r['where']}: {r['conditions']} -> {', '.join(r['rank'])}  [{r['label']}]"
               for r in info["rules"]]
     return "\n".join(lines)

@@ -31,7 +31,12 @@ def test_info_json_on_simulated_device(capsys):
     assert data["device"]["simulated"] is True
     assert data["device"]["arch"] == "sm90"
     assert {b["name"] for b in data["backends"]} >= {"REFERENCE", "TORCH_SDPA"}
-    assert all("provenance" in r for r in data["rules"])
+    kinds = {r["provenance_kind"] for r in data["rules"]}
+    assert kinds <= {"measured", "published", "untested"}
+    assert "measured" in kinds
+    published = [r for r in data["rules"] if r["provenance_kind"] == "published"]
+    assert published
+    assert all("untested here" in r["label"] for r in published)
 
 
 def test_explain_text_names_rule_and_candidates(capsys):
