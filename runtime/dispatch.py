@@ -109,6 +109,14 @@ class Decision:
 
 _FORCED: ContextVar[str | None] = ContextVar("attnrt_forced_backend", default=None)
 _global_forced: str | None = None
+# Bumped whenever a force starts or ends anywhere, so layers re-check their cached choice on the
+# next forward (one int comparison on the hot path) instead of ignoring a later force.
+force_epoch = 0
+
+
+def _bump_force_epoch() -> None:
+    global force_epoch
+    force_epoch += 1
 
 
 def _name_of(backend: Any) -> str:
@@ -121,10 +129,12 @@ def force_backend(name: Any) -> Iterator[None]:
     resolved = _name_of(name)
     registry.spec(resolved)  # unknown names fail here, listing the valid ones
     token = _FORCED.set(resolved)
+    _bump_force_epoch()
     try:
         yield
     finally:
         _FORCED.reset(token)
+        _bump_force_epoch()
 
 
 def global_force_attn_backend(backend: Any) -> None:
@@ -133,7 +143,7 @@ def global_force_attn_backend(backend: Any) -> None:
     if backend is not None:
         registry.spec(_name_of(backend))
     _global_forced = None if backend is None else _name_of(backend)
-    clear_decision_cache()
+    _bump_force_epoch()
 
 
 @contextlib.contextmanager
@@ -264,7 +274,7 @@ def _decide(request: AttentionRequest, device: Device, manifest: Manifest,
     registry.spec(name)
     reasons = tuple(reasons_for(name, request, device))
     head = Candidate(name, reasons, f"forced by {source}")
-    if not reasons or _fallback_mode() != "warn":
+    if not reasons or _fallback_mode() != "warn" or strict_mode():
         return Decision(None if reasons else name, request, device, (head,), rule, source)
     warnings.warn(f"forced backend {name} ({source}) cannot run: {head.verdict()}; "
                   "ATTNRT_FALLBACK=warn, so the manifest ranking is used", stacklevel=4)

@@ -11,10 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnrt import dispatch
 from attnrt.context import get_forward_context
 from attnrt.device import Device, device_for_tensor, platform_of_tensor, probe
-from attnrt.dispatch import Decision, record_failure, select, strict_mode
-from attnrt.errors import KernelCompileError
+from attnrt.dispatch import Decision, decide, forced_backend, record_failure, select, strict_mode
+from attnrt.errors import BackendUnavailableError, KernelCompileError
 from attnrt.interfaces import AttentionImpl
 from attnrt.request import AttentionRequest, dtype_name
 
@@ -43,14 +44,29 @@ def _torch_device(device: Device) -> torch.device | None:
     return torch.device(device.platform)
 
 
+class _Unselected(AttentionImpl):
+    """Stands in until the first forward selects (dtype None never passes the hot-path test)."""
+
+    def __init__(self) -> None:
+        pass
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_metadata: Any) -> torch.Tensor:
+        raise RuntimeError("attnrt internal error: a layer ran before selecting a backend")
+
+
+_UNSELECTED = _Unselected()
+
+
 class _Selected:
     """A decision and the impl built from it, for one (dtype, device) a layer has seen."""
 
-    __slots__ = ("decision", "device", "dtype", "impl", "index")
+    __slots__ = ("decision", "device", "dtype", "epoch", "impl", "index")
 
-    def __init__(self, decision: Decision, impl: AttentionImpl, dtype: torch.dtype,
+    def __init__(self, decision: Decision, impl: AttentionImpl, dtype: torch.dtype | None,
                  device: torch.device | None) -> None:
         self.decision, self.impl, self.dtype, self.device = decision, impl, dtype, device
+        self.epoch = dispatch.force_epoch
         # Tensor.get_device() of inputs on `device` (-1 on CPU); None matches no tensor.
         self.index = None if device is None else (-1 if device.type == "cpu" else
                                                   device.index or 0)
@@ -80,8 +96,8 @@ class LocalAttention(nn.Module):
         self._dims = (num_heads, head_size, self.num_kv_heads)
         self._q_tail = (num_heads, head_size)
         self._kv_tail = (self.num_kv_heads, head_size)
-        self._by_key: dict[tuple[torch.dtype, str], _Selected] = {}
-        self._active = self._select(torch.get_default_dtype(), _torch_device(probe()))
+        self._by_key: dict[tuple[Any, ...], _Selected] = {}
+        self._active = self._initial_selection()
 
     # -- selection ---------------------------------------------------------------------------
 
@@ -95,8 +111,19 @@ class LocalAttention(nn.Module):
             return device
         return device_for_tensor(tensor_device)
 
+    def _initial_selection(self) -> _Selected:
+        dtype, device = torch.get_default_dtype(), _torch_device(probe())
+        try:
+            return self._select(dtype, device)
+        except BackendUnavailableError:
+            # A forced or allowed 16-bit backend need not serve the default dtype (models are
+            # built in fp32, then cast): the first forward selects for its real dtype, and
+            # raises then if nothing can run it.
+            request = self.request_for(dtype)
+            return _Selected(decide(request, self._device_for(device)), _UNSELECTED, None, None)
+
     def _select(self, dtype: torch.dtype, tensor_device: torch.device | None) -> _Selected:
-        key = (dtype, str(tensor_device))
+        key = (dtype, str(tensor_device), forced_backend())
         found = self._by_key.get(key)
         if found is None:
             decision = select(self.request_for(dtype), self._device_for(tensor_device))
@@ -135,15 +162,25 @@ class LocalAttention(nn.Module):
         if not (len(qs) == 4 and len(ks) == 4 and qs[2] == heads and qs[3] == size
                 and ks[2] == kv_heads and ks[3] == size and ks == v.shape and qs[0] == ks[0]
                 and q.dtype is dt and k.dtype is dt and v.dtype is dt
-                and q.get_device() == active.index == k.get_device() == v.get_device()):
+                and q.get_device() == active.index == k.get_device() == v.get_device()
+                and active.epoch == dispatch.force_epoch):
             active = self._slow_path(q, k, v)
         if freqs_cis is not None:
-            cos, sin = freqs_cis
-            q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+            q, k = self._rotate(q, k, freqs_cis)
         try:
             return active.impl.forward(q, k, v, get_forward_context().attn_metadata)
         except KernelCompileError as exc:
             return self._fall_back(active, exc, q, k, v)
+
+    def _rotate(self, q: torch.Tensor, k: torch.Tensor,
+                freqs_cis: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = freqs_cis
+        want = (q.shape[1], self.head_size // 2)
+        if tuple(cos.shape) != want or tuple(sin.shape) != want or k.shape[1] != q.shape[1]:
+            raise ValueError(f"freqs_cis cos/sin have shape {tuple(cos.shape)}, "
+                             f"{tuple(sin.shape)}; allowed: {want} ([seq, head_size / 2]) with "
+                             "q and k of one sequence length")
+        return apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
 
     def _slow_path(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _Selected:
         qs, ks = q.shape, k.shape

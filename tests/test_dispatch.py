@@ -205,3 +205,11 @@ def test_backend_enum_is_open_and_names_registered_backends(register):
     assert attnrt.backend_name_to_enum("nope") is None
     with pytest.raises(AttributeError, match="NOPE"):
         _ = attnrt.AttentionBackendEnum.NOPE
+
+
+def test_strict_wins_over_fallback_warn(register, monkeypatch):
+    register("HALF_ONLY", make_backend("HALF_ONLY", DTYPES=frozenset({"fp16"})))
+    monkeypatch.setenv("ATTNRT_FALLBACK", "warn")
+    monkeypatch.setenv("ATTNRT_STRICT", "1")
+    with attnrt.force_backend("HALF_ONLY"), pytest.raises(attnrt.BackendUnavailableError):
+        attnrt.select(REQ)

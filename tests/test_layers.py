@@ -171,3 +171,38 @@ def test_half_precision_layer(dtype):
     layer = attnrt.LocalAttention(4, 64)
     q, k, v = randn_qkv(1, 65, 4, 64, dtype=dtype)
     assert rel_l2(layer(q, k, v), dense_reference(q, k, v)) < TOLERANCE[dtype]
+
+
+def test_forced_16bit_backend_does_not_break_construction_in_fp32(register, monkeypatch):
+    """Models are built in fp32 and cast: the layer selects again at the first forward."""
+    half = register("HALF_ONLY", make_backend("HALF_ONLY", DTYPES=frozenset({"fp16", "bf16"})))
+    monkeypatch.setenv("ATTNRT_BACKEND", "HALF_ONLY")
+    layer = attnrt.LocalAttention(2, 32)
+    assert layer.decision.backend is None  # the fp32 decision, kept for explain
+    q, k, v = randn_qkv(1, 16, 2, 32, dtype=torch.bfloat16)
+    layer(q, k, v)
+    assert layer.backend_name == "HALF_ONLY" and half.forward_calls == 1
+    with pytest.raises(attnrt.BackendUnavailableError, match="dtype=fp32 is not supported"):
+        layer(q.float(), k.float(), v.float())
+
+
+def test_a_force_after_construction_applies_at_the_next_forward():
+    layer = attnrt.LocalAttention(2, 32)
+    q, k, v = randn_qkv(1, 16, 2, 32)
+    layer(q, k, v)
+    assert layer.backend_name == "TORCH_SDPA"
+    with attnrt.force_backend("REFERENCE"):
+        layer(q, k, v)
+        assert layer.backend_name == "REFERENCE"
+    layer(q, k, v)
+    assert layer.backend_name == "TORCH_SDPA"
+    with attnrt.global_force_attn_backend_context_manager("REFERENCE"):
+        layer(q, k, v)
+        assert layer.backend_name == "REFERENCE"
+
+
+def test_rotary_tables_of_the_wrong_shape_are_named():
+    layer = attnrt.LocalAttention(2, 8)
+    q, k, v = randn_qkv(1, 6, 2, 8)
+    with pytest.raises(ValueError, match=r"freqs_cis cos/sin have shape \(5, 4\)"):
+        layer(q, k, v, freqs_cis=(torch.randn(5, 4), torch.randn(5, 4)))
