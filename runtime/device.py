@@ -47,7 +47,8 @@ class Device:
     arch: str
     name: str = ""
     memory_bytes: int | None = field(default=None, compare=False)
-    versions: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    # Compared (and hashed): selection may read versions, e.g. MPS bf16 needs macOS 14.
+    versions: tuple[tuple[str, str], ...] = ()
     simulated: bool = False
 
     def describe(self) -> str:

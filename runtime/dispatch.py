@@ -251,7 +251,8 @@ def decide(request: AttentionRequest, device: Device | None = None,
     device = device or probe()
     manifest = manifest or current_manifest()
     forced = forced_backend()
-    key = (device, request, forced, _fallback_mode(), manifest.files)
+    key = (device, request, forced, _fallback_mode(), strict_mode(),
+           manifest.signature or manifest.files, registry.generation)
     with _lock:
         cached = _decisions.get(key)
     if cached is not None:

@@ -285,11 +285,20 @@ class DistributedAttention_VSA(DistributedAttention):  # noqa: N801 - FastVideo'
         if any(r is not None for r in (replicated_q, replicated_k, replicated_v)):
             raise ShardError("replicated_q/k/v are not supported by DistributedAttention_VSA "
                              "(VSA tiles the video sequence); allowed: None")
+        self._check_gate_backend(q)
         if gate_compress is None:
             raise ShardError("gate_compress=None; DistributedAttention_VSA needs a tensor "
                              "shaped like q [B, S, H, D]")
         return self._run([q, k, v, gate_compress], original_seq_len, (None, None, None),
                          freqs_cis)
+
+    def _check_gate_backend(self, q: torch.Tensor) -> None:
+        """Before any collective, and alike on every rank: the backend must take the gate."""
+        decision = self.local_for(get_sequence_parallel().size).decision_for(q.dtype, q.device)
+        if not declared(decision.backend_cls, "ACCEPTS_GATE_COMPRESS"):
+            raise ShardError(f"backend {decision.backend} does not take gate_compress "
+                             "(ACCEPTS_GATE_COMPRESS = False); allowed: a VSA backend, chosen "
+                             "with supported_attention_backends or the manifest")
 
     def _attend(self, local: LocalAttention, impl: AttentionImpl, gathered: list[torch.Tensor],
                 metadata: Any) -> torch.Tensor:

@@ -102,6 +102,7 @@ class Rule:
 class Manifest:
     rules: tuple[Rule, ...]
     files: tuple[str, ...]
+    signature: tuple[tuple[str, int, int], ...] = ()  # (path, mtime_ns, size): the cache key
 
     def match(self, request: AttentionRequest, device: Device) -> Rule | None:
         for rule in self.rules:
@@ -345,7 +346,7 @@ def load_manifest(paths: Iterable[str]) -> Manifest:
 
 _lock = threading.Lock()
 _api_files: list[str] = []
-_cache: dict[tuple[str, ...], Manifest] = {}
+_cache: dict[tuple[tuple[str, int, int], ...], Manifest] = {}
 
 
 def load_capability(path: str | os.PathLike[str]) -> Manifest:
@@ -364,14 +365,28 @@ def manifest_files() -> tuple[str, ...]:
     return (*_api_files, *env, shipped_path())
 
 
+def _signature(files: tuple[str, ...]) -> tuple[tuple[str, int, int], ...]:
+    """(path, mtime_ns, size) per file: an edited file (e.g. rewritten by `attnrt tune`) is
+    read again, and decisions keyed on this signature are made again."""
+    out = []
+    for path in files:
+        try:
+            st = os.stat(path)
+            out.append((path, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((path, -1, -1))  # parse_file reports the missing file with its path
+    return tuple(out)
+
+
 def current_manifest() -> Manifest:
-    files = manifest_files()
+    key = _signature(manifest_files())
     with _lock:
-        cached = _cache.get(files)
+        cached = _cache.get(key)
     if cached is None:
-        cached = load_manifest(files)
+        cached = load_manifest(path for path, _, _ in key)
+        cached = Manifest(cached.rules, cached.files, key)
         with _lock:
-            _cache[files] = cached
+            _cache[key] = cached
     return cached
 
 

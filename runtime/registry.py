@@ -34,6 +34,8 @@ _lock = threading.RLock()
 _specs: dict[str, BackendSpec] = {}
 _classes: dict[str, type] = {}
 _loaded_builtins = False
+# Bumped by register/unregister: decisions cached under an older generation are made again.
+generation = 0
 
 
 def _ensure_builtins() -> None:
@@ -70,8 +72,10 @@ def _add(spec: BackendSpec, cls: type | None = None) -> None:
 
 def register_backend(name: str, backend: str | type, *, origin: str = "register_backend") -> None:
     """Register a backend class (validated now) or a lazy "module:Class" (validated at load)."""
+    global generation
     _ensure_builtins()
     with _lock:
+        generation += 1
         if isinstance(backend, str):
             _add(BackendSpec(name, backend, origin))
             return
@@ -85,7 +89,9 @@ def register_backend(name: str, backend: str | type, *, origin: str = "register_
 
 def unregister_backend(name: str) -> None:
     """Remove a backend added by register_backend (tests, plug-in reloads)."""
+    global generation
     with _lock:
+        generation += 1
         _specs.pop(name, None)
         _classes.pop(name, None)
 

@@ -137,6 +137,8 @@ _DEFAULTS: dict[str, Any] = {
     "PACKAGES": (),
     # Whether DistributedAttention may append replicated (e.g. text) tokens to the sequence.
     "SUPPORTS_REPLICATED_TOKENS": True,
+    # Whether the impl's forward takes (q, k, v, gate_compress, attn_metadata), as VSA's does.
+    "ACCEPTS_GATE_COMPRESS": False,
 }
 
 

@@ -86,6 +86,8 @@ class HookedBackend(AttentionBackend):
 
 
 class GatedBackend(HookedBackend):
+    ACCEPTS_GATE_COMPRESS = True
+
     @staticmethod
     def get_name() -> str:
         return "GATED_TEST"
@@ -378,6 +380,9 @@ def check_bad_inputs_same_everywhere(ctx: Ctx) -> None:
     with pytest.raises(ShardError, match="not supported by DistributedAttention_VSA"):
         DistributedAttention_VSA(h, 16)(q, k, v, None, replicated_q=q, replicated_k=k,
                                         replicated_v=v, gate_compress=q)
+    with pytest.raises(ShardError, match="TORCH_SDPA does not take gate_compress"):
+        DistributedAttention_VSA(h, 16, supported_attention_backends=("TORCH_SDPA",))(
+            q, k, v, None, gate_compress=q)
 
 
 def check_replicated_refused_by_backend(ctx: Ctx) -> None:

@@ -123,3 +123,18 @@ def test_import_attnrt_has_no_side_effects():
     assert out.returncode == 0, out.stderr
     assert out.stdout == ""
     assert out.stderr == torch_only.stderr  # whatever torch itself warns, attnrt adds nothing
+
+
+def test_a_failing_cuda_query_is_a_reason_not_a_crash(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("Cannot re-initialize CUDA in forked subprocess")
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", broken)
+    devmod.clear_probe_cache()
+    rows = {p: reason for p, _, reason in probe_report()}
+    assert rows["cuda"] == ("CUDA device query failed: Cannot re-initialize CUDA in forked "
+                            "subprocess")
+    assert attnrt.probe().platform == "cpu"

@@ -213,3 +213,24 @@ def test_strict_wins_over_fallback_warn(register, monkeypatch):
     monkeypatch.setenv("ATTNRT_STRICT", "1")
     with attnrt.force_backend("HALF_ONLY"), pytest.raises(attnrt.BackendUnavailableError):
         attnrt.select(REQ)
+
+
+def test_registering_a_backend_refreshes_cached_decisions(register, cpu_override):
+    from attnrt.registry import unregister_backend
+
+    register("FAST_ATTN", make_backend("FAST_ATTN", HEAD_SIZES=(128,)))
+    cpu_override()
+    assert attnrt.select(REQ).backend == "TORCH_SDPA"  # head_size 64 refused
+    unregister_backend("FAST_ATTN")
+    register("FAST_ATTN", make_backend("FAST_ATTN"))  # a new version without the limit
+    assert attnrt.select(REQ).backend == "FAST_ATTN"
+
+
+def test_devices_that_differ_in_versions_get_their_own_decisions():
+    from attnrt.device import Device
+
+    old = Device("mps", "apple", versions=(("macos", "13.6"),), simulated=True)
+    new = Device("mps", "apple", versions=(("macos", "14.2"),), simulated=True)
+    request = AttentionRequest(64, "bf16")
+    assert attnrt.dispatch.decide(request, old).backend is None
+    assert attnrt.dispatch.decide(request, new).backend is not None

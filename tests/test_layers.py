@@ -181,7 +181,8 @@ def test_forced_16bit_backend_does_not_break_construction_in_fp32(register, monk
     assert layer.decision.backend is None  # the fp32 decision, kept for explain
     q, k, v = randn_qkv(1, 16, 2, 32, dtype=torch.bfloat16)
     layer(q, k, v)
-    assert layer.backend_name == "HALF_ONLY" and half.forward_calls == 1
+    assert layer.backend_name == "HALF_ONLY"
+    assert half.forward_calls == 1
     with pytest.raises(attnrt.BackendUnavailableError, match="dtype=fp32 is not supported"):
         layer(q.float(), k.float(), v.float())
 

@@ -190,3 +190,19 @@ def test_manifest_loads_in_order(write_yaml):
     manifest = load_manifest([a, shipped_path()])
     assert manifest.rules[0].file == a
     assert manifest.files == (a, shipped_path())
+
+
+def test_an_edited_override_file_is_read_again(write_yaml, monkeypatch):
+    import os
+    import time
+
+    path = write_yaml(HEAD + "  - platform: cpu\n    rank: [TORCH_SDPA]\n")
+    attnrt.load_capability(path)
+    assert attnrt.select(AttentionRequest(64, "fp32")).backend == "TORCH_SDPA"
+    with open(path, "w") as f:
+        f.write(HEAD + "  - platform: cpu\n    rank: [REFERENCE]\n    source: edited\n")
+    later = time.time_ns() + 10**9
+    os.utime(path, ns=(later, later))  # a new mtime even on coarse-grained file systems
+    decision = attnrt.select(AttentionRequest(64, "fp32"))
+    assert decision.backend == "REFERENCE"
+    assert decision.rule.provenance == "source: edited"

@@ -14,9 +14,12 @@ def probe() -> Device:
         raise PlatformUnavailable(f"torch {torch.__version__} is built without CUDA")
     if not torch.cuda.is_available():
         raise PlatformUnavailable("torch.cuda.is_available() is False (no GPU or no driver)")
-    index = torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(index)
-    props = torch.cuda.get_device_properties(index)
+    try:
+        index = torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        props = torch.cuda.get_device_properties(index)
+    except (RuntimeError, AssertionError) as exc:  # e.g. CUDA re-initialised in a forked child
+        raise PlatformUnavailable(f"CUDA device query failed: {exc}") from None
     return Device("cuda", f"sm{major}{minor}", name=props.name, memory_bytes=props.total_memory,
                   versions=(*torch_versions(), *_stack_versions()))
 
