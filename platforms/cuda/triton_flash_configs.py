@@ -18,17 +18,10 @@ everywhere, fast nowhere.
 
 from __future__ import annotations
 
-Config = dict[str, dict[str, int]]
+from attnrt.kernels.flash_configs import DEFAULT_TABLE, Config, head_size_bucket, select_from
+from attnrt.kernels.flash_configs import make_config as _cfg
 
-
-def _cfg(fwd: tuple, dkdv: tuple[int, int, int, int], dq: tuple[int, int, int, int]) -> Config:
-    """Tuples of (BLOCK_M, BLOCK_N, num_warps, num_stages); fwd may add switch names ("tma")."""
-    keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-    entry = {name: dict(zip(keys, vals[:4], strict=True))
-             for name, vals in (("fwd", fwd), ("bwd_dkdv", dkdv), ("bwd_dq", dq))}
-    entry["fwd"].update({switch: 1 for switch in fwd[4:]})
-    return entry
-
+__all__ = ["CONFIGS", "head_size_bucket", "select_config"]
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for fwd, bwd_dkdv, bwd_dq.
 # "tma": K/V tiles of the forward's unmasked loop come through the Hopper bulk tensor copy;
@@ -49,25 +42,11 @@ CONFIGS: dict[str, dict[int, Config]] = {
         128: _cfg((128, 64, 8, 3), (64, 64, 8, 2), (64, 64, 8, 2)),
         256: _cfg((64, 64, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
     },
-    "default": {
-        32: _cfg((64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
-        64: _cfg((64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
-        128: _cfg((64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
-        256: _cfg((32, 32, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1)),
-    },
+    "default": DEFAULT_TABLE,
 }
 
-
-def head_size_bucket(head_size: int) -> int:
-    """The padded head size the kernel compiles for: the next power of two, at least 32."""
-    if not 1 <= head_size <= 256:
-        raise ValueError(f"head_size={head_size} has no TRITON_FLASH_ATTN config; supported: "
-                         "multiples of 8 from 32 to 256")
-    return max(32, 1 << (head_size - 1).bit_length())
 
 
 def select_config(arch: str, head_size: int, sixteen_bit: bool = True) -> Config:
     """Config for an arch string such as "sm90"; unknown archs and float32 get "default"."""
-    table = CONFIGS.get(arch, CONFIGS["default"]) if sixteen_bit else CONFIGS["default"]
-    entry = table[head_size_bucket(head_size)]
-    return {name: dict(values) for name, values in entry.items()}
+    return select_from(CONFIGS, arch, head_size, sixteen_bit)

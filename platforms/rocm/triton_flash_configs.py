@@ -20,15 +20,10 @@ Replace an entry only with one measured by `attnrt tune` on that arch (record it
 
 from __future__ import annotations
 
-Config = dict[str, dict[str, int]]
-Quad = tuple[int, int, int, int]
+from attnrt.kernels.flash_configs import DEFAULT_TABLE, Config, head_size_bucket, select_from
+from attnrt.kernels.flash_configs import make_config as _cfg
 
-
-def _cfg(fwd: Quad, dkdv: Quad, dq: Quad) -> Config:
-    keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-    return {name: dict(zip(keys, vals, strict=True))
-            for name, vals in (("fwd", fwd), ("bwd_dkdv", dkdv), ("bwd_dq", dq))}
-
+__all__ = ["CONFIGS", "head_size_bucket", "select_config"]
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for fwd, bwd_dkdv, bwd_dq.
 _CDNA3: dict[int, Config] = {
@@ -46,25 +41,11 @@ CONFIGS: dict[str, dict[int, Config]] = {
     # MI350: 160 KiB of LDS leaves room for a wider N tile at D=256; otherwise as MI300.
     "gfx950": {**_CDNA3, 256: _cfg((64, 64, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1))},
     # RDNA and unknown parts: the kernel's own small defaults, correct everywhere, fast nowhere.
-    "default": {
-        32: _cfg((64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
-        64: _cfg((64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
-        128: _cfg((64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
-        256: _cfg((32, 32, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1)),
-    },
+    "default": DEFAULT_TABLE,
 }
 
-
-def head_size_bucket(head_size: int) -> int:
-    """The padded head size the kernel compiles for: the next power of two, at least 32."""
-    if not 1 <= head_size <= 256:
-        raise ValueError(f"head_size={head_size} has no TRITON_FLASH_ATTN config on ROCm; "
-                         "supported: 1 to 256")
-    return max(32, 1 << (head_size - 1).bit_length())
 
 
 def select_config(arch: str, head_size: int, sixteen_bit: bool = True) -> Config:
     """Config for an arch string such as "gfx942"; unknown archs and float32 get "default"."""
-    table = CONFIGS.get(arch, CONFIGS["default"]) if sixteen_bit else CONFIGS["default"]
-    entry = table[head_size_bucket(head_size)]
-    return {name: dict(values) for name, values in entry.items()}
+    return select_from(CONFIGS, arch, head_size, sixteen_bit)
