@@ -69,6 +69,18 @@ class AttentionImpl(ABC, Generic[T]):
         raise NotImplementedError
 
 
+class ScaledImpl(AttentionImpl[T]):
+    """An impl that keeps the constructor's arguments; subclasses only write forward()."""
+
+    def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
+                 num_kv_heads: int | None = None, prefix: str = "",
+                 **extra_impl_args: Any) -> None:
+        self.num_heads, self.head_size = num_heads, head_size
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.softmax_scale, self.causal = softmax_scale, causal
+        self.prefix, self.extra_impl_args = prefix, extra_impl_args
+
+
 class AttentionBackend(ABC):
     """A named attention implementation. Subclasses declare what they can run as class data.
 

@@ -14,23 +14,16 @@ Documented call (flash_attn 2.x, flash_attn/flash_attn_interface.py):
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
 import torch
 
-from attnrt.interfaces import AttentionBackend, AttentionImpl, AttentionMetadata
+from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
 from attnrt.support import Package
 
 MODULE = "flash_attn"
 
 
-class FlashAttnImpl(AttentionImpl):
-    def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
-                 num_kv_heads: int | None = None, prefix: str = "",
-                 **extra_impl_args: Any) -> None:
-        self.softmax_scale = softmax_scale
-        self.causal = causal
-
+class FlashAttnImpl(ScaledImpl):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
         # Imported here, after the availability check has already imported it once.

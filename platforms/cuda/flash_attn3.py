@@ -14,23 +14,16 @@ Current builds return `out`; the 2024 betas returned `(out, softmax_lse)`, so a 
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
 import torch
 
-from attnrt.interfaces import AttentionBackend, AttentionImpl, AttentionMetadata
+from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
 from attnrt.support import Package
 
 MODULE = "flash_attn_interface"
 
 
-class FlashAttn3Impl(AttentionImpl):
-    def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
-                 num_kv_heads: int | None = None, prefix: str = "",
-                 **extra_impl_args: Any) -> None:
-        self.softmax_scale = softmax_scale
-        self.causal = causal
-
+class FlashAttn3Impl(ScaledImpl):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
         fn = importlib.import_module(MODULE).flash_attn_func

@@ -17,24 +17,17 @@ ATTNRT_BACKEND=SAGE_ATTN or an override file.
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
 import torch
 
 from attnrt.errors import KernelCompileError
-from attnrt.interfaces import AttentionBackend, AttentionImpl, AttentionMetadata
+from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
 from attnrt.support import Package
 
 MODULE = "sageattention"
 
 
-class SageAttnImpl(AttentionImpl):
-    def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
-                 num_kv_heads: int | None = None, prefix: str = "",
-                 **extra_impl_args: Any) -> None:
-        self.softmax_scale = softmax_scale
-        self.causal = causal
-
+class SageAttnImpl(ScaledImpl):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
         n, m = query.shape[1], key.shape[1]

@@ -27,13 +27,13 @@ raises under ATTNRT_STRICT=1).
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from attnrt.backends.sdpa import sdpa_bnhd
 from attnrt.errors import KernelCompileError
-from attnrt.interfaces import AttentionBackend, AttentionImpl, AttentionMetadata
+from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
 from attnrt.ranges import ArchRange
 from attnrt.request import NAME_DTYPES
 from attnrt.support import ARCH, HEAD_SIZE, RUNTIME, Reason
@@ -104,15 +104,9 @@ def torch_gate_reasons(sdp: str, name: str, request: AttentionRequest,
                             f"{request.describe()} on this GPU: {story}"),)
 
 
-class _PinnedSdpaImpl(AttentionImpl):
+class _PinnedSdpaImpl(ScaledImpl):
     SDP: ClassVar[str]
     NAME: ClassVar[str]
-
-    def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
-                 num_kv_heads: int | None = None, prefix: str = "",
-                 **extra_impl_args: Any) -> None:
-        self.softmax_scale = softmax_scale
-        self.causal = causal
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:

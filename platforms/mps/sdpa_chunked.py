@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from attnrt.backends.sdpa import sdpa_bnhd
-from attnrt.interfaces import AttentionBackend, AttentionImpl, AttentionMetadata
+from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
 
 if TYPE_CHECKING:
     pass
@@ -64,14 +64,14 @@ def chunked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
-class SdpaChunkedImpl(AttentionImpl):
+class SdpaChunkedImpl(ScaledImpl):
     """`chunk_bytes` (extra impl arg) overrides the per-chunk score budget."""
 
     def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
                  num_kv_heads: int | None = None, prefix: str = "",
                  **extra_impl_args: Any) -> None:
-        self.softmax_scale = softmax_scale
-        self.causal = causal
+        super().__init__(num_heads, head_size, softmax_scale, causal, num_kv_heads, prefix,
+                         **extra_impl_args)
         self.chunk_bytes = int(extra_impl_args.get("chunk_bytes", CHUNK_BYTES))
         chunk_rows(1, 1, 1, 4, self.chunk_bytes)  # reject a bad budget at construction
 

@@ -35,11 +35,11 @@ from __future__ import annotations
 import importlib
 import math
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from attnrt.interfaces import AttentionBackend, AttentionImpl, AttentionMetadata
+from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
 from attnrt.support import NUM_HEADS, Package, Reason
 
 if TYPE_CHECKING:
@@ -81,13 +81,7 @@ def fusion_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
     return outputs[0]
 
 
-class NpuFusionAttnImpl(AttentionImpl):
-    def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
-                 num_kv_heads: int | None = None, prefix: str = "",
-                 **extra_impl_args: Any) -> None:
-        self.softmax_scale = softmax_scale
-        self.causal = causal
-
+class NpuFusionAttnImpl(ScaledImpl):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
         return fusion_attention_call(query, key, value, self.causal, self.softmax_scale)

@@ -19,11 +19,11 @@ Equivalent PyTorch: `attnrt.backends.reference.chunked_attention(q, k, v, causal
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from attnrt.interfaces import AttentionBackend, AttentionImpl, AttentionMetadata
+from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
 from attnrt.support import PACKAGE_MISSING, Package, Reason
 
 if TYPE_CHECKING:
@@ -60,13 +60,7 @@ def flash_attn_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-class AiterFlashAttnImpl(AttentionImpl):
-    def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
-                 num_kv_heads: int | None = None, prefix: str = "",
-                 **extra_impl_args: Any) -> None:
-        self.softmax_scale = softmax_scale
-        self.causal = causal
-
+class AiterFlashAttnImpl(ScaledImpl):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
         return flash_attn_call(query, key, value, self.causal, self.softmax_scale)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from attnrt.interfaces import AttentionBackend, AttentionImpl, AttentionMetadata
+from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
 
 
 @cache
@@ -42,13 +42,7 @@ def flex_bnhd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     return out.transpose(1, 2)
 
 
-class FlexAttentionImpl(AttentionImpl):
-    def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
-                 num_kv_heads: int | None = None, prefix: str = "",
-                 **extra_impl_args: Any) -> None:
-        self.softmax_scale = softmax_scale
-        self.causal = causal
-
+class FlexAttentionImpl(ScaledImpl):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
         return flex_bnhd(query, key, value, self.causal, self.softmax_scale)

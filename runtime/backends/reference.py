@@ -9,11 +9,10 @@ a row that sees no key outputs zeros.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
-from attnrt.interfaces import AttentionBackend, AttentionImpl, AttentionMetadata
+from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
 
 CHUNK_BYTES = 64 << 20
 
@@ -58,13 +57,7 @@ def _causal_mask(start: int, rows: int, n: int, m: int, device: torch.device) ->
     return j > i + (m - n)
 
 
-class ReferenceImpl(AttentionImpl):
-    def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
-                 num_kv_heads: int | None = None, prefix: str = "",
-                 **extra_impl_args: Any) -> None:
-        self.softmax_scale = softmax_scale
-        self.causal = causal
-
+class ReferenceImpl(ScaledImpl):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
         return chunked_attention(query, key, value, self.causal, self.softmax_scale)

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import importlib
 from functools import cache
-from typing import Any
 
 import torch
 
 from attnrt.device import device_for_tensor
 from attnrt.errors import KernelCompileError
-from attnrt.interfaces import AttentionBackend, AttentionImpl, AttentionMetadata
+from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
 from attnrt.support import Package
 
 NAME = "TRITON_FLASH_ATTN"
@@ -87,13 +86,7 @@ def triton_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
     return out
 
 
-class TritonFlashAttnImpl(AttentionImpl):
-    def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
-                 num_kv_heads: int | None = None, prefix: str = "",
-                 **extra_impl_args: Any) -> None:
-        self.softmax_scale = softmax_scale
-        self.causal = causal
-
+class TritonFlashAttnImpl(ScaledImpl):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
         return triton_flash(query, key, value, self.causal, self.softmax_scale)
