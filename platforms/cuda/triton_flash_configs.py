@@ -21,7 +21,7 @@ from __future__ import annotations
 from attnrt.kernels.flash_configs import DEFAULT_TABLE, Config, head_size_bucket, select_from
 from attnrt.kernels.flash_configs import make_config as _cfg
 
-__all__ = ["CONFIGS", "head_size_bucket", "select_config"]
+__all__ = ["CONFIGS", "FWD_CANDIDATES", "forward_candidates", "head_size_bucket", "select_config"]
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for fwd, bwd_dkdv, bwd_dq.
 # "tma": K/V tiles of the forward's unmasked loop come through the Hopper bulk tensor copy;
@@ -46,7 +46,30 @@ CONFIGS: dict[str, dict[int, Config]] = {
 }
 
 
+# Forward candidates for opt-in autotuning (ATTNRT_TRITON_AUTOTUNE=1), per arch and head-size
+# bucket: the shipped entry first, then the closest runners-up of the H100 sweep at N=8192
+# (bench/NOTES-triton-flash.md, "Config sweep"); which wins moves with N, causal and the padded
+# head sizes (72, 80, 96 run bucket 128 without TMA), which is what tuning is for.
+FWD_CANDIDATES: dict[str, dict[int, list[tuple]]] = {
+    "sm90": {
+        32: [(128, 64, 8, 3), (128, 64, 4, 3, "tma")],
+        64: [(128, 64, 8, 3), (128, 64, 4, 3, "tma"), (128, 64, 4, 3)],
+        128: [(128, 128, 8, 3, "tma"), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)],
+        256: [(128, 64, 8, 2), (64, 64, 8, 2)],
+    },
+    "sm80": {
+        32: [(128, 64, 4, 3), (64, 64, 4, 3)],
+        64: [(128, 64, 4, 3), (64, 64, 4, 3)],
+        128: [(128, 64, 8, 3), (64, 64, 4, 3)],
+        256: [(64, 64, 4, 2), (64, 32, 4, 2)],
+    },
+}
 
 def select_config(arch: str, head_size: int, sixteen_bit: bool = True) -> Config:
     """Config for an arch string such as "sm90"; unknown archs and float32 get "default"."""
     return select_from(CONFIGS, arch, head_size, sixteen_bit)
+
+
+def forward_candidates(arch: str, head_size: int) -> list[tuple]:
+    """Forward tuples to try when autotuning; empty for archs without candidates."""
+    return list(FWD_CANDIDATES.get(arch, {}).get(head_size_bucket(head_size), ()))

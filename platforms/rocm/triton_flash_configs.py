@@ -23,7 +23,7 @@ from __future__ import annotations
 from attnrt.kernels.flash_configs import DEFAULT_TABLE, Config, head_size_bucket, select_from
 from attnrt.kernels.flash_configs import make_config as _cfg
 
-__all__ = ["CONFIGS", "head_size_bucket", "select_config"]
+__all__ = ["CONFIGS", "FWD_CANDIDATES", "forward_candidates", "head_size_bucket", "select_config"]
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for fwd, bwd_dkdv, bwd_dq.
 _CDNA3: dict[int, Config] = {
@@ -45,7 +45,24 @@ CONFIGS: dict[str, dict[int, Config]] = {
 }
 
 
+# Forward candidates for opt-in autotuning (ATTNRT_TRITON_AUTOTUNE=1): the shipped entry and the
+# tile shapes AMD's Triton guidance suggests for CDNA (num_stages 1 or 2; 64-lane wavefronts).
+_CDNA_CANDIDATES: dict[int, list[tuple]] = {
+    32: [(128, 64, 4, 1), (64, 64, 4, 1), (128, 32, 4, 1)],
+    64: [(128, 64, 4, 1), (64, 64, 4, 1), (128, 32, 4, 1), (128, 64, 8, 1)],
+    128: [(128, 64, 4, 1), (64, 64, 4, 1), (128, 32, 4, 2), (64, 32, 4, 1)],
+    256: [(64, 32, 4, 1), (32, 32, 4, 1), (64, 16, 4, 1)],
+}
+FWD_CANDIDATES: dict[str, dict[int, list[tuple]]] = {
+    "gfx942": _CDNA_CANDIDATES, "gfx90a": _CDNA_CANDIDATES, "gfx950": _CDNA_CANDIDATES,
+}
+
 
 def select_config(arch: str, head_size: int, sixteen_bit: bool = True) -> Config:
     """Config for an arch string such as "gfx942"; unknown archs and float32 get "default"."""
     return select_from(CONFIGS, arch, head_size, sixteen_bit)
+
+
+def forward_candidates(arch: str, head_size: int) -> list[tuple]:
+    """Forward tuples to try when autotuning; empty for archs without candidates."""
+    return list(FWD_CANDIDATES.get(arch, {}).get(head_size_bucket(head_size), ()))

@@ -10,6 +10,10 @@ Configs are data in the platform pack (`attnrt.platforms.<platform>.triton_flash
 live on; a platform without such a module gets the kernel's conservative DEFAULT_CONFIG. Triton
 is imported on the first forward, never when attnrt is imported.
 
+`ATTNRT_TRITON_AUTOTUNE=1` (or `triton_autotune=True` in a layer's extra_impl_args) times the
+pack's forward candidates once per shape bucket and keeps the fastest
+(attnrt.kernels.flash_autotune).
+
 Only compile-time failures (CompilationError, OutOfResources, PTXASError) become
 KernelCompileError, so the layer can move to the next ranked backend; anything raised while the
 kernel runs, CUDA errors included, propagates unchanged.
@@ -18,7 +22,9 @@ kernel runs, CUDA errors included, propagates unchanged.
 from __future__ import annotations
 
 import importlib
+import os
 from functools import cache
+from typing import Any
 
 import torch
 
@@ -49,15 +55,23 @@ def compile_error_types() -> tuple[type[BaseException], ...]:
 
 
 @cache
-def block_config(platform: str, arch: str, head_size: int,
-                 sixteen_bit: bool) -> dict[str, dict[str, int]] | None:
-    """The pack's config for (arch, D, dtype class), or None where the pack ships none."""
+def configs_module(platform: str) -> Any:
+    """The pack's triton_flash_configs module, or None where the pack ships none."""
     module_name = f"attnrt.platforms.{platform}.triton_flash_configs"
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name != module_name:
             raise  # the configs module exists but is broken: say so
+        return None
+
+
+@cache
+def block_config(platform: str, arch: str, head_size: int,
+                 sixteen_bit: bool) -> dict[str, dict[str, int]] | None:
+    """The pack's config for (arch, D, dtype class), or None where the pack ships none."""
+    module = configs_module(platform)
+    if module is None:
         return None
     config: dict[str, dict[str, int]] = module.select_config(arch, head_size, sixteen_bit)
     return config
@@ -68,12 +82,41 @@ def config_for(q: torch.Tensor) -> dict[str, dict[str, int]] | None:
     return block_config(device.platform, device.arch, q.shape[3], q.dtype != torch.float32)
 
 
+def autotune_requested(extra_impl_args: dict[str, Any]) -> bool:
+    if "triton_autotune" in extra_impl_args:
+        return bool(extra_impl_args["triton_autotune"])
+    value = os.environ.get("ATTNRT_TRITON_AUTOTUNE", "0").strip().lower()
+    if value not in ("", "0", "1", "true", "false"):
+        raise ValueError(f"ATTNRT_TRITON_AUTOTUNE={value!r} is not allowed; allowed: 0, 1")
+    return value in ("1", "true")
+
+
+def autotuned_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                     scale: float | None) -> dict[str, dict[str, int]] | None:
+    """The pack's config with its forward replaced by the fastest of the pack's candidates."""
+    from attnrt.kernels.flash_autotune import tuned_config, tuning_key
+    from attnrt.kernels.triton_flash import DEFAULT_CONFIG, flash_attention
+
+    device = device_for_tensor(q.device)
+    module = configs_module(device.platform)
+    base = config_for(q) or DEFAULT_CONFIG
+    candidates = getattr(module, "forward_candidates", lambda arch, d: ())(device.arch, q.shape[3])
+    if not candidates or q.dtype == torch.float32:
+        return base
+
+    def run(config: dict[str, dict[str, int]]) -> Any:
+        return flash_attention(q, k, v, causal=causal, softmax_scale=scale, config=config)
+
+    key = tuning_key(device.platform, device.arch, q, k, causal)
+    return tuned_config(key, base, candidates, run, skip=compile_error_types())
+
+
 def triton_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                 scale: float | None) -> torch.Tensor:
+                 scale: float | None, autotune: bool = False) -> torch.Tensor:
     """flash_attention with the device's config; compile failures -> KernelCompileError."""
     from attnrt.kernels.triton_flash import flash_attention
 
-    config = config_for(q)
+    config = autotuned_config(q, k, v, causal, scale) if autotune else config_for(q)
     try:
         out: torch.Tensor = flash_attention(q, k, v, causal=causal, softmax_scale=scale,
                                             config=config)
@@ -87,9 +130,16 @@ def triton_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 
 
 class TritonFlashAttnImpl(ScaledImpl):
+    def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
+                 num_kv_heads: int | None = None, prefix: str = "",
+                 **extra_impl_args: Any) -> None:
+        super().__init__(num_heads, head_size, softmax_scale, causal, num_kv_heads, prefix,
+                         **extra_impl_args)
+        self.autotune = autotune_requested(extra_impl_args)
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
-        return triton_flash(query, key, value, self.causal, self.softmax_scale)
+        return triton_flash(query, key, value, self.causal, self.softmax_scale, self.autotune)
 
 
 class TritonFlashAttnBackend(AttentionBackend):
