@@ -26,18 +26,20 @@ def bench(fn) -> float:
 
 def row(n: int, d: int, causal: bool) -> str:
     q, k, v = (torch.randn(1, n, 24, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    shipped = bench(lambda: triton_flash(q, k, v, causal, None))
     tuned_out = triton_flash(q, k, v, causal, None, autotune=True)  # tunes once
+    # Shipped, tuned, shipped again: the better shipped figure, so clock ramp-up favours neither.
+    shipped = bench(lambda: triton_flash(q, k, v, causal, None))
     tuned = bench(lambda: triton_flash(q, k, v, causal, None, autotune=True))
+    shipped = min(shipped, bench(lambda: triton_flash(q, k, v, causal, None)))
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         ref = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
         cudnn = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
             qt, kt, vt, is_causal=causal))
     err = float((tuned_out.transpose(1, 2).float() - ref.float()).norm() / ref.float().norm())
-    key = [c for kk, c in flash_autotune.tuned_keys().items() if kk[2] >= d and kk[4] == causal
-           and kk[-1] == flash_autotune.sequence_bucket(n, n)]
-    fwd = key[-1]["fwd"] if key else {}
+    key = ("cuda", "sm90", max(32, 1 << (d - 1).bit_length()), q.dtype, causal, False,
+           flash_autotune.sequence_bucket(n, n))
+    fwd = flash_autotune.tuned_keys().get(key, {}).get("fwd", {})
     cfg = f"({fwd.get('BLOCK_M')},{fwd.get('BLOCK_N')},{fwd.get('num_warps')}," \
           f"{fwd.get('num_stages')}{',tma' if fwd.get('tma') else ''})"
     s, t, c = (tflops(x, n, d, causal) for x in (shipped, tuned, cudnn))

@@ -43,22 +43,34 @@ def test_fastest_candidate_wins_and_is_cached_per_key():
     chosen = tuned_config(("k", 1), BASE, cands, run, timer=timer)
     assert chosen["fwd"] == {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     assert chosen["bwd_dq"] == BASE["bwd_dq"]  # only the forward is tuned
-    assert len(seen) == 3
+    assert len(seen) == 6  # two timing rounds
     assert tuned_config(("k", 1), BASE, cands, run, timer=timer) is chosen
-    assert len(seen) == 3  # cached: nothing ran again
+    assert len(seen) == 6  # cached: nothing ran again
+
+
+def test_a_slow_first_round_does_not_decide():
+    """Round one: A looks slow (clocks ramping); round two: A is the fastest. A wins."""
+    order = iter([5.0, 2.0, 1.0, 2.0])  # A, B (round 1); A, B (round 2)
+    chosen = tuned_config(("k", 5), BASE, [(128, 64, 8, 3), (64, 64, 4, 3)], lambda c: None,
+                          timer=lambda fn: next(order))
+    assert chosen["fwd"]["BLOCK_M"] == 128
 
 
 def test_failing_candidates_are_skipped_and_base_kept_if_all_fail():
     class CompileFailure(Exception):
         pass
 
+    tried = []
+
     def run(config):
+        tried.append(config["fwd"]["BLOCK_M"])
         if config["fwd"]["BLOCK_M"] == 128:
             raise CompileFailure("out of shared memory")
 
     chosen = tuned_config(("k", 2), BASE, [(128, 64, 8, 3), (64, 64, 4, 3)], run,
                           skip=(CompileFailure,), timer=one_ms)
     assert chosen["fwd"]["BLOCK_M"] == 64
+    assert tried.count(128) == 1  # a candidate that failed to compile is not tried again
     assert tuned_config(("k", 3), BASE, [(128, 64, 8, 3)], run, skip=(CompileFailure,),
                         timer=one_ms) == BASE
 
