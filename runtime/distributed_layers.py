@@ -52,7 +52,9 @@ from attnrt.interfaces import AttentionImpl
 from attnrt.layers import LocalAttention, apply_rotary_emb
 from attnrt.support import declared
 
-DEFAULT_CHUNKS = 4  # heads chunks for overlap on device groups; bench/distributed_gpu.py sweeps it
+# Heads chunks for overlap on device groups. Measured on 2x H100 (bench/NOTES-distributed.md):
+# 4 chunks were slower than none at both shapes, so overlap is opt-in (overlap_chunks=...).
+DEFAULT_CHUNKS = 1
 MIN_OVERLAP_TOKENS = 4096  # below this the exchange is latency-bound and chunking only adds calls
 
 
