@@ -186,7 +186,7 @@ class TestRefusals:
             with pytest.raises(ValueError, match=r"config\['fwd'\]"):
                 tf.flash_attention(**_bad(), config={"fwd": bad})
 
-    @pytest.mark.skipif(not HAS_CUDA, reason="needs a second device kind to mismatch")
+    @pytest.mark.gpu  # needs a second device kind to mismatch
     def test_device_mismatch(self):
         args = _bad()
         args = {"q": args["q"].cuda(), "k": args["k"], "v": args["v"].cuda()}
