@@ -109,14 +109,14 @@ class Decision:
 
 _FORCED: ContextVar[str | None] = ContextVar("attnrt_forced_backend", default=None)
 _global_forced: str | None = None
-# Bumped whenever a force starts or ends anywhere, so layers re-check their cached choice on the
-# next forward (one int comparison on the hot path) instead of ignoring a later force.
-force_epoch = 0
+# Bumped whenever a force starts or ends anywhere, or a backend fails at run time, so layers
+# re-check their cached choice on the next forward (one int comparison on the hot path).
+selection_epoch = 0
 
 
-def _bump_force_epoch() -> None:
-    global force_epoch
-    force_epoch += 1
+def _bump_epoch() -> None:
+    global selection_epoch
+    selection_epoch += 1
 
 
 def _name_of(backend: Any) -> str:
@@ -129,12 +129,12 @@ def force_backend(name: Any) -> Iterator[None]:
     resolved = _name_of(name)
     registry.spec(resolved)  # unknown names fail here, listing the valid ones
     token = _FORCED.set(resolved)
-    _bump_force_epoch()
+    _bump_epoch()
     try:
         yield
     finally:
         _FORCED.reset(token)
-        _bump_force_epoch()
+        _bump_epoch()
 
 
 def global_force_attn_backend(backend: Any) -> None:
@@ -143,7 +143,7 @@ def global_force_attn_backend(backend: Any) -> None:
     if backend is not None:
         registry.spec(_name_of(backend))
     _global_forced = None if backend is None else _name_of(backend)
-    _bump_force_epoch()
+    _bump_epoch()
 
 
 @contextlib.contextmanager
@@ -195,12 +195,16 @@ _decisions: dict[tuple[Any, ...], Decision] = {}
 _failures: dict[tuple[Device, AttentionRequest], dict[str, Reason]] = {}
 
 
-def record_failure(request: AttentionRequest, device: Device, name: str, message: str) -> None:
-    """Remember that `name` failed at run time (e.g. a compile error) for this request."""
+def record_failure(request: AttentionRequest, device: Device, name: str, message: str) -> bool:
+    """Remember that `name` failed at run time (e.g. a compile error) for this request; every
+    layer re-selects at its next forward. True the first time, so the caller warns once."""
     with _lock:
-        _failures.setdefault((device, request), {})[name] = Reason(
-            support.COMPILE_FAILED, f"{name} failed at run time: {message}")
+        failed = _failures.setdefault((device, request), {})
+        new = name not in failed
+        failed[name] = Reason(support.COMPILE_FAILED, f"{name} failed at run time: {message}")
         _decisions.clear()
+    _bump_epoch()
+    return new
 
 
 def reasons_for(name: str, request: AttentionRequest, device: Device) -> list[Reason]:

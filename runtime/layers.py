@@ -66,7 +66,7 @@ class _Selected:
     def __init__(self, decision: Decision, impl: AttentionImpl, dtype: torch.dtype | None,
                  device: torch.device | None) -> None:
         self.decision, self.impl, self.dtype, self.device = decision, impl, dtype, device
-        self.epoch = dispatch.force_epoch
+        self.epoch = dispatch.selection_epoch
         # Tensor.get_device() of inputs on `device` (-1 on CPU); None matches no tensor.
         self.index = None if device is None else (-1 if device.type == "cpu" else
                                                   device.index or 0)
@@ -163,7 +163,7 @@ class LocalAttention(nn.Module):
                 and ks[2] == kv_heads and ks[3] == size and ks == v.shape and qs[0] == ks[0]
                 and q.dtype is dt and k.dtype is dt and v.dtype is dt
                 and q.get_device() == active.index == k.get_device() == v.get_device()
-                and active.epoch == dispatch.force_epoch):
+                and active.epoch == dispatch.selection_epoch):
             active = self._slow_path(q, k, v)
         if freqs_cis is not None:
             q, k = self._rotate(q, k, freqs_cis)
@@ -183,6 +183,8 @@ class LocalAttention(nn.Module):
         return apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
 
     def _slow_path(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _Selected:
+        if self._active.epoch != dispatch.selection_epoch:
+            self._by_key.clear()  # a force changed or a backend failed: choose again
         qs, ks = q.shape, k.shape
         if not (len(qs) == 4 and len(ks) == 4 and ks == v.shape and qs[0] == ks[0]
                 and qs[2:] == self._q_tail and ks[2:] == self._kv_tail
@@ -197,11 +199,11 @@ class LocalAttention(nn.Module):
         name = active.decision.backend or "?"
         if strict_mode():
             raise exc
-        logger.warning("%s failed for %s (%s); using the next ranked backend "
-                       "(set ATTNRT_STRICT=1 to make this an error)",
-                       name, active.decision.request.describe(), exc)
-        record_failure(active.decision.request, active.decision.device, name, str(exc))
-        self._by_key = {key: s for key, s in self._by_key.items() if s is not active}
+        if record_failure(active.decision.request, active.decision.device, name, str(exc)):
+            logger.warning("%s failed for %s (%s); using the next ranked backend "
+                           "(set ATTNRT_STRICT=1 to make this an error)",
+                           name, active.decision.request.describe(), exc)
+        self._by_key.clear()
         self._active = self._select(q.dtype, q.device)
         return self._active.impl.forward(q, k, v, get_forward_context().attn_metadata)
 
