@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -109,14 +110,21 @@ class Decision:
 
 _FORCED: ContextVar[str | None] = ContextVar("attnrt_forced_backend", default=None)
 _global_forced: str | None = None
-# Bumped whenever a force starts or ends anywhere, or a backend fails at run time, so layers
-# re-check their cached choice on the next forward (one int comparison on the hot path).
+# Bumped (under _lock) when the process-wide force changes or a backend fails at run time, so
+# layers re-check their cached choice on the next forward: one int comparison on the hot path.
+# force_backend() is per thread or task, so layers compare its ContextVar value directly instead.
 selection_epoch = 0
 
 
 def _bump_epoch() -> None:
     global selection_epoch
-    selection_epoch += 1
+    with _lock:
+        selection_epoch += 1
+
+
+def context_forced() -> str | None:
+    """The force_backend() value of this thread or task (the layers' hot path reads it)."""
+    return _FORCED.get()
 
 
 def _name_of(backend: Any) -> str:
@@ -129,12 +137,10 @@ def force_backend(name: Any) -> Iterator[None]:
     resolved = _name_of(name)
     registry.spec(resolved)  # unknown names fail here, listing the valid ones
     token = _FORCED.set(resolved)
-    _bump_epoch()
     try:
         yield
     finally:
         _FORCED.reset(token)
-        _bump_epoch()
 
 
 def global_force_attn_backend(backend: Any) -> None:
@@ -198,12 +204,13 @@ _failures: dict[tuple[Device, AttentionRequest], dict[str, Reason]] = {}
 def record_failure(request: AttentionRequest, device: Device, name: str, message: str) -> bool:
     """Remember that `name` failed at run time (e.g. a compile error) for this request; every
     layer re-selects at its next forward. True the first time, so the caller warns once."""
+    global selection_epoch
     with _lock:
         failed = _failures.setdefault((device, request), {})
         new = name not in failed
         failed[name] = Reason(support.COMPILE_FAILED, f"{name} failed at run time: {message}")
         _decisions.clear()
-    _bump_epoch()
+        selection_epoch += 1  # also in decide()'s key: a walk that raced this is never reused
     return new
 
 
@@ -256,7 +263,7 @@ def decide(request: AttentionRequest, device: Device | None = None,
     manifest = manifest or current_manifest()
     forced = forced_backend()
     key = (device, request, forced, _fallback_mode(), strict_mode(),
-           manifest.signature or manifest.files, registry.generation)
+           manifest.signature or manifest.files, registry.generation, selection_epoch)
     with _lock:
         cached = _decisions.get(key)
     if cached is not None:
@@ -315,7 +322,7 @@ def clear_decision_cache() -> None:
 
 
 def clear_caches() -> None:
-    """Forget decisions, recorded failures, probes, manifests, package checks and loaded classes."""
+    """Forget decisions, failures, probes, manifests, package checks, Triton configs and tunings."""
     with _lock:
         _decisions.clear()
         _failures.clear()
@@ -323,6 +330,12 @@ def clear_caches() -> None:
     clear_manifest_cache()
     support.package_status.cache_clear()
     registry.clear_registry_cache()
+    # Kernel-side caches, only where those modules were loaded (clearing imports nothing).
+    for module_name, clear in (("attnrt.kernels.flash_autotune", "clear_tuning_cache"),
+                               ("attnrt.backends.triton_flash", "clear_config_caches")):
+        module = sys.modules.get(module_name)
+        if module is not None:
+            getattr(module, clear)()
 
 
 def backend_name_to_enum(name: str) -> BackendName | None:

@@ -24,6 +24,7 @@ path exchanges all heads at once.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -297,7 +298,10 @@ class DistributedAttention_VSA(DistributedAttention):  # noqa: N801 - FastVideo'
     def _check_gate_backend(self, q: torch.Tensor) -> None:
         """Before any collective, and alike on every rank: the backend must take the gate."""
         decision = self.local_for(get_sequence_parallel().size).decision_for(q.dtype, q.device)
-        if not declared(decision.backend_cls, "ACCEPTS_GATE_COMPRESS"):
+        accepts = declared(decision.backend_cls, "ACCEPTS_GATE_COMPRESS")
+        if accepts is None:
+            accepts = _forward_takes_gate(decision.backend_cls.get_impl_cls())
+        if not accepts:
             raise ShardError(f"backend {decision.backend} does not take gate_compress "
                              "(ACCEPTS_GATE_COMPRESS = False); allowed: a VSA backend, chosen "
                              "with supported_attention_backends or the manifest")
@@ -306,6 +310,16 @@ class DistributedAttention_VSA(DistributedAttention):  # noqa: N801 - FastVideo'
                 metadata: Any) -> torch.Tensor:
         q, k, v, gate = gathered
         return impl.forward(q, k, v, gate, metadata)  # type: ignore[call-arg]
+
+
+def _forward_takes_gate(impl_cls: Any) -> bool:
+    """forward(query, key, value, gate_compress, attn_metadata): five parameters after self."""
+    try:
+        params = list(inspect.signature(impl_cls.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return any(p.name == "gate_compress" for p in params) or len(positional) >= 5
 
 
 _compile_kept_out = False

@@ -14,6 +14,7 @@ from torch import nn
 from attnrt import dispatch
 from attnrt.context import get_forward_context
 from attnrt.device import Device, device_for_tensor, platform_of_tensor, probe
+from attnrt.dispatch import _FORCED as _CONTEXT_FORCE  # read directly on the hot path
 from attnrt.dispatch import Decision, decide, forced_backend, record_failure, select, strict_mode
 from attnrt.errors import BackendUnavailableError, KernelCompileError
 from attnrt.interfaces import AttentionImpl
@@ -61,12 +62,14 @@ _UNSELECTED = _Unselected()
 class _Selected:
     """A decision and the impl built from it, for one (dtype, device) a layer has seen."""
 
-    __slots__ = ("decision", "device", "dtype", "epoch", "impl", "index")
+    __slots__ = ("decision", "device", "dtype", "epoch", "forced", "impl", "index")
 
     def __init__(self, decision: Decision, impl: AttentionImpl, dtype: torch.dtype | None,
-                 device: torch.device | None) -> None:
+                 device: torch.device | None, epoch: int, forced: str | None) -> None:
         self.decision, self.impl, self.dtype, self.device = decision, impl, dtype, device
-        self.epoch = dispatch.selection_epoch
+        # The selection epoch read before selecting, and this thread's force_backend() value:
+        # the hot path re-selects when either differs now.
+        self.epoch, self.forced = epoch, forced
         # Tensor.get_device() of inputs on `device` (-1 on CPU); None matches no tensor.
         self.index = None if device is None else (-1 if device.type == "cpu" else
                                                   device.index or 0)
@@ -120,17 +123,23 @@ class LocalAttention(nn.Module):
             # built in fp32, then cast): the first forward selects for its real dtype, and
             # raises then if nothing can run it.
             request = self.request_for(dtype)
-            return _Selected(decide(request, self._device_for(device)), _UNSELECTED, None, None)
+            return _Selected(decide(request, self._device_for(device)), _UNSELECTED, None, None,
+                             dispatch.selection_epoch, _CONTEXT_FORCE.get())
 
     def _select(self, dtype: torch.dtype, tensor_device: torch.device | None) -> _Selected:
+        epoch, forced = dispatch.selection_epoch, _CONTEXT_FORCE.get()  # read before selecting
         key = (dtype, str(tensor_device), forced_backend())
         found = self._by_key.get(key)
-        if found is None:
-            decision = select(self.request_for(dtype), self._device_for(tensor_device))
+        if found is not None and found.epoch == epoch:
+            return found
+        decision = select(self.request_for(dtype), self._device_for(tensor_device))
+        if found is not None and found.decision.backend == decision.backend:
+            impl = found.impl  # same backend after a global change: keep the impl and its state
+        else:
             impl = decision.backend_cls.get_impl_cls()(
                 self.num_heads, self.head_size, self.softmax_scale, self.causal,
                 self.num_kv_heads, self.prefix, **self.extra_impl_args)
-            found = self._by_key[key] = _Selected(decision, impl, dtype, tensor_device)
+        found = self._by_key[key] = _Selected(decision, impl, dtype, tensor_device, epoch, forced)
         return found
 
     def impl_for(self, dtype: torch.dtype, device: torch.device | None = None) -> AttentionImpl:
@@ -163,7 +172,8 @@ class LocalAttention(nn.Module):
                 and ks[2] == kv_heads and ks[3] == size and ks == v.shape and qs[0] == ks[0]
                 and q.dtype is dt and k.dtype is dt and v.dtype is dt
                 and q.get_device() == active.index == k.get_device() == v.get_device()
-                and active.epoch == dispatch.selection_epoch):
+                and active.epoch == dispatch.selection_epoch
+                and _CONTEXT_FORCE.get() is active.forced):
             active = self._slow_path(q, k, v)
         if freqs_cis is not None:
             q, k = self._rotate(q, k, freqs_cis)
@@ -183,8 +193,6 @@ class LocalAttention(nn.Module):
         return apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
 
     def _slow_path(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _Selected:
-        if self._active.epoch != dispatch.selection_epoch:
-            self._by_key.clear()  # a force changed or a backend failed: choose again
         qs, ks = q.shape, k.shape
         if not (len(qs) == 4 and len(ks) == 4 and ks == v.shape and qs[0] == ks[0]
                 and qs[2:] == self._q_tail and ks[2:] == self._kv_tail
@@ -203,8 +211,7 @@ class LocalAttention(nn.Module):
             logger.warning("%s failed for %s (%s); using the next ranked backend "
                            "(set ATTNRT_STRICT=1 to make this an error)",
                            name, active.decision.request.describe(), exc)
-        self._by_key.clear()
-        self._active = self._select(q.dtype, q.device)
+        self._active = self._select(q.dtype, q.device)  # the epoch moved: selects again
         return self._active.impl.forward(q, k, v, get_forward_context().attn_metadata)
 
     def _raise_bad_input(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

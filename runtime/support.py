@@ -137,8 +137,9 @@ _DEFAULTS: dict[str, Any] = {
     "PACKAGES": (),
     # Whether DistributedAttention may append replicated (e.g. text) tokens to the sequence.
     "SUPPORTS_REPLICATED_TOKENS": True,
-    # Whether the impl's forward takes (q, k, v, gate_compress, attn_metadata), as VSA's does.
-    "ACCEPTS_GATE_COMPRESS": False,
+    # Whether the impl's forward takes (q, k, v, gate_compress, attn_metadata), as VSA's does;
+    # None: read it off the forward's signature (FastVideo VSA backends declare nothing).
+    "ACCEPTS_GATE_COMPRESS": None,
 }
 
 

@@ -211,3 +211,43 @@ def test_rotary_tables_of_the_wrong_shape_are_named():
     q, k, v = randn_qkv(1, 6, 2, 8)
     with pytest.raises(ValueError, match=r"freqs_cis cos/sin have shape \(5, 4\)"):
         layer(q, k, v, freqs_cis=(torch.randn(5, 4), torch.randn(5, 4)))
+
+
+def test_a_force_in_one_thread_does_not_leak_into_another_sharing_the_layer():
+    import threading
+
+    layer = attnrt.LocalAttention(2, 32)
+    q, k, v = randn_qkv(1, 16, 2, 32)
+    seen = {}
+
+    def forced_thread():
+        with attnrt.force_backend("REFERENCE"):
+            layer(q, k, v)
+            seen["thread"] = layer.backend_name
+
+    t = threading.Thread(target=forced_thread)
+    t.start()
+    t.join()
+    layer(q, k, v)
+    assert seen["thread"] == "REFERENCE"
+    assert layer.backend_name == "TORCH_SDPA"
+
+
+def test_entering_a_force_keeps_impls_of_unforced_callers():
+    layer = attnrt.LocalAttention(2, 32)
+    q, k, v = randn_qkv(1, 16, 2, 32)
+    layer(q, k, v)
+    impl = layer._active.impl
+    with attnrt.force_backend("REFERENCE"):
+        pass
+    layer(q, k, v)
+    assert layer._active.impl is impl
+
+
+def test_decision_for_sees_a_failure_recorded_by_another_layer(failing_first):
+    q, k, v = randn_qkv(1, 16, 2, 32)
+    other = attnrt.LocalAttention(2, 32)
+    assert other.decision_for(torch.float32, q.device).backend == "FLAKY_ATTN"
+    attnrt.LocalAttention(2, 32)(q, k, v)  # fails, records, falls back
+    assert other.decision_for(torch.float32, q.device).backend == "TORCH_SDPA"
+    assert type(other.impl_for(torch.float32, q.device)).__name__ == "TorchSdpaImpl"

@@ -77,6 +77,11 @@ def block_config(platform: str, arch: str, head_size: int,
     return config
 
 
+def clear_config_caches() -> None:
+    configs_module.cache_clear()
+    block_config.cache_clear()
+
+
 def config_for(q: torch.Tensor) -> dict[str, dict[str, int]] | None:
     device = device_for_tensor(q.device)
     return block_config(device.platform, device.arch, q.shape[3], q.dtype != torch.float32)
@@ -112,11 +117,12 @@ def autotuned_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
 
 
 def triton_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                 scale: float | None, autotune: bool = False) -> torch.Tensor:
-    """flash_attention with the device's config; compile failures -> KernelCompileError."""
+                 scale: float | None,
+                 config: dict[str, dict[str, int]] | None = None) -> torch.Tensor:
+    """flash_attention with `config` or the device's; compile failures -> KernelCompileError."""
     from attnrt.kernels.triton_flash import flash_attention
 
-    config = autotuned_config(q, k, v, causal, scale) if autotune else config_for(q)
+    config = config if config is not None else config_for(q)
     try:
         out: torch.Tensor = flash_attention(q, k, v, causal=causal, softmax_scale=scale,
                                             config=config)
@@ -136,10 +142,22 @@ class TritonFlashAttnImpl(ScaledImpl):
         super().__init__(num_heads, head_size, softmax_scale, causal, num_kv_heads, prefix,
                          **extra_impl_args)
         self.autotune = autotune_requested(extra_impl_args)
+        self._tuned: dict[tuple[Any, ...], dict[str, dict[str, int]] | None] = {}
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
-        return triton_flash(query, key, value, self.causal, self.softmax_scale, self.autotune)
+        config = self._tuned_config(query, key, value) if self.autotune else None
+        return triton_flash(query, key, value, self.causal, self.softmax_scale, config)
+
+    def _tuned_config(self, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor) -> dict[str, dict[str, int]] | None:
+        """Per impl, keyed like the tuner but without the device lookup on every call."""
+        from attnrt.kernels.flash_autotune import sequence_bucket
+
+        local = (q.device, q.dtype, sequence_bucket(q.shape[1], k.shape[1]), k.shape[2])
+        if local not in self._tuned:
+            self._tuned[local] = autotuned_config(q, k, v, self.causal, self.softmax_scale)
+        return self._tuned[local]
 
 
 class TritonFlashAttnBackend(AttentionBackend):

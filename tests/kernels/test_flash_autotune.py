@@ -105,13 +105,14 @@ def test_triton_backend_tunes_once_per_bucket_under_the_interpreter(monkeypatch)
 
     monkeypatch.setattr(flash_autotune, "tuned_config", spy)
     monkeypatch.setattr(backend, "device_for_tensor", lambda d: Device("cuda", "sm90"))
-    for n in (40, 60, 200):
+    impl = backend.TritonFlashAttnImpl(2, 32, 32 ** -0.5, triton_autotune=True)
+    for n in (40, 60, 200, 60):
         q = torch.randn(1, n, 2, 32, dtype=torch.float16)
-        out = backend.triton_flash(q, q.clone(), q.clone(), False, None, autotune=True)
+        out = impl.forward(q, q.clone(), q.clone(), None)
         assert out.shape == q.shape
         assert torch.isfinite(out).all()
-    assert len(calls) == 3
-    assert len({k[-1] for k in calls}) == 2  # N=40 and N=60 share bucket 128; N=200 is 256
+    assert len(calls) == 2  # N=40 and N=60 share bucket 128 (the impl asks once); N=200 is 256
+    assert {k[-1] for k in calls} == {128, 256}
     assert len(flash_autotune.tuned_keys()) == 2
 
 
