@@ -25,8 +25,6 @@ import importlib.util
 import json
 import os
 import statistics
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,17 +38,10 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
 
 
 def _ensure_attnrt() -> None:
-    """Import attnrt installed, else from a temp dir of links to this checkout."""
-    if importlib.util.find_spec("attnrt") is not None:
-        return
-    shim = Path(tempfile.mkdtemp(prefix="attnrt_shim_")) / "attnrt"
-    shim.mkdir()
-    for entry in (ROOT / "runtime").iterdir():
-        (shim / entry.name).symlink_to(entry)
-    (shim / "platforms").symlink_to(ROOT / "platforms")
-    sys.path.insert(0, str(shim.parent))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim.parent),
-                                                             os.environ.get("PYTHONPATH")]))
+    """Stop with the install command when attnrt is not importable."""
+    if importlib.util.find_spec("attnrt") is None:
+        raise SystemExit("attnrt is not installed: run `pip install --no-deps "
+                         "--no-build-isolation -e .` in the repo first (bench/gpu_checks.sh does)")
 
 
 def _timer(fn: Callable[[], Any], args: argparse.Namespace, device: Any) -> float:

@@ -6,8 +6,8 @@ TFLOP/s = 4 * B * H * N^2 * D / time, halved when causal; backward counts 2.5x t
     python bench/triton_flash_gpu.py --out "$OUT"              # tests, sweep, table
     python bench/triton_flash_gpu.py --phases sweep,table       # any subset, in that order
 
-Runs from a plain checkout too: without an installed attnrt it links runtime/ and platforms/
-into a temporary package (see _ensure_attnrt). Everything is timed with
+Needs the repo installed (`pip install --no-deps --no-build-isolation -e .`; see
+_ensure_attnrt). Everything is timed with
 triton.testing.do_bench (median, after warm-up) on fresh torch.randn inputs.
 """
 
@@ -22,7 +22,6 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -58,16 +57,11 @@ KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
 def _ensure_attnrt() -> str:
-    """Import path for attnrt: the installed one, else a temp dir of links to this checkout."""
-    if importlib.util.find_spec("attnrt") is not None:
-        return ""
-    shim = Path(tempfile.mkdtemp(prefix="attnrt_shim_")) / "attnrt"
-    shim.mkdir()
-    for entry in (ROOT / "runtime").iterdir():
-        (shim / entry.name).symlink_to(entry)
-    (shim / "platforms").symlink_to(ROOT / "platforms")
-    sys.path.insert(0, str(shim.parent))
-    return str(shim.parent)
+    """Stop with the install command when attnrt is not importable; returns the repo root."""
+    if importlib.util.find_spec("attnrt") is None:
+        raise SystemExit("attnrt is not installed: run `pip install --no-deps "
+                         "--no-build-isolation -e .` in the repo first (bench/gpu_checks.sh does)")
+    return str(ROOT)
 
 
 def _log(out: Path, line: str) -> None:
