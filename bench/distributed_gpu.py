@@ -6,16 +6,26 @@ Shapes: B=1, N sequence, H heads, D=128. For each (N, H) one run prints:
     half       LocalAttention(H/P) on [1, N, H/P, D]: the compute floor of one rank's share
     a2a        one all-to-all of a q shard [1, N/P, H, D] -> [1, N, H/P, D]; GB/s per rank counts
                the bytes each rank sends to the others, (P-1)/P of its shard
-    sp c=K     DistributedAttention forward, heads exchanged in K chunks (K=1: no overlap),
-               slowest rank's median; speedup = single / sp
-    nocheck    the best K without the per-forward shape check (its cost)
+    plain      DistributedAttention forward, exchange then attend then exchange back
+    local      the local-first schedule: own shard attended while the others travel, merged by
+               log-sum-exp (the default on device groups for non-causal inference)
+    cK         the plain schedule with heads exchanged in K chunks (K-1 of them overlapped)
+    .../np     the same without the high-priority NCCL twin (init_sequence_parallel's
+               priority_exchange=False)
+    .../nocheck  the same without the per-forward shape check (its cost)
+    speedup    single / the fastest schedule with the check (the shipped default behaviour)
 
     python bench/distributed_gpu.py                        # spawns 2 ranks on GPUs 0 and 1
     torchrun --nproc_per_node=2 bench/distributed_gpu.py   # the same under torchrun
     python bench/distributed_gpu.py --device cpu --shapes 256x4 --iters 2   # gloo smoke test
 
-Inputs are fresh torch.randn per shape; timings are CUDA-event medians after warm-up, with a
-barrier before every timed call so the ranks start together. Prints a table; asserts nothing.
+Inputs are fresh torch.randn per shape. Each sample is `--calls` back-to-back forwards between
+two CUDA events after a barrier (as a model's layers follow each other, so CPU work of call i+1
+overlaps GPU work of call i), divided by the count, slowest rank. Samples of all implementations
+are taken in turn, `--iters` rounds (so clock drift and throttling hit all alike); medians are
+printed. Before timing, every schedule's output is compared with the first one's (bf16, max
+abs error in the table).
+Prints a table; asserts nothing.
 """
 
 from __future__ import annotations
@@ -44,29 +54,25 @@ def _ensure_attnrt() -> None:
                          "--no-build-isolation -e .` in the repo first (bench/gpu_checks.sh does)")
 
 
-def _timer(fn: Callable[[], Any], args: argparse.Namespace, device: Any) -> float:
-    """Median milliseconds of fn over args.iters calls, all ranks starting each call together."""
+def _sample(fn: Callable[[], Any], args: argparse.Namespace, device: Any) -> float:
+    """Milliseconds per call of fn over `args.calls` calls back to back, ranks started together."""
     import torch
     import torch.distributed as dist
 
-    for _ in range(args.warmup):
+    dist.barrier()
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(args.calls):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / args.calls
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(args.calls):
         fn()
-    times = []
-    for _ in range(args.iters):
-        dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / args.calls
 
 
 def _slowest(ms: float, device: Any) -> float:
@@ -79,42 +85,61 @@ def _slowest(ms: float, device: Any) -> float:
 
 
 def _measure_shape(n: int, h: int, args: argparse.Namespace, device: Any) -> dict[str, Any]:
+    """Every implementation sampled in turn, iteration after iteration (clock drift and
+    thermal throttling then hit all of them alike); medians of the slowest rank's samples."""
     import torch
 
-    from attnrt.distributed import init_sequence_parallel, start_seq_to_heads
+    from attnrt.distributed import (
+        init_sequence_parallel,
+        set_sequence_parallel,
+        start_seq_to_heads,
+    )
     from attnrt.distributed_layers import DistributedAttention
-
-    sp = init_sequence_parallel()
-    p = sp.size
-    assert n % p == 0, f"N={n} must divide by P={p} here (padding is the tests' business)"
-    row: dict[str, Any] = {"N": n, "H": h, "P": p}
-    with torch.no_grad():
-        shard = _measure_local(row, args, device, sp.rank)
-        a2a_ms = _slowest(_timer(lambda: start_seq_to_heads(shard[0], sp).wait(), args, device),
-                          device)
-        sent = shard[0].numel() * shard[0].element_size() * (p - 1) / p
-        row.update(a2a_ms=a2a_ms, a2a_gbps=sent / (a2a_ms * 1e-3) / 1e9)
-        _measure_sp(row, shard, args, device, DistributedAttention)
-    return row
-
-
-def _measure_local(row: dict[str, Any], args: argparse.Namespace, device: Any,
-                   rank: int) -> list[Any]:
-    """Single-GPU and per-rank-share times; returns this rank's shards of fresh q, k, v."""
-    import torch
-
     from attnrt.layers import LocalAttention
 
-    n, h, p = row["N"], row["H"], row["P"]
+    base = init_sequence_parallel()
+    p = base.size
+    assert n % p == 0, f"N={n} must divide by P={p} here (padding is the tests' business)"
+    row: dict[str, Any] = {"N": n, "H": h, "P": p}
     full = [torch.randn(1, n, h, D, device=device, dtype=_dtype(device)) for _ in range(3)]
-    single = LocalAttention(h, D)
-    row["single_ms"] = _timer(lambda: single(*full), args, device)
-    row["backend"] = single.backend_name
-    half = LocalAttention(h // p, D)
+    single = LocalAttention(h, D, supported_attention_backends=args.backends)
+    half = LocalAttention(h // p, D, supported_attention_backends=args.backends)
     part = [t[:, :, :h // p].contiguous() for t in full]
-    row["half_ms"] = _timer(lambda: half(*part), args, device)
     s = n // p
-    return [t[:, rank * s:(rank + 1) * s].contiguous() for t in full]
+    shard = [t[:, base.rank * s:(base.rank + 1) * s].contiguous() for t in full]
+    runs: dict[str, tuple[Any, Callable[[], Any]]] = {
+        "single": (base, lambda: single(*full)), "half": (base, lambda: half(*part)),
+        "a2a": (base, lambda: start_seq_to_heads(shard[0], base).wait())}
+    want = None
+    for mode in args.modes:
+        sp = init_sequence_parallel(**_schedule(mode))
+        layer = DistributedAttention(h, D, supported_attention_backends=args.backends)
+        with torch.no_grad():
+            got, _ = layer(*shard)
+        want = got if want is None else want  # the first mode is the yardstick
+        row[f"{mode}_err"] = float((got.float() - want.float()).abs().max())
+        runs[mode] = (sp, lambda layer=layer: layer(*shard))
+    del got, want
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for sp, fn in runs.values():  # warm-up
+            set_sequence_parallel(sp)
+            for _ in range(args.warmup):
+                fn()
+        for _ in range(args.iters):
+            for name, (sp, fn) in runs.items():
+                set_sequence_parallel(sp)
+                samples[name].append(_slowest(_sample(fn, args, device), device))
+    for name, values in samples.items():
+        row[f"{name}_ms"] = statistics.median(values)
+    row["backend"] = single.backend_name
+    sent = shard[0].numel() * shard[0].element_size() * (p - 1) / p
+    row["a2a_gbps"] = sent / (row["a2a_ms"] * 1e-3) / 1e9
+    checked = [m for m in args.modes if "nocheck" not in m]
+    row["best"] = min(checked, key=lambda m: row[f"{m}_ms"])
+    row["speedup"] = row["single_ms"] / row[f"{row['best']}_ms"]
+    row["ideal"] = row["single_ms"] / row["half_ms"]
+    return row
 
 
 def _dtype(device: Any) -> Any:
@@ -123,34 +148,28 @@ def _dtype(device: Any) -> Any:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _measure_sp(row: dict[str, Any], shard: list[Any], args: argparse.Namespace, device: Any,
-                layer_cls: type) -> None:
-    from attnrt.distributed import init_sequence_parallel
-
-    best = None
-    for chunks in args.chunks:
-        init_sequence_parallel(overlap_chunks=chunks)
-        layer = layer_cls(row["H"], D)
-        ms = _slowest(_timer(lambda layer=layer: layer(*shard), args, device), device)
-        row[f"sp_c{chunks}_ms"] = ms
-        best = chunks if best is None or ms < row[f"sp_c{best}_ms"] else best
-    init_sequence_parallel(overlap_chunks=best, check_shards=False)
-    layer = layer_cls(row["H"], D)
-    row["nocheck_ms"] = _slowest(_timer(lambda: layer(*shard), args, device), device)
-    row["best_chunks"] = best
-    row["speedup"] = row["single_ms"] / row[f"sp_c{best}_ms"]
-    row["ideal"] = row["single_ms"] / row["half_ms"]
+_SCHEDULES = {"plain": {"overlap_chunks": 1, "local_first": False},
+              "local": {"overlap_chunks": 1, "local_first": True}}
 
 
-def _table(rows: list[dict[str, Any]], chunks: list[int]) -> str:
+def _schedule(mode: str) -> dict[str, Any]:
+    """"plain", "local", "cK" (K head chunks); flags after "/": "np" no high-priority NCCL
+    twin, "nocheck" no per-forward shape check."""
+    name, *flags = mode.split("/")
+    chosen = dict(_SCHEDULES.get(name) or {"overlap_chunks": int(name[1:]), "local_first": False})
+    return {**chosen, "priority_exchange": "np" not in flags,
+            "check_shards": "nocheck" not in flags}
+
+
+def _table(rows: list[dict[str, Any]], modes: list[str]) -> str:
     head = (["N", "H", "backend", "single ms", "half ms", "a2a ms", "a2a GB/s/rank"]
-            + [f"sp c={c} ms" for c in chunks] + ["nocheck ms", "speedup", "ideal"])
+            + [f"{m} ms (err)" for m in modes] + ["speedup", "ideal"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["N"], r["H"], r["backend"], f"{r['single_ms']:.2f}", f"{r['half_ms']:.2f}",
                  f"{r['a2a_ms']:.3f}", f"{r['a2a_gbps']:.1f}",
-                 *(f"{r[f'sp_c{c}_ms']:.2f}" for c in chunks), f"{r['nocheck_ms']:.2f}",
-                 f"{r['speedup']:.3f}x (c={r['best_chunks']})", f"{r['ideal']:.3f}x"]
+                 *(f"{r[f'{m}_ms']:.2f} ({r[f'{m}_err']:.1e})" for m in modes),
+                 f"{r['speedup']:.3f}x ({r['best']})", f"{r['ideal']:.3f}x"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -172,7 +191,7 @@ def _run(rank: int, world: int, args: argparse.Namespace) -> None:
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         print(f"\nSP={world} on {name}, torch {torch.__version__}, "
               f"{str(_dtype(device)).replace('torch.', '')}, D={D}, B=1")
-        print(_table(rows, args.chunks))
+        print(_table(rows, args.modes))
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "distributed_gpu.json").write_text(json.dumps(rows, indent=1))
@@ -182,7 +201,13 @@ def _run(rank: int, world: int, args: argparse.Namespace) -> None:
 def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="16384x24,32760x40,75600x24", help="NxH,NxH,...")
-    ap.add_argument("--chunks", default="1,2,4", help="overlap chunk counts to time")
+    ap.add_argument("--modes", default="plain,local,local/nocheck",
+                    help="schedules to time: plain, local, cK (K head chunks), each optionally "
+                         "with /np (no priority twin) or /nocheck (no shape check); the first is "
+                         "the yardstick of the error column; speedup takes the best checked one")
+    ap.add_argument("--backends", default="",
+                    help="comma-separated backends for every layer (default: the manifest's)")
+    ap.add_argument("--calls", type=int, default=4, help="back-to-back calls per timed sample")
     ap.add_argument("--world", type=int, default=2, help="ranks to spawn without torchrun")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--iters", type=int, default=10)
@@ -190,7 +215,8 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     args = ap.parse_args()
     args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-    args.chunks = [int(c) for c in args.chunks.split(",")]
+    args.modes = args.modes.split(",")
+    args.backends = tuple(args.backends.split(",")) if args.backends else None
     return args
 
 

@@ -16,10 +16,11 @@ tensors, and both paths are tested there.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -60,6 +61,7 @@ class SequenceParallel:
     overlap_chunks: int | None = None
     all_to_all: str = "single"
     check_shards: bool = True
+    local_first: bool | None = None
 
     @property
     def meta_on_cpu(self) -> bool:
@@ -76,7 +78,8 @@ def _backend_of(group: Any) -> str:
 
 def init_sequence_parallel(group: Any = None, size: int | None = None, *,
                            overlap_chunks: int | None = None, all_to_all: str = "auto",
-                           check_shards: bool = True) -> SequenceParallel:
+                           check_shards: bool = True, local_first: bool | None = None,
+                           priority_exchange: bool = True) -> SequenceParallel:
     """Set the SP group for every DistributedAttention layer of this process; call on every rank.
 
     group: an existing process group (its ranks, in rank order, hold consecutive shards);
@@ -88,6 +91,13 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
     "pairwise" (batched isend/irecv, for groups without all_to_all_single).
     check_shards: gather every rank's shapes once per forward so a mismatch raises everywhere
     instead of hanging; False saves that one small collective.
+    local_first: attend this rank's own shard (the heads it keeps) while the other shards are
+    in flight, then merge by log-sum-exp (see distributed_layers); None: on for device groups
+    without overlap_chunks, where the layer's inputs allow it; True: wherever they allow it.
+    priority_exchange: for NCCL groups, run the exchanges on a twin communicator with a
+    high-priority stream, so its kernels get SMs ahead of attention blocks already queued
+    (without it an exchange started beside a long attention kernel waits for that kernel);
+    costs one more communicator. False exchanges over the group as given.
     Without torch.distributed (and no torchrun environment), group=None and size 1 give a
     one-process group that runs no collective.
     """
@@ -98,9 +108,12 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
     if overlap_chunks is not None and (isinstance(overlap_chunks, bool) or not isinstance(
             overlap_chunks, int) or overlap_chunks < 1):
         raise ValueError(f"overlap_chunks={overlap_chunks!r} must be None or a positive integer")
+    if local_first not in (None, True, False):
+        raise ValueError(f"local_first={local_first!r} is not allowed; allowed: None, True, False")
     if not _init_from_launcher():
         if group is None and size in (None, 1):
-            _state = replace(SINGLE, overlap_chunks=overlap_chunks, check_shards=check_shards)
+            _state = replace(SINGLE, overlap_chunks=overlap_chunks, check_shards=check_shards,
+                             local_first=local_first)
             return _state
         raise SequenceParallelError(
             f"init_sequence_parallel(group={group!r}, size={size!r}) needs torch.distributed: "
@@ -108,8 +121,11 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
     group = _data_group(group, size)
     backend = _backend_of(group)
     mode = all_to_all if all_to_all != "auto" else "single"
+    meta = _meta_group(group, backend)
+    if priority_exchange:
+        group = _priority_twin(group, backend)
     _state = SequenceParallel(group, dist.get_world_size(group), dist.get_rank(group), backend,
-                              _meta_group(group, backend), overlap_chunks, mode, check_shards)
+                              meta, overlap_chunks, mode, check_shards, local_first)
     logger.info("sequence parallel: size %d, rank %d, backend %s, all_to_all %s",
                 _state.size, _state.rank, backend, mode)
     return _state
@@ -183,6 +199,33 @@ def _meta_group(group: Any, backend: str) -> Any:
         return group
 
 
+def _priority_twin(group: Any, backend: str) -> Any:
+    """An NCCL twin of `group` whose collectives run on a high-priority stream; else `group`."""
+    options_cls = getattr(getattr(dist, "ProcessGroupNCCL", None), "Options", None)
+    if "nccl" not in backend or options_cls is None:
+        return group
+    options = options_cls()
+    options.is_high_priority_stream = True
+    try:
+        return dist.new_group(dist.get_process_group_ranks(group), backend="nccl",
+                              pg_options=options, use_local_synchronization=True)
+    except (RuntimeError, ValueError) as exc:
+        logger.warning("no high-priority NCCL twin for the SP group (%s): exchanges use the "
+                       "group's own stream and may wait behind attention kernels", exc)
+        return group
+
+
+def set_sequence_parallel(sp: SequenceParallel) -> SequenceParallel:
+    """Make an SP group that init_sequence_parallel returned earlier the current one again
+    (e.g. to switch between schedules built once); returns it."""
+    global _state
+    if not isinstance(sp, SequenceParallel):
+        raise TypeError(f"sp={type(sp).__name__} is not allowed; expected the SequenceParallel "
+                        "that init_sequence_parallel returned")
+    _state = sp
+    return sp
+
+
 def clear_sequence_parallel() -> None:
     """Forget the SP group (the process groups themselves stay; destroying them is the caller's)."""
     global _state
@@ -250,6 +293,75 @@ def exchange(send: torch.Tensor, recv: torch.Tensor, sp: SequenceParallel) -> li
         ops.append(dist.P2POp(dist.isend, send[peer], global_peer, sp.group))
         ops.append(dist.P2POp(dist.irecv, recv[peer], global_peer, sp.group))
     return dist.batch_isend_irecv(ops) if ops else []
+
+
+def exchange_others(send: torch.Tensor, recv: torch.Tensor, sp: SequenceParallel) -> list[Any]:
+    """Start an all-to-all that skips this rank: send/recv [(P-1) * R, ...], rows j*R ... j*R+R
+    go to / come from the j-th other rank of the group (ranks in order, this one left out)."""
+    rows = send.shape[0] // (sp.size - 1)
+    if sp.all_to_all == "single":
+        sizes = [0 if peer == sp.rank else rows for peer in range(sp.size)]
+        return [dist.all_to_all_single(recv, send, sizes, sizes, group=sp.group, async_op=True)]
+    ops = []
+    others = [peer for peer in range(sp.size) if peer != sp.rank]
+    for j, peer in enumerate(others):
+        global_peer = dist.get_global_rank(sp.group, peer)
+        part = slice(j * rows, (j + 1) * rows)
+        ops.append(dist.P2POp(dist.isend, send[part], global_peer, sp.group))
+        ops.append(dist.P2POp(dist.irecv, recv[part], global_peer, sp.group))
+    return dist.batch_isend_irecv(ops)
+
+
+_SIDE_STREAMS: dict[torch.device, Any] = {}
+
+
+@contextlib.contextmanager
+def side_stream(device: torch.device) -> Iterator[Any]:
+    """Run the enclosed work (packing copies, collectives) on a second CUDA stream of `device`,
+    after everything already queued on the current one; a no-op on other devices.
+
+    Buffers allocated inside belong to that stream. It is safe to drop them after a `wait()` on
+    the current stream: every entry first waits for the current stream, so the side stream never
+    reuses a block before the current stream's reads of it are done.
+    """
+    if device.type != "cuda":
+        yield None
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = torch.device("cuda", index)
+    stream = _SIDE_STREAMS.get(key)
+    if stream is None:
+        # High priority, like the NCCL twin's: packing copies must not queue behind attention.
+        stream = _SIDE_STREAMS[key] = torch.cuda.Stream(key, priority=-1)
+    stream.wait_stream(torch.cuda.current_stream(key))
+    with torch.cuda.stream(stream):
+        yield stream
+
+
+_HEAD_START_CYCLES = 20_000  # ~10 us at H100 clocks
+
+
+def head_start(device: torch.device) -> None:
+    """Queue a ~10 us kernel on the current stream, after a collective was just started.
+
+    A persistent attention kernel (cuDNN's on Hopper) takes every SM it finds free and keeps
+    it to the end; a collective that becomes ready at the same moment then waits for the whole
+    kernel. Queued between the two, this short kernel lets the collective's blocks land on
+    their SMs first (measured: bench/NOTES-distributed.md). A no-op off CUDA.
+    """
+    if device.type != "cuda":
+        return
+    sleep = getattr(torch.cuda, "_sleep", None)
+    if sleep is not None:
+        sleep(_HEAD_START_CYCLES)
+    else:  # a tiny kernel is a shorter head start, but still one
+        torch.zeros(1, device=device)
+
+
+def join_stream(device: torch.device, stream: Any) -> None:
+    """Make the current stream wait for what `stream` (from side_stream; None: nothing) queued."""
+    if stream is not None:
+        torch.cuda.current_stream(device).wait_stream(stream)
 
 
 def start_seq_to_heads(x: torch.Tensor, sp: SequenceParallel, chunk: int = 0,
@@ -424,4 +536,5 @@ __all__ = [
     "SINGLE", "SequenceParallel", "SequenceParallelError", "ShardError", "ShardMismatchError",
     "clear_sequence_parallel", "gather_heads", "get_sequence_parallel", "get_sp_parallel_rank",
     "get_sp_world_size", "heads_to_seq", "init_sequence_parallel", "seq_to_heads",
+    "set_sequence_parallel",
 ]

@@ -41,15 +41,19 @@ from attnrt.distributed import (
     SequenceParallelError,
     ShardError,
     check_same_on_all_ranks,
+    exchange_others,
     gather_heads,
     gather_heads_raw,
     get_sequence_parallel,
+    head_start,
     heads_to_seq,
+    join_stream,
     seq_to_heads,
+    side_stream,
     start_heads_to_seq,
     start_seq_to_heads,
 )
-from attnrt.interfaces import AttentionImpl
+from attnrt.interfaces import AttentionImpl, lse_forward, merge_partials
 from attnrt.layers import LocalAttention, apply_rotary_emb
 from attnrt.support import declared
 
@@ -180,7 +184,65 @@ class DistributedAttention(nn.Module):
         plan = _Plan(sp, q.shape[1], original_seq_len or full, kv_repeat, chunks)
         if grad or sp.size == 1:
             return self._differentiable(plan, tensors, reps)
+        if not (hooks or reps or len(tensors) > 3) and self._local_first_applies(plan, impl):
+            return self._local_first(plan, tensors, impl), None
         return self._overlapped(plan, tensors, reps)
+
+    def _local_first_applies(self, plan: _Plan, impl: AttentionImpl) -> bool:
+        """Local-first needs the impl's lse, a non-causal layer and no padding (keys of the
+        own shard must all be real); by default it runs on device groups without chunking."""
+        wanted = plan.sp.local_first
+        if wanted is None:
+            wanted = "gloo" not in plan.sp.backend and plan.sp.overlap_chunks in (None, 1)
+        return bool(wanted) and not self.causal and plan.valid == plan.full and (
+            lse_forward(impl) is not None)
+
+    def _local_first(self, plan: _Plan, tensors: list[torch.Tensor],
+                     impl: AttentionImpl) -> torch.Tensor:
+        """Ulysses with the own shard attended while the others travel, per batch row:
+
+            pack      the other ranks' heads of q, k, v (side stream), exchange them (NCCL)
+            A         own queries over own keys, this rank's heads: needs no exchange, with lse
+            B         the other ranks' queries over all keys; their outputs start back at once
+            C         own queries over the other ranks' keys, with lse; merged with A straight
+                      into the output's own heads (exact: disjoint key sets, see merge_partials)
+        The exchange runs beside A and the return beside C. The attention kernels on Hopper
+        (cuDNN's) are persistent: once started they hold every SM, and a collective queued
+        after them waits for their end. So A is queued only after the packing is done, when
+        the exchange (on a high-priority stream) is ready to take its SMs first; see
+        bench/NOTES-distributed.md. Keys are not in sequence order (own rows first), which
+        non-causal attention does not see. Non-causal, no padding, no replicated tokens, no hooks.
+        """
+        sp, shard = plan.sp, plan.shard
+        q, k, v = tensors[:3]
+        lse_fn, metadata = lse_forward(impl), get_forward_context().attn_metadata
+        p, d = sp.size, q.shape[3]
+        hp = q.shape[2] // p
+        peers = [peer for peer in range(p) if peer != sp.rank]
+        out = torch.empty_like(q)
+        for b in range(q.shape[0]):
+            rank_heads = [t[b:b + 1].unflatten(2, (p, -1)) for t in (q, k, v)]  # [1, S, P, Hx/P, D]
+            own = [t[:, :, sp.rank] for t in rank_heads]
+            exchange = _exchange_two if p == 2 else _exchange_many
+            q_in, k_all, v_all, theirs, fill_own, works = exchange(rank_heads, own, peers, sp)
+            o_a, lse_a = lse_fn(*own, metadata)  # A
+            fill_own()
+            for work in works:
+                work.wait()
+            out_b = impl.forward(q_in, k_all, v_all, metadata)  # B
+            send_back = out_b.reshape(-1, hp * d)
+            recv_back = torch.empty_like(send_back)
+            back = exchange_others(send_back, recv_back, sp)
+            head_start(q.device)
+            o_c, lse_c = lse_fn(own[0], k_all[:, theirs], v_all[:, theirs], metadata)  # C
+            target = out[b:b + 1].unflatten(2, (p, -1))[:, :, sp.rank]
+            merge_partials(o_a, lse_a, o_c, lse_c, out=target)
+            for work in back:
+                work.wait()
+            returned = recv_back.view(len(peers), shard, hp, d)
+            for j, peer in enumerate(peers):
+                out[b].unflatten(1, (p, -1))[:, peer].copy_(returned[j])
+        return out
 
     def _validate(self, sp: SequenceParallel, base: LocalAttention, tensors: list[torch.Tensor],
                   replicated: tuple[torch.Tensor | None, ...], original_seq_len: int | None,
@@ -336,6 +398,87 @@ def _keep_compile_out() -> None:
         for cls in (DistributedAttention, DistributedAttention_VSA):
             cls.forward = torch.compiler.disable(cls.__dict__["forward"])  # type: ignore[method-assign]
         _compile_kept_out = True
+
+
+Exchanged = tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice, Any, list[Any]]
+
+
+def _exchange_two(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peers: list[int],
+                  sp: SequenceParallel) -> Exchanged:
+    """Local-first exchange for P = 2: q, k and v travel in one collective (one kernel, so
+    nothing queues behind it while attention runs). One buffer holds [q_o | kv_o | kv_own]:
+    what arrives (q_o, then the peer's k and v heads interleaved per row) is contiguous, and so
+    are all keys, peer's rows first. Returns (q_in [1, S, Hp, D], k_all, v_all [1, 2S, Hkvp, D]
+    views, the peer's key rows, a function that fills the own rows, the works)."""
+    q_heads, k_heads, v_heads = (t[0, :, peers[0]] for t in rank_heads)  # [S, Hx/2, D]
+    s, hp, d = q_heads.shape
+    hkvp = k_heads.shape[1]
+    n_q, n_kv = s * hp * d, s * 2 * hkvp * d
+    buf = q_heads.new_empty(n_q + 2 * n_kv)
+    kv_all = buf[n_q:].view(1, 2 * s, 2, hkvp, d)
+    with side_stream(q_heads.device) as stream:
+        send = q_heads.new_empty(n_q + n_kv)
+        send[:n_q].view(s, hp, d).copy_(q_heads)
+        kv_send = send[n_q:].view(s, 2, hkvp, d)
+        kv_send[:, 0].copy_(k_heads)
+        kv_send[:, 1].copy_(v_heads)
+        works = exchange_others(send.view(1, -1), buf[:n_q + n_kv].view(1, -1), sp)
+        head_start(q_heads.device)
+    join_stream(q_heads.device, stream)
+
+    def fill_own() -> None:
+        kv_all[0, s:, 0].copy_(own[1][0])
+        kv_all[0, s:, 1].copy_(own[2][0])
+
+    keep = _Keep(works, send)
+    return (buf[:n_q].view(1, s, hp, d), kv_all[:, :, 0], kv_all[:, :, 1], slice(0, s),
+            fill_own, [keep])
+
+
+def _exchange_many(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peers: list[int],
+                   sp: SequenceParallel) -> Exchanged:
+    """Local-first exchange for P > 2: one collective per tensor (an arriving peer block holds
+    q, k and v, which would not leave all keys contiguous); keys own rows first."""
+    q = rank_heads[0]
+    s, hp, d = q.shape[1], q.shape[3], q.shape[4]
+    hkvp = rank_heads[1].shape[3]
+    q_in = q.new_empty((len(peers) * s, hp * d))
+    kv_all = [q.new_empty((1, (len(peers) + 1) * s, hkvp, d)) for _ in range(2)]
+    recvs = [q_in, *(t[0, s:].view(-1, hkvp * d) for t in kv_all)]
+    with side_stream(q.device) as stream:
+        sends = [_pack_peers(t[0], peers) for t in rank_heads]
+        works = [w for send, recv in zip(sends, recvs, strict=True)
+                 for w in exchange_others(send, recv, sp)]
+        head_start(q.device)
+    join_stream(q.device, stream)
+
+    def fill_own() -> None:
+        for t, mine in zip(kv_all, own[1:], strict=True):
+            t[:, :s].copy_(mine)
+
+    keep = _Keep(works, *sends)
+    return q_in.view(1, -1, hp, d), kv_all[0], kv_all[1], slice(s, None), fill_own, [keep]
+
+
+class _Keep:
+    """Waits for the works, then lets the send buffers go (they must outlive the exchange)."""
+
+    def __init__(self, works: list[Any], *buffers: torch.Tensor) -> None:
+        self.works, self.buffers = works, buffers
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+        self.works, self.buffers = [], ()
+
+
+def _pack_peers(x: torch.Tensor, peers: list[int]) -> torch.Tensor:
+    """x [S, P, Hx/P, D] -> [(P-1) * S, Hx/P * D]: each peer's heads, peers in order (one copy)."""
+    s, _, hx, d = x.shape
+    send = x.new_empty((len(peers), s, hx, d))
+    for j, peer in enumerate(peers):
+        send[j].copy_(x[:, peer])
+    return send.view(-1, hx * d)
 
 
 def _preprocess(impl: AttentionImpl, tensors: list[torch.Tensor],

@@ -47,7 +47,14 @@ class AttentionMetadataBuilder(ABC, Generic[T]):
 
 
 class AttentionImpl(ABC, Generic[T]):
-    """Runs attention for one layer. Inputs [B, N, H, D]; output [B, N, H, D]."""
+    """Runs attention for one layer. Inputs [B, N, H, D]; output [B, N, H, D].
+
+    An impl may also define `forward_with_lse(query, key, value, attn_metadata) -> (out, lse)`,
+    lse [B, H, N] float32: the natural-log log-sum-exp of each row's scaled scores. Partial
+    results over disjoint key sets then merge exactly (see `merge_partials`); DistributedAttention
+    uses it to attend this rank's own shard while the others are still in flight. Optional: a
+    FastVideo backend without it still runs everywhere, only without that overlap.
+    """
 
     @abstractmethod
     def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
@@ -67,6 +74,33 @@ class AttentionImpl(ABC, Generic[T]):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_metadata: T) -> torch.Tensor:
         raise NotImplementedError
+
+
+def lse_forward(impl: AttentionImpl) -> Any:
+    """The impl's `forward_with_lse`, or None where it has none."""
+    method = getattr(impl, "forward_with_lse", None)
+    return method if callable(method) else None
+
+
+def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                   lse_b: torch.Tensor, out: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over keys A and B from the results over A and over B alone (A, B disjoint).
+
+    out_* [B, N, H, D], lse_* [B, H, N] float32 -> (out [B, N, H, D], lse [B, H, N]). The weight
+    of A is exp(lse_a - lse) = sigmoid(lse_a - lse_b); `out` may be a strided view to write into.
+
+    Equivalent PyTorch:
+        lse = torch.logaddexp(lse_a, lse_b)
+        out = out_a * exp(lse_a - lse)[..., None] + out_b * exp(lse_b - lse)[..., None]
+    (with the [B, H, N] weights transposed to [B, N, H]).
+    """
+    # Both -inf (a row that sees no key in either part; both outputs are 0): any weight will do.
+    diff = (lse_a - lse_b).nan_to_num(nan=0.0)
+    weight = torch.sigmoid(diff).transpose(1, 2).unsqueeze(-1).to(out_a.dtype)
+    merged = torch.lerp(out_b, out_a, weight, out=out) if out is not None else torch.lerp(
+        out_b, out_a, weight)
+    return merged, torch.logaddexp(lse_a, lse_b)
 
 
 class ScaledImpl(AttentionImpl[T]):

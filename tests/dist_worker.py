@@ -266,6 +266,46 @@ def check_overlap_chunks(ctx: Ctx) -> None:
                             rotary=True, grads=False)
 
 
+def check_local_first(ctx: Ctx) -> None:
+    """Own shard attended first, merged by lse: same output as LocalAttention, with the
+    exchanges local_first_exchanges counts per batch row; where it does not apply (causal,
+    padding, a gradient) the layer takes the plain exchange, also exact."""
+    h, d = 2 * ctx.world, 16
+    for mode in ("single", "pairwise"):
+        for backend in ("TORCH_SDPA", "REFERENCE"):
+            init_sequence_parallel(local_first=True, all_to_all=mode)
+            for hkv in (h, ctx.world, 1):
+                full = qkv(ctx, 2, 16, h, hkv, d, seed=hkv)
+                ref = LocalAttention(h, d, hkv)(*full)
+                layer = DistributedAttention(h, d, hkv, supported_attention_backends=(backend,))
+                with torch.no_grad(), count_collectives() as counts:
+                    out, _ = layer(*(ctx.shard(t, 16 // ctx.world) for t in full))
+                ctx.close(out, ctx.shard(ref, 16 // ctx.world), f"{backend} {mode} hkv={hkv}")
+                calls = "all_to_all_single" if mode == "single" else "batch_isend_irecv"
+                assert counts[calls] == 2 * local_first_exchanges(ctx.world), counts
+    init_sequence_parallel(local_first=True)
+    with torch.no_grad():
+        compare_run(ctx, h=h, rotary=True, grads=False)
+    for kwargs in ({"causal": True}, {"n": 13}):  # neither applies: the plain exchange runs
+        with torch.no_grad(), count_collectives() as counts:
+            compare_run(ctx, h=h, grads=False, **kwargs)
+        assert counts["all_to_all_single"] == 4, (kwargs, counts)
+    compare_run(ctx, h=h)  # with gradients: the differentiable exchange
+
+
+def check_local_first_by_default_on_device_groups_only(ctx: Ctx) -> None:
+    with torch.no_grad(), count_collectives() as counts:
+        compare_run(ctx, h=2 * ctx.world, grads=False)
+    on_device = "gloo" not in sp_mod.get_sequence_parallel().backend
+    assert counts["all_to_all_single"] == (
+        2 * local_first_exchanges(ctx.world) if on_device else 4), counts
+
+
+def local_first_exchanges(world: int) -> int:
+    """Collectives per batch row: q, k, v in one (two ranks) or one each; the output back."""
+    return 2 if world == 2 else 4
+
+
 def check_one_small_collective_before_the_exchanges(ctx: Ctx) -> None:
     h = 4 * ctx.world
     q, k, v = qkv(ctx, 1, 8, h, h, 16, seed=6)

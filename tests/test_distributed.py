@@ -19,6 +19,7 @@ from attnrt.distributed import (
     clear_sequence_parallel,
     get_sequence_parallel,
     init_sequence_parallel,
+    set_sequence_parallel,
 )
 from attnrt.distributed_layers import DistributedAttention, shard_heads
 from attnrt.layers import LocalAttention
@@ -133,6 +134,19 @@ class TestInitSequenceParallel:
     def test_bad_overlap_chunks_is_refused(self) -> None:
         with pytest.raises(ValueError, match="overlap_chunks=0"):
             init_sequence_parallel(overlap_chunks=0)
+
+    def test_bad_local_first_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="local_first='yes' is not allowed"):
+            init_sequence_parallel(local_first="yes")  # type: ignore[arg-type]
+
+    def test_set_brings_back_a_group_built_earlier(self) -> None:
+        first = init_sequence_parallel(local_first=True)
+        second = init_sequence_parallel(local_first=False)
+        assert get_sequence_parallel() is second
+        assert set_sequence_parallel(first) is first
+        assert get_sequence_parallel().local_first is True
+        with pytest.raises(TypeError, match="sp=int is not allowed"):
+            set_sequence_parallel(3)  # type: ignore[arg-type]
 
     def test_clear_forgets_the_group(self) -> None:
         sp = init_sequence_parallel(overlap_chunks=3)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from attnrt.backends.sdpa import sdpa_bnhd
+from attnrt.backends.sdpa import sdpa_bnhd, sdpa_with_lse
 from attnrt.errors import KernelCompileError
 from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
 from attnrt.ranges import ArchRange
@@ -112,6 +112,18 @@ class _PinnedSdpaImpl(ScaledImpl):
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
         return pinned_sdpa(query, key, value, self.causal, self.softmax_scale, self.SDP,
                            self.NAME)
+
+    def forward_with_lse(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attn_metadata: AttentionMetadata | None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return sdpa_with_lse(query, key, value, self.causal, self.softmax_scale, self.SDP)
+        except RuntimeError as exc:
+            if not any(marker in str(exc) for marker in _NO_KERNEL):
+                raise
+            raise KernelCompileError(f"{self.NAME}: PyTorch's {self.SDP} kernel refused "
+                                     f"q{tuple(query.shape)}, k{tuple(key.shape)}, "
+                                     f"{query.dtype} when asked for the lse: {exc}") from exc
 
 
 class CudnnSdpaImpl(_PinnedSdpaImpl):

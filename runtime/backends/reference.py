@@ -18,9 +18,13 @@ CHUNK_BYTES = 64 << 20
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                      softmax_scale: float | None = None,
-                      chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+                      softmax_scale: float | None = None, chunk_bytes: int = CHUNK_BYTES,
+                      return_lse: bool = False,
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over q [B, N, H, D], k/v [B, M, Hkv, D] (H % Hkv == 0) -> [B, N, H, D].
+
+    With return_lse, also the log-sum-exp of each row's scaled scores, [B, H, N] float32
+    (float64 for float64 inputs), natural log; -inf for a causal row that sees no key.
 
     Equivalent PyTorch (dense, O(N*M) memory):
         s = (q.transpose(1, 2) @ k.repeat_interleave(H // Hkv, 2).transpose(1, 2).mT) * scale
@@ -35,7 +39,7 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     kt = k.to(acc).permute(0, 2, 3, 1).unsqueeze(2)  # [B, Hkv, 1, D, M]
     vt = v.to(acc).transpose(1, 2).unsqueeze(2)  # [B, Hkv, 1, M, Dv]
     rows = max(1, chunk_bytes // max(1, batch * heads * m * torch.finfo(acc).bits // 8))
-    chunks = []
+    chunks, lses = [], []
     for start in range(0, n, rows):
         qc = q[:, start:start + rows].to(acc)
         c = qc.shape[1]
@@ -48,7 +52,10 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
             p = torch.nan_to_num(p, nan=0.0)  # rows that see no key
         o = torch.matmul(p, vt)  # [B, Hkv, g, c, Dv]
         chunks.append(o.permute(0, 3, 1, 2, 4).reshape(batch, c, heads, -1).to(q.dtype))
-    return torch.cat(chunks, dim=1)
+        if return_lse:
+            lses.append(torch.logsumexp(s, dim=-1).reshape(batch, heads, c))
+    out = torch.cat(chunks, dim=1)
+    return (out, torch.cat(lses, dim=2)) if return_lse else out
 
 
 def _causal_mask(start: int, rows: int, n: int, m: int, device: torch.device) -> torch.Tensor:
@@ -61,6 +68,13 @@ class ReferenceImpl(ScaledImpl):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
         return chunked_attention(query, key, value, self.causal, self.softmax_scale)
+
+    def forward_with_lse(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attn_metadata: AttentionMetadata | None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = chunked_attention(query, key, value, self.causal, self.softmax_scale,
+                                     return_lse=True)
+        return out, lse.float()
 
 
 class ReferenceBackend(AttentionBackend):

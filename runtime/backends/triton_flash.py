@@ -117,15 +117,15 @@ def autotuned_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
 
 
 def triton_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                 scale: float | None,
-                 config: dict[str, dict[str, int]] | None = None) -> torch.Tensor:
+                 scale: float | None, config: dict[str, dict[str, int]] | None = None,
+                 return_lse: bool = False) -> Any:
     """flash_attention with `config` or the device's; compile failures -> KernelCompileError."""
     from attnrt.kernels.triton_flash import flash_attention
 
     config = config if config is not None else config_for(q)
     try:
-        out: torch.Tensor = flash_attention(q, k, v, causal=causal, softmax_scale=scale,
-                                            config=config)
+        out = flash_attention(q, k, v, causal=causal, softmax_scale=scale, config=config,
+                              return_lse=return_lse)
     except compile_error_types() as exc:
         first = str(exc).strip().splitlines()
         raise KernelCompileError(
@@ -148,6 +148,14 @@ class TritonFlashAttnImpl(ScaledImpl):
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
         config = self._tuned_config(query, key, value) if self.autotune else None
         return triton_flash(query, key, value, self.causal, self.softmax_scale, config)
+
+    def forward_with_lse(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attn_metadata: AttentionMetadata | None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self._tuned_config(query, key, value) if self.autotune else None
+        out, lse = triton_flash(query, key, value, self.causal, self.softmax_scale, config,
+                                return_lse=True)
+        return out, lse
 
     def _tuned_config(self, q: torch.Tensor, k: torch.Tensor,
                       v: torch.Tensor) -> dict[str, dict[str, int]] | None:
