@@ -199,16 +199,26 @@ def _meta_group(group: Any, backend: str) -> Any:
         return group
 
 
+_TWINS: dict[Any, Any] = {}
+
+
 def _priority_twin(group: Any, backend: str) -> Any:
-    """An NCCL twin of `group` whose collectives run on a high-priority stream; else `group`."""
+    """An NCCL twin of `group` whose collectives run on a high-priority stream; else `group`.
+
+    Built once per group (every member calls init_sequence_parallel alike, so all of them hit
+    or miss this cache together)."""
     options_cls = getattr(getattr(dist, "ProcessGroupNCCL", None), "Options", None)
     if "nccl" not in backend or options_cls is None:
         return group
+    if group in _TWINS:
+        return _TWINS[group]
     options = options_cls()
     options.is_high_priority_stream = True
     try:
-        return dist.new_group(dist.get_process_group_ranks(group), backend="nccl",
+        twin = dist.new_group(dist.get_process_group_ranks(group), backend="nccl",
                               pg_options=options, use_local_synchronization=True)
+        _TWINS[group] = twin
+        return twin
     except (RuntimeError, ValueError) as exc:
         logger.warning("no high-priority NCCL twin for the SP group (%s): exchanges use the "
                        "group's own stream and may wait behind attention kernels", exc)
