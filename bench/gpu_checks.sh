@@ -11,6 +11,11 @@ if [ -d .whl-flash ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl-flash/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# sageattention 1.0.6 (Triton only, pure Python) runs SAGE_ATTN for real when carried in .whl-sage/.
+if [ -d .whl-sage ]; then
+  python3 -m pip install -q --no-index --no-deps .whl-sage/*.whl >>"$out/pip.log" 2>&1 \
+    && echo "install: sageattention from .whl-sage"
+fi
 if python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$out/pip.log" 2>&1; then
   echo "install: pip install -e . worked"
 else

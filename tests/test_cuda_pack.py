@@ -8,6 +8,7 @@ adapter passing an argument the real function does not take fails here.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import sys
@@ -204,7 +205,8 @@ def test_vendor_absent_is_refused_with_install_hint(name, monkeypatch):
 
 @pytest.mark.parametrize(("name", "version", "window"), [
     ("FLASH_ATTN", "2.3.6", ">=2.5,<3"), ("FLASH_ATTN", "3.0.0", ">=2.5,<3"),
-    ("FLASH_ATTN_3", "2.7.0", ">=3.0.0b1,<4"), ("SAGE_ATTN", "1.0.6", ">=2.0,<3")])
+    ("FLASH_ATTN_3", "2.7.0", ">=3.0.0b1,<4"), ("SAGE_ATTN", "1.0.5", ">=1.0.6,<3"),
+    ("SAGE_ATTN", "3.0.0", ">=1.0.6,<3")])
 def test_vendor_outside_version_window_is_refused(name, version, window, monkeypatch):
     _stand_in(monkeypatch, name, version)
     reasons = _check(name, _req(), "sm90")
@@ -254,6 +256,48 @@ def test_sage_adapter_call(causal, monkeypatch):
     assert args == (q, k, v)
     assert kwargs == {"tensor_layout": "NHD", "is_causal": causal, "sm_scale": 0.09}
     assert rel_l2(out, dense_reference(q, k, v, causal, 0.09)) < TOLERANCE[torch.float16]
+
+
+SAGE_V1_PARAMS = "q, k, v, tensor_layout='HND', is_causal=False, sm_scale=None, smooth_k=True"
+
+
+def _sage_v1_stand_in(monkeypatch) -> Recorder:
+    module = types.ModuleType("sageattention")
+    recorder = Recorder(SAGE_V1_PARAMS)
+    module.sageattn = recorder  # type: ignore[attr-defined]
+    module.__version__ = "1.0.6"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "sageattention", module)
+    attnrt.clear_caches()
+    return recorder
+
+
+def test_sage_1x_gets_keys_smoothed_by_the_adapter_and_the_callers_k_stays(monkeypatch):
+    """1.x's smooth_k subtracts the key mean in place; the adapter passes a smoothed copy."""
+    rec = _sage_v1_stand_in(monkeypatch)
+    q, k, v = randn_qkv(1, 48, 4, 96, hkv=2, dtype=torch.float16)
+    k = k + 3.0  # a large common key offset, what smoothing is for
+    k_before = k.clone()
+    out = _impl("SAGE_ATTN", 4, 96, False, 2, 0.1).forward(q, k, v, None)
+    (args, kwargs), = rec.calls
+    assert torch.equal(k, k_before)
+    assert torch.allclose(args[1], k - k.mean(dim=1, keepdim=True))
+    assert kwargs == {"tensor_layout": "NHD", "is_causal": False, "sm_scale": 0.1,
+                      "smooth_k": False}
+    # A per-row constant shift of the scores: softmax, hence attention, is unchanged.
+    assert rel_l2(out, dense_reference(q, k, v, False, 0.1)) < TOLERANCE[torch.float16]
+
+
+def test_sage_1x_head_sizes_are_refused_by_name(monkeypatch):
+    _sage_v1_stand_in(monkeypatch)
+    real_sm90 = dataclasses.replace(SM["sm90"], simulated=False)
+    sage = registry.load("SAGE_ATTN")
+    reasons = support.check(sage, _req(d=80), real_sm90)
+    assert [r.code for r in reasons] == ["HEAD_SIZE"]
+    assert "head_size=80" in reasons[0].message
+    assert "sageattention 1.x" in reasons[0].message
+    assert support.check(sage, _req(d=96), real_sm90) == []
+    # Planning for another machine: the local package's version says nothing about it.
+    assert support.check(sage, _req(d=80), SM["sm90"]) == []
 
 
 def test_sage_refuses_causal_with_n_different_from_m_before_calling(monkeypatch):
@@ -426,3 +470,24 @@ def test_gpu_parity(name, dtype, shape, causal):
     assert out.shape == q.shape
     assert out.dtype == q.dtype
     assert rel_l2(out, dense_reference(q, k, v, causal)) < TOLERANCE[GPU_DTYPES[dtype]]
+
+
+# SageAttention quantizes Q and K to int8 (and V to fp16/fp8): its documented accuracy is a
+# cosine similarity near 99.9%, so it is held to a relative L2 bound of its own, not bf16's.
+SAGE_TOLERANCE = 5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("d", "hkv", "causal"), [(64, 8, False), (128, 2, True), (96, 8, False)])
+def test_sage_for_real_where_the_package_is_installed(d, hkv, causal):
+    """Runs the installed sageattention (the GPU check script carries the 1.0.6 wheel)."""
+    status = support.package_status(registry.load("SAGE_ATTN").PACKAGES[0])
+    if status.reason is not None:
+        pytest.skip(f"sageattention not usable here: {status.reason.message}")
+    q, k, v = (t.cuda() for t in randn_qkv(2, 512, 8, d, hkv=hkv, dtype=torch.bfloat16))
+    k = k + 2.0  # a common key offset, as real keys have; the adapter's smoothing removes it
+    k_before = k.clone()
+    out = _impl("SAGE_ATTN", 8, d, causal, hkv, d ** -0.5).forward(q, k, v, None)
+    assert torch.equal(k, k_before)
+    assert out.shape == q.shape
+    assert rel_l2(out, dense_reference(q, k, v, causal)) < SAGE_TOLERANCE
