@@ -5,10 +5,13 @@ TFLOP/s = 4 * B * H * N^2 * D / time, halved when causal; backward counts 2.5x t
 
     python bench/triton_flash_gpu.py --out "$OUT"              # tests, sweep, table
     python bench/triton_flash_gpu.py --phases sweep,table       # any subset, in that order
+    python bench/triton_flash_gpu.py --phases tests --test-k modes   # a subset of the GPU tests
 
 Needs the repo installed (`pip install --no-deps --no-build-isolation -e .`; see
-_ensure_attnrt). Everything is timed with
-triton.testing.do_bench (median, after warm-up) on fresh torch.randn inputs.
+_ensure_attnrt). Everything is timed with triton.testing.do_bench (median, after warm-up) on
+torch.randn inputs. The sweep picks the best forward and backward per head size and per mask
+(causal or not) and the table then runs those; without a sweep the table runs the shipped
+configs (platforms/cuda/triton_flash_configs.py).
 """
 
 from __future__ import annotations
@@ -22,38 +25,47 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 B, H = 1, 24
 SWEEP_N = 8192
+FWD_SWEEP_N = (4096, 16384)
 TABLE_N = (4096, 8192, 16384, 32768)
 FLEX_N = (8192, 16384)
-# (BLOCK_M, BLOCK_N, num_warps, num_stages[, forward switch]) candidates per kernel and head-size
-# bucket. The first of each list is what platforms/cuda/triton_flash_configs.py ships (chosen by
-# the first sweep, 2026-11-25); the rest are this round's challengers.
-CANDIDATES = {
-    "fwd": {
-        128: [(128, 64, 8, 3), (128, 64, 8, 3, "tma"), (128, 64, 8, 4, "tma"),
-              (128, 128, 8, 3, "tma"), (128, 64, 8, 3, "warp_specialize")],
-        64: [(128, 64, 8, 3), (128, 64, 8, 3, "tma"), (128, 64, 4, 3, "tma"),
-             (128, 128, 8, 3, "tma")],
-        256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 4, 3)],
-    },
-    "bwd_dkdv": {
-        128: [(32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 4),
-              (32, 64, 4, 2), (64, 128, 8, 4), (16, 64, 4, 3)],
-        64: [(32, 128, 4, 3), (32, 64, 4, 3), (16, 128, 4, 3)],
-        256: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (32, 64, 4, 3), (16, 64, 4, 2)],
-    },
-    "bwd_dq": {
-        128: [(128, 64, 8, 3)],
-        64: [(64, 64, 4, 3)],
-        256: [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2), (64, 64, 4, 2)],
-    },
+# Forward candidates per head-size bucket: (BLOCK_M, BLOCK_N, num_warps, num_stages, *extras),
+# an extra being a switch name or {"maxnreg": n}. The first of each list is what
+# platforms/cuda/triton_flash_configs.py ships. Also measured on 2026-11-25 (17:32 UTC, see
+# bench/NOTES-triton-flash.md), none winning: D=128 (128, 64, 8, 3), (128, 128, 8, 2, "tma"),
+# (128, 64, 8, 2, {"maxnreg": 128}), (128, 64, 8, 2, {"maxnreg": 168}), (128, 64, 8, 3, "tma");
+# D=64 (128, 128, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2, "tma").
+FWD_CANDIDATES = {
+    128: [(128, 128, 8, 3, "tma")],
+    64: [(128, 64, 8, 3), (128, 64, 8, 4)],
 }
-KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+# Backward candidates per bucket: (dK/dV tuple, dQ tuple); a "single_launch" dK/dV entry runs
+# the dQ programs in its launch, an "atomic_dq" one runs no dQ programs. The first is shipped.
+# Registers/spilled bytes from an offline sm90 compile (Triton 3.6 + ptxas -v), full / causal:
+# D=128 single (32,64|64,32,4,3) 240/0, 255/48; (16,64|64,32,4,3) 215/0, 250/0; (32,128|128,64,
+# 8,3) 248/0, 254/0; D=64 single (32,64|64,64,4,3) 167/0, 206/0. Also measured at 17:32 UTC,
+# none winning: D=128 split (32,128,8,3)+(128,64,8,3), single (32,128|128,64,8,2),
+# (64,128|128,64,8,3) (FlexAttention's sm90 blocks), (32,128|128,32,8,3), atomic_dq with dK/dV
+# (32,128,8,3), (32,64,4,3), (64,128,8,2); D=64 split (64,128,8,3)+(64,64,4,3), single
+# (64,128|128,64,8,3 or 8,2), (64,128|64,64,8,3), (32,128|128,64,8,3), atomic_dq with dK/dV
+# (64,128,8,3), (32,128,4,3).
+BWD_CANDIDATES = {
+    128: [((32, 64, 4, 3), (128, 64, 8, 3)),
+          ((32, 64, 4, 3, "single_launch"), (64, 32, 4, 3)),
+          ((32, 64, 4, 2, "single_launch"), (64, 32, 4, 2)),
+          ((16, 64, 4, 3, "single_launch"), (64, 32, 4, 3)),
+          ((32, 128, 8, 3, "single_launch"), (128, 64, 8, 3))],
+    64: [((32, 128, 4, 3), (64, 64, 4, 3)),
+         ((32, 64, 4, 3, "single_launch"), (64, 64, 4, 3)),
+         ((32, 64, 4, 3), (64, 64, 4, 3)),
+         ((32, 128, 4, 2, "single_launch"), (64, 32, 4, 2))],
+}
 
 
 def _ensure_attnrt() -> str:
@@ -91,12 +103,12 @@ def _bench(fn) -> float:
 # ----------------------------------------------------------------------------- tests
 
 
-def run_tests(out: Path, shim: str, seconds: float) -> None:
+def run_tests(out: Path, shim: str, seconds: float, select: str = "") -> None:
     paths = (shim, str(ROOT), os.environ.get("PYTHONPATH", ""))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
     xdist = importlib.util.find_spec("xdist") is not None
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/kernels", "-q", "--maxfail=10",
-           *(["-n", "8"] if xdist else [])]
+           *(["-n", "8"] if xdist else []), *(["-k", select] if select else [])]
     t0 = time.time()
     try:
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
@@ -105,52 +117,118 @@ def run_tests(out: Path, shim: str, seconds: float) -> None:
     except subprocess.TimeoutExpired as e:
         text, rc = f"{e.stdout or ''}{e.stderr or ''}\nTIMEOUT", -1
     (out / "pytest.log").write_text(text)
-    tail = text.strip().splitlines()[-1] if text.strip() else ""
+    # pytest's summary line, not the warnings that plugins print after it.
+    summary = [ln for ln in text.splitlines() if " passed" in ln or " failed" in ln
+               or " error" in ln]
+    tail = summary[-1] if summary else (text.strip().splitlines() or [""])[-1]
     _log(out, f"gpu tests rc={rc} in {time.time() - t0:.0f}s: {tail}")
 
 
 # ----------------------------------------------------------------------------- sweep
 
 
-def _cfg(vals) -> dict:
-    return {**dict(zip(KEYS, vals[:4], strict=True)), **{switch: 1 for switch in vals[4:]}}
-
-
-def _time_kernel(kernel: str, n: int, d: int, causal: bool, vals) -> float:
-    """Milliseconds for one kernel of ours with one config, on fresh random inputs."""
+def _shipped(d: int, causal: bool) -> dict:
     from attnrt.kernels import triton_flash as tf
+    from attnrt.platforms.cuda.triton_flash_configs import select_config
 
-    q, k, v, dout = _inputs(n, d)
-    scale = 1.0 / math.sqrt(d)
-    if kernel == "fwd":
-        return _bench(lambda: tf._forward(q, k, v, causal, scale, {"fwd": _cfg(vals)}))
-    out, lse = tf._forward(q, k, v, causal, scale, tf.DEFAULT_CONFIG)
-    delta = tf._backward_delta(out, dout, None)
-    launch = tf._launch_dkdv if kernel == "bwd_dkdv" else tf._launch_dq
-    return _bench(lambda: launch(q, k, v, dout, lse, delta, causal, scale, _cfg(vals)))
+    return tf._resolve_config(select_config("sm90", d), causal)
+
+
+def _bwd_config(d: int, causal: bool, cand: tuple) -> dict:
+    from attnrt.kernels.flash_configs import make_entry
+
+    return {**_shipped(d, causal), "bwd_dkdv": make_entry(cand[0]), "bwd_dq": make_entry(cand[1])}
+
+
+def _time_fwd(n: int, d: int, causal: bool, vals: tuple) -> float:
+    """Milliseconds of our forward with one config, on fresh random inputs."""
+    from attnrt.kernels import triton_flash as tf
+    from attnrt.kernels.flash_configs import make_entry
+
+    q, k, v, _ = _inputs(n, d)
+    cfg = {**_shipped(d, causal), "fwd": make_entry(vals)}
+    return _bench(lambda: tf._forward(q, k, v, causal, 1.0 / math.sqrt(d), cfg))
+
+
+class _Backward:
+    """One set of inputs, its forward and SDPA flash's gradients; times and checks candidates."""
+
+    def __init__(self, n: int, d: int, causal: bool, reference: bool = True):
+        import torch
+
+        from attnrt.kernels import triton_flash as tf
+
+        self.causal, self.scale, self.d = causal, 1.0 / math.sqrt(d), d
+        self.q, self.k, self.v, self.dout = _inputs(n, d)
+        out, self.lse = tf._forward(self.q, self.k, self.v, causal, self.scale,
+                                    _shipped(d, causal))
+        self.delta = tf._backward_delta(out, self.dout, None)
+        self.out, self.ref = out, None
+        if reference:
+            from torch.nn.attention import SDPBackend
+
+            qkv = [t.detach().requires_grad_() for t in (self.q, self.k, self.v)]
+            ref = _sdpa(SDPBackend.FLASH_ATTENTION)(*(t.transpose(1, 2) for t in qkv), causal)
+            self.ref = torch.autograd.grad(ref.transpose(1, 2), qkv, self.dout)
+
+    def run(self, cfg: dict) -> tuple:
+        from attnrt.kernels import triton_flash as tf
+
+        delta = tf._backward_delta(self.out, self.dout, None)
+        return tf._backward_kernels(self.q, self.k, self.v, self.dout, self.lse, delta,
+                                    self.causal, self.scale, cfg)
+
+    def errors(self, cfg: dict) -> list[float]:
+        got = self.run(cfg)
+        return [((a.float() - b.float()).norm() / b.float().norm()).item()
+                for a, b in zip(got, self.ref, strict=True)]
+
+    def registers(self, cfg: dict) -> str:
+        """n_regs/n_spills of each launch this config makes (Triton's compiled-kernel handle)."""
+        from attnrt.kernels import triton_flash as tf
+
+        dkdv = cfg["bwd_dkdv"]
+        kinds = ([((True, False), True)] if dkdv.get("atomic_dq") else
+                 [((True, True), False)] if dkdv.get("single_launch") else
+                 [((True, False), False), ((False, True), False)])
+        grads = self.run(cfg)
+        args = (self.q, self.k, self.v, self.dout, self.lse, self.delta, self.causal, self.scale)
+        out = []
+        for kind, atomic in kinds:
+            acc = grads[0].float() if atomic else grads[0]
+            kern = tf._launch_bwd(args, (acc, *grads[1:]), cfg, kind, atomic)
+            out.append(f"{getattr(kern, 'n_regs', '?')}/{getattr(kern, 'n_spills', '?')}")
+        return " ".join(out)
 
 
 def _warm_one(job) -> tuple:
-    """Compile one (kernel, D, causal, config) by running it at a small N (child process)."""
-    kernel, d, causal, vals = job
+    """Compile one candidate by running it at a small N (child process)."""
+    kernel, d, causal, cand = job
     try:
-        _time_kernel(kernel, 512, d, causal, vals)
+        if kernel == "fwd":
+            _time_fwd(512, d, causal, cand)
+        else:
+            _Backward(512, d, causal, reference=False).run(_bwd_config(d, causal, cand))
         return job, ""
     except Exception as e:  # noqa: BLE001 - any compile failure just drops the candidate
-        return job, f"{type(e).__name__}: {str(e)[:160]}"
+        return job, f"{type(e).__name__}: {str(e)[:200]}"
 
 
 def _jobs() -> list[tuple]:
-    return [(kernel, d, causal, vals) for kernel, by_d in CANDIDATES.items()
-            for d, cands in by_d.items() for causal in (False, True) for vals in cands]
+    fwd = [("fwd", d, c, v) for d, cands in FWD_CANDIDATES.items() for c in (False, True)
+           for v in cands]
+    bwd = [("bwd", d, c, v) for d, cands in BWD_CANDIDATES.items() for c in (False, True)
+           for v in cands]
+    return bwd + fwd  # the slow backward compiles first
 
 
-def warm_cache(out: Path, shim: str) -> set:
-    """Compile every candidate in 8 processes first; the timing loop then hits the disk cache."""
+def warm_cache(out: Path, shim: str, procs: int = 12) -> set:
+    """Compile every candidate in parallel first; the timing loop then hits the disk cache."""
     t0 = time.time()
-    with mp.get_context("spawn").Pool(8, initializer=sys.path.insert, initargs=(0, shim)) as p:
+    with mp.get_context("spawn").Pool(procs, initializer=sys.path.insert,
+                                      initargs=(0, shim)) as p:
         results = p.map(_warm_one, _jobs(), chunksize=1)
-    bad = {job for job, err in results if err}
+    bad = {repr(job) for job, err in results if err}  # repr: candidates may hold dicts
     for job, err in results:
         if err:
             _log(out, f"candidate failed {job}: {err}")
@@ -158,28 +236,75 @@ def warm_cache(out: Path, shim: str) -> set:
     return bad
 
 
-def sweep(out: Path, bad: set, deadline: float) -> dict:
-    """Best config per kernel and bucket: lowest geometric mean over causal and not, N=8192."""
+def _sweep_bwd(out: Path, bad: set, rows: list, deadline: float) -> None:
+    for d, cands in BWD_CANDIDATES.items():
+        for causal in (False, True):
+            bench = _Backward(SWEEP_N, d, causal)
+            for cand in cands:
+                if repr(("bwd", d, causal, cand)) in bad or time.time() > deadline:
+                    continue
+                cfg = _bwd_config(d, causal, cand)
+                errs = bench.errors(cfg)
+                ms = _bench(lambda cfg=cfg, bench=bench: bench.run(cfg))
+                tflops = 2.5 * _flops(SWEEP_N, d, causal) / ms / 1e9
+                regs = bench.registers(cfg)
+                rows.append({"kernel": "bwd", "d": d, "causal": causal, "cfg": cand, "ms": ms,
+                             "tflops": tflops, "err": errs, "regs": regs,
+                             "ok": max(errs) < 2e-2})
+                _log(out, f"sweep bwd D={d:3d} causal={causal!s:5s} {cand} {ms:8.3f} ms "
+                          f"{tflops:6.1f} TFLOP/s regs/spills {regs} rel L2 dq/dk/dv "
+                          + " ".join(f"{e:.1e}" for e in errs))
+
+
+def _sweep_fwd(out: Path, bad: set, rows: list, deadline: float) -> None:
+    for d, cands in FWD_CANDIDATES.items():
+        for causal in (False, True):
+            for cand in cands:
+                if repr(("fwd", d, causal, cand)) in bad or time.time() > deadline:
+                    continue
+                ms = [_time_fwd(n, d, causal, cand) for n in FWD_SWEEP_N]
+                tflops = [_flops(n, d, causal) / t / 1e9 for n, t in zip(FWD_SWEEP_N, ms,
+                                                                       strict=True)]
+                # Score: geometric mean of the times relative to N^2 (the lengths weigh equally).
+                score = math.prod(t / n ** 2 for n, t in zip(FWD_SWEEP_N, ms, strict=True))
+                rows.append({"kernel": "fwd", "d": d, "causal": causal, "cfg": cand, "ms": ms,
+                             "tflops": tflops, "score": score, "ok": True})
+                _log(out, f"sweep fwd D={d:3d} causal={causal!s:5s} {cand} TFLOP/s at N="
+                          f"{FWD_SWEEP_N}: " + " / ".join(f"{t:.0f}" for t in tflops))
+
+
+def _best(rows: list) -> dict:
+    """Per head size: the fastest correct forward and backward, each per mask."""
+    from attnrt.kernels.flash_configs import make_entry
+
     best: dict = {}
-    rows = []
-    for kernel, d, causal, vals in _jobs():
-        if (kernel, d, causal, vals) in bad or time.time() > deadline:
+    for row in rows:
+        if not row["ok"]:
             continue
-        ms = _time_kernel(kernel, SWEEP_N, d, causal, vals)
-        mult = 1.0 if kernel == "fwd" else 1.25  # dK/dV and dQ each do about half the bwd flops
-        tflops = mult * _flops(SWEEP_N, d, causal) / ms / 1e9
-        rows.append({"kernel": kernel, "d": d, "causal": causal, "cfg": vals, "ms": ms,
-                     "tflops": tflops})
-        _log(out, f"sweep {kernel:8s} D={d:3d} causal={causal!s:5s} {vals} {ms:8.3f} ms "
-                  f"{tflops:6.1f} TFLOP/s")
-    for kernel, by_d in CANDIDATES.items():
-        for d, cands in by_d.items():
-            score = {c: [r["ms"] for r in rows if (r["kernel"], r["d"], r["cfg"]) ==
-                         (kernel, d, c)] for c in cands}
-            score = {c: math.prod(v) for c, v in score.items() if len(v) == 2}
-            if score:
-                best.setdefault(d, {})[kernel] = _cfg(min(score, key=score.get))
+        key = (row["kernel"], row["d"], row["causal"])
+        score = row.get("score", row["ms"])
+        if key not in best or score < best[key][0]:
+            best[key] = (score, row["cfg"])
+    configs: dict = {}
+    for (kernel, d, causal), (_, cand) in best.items():
+        suffix = "_causal" if causal else ""
+        entry = configs.setdefault(d, {})
+        if kernel == "fwd":
+            entry["fwd" + suffix] = make_entry(cand)
+        else:
+            entry["bwd_dkdv" + suffix] = make_entry(cand[0])
+            entry["bwd_dq" + suffix] = make_entry(cand[1])
+    return configs
+
+
+def sweep(out: Path, bad: set, deadline: float) -> dict:
+    """Best config per bucket and mask: backward at N=SWEEP_N, forward over FWD_SWEEP_N."""
+    rows: list = []
+    _sweep_bwd(out, bad, rows, deadline)
+    _sweep_fwd(out, bad, rows, deadline)
+    best = _best(rows)
     (out / "sweep.json").write_text(json.dumps({"rows": rows, "best": best}, indent=1))
+    (out / "best.json").write_text(json.dumps(best, indent=1))
     _log(out, f"best configs: {json.dumps(best)}")
     return best
 
@@ -188,11 +313,11 @@ def sweep(out: Path, bad: set, deadline: float) -> dict:
 
 
 def _ours(d: int, best: dict):
+    """flash_attention with the shipped config, the sweep's winners (if any) laid over it."""
     from attnrt.kernels import triton_flash as tf
     from attnrt.platforms.cuda.triton_flash_configs import select_config
 
-    cfg = best.get(d) or select_config("sm90", d)
-    cfg = {**select_config("sm90", d), **cfg}
+    cfg = {**select_config("sm90", d), **best.get(d, {})}
     return lambda q, k, v, causal: tf.flash_attention(q, k, v, causal=causal, config=cfg)
 
 
@@ -250,12 +375,14 @@ def _check_against_sdpa(out_dir: Path, best: dict, d: int, causal: bool) -> None
                   + " ".join(f"{e:.1e}" for e in errs))
 
 
-def table(out: Path, best: dict, deadline: float) -> list[dict]:
+def table(out: Path, best: dict, deadline: float, names: tuple[str, ...],
+          extra_d: bool) -> list[dict]:
     from torch.nn.attention import SDPBackend
 
     impls = {"ours": (_ours, "bnhd"), "cudnn": (lambda d, b: _sdpa(SDPBackend.CUDNN_ATTENTION),
              "bhnd"), "flash": (lambda d, b: _sdpa(SDPBackend.FLASH_ATTENTION), "bhnd"),
              "flex": (lambda d, b: _flex(), "bhnd")}
+    impls = {name: impls[name] for name in names}
     rows = []
     for d in (128, 64):
         for causal in (False, True):
@@ -263,15 +390,15 @@ def table(out: Path, best: dict, deadline: float) -> list[dict]:
             for n in TABLE_N:
                 rows.append(_table_row(out, impls, best, d, causal, n, deadline))
     # Padded (96) and wide (256) head sizes at one length, flex left out (one compile each).
-    for d in (96, 256):
+    for d in (96, 256) if extra_d else ():
         for causal in (False, True):
-            rows.append(_table_row(out, {k: impls[k] for k in ("ours", "cudnn", "flash")}, best,
+            rows.append(_table_row(out, {k: v for k, v in impls.items() if k != "flex"}, best,
                                    d, causal, 16384, deadline))
     # The headline shape again, ours and cuDNN only: the spread between the two passes is the
     # noise floor for every ratio above.
     for causal in (False, True):
-        rows.append(_table_row(out, {k: impls[k] for k in ("ours", "cudnn")}, best, 128, causal,
-                               16384, deadline))
+        rows.append(_table_row(out, {k: v for k, v in impls.items() if k in ("ours", "cudnn")},
+                               best, 128, causal, 16384, deadline))
     (out / "table.json").write_text(json.dumps(rows, indent=1))
     (out / "table.md").write_text(markdown(rows))
     return rows
@@ -349,6 +476,10 @@ def main() -> None:
     p.add_argument("--phases", default="tests,sweep,table")
     p.add_argument("--budget-s", type=float, default=540.0)
     p.add_argument("--test-s", type=float, default=200.0)
+    p.add_argument("--test-k", default="", help="pytest -k expression for the tests phase")
+    p.add_argument("--impls", default="ours,cudnn", help="table columns among "
+                   "ours,cudnn,flash,flex")
+    p.add_argument("--extra-d", action="store_true", help="table rows for D=96 and D=256 too")
     args = p.parse_args()
     deadline = time.time() + args.budget_s
     out = Path(args.out)
@@ -359,12 +490,20 @@ def main() -> None:
     best: dict = {}
     with contextlib.suppress(FileNotFoundError):
         best = {int(d): c for d, c in json.loads((out / "best.json").read_text()).items()}
-    if "tests" in phases:
-        run_tests(out, shim, min(args.test_s, deadline - time.time()))
+    bad: set = set()
     if "sweep" in phases:
-        best = sweep(out, warm_cache(out, shim), deadline - 150)
+        # Tests and compiles both only load the CPU; the timed sweep waits for both.
+        tests = threading.Thread(target=run_tests, args=(out, shim, args.test_s, args.test_k))
+        if "tests" in phases:
+            tests.start()
+        bad = warm_cache(out, shim)
+        if "tests" in phases:
+            tests.join()
+        best = sweep(out, bad, deadline - 150)
+    elif "tests" in phases:
+        run_tests(out, shim, min(args.test_s, deadline - time.time()), args.test_k)
     if "table" in phases:
-        table(out, best, deadline)
+        table(out, best, deadline, tuple(args.impls.split(",")), args.extra_d)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,10 @@ __all__ = ["CONFIGS", "FWD_CANDIDATES", "forward_candidates", "head_size_bucket"
 CONFIGS: dict[str, dict[int, Config]] = {
     # H100, bf16, B=1 H=24, N=8192, lowest geometric mean of causal and full time; 2026-11-25,
     # Triton 3.6 (bench/NOTES-triton-flash.md). Bucket 32 was not swept: it copies bucket 64.
+    # Re-swept 2026-11-25 17:32/17:38 UTC, per mask, against the new switches: these entries
+    # still win both full and causal (D=128 bwd at N=8192: split 5.84 / 3.69 ms full / causal;
+    # best one-launch 5.97 / 3.76; best atomic_dq 6.58 / 3.97; fwd maxnreg=128 at 2 CTAs/SM
+    # 419 vs 474 TFLOP/s at N=4096), so no "_causal" entries and no switches are shipped.
     "sm90": {
         32: _cfg((128, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)),
         64: _cfg((128, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)),

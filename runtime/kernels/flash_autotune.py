@@ -62,7 +62,9 @@ def tuned_config(key: tuple[Any, ...], base: Config, candidates: Sequence[tuple]
         found = _chosen.get(key)
     if found is not None:
         return found
-    configs = [{**base, "fwd": make_config(fwd, (0, 0, 0, 0), (0, 0, 0, 0))["fwd"]}
+    # A causal forward entry in base would shadow the candidate, so it is dropped.
+    plain = {name: entry for name, entry in base.items() if name != "fwd_causal"}
+    configs = [{**plain, "fwd": make_config(fwd, (0, 0, 0, 0), (0, 0, 0, 0))["fwd"]}
                for fwd in candidates]
     times: dict[int, float] = {}
     # Two rounds, best of each: the first candidate must not lose for running while the GPU's

@@ -3,8 +3,10 @@
 
 A table maps arch -> head-size bucket (the head size rounded up to a power of two, at least 32:
 the padded BLOCK_D the kernel compiles for) -> {"fwd" | "bwd_dkdv" | "bwd_dq": {BLOCK_M,
-BLOCK_N, num_warps, num_stages}}. Nothing is keyed on sequence length: N and M are runtime
-kernel arguments, so a new length never recompiles.
+BLOCK_N, num_warps, num_stages, optional maxnreg and switches}}, and optionally
+"fwd_causal" | "bwd_dkdv_causal" | "bwd_dq_causal" entries that replace the plain ones for
+causal calls. Nothing is keyed on sequence length: N and M are runtime kernel arguments, so a
+new length never recompiles.
 """
 
 from __future__ import annotations
@@ -12,15 +14,26 @@ from __future__ import annotations
 Config = dict[str, dict[str, int]]
 Table = dict[str, dict[int, Config]]
 _KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+_NAMES = ("fwd", "bwd_dkdv", "bwd_dq")
 
 
-def make_config(fwd: tuple, dkdv: tuple[int, int, int, int],
-                dq: tuple[int, int, int, int]) -> Config:
-    """Tuples of (BLOCK_M, BLOCK_N, num_warps, num_stages); fwd may add switch names ("tma")."""
-    entry = {name: dict(zip(_KEYS, vals[:4], strict=True))
-             for name, vals in (("fwd", fwd), ("bwd_dkdv", dkdv), ("bwd_dq", dq))}
-    entry["fwd"].update({switch: 1 for switch in fwd[4:]})
+def make_entry(vals: tuple) -> dict[str, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, *extras): an extra is a switch name (set to 1)
+    or a dict such as {"maxnreg": 128}."""
+    entry = dict(zip(_KEYS, vals[:4], strict=True))
+    for extra in vals[4:]:
+        entry.update({extra: 1} if isinstance(extra, str) else extra)
     return entry
+
+
+def make_config(fwd: tuple, dkdv: tuple, dq: tuple, causal: tuple | None = None) -> Config:
+    """Entries from tuples as in make_entry; `causal`, if given, is (fwd, dkdv, dq) for causal
+    calls, each None where the plain entry serves both."""
+    config = {name: make_entry(vals) for name, vals in zip(_NAMES, (fwd, dkdv, dq), strict=True)}
+    for name, vals in zip(_NAMES, causal or (None, None, None), strict=True):
+        if vals is not None:
+            config[name + "_causal"] = make_entry(vals)
+    return config
 
 
 # Small blocks that fit 64 KiB of shared memory (LDS on ROCm, consumer parts): correct

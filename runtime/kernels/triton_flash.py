@@ -21,12 +21,7 @@ import torch
 import triton
 
 from .flash_reference import flash_attention_reference
-from .triton_flash_jit import (
-    _bwd_delta_kernel,
-    _bwd_dkdv_kernel,
-    _bwd_dq_kernel,
-    _fwd_kernel,
-)
+from .triton_flash_jit import _bwd_delta_kernel, _bwd_kernel, _fwd_kernel
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -50,8 +45,18 @@ DEFAULT_CONFIG: dict[str, dict[str, int]] = {
     "bwd_dkdv": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
     "bwd_dq": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
 }
+# A config may also hold "<kernel>_causal" entries, which replace "<kernel>" for causal calls.
+CAUSAL_SUFFIX = "_causal"
 _BLOCK_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-_FWD_SWITCHES = ("warp_specialize", "tma")
+# Optional 0/1 switches per kernel. fwd: warp-specialized loop, TMA loads of K/V. bwd_dkdv:
+# single_launch = the dQ programs (with bwd_dq's blocks) run in the dK/dV launch; atomic_dq =
+# the dK/dV programs also add dQ with float32 atomics and no dQ programs run (5 matrix products
+# instead of 7, but the summation order, and so the last bits of dQ, vary from run to run).
+_SWITCHES = {"fwd": ("warp_specialize", "tma"), "bwd_dkdv": ("single_launch", "atomic_dq"),
+             "bwd_dq": ()}
+# Any kernel may cap registers per thread (Triton's `maxnreg` launch option, PTX .maxnreg),
+# e.g. to fit two 8-warp programs on an SM (at most 128 each).
+_MAXNREG = range(32, 256)
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -121,36 +126,66 @@ def _check_inputs(q: object, k: object, v: object, softmax_scale: object) -> Non
                          "expected None or a finite number > 0")
 
 
-def _valid_entry(entry: dict) -> bool:
-    # Optional 0/1 switches, read by the forward kernel only.
-    if set(entry) - set(_FWD_SWITCHES) != set(_BLOCK_KEYS) or not all(
-        isinstance(x, int) for x in entry.values()
-    ):
-        return False
-    if any(entry.get(key, 0) not in (0, 1) for key in _FWD_SWITCHES):
-        return False
+def _entry_problem(kernel: str, entry: dict) -> str | None:
+    """Why config[kernel] cannot run, or None."""
+    allowed = (*_BLOCK_KEYS, *_SWITCHES[kernel], "maxnreg")
+    extra = sorted(set(entry) - set(allowed))
+    if extra:
+        return f"unknown key {extra[0]!r}; allowed: {', '.join(allowed)}"
+    bad = [key for key, x in entry.items() if not isinstance(x, int)]
+    if bad:
+        return f"{bad[0]}={entry[bad[0]]!r} is not an int"
+    if any(entry.get(key, 0) not in (0, 1) for key in _SWITCHES[kernel]):
+        return f"switches {', '.join(_SWITCHES[kernel])} take 0 or 1"
+    if "maxnreg" in entry and entry["maxnreg"] not in _MAXNREG:
+        return f"maxnreg={entry['maxnreg']} is out of range; allowed: 32 to 255"
     pow2 = [entry[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps")]
     # tl.dot needs every block dimension to be at least 16.
-    return all(x >= 1 and x & (x - 1) == 0 for x in pow2) and min(pow2[:2]) >= 16 and (
-        entry["num_stages"] >= 1)
+    if not all(x >= 1 and x & (x - 1) == 0 for x in pow2) or min(pow2[:2]) < 16:
+        return "BLOCK_M, BLOCK_N >= 16 and num_warps must be powers of two"
+    return None if entry["num_stages"] >= 1 else "num_stages must be at least 1"
 
 
-def _resolve_config(config: dict | None) -> dict[str, dict[str, int]]:
-    """DEFAULT_CONFIG with the caller's per-kernel entries laid over it."""
-    if config is None:
-        return DEFAULT_CONFIG
-    if not isinstance(config, dict) or not set(config) <= set(DEFAULT_CONFIG):
-        raise ValueError(f"config={config!r} is not supported by {NAME}; expected a dict with "
-                         f"keys among {sorted(DEFAULT_CONFIG)}")
+def _backward_problem(cfg: dict[str, dict[str, int]]) -> str | None:
+    dkdv, dq = cfg["bwd_dkdv"], cfg["bwd_dq"]
+    if dkdv.get("single_launch", 0) and dkdv.get("atomic_dq", 0):
+        return "single_launch and atomic_dq exclude each other"
+    if dkdv.get("single_launch", 0):
+        # One launch has one warp count, pipeline depth and register cap.
+        for key in ("num_warps", "num_stages", "maxnreg"):
+            if dkdv.get(key) != dq.get(key):
+                return (f"single_launch needs bwd_dq {key}={dq.get(key)} to equal bwd_dkdv "
+                        f"{key}={dkdv.get(key)}")
+    return None
+
+
+def _merge(config: dict, causal: bool) -> dict[str, dict[str, int]]:
     merged = {}
     for kernel, base in DEFAULT_CONFIG.items():
-        entry = {**base, **config.get(kernel, {})}
-        if not _valid_entry(entry):
-            raise ValueError(f"config[{kernel!r}]={config.get(kernel)!r} is not supported by "
-                             f"{NAME}; expected BLOCK_M, BLOCK_N >= 16 and num_warps as powers "
-                             "of two, num_stages >= 1, and no other keys")
-        merged[kernel] = entry
+        name = kernel + CAUSAL_SUFFIX if causal and kernel + CAUSAL_SUFFIX in config else kernel
+        given = config.get(name, {})
+        problem = (_entry_problem(kernel, {**base, **given}) if isinstance(given, dict)
+                   else "expected a dict")
+        if problem:
+            raise ValueError(f"config[{name!r}]={given!r} is not supported by {NAME}: {problem}")
+        merged[kernel] = {**base, **given}
+    problem = _backward_problem(merged)
+    if problem:
+        raise ValueError(f"config={config!r} is not supported by {NAME}: {problem}")
     return merged
+
+
+def _resolve_config(config: dict | None, causal: bool = False) -> dict[str, dict[str, int]]:
+    """DEFAULT_CONFIG with the caller's per-kernel entries (the causal ones if causal) laid over
+    it. Both the causal and the plain reading are checked, so a bad entry fails every call."""
+    if config is None:
+        return DEFAULT_CONFIG
+    keys = {*DEFAULT_CONFIG, *(kernel + CAUSAL_SUFFIX for kernel in DEFAULT_CONFIG)}
+    if not isinstance(config, dict) or not set(config) <= keys:
+        raise ValueError(f"config={config!r} is not supported by {NAME}; expected a dict with "
+                         f"keys among {sorted(keys)}")
+    plain, with_causal = _merge(config, False), _merge(config, True)
+    return with_causal if causal else plain
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -174,7 +209,10 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, cfg: dict[str, int]) -> tu
 
 def _launch_args(cfg: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
     blocks = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
-    return blocks, {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if "maxnreg" in cfg:
+        launch["maxnreg"] = cfg["maxnreg"]
+    return blocks, launch
 
 
 def _consts(q: torch.Tensor, causal: bool) -> dict:
@@ -212,30 +250,47 @@ def _backward_delta(out, dout, dlse):
     return delta if dlse is None else delta - dlse.float()
 
 
-def _launch_dkdv(q, k, v, dout, lse, delta, causal, scale, cfg):
+def _bwd_blocks(cfg: dict[str, dict[str, int]], dkdv: bool, dq: bool) -> dict[str, int]:
+    # Blocks of a kind that is not launched are pinned to 16, so they never cause a recompile.
+    m1, n1 = (cfg["bwd_dkdv"]["BLOCK_M"], cfg["bwd_dkdv"]["BLOCK_N"]) if dkdv else (16, 16)
+    m2, n2 = (cfg["bwd_dq"]["BLOCK_M"], cfg["bwd_dq"]["BLOCK_N"]) if dq else (16, 16)
+    return {"BLOCK_M1": m1, "BLOCK_N1": n1, "BLOCK_M2": m2, "BLOCK_N2": n2,
+            "DKDV": dkdv, "DQ_PROGRAMS": dq}
+
+
+def _launch_bwd(args: tuple, grads: tuple, cfg: dict, kinds: tuple[bool, bool],
+                atomic: bool) -> object:
+    """One launch of _bwd_kernel running the dK/dV programs, the dQ programs, or both; returns
+    Triton's compiled-kernel handle (n_regs, n_spills on a GPU), which the bench reports."""
+    q, k, v, dout, lse, delta, causal, scale = args
     b, n, h, _ = q.shape
     m, hkv = k.shape[1], k.shape[2]
+    blocks = _bwd_blocks(cfg, *kinds)
+    programs = ((triton.cdiv(m, blocks["BLOCK_N1"]) if kinds[0] else 0)
+                + (triton.cdiv(n, blocks["BLOCK_M2"]) * (h // hkv) if kinds[1] else 0))
+    _, launch = _launch_args(cfg["bwd_dkdv" if kinds[0] else "bwd_dq"])
+    return _bwd_kernel[(programs, b * hkv)](
+        q, k, v, dout, lse, delta, *grads, q.stride(), k.stride(), v.stride(), dout.stride(),
+        *(g.stride() for g in grads), n, m, h, hkv, h // hkv, scale * LOG2E, scale,
+        **_consts(q, causal), **blocks, **launch, ATOMIC_DQ=atomic)
+
+
+def _backward_kernels(q, k, v, dout, lse, delta, causal, scale, cfg):
+    """dQ, dK, dV from the saved tensors and delta; the launches the config asks for."""
+    args = (q, k, v, dout, lse, delta, causal, scale)
     dk = _alloc(tuple(k.shape), k.dtype, k.device)
     dv = _alloc(tuple(v.shape), v.dtype, v.device)
-    blocks, launch = _launch_args(cfg)
-    grid = (triton.cdiv(m, blocks["BLOCK_N"]), b * hkv)
-    _bwd_dkdv_kernel[grid](q, k, v, dout, lse, delta, dk, dv, *q.stride(), *k.stride(),
-                           *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), n, m, h, hkv,
-                           h // hkv, scale * LOG2E, scale, **_consts(q, causal), **blocks,
-                           **launch)
-    return dk, dv
-
-
-def _launch_dq(q, k, v, dout, lse, delta, causal, scale, cfg):
-    b, n, h, _ = q.shape
-    m, hkv = k.shape[1], k.shape[2]
     dq = _alloc(tuple(q.shape), q.dtype, q.device)
-    blocks, launch = _launch_args(cfg)
-    grid = (triton.cdiv(n, blocks["BLOCK_M"]), b * h)
-    _bwd_dq_kernel[grid](q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(),
-                         *dout.stride(), *dq.stride(), n, m, h, h // hkv, scale * LOG2E, scale,
-                         **_consts(q, causal), **blocks, **launch)
-    return dq
+    if cfg["bwd_dkdv"].get("atomic_dq", 0):
+        acc = torch.zeros(tuple(q.shape), dtype=torch.float32, device=q.device)
+        _launch_bwd(args, (acc, dk, dv), cfg, (True, False), True)
+        dq.copy_(acc)
+    elif cfg["bwd_dkdv"].get("single_launch", 0):
+        _launch_bwd(args, (dq, dk, dv), cfg, (True, True), False)
+    else:
+        _launch_bwd(args, (dq, dk, dv), cfg, (True, False), False)
+        _launch_bwd(args, (dq, dk, dv), cfg, (False, True), False)
+    return dq, dk, dv
 
 
 def _backward(ctx, dout, dlse):
@@ -243,10 +298,7 @@ def _backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     delta = _backward_delta(out, dout, dlse)
-    args = (q, k, v, dout, lse, delta, ctx.causal, ctx.scale)
-    dk, dv = _launch_dkdv(*args, ctx.cfg["bwd_dkdv"])
-    dq = _launch_dq(*args, ctx.cfg["bwd_dq"])
-    return dq, dk, dv
+    return _backward_kernels(q, k, v, dout, lse, delta, ctx.causal, ctx.scale, ctx.cfg)
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -279,13 +331,15 @@ def flash_attention(
     (natural-log log-sum-exp of the scaled scores; -inf for a causal row that sees no key).
     Differentiable in q, k, v (and through lse); dK/dV are summed over the heads sharing them.
     softmax_scale defaults to 1/sqrt(D). Causal masks are bottom-right aligned. `config` may
-    override {"fwd" | "bwd_dkdv" | "bwd_dq": {BLOCK_M, BLOCK_N, num_warps, num_stages}}; see
-    attnrt.platforms.cuda.triton_flash_configs for measured per-arch values.
+    override {"fwd" | "bwd_dkdv" | "bwd_dq": {BLOCK_M, BLOCK_N, num_warps, num_stages}}, plus
+    optional "maxnreg" and switches (fwd: "tma", "warp_specialize"; bwd_dkdv: "single_launch",
+    "atomic_dq", the latter not deterministic); "<kernel>_causal" entries replace "<kernel>"
+    when causal. See attnrt.platforms.cuda.triton_flash_configs for measured per-arch values.
 
     Equivalent PyTorch: flash_attention_reference(q, k, v, causal, softmax_scale, return_lse).
     """
     _check_inputs(q, k, v, softmax_scale)
-    cfg = _resolve_config(config)
+    cfg = _resolve_config(config, bool(causal))
     scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else float(softmax_scale)
     out, lse = _FlashAttention.apply(q, k, v, bool(causal), scale, cfg)
     return (out, lse) if return_lse else out

@@ -190,11 +190,13 @@ def _load_row_stats(LSE, DELTA, offs_m, N):
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, lo, hi, offs_n, N, M, qk_scale,
-                sqn, sdn, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                MASKED: tl.constexpr, PREC: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE, DELTA, lo, hi, offs_n, N, M,
+                qk_scale, sm_scale, sqn, sdn, sdqn, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr):
     q_ptrs += tl.cast(lo, tl.int64) * sqn
     do_ptrs += tl.cast(lo, tl.int64) * sdn
+    dq_ptrs += tl.cast(lo, tl.int64) * sdqn
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_tile(q_ptrs, start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D, True)
@@ -206,10 +208,17 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, lo, hi, offs_n, N, M,
         do = _load_tile(do_ptrs, start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D, True)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk, input_precision=PREC)
+        if ATOMIC_DQ:
+            # Key rows past M were loaded as zeros, so they add nothing to dQ.
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=PREC) * sm_scale
+            cols = tl.arange(0, BLOCK_D)
+            tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < N) & (cols[None, :] < HEAD_DIM),
+                          sem="relaxed")
         q_ptrs += BLOCK_M * sqn
         do_ptrs += BLOCK_M * sdn
+        dq_ptrs += BLOCK_M * sdqn
     return dk, dv
 
 
@@ -226,44 +235,41 @@ def _dkdv_q_range(start_n, N, M, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
     return 0, 0, end
 
 
-@triton.jit(do_not_specialize=["N", "M"])
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
-                     sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
-                     sdb, sdn, sdh, sdd, sdkb, sdkn, sdkh, sdkd, sdvb, sdvn, sdvh, sdvd,
-                     N, M, H, HKV, GROUP, qk_scale, sm_scale,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+@triton.jit
+def _dkdv_program(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, start_n, b, hk, sq, sk, sv, sdo, sdq, sdk,
+                  sdv, N, M, H, GROUP, qk_scale, sm_scale, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     # One program owns a key block of one kv head and loops over the GROUP query heads that
     # read it: dK/dV are summed in registers, so no atomics and a deterministic result.
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
-    b = (bhk // HKV).to(tl.int64)
-    hk = bhk % HKV
+    # With ATOMIC_DQ it also adds dS^T K into DQ (float32, [B, N, H, D]): 5 products, not 7.
     row = start_n.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_tile(_tile_ptrs(K + b * skb + hk.to(tl.int64) * skh + row * skn, skn, skd,
-                              BLOCK_N, BLOCK_D), start_n, M, BLOCK_N, HEAD_DIM, BLOCK_D, True)
-    v = _load_tile(_tile_ptrs(V + b * svb + hk.to(tl.int64) * svh + row * svn, svn, svd,
-                              BLOCK_N, BLOCK_D), start_n, M, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+    k = _load_tile(_tile_ptrs(K + b * sk[0] + hk * sk[2] + row * sk[1], sk[1], sk[3], BLOCK_N,
+                              BLOCK_D), start_n, M, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(_tile_ptrs(V + b * sv[0] + hk * sv[2] + row * sv[1], sv[1], sv[3], BLOCK_N,
+                              BLOCK_D), start_n, M, BLOCK_N, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, mid, end = _dkdv_q_range(start_n, N, M, CAUSAL, BLOCK_M, BLOCK_N)
     for g in range(GROUP):
-        h = (hk * GROUP + g).to(tl.int64)
-        q_ptrs = _tile_ptrs(Q + b * sqb + h * sqh, sqn, sqd, BLOCK_M, BLOCK_D)
-        do_ptrs = _tile_ptrs(DO + b * sdb + h * sdh, sdn, sdd, BLOCK_M, BLOCK_D)
+        h = hk * GROUP + g
+        q_ptrs = _tile_ptrs(Q + b * sq[0] + h * sq[2], sq[1], sq[3], BLOCK_M, BLOCK_D)
+        do_ptrs = _tile_ptrs(DO + b * sdo[0] + h * sdo[2], sdo[1], sdo[3], BLOCK_M, BLOCK_D)
+        dq_ptrs = _tile_ptrs(DQ + b * sdq[0] + h * sdq[2], sdq[1], sdq[3], BLOCK_M, BLOCK_D)
         stats = (b * H + h) * N
         if CAUSAL:
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + stats, DELTA + stats, lo,
-                                 mid, offs_n, N, M, qk_scale, sqn, sdn, BLOCK_M, HEAD_DIM,
-                                 BLOCK_D, True, PREC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + stats, DELTA + stats, mid, end,
-                             offs_n, N, M, qk_scale, sqn, sdn, BLOCK_M, HEAD_DIM, BLOCK_D, False,
-                             PREC)
-    dk_ptrs = _tile_ptrs(DK + b * sdkb + hk.to(tl.int64) * sdkh + row * sdkn, sdkn, sdkd,
-                         BLOCK_N, BLOCK_D)
-    dv_ptrs = _tile_ptrs(DV + b * sdvb + hk.to(tl.int64) * sdvh + row * sdvn, sdvn, sdvd,
-                         BLOCK_N, BLOCK_D)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE + stats,
+                                 DELTA + stats, lo, mid, offs_n, N, M, qk_scale, sm_scale, sq[1],
+                                 sdo[1], sdq[1], BLOCK_M, HEAD_DIM, BLOCK_D, True, PREC,
+                                 ATOMIC_DQ)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE + stats, DELTA + stats,
+                             mid, end, offs_n, N, M, qk_scale, sm_scale, sq[1], sdo[1], sdq[1],
+                             BLOCK_M, HEAD_DIM, BLOCK_D, False, PREC, ATOMIC_DQ)
+    dk_ptrs = _tile_ptrs(DK + b * sdk[0] + hk * sdk[2] + row * sdk[1], sdk[1], sdk[3], BLOCK_N,
+                         BLOCK_D)
+    dv_ptrs = _tile_ptrs(DV + b * sdv[0] + hk * sdv[2] + row * sdv[1], sdv[1], sdv[3], BLOCK_N,
+                         BLOCK_D)
     _store_tile(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), start_n, M, BLOCK_N, HEAD_DIM,
                 BLOCK_D)
     _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), start_n, M, BLOCK_N, HEAD_DIM, BLOCK_D)
@@ -295,35 +301,67 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, lo, hi, offs_m, N, M, qk_sc
     return dq
 
 
-@triton.jit(do_not_specialize=["N", "M"])
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
-                   sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
-                   sdb, sdn, sdh, sdd, sdqb, sdqn, sdqh, sdqd,
-                   N, M, H, GROUP, qk_scale, sm_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
+@triton.jit
+def _dq_program(Q, K, V, DO, LSE, DELTA, DQ, start_m, b, h, hk, sq, sk, sv, sdo, sdq, N, M, H,
+                qk_scale, sm_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                PREC: tl.constexpr):
+    """dQ of one query block: recomputes S and dP from K and V, so no atomics."""
     row = start_m.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load_tile(_tile_ptrs(Q + b * sqb + h * sqh + row * sqn, sqn, sqd, BLOCK_M, BLOCK_D),
-                   start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(_tile_ptrs(DO + b * sdb + h * sdh + row * sdn, sdn, sdd, BLOCK_M, BLOCK_D),
-                    start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D, True)
-    lse, delta = _load_row_stats(LSE + bh.to(tl.int64) * N, DELTA + bh.to(tl.int64) * N,
-                                 offs_m, N)
-    k_ptrs = _tile_ptrs(K + b * skb + hk * skh, skn, skd, BLOCK_N, BLOCK_D)
-    v_ptrs = _tile_ptrs(V + b * svb + hk * svh, svn, svd, BLOCK_N, BLOCK_D)
+    q = _load_tile(_tile_ptrs(Q + b * sq[0] + h * sq[2] + row * sq[1], sq[1], sq[3], BLOCK_M,
+                              BLOCK_D), start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(_tile_ptrs(DO + b * sdo[0] + h * sdo[2] + row * sdo[1], sdo[1], sdo[3],
+                               BLOCK_M, BLOCK_D), start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+    stats = (b * H + h) * N
+    lse, delta = _load_row_stats(LSE + stats, DELTA + stats, offs_m, N)
+    k_ptrs = _tile_ptrs(K + b * sk[0] + hk * sk[2], sk[1], sk[3], BLOCK_N, BLOCK_D)
+    v_ptrs = _tile_ptrs(V + b * sv[0] + hk * sv[2], sv[1], sv[3], BLOCK_N, BLOCK_D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full, hi = _causal_bounds(start_m, N, M, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, 0, full, offs_m, N, M, qk_scale, skn,
-                   svn, BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, PREC)
-    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, full, hi, offs_m, N, M, qk_scale, skn,
-                   svn, BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, PREC)
-    dq_ptrs = _tile_ptrs(DQ + b * sdqb + h * sdqh + row * sdqn, sdqn, sdqd, BLOCK_M, BLOCK_D)
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, 0, full, offs_m, N, M, qk_scale, sk[1],
+                   sv[1], BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, PREC)
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, full, hi, offs_m, N, M, qk_scale,
+                   sk[1], sv[1], BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, PREC)
+    dq_ptrs = _tile_ptrs(DQ + b * sdq[0] + h * sdq[2] + row * sdq[1], sdq[1], sdq[3], BLOCK_M,
+                         BLOCK_D)
     _store_tile(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), start_m, N, BLOCK_M, HEAD_DIM,
                 BLOCK_D)
+
+
+@triton.jit(do_not_specialize=["N", "M"])
+def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, sq, sk, sv, sdo, sdq, sdk, sdv,
+                N, M, H, HKV, GROUP, qk_scale, sm_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M1: tl.constexpr,
+                BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+                CAUSAL: tl.constexpr, PREC: tl.constexpr, DKDV: tl.constexpr,
+                DQ_PROGRAMS: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """Grid (programs, B * Hkv); s* are (batch, row, head, dim) stride tuples.
+
+    Axis 0 holds, per kv head, the dK/dV programs (DKDV: one per BLOCK_N1 keys, the heaviest
+    causal block first), then the dQ programs (DQ_PROGRAMS: one per BLOCK_M2 queries of each of
+    the GROUP query heads, heaviest first). With both, one launch runs the two kinds side by side
+    (as FlexAttention's backward does), so neither leaves a tail of its own.
+    """
+    pid = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = (bhk // HKV).to(tl.int64)
+    hk = (bhk % HKV).to(tl.int64)
+    # Constexpr where only one kind is launched, so the other kind is not even compiled.
+    n_kv = 0
+    is_dkdv = False
+    if DKDV:
+        n_kv = tl.cdiv(M, BLOCK_N1)
+        is_dkdv = True
+        if DQ_PROGRAMS:
+            is_dkdv = pid < n_kv
+    if is_dkdv:
+        _dkdv_program(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, pid * BLOCK_N1, b, hk, sq, sk, sv,
+                      sdo, sdq, sdk, sdv, N, M, H, GROUP, qk_scale, sm_scale, HEAD_DIM, BLOCK_D,
+                      BLOCK_M1, BLOCK_N1, CAUSAL, PREC, ATOMIC_DQ)
+    else:
+        n_q = tl.cdiv(N, BLOCK_M2)
+        j = pid - n_kv
+        _dq_program(Q, K, V, DO, LSE, DELTA, DQ, (n_q - 1 - j % n_q) * BLOCK_M2, b,
+                    hk * GROUP + j // n_q, hk, sq, sk, sv, sdo, sdq, N, M, H, qk_scale, sm_scale,
+                    HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, PREC)

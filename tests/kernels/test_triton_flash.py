@@ -195,10 +195,14 @@ class TestRefusals:
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_shipped_configs_are_accepted(arch):
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_shipped_configs_are_accepted(arch, causal):
     for bucket in CONFIGS[arch]:
         cfg = select_config(arch, bucket)
-        assert tf._resolve_config(cfg) == cfg
+        want = {kernel: {**base, **cfg.get(f"{kernel}_causal" if causal else kernel,
+                                           cfg.get(kernel, {}))}
+                for kernel, base in tf.DEFAULT_CONFIG.items()}
+        assert tf._resolve_config(cfg, causal) == want
 
 
 def test_declared_capabilities():

@@ -1,0 +1,155 @@
+"""TRITON_FLASH_ATTN's optional paths against the float64 reference: the one-launch and the
+atomic-dQ backward, causal config entries, the maxnreg launch option, and their refusals.
+
+Interpreter cases use tiny fp16/fp32 shapes (see test_triton_flash.py); GPU cases start from
+the shipped config of the device and switch one path on.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnrt.kernels import flash_autotune
+from attnrt.kernels import triton_flash as tf
+from attnrt.kernels.flash_configs import make_config
+from tests.kernels.test_triton_flash import (  # noqa: F401 - nan_buffers is an autouse fixture
+    _bad,
+    _check_parity,
+    _gpu_config,
+    _inputs,
+    nan_buffers,
+)
+
+# Different blocks for dK/dV and dQ, so the one-launch grid has unequal halves.
+SMALL = {"fwd": {"BLOCK_M": 16, "BLOCK_N": 16}, "bwd_dkdv": {"BLOCK_M": 16, "BLOCK_N": 32},
+         "bwd_dq": {"BLOCK_M": 32, "BLOCK_N": 16}}
+MODES = ("single_launch", "atomic_dq")
+
+
+def _with_mode(config: dict, mode: str, causal: bool) -> dict:
+    """The resolved config with one backward path switched on (launch keys made to agree)."""
+    cfg = {name: dict(entry) for name, entry in tf._resolve_config(config, causal).items()}
+    dkdv, dq = cfg["bwd_dkdv"], cfg["bwd_dq"]
+    dkdv.update({"single_launch": 0, "atomic_dq": 0, mode: 1})
+    if mode == "single_launch":
+        dq.pop("maxnreg", None)
+        dq.update({key: dkdv[key] for key in ("num_warps", "num_stages", "maxnreg") if key in dkdv})
+    return cfg
+
+
+# (B, N, M, H, Hkv, D): GQA with N < M, and N > M (causal rows that see no key), padded D.
+MODE_CASES = [((1, 21, 57, 4, 2, 32), torch.float32), ((2, 33, 20, 2, 1, 40), torch.float16)]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(("shape", "dtype"), MODE_CASES,
+                         ids=lambda x: str(x).replace(" ", "").replace("torch.", ""))
+def test_backward_modes_interpreter(shape, dtype, causal, mode):
+    _check_parity(shape, dtype, causal, _with_mode(SMALL, mode, causal))
+
+
+@pytest.mark.interpret
+def test_single_launch_is_deterministic():
+    q, k, v = _inputs((1, 24, 40, 4, 1, 32), torch.float16, "cpu")
+    dout = torch.randn(1, 24, 4, 32, dtype=torch.float16)
+    cfg = _with_mode(SMALL, "single_launch", True)
+    runs = []
+    for _ in range(2):
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        out = tf.flash_attention(qq, kk, vv, causal=True, config=cfg)
+        runs.append(torch.autograd.grad(out, (qq, kk, vv), dout))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.interpret
+def test_causal_entries_replace_plain_ones(monkeypatch):
+    seen: list[int] = []
+    real = tf._launch_args
+
+    def spy(cfg):
+        seen.append(cfg["BLOCK_M"])
+        return real(cfg)
+
+    monkeypatch.setattr(tf, "_launch_args", spy)
+    cfg = {"fwd": {"BLOCK_M": 32, "BLOCK_N": 16}, "fwd_causal": {"BLOCK_M": 16, "BLOCK_N": 16}}
+    q, k, v = _inputs((1, 9, 9, 2, 1, 32), torch.float32, "cpu")
+    with torch.no_grad():
+        for causal in (False, True):
+            tf.flash_attention(q, k, v, causal=causal, config=cfg)
+    assert seen == [32, 16]
+
+
+@pytest.mark.interpret
+def test_causal_entries_give_the_same_result():
+    cfg = {**SMALL, "fwd_causal": {"BLOCK_M": 32, "BLOCK_N": 32, "maxnreg": 128},
+           "bwd_dkdv_causal": {"BLOCK_M": 32, "BLOCK_N": 16, "atomic_dq": 1}}
+    _check_parity((1, 21, 30, 2, 1, 32), torch.float32, True, cfg)
+
+
+def test_resolved_config_reads_the_causal_entry():
+    cfg = make_config((64, 32, 4, 1, {"maxnreg": 128}), (32, 32, 4, 1), (32, 32, 4, 1),
+                      causal=(None, (16, 32, 8, 2, "single_launch"), (32, 16, 8, 2)))
+    assert cfg["fwd"]["maxnreg"] == 128
+    plain, causal = tf._resolve_config(cfg, False), tf._resolve_config(cfg, True)
+    assert plain["bwd_dkdv"] == {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    assert causal["bwd_dkdv"]["single_launch"] == 1
+    assert causal["bwd_dq"]["num_warps"] == 8
+    assert plain["fwd"] == causal["fwd"]  # no fwd_causal: the plain entry serves both
+
+
+def test_autotune_drops_the_causal_forward_entry():
+    base = make_config((64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1),
+                       causal=((16, 16, 4, 1), None, None))
+    chosen = flash_autotune.tuned_config(("modes", 1), base, [(32, 32, 4, 2)], lambda c: None,
+                                         timer=lambda fn: 1.0)
+    flash_autotune.clear_tuning_cache()
+    assert "fwd_causal" not in chosen
+    assert chosen["fwd"]["BLOCK_M"] == 32
+
+
+class TestConfigRefusals:
+    """Each new config key: a bad value is refused with a ValueError that names it."""
+
+    @pytest.mark.parametrize(("config", "needle"), [
+        ({"fwd": {"maxnreg": 16}}, r"config\['fwd'\].*maxnreg=16 is out of range"),
+        ({"bwd_dq": {"maxnreg": "128"}}, r"config\['bwd_dq'\].*maxnreg='128' is not an int"),
+        ({"bwd_dkdv": {"atomic_dq": 2}}, r"config\['bwd_dkdv'\].*take 0 or 1"),
+        ({"bwd_dq": {"tma": 1}}, r"config\['bwd_dq'\].*unknown key 'tma'"),
+        ({"bwd_dkdv": {"single_launch": 1, "atomic_dq": 1}}, "exclude each other"),
+        ({"bwd_dkdv": {"single_launch": 1, "num_warps": 8}},
+         "single_launch needs bwd_dq num_warps=4 to equal bwd_dkdv num_warps=8"),
+        ({"bwd_dkdv": {"single_launch": 1, "maxnreg": 128}}, "bwd_dq maxnreg=None"),
+        ({"fwd_causal": {"BLOCK_M": 48}}, r"config\['fwd_causal'\].*powers of two"),
+        ({"fwd_causal": []}, r"config\['fwd_causal'\].*expected a dict"),
+        ({"bwd_causal": {}}, "keys among"),
+    ], ids=["maxnreg_range", "maxnreg_type", "switch_value", "foreign_switch", "both_modes",
+            "launch_mismatch", "maxnreg_mismatch", "causal_entry", "causal_type", "unknown"])
+    def test_refused(self, config, needle):
+        # A non-causal call checks the causal entries too: a bad one fails every call.
+        with pytest.raises(ValueError, match=needle):
+            tf.flash_attention(**_bad(), causal=False, config=config)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", [64, 96, 128], ids=lambda d: f"h{d}")
+def test_gpu_backward_modes(d, causal, mode):
+    # B=2, GQA, N not a multiple of any block: every mask and both program kinds' tails.
+    cfg = _with_mode(_gpu_config(torch.bfloat16, d), mode, causal)
+    _check_parity((2, 1000, 1000, 4, 2, d), torch.bfloat16, causal, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_forward_maxnreg(causal):
+    cfg = tf._resolve_config(_gpu_config(torch.float16, 128), causal)
+    cfg["fwd"] = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 168}
+    _check_parity((1, 700, 900, 4, 1, 128), torch.float16, causal, cfg)
