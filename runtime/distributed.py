@@ -237,9 +237,11 @@ def set_sequence_parallel(sp: SequenceParallel) -> SequenceParallel:
 
 
 def clear_sequence_parallel() -> None:
-    """Forget the SP group (the process groups themselves stay; destroying them is the caller's)."""
+    """Forget the SP group and its high-priority twins (the process groups themselves stay;
+    destroying them is the caller's)."""
     global _state
     _state = None
+    _TWINS.clear()
 
 
 def get_sequence_parallel() -> SequenceParallel:
@@ -519,20 +521,26 @@ def _show(field: str, value: int) -> str:
 
 
 def check_same_on_all_ranks(sp: SequenceParallel, named: list[tuple[str, Any]],
-                            original_seq_len: Any) -> None:
+                            original_seq_len: Any,
+                            agree: dict[str, int] | None = None) -> dict[str, int]:
     """Raise ShardMismatchError on every rank unless all ranks pass the same shapes.
 
     One all-gather of ~60 ints (on the gloo twin for device groups), before any large exchange:
     a rank that passed a different shard raises instead of leaving its peers in an all-to-all.
+    `agree` rides along: each value comes back as its minimum over the ranks, so a choice that
+    depends on per-rank state (e.g. whether the serving backend returns lse) is made alike.
     """
     fields = [f for name, t in named for f in _tensor_fields(name, t)]
     osl = original_seq_len if isinstance(original_seq_len, int) else -1
     fields.append(("original_seq_len", osl))
+    agree = agree or {}
     device = next((t.device for _, t in named if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    rows = gather_ints([v for _, v in fields], sp, device)
+    rows = gather_ints([v for _, v in fields] + list(agree.values()), sp, device)
+    agreed = dict(zip(agree, rows[:, len(fields):].min(dim=0).values.tolist(), strict=True))
+    rows = rows[:, :len(fields)]
     differ = (rows != rows[0]).any(dim=0).nonzero().flatten().tolist()
     if not differ:
-        return
+        return agreed
     parts = []
     for col in differ[:3]:
         name = fields[col][0]

@@ -53,6 +53,7 @@ from attnrt.distributed import (
     start_heads_to_seq,
     start_seq_to_heads,
 )
+from attnrt.errors import AttnrtError
 from attnrt.interfaces import AttentionImpl, lse_forward, merge_partials
 from attnrt.layers import LocalAttention, apply_rotary_emb
 from attnrt.support import declared
@@ -165,7 +166,8 @@ class DistributedAttention(nn.Module):
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         sp = get_sequence_parallel()
         base = self.local_for(sp.size)  # raises for heads that do not split, on every rank
-        reps = self._validate(sp, base, tensors, replicated, original_seq_len, freqs_cis)
+        reps, lse_ready = self._validate(sp, base, tensors, replicated, original_seq_len,
+                                         freqs_cis)
         q, k, v = tensors[:3]
         impl = base.impl_for(q.dtype, q.device)
         hooks = _overrides(impl, "preprocess_qkv") or _overrides(impl, "postprocess_output")
@@ -184,21 +186,22 @@ class DistributedAttention(nn.Module):
         plan = _Plan(sp, q.shape[1], original_seq_len or full, kv_repeat, chunks)
         if grad or sp.size == 1:
             return self._differentiable(plan, tensors, reps)
-        if not (hooks or reps or len(tensors) > 3) and self._local_first_applies(plan, impl):
-            return self._local_first(plan, tensors, impl), None
+        if not (hooks or reps or len(tensors) > 3) and self._local_first_applies(
+                plan, lse_ready, q.device):
+            return self._local_first(plan, tensors, base), None
         return self._overlapped(plan, tensors, reps)
 
-    def _local_first_applies(self, plan: _Plan, impl: AttentionImpl) -> bool:
-        """Local-first needs the impl's lse, a non-causal layer and no padding (keys of the
-        own shard must all be real); by default it runs on device groups without chunking."""
+    def _local_first_applies(self, plan: _Plan, lse_ready: bool, device: torch.device) -> bool:
+        """Local-first needs lse from every rank's backend (agreed in the shape check), a
+        non-causal layer and no padding (keys of the own shard must all be real); by default
+        it runs for data on an accelerator, without head chunking."""
         wanted = plan.sp.local_first
         if wanted is None:
-            wanted = "gloo" not in plan.sp.backend and plan.sp.overlap_chunks in (None, 1)
-        return bool(wanted) and not self.causal and plan.valid == plan.full and (
-            lse_forward(impl) is not None)
+            wanted = device.type != "cpu" and plan.sp.overlap_chunks in (None, 1)
+        return bool(wanted) and lse_ready and not self.causal and plan.valid == plan.full
 
     def _local_first(self, plan: _Plan, tensors: list[torch.Tensor],
-                     impl: AttentionImpl) -> torch.Tensor:
+                     local: LocalAttention) -> torch.Tensor:
         """Ulysses with the own shard attended while the others travel, per batch row:
 
             pack      the other ranks' heads of q, k, v (side stream), exchange them (NCCL)
@@ -211,47 +214,59 @@ class DistributedAttention(nn.Module):
         after them waits for their end. So A is queued only after the packing is done, when
         the exchange (on a high-priority stream) is ready to take its SMs first; see
         bench/NOTES-distributed.md. Keys are not in sequence order (own rows first), which
-        non-causal attention does not see. Non-causal, no padding, no replicated tokens, no hooks.
+        non-causal attention does not see. A, B and C go through `local`, so a compile failure
+        falls to the next backend on this rank without changing the collectives.
         """
-        sp, shard = plan.sp, plan.shard
-        q, k, v = tensors[:3]
-        lse_fn, metadata = lse_forward(impl), get_forward_context().attn_metadata
-        p, d = sp.size, q.shape[3]
-        hp = q.shape[2] // p
-        peers = [peer for peer in range(p) if peer != sp.rank]
+        q = tensors[0]
         out = torch.empty_like(q)
         for b in range(q.shape[0]):
-            rank_heads = [t[b:b + 1].unflatten(2, (p, -1)) for t in (q, k, v)]  # [1, S, P, Hx/P, D]
-            own = [t[:, :, sp.rank] for t in rank_heads]
-            exchange = _exchange_two if p == 2 else _exchange_many
-            q_in, k_all, v_all, theirs, fill_own, works = exchange(rank_heads, own, peers, sp)
-            o_a, lse_a = lse_fn(*own, metadata)  # A
+            self._local_first_row(plan, [t[b:b + 1] for t in tensors[:3]], local, out[b:b + 1])
+        return out
+
+    def _local_first_row(self, plan: _Plan, qkv: list[torch.Tensor], local: LocalAttention,
+                         out: torch.Tensor) -> None:
+        """One batch row of _local_first: qkv [1, S, Hx, D] -> written into out [1, S, H, D]."""
+        sp, shard = plan.sp, plan.shard
+        p, hp, d = sp.size, qkv[0].shape[2] // sp.size, qkv[0].shape[3]
+        peers = [peer for peer in range(p) if peer != sp.rank]
+        rank_heads = [t.unflatten(2, (p, -1)) for t in qkv]  # [1, S, P, Hx/P, D]
+        own = [t[:, :, sp.rank] for t in rank_heads]
+        exchange = _exchange_two if p == 2 else _exchange_many
+        q_in, k_all, v_all, theirs, fill_own, works = exchange(rank_heads, own, peers, sp)
+        back: list[Any] = []
+        try:
+            o_a, lse_a = local.forward_with_lse(*own)  # A
             fill_own()
             for work in works:
                 work.wait()
-            out_b = impl.forward(q_in, k_all, v_all, metadata)  # B
+            out_b = local(q_in, k_all, v_all)  # B
             send_back = out_b.reshape(-1, hp * d)
             recv_back = torch.empty_like(send_back)
-            back = exchange_others(send_back, recv_back, sp)
-            head_start(q.device)
-            o_c, lse_c = lse_fn(own[0], k_all[:, theirs], v_all[:, theirs], metadata)  # C
-            target = out[b:b + 1].unflatten(2, (p, -1))[:, :, sp.rank]
-            merge_partials(o_a, lse_a, o_c, lse_c, out=target)
-            for work in back:
-                work.wait()
-            returned = recv_back.view(len(peers), shard, hp, d)
-            for j, peer in enumerate(peers):
-                out[b].unflatten(1, (p, -1))[:, peer].copy_(returned[j])
-        return out
+            back = [_Keep(exchange_others(send_back, recv_back, sp), send_back)]
+            head_start(out.device)
+            o_c, lse_c = local.forward_with_lse(own[0], k_all[:, theirs], v_all[:, theirs])  # C
+            merge_partials(o_a, lse_a, o_c, lse_c, out=out.unflatten(2, (p, -1))[:, :, sp.rank])
+        finally:  # also on an error: no buffer may go while a collective still uses it
+            for pending in [*works, *back]:
+                pending.wait()
+        returned = recv_back.view(len(peers), shard, hp, d)
+        for j, peer in enumerate(peers):
+            out[0].unflatten(1, (p, -1))[:, peer].copy_(returned[j])
 
     def _validate(self, sp: SequenceParallel, base: LocalAttention, tensors: list[torch.Tensor],
                   replicated: tuple[torch.Tensor | None, ...], original_seq_len: int | None,
-                  freqs_cis: Any) -> list[torch.Tensor]:
-        """Every check, in an order that raises the same error on every rank (or none)."""
+                  freqs_cis: Any) -> tuple[list[torch.Tensor], bool]:
+        """Every check, in an order that raises the same error on every rank (or none).
+
+        Returns the replicated tensors and whether every rank's backend returns lse (without
+        the shape check: this rank's answer; check_shards=False trusts the ranks to agree)."""
+        lse_ready = _lse_ready(base, tensors[0])
         if sp.size > 1 and sp.check_shards:  # the one collective before the large ones
-            check_same_on_all_ranks(sp, _named(tensors, replicated, freqs_cis), original_seq_len)
+            agreed = check_same_on_all_ranks(sp, _named(tensors, replicated, freqs_cis),
+                                             original_seq_len, {"lse": int(lse_ready)})
+            lse_ready = bool(agreed["lse"])
         check_inputs(self, sp, tensors, replicated, original_seq_len, freqs_cis)
-        return self._check_replicated(base, tensors[0], replicated)
+        return self._check_replicated(base, tensors[0], replicated), lse_ready
 
     def _chunks(self, sp: SequenceParallel, full: int, n_tensors: int) -> int:
         hp, hkvp, _ = shard_heads(self.num_heads, self.num_kv_heads, sp.size)
@@ -398,6 +413,17 @@ def _keep_compile_out() -> None:
         for cls in (DistributedAttention, DistributedAttention_VSA):
             cls.forward = torch.compiler.disable(cls.__dict__["forward"])  # type: ignore[method-assign]
         _compile_kept_out = True
+
+
+def _lse_ready(local: LocalAttention, q: Any) -> bool:
+    """Whether this rank's serving impl returns lse. Never raises: it runs before the shape
+    check, which must be the first thing every rank does (selection errors come after it)."""
+    if not (isinstance(q, torch.Tensor) and q.dtype.is_floating_point):
+        return False
+    try:
+        return lse_forward(local.impl_for(q.dtype, q.device)) is not None
+    except AttnrtError:
+        return False
 
 
 Exchanged = tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice, Any, list[Any]]

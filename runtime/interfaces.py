@@ -52,8 +52,11 @@ class AttentionImpl(ABC, Generic[T]):
     An impl may also define `forward_with_lse(query, key, value, attn_metadata) -> (out, lse)`,
     lse [B, H, N] float32: the natural-log log-sum-exp of each row's scaled scores. Partial
     results over disjoint key sets then merge exactly (see `merge_partials`); DistributedAttention
-    uses it to attend this rank's own shard while the others are still in flight. Optional: a
-    FastVideo backend without it still runs everywhere, only without that overlap.
+    uses it to attend this rank's own shard while the others are still in flight. Defining it
+    declares that, for non-causal calls, the impl's result does not depend on where a key sits
+    (no position-tied masks or metadata), so calls over parts of the keys, in any order, merge
+    to the whole. Optional: a FastVideo backend without it still runs everywhere, only without
+    that overlap.
     """
 
     @abstractmethod

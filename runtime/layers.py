@@ -17,10 +17,22 @@ from attnrt.device import Device, device_for_tensor, platform_of_tensor, probe
 from attnrt.dispatch import _FORCED as _CONTEXT_FORCE  # read directly on the hot path
 from attnrt.dispatch import Decision, decide, forced_backend, record_failure, select, strict_mode
 from attnrt.errors import BackendUnavailableError, KernelCompileError
-from attnrt.interfaces import AttentionImpl
+from attnrt.interfaces import AttentionImpl, lse_forward
 from attnrt.request import AttentionRequest, dtype_name
 
 logger = logging.getLogger("attnrt")
+
+
+def _with_lse(impl: AttentionImpl, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              metadata: Any, layer: LocalAttention) -> tuple[torch.Tensor, torch.Tensor]:
+    method = lse_forward(impl)
+    if method is not None:
+        out, lse = method(q, k, v, metadata)
+        return out, lse
+    from attnrt.backends.reference import chunked_attention
+
+    out, lse = chunked_attention(q, k, v, layer.causal, layer.softmax_scale, return_lse=True)
+    return out, lse.float()
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -182,6 +194,20 @@ class LocalAttention(nn.Module):
         except KernelCompileError as exc:
             return self._fall_back(active, exc, q, k, v)
 
+    def forward_with_lse(self, q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse [B, H, N] float32) through the selected impl's forward_with_lse, with
+        forward's fallback: a compile failure moves to the next ranked backend (an error under
+        ATTNRT_STRICT=1). Where the serving impl has no forward_with_lse, the reference computes
+        both (the same attention; slow, and only for that call's pieces)."""
+        active = self._slow_path(q, k, v)  # validates, and re-selects where anything moved
+        metadata = get_forward_context().attn_metadata
+        try:
+            return _with_lse(active.impl, q, k, v, metadata, self)
+        except KernelCompileError as exc:
+            self._fall_back_decision(active, exc, q)
+            return _with_lse(self._active.impl, q, k, v, metadata, self)
+
     def _rotate(self, q: torch.Tensor, k: torch.Tensor,
                 freqs_cis: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = freqs_cis
@@ -204,6 +230,11 @@ class LocalAttention(nn.Module):
 
     def _fall_back(self, active: _Selected, exc: KernelCompileError, q: torch.Tensor,
                    k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self._fall_back_decision(active, exc, q)
+        return self._active.impl.forward(q, k, v, get_forward_context().attn_metadata)
+
+    def _fall_back_decision(self, active: _Selected, exc: KernelCompileError,
+                            q: torch.Tensor) -> None:
         name = active.decision.backend or "?"
         if strict_mode():
             raise exc
@@ -212,7 +243,6 @@ class LocalAttention(nn.Module):
                            "(set ATTNRT_STRICT=1 to make this an error)",
                            name, active.decision.request.describe(), exc)
         self._active = self._select(q.dtype, q.device)  # the epoch moved: selects again
-        return self._active.impl.forward(q, k, v, get_forward_context().attn_metadata)
 
     def _raise_bad_input(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         for name, t in (("q", q), ("k", k), ("v", v)):

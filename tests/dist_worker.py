@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import attnrt
 from attnrt import distributed as sp_mod
-from attnrt.backends.sdpa import sdpa_bnhd
+from attnrt.backends.sdpa import sdpa_bnhd, sdpa_with_lse
 from attnrt.distributed import (
     SequenceParallelError,
     ShardError,
@@ -38,6 +38,7 @@ from attnrt.distributed import (
     init_sequence_parallel,
 )
 from attnrt.distributed_layers import DistributedAttention, DistributedAttention_VSA
+from attnrt.errors import KernelCompileError
 from attnrt.interfaces import AttentionBackend, AttentionImpl
 from attnrt.layers import LocalAttention, apply_rotary_emb
 
@@ -103,8 +104,62 @@ class NoJointBackend(HookedBackend):
         return "NO_JOINT_TEST"
 
 
+class FlakyImpl(AttentionImpl):
+    """Fails like a kernel that does not compile, in both entry points (no hooks)."""
+
+    def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
+                 num_kv_heads: int | None = None, prefix: str = "", **extra: Any) -> None:
+        pass
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_metadata: Any) -> torch.Tensor:
+        raise KernelCompileError("FLAKY_TEST does not compile here")
+
+    def forward_with_lse(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attn_metadata: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        raise KernelCompileError("FLAKY_TEST does not compile here")
+
+
+class FlakyBackend(HookedBackend):
+    @staticmethod
+    def get_name() -> str:
+        return "FLAKY_TEST"
+
+    @staticmethod
+    def get_impl_cls() -> type[AttentionImpl]:
+        return FlakyImpl
+
+
+class LseOnRank0Impl(AttentionImpl):
+    """Plain SDPA; only on rank 0 does it also offer forward_with_lse."""
+
+    def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
+                 num_kv_heads: int | None = None, prefix: str = "", **extra: Any) -> None:
+        self.causal, self.scale = causal, softmax_scale
+        if dist.get_rank() == 0:
+            self.forward_with_lse = self._with_lse
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_metadata: Any) -> torch.Tensor:
+        return sdpa_bnhd(query, key, value, self.causal, self.scale)
+
+    def _with_lse(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attn_metadata: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return sdpa_with_lse(query, key, value, self.causal, self.scale)
+
+
+class LseOnRank0Backend(HookedBackend):
+    @staticmethod
+    def get_name() -> str:
+        return "LSE_ON_RANK0_TEST"
+
+    @staticmethod
+    def get_impl_cls() -> type[AttentionImpl]:
+        return LseOnRank0Impl
+
+
 def register_test_backends() -> None:
-    for cls in (HookedBackend, GatedBackend, NoJointBackend):
+    for cls in (HookedBackend, GatedBackend, NoJointBackend, FlakyBackend, LseOnRank0Backend):
         attnrt.register_backend(cls.get_name(), cls)
 
 
@@ -291,6 +346,47 @@ def check_local_first(ctx: Ctx) -> None:
             compare_run(ctx, h=h, grads=False, **kwargs)
         assert counts["all_to_all_single"] == 4, (kwargs, counts)
     compare_run(ctx, h=h)  # with gradients: the differentiable exchange
+
+
+def check_local_first_in_half_precision(ctx: Ctx) -> None:
+    h, d, n = 2 * ctx.world, 16, 16
+    init_sequence_parallel(local_first=True)
+    full = [t.half() for t in qkv(ctx, 2, n, h, h, d, seed=4)]
+    ref = LocalAttention(h, d)(*full)
+    layer = DistributedAttention(h, d, supported_attention_backends=("TORCH_SDPA",))
+    with torch.no_grad(), count_collectives() as counts:
+        out, _ = layer(*(ctx.shard(t, n // ctx.world) for t in full))
+    assert counts["all_to_all_single"] == 2 * local_first_exchanges(ctx.world), counts
+    err = (out.float() - ctx.shard(ref, n // ctx.world).float()).abs().max().item()
+    assert err < 5e-3, err
+
+
+def check_local_first_survives_a_compile_failure(ctx: Ctx) -> None:
+    """A backend failing at run time inside the schedule: the next one takes over on that rank,
+    the collectives stay the same, the output stays exact."""
+    h, d, n = 2 * ctx.world, 16, 16
+    init_sequence_parallel(local_first=True)
+    full = qkv(ctx, 2, n, h, h, d, seed=8)
+    ref = LocalAttention(h, d)(*full)
+    layer = DistributedAttention(h, d, supported_attention_backends=("FLAKY_TEST", "REFERENCE"))
+    with torch.no_grad(), count_collectives() as counts:
+        out, _ = layer(*(ctx.shard(t, n // ctx.world) for t in full))
+    ctx.close(out, ctx.shard(ref, n // ctx.world), "output after a compile failure")
+    assert counts["all_to_all_single"] == 2 * local_first_exchanges(ctx.world), counts
+
+
+def check_ranks_agree_on_the_schedule(ctx: Ctx) -> None:
+    """Rank 0's backend returns lse, the others' do not: every rank takes the plain exchange
+    (agreed in the shape check) instead of half of them waiting in a different collective."""
+    h, d, n = 2 * ctx.world, 16, 16
+    init_sequence_parallel(local_first=True)
+    full = qkv(ctx, 2, n, h, h, d, seed=9)
+    ref = LocalAttention(h, d)(*full)
+    layer = DistributedAttention(h, d, supported_attention_backends=("LSE_ON_RANK0_TEST",))
+    with torch.no_grad(), count_collectives() as counts:
+        out, _ = layer(*(ctx.shard(t, n // ctx.world) for t in full))
+    ctx.close(out, ctx.shard(ref, n // ctx.world), "output with the plain exchange")
+    assert counts["all_to_all_single"] == 4, counts
 
 
 def check_local_first_by_default_on_device_groups_only(ctx: Ctx) -> None:
