@@ -98,6 +98,18 @@ def test_lse_on_the_gpu(name: str, shape: tuple[int, int, int]) -> None:
     check_lse_forward(impl, q, k, v)
 
 
+@pytest.mark.parametrize("cls", [ReferenceImpl, TorchSdpaImpl, TritonFlashAttnImpl])
+def test_lse_on_the_strided_views_local_first_passes(cls: type) -> None:
+    """One rank's heads of a shard ([1, S, P, H/P, D] sliced) and keys/values interleaved per
+    row ([1, M, 2, Hkv, D] sliced), as DistributedAttention's local-first schedule passes them."""
+    q_all = torch.randn(1, 40, 2, 4, 32)
+    kv = torch.randn(1, 56, 2, 2, 32)
+    q, k, v = q_all[:, :, 1], kv[:, :, 0], kv[:, :, 1]
+    assert not q.is_contiguous()
+    assert not k.is_contiguous()
+    check_lse_forward(_impl(cls, 4, 32, 2), q, k, v)
+
+
 def test_impls_without_lse_are_none() -> None:
     class Plain:
         def forward(self, *args: object) -> None:

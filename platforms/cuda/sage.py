@@ -25,6 +25,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 import torch
+from packaging.version import InvalidVersion, Version
 
 from attnrt.errors import KernelCompileError
 from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
@@ -43,9 +44,11 @@ V1_HEAD_SIZES = (64, 96, 128)
 def installed_major() -> int | None:
     """Major version of the installed sageattention (None: missing or unreadable); read through
     the package check, so it is cached and forgotten with attnrt.clear_caches()."""
-    version = package_status(SageAttnBackend.PACKAGES[0]).version or ""
-    head = version.split(".")[0]
-    return int(head) if head.isdigit() else None
+    version = package_status(SageAttnBackend.PACKAGES[0]).version
+    try:
+        return Version(version).major if version else None
+    except InvalidVersion:
+        return None
 
 
 class SageAttnImpl(ScaledImpl):
