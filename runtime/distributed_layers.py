@@ -37,6 +37,7 @@ from attnrt.context import get_forward_context
 from attnrt.dispatch import backend_name_to_enum
 from attnrt.distributed import (
     SINGLE,
+    Pending,
     SequenceParallel,
     SequenceParallelError,
     ShardError,
@@ -242,7 +243,8 @@ class DistributedAttention(nn.Module):
             out_b = local(q_in, k_all, v_all)  # B
             send_back = out_b.reshape(-1, hp * d)
             recv_back = torch.empty_like(send_back)
-            back = [_Keep(exchange_others(send_back, recv_back, sp), send_back)]
+            back = [Pending(exchange_others(send_back, recv_back, sp), lambda: recv_back,
+                            (send_back,))]
             head_start(out.device)
             o_c, lse_c = local.forward_with_lse(own[0], k_all[:, theirs], v_all[:, theirs])  # C
             merge_partials(o_a, lse_a, o_c, lse_c, out=out.unflatten(2, (p, -1))[:, :, sp.rank])
@@ -456,7 +458,7 @@ def _exchange_two(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peers
         kv_all[0, s:, 0].copy_(own[1][0])
         kv_all[0, s:, 1].copy_(own[2][0])
 
-    keep = _Keep(works, send)
+    keep = Pending(works, lambda: buf, (send,))
     return (buf[:n_q].view(1, s, hp, d), kv_all[:, :, 0], kv_all[:, :, 1], slice(0, s),
             fill_own, [keep])
 
@@ -482,20 +484,8 @@ def _exchange_many(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peer
         for t, mine in zip(kv_all, own[1:], strict=True):
             t[:, :s].copy_(mine)
 
-    keep = _Keep(works, *sends)
+    keep = Pending(works, lambda: q_in, tuple(sends))
     return q_in.view(1, -1, hp, d), kv_all[0], kv_all[1], slice(s, None), fill_own, [keep]
-
-
-class _Keep:
-    """Waits for the works, then lets the send buffers go (they must outlive the exchange)."""
-
-    def __init__(self, works: list[Any], *buffers: torch.Tensor) -> None:
-        self.works, self.buffers = works, buffers
-
-    def wait(self) -> None:
-        for work in self.works:
-            work.wait()
-        self.works, self.buffers = [], ()
 
 
 def _pack_peers(x: torch.Tensor, peers: list[int]) -> torch.Tensor:

@@ -101,8 +101,7 @@ def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor
     # Both -inf (a row that sees no key in either part; both outputs are 0): any weight will do.
     diff = (lse_a - lse_b).nan_to_num(nan=0.0)
     weight = torch.sigmoid(diff).transpose(1, 2).unsqueeze(-1).to(out_a.dtype)
-    merged = torch.lerp(out_b, out_a, weight, out=out) if out is not None else torch.lerp(
-        out_b, out_a, weight)
+    merged = torch.lerp(out_b, out_a, weight, out=out)
     return merged, torch.logaddexp(lse_a, lse_b)
 
 

@@ -93,23 +93,25 @@ def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     if k.shape[2] != q.shape[2]:
         group = q.shape[2] // k.shape[2]
         k, v = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
-    op = _cpu_lse if q.device.type == "cpu" else _cuda_lse_op(q, k, v, causal, scale, sdp)
+    qt, kt, vt = _bhnd(q, k, v)
+    op = _cpu_lse if q.device.type == "cpu" else _cuda_lse_op(qt, kt, vt, causal, scale, sdp)
     if op is None:  # SDPA's math path: no fused kernel to ask
         from attnrt.backends.reference import chunked_attention
 
         out, lse = chunked_attention(q, k, v, causal, scale, return_lse=True)
         return out, lse.float()
-    out, lse = op(*_bhnd(q, k, v), causal, scale)
+    out, lse = op(qt, kt, vt, causal, scale)
     # cuDNN gives [B, H, N, 1], efficient pads N to a multiple of 32: keep [B, H, N].
     lse = lse.reshape(lse.shape[0], lse.shape[1], -1)[..., :n].float()
     return out.transpose(1, 2)[..., :d], lse
 
 
-def _cuda_lse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                 sdp: str | None) -> Any:
-    """The aten op of `sdp`, or of SDPA's own choice for these tensors (None: math)."""
+def _cuda_lse_op(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, causal: bool,
+                 scale: float, sdp: str | None) -> Any:
+    """The aten op of `sdp`, or of SDPA's own choice for these [B, H, N, D] tensors (None:
+    its math path)."""
     if sdp is None:
-        sdp = _SDP_BY_VALUE.get(torch._fused_sdp_choice(*_bhnd(q, k, v), None, 0.0, causal,
+        sdp = _SDP_BY_VALUE.get(torch._fused_sdp_choice(qt, kt, vt, None, 0.0, causal,
                                                         scale=scale))
     return _LSE_OPS.get(sdp) if sdp is not None else None
 
