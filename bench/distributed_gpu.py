@@ -54,8 +54,9 @@ def _ensure_attnrt() -> None:
                          "--no-build-isolation -e .` in the repo first (bench/gpu_checks.sh does)")
 
 
-def _sample(fn: Callable[[], Any], args: argparse.Namespace, device: Any) -> float:
-    """Milliseconds per call of fn over `args.calls` calls back to back, ranks started together."""
+def _sample(fn: Callable[[], Any], args: argparse.Namespace, device: Any) -> tuple[float, float]:
+    """Milliseconds per call of fn over `args.calls` calls back to back, ranks started together:
+    (device time, host time to queue the calls); host >= device means the CPU is the limit."""
     import torch
     import torch.distributed as dist
 
@@ -64,15 +65,18 @@ def _sample(fn: Callable[[], Any], args: argparse.Namespace, device: Any) -> flo
         t0 = time.perf_counter()
         for _ in range(args.calls):
             fn()
-        return (time.perf_counter() - t0) * 1e3 / args.calls
+        host = (time.perf_counter() - t0) * 1e3 / args.calls
+        return host, host
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
+    t0 = time.perf_counter()
     for _ in range(args.calls):
         fn()
+    host = (time.perf_counter() - t0) * 1e3 / args.calls
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / args.calls
+    return start.elapsed_time(end) / args.calls, host
 
 
 def _slowest(ms: float, device: Any) -> float:
@@ -121,6 +125,7 @@ def _measure_shape(n: int, h: int, args: argparse.Namespace, device: Any) -> dic
         runs[mode] = (sp, lambda layer=layer: layer(*shard))
     del got, want
     samples: dict[str, list[float]] = {name: [] for name in runs}
+    host: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
         for sp, fn in runs.values():  # warm-up
             set_sequence_parallel(sp)
@@ -129,9 +134,12 @@ def _measure_shape(n: int, h: int, args: argparse.Namespace, device: Any) -> dic
         for _ in range(args.iters):
             for name, (sp, fn) in runs.items():
                 set_sequence_parallel(sp)
-                samples[name].append(_slowest(_sample(fn, args, device), device))
+                ms, host_ms = _sample(fn, args, device)
+                samples[name].append(_slowest(ms, device))
+                host[name].append(_slowest(host_ms, device))
     for name, values in samples.items():
         row[f"{name}_ms"] = statistics.median(values)
+        row[f"{name}_host_ms"] = statistics.median(host[name])
     row["backend"] = single.backend_name
     sent = shard[0].numel() * shard[0].element_size() * (p - 1) / p
     row["a2a_gbps"] = sent / (row["a2a_ms"] * 1e-3) / 1e9
@@ -154,21 +162,23 @@ _SCHEDULES = {"plain": {"overlap_chunks": 1, "local_first": False},
 
 def _schedule(mode: str) -> dict[str, Any]:
     """"plain", "local", "cK" (K head chunks); flags after "/": "np" no high-priority NCCL
-    twin, "nocheck" no per-forward shape check."""
+    twin, "nocheck" no per-forward shape check, "nccl" no copy-engine exchange."""
     name, *flags = mode.split("/")
     chosen = dict(_SCHEDULES.get(name) or {"overlap_chunks": int(name[1:]), "local_first": False})
     return {**chosen, "priority_exchange": "np" not in flags,
-            "check_shards": "nocheck" not in flags}
+            "check_shards": "nocheck" not in flags,
+            "copy_engine": False if "nccl" in flags else None}
 
 
 def _table(rows: list[dict[str, Any]], modes: list[str]) -> str:
     head = (["N", "H", "backend", "single ms", "half ms", "a2a ms", "a2a GB/s/rank"]
-            + [f"{m} ms (err)" for m in modes] + ["speedup", "ideal"])
+            + [f"{m} ms (err; host ms)" for m in modes] + ["speedup", "ideal"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["N"], r["H"], r["backend"], f"{r['single_ms']:.2f}", f"{r['half_ms']:.2f}",
                  f"{r['a2a_ms']:.3f}", f"{r['a2a_gbps']:.1f}",
-                 *(f"{r[f'{m}_ms']:.2f} ({r[f'{m}_err']:.1e})" for m in modes),
+                 *(f"{r[f'{m}_ms']:.2f} ({r[f'{m}_err']:.1e}; {r[f'{m}_host_ms']:.2f})"
+                   for m in modes),
                  f"{r['speedup']:.3f}x ({r['best']})", f"{r['ideal']:.3f}x"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
@@ -201,10 +211,11 @@ def _run(rank: int, world: int, args: argparse.Namespace) -> None:
 def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="16384x24,32760x40,75600x24", help="NxH,NxH,...")
-    ap.add_argument("--modes", default="plain,local,local/nocheck",
+    ap.add_argument("--modes", default="plain,local/nccl,local,local/nocheck",
                     help="schedules to time: plain, local, cK (K head chunks), each optionally "
-                         "with /np (no priority twin) or /nocheck (no shape check); the first is "
-                         "the yardstick of the error column; speedup takes the best checked one")
+                         "with /np (no priority twin), /nocheck (no shape check) or /nccl (no "
+                         "copy engines); the first is the yardstick of the error column; "
+                         "speedup takes the best checked one")
     ap.add_argument("--backends", default="",
                     help="comma-separated backends for every layer (default: the manifest's)")
     ap.add_argument("--calls", type=int, default=4, help="back-to-back calls per timed sample")

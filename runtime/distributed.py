@@ -62,6 +62,7 @@ class SequenceParallel:
     all_to_all: str = "single"
     check_shards: bool = True
     local_first: bool | None = None
+    peer_copies: Any = None  # a PeerCopies where the exchange runs on copy engines
 
     @property
     def meta_on_cpu(self) -> bool:
@@ -79,7 +80,8 @@ def _backend_of(group: Any) -> str:
 def init_sequence_parallel(group: Any = None, size: int | None = None, *,
                            overlap_chunks: int | None = None, all_to_all: str = "auto",
                            check_shards: bool = True, local_first: bool | None = None,
-                           priority_exchange: bool = True) -> SequenceParallel:
+                           priority_exchange: bool = True,
+                           copy_engine: bool | None = None) -> SequenceParallel:
     """Set the SP group for every DistributedAttention layer of this process; call on every rank.
 
     group: an existing process group (its ranks, in rank order, hold consecutive shards);
@@ -98,6 +100,11 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
     high-priority stream, so its kernels get SMs ahead of attention blocks already queued
     (without it an exchange started beside a long attention kernel waits for that kernel);
     costs one more communicator. False exchanges over the group as given.
+    copy_engine: for a 2-rank NCCL group whose GPUs map each other's memory (one node, torch
+    symmetric memory), the local-first exchange runs as peer-to-peer copies on the GPUs' copy
+    engines, which take no SM from the attention beside them (see attnrt.peer_copies); None:
+    wherever that works, NCCL elsewhere; True: raise SequenceParallelError where it does not;
+    False: always NCCL.
     Without torch.distributed (and no torchrun environment), group=None and size 1 give a
     one-process group that runs no collective.
     """
@@ -108,10 +115,14 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
     if overlap_chunks is not None and (isinstance(overlap_chunks, bool) or not isinstance(
             overlap_chunks, int) or overlap_chunks < 1):
         raise ValueError(f"overlap_chunks={overlap_chunks!r} must be None or a positive integer")
-    if local_first not in (None, True, False):
-        raise ValueError(f"local_first={local_first!r} is not allowed; allowed: None, True, False")
+    for name, value in (("local_first", local_first), ("copy_engine", copy_engine)):
+        if value not in (None, True, False):
+            raise ValueError(f"{name}={value!r} is not allowed; allowed: None, True, False")
     if not _init_from_launcher():
         if group is None and size in (None, 1):
+            if copy_engine:
+                raise SequenceParallelError("copy_engine=True needs a 2-rank NCCL group; this "
+                                            "process has no torch.distributed group")
             _state = replace(SINGLE, overlap_chunks=overlap_chunks, check_shards=check_shards,
                              local_first=local_first)
             return _state
@@ -122,12 +133,13 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
     backend = _backend_of(group)
     mode = all_to_all if all_to_all != "auto" else "single"
     meta = _meta_group(group, backend)
+    copies = _peer_copies(group, backend, meta, copy_engine)
     if priority_exchange:
         group = _priority_twin(group, backend)
     _state = SequenceParallel(group, dist.get_world_size(group), dist.get_rank(group), backend,
-                              meta, overlap_chunks, mode, check_shards, local_first)
-    logger.info("sequence parallel: size %d, rank %d, backend %s, all_to_all %s",
-                _state.size, _state.rank, backend, mode)
+                              meta, overlap_chunks, mode, check_shards, local_first, copies)
+    logger.info("sequence parallel: size %d, rank %d, backend %s, all_to_all %s, copy engines "
+                "%s", _state.size, _state.rank, backend, mode, copies is not None)
     return _state
 
 
@@ -197,6 +209,32 @@ def _meta_group(group: Any, backend: str) -> Any:
         logger.warning("no gloo twin for the %s SP group (%s): shape checks run on the device, "
                        "which synchronises it once per forward", backend, exc)
         return group
+
+
+def _peer_copies(group: Any, backend: str, meta: Any, wanted: bool | None) -> Any:
+    """A PeerCopies for every rank of a 2-rank NCCL group, or None on every rank."""
+    size = dist.get_world_size(group)
+    if wanted is False:
+        return None
+    if size != 2 or "nccl" not in backend:
+        if wanted:
+            raise SequenceParallelError(f"copy_engine=True needs a 2-rank NCCL group; this one "
+                                        f"has {size} ranks on {backend}")
+        return None
+    from attnrt.peer_copies import PeerCopies
+
+    on = torch.device("cpu") if "gloo" in _backend_of(meta) else torch.device("cuda")
+
+    def agree(ok: bool) -> bool:
+        flag = torch.tensor([int(ok)], device=on)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=meta)
+        return bool(flag.item())
+
+    copies = PeerCopies.build(group, torch.device("cuda", torch.cuda.current_device()), agree)
+    if copies is None and wanted:
+        raise SequenceParallelError("copy_engine=True, but these GPUs cannot map each other's "
+                                    "memory through torch symmetric memory (see the INFO log)")
+    return copies
 
 
 _TWINS: dict[Any, Any] = {}

@@ -57,6 +57,7 @@ from attnrt.distributed import (
 from attnrt.errors import AttnrtError
 from attnrt.interfaces import AttentionImpl, lse_forward, merge_partials
 from attnrt.layers import LocalAttention, apply_rotary_emb
+from attnrt.peer_copies import recorded
 from attnrt.support import declared
 
 # Heads chunks for overlap on device groups. Measured on 2x H100 (bench/NOTES-distributed.md):
@@ -90,6 +91,7 @@ class _Plan:
     valid: int  # original_seq_len: rows of the gathered sequence that are real tokens
     kv_repeat: int
     chunks: int
+    copies: Any = None  # the group's PeerCopies, where every rank's data is on their GPU
 
     @property
     def full(self) -> int:
@@ -167,8 +169,8 @@ class DistributedAttention(nn.Module):
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         sp = get_sequence_parallel()
         base = self.local_for(sp.size)  # raises for heads that do not split, on every rank
-        reps, lse_ready = self._validate(sp, base, tensors, replicated, original_seq_len,
-                                         freqs_cis)
+        reps, agreed = self._validate(sp, base, tensors, replicated, original_seq_len,
+                                      freqs_cis)
         q, k, v = tensors[:3]
         impl = base.impl_for(q.dtype, q.device)
         hooks = _overrides(impl, "preprocess_qkv") or _overrides(impl, "postprocess_output")
@@ -184,11 +186,12 @@ class DistributedAttention(nn.Module):
         tensors = [q, k, v, *tensors[3:]]
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in [*tensors, *reps])
         chunks = 1 if grad or hooks or sp.size == 1 else self._chunks(sp, full, len(tensors))
-        plan = _Plan(sp, q.shape[1], original_seq_len or full, kv_repeat, chunks)
+        plan = _Plan(sp, q.shape[1], original_seq_len or full, kv_repeat, chunks,
+                     sp.peer_copies if agreed["copies"] else None)
         if grad or sp.size == 1:
             return self._differentiable(plan, tensors, reps)
         if not (hooks or reps or len(tensors) > 3) and self._local_first_applies(
-                plan, lse_ready, q.device):
+                plan, agreed["lse"], q.device):
             return self._local_first(plan, tensors, base), None
         return self._overlapped(plan, tensors, reps)
 
@@ -233,7 +236,8 @@ class DistributedAttention(nn.Module):
         rank_heads = [t.unflatten(2, (p, -1)) for t in qkv]  # [1, S, P, Hx/P, D]
         own = [t[:, :, sp.rank] for t in rank_heads]
         exchange = _exchange_two if p == 2 else _exchange_many
-        q_in, k_all, v_all, theirs, fill_own, works = exchange(rank_heads, own, peers, sp)
+        q_in, k_all, v_all, theirs, fill_own, works = exchange(rank_heads, own, peers, sp,
+                                                               plan.copies)
         back: list[Any] = []
         try:
             o_a, lse_a = local.forward_with_lse(*own)  # A
@@ -241,34 +245,36 @@ class DistributedAttention(nn.Module):
             for work in works:
                 work.wait()
             out_b = local(q_in, k_all, v_all)  # B
-            send_back = out_b.reshape(-1, hp * d)
-            recv_back = torch.empty_like(send_back)
-            back = [Pending(exchange_others(send_back, recv_back, sp), lambda: recv_back,
-                            (send_back,))]
-            head_start(out.device)
+            back = [_send_back(out_b, sp, plan.copies, hp, d)]
             o_c, lse_c = local.forward_with_lse(own[0], k_all[:, theirs], v_all[:, theirs])  # C
             merge_partials(o_a, lse_a, o_c, lse_c, out=out.unflatten(2, (p, -1))[:, :, sp.rank])
         finally:  # also on an error: no buffer may go while a collective still uses it
-            for pending in [*works, *back]:
+            for pending in works:
                 pending.wait()
-        returned = recv_back.view(len(peers), shard, hp, d)
+            returned = [pending.wait() for pending in back]
+        returned = returned[0].view(len(peers), shard, hp, d)
         for j, peer in enumerate(peers):
             out[0].unflatten(1, (p, -1))[:, peer].copy_(returned[j])
 
     def _validate(self, sp: SequenceParallel, base: LocalAttention, tensors: list[torch.Tensor],
                   replicated: tuple[torch.Tensor | None, ...], original_seq_len: int | None,
-                  freqs_cis: Any) -> tuple[list[torch.Tensor], bool]:
+                  freqs_cis: Any) -> tuple[list[torch.Tensor], dict[str, bool]]:
         """Every check, in an order that raises the same error on every rank (or none).
 
-        Returns the replicated tensors and whether every rank's backend returns lse (without
-        the shape check: this rank's answer; check_shards=False trusts the ranks to agree)."""
-        lse_ready = _lse_ready(base, tensors[0])
+        Returns the replicated tensors and what every rank can do: "lse", its backend returns
+        lse; "copies", its data sits on the GPU of the group's PeerCopies (without the shape
+        check: this rank's answers; check_shards=False trusts the ranks to agree)."""
+        copies = sp.peer_copies
+        mine = {"lse": _lse_ready(base, tensors[0]),
+                "copies": (copies is not None and isinstance(tensors[0], torch.Tensor)
+                           and tensors[0].device == copies.device)}
+        agreed = mine
         if sp.size > 1 and sp.check_shards:  # the one collective before the large ones
-            agreed = check_same_on_all_ranks(sp, _named(tensors, replicated, freqs_cis),
-                                             original_seq_len, {"lse": int(lse_ready)})
-            lse_ready = bool(agreed["lse"])
+            got = check_same_on_all_ranks(sp, _named(tensors, replicated, freqs_cis),
+                                          original_seq_len, {k: int(v) for k, v in mine.items()})
+            agreed = {k: bool(v) for k, v in got.items()}
         check_inputs(self, sp, tensors, replicated, original_seq_len, freqs_cis)
-        return self._check_replicated(base, tensors[0], replicated), lse_ready
+        return self._check_replicated(base, tensors[0], replicated), agreed
 
     def _chunks(self, sp: SequenceParallel, full: int, n_tensors: int) -> int:
         hp, hkvp, _ = shard_heads(self.num_heads, self.num_kv_heads, sp.size)
@@ -432,17 +438,22 @@ Exchanged = tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice, Any, list[Any
 
 
 def _exchange_two(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peers: list[int],
-                  sp: SequenceParallel) -> Exchanged:
+                  sp: SequenceParallel, copies: Any) -> Exchanged:
     """Local-first exchange for P = 2: q, k and v travel in one collective (one kernel, so
-    nothing queues behind it while attention runs). One buffer holds [q_o | kv_o | kv_own]:
-    what arrives (q_o, then the peer's k and v heads interleaved per row) is contiguous, and so
-    are all keys, peer's rows first. Returns (q_in [1, S, Hp, D], k_all, v_all [1, 2S, Hkvp, D]
-    views, the peer's key rows, a function that fills the own rows, the works)."""
+    nothing queues behind it while attention runs), or in one copy-engine send where the
+    group has PeerCopies. One buffer holds [q_o | kv_o | kv_own]: what arrives (q_o, then the
+    peer's k and v heads interleaved per row) is contiguous, and so are all keys, peer's rows
+    first. Returns (q_in [1, S, Hp, D], k_all, v_all [1, 2S, Hkvp, D] views, the peer's key
+    rows, a function that fills the own rows, the works)."""
     q_heads, k_heads, v_heads = (t[0, :, peers[0]] for t in rank_heads)  # [S, Hx/2, D]
     s, hp, d = q_heads.shape
     hkvp = k_heads.shape[1]
     n_q, n_kv = s * hp * d, s * 2 * hkvp * d
-    buf = q_heads.new_empty(n_q + 2 * n_kv)
+    if copies is not None:
+        copies.begin({"fwd": n_q + 2 * n_kv, "back": n_q}, q_heads.dtype)
+        buf = copies.inbox("fwd")
+    else:
+        buf = q_heads.new_empty(n_q + 2 * n_kv)
     kv_all = buf[n_q:].view(1, 2 * s, 2, hkvp, d)
     with side_stream(q_heads.device) as stream:
         send = q_heads.new_empty(n_q + n_kv)
@@ -450,9 +461,18 @@ def _exchange_two(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peers
         kv_send = send[n_q:].view(s, 2, hkvp, d)
         kv_send[:, 0].copy_(k_heads)
         kv_send[:, 1].copy_(v_heads)
-        works = exchange_others(send.view(1, -1), buf[:n_q + n_kv].view(1, -1), sp)
-        head_start(q_heads.device)
-    join_stream(q_heads.device, stream)
+        if copies is not None:
+            # Attention may start once the packing is done: the copy needs no SM.
+            packed = recorded(q_heads.device)
+            copies.send("fwd", send)
+            works = [recorded(q_heads.device)]
+        else:
+            works = exchange_others(send.view(1, -1), buf[:n_q + n_kv].view(1, -1), sp)
+            head_start(q_heads.device)
+    if copies is not None:
+        packed.wait()
+    else:
+        join_stream(q_heads.device, stream)
 
     def fill_own() -> None:
         kv_all[0, s:, 0].copy_(own[1][0])
@@ -463,10 +483,29 @@ def _exchange_two(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peers
             fill_own, [keep])
 
 
+def _send_back(out_b: torch.Tensor, sp: SequenceParallel, copies: Any, hp: int,
+               d: int) -> Pending:
+    """Start returning B's output [1, S, Hp, D] (the peer's queries) to its owner; the Pending
+    gives what the peers returned, [(P-1) * S, Hp * D]."""
+    send_back = out_b.reshape(-1, hp * d)
+    if copies is not None:
+        with side_stream(out_b.device):
+            copies.send("back", send_back)
+            done = recorded(out_b.device)
+        inbox = copies.inbox("back").view(send_back.shape)
+        return Pending([done], lambda: inbox, (send_back,))
+    recv_back = torch.empty_like(send_back)
+    pending = Pending(exchange_others(send_back, recv_back, sp), lambda: recv_back,
+                      (send_back,))
+    head_start(out_b.device)
+    return pending
+
+
 def _exchange_many(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peers: list[int],
-                   sp: SequenceParallel) -> Exchanged:
+                   sp: SequenceParallel, copies: Any = None) -> Exchanged:
     """Local-first exchange for P > 2: one collective per tensor (an arriving peer block holds
-    q, k and v, which would not leave all keys contiguous); keys own rows first."""
+    q, k and v, which would not leave all keys contiguous); keys own rows first. `copies` is
+    always None here (PeerCopies serve two ranks)."""
     q = rank_heads[0]
     s, hp, d = q.shape[1], q.shape[3], q.shape[4]
     hkvp = rank_heads[1].shape[3]

@@ -328,7 +328,8 @@ def check_local_first(ctx: Ctx) -> None:
     h, d = 2 * ctx.world, 16
     for mode in ("single", "pairwise"):
         for backend in ("TORCH_SDPA", "REFERENCE"):
-            init_sequence_parallel(local_first=True, all_to_all=mode)
+            # NCCL too: the copy engines would replace the collectives counted here.
+            init_sequence_parallel(local_first=True, all_to_all=mode, copy_engine=False)
             for hkv in (h, ctx.world, 1):
                 full = qkv(ctx, 2, 16, h, hkv, d, seed=hkv)
                 ref = LocalAttention(h, d, hkv)(*full)
@@ -356,7 +357,7 @@ def check_local_first_in_half_precision(ctx: Ctx) -> None:
     layer = DistributedAttention(h, d, supported_attention_backends=("TORCH_SDPA",))
     with torch.no_grad(), count_collectives() as counts:
         out, _ = layer(*(ctx.shard(t, n // ctx.world) for t in full))
-    assert counts["all_to_all_single"] == 2 * local_first_exchanges(ctx.world), counts
+    assert counts["all_to_all_single"] == local_first_collectives(ctx, rows=2), counts
     err = (out.float() - ctx.shard(ref, n // ctx.world).float()).abs().max().item()
     assert err < 5e-3, err
 
@@ -372,7 +373,7 @@ def check_local_first_survives_a_compile_failure(ctx: Ctx) -> None:
     with torch.no_grad(), count_collectives() as counts:
         out, _ = layer(*(ctx.shard(t, n // ctx.world) for t in full))
     ctx.close(out, ctx.shard(ref, n // ctx.world), "output after a compile failure")
-    assert counts["all_to_all_single"] == 2 * local_first_exchanges(ctx.world), counts
+    assert counts["all_to_all_single"] == local_first_collectives(ctx, rows=2), counts
 
 
 def check_ranks_agree_on_the_schedule(ctx: Ctx) -> None:
@@ -394,12 +395,46 @@ def check_local_first_by_default_on_device_groups_only(ctx: Ctx) -> None:
         compare_run(ctx, h=2 * ctx.world, grads=False)
     on_device = "gloo" not in sp_mod.get_sequence_parallel().backend
     assert counts["all_to_all_single"] == (
-        2 * local_first_exchanges(ctx.world) if on_device else 4), counts
+        local_first_collectives(ctx, rows=2) if on_device else 4), counts
 
 
 def local_first_exchanges(world: int) -> int:
     """Collectives per batch row: q, k, v in one (two ranks) or one each; the output back."""
     return 2 if world == 2 else 4
+
+
+def local_first_collectives(ctx: Ctx, rows: int) -> int:
+    """all_to_all calls of a local-first forward: none where the group's copy engines carry it."""
+    if sp_mod.get_sequence_parallel().peer_copies is not None:
+        return 0
+    return rows * local_first_exchanges(ctx.world)
+
+
+def check_copy_engine_exchange(ctx: Ctx) -> None:
+    """Two GPUs that map each other's memory: local-first runs on copy engines (no collective),
+    through both buffer slots, back to back and growing the buffer, with LocalAttention's
+    outputs. Elsewhere copy_engine=True raises on every rank and None picks NCCL or gloo."""
+    if ctx.device.type != "cuda" or ctx.world != 2:
+        with pytest.raises(SequenceParallelError, match="copy_engine=True needs a 2-rank NCCL"):
+            init_sequence_parallel(copy_engine=True)
+        assert init_sequence_parallel().peer_copies is None
+        return
+    assert init_sequence_parallel(local_first=True, copy_engine=True).peer_copies is not None
+    h, d = 4, 64
+    layer = DistributedAttention(h, d, supported_attention_backends=("TORCH_SDPA",))
+    local = LocalAttention(h, d, supported_attention_backends=("TORCH_SDPA",))
+    cases = [(16, 1), (64, 2), (64, 2), (512, 1), (16, 3)]  # the 512 call grows the buffer
+    wants, outs = [], []
+    with torch.no_grad(), count_collectives() as counts:
+        for seed, (n, b) in enumerate(cases):  # no host sync in between: slots alternate
+            full = qkv(ctx, b, n, h, h, d, seed=10 * seed)
+            wants.append(ctx.shard(local(*full), n // 2))
+            outs.append(layer(*(ctx.shard(t, n // 2) for t in full))[0])
+    for (n, b), out, want in zip(cases, outs, wants, strict=True):
+        ctx.close(out, want, f"copy engines, N={n} B={b}")
+    assert counts["all_to_all_single"] == 0, counts
+    assert counts["batch_isend_irecv"] == 0, counts
+    assert init_sequence_parallel(copy_engine=False).peer_copies is None
 
 
 def check_one_small_collective_before_the_exchanges(ctx: Ctx) -> None:

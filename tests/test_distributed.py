@@ -139,6 +139,15 @@ class TestInitSequenceParallel:
         with pytest.raises(ValueError, match="local_first='yes' is not allowed"):
             init_sequence_parallel(local_first="yes")  # type: ignore[arg-type]
 
+    def test_bad_copy_engine_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="copy_engine=.yes. is not allowed"):
+            init_sequence_parallel(copy_engine="yes")  # type: ignore[arg-type]
+
+    def test_copy_engine_demanded_without_a_group_is_refused(self) -> None:
+        with pytest.raises(SequenceParallelError, match="copy_engine=True needs a 2-rank NCCL"):
+            init_sequence_parallel(copy_engine=True)
+        assert init_sequence_parallel().peer_copies is None
+
     def test_set_brings_back_a_group_built_earlier(self) -> None:
         first = init_sequence_parallel(local_first=True)
         second = init_sequence_parallel(local_first=False)

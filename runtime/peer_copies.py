@@ -1,0 +1,156 @@
+"""Exchanges between the two GPUs of a one-node SP group on their copy engines.
+
+NCCL's all-to-all runs as a kernel: it needs SMs, and the attention kernel it should overlap
+(cuDNN's on Hopper is persistent) holds every SM until it ends. A peer-to-peer memcpy into
+memory the peer mapped (torch symmetric memory) runs on a copy engine instead, beside any
+kernel, and on H100 NVLink moves 370-390 GB/s where the all-to-all managed 100-150
+(bench/NOTES-distributed.md). This is still torch.distributed's machinery: the buffers come
+from `torch.distributed._symmetric_memory` and their handles from the group's rendezvous.
+
+    copies = PeerCopies.build(group, device)   # every rank of a 2-rank NCCL group; None if the
+                                               # GPUs cannot map each other's memory
+    copies.begin({"fwd": n, "back": m}, dtype) # once per call, same sizes on both ranks
+    copies.send("fwd", src)                    # on the current stream: src -> peer's inbox
+    copies.inbox("fwd")                        # what the peer sent this call (after `send`)
+
+Each rank owns one symmetric buffer of two slots; calls alternate between them. A send is the
+memcpy into the peer's slot and then the group's barrier, both on the caller's stream, so the
+barrier's end means both ranks' copies of this send have landed. Alternating is what makes
+reuse safe: a rank writes slot s again two calls later, after its own barrier of the call in
+between, which the peer reaches only once its stream is past everything that read slot s
+(callers queue each send on a stream that first waits for all earlier work of the call before).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("attnrt")
+
+_ALIGN = 256  # bytes: every region starts on a boundary any dtype and the copy engines like
+
+
+class PeerCopies:
+    """Copy-engine exchanges for a two-rank group whose GPUs map each other's memory."""
+
+    def __init__(self, group: Any, device: torch.device, rank: int) -> None:
+        self._group, self._device = group, device
+        self._rank, self._peer = rank, 1 - rank
+        self._buffer: torch.Tensor | None = None
+        self._handle: Any = None
+        self._layout: dict[str, tuple[int, int]] = {}  # kind -> (byte offset in a slot, numel)
+        self._dtype = torch.uint8
+        self._slot_bytes = 0
+        self._slot = 1
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @classmethod
+    def build(cls, group: Any, device: torch.device,
+              agree: Callable[[bool], bool]) -> PeerCopies | None:
+        """Collective over `group`: a PeerCopies on every rank, or None on every rank (the
+        reason logged). `agree(ok)` must return whether `ok` holds on all ranks; it is asked
+        before the rendezvous (so no rank waits there for a peer that failed to allocate) and
+        after it (so a failed mapping on one rank disables the exchange on both)."""
+        copies = cls(group, device, dist.get_rank(group))
+        try:
+            buffer = copies._allocate(_ALIGN)
+        except _SETUP_ERRORS as exc:
+            buffer = None
+            _log_unavailable(exc)
+        if not agree(buffer is not None):
+            return None
+        try:
+            copies._attach(buffer, _ALIGN)  # type: ignore[arg-type]
+            ok = True
+        except _SETUP_ERRORS as exc:
+            ok = False
+            _log_unavailable(exc)
+        return copies if agree(ok) else None
+
+    def _allocate(self, slot_bytes: int) -> torch.Tensor:
+        import torch.distributed._symmetric_memory as symm
+
+        return symm.empty(2 * slot_bytes, dtype=torch.uint8, device=self._device)
+
+    def _attach(self, buffer: torch.Tensor, slot_bytes: int) -> None:
+        import torch.distributed._symmetric_memory as symm
+
+        name = self._group.group_name
+        try:
+            handle = symm.rendezvous(buffer, name)
+        except RuntimeError:  # torch versions that want the group enabled first
+            symm.enable_symm_mem_for_group(name)
+            handle = symm.rendezvous(buffer, name)
+        if handle is None:
+            raise RuntimeError("symmetric-memory rendezvous returned no handle")
+        self._buffer, self._handle, self._slot_bytes = buffer, handle, slot_bytes
+
+    def _grow(self, slot_bytes: int) -> None:
+        # The peer may still copy into the old buffer: drain this device first (the rendezvous
+        # is collective, so the peer has drained too once it returns).
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        self._attach(self._allocate(slot_bytes), slot_bytes)
+
+    def begin(self, sizes: dict[str, int], dtype: torch.dtype) -> None:
+        """Lay out this call's regions (numel per kind) and move to the other slot. Every rank
+        must call it with the same sizes: growing the buffer is a rendezvous."""
+        item = dtype.itemsize
+        layout, offset = {}, 0
+        for kind, numel in sizes.items():
+            layout[kind] = (offset, numel)
+            offset += -(-numel * item // _ALIGN) * _ALIGN
+        if offset > self._slot_bytes:
+            self._grow(max(offset, 2 * self._slot_bytes))
+        self._layout, self._dtype = layout, dtype
+        self._slot = 1 - self._slot
+
+    def _region(self, rank: int, kind: str) -> torch.Tensor:
+        offset, numel = self._layout[kind]
+        start = (self._slot * self._slot_bytes + offset) // self._dtype.itemsize
+        return self._handle.get_buffer(rank, (numel,), self._dtype, start)
+
+    def inbox(self, kind: str) -> torch.Tensor:
+        """This rank's region of `kind` in this call's slot (flat); valid after `send(kind)`."""
+        return self._region(self._rank, kind)
+
+    def send(self, kind: str, src: torch.Tensor) -> None:
+        """On the current stream: copy contiguous `src` into the start of the peer's region of
+        `kind`, then the barrier that tells both ranks their inboxes of `kind` are filled."""
+        self._region(self._peer, kind)[:src.numel()].view(src.shape).copy_(src)
+        self._handle.barrier(channel=0)
+
+
+_SETUP_ERRORS = (ImportError, RuntimeError, ValueError, AttributeError, TypeError)
+
+
+def _log_unavailable(exc: Exception) -> None:
+    logger.info("no copy-engine exchange for this SP group (%s: %s); NCCL carries it",
+                type(exc).__name__, exc)
+
+
+class EventWork:
+    """A `work` whose wait() orders the current stream after an event (no CPU block)."""
+
+    __slots__ = ("_device", "_event")
+
+    def __init__(self, event: Any, device: torch.device) -> None:
+        self._event, self._device = event, device
+
+    def wait(self) -> None:
+        torch.cuda.current_stream(self._device).wait_event(self._event)
+
+
+def recorded(device: torch.device) -> EventWork:
+    """An EventWork for everything queued so far on the current stream of `device`."""
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return EventWork(event, device)

@@ -1,0 +1,174 @@
+"""PeerCopies' bookkeeping on CPU: regions, slots, growth and the agreed setup.
+
+The copy engines themselves need two GPUs (tests/dist_worker.py: check_copy_engine_exchange runs
+on NCCL); here both ranks live in one process and "map" each other's buffers through a stand-in
+for the symmetric-memory handle, so what lands where can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from attnrt.peer_copies import PeerCopies
+
+
+class _World:
+    """Both ranks' buffers, as a symmetric-memory rendezvous would map them to each rank."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.barriers = 0
+
+
+class _Handle:
+    def __init__(self, world: _World) -> None:
+        self.world = world
+
+    def get_buffer(self, rank: int, sizes: tuple[int, ...], dtype: torch.dtype,
+                   storage_offset: int = 0) -> torch.Tensor:
+        flat = self.world.buffers[rank].view(dtype)
+        numel = math.prod(sizes)
+        if storage_offset + numel > flat.numel():
+            raise RuntimeError("region past the end of the buffer")
+        return flat[storage_offset:storage_offset + numel].view(sizes)
+
+    def barrier(self, channel: int = 0) -> None:
+        self.world.barriers += 1
+
+
+class _Copies(PeerCopies):
+    def __init__(self, world: _World, rank: int) -> None:
+        super().__init__(None, torch.device("cpu"), rank)
+        self.world = world
+        self.attached = 0
+
+    def _allocate(self, slot_bytes: int) -> torch.Tensor:
+        return torch.full((2 * slot_bytes,), 0xFF, dtype=torch.uint8)  # NaN-ish poison
+
+    def _attach(self, buffer: torch.Tensor, slot_bytes: int) -> None:
+        self.world.buffers[self._rank] = buffer
+        self._buffer, self._handle, self._slot_bytes = buffer, _Handle(self.world), slot_bytes
+        self.attached += 1
+
+
+def _pair() -> tuple[_Copies, _Copies, _World]:
+    world = _World()
+    ranks = (_Copies(world, 0), _Copies(world, 1))
+    for copies in ranks:
+        copies._attach(copies._allocate(256), 256)
+    return ranks[0], ranks[1], world
+
+
+def _call(pair: tuple[_Copies, _Copies], sizes: dict[str, int], dtype: torch.dtype,
+          seed: int) -> dict[tuple[int, str], torch.Tensor]:
+    """One exchange call on both ranks: each sends seeded data of every kind to the other."""
+    gen = torch.Generator().manual_seed(seed)
+    sent = {}
+    for copies in pair:
+        copies.begin(sizes, dtype)
+    for copies in pair:
+        for kind, numel in sizes.items():
+            sent[copies._rank, kind] = torch.randn(numel, generator=gen).to(dtype)
+            copies.send(kind, sent[copies._rank, kind])
+    return sent
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_send_lands_in_the_peers_inbox_of_that_kind(dtype: torch.dtype) -> None:
+    a, b, world = _pair()
+    sizes = {"fwd": 1000, "back": 37}
+    sent = _call((a, b), sizes, dtype, seed=1)
+    for me, peer in ((a, b), (b, a)):
+        for kind in sizes:
+            assert torch.equal(me.inbox(kind), sent[peer._rank, kind]), (me._rank, kind)
+    assert world.barriers == 4  # one per send
+
+
+def test_a_shorter_send_fills_the_start_of_the_region() -> None:
+    a, b, _ = _pair()
+    a.begin({"fwd": 64}, torch.float32)
+    b.begin({"fwd": 64}, torch.float32)
+    part = torch.arange(10, dtype=torch.float32)
+    a.send("fwd", part.view(2, 5))
+    assert torch.equal(b.inbox("fwd")[:10], part)
+
+
+def test_regions_start_aligned_and_do_not_overlap() -> None:
+    a, b, _ = _pair()
+    a.begin({"x": 3, "y": 5, "z": 1}, torch.bfloat16)
+    starts = sorted(offset for offset, _ in a._layout.values())
+    assert all(offset % 256 == 0 for offset in starts)
+    assert len(set(starts)) == 3
+
+
+def test_calls_alternate_slots_so_the_last_inbox_survives_the_next_send() -> None:
+    a, b, _ = _pair()
+    sizes = {"fwd": 300, "back": 20}
+    first = _call((a, b), sizes, torch.float32, seed=2)
+    kept = b.inbox("fwd")  # a view still read (by attention) while the next call's data lands
+    second = _call((a, b), sizes, torch.float32, seed=3)
+    assert torch.equal(kept, first[0, "fwd"])
+    assert torch.equal(b.inbox("fwd"), second[0, "fwd"])
+    third = _call((a, b), sizes, torch.float32, seed=4)  # back on the first slot
+    assert torch.equal(kept, third[0, "fwd"])
+
+
+def test_a_larger_call_grows_the_buffer_and_still_delivers() -> None:
+    a, b, _ = _pair()
+    _call((a, b), {"fwd": 8}, torch.float32, seed=5)
+    assert a.attached == 1
+    sent = _call((a, b), {"fwd": 5000, "back": 700}, torch.bfloat16, seed=6)
+    assert a.attached == 2
+    assert a._slot_bytes >= 5000 * 2 + 768
+    assert torch.equal(a.inbox("back"), sent[1, "back"])
+    _call((a, b), {"fwd": 100}, torch.float32, seed=7)  # smaller again: no new rendezvous
+    assert a.attached == 2
+
+
+def _failing(world: _World, fail: str) -> type[PeerCopies]:
+    """A PeerCopies class as build() constructs it, failing at `fail` ("allocate", "attach")."""
+
+    class Failing(_Copies):
+        def __init__(self, group: Any, device: torch.device, rank: int) -> None:
+            super().__init__(world, rank)
+
+        def _allocate(self, slot_bytes: int) -> torch.Tensor:
+            if fail == "allocate":
+                raise RuntimeError("CUDA symmetric memory is not supported here")
+            return super()._allocate(slot_bytes)
+
+        def _attach(self, buffer: torch.Tensor, slot_bytes: int) -> None:
+            if fail == "attach":
+                raise RuntimeError("cannot map the peer's memory")
+            super()._attach(buffer, slot_bytes)
+
+    return Failing
+
+
+@pytest.mark.parametrize(("fail", "peer_ok", "asked"), [
+    ("allocate", True, [False]),          # no rendezvous when any rank could not allocate
+    ("attach", True, [True, False]),      # a failed mapping disables the exchange everywhere
+    ("none", False, [True]),              # the peer could not allocate: no rendezvous here
+    ("none", True, [True, True]),
+])
+def test_setup_is_agreed_before_and_after_the_rendezvous(monkeypatch: pytest.MonkeyPatch,
+                                                         fail: str, peer_ok: bool,
+                                                         asked: list[bool]) -> None:
+    import attnrt.peer_copies as mod
+
+    monkeypatch.setattr(mod.dist, "get_rank", lambda group: 0)
+    world = _World()
+    answers: list[bool] = []
+
+    def agree(ok: bool) -> bool:
+        answers.append(ok)
+        return ok and peer_ok
+
+    built = _failing(world, fail).build(None, torch.device("cpu"), agree)
+    assert answers == asked
+    assert (built is not None) == (fail == "none" and peer_ok)
+    assert (0 in world.buffers) == (fail == "none" and peer_ok)  # attached only when agreed
