@@ -46,7 +46,8 @@ FWD_CANDIDATES = {
     64: [(128, 64, 8, 3), (128, 64, 8, 4)],
 }
 # Backward candidates per bucket: (dK/dV tuple, dQ tuple); a "single_launch" dK/dV entry runs
-# the dQ programs in its launch, an "atomic_dq" one runs no dQ programs. The first is shipped.
+# the dQ programs in its launch, an "atomic_dq" one runs no dQ programs. The first is shipped
+# (for D=128 the second for causal calls, see platforms/cuda/triton_flash_configs.py).
 # Registers/spilled bytes from an offline sm90 compile (Triton 3.6 + ptxas -v), full / causal:
 # D=128 single (32,64|64,32,4,3) 240/0, 255/48; (16,64|64,32,4,3) 215/0, 250/0; (32,128|128,64,
 # 8,3) 248/0, 254/0; D=64 single (32,64|64,64,4,3) 167/0, 206/0. Also measured at 17:32 UTC,
@@ -56,7 +57,8 @@ FWD_CANDIDATES = {
 # (64,128|128,64,8,3 or 8,2), (64,128|64,64,8,3), (32,128|128,64,8,3), atomic_dq with dK/dV
 # (64,128,8,3), (32,128,4,3).
 BWD_CANDIDATES = {
-    128: [((32, 64, 4, 3), (128, 64, 8, 3)),
+    128: [((64, 128, 8, 3, "single_launch"), (128, 64, 8, 3)),
+          ((32, 64, 4, 3), (128, 64, 8, 3)),
           ((32, 64, 4, 3, "single_launch"), (64, 32, 4, 3)),
           ((32, 64, 4, 2, "single_launch"), (64, 32, 4, 2)),
           ((16, 64, 4, 3, "single_launch"), (64, 32, 4, 3)),
@@ -162,7 +164,8 @@ class _Backward:
         self.q, self.k, self.v, self.dout = _inputs(n, d)
         out, self.lse = tf._forward(self.q, self.k, self.v, causal, self.scale,
                                     _shipped(d, causal))
-        self.delta = tf._backward_delta(out, self.dout, None)
+        # Padded to 256 rows, a multiple of every backward BLOCK_M (see registers()).
+        self.delta, self.lse2 = tf._backward_delta(out, self.dout, self.lse, None, 256)
         self.out, self.ref = out, None
         if reference:
             from torch.nn.attention import SDPBackend
@@ -174,8 +177,9 @@ class _Backward:
     def run(self, cfg: dict) -> tuple:
         from attnrt.kernels import triton_flash as tf
 
-        delta = tf._backward_delta(self.out, self.dout, None)
-        return tf._backward_kernels(self.q, self.k, self.v, self.dout, self.lse, delta,
+        delta, lse2 = tf._backward_delta(self.out, self.dout, self.lse, None,
+                                         tf._stats_pad(cfg))
+        return tf._backward_kernels(self.q, self.k, self.v, self.dout, lse2, delta,
                                     self.causal, self.scale, cfg)
 
     def errors(self, cfg: dict) -> list[float]:
@@ -192,7 +196,7 @@ class _Backward:
                  [((True, True), False)] if dkdv.get("single_launch") else
                  [((True, False), False), ((False, True), False)])
         grads = self.run(cfg)
-        args = (self.q, self.k, self.v, self.dout, self.lse, self.delta, self.causal, self.scale)
+        args = (self.q, self.k, self.v, self.dout, self.lse2, self.delta, self.causal, self.scale)
         out = []
         for kind, atomic in kinds:
             acc = grads[0].float() if atomic else grads[0]

@@ -34,10 +34,16 @@ CONFIGS: dict[str, dict[int, Config]] = {
     # still win both full and causal (D=128 bwd at N=8192: split 5.84 / 3.69 ms full / causal;
     # best one-launch 5.97 / 3.76; best atomic_dq 6.58 / 3.97; fwd maxnreg=128 at 2 CTAs/SM
     # 419 vs 474 TFLOP/s at N=4096), so no "_causal" entries and no switches are shipped.
+    # Re-swept 2026-11-25 (third session) after the backward loops stopped making ptxas
+    # serialize their wgmmas: D=128 full now runs FlexAttention's blocks in one launch (424 /
+    # 418 TFLOP/s bwd at N=8192 / 16384, vs 392 / 405 for the split (32,64,4,3) entry and 421 /
+    # 430 for compiled flex in the same run); causal keeps the split entry (372 / 382; one
+    # launch 358 / 361, flex 384 / 400). D=64 keeps its entry (369 full, 340 causal at 16384).
     "sm90": {
         32: _cfg((128, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)),
         64: _cfg((128, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)),
-        128: _cfg((128, 128, 8, 3, "tma"), (32, 64, 4, 3), (128, 64, 8, 3)),
+        128: _cfg((128, 128, 8, 3, "tma"), (64, 128, 8, 3, "single_launch"), (128, 64, 8, 3),
+                  causal=(None, (32, 64, 4, 3), None)),
         256: _cfg((128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)),
     },
     "sm80": {

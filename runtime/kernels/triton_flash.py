@@ -238,16 +238,36 @@ def _forward(q, k, v, causal, scale, cfg):
     return out, lse
 
 
-def _backward_delta(out, dout, dlse):
+def _backward_delta(out, dout, lse, dlse, pad):
+    """delta and lse in log2 units (lse2), float32 [B, H, NP], NP = N rounded up to `pad`:
+    the padding rows hold delta = 0 and lse2 = +inf, so the kernels read whole blocks."""
     b, n, h, _ = out.shape
-    delta = _alloc((b, h, n), torch.float32, out.device)
+    n_pad = triton.cdiv(n, pad) * pad
+    delta = _alloc((b, h, n_pad), torch.float32, out.device)
+    lse2 = _alloc((b, h, n_pad), torch.float32, out.device)
     block_m = 64
-    grid = (triton.cdiv(n, block_m), b * h)
+    grid = (triton.cdiv(n_pad, block_m), b * h)
     d = out.shape[3]
-    _bwd_delta_kernel[grid](out, dout, delta, *out.stride(), *dout.stride(), n, h, HEAD_DIM=d,
-                            BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, num_warps=4)
-    # d lse / d s = softmax row, so an lse gradient folds into delta: ds = p * (dp - delta + dlse).
-    return delta if dlse is None else delta - dlse.float()
+    _bwd_delta_kernel[grid](out, dout, lse, delta, lse2, *out.stride(), *dout.stride(), n, n_pad,
+                            h, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m,
+                            num_warps=4)
+    if dlse is not None:
+        # d lse / d s = softmax row, so an lse gradient folds into delta: ds = p * (dp - delta
+        # + dlse).
+        delta[:, :, :n] -= dlse.float()
+    return delta, lse2
+
+
+def _stats_pad(cfg: dict[str, dict[str, int]]) -> int:
+    """Row multiple of the lse2/delta padding: every query block the backward reads is whole."""
+    return max(cfg["bwd_dkdv"]["BLOCK_M"], cfg["bwd_dq"]["BLOCK_M"])
+
+
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether a row offset within one (batch, head) of any [B, rows, H, D] tensor passes
+    int32; the kernels then compute their row offsets in int64."""
+    return any((t.shape[1] - 1) * t.stride(1) + (t.shape[3] - 1) * t.stride(3) >= 2**31
+               for t in tensors)
 
 
 def _bwd_blocks(cfg: dict[str, dict[str, int]], dkdv: bool, dq: bool) -> dict[str, int]:
@@ -262,7 +282,7 @@ def _launch_bwd(args: tuple, grads: tuple, cfg: dict, kinds: tuple[bool, bool],
                 atomic: bool) -> object:
     """One launch of _bwd_kernel running the dK/dV programs, the dQ programs, or both; returns
     Triton's compiled-kernel handle (n_regs, n_spills on a GPU), which the bench reports."""
-    q, k, v, dout, lse, delta, causal, scale = args
+    q, k, v, dout, lse2, delta, causal, scale = args
     b, n, h, _ = q.shape
     m, hkv = k.shape[1], k.shape[2]
     blocks = _bwd_blocks(cfg, *kinds)
@@ -270,14 +290,15 @@ def _launch_bwd(args: tuple, grads: tuple, cfg: dict, kinds: tuple[bool, bool],
                 + (triton.cdiv(n, blocks["BLOCK_M2"]) * (h // hkv) if kinds[1] else 0))
     _, launch = _launch_args(cfg["bwd_dkdv" if kinds[0] else "bwd_dq"])
     return _bwd_kernel[(programs, b * hkv)](
-        q, k, v, dout, lse, delta, *grads, q.stride(), k.stride(), v.stride(), dout.stride(),
-        *(g.stride() for g in grads), n, m, h, hkv, h // hkv, scale * LOG2E, scale,
-        **_consts(q, causal), **blocks, **launch, ATOMIC_DQ=atomic)
+        q, k, v, dout, lse2, delta, *grads, q.stride(), k.stride(), v.stride(), dout.stride(),
+        *(g.stride() for g in grads), n, lse2.shape[2], m, h, hkv, h // hkv, scale * LOG2E, scale,
+        **_consts(q, causal), **blocks, **launch, ATOMIC_DQ=atomic,
+        INT64=_needs_int64(q, k, v, dout, *grads))
 
 
-def _backward_kernels(q, k, v, dout, lse, delta, causal, scale, cfg):
-    """dQ, dK, dV from the saved tensors and delta; the launches the config asks for."""
-    args = (q, k, v, dout, lse, delta, causal, scale)
+def _backward_kernels(q, k, v, dout, lse2, delta, causal, scale, cfg):
+    """dQ, dK, dV from the saved tensors, lse2 and delta; the launches the config asks for."""
+    args = (q, k, v, dout, lse2, delta, causal, scale)
     dk = _alloc(tuple(k.shape), k.dtype, k.device)
     dv = _alloc(tuple(v.shape), v.dtype, v.device)
     dq = _alloc(tuple(q.shape), q.dtype, q.device)
@@ -297,8 +318,8 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    delta = _backward_delta(out, dout, dlse)
-    return _backward_kernels(q, k, v, dout, lse, delta, ctx.causal, ctx.scale, ctx.cfg)
+    delta, lse2 = _backward_delta(out, dout, lse, dlse, _stats_pad(ctx.cfg))
+    return _backward_kernels(q, k, v, dout, lse2, delta, ctx.causal, ctx.scale, ctx.cfg)
 
 
 class _FlashAttention(torch.autograd.Function):

@@ -161,10 +161,12 @@ def _fwd_epilogue(o_ptrs, lse_ptr, acc, l_i, m_i, start_m, N, BLOCK_M: tl.conste
     _store_tile(o_ptrs, out.to(o_ptrs.dtype.element_ty), start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D)
 
 
-@triton.jit(do_not_specialize=["N"])
-def _bwd_delta_kernel(OUT, DO, DELTA, sob, son, soh, sod, sdb, sdn, sdh, sdd, N, H,
+@triton.jit(do_not_specialize=["N", "NP"])
+def _bwd_delta_kernel(OUT, DO, LSE, DELTA, LSE2, sob, son, soh, sod, sdb, sdn, sdh, sdd, N, NP, H,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta[b, h, i] = sum_d dO * O, the row term of the softmax gradient."""
+    """Row terms of the backward, [B, H, NP] with NP >= N: delta = sum_d dO * O, and lse in
+    log2 units (lse2). Rows N..NP-1 get delta = 0 and lse2 = +inf (so p = 0 there), which lets
+    the backward loops read whole blocks of them without masks."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -176,37 +178,52 @@ def _bwd_delta_kernel(OUT, DO, DELTA, sob, son, soh, sod, sdb, sdn, sdh, sdd, N,
                     start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
+    lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=float("-inf"))
+    # lse = -inf (a row that saw no key, or padding) becomes +inf so that exp2(s - lse2) = 0.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    stats = bh.to(tl.int64) * NP + offs_m
+    tl.store(DELTA + stats, delta, mask=offs_m < NP)
+    tl.store(LSE2 + stats, lse2, mask=offs_m < NP)
 
 
 @triton.jit
-def _load_row_stats(LSE, DELTA, offs_m, N):
-    # lse = -inf (a row that saw no key) becomes +inf so that exp2(s - lse) = 0, not NaN;
-    # rows past N get +inf too, so tail blocks need no further mask.
-    lse = tl.load(LSE + offs_m, mask=offs_m < N, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = tl.load(DELTA + offs_m, mask=offs_m < N, other=0.0)
-    return lse, delta
+def _row_ptrs(base, rows, stride_r, stride_d, BLOCK_D: tl.constexpr, INT64: tl.constexpr):
+    """Pointers to the given rows of a [rows, D] view, int32 offsets unless INT64.
+
+    Built from the row indices at each use, as FlexAttention's backward does. Both alternatives
+    cost: a tile of 64-bit pointers carried through the loop takes two registers per element,
+    and adding an int64 block start to int32 in-block offsets made ptxas serialize the wgmmas of
+    the loop (C7515: every wgmma waits for the previous one), as does a second pipelined loop
+    over the same accumulators. Check with `ptxas -v` after changing these loops.
+    """
+    if INT64:
+        rows = rows.to(tl.int64)
+    return base + rows[:, None] * stride_r + tl.arange(0, BLOCK_D)[None, :] * stride_d
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE, DELTA, lo, hi, offs_n, N, M,
-                qk_scale, sm_scale, sqn, sdn, sdqn, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
-                ATOMIC_DQ: tl.constexpr):
-    q_ptrs += tl.cast(lo, tl.int64) * sqn
-    do_ptrs += tl.cast(lo, tl.int64) * sdn
-    dq_ptrs += tl.cast(lo, tl.int64) * sdqn
+def _dkdv_inner(dk, dv, k, v, Q, DO, DQ, LSE2, DELTA, lo, hi, offs_n, N, M, qk_scale, sm_scale,
+                sq, sdo, sdq, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, CAUSAL_MASK: tl.constexpr, PREC: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr, INT64: tl.constexpr):
+    # No row masks, the tail block of rows past N included: those rows read row N - 1 and have
+    # lse2 = +inf (padding), so p = 0 and they add nothing. Without CAUSAL_MASK, no mask at all.
+    # Loads sit where FlexAttention's backward puts them: lse before S^T, dO after it, delta
+    # after dV.
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_ptrs, start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D, True)
-        lse, delta = _load_row_stats(LSE, DELTA, offs_m, N)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-        if MASKED:
+        rows = tl.minimum(offs_m, N - 1)
+        q = _load_tile(_row_ptrs(Q, rows, sq[1], sq[3], BLOCK_D, INT64), start_m, N, BLOCK_M,
+                       HEAD_DIM, BLOCK_D, False)
+        lse2 = tl.load(LSE2 + offs_m)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PREC)
+        if CAUSAL_MASK:
             s_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (M - N), s_t, float("-inf"))
-        p_t = tl.math.exp2(s_t - lse[None, :])
-        do = _load_tile(do_ptrs, start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+        p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
+        do = _load_tile(_row_ptrs(DO, rows, sdo[1], sdo[3], BLOCK_D, INT64), start_m, N, BLOCK_M,
+                        HEAD_DIM, BLOCK_D, False)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
+        delta = tl.load(DELTA + offs_m)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk = tl.dot(ds_t, q, dk, input_precision=PREC)
@@ -214,129 +231,124 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE, DELTA, lo, hi, offs
             # Key rows past M were loaded as zeros, so they add nothing to dQ.
             dq = tl.dot(tl.trans(ds_t), k, input_precision=PREC) * sm_scale
             cols = tl.arange(0, BLOCK_D)
-            tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < N) & (cols[None, :] < HEAD_DIM),
-                          sem="relaxed")
-        q_ptrs += BLOCK_M * sqn
-        do_ptrs += BLOCK_M * sdn
-        dq_ptrs += BLOCK_M * sdqn
+            tl.atomic_add(_row_ptrs(DQ, offs_m, sdq[1], sdq[3], BLOCK_D, INT64), dq,
+                          mask=(offs_m[:, None] < N) & (cols[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _dkdv_q_range(start_n, N, M, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """Query blocks that see a key block: [lo, mid) partly masked, [mid, end) unmasked."""
+def _dkdv_q_range(start_n, N, M, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Query blocks [lo, end) that see a key block."""
     end = tl.cdiv(N, BLOCK_M) * BLOCK_M
     if CAUSAL:
-        off = M - N
-        lo = (tl.minimum(tl.maximum(start_n - off, 0), end) // BLOCK_M) * BLOCK_M
-        mid = tl.cdiv(tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - off, 0), end), BLOCK_M)
-        return lo, mid * BLOCK_M, end
-    return 0, 0, end
+        lo = (tl.minimum(tl.maximum(start_n - (M - N), 0), end) // BLOCK_M) * BLOCK_M
+        return lo, end
+    return 0, end
 
 
 @triton.jit
-def _dkdv_program(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, start_n, b, hk, sq, sk, sv, sdo, sdq, sdk,
-                  sdv, N, M, H, GROUP, qk_scale, sm_scale, HEAD_DIM: tl.constexpr,
+def _dkdv_program(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, start_n, b, hk, sq, sk, sv, sdo, sdq,
+                  sdk, sdv, N, NP, M, H, GROUP, qk_scale, sm_scale, HEAD_DIM: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  CAUSAL: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                  CAUSAL: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                  INT64: tl.constexpr):
     # One program owns a key block of one kv head and loops over the GROUP query heads that
     # read it: dK/dV are summed in registers, so no atomics and a deterministic result.
     # With ATOMIC_DQ it also adds dS^T K into DQ (float32, [B, N, H, D]): 5 products, not 7.
-    row = start_n.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_tile(_tile_ptrs(K + b * sk[0] + hk * sk[2] + row * sk[1], sk[1], sk[3], BLOCK_N,
-                              BLOCK_D), start_n, M, BLOCK_N, HEAD_DIM, BLOCK_D, True)
-    v = _load_tile(_tile_ptrs(V + b * sv[0] + hk * sv[2] + row * sv[1], sv[1], sv[3], BLOCK_N,
-                              BLOCK_D), start_n, M, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+    k_h = K + b * sk[0] + hk * sk[2]
+    v_h = V + b * sv[0] + hk * sv[2]
+    k = _load_tile(_row_ptrs(k_h, offs_n, sk[1], sk[3], BLOCK_D, INT64), start_n, M, BLOCK_N,
+                   HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(_row_ptrs(v_h, offs_n, sv[1], sv[3], BLOCK_D, INT64), start_n, M, BLOCK_N,
+                   HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo, mid, end = _dkdv_q_range(start_n, N, M, CAUSAL, BLOCK_M, BLOCK_N)
+    lo, end = _dkdv_q_range(start_n, N, M, CAUSAL, BLOCK_M)
     for g in range(GROUP):
         h = hk * GROUP + g
-        q_ptrs = _tile_ptrs(Q + b * sq[0] + h * sq[2], sq[1], sq[3], BLOCK_M, BLOCK_D)
-        do_ptrs = _tile_ptrs(DO + b * sdo[0] + h * sdo[2], sdo[1], sdo[3], BLOCK_M, BLOCK_D)
-        dq_ptrs = _tile_ptrs(DQ + b * sdq[0] + h * sdq[2], sdq[1], sdq[3], BLOCK_M, BLOCK_D)
-        stats = (b * H + h) * N
-        if CAUSAL:
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE + stats,
-                                 DELTA + stats, lo, mid, offs_n, N, M, qk_scale, sm_scale, sq[1],
-                                 sdo[1], sdq[1], BLOCK_M, HEAD_DIM, BLOCK_D, True, PREC,
-                                 ATOMIC_DQ)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE + stats, DELTA + stats,
-                             mid, end, offs_n, N, M, qk_scale, sm_scale, sq[1], sdo[1], sdq[1],
-                             BLOCK_M, HEAD_DIM, BLOCK_D, False, PREC, ATOMIC_DQ)
-    dk_ptrs = _tile_ptrs(DK + b * sdk[0] + hk * sdk[2] + row * sdk[1], sdk[1], sdk[3], BLOCK_N,
-                         BLOCK_D)
-    dv_ptrs = _tile_ptrs(DV + b * sdv[0] + hk * sdv[2] + row * sdv[1], sdv[1], sdv[3], BLOCK_N,
-                         BLOCK_D)
+        q_h = Q + b * sq[0] + h * sq[2]
+        do_h = DO + b * sdo[0] + h * sdo[2]
+        dq_h = DQ + b * sdq[0] + h * sdq[2]
+        stats = (b * H + h) * NP
+        # One loop, causal mask in every step: a second loop over the diagonal blocks (as in
+        # _dq_program) makes ptxas serialize the wgmmas of both (C7515), which costs far more
+        # than the compare and select it would save.
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_h, do_h, dq_h, LSE2 + stats, DELTA + stats, lo,
+                             end, offs_n, N, M, qk_scale, sm_scale, sq, sdo, sdq, BLOCK_M,
+                             HEAD_DIM, BLOCK_D, CAUSAL, PREC, ATOMIC_DQ, INT64)
+    dk_ptrs = _row_ptrs(DK + b * sdk[0] + hk * sdk[2], offs_n, sdk[1], sdk[3], BLOCK_D, INT64)
+    dv_ptrs = _row_ptrs(DV + b * sdv[0] + hk * sdv[2], offs_n, sdv[1], sdv[3], BLOCK_D, INT64)
     _store_tile(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), start_n, M, BLOCK_N, HEAD_DIM,
                 BLOCK_D)
     _store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), start_n, M, BLOCK_N, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, lo, hi, offs_m, N, M, qk_scale, skn, svn,
+def _dq_inner(dq, q, do, lse2, delta, K, V, lo, hi, offs_m, N, M, qk_scale, sk, sv,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+              INT64: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
-    k_ptrs += tl.cast(lo, tl.int64) * skn
-    v_ptrs += tl.cast(lo, tl.int64) * svn
     for start_n in range(lo, hi, BLOCK_N):
-        k = _load_tile(k_ptrs, start_n, M, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        cols = start_n + offs_n
+        k = _load_tile(_row_ptrs(K, cols, sk[1], sk[3], BLOCK_D, INT64), start_n, M, BLOCK_N,
+                       HEAD_DIM, BLOCK_D, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
         if MASKED:
-            cols = start_n + offs_n
             keep = cols[None, :] < M
             if CAUSAL:
                 keep = keep & (cols[None, :] <= offs_m[:, None] + (M - N))
             s = tl.where(keep, s, float("-inf"))
-        p = tl.math.exp2(s - lse[:, None])
-        v = _load_tile(v_ptrs, start_n, M, BLOCK_N, HEAD_DIM, BLOCK_D, MASKED)
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        v = _load_tile(_row_ptrs(V, cols, sv[1], sv[3], BLOCK_D, INT64), start_n, M, BLOCK_N,
+                       HEAD_DIM, BLOCK_D, MASKED)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
-        k_ptrs += BLOCK_N * skn
-        v_ptrs += BLOCK_N * svn
     return dq
 
 
 @triton.jit
-def _dq_program(Q, K, V, DO, LSE, DELTA, DQ, start_m, b, h, hk, sq, sk, sv, sdo, sdq, N, M, H,
-                qk_scale, sm_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def _dq_program(Q, K, V, DO, LSE2, DELTA, DQ, start_m, b, h, hk, sq, sk, sv, sdo, sdq, N, NP, M,
+                H, qk_scale, sm_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, INT64: tl.constexpr):
     """dQ of one query block: recomputes S and dP from K and V, so no atomics."""
-    row = start_m.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load_tile(_tile_ptrs(Q + b * sq[0] + h * sq[2] + row * sq[1], sq[1], sq[3], BLOCK_M,
-                              BLOCK_D), start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(_tile_ptrs(DO + b * sdo[0] + h * sdo[2] + row * sdo[1], sdo[1], sdo[3],
-                               BLOCK_M, BLOCK_D), start_m, N, BLOCK_M, HEAD_DIM, BLOCK_D, True)
-    stats = (b * H + h) * N
-    lse, delta = _load_row_stats(LSE + stats, DELTA + stats, offs_m, N)
-    k_ptrs = _tile_ptrs(K + b * sk[0] + hk * sk[2], sk[1], sk[3], BLOCK_N, BLOCK_D)
-    v_ptrs = _tile_ptrs(V + b * sv[0] + hk * sv[2], sv[1], sv[3], BLOCK_N, BLOCK_D)
+    q_h = Q + b * sq[0] + h * sq[2]
+    do_h = DO + b * sdo[0] + h * sdo[2]
+    q = _load_tile(_row_ptrs(q_h, offs_m, sq[1], sq[3], BLOCK_D, INT64), start_m, N, BLOCK_M,
+                   HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(_row_ptrs(do_h, offs_m, sdo[1], sdo[3], BLOCK_D, INT64), start_m, N, BLOCK_M,
+                    HEAD_DIM, BLOCK_D, True)
+    # Rows past N: lse2 = +inf (padding) makes p = 0, so the loops need no row mask.
+    stats = (b * H + h) * NP
+    lse2 = tl.load(LSE2 + stats + offs_m)
+    delta = tl.load(DELTA + stats + offs_m)
+    k_h = K + b * sk[0] + hk * sk[2]
+    v_h = V + b * sv[0] + hk * sv[2]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full, hi = _causal_bounds(start_m, N, M, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, 0, full, offs_m, N, M, qk_scale, sk[1],
-                   sv[1], BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, PREC)
-    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, full, hi, offs_m, N, M, qk_scale,
-                   sk[1], sv[1], BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, PREC)
-    dq_ptrs = _tile_ptrs(DQ + b * sdq[0] + h * sdq[2] + row * sdq[1], sdq[1], sdq[3], BLOCK_M,
-                         BLOCK_D)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_h, v_h, 0, full, offs_m, N, M, qk_scale, sk, sv,
+                   BLOCK_N, HEAD_DIM, BLOCK_D, False, CAUSAL, PREC, INT64)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_h, v_h, full, hi, offs_m, N, M, qk_scale, sk, sv,
+                   BLOCK_N, HEAD_DIM, BLOCK_D, True, CAUSAL, PREC, INT64)
+    dq_ptrs = _row_ptrs(DQ + b * sdq[0] + h * sdq[2], offs_m, sdq[1], sdq[3], BLOCK_D, INT64)
     _store_tile(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), start_m, N, BLOCK_M, HEAD_DIM,
                 BLOCK_D)
 
 
-@triton.jit(do_not_specialize=["N", "M"])
-def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, sq, sk, sv, sdo, sdq, sdk, sdv,
-                N, M, H, HKV, GROUP, qk_scale, sm_scale,
+@triton.jit(do_not_specialize=["N", "NP", "M"])
+def _bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, sq, sk, sv, sdo, sdq, sdk, sdv,
+                N, NP, M, H, HKV, GROUP, qk_scale, sm_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M1: tl.constexpr,
                 BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
                 CAUSAL: tl.constexpr, PREC: tl.constexpr, DKDV: tl.constexpr,
-                DQ_PROGRAMS: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    """Grid (programs, B * Hkv); s* are (batch, row, head, dim) stride tuples.
+                DQ_PROGRAMS: tl.constexpr, ATOMIC_DQ: tl.constexpr, INT64: tl.constexpr):
+    """Grid (programs, B * Hkv); s* are (batch, row, head, dim) stride tuples; LSE2 and DELTA
+    are [B, H, NP] (NP >= N, padded, see _bwd_delta_kernel); INT64 where a row offset within
+    one (batch, head) overflows int32.
 
     Axis 0 holds, per kv head, the dK/dV programs (DKDV: one per BLOCK_N1 keys, the heaviest
     causal block first), then the dQ programs (DQ_PROGRAMS: one per BLOCK_M2 queries of each of
@@ -356,12 +368,12 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, sq, sk, sv, sdo, sdq, sdk, 
         if DQ_PROGRAMS:
             is_dkdv = pid < n_kv
     if is_dkdv:
-        _dkdv_program(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, pid * BLOCK_N1, b, hk, sq, sk, sv,
-                      sdo, sdq, sdk, sdv, N, M, H, GROUP, qk_scale, sm_scale, HEAD_DIM, BLOCK_D,
-                      BLOCK_M1, BLOCK_N1, CAUSAL, PREC, ATOMIC_DQ)
+        _dkdv_program(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, pid * BLOCK_N1, b, hk, sq, sk, sv,
+                      sdo, sdq, sdk, sdv, N, NP, M, H, GROUP, qk_scale, sm_scale, HEAD_DIM,
+                      BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, PREC, ATOMIC_DQ, INT64)
     else:
         n_q = tl.cdiv(N, BLOCK_M2)
         j = pid - n_kv
-        _dq_program(Q, K, V, DO, LSE, DELTA, DQ, (n_q - 1 - j % n_q) * BLOCK_M2, b,
-                    hk * GROUP + j // n_q, hk, sq, sk, sv, sdo, sdq, N, M, H, qk_scale, sm_scale,
-                    HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, PREC)
+        _dq_program(Q, K, V, DO, LSE2, DELTA, DQ, (n_q - 1 - j % n_q) * BLOCK_M2, b,
+                    hk * GROUP + j // n_q, hk, sq, sk, sv, sdo, sdq, N, NP, M, H, qk_scale,
+                    sm_scale, HEAD_DIM, BLOCK_D, BLOCK_M2, BLOCK_N2, CAUSAL, PREC, INT64)

@@ -52,6 +52,34 @@ def test_backward_modes_interpreter(shape, dtype, causal, mode):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_int64_row_offsets_interpreter(monkeypatch, causal):
+    # The int64 path of tensors with more than 2**31 elements per head, on a tiny shape.
+    calls = []
+
+    def forced(*tensors):
+        calls.append(len(tensors))
+        return True
+
+    monkeypatch.setattr(tf, "_needs_int64", forced)
+    _check_parity((1, 21, 57, 4, 2, 32), torch.float32, causal, SMALL)
+    assert calls
+
+
+def test_int64_needed_only_past_int32_row_offsets():
+    class Fake:  # only shape and strides matter
+        def __init__(self, n, row_stride):
+            self.shape = (1, n, 1, 128)
+            self._strides = (n * row_stride, row_stride, 128, 1)
+
+        def stride(self, dim):
+            return self._strides[dim]
+
+    assert not tf._needs_int64(Fake(2**16, 2**14))  # last row starts at 2**30 - 2**14
+    assert tf._needs_int64(Fake(2**17 + 1, 2**14))
+
+
+@pytest.mark.interpret
 def test_single_launch_is_deterministic():
     q, k, v = _inputs((1, 24, 40, 4, 1, 32), torch.float16, "cpu")
     dout = torch.randn(1, 24, 4, 32, dtype=torch.float16)
