@@ -6,6 +6,8 @@ Shapes: B=1, N sequence, H heads, D=128. For each (N, H) one run prints:
     half       LocalAttention(H/P) on [1, N, H/P, D]: the compute floor of one rank's share
     a2a        one all-to-all of a q shard [1, N/P, H, D] -> [1, N, H/P, D]; GB/s per rank counts
                the bytes each rank sends to the others, (P-1)/P of its shard
+    ce         the same bytes as one copy-engine send (attnrt.peer_copies: peer-to-peer memcpy
+               and barrier), where the group has them (2 GPUs of one node)
     plain      DistributedAttention forward, exchange then attend then exchange back
     local      the local-first schedule: own shard attended while the others travel, merged by
                log-sum-exp (the default on device groups for non-causal inference)
@@ -13,6 +15,8 @@ Shapes: B=1, N sequence, H heads, D=128. For each (N, H) one run prints:
     .../np     the same without the high-priority NCCL twin (init_sequence_parallel's
                priority_exchange=False)
     .../nocheck  the same without the per-forward shape check (its cost)
+    .../new    the same with check_shards="new_shapes" (checked on the first call only here)
+    .../nccl   the same with the exchange on NCCL instead of the copy engines
     speedup    single / the fastest schedule with the check (the shipped default behaviour)
 
     python bench/distributed_gpu.py                        # spawns 2 ranks on GPUs 0 and 1
@@ -114,6 +118,12 @@ def _measure_shape(n: int, h: int, args: argparse.Namespace, device: Any) -> dic
     runs: dict[str, tuple[Any, Callable[[], Any]]] = {
         "single": (base, lambda: single(*full)), "half": (base, lambda: half(*part)),
         "a2a": (base, lambda: start_seq_to_heads(shard[0], base).wait())}
+    sent_part = shard[0].flatten()[:shard[0].numel() * (p - 1) // p]
+    if base.peer_copies is not None:
+        def ce_send() -> None:
+            base.peer_copies.begin({"x": sent_part.numel()}, sent_part.dtype)
+            base.peer_copies.send("x", sent_part)
+        runs["ce"] = (base, ce_send)
     want = None
     for mode in args.modes:
         sp = init_sequence_parallel(**_schedule(mode))
@@ -143,7 +153,8 @@ def _measure_shape(n: int, h: int, args: argparse.Namespace, device: Any) -> dic
     row["backend"] = single.backend_name
     sent = shard[0].numel() * shard[0].element_size() * (p - 1) / p
     row["a2a_gbps"] = sent / (row["a2a_ms"] * 1e-3) / 1e9
-    checked = [m for m in args.modes if "nocheck" not in m]
+    row["ce_gbps"] = sent / (row["ce_ms"] * 1e-3) / 1e9 if "ce_ms" in row else float("nan")
+    checked = [m for m in args.modes if "nocheck" not in m and "new" not in m.split("/")[1:]]
     row["best"] = min(checked, key=lambda m: row[f"{m}_ms"])
     row["speedup"] = row["single_ms"] / row[f"{row['best']}_ms"]
     row["ideal"] = row["single_ms"] / row["half_ms"]
@@ -162,21 +173,23 @@ _SCHEDULES = {"plain": {"overlap_chunks": 1, "local_first": False},
 
 def _schedule(mode: str) -> dict[str, Any]:
     """"plain", "local", "cK" (K head chunks); flags after "/": "np" no high-priority NCCL
-    twin, "nocheck" no per-forward shape check, "nccl" no copy-engine exchange."""
+    twin, "nocheck" no per-forward shape check, "new" the check on new shapes only, "nccl" no
+    copy-engine exchange."""
     name, *flags = mode.split("/")
     chosen = dict(_SCHEDULES.get(name) or {"overlap_chunks": int(name[1:]), "local_first": False})
     return {**chosen, "priority_exchange": "np" not in flags,
-            "check_shards": "nocheck" not in flags,
+            "check_shards": ("new_shapes" if "new" in flags else "nocheck" not in flags),
             "copy_engine": False if "nccl" in flags else None}
 
 
 def _table(rows: list[dict[str, Any]], modes: list[str]) -> str:
-    head = (["N", "H", "backend", "single ms", "half ms", "a2a ms", "a2a GB/s/rank"]
+    head = (["N", "H", "backend", "single ms", "half ms", "a2a ms", "a2a GB/s/rank",
+             "ce GB/s/rank"]
             + [f"{m} ms (err; host ms)" for m in modes] + ["speedup", "ideal"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["N"], r["H"], r["backend"], f"{r['single_ms']:.2f}", f"{r['half_ms']:.2f}",
-                 f"{r['a2a_ms']:.3f}", f"{r['a2a_gbps']:.1f}",
+                 f"{r['a2a_ms']:.3f}", f"{r['a2a_gbps']:.1f}", f"{r['ce_gbps']:.1f}",
                  *(f"{r[f'{m}_ms']:.2f} ({r[f'{m}_err']:.1e}; {r[f'{m}_host_ms']:.2f})"
                    for m in modes),
                  f"{r['speedup']:.3f}x ({r['best']})", f"{r['ideal']:.3f}x"]
@@ -211,11 +224,12 @@ def _run(rank: int, world: int, args: argparse.Namespace) -> None:
 def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="16384x24,32760x40,75600x24", help="NxH,NxH,...")
-    ap.add_argument("--modes", default="plain,local/nccl,local,local/nocheck",
+    ap.add_argument("--modes", default="plain,local/nccl,local,local/new,local/nocheck",
                     help="schedules to time: plain, local, cK (K head chunks), each optionally "
-                         "with /np (no priority twin), /nocheck (no shape check) or /nccl (no "
-                         "copy engines); the first is the yardstick of the error column; "
-                         "speedup takes the best checked one")
+                         "with /np (no priority twin), /nocheck (no shape check), /new (shape "
+                         "check on new shapes only) or /nccl (no copy engines); the first is "
+                         "the yardstick of the error column; "
+                         "speedup takes the best one checked every forward (the default)")
     ap.add_argument("--backends", default="",
                     help="comma-separated backends for every layer (default: the manifest's)")
     ap.add_argument("--calls", type=int, default=4, help="back-to-back calls per timed sample")

@@ -21,7 +21,7 @@ import importlib
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -60,9 +60,12 @@ class SequenceParallel:
     meta_group: Any = None
     overlap_chunks: int | None = None
     all_to_all: str = "single"
-    check_shards: bool = True
+    check_shards: bool | str = True
     local_first: bool | None = None
     peer_copies: Any = None  # a PeerCopies where the exchange runs on copy engines
+    # check_shards="new_shapes": what each shape signature checked so far agreed on.
+    checked: dict[tuple[int, ...], dict[str, int]] = field(
+        default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def meta_on_cpu(self) -> bool:
@@ -79,7 +82,7 @@ def _backend_of(group: Any) -> str:
 
 def init_sequence_parallel(group: Any = None, size: int | None = None, *,
                            overlap_chunks: int | None = None, all_to_all: str = "auto",
-                           check_shards: bool = True, local_first: bool | None = None,
+                           check_shards: bool | str = True, local_first: bool | None = None,
                            priority_exchange: bool = True,
                            copy_engine: bool | None = None) -> SequenceParallel:
     """Set the SP group for every DistributedAttention layer of this process; call on every rank.
@@ -92,7 +95,11 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
     all_to_all: "single" (all_to_all_single; what "auto" picks on every backend known today) or
     "pairwise" (batched isend/irecv, for groups without all_to_all_single).
     check_shards: gather every rank's shapes once per forward so a mismatch raises everywhere
-    instead of hanging; False saves that one small collective.
+    instead of hanging (a round trip between the ranks' CPUs: 0.4-1 ms on one host, up to
+    ~18 ms a forward on busy ones, bench/NOTES-distributed.md); "new_shapes": only on the
+    first forward with each new set of shapes on this rank, which catches ranks sharded
+    differently from the start, but not a rank whose shapes later change alone (it then waits
+    in the exchange); False: never.
     local_first: attend this rank's own shard (the heads it keeps) while the other shards are
     in flight, then merge by log-sum-exp (see distributed_layers); None: on for device groups
     without overlap_chunks, where the layer's inputs allow it; True: wherever they allow it.
@@ -118,6 +125,9 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
     for name, value in (("local_first", local_first), ("copy_engine", copy_engine)):
         if value not in (None, True, False):
             raise ValueError(f"{name}={value!r} is not allowed; allowed: None, True, False")
+    if not (isinstance(check_shards, bool) or check_shards == "new_shapes"):
+        raise ValueError(f"check_shards={check_shards!r} is not allowed; allowed: True, False, "
+                         "'new_shapes'")
     if not _init_from_launcher():
         if group is None and size in (None, 1):
             if copy_engine:
@@ -558,6 +568,13 @@ def _show(field: str, value: int) -> str:
     return str(value)
 
 
+def _shape_fields(named: list[tuple[str, Any]], original_seq_len: Any) -> list[tuple[str, int]]:
+    fields = [f for name, t in named for f in _tensor_fields(name, t)]
+    osl = original_seq_len if isinstance(original_seq_len, int) else -1
+    fields.append(("original_seq_len", osl))
+    return fields
+
+
 def check_same_on_all_ranks(sp: SequenceParallel, named: list[tuple[str, Any]],
                             original_seq_len: Any,
                             agree: dict[str, int] | None = None) -> dict[str, int]:
@@ -567,17 +584,22 @@ def check_same_on_all_ranks(sp: SequenceParallel, named: list[tuple[str, Any]],
     a rank that passed a different shard raises instead of leaving its peers in an all-to-all.
     `agree` rides along: each value comes back as its minimum over the ranks, so a choice that
     depends on per-rank state (e.g. whether the serving backend returns lse) is made alike.
+    With sp.check_shards == "new_shapes", shapes and `agree` values this rank has seen pass
+    before return what was agreed then, without a collective.
     """
-    fields = [f for name, t in named for f in _tensor_fields(name, t)]
-    osl = original_seq_len if isinstance(original_seq_len, int) else -1
-    fields.append(("original_seq_len", osl))
+    fields = _shape_fields(named, original_seq_len)
     agree = agree or {}
+    key = (*(v for _, v in fields), *agree.values())
+    if sp.check_shards == "new_shapes" and key in sp.checked:
+        return sp.checked[key]
     device = next((t.device for _, t in named if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    rows = gather_ints([v for _, v in fields] + list(agree.values()), sp, device)
+    rows = gather_ints(list(key), sp, device)
     agreed = dict(zip(agree, rows[:, len(fields):].min(dim=0).values.tolist(), strict=True))
     rows = rows[:, :len(fields)]
     differ = (rows != rows[0]).any(dim=0).nonzero().flatten().tolist()
     if not differ:
+        if sp.check_shards == "new_shapes":
+            sp.checked[key] = agreed
         return agreed
     parts = []
     for col in differ[:3]:

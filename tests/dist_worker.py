@@ -450,6 +450,30 @@ def check_one_small_collective_before_the_exchanges(ctx: Ctx) -> None:
         assert counts["all_to_all_single"] == 2 * 4, counts  # 2 chunks x (q, k, v in; out back)
 
 
+def check_shape_check_on_new_shapes_only(ctx: Ctx) -> None:
+    """check_shards="new_shapes": one gather for each new set of shapes (repeats run none),
+    and a mismatch on a new set still raises on every rank."""
+    h = 2 * ctx.world
+    init_sequence_parallel(check_shards="new_shapes")
+    layer = DistributedAttention(h, 16)
+    gathers = []
+    with torch.no_grad():
+        for s in (8, 8, 4, 8, 4):
+            with count_collectives() as counts:
+                layer(*qkv(ctx, 1, s, h, h, 16, seed=s))
+            gathers.append(counts["all_gather_single"] + counts["all_gather_into_tensor"])
+        assert gathers == [1, 0, 1, 0, 0], gathers
+        s = 6 - (ctx.rank == ctx.world - 1)
+        with pytest.raises(ShardMismatchError, match=r"q.shape\[1\] differs"):
+            layer(*qkv(ctx, 1, s, h, h, 16, seed=3))
+        # the refused shapes were not remembered: the next call checks them again
+        with count_collectives() as counts, pytest.raises(ShardMismatchError):
+            layer(*qkv(ctx, 1, s, h, h, 16, seed=3))
+        assert counts["all_gather_single"] + counts["all_gather_into_tensor"] == 1, counts
+    with pytest.raises(ValueError, match="check_shards='once' is not allowed"):
+        init_sequence_parallel(check_shards="once")
+
+
 def check_pairwise_gradients(ctx: Ctx) -> None:
     init_sequence_parallel(all_to_all="pairwise")
     compare_run(ctx, rep=2, n=13)
