@@ -208,7 +208,8 @@ class DistributedAttention(nn.Module):
                      local: LocalAttention) -> torch.Tensor:
         """Ulysses with the own shard attended while the others travel, per batch row:
 
-            pack      the other ranks' heads of q, k, v (side stream), exchange them (NCCL)
+            pack      the other ranks' heads of q, k, v (side stream), exchange them (NCCL,
+                      or the copy engines where plan.copies is set: see attnrt.peer_copies)
             A         own queries over own keys, this rank's heads: needs no exchange, with lse
             B         the other ranks' queries over all keys; their outputs start back at once
             C         own queries over the other ranks' keys, with lse; merged with A straight
@@ -216,10 +217,11 @@ class DistributedAttention(nn.Module):
         The exchange runs beside A and the return beside C. The attention kernels on Hopper
         (cuDNN's) are persistent: once started they hold every SM, and a collective queued
         after them waits for their end. So A is queued only after the packing is done, when
-        the exchange (on a high-priority stream) is ready to take its SMs first; see
-        bench/NOTES-distributed.md. Keys are not in sequence order (own rows first), which
-        non-causal attention does not see. A, B and C go through `local`, so a compile failure
-        falls to the next backend on this rank without changing the collectives.
+        the exchange (on a high-priority stream) is ready to take its SMs first; a copy-engine
+        exchange needs no SM at all. See bench/NOTES-distributed.md. Keys are not in sequence
+        order (own rows first), which non-causal attention does not see. A, B and C go through
+        `local`, so a compile failure falls to the next backend on this rank without changing
+        the collectives.
         """
         q = tensors[0]
         out = torch.empty_like(q)
