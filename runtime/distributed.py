@@ -20,6 +20,7 @@ import contextlib
 import importlib
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -98,8 +99,9 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
     instead of hanging (a round trip between the ranks' CPUs: 0.4-1 ms on one host, up to
     ~18 ms a forward on busy ones, bench/NOTES-distributed.md); "new_shapes": only on the
     first forward with each new set of shapes on this rank, which catches ranks sharded
-    differently from the start, but not a rank whose shapes later change alone (it then waits
-    in the exchange); False: never.
+    differently from the start, but not a rank whose shapes later change alone (the ranks then
+    wait in the exchange for each other, or, on copy engines, attend mismatched data); False:
+    never.
     local_first: attend this rank's own shard (the heads it keeps) while the other shards are
     in flight, then merge by log-sum-exp (see distributed_layers); None: on for device groups
     without overlap_chunks, where the layer's inputs allow it; True: wherever they allow it.
@@ -107,11 +109,11 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
     high-priority stream, so its kernels get SMs ahead of attention blocks already queued
     (without it an exchange started beside a long attention kernel waits for that kernel);
     costs one more communicator. False exchanges over the group as given.
-    copy_engine: for a 2-rank NCCL group whose GPUs map each other's memory (one node, torch
+    copy_engine: for a 2-rank NCCL group on one host whose GPUs map each other's memory (torch
     symmetric memory), the local-first exchange runs as peer-to-peer copies on the GPUs' copy
     engines, which take no SM from the attention beside them (see attnrt.peer_copies); None:
-    wherever that works, NCCL elsewhere; True: raise SequenceParallelError where it does not;
-    False: always NCCL.
+    wherever that works (not with local_first=False), NCCL elsewhere; True: raise
+    SequenceParallelError where it does not; False: always NCCL.
     Without torch.distributed (and no torchrun environment), group=None and size 1 give a
     one-process group that runs no collective.
     """
@@ -143,7 +145,7 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
     backend = _backend_of(group)
     mode = all_to_all if all_to_all != "auto" else "single"
     meta = _meta_group(group, backend)
-    copies = _peer_copies(group, backend, meta, copy_engine)
+    copies = _peer_copies(group, backend, meta, copy_engine, local_first)
     if priority_exchange:
         group = _priority_twin(group, backend)
     _state = SequenceParallel(group, dist.get_world_size(group), dist.get_rank(group), backend,
@@ -221,15 +223,28 @@ def _meta_group(group: Any, backend: str) -> Any:
         return group
 
 
-def _peer_copies(group: Any, backend: str, meta: Any, wanted: bool | None) -> Any:
-    """A PeerCopies for every rank of a 2-rank NCCL group, or None on every rank."""
+def _peer_copies(group: Any, backend: str, meta: Any, wanted: bool | None,
+                 local_first: bool | None) -> Any:
+    """A PeerCopies for every rank of a 2-rank NCCL group on one host, or None on every rank."""
     size = dist.get_world_size(group)
     if wanted is False:
+        return None
+    if local_first is False:  # the copy engines carry local-first's exchange only
+        if wanted:
+            raise SequenceParallelError("copy_engine=True carries the local-first exchange, "
+                                        "which local_first=False turns off")
         return None
     if size != 2 or "nccl" not in backend:
         if wanted:
             raise SequenceParallelError(f"copy_engine=True needs a 2-rank NCCL group; this one "
                                         f"has {size} ranks on {backend}")
+        return None
+    hosts: list[Any] = [None] * size
+    dist.all_gather_object(hosts, socket.gethostname(), group=meta)
+    if len(set(hosts)) > 1:
+        if wanted:
+            raise SequenceParallelError(f"copy_engine=True needs both ranks on one host; they "
+                                        f"run on {hosts}")
         return None
     from attnrt.peer_copies import PeerCopies
 
@@ -568,6 +583,9 @@ def _show(field: str, value: int) -> str:
     return str(value)
 
 
+_MAX_CHECKED = 1024  # shape sets remembered by check_shards="new_shapes"
+
+
 def _shape_fields(named: list[tuple[str, Any]], original_seq_len: Any) -> list[tuple[str, int]]:
     fields = [f for name, t in named for f in _tensor_fields(name, t)]
     osl = original_seq_len if isinstance(original_seq_len, int) else -1
@@ -584,21 +602,25 @@ def check_same_on_all_ranks(sp: SequenceParallel, named: list[tuple[str, Any]],
     a rank that passed a different shard raises instead of leaving its peers in an all-to-all.
     `agree` rides along: each value comes back as its minimum over the ranks, so a choice that
     depends on per-rank state (e.g. whether the serving backend returns lse) is made alike.
-    With sp.check_shards == "new_shapes", shapes and `agree` values this rank has seen pass
-    before return what was agreed then, without a collective.
+    With sp.check_shards == "new_shapes", shapes this rank has seen pass before return what
+    was agreed for them then, without a collective.
     """
     fields = _shape_fields(named, original_seq_len)
     agree = agree or {}
-    key = (*(v for _, v in fields), *agree.values())
+    # Shapes only: `agree` values are per-rank state (a fallback may change them on one rank),
+    # and a key that can differ between ranks would let one of them skip the collective alone.
+    key = tuple(v for _, v in fields)
     if sp.check_shards == "new_shapes" and key in sp.checked:
         return sp.checked[key]
     device = next((t.device for _, t in named if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    rows = gather_ints(list(key), sp, device)
+    rows = gather_ints([*key, *agree.values()], sp, device)
     agreed = dict(zip(agree, rows[:, len(fields):].min(dim=0).values.tolist(), strict=True))
     rows = rows[:, :len(fields)]
     differ = (rows != rows[0]).any(dim=0).nonzero().flatten().tolist()
     if not differ:
         if sp.check_shards == "new_shapes":
+            if len(sp.checked) >= _MAX_CHECKED:  # every rank clears at the same call
+                sp.checked.clear()
             sp.checked[key] = agreed
         return agreed
     parts = []

@@ -238,10 +238,11 @@ class DistributedAttention(nn.Module):
         rank_heads = [t.unflatten(2, (p, -1)) for t in qkv]  # [1, S, P, Hx/P, D]
         own = [t[:, :, sp.rank] for t in rank_heads]
         exchange = _exchange_two if p == 2 else _exchange_many
-        q_in, k_all, v_all, theirs, fill_own, works = exchange(rank_heads, own, peers, sp,
-                                                               plan.copies)
+        works: list[Any] = []
         back: list[Any] = []
         try:
+            q_in, k_all, v_all, theirs, fill_own, works = exchange(rank_heads, own, peers, sp,
+                                                                   plan.copies)
             o_a, lse_a = local.forward_with_lse(*own)  # A
             fill_own()
             for work in works:
@@ -250,6 +251,11 @@ class DistributedAttention(nn.Module):
             back = [_send_back(out_b, sp, plan.copies, hp, d)]
             o_c, lse_c = local.forward_with_lse(own[0], k_all[:, theirs], v_all[:, theirs])  # C
             merge_partials(o_a, lse_a, o_c, lse_c, out=out.unflatten(2, (p, -1))[:, :, sp.rank])
+        except BaseException:
+            if plan.copies is not None:  # keep the peer's copy-engine barriers paired
+                with side_stream(out.device):
+                    plan.copies.abandon()
+            raise
         finally:  # also on an error: no buffer may go while a collective still uses it
             for pending in works:
                 pending.wait()

@@ -19,6 +19,8 @@ barrier's end means both ranks' copies of this send have landed. Alternating is 
 reuse safe: a rank writes slot s again two calls later, after its own barrier of the call in
 between, which the peer reaches only once its stream is past everything that read slot s
 (callers queue each send on a stream that first waits for all earlier work of the call before).
+So calls must go out one at a time from one current stream, and not under CUDA-graph capture.
+An error on one rank mid-call must be followed by abandon() there (see its docstring).
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ import torch.distributed as dist
 logger = logging.getLogger("attnrt")
 
 _ALIGN = 256  # bytes: every region starts on a boundary any dtype and the copy engines like
+_GROW_STEP = 32 << 20  # a slot grows to what a call needs, rounded up to this
 
 
 class PeerCopies:
     """Copy-engine exchanges for a two-rank group whose GPUs map each other's memory."""
 
-    def __init__(self, group: Any, device: torch.device, rank: int) -> None:
-        self._group, self._device = group, device
+    def __init__(self, group: Any, device: torch.device, rank: int,
+                 agree: Callable[[bool], bool] = bool) -> None:
+        self._group, self._device, self._agree = group, device, agree
         self._rank, self._peer = rank, 1 - rank
         self._buffer: torch.Tensor | None = None
         self._handle: Any = None
@@ -47,6 +51,7 @@ class PeerCopies:
         self._dtype = torch.uint8
         self._slot_bytes = 0
         self._slot = 1
+        self._unsent: list[str] = []  # kinds of the current call not sent yet, in order
 
     @property
     def device(self) -> torch.device:
@@ -58,22 +63,33 @@ class PeerCopies:
         """Collective over `group`: a PeerCopies on every rank, or None on every rank (the
         reason logged). `agree(ok)` must return whether `ok` holds on all ranks; it is asked
         before the rendezvous (so no rank waits there for a peer that failed to allocate) and
-        after it (so a failed mapping on one rank disables the exchange on both)."""
-        copies = cls(group, device, dist.get_rank(group))
+        after it (so a failed mapping on one rank disables the exchange on both). Growing the
+        buffer later asks it the same way."""
+        copies = cls(group, device, dist.get_rank(group), agree)
         try:
-            buffer = copies._allocate(_ALIGN)
+            copies._setup(_ALIGN)
         except _SETUP_ERRORS as exc:
-            buffer = None
             _log_unavailable(exc)
-        if not agree(buffer is not None):
             return None
+        return copies
+
+    def _setup(self, slot_bytes: int) -> None:
+        """Allocate and map a buffer of two `slot_bytes` slots on every rank, or raise the same
+        error on every rank (SetupFailed where another rank failed)."""
         try:
-            copies._attach(buffer, _ALIGN)  # type: ignore[arg-type]
-            ok = True
-        except _SETUP_ERRORS as exc:
-            ok = False
-            _log_unavailable(exc)
-        return copies if agree(ok) else None
+            buffer = self._allocate(slot_bytes)
+        except _SETUP_ERRORS:
+            self._agree(False)
+            raise
+        if not self._agree(True):
+            raise SetupFailed("another rank could not allocate its copy-engine buffer")
+        try:
+            self._attach(buffer, slot_bytes)
+        except _SETUP_ERRORS:
+            self._agree(False)
+            raise
+        if not self._agree(True):
+            raise SetupFailed("another rank could not map the copy-engine buffers")
 
     def _allocate(self, slot_bytes: int) -> torch.Tensor:
         import torch.distributed._symmetric_memory as symm
@@ -84,11 +100,10 @@ class PeerCopies:
         import torch.distributed._symmetric_memory as symm
 
         name = self._group.group_name
-        try:
-            handle = symm.rendezvous(buffer, name)
-        except RuntimeError:  # torch versions that want the group enabled first
+        enabled = getattr(symm, "is_symm_mem_enabled_for_group", None)
+        if enabled is not None and not enabled(name):  # older torch wants the group enabled
             symm.enable_symm_mem_for_group(name)
-            handle = symm.rendezvous(buffer, name)
+        handle = symm.rendezvous(buffer, name)  # once: a retry could wait alone
         if handle is None:
             raise RuntimeError("symmetric-memory rendezvous returned no handle")
         self._buffer, self._handle, self._slot_bytes = buffer, handle, slot_bytes
@@ -98,20 +113,32 @@ class PeerCopies:
         # is collective, so the peer has drained too once it returns).
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
-        self._attach(self._allocate(slot_bytes), slot_bytes)
+        try:
+            self._setup(slot_bytes)
+        except _SETUP_ERRORS as exc:
+            from attnrt.distributed import SequenceParallelError
+
+            raise SequenceParallelError(
+                f"the copy-engine exchange could not grow to {slot_bytes * 2} bytes on every "
+                f"rank ({type(exc).__name__}: {exc}); free GPU memory, or pass "
+                "copy_engine=False to init_sequence_parallel") from exc
 
     def begin(self, sizes: dict[str, int], dtype: torch.dtype) -> None:
-        """Lay out this call's regions (numel per kind) and move to the other slot. Every rank
-        must call it with the same sizes: growing the buffer is a rendezvous."""
+        """Lay out this call's regions (numel per kind, sent in this order) and move to the
+        other slot. Every rank must call it with the same sizes: growing is collective."""
+        if self._unsent:
+            raise RuntimeError(f"copy-engine call begun while {self._unsent} of the previous "
+                               "one were never sent (abandon() them on an error)")
         item = dtype.itemsize
         layout, offset = {}, 0
         for kind, numel in sizes.items():
             layout[kind] = (offset, numel)
             offset += -(-numel * item // _ALIGN) * _ALIGN
         if offset > self._slot_bytes:
-            self._grow(max(offset, 2 * self._slot_bytes))
+            self._grow(-(-offset // _GROW_STEP) * _GROW_STEP)
         self._layout, self._dtype = layout, dtype
         self._slot = 1 - self._slot
+        self._unsent = list(sizes)
 
     def _region(self, rank: int, kind: str) -> torch.Tensor:
         offset, numel = self._layout[kind]
@@ -124,9 +151,28 @@ class PeerCopies:
 
     def send(self, kind: str, src: torch.Tensor) -> None:
         """On the current stream: copy contiguous `src` into the start of the peer's region of
-        `kind`, then the barrier that tells both ranks their inboxes of `kind` are filled."""
+        `kind`, then the barrier that tells both ranks their inboxes of `kind` are filled.
+        Kinds go in begin()'s order."""
+        if not self._unsent or self._unsent[0] != kind:
+            raise RuntimeError(f"send({kind!r}) out of order; next expected: {self._unsent}")
         self._region(self._peer, kind)[:src.numel()].view(src.shape).copy_(src)
         self._handle.barrier(channel=0)
+        self._unsent.pop(0)
+
+    def abandon(self) -> None:
+        """After an error on this rank mid-call: send what is left as NaN, so the peer's
+        barriers stay paired with this rank's (later calls stay in step) and the peer's output
+        of this call is NaN where this rank's part is missing, not silently stale."""
+        while self._unsent:
+            kind = self._unsent[0]
+            region = self._region(self._peer, kind)
+            region.fill_(float("nan") if region.is_floating_point() else 0)
+            self._handle.barrier(channel=0)
+            self._unsent.pop(0)
+
+
+class SetupFailed(RuntimeError):
+    """Another rank failed to set up the copy-engine buffers (this one did not)."""
 
 
 _SETUP_ERRORS = (ImportError, RuntimeError, ValueError, AttributeError, TypeError)

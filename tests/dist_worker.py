@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import attnrt
 from attnrt import distributed as sp_mod
+from attnrt import distributed_layers as dl_mod
 from attnrt.backends.sdpa import sdpa_bnhd, sdpa_with_lse
 from attnrt.distributed import (
     SequenceParallelError,
@@ -419,17 +420,22 @@ def check_copy_engine_exchange(ctx: Ctx) -> None:
             init_sequence_parallel(copy_engine=True)
         assert init_sequence_parallel().peer_copies is None
         return
-    assert init_sequence_parallel(local_first=True, copy_engine=True).peer_copies is not None
+    # No shape check, inputs made beforehand: nothing syncs the host between the calls, so
+    # the ranks run ahead of each other and the two buffer slots really alternate under load.
+    sp = init_sequence_parallel(local_first=True, copy_engine=True, check_shards=False)
+    assert sp.peer_copies is not None
     h, d = 4, 64
     layer = DistributedAttention(h, d, supported_attention_backends=("TORCH_SDPA",))
     local = LocalAttention(h, d, supported_attention_backends=("TORCH_SDPA",))
-    cases = [(16, 1), (64, 2), (64, 2), (512, 1), (16, 3)]  # the 512 call grows the buffer
-    wants, outs = [], []
+    # 49152 tokens outgrow the first 32 MiB slot: the buffer grows between calls.
+    cases = [(16, 1), (64, 2), (64, 2), (256, 4), (49152, 1), (16, 3), *[(64, 2)] * 6]
+    inputs = [qkv(ctx, b, n, h, h, d, seed=10 * seed) for seed, (n, b) in enumerate(cases)]
+    wants = [ctx.shard(local(*full), n // 2) for full, (n, _) in zip(inputs, cases, strict=True)]
+    shards = [[ctx.shard(t, n // 2) for t in full] for full, (n, _) in zip(inputs, cases,
+                                                                             strict=True)]
+    torch.cuda.synchronize()
     with torch.no_grad(), count_collectives() as counts:
-        for seed, (n, b) in enumerate(cases):  # no host sync in between: slots alternate
-            full = qkv(ctx, b, n, h, h, d, seed=10 * seed)
-            wants.append(ctx.shard(local(*full), n // 2))
-            outs.append(layer(*(ctx.shard(t, n // 2) for t in full))[0])
+        outs = [layer(*qkv_shards)[0] for qkv_shards in shards]
     for (n, b), out, want in zip(cases, outs, wants, strict=True):
         ctx.close(out, want, f"copy engines, N={n} B={b}")
     assert counts["all_to_all_single"] == 0, counts
@@ -472,6 +478,30 @@ def check_shape_check_on_new_shapes_only(ctx: Ctx) -> None:
         assert counts["all_gather_single"] + counts["all_gather_into_tensor"] == 1, counts
     with pytest.raises(ValueError, match="check_shards='once' is not allowed"):
         init_sequence_parallel(check_shards="once")
+
+
+def check_shape_check_on_new_shapes_ignores_per_rank_state(ctx: Ctx) -> None:
+    """Known shapes skip the check on every rank even when one rank's own state changed (here:
+    whether its backend returns lse, as after a fallback): a key with per-rank state would send
+    that rank alone into the gather while the others went on to the exchange."""
+    h, n = 2 * ctx.world, 16
+    init_sequence_parallel(check_shards="new_shapes", local_first=True)
+    full = qkv(ctx, 1, n, h, h, 16, seed=12)
+    ref = ctx.shard(LocalAttention(h, 16)(*full), n // ctx.world)
+    layer = DistributedAttention(h, 16, supported_attention_backends=("TORCH_SDPA",))
+    shards = [ctx.shard(t, n // ctx.world) for t in full]
+    saved = dl_mod._lse_ready
+    try:
+        with torch.no_grad():
+            layer(*shards)
+            if ctx.rank == 0:
+                dl_mod._lse_ready = lambda local, q: False
+            with count_collectives() as counts:
+                out, _ = layer(*shards)
+    finally:
+        dl_mod._lse_ready = saved
+    assert counts["all_gather_single"] + counts["all_gather_into_tensor"] == 0, counts
+    ctx.close(out, ref, "second forward with known shapes")
 
 
 def check_pairwise_gradients(ctx: Ctx) -> None:

@@ -21,12 +21,12 @@ class _World:
 
     def __init__(self) -> None:
         self.buffers: dict[int, torch.Tensor] = {}
-        self.barriers = 0
+        self.barriers = {0: 0, 1: 0}  # per rank: a real barrier pairs the i-th of each
 
 
 class _Handle:
-    def __init__(self, world: _World) -> None:
-        self.world = world
+    def __init__(self, world: _World, rank: int) -> None:
+        self.world, self.rank = world, rank
 
     def get_buffer(self, rank: int, sizes: tuple[int, ...], dtype: torch.dtype,
                    storage_offset: int = 0) -> torch.Tensor:
@@ -37,12 +37,12 @@ class _Handle:
         return flat[storage_offset:storage_offset + numel].view(sizes)
 
     def barrier(self, channel: int = 0) -> None:
-        self.world.barriers += 1
+        self.world.barriers[self.rank] += 1
 
 
 class _Copies(PeerCopies):
-    def __init__(self, world: _World, rank: int) -> None:
-        super().__init__(None, torch.device("cpu"), rank)
+    def __init__(self, world: _World, rank: int, agree: Any = bool) -> None:
+        super().__init__(None, torch.device("cpu"), rank, agree)
         self.world = world
         self.attached = 0
 
@@ -51,7 +51,8 @@ class _Copies(PeerCopies):
 
     def _attach(self, buffer: torch.Tensor, slot_bytes: int) -> None:
         self.world.buffers[self._rank] = buffer
-        self._buffer, self._handle, self._slot_bytes = buffer, _Handle(self.world), slot_bytes
+        self._buffer, self._slot_bytes = buffer, slot_bytes
+        self._handle = _Handle(self.world, self._rank)
         self.attached += 1
 
 
@@ -85,7 +86,7 @@ def test_a_send_lands_in_the_peers_inbox_of_that_kind(dtype: torch.dtype) -> Non
     for me, peer in ((a, b), (b, a)):
         for kind in sizes:
             assert torch.equal(me.inbox(kind), sent[peer._rank, kind]), (me._rank, kind)
-    assert world.barriers == 4  # one per send
+    assert world.barriers == {0: 2, 1: 2}  # one per send
 
 
 def test_a_shorter_send_fills_the_start_of_the_region() -> None:
@@ -133,8 +134,8 @@ def _failing(world: _World, fail: str) -> type[PeerCopies]:
     """A PeerCopies class as build() constructs it, failing at `fail` ("allocate", "attach")."""
 
     class Failing(_Copies):
-        def __init__(self, group: Any, device: torch.device, rank: int) -> None:
-            super().__init__(world, rank)
+        def __init__(self, group: Any, device: torch.device, rank: int, agree: Any) -> None:
+            super().__init__(world, rank, agree)
 
         def _allocate(self, slot_bytes: int) -> torch.Tensor:
             if fail == "allocate":
@@ -172,3 +173,56 @@ def test_setup_is_agreed_before_and_after_the_rendezvous(monkeypatch: pytest.Mon
     assert answers == asked
     assert (built is not None) == (fail == "none" and peer_ok)
     assert (0 in world.buffers) == (fail == "none" and peer_ok)  # attached only when agreed
+
+
+def test_sends_must_follow_begins_order_and_a_call_must_finish() -> None:
+    a, b, _ = _pair()
+    a.begin({"fwd": 4, "back": 4}, torch.float32)
+    with pytest.raises(RuntimeError, match=r"send\('back'\) out of order"):
+        a.send("back", torch.ones(4))
+    a.send("fwd", torch.ones(4))
+    with pytest.raises(RuntimeError, match=r"\['back'\] of the previous one were never sent"):
+        a.begin({"fwd": 4, "back": 4}, torch.float32)
+
+
+def test_abandon_keeps_the_barriers_paired_and_poisons_what_the_peer_misses() -> None:
+    a, b, world = _pair()
+    sizes = {"fwd": 50, "back": 30}
+    for copies in (a, b):
+        copies.begin(sizes, torch.float32)
+    a.send("fwd", torch.ones(50))
+    b.send("fwd", torch.ones(50))
+    a.send("back", torch.full((30,), 2.0))
+    b.abandon()  # an error on rank 1 between B and the return
+    assert world.barriers[0] == world.barriers[1]
+    assert torch.isnan(a.inbox("back")).all()  # not the stale data of an earlier call
+    sent = _call((a, b), sizes, torch.float32, seed=8)  # the next call is in step again
+    assert torch.equal(a.inbox("back"), sent[1, "back"])
+    assert world.barriers[0] == world.barriers[1]
+
+
+@pytest.mark.parametrize("fail_here", [True, False])  # this rank fails, or only the peer
+def test_a_failed_growth_raises_on_every_rank_and_leaves_the_buffer_usable(
+        fail_here: bool) -> None:
+    from attnrt.distributed import SequenceParallelError
+
+    asked: list[bool] = []
+
+    def agree(ok: bool) -> bool:
+        asked.append(ok)
+        return ok and fail_here  # the peer's answer: fine exactly when this rank fails
+
+    class Small(_Copies):
+        def _allocate(self, slot_bytes: int) -> torch.Tensor:
+            if fail_here and slot_bytes > 256:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return super()._allocate(slot_bytes)
+
+    copies = Small(_World(), 0, agree)
+    copies._attach(copies._allocate(256), 256)
+    with pytest.raises(SequenceParallelError, match="could not grow.*copy_engine=False"):
+        copies.begin({"fwd": 10_000}, torch.float32)
+    assert asked == ([False] if fail_here else [True])
+    assert copies._slot_bytes == 256
+    copies.begin({"fwd": 8}, torch.float32)  # what still fits works as before
+    assert copies.inbox("fwd").numel() == 8
