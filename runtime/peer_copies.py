@@ -26,6 +26,7 @@ An error on one rank mid-call must be followed by abandon() there (see its docst
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -100,9 +101,12 @@ class PeerCopies:
         import torch.distributed._symmetric_memory as symm
 
         name = self._group.group_name
-        enabled = getattr(symm, "is_symm_mem_enabled_for_group", None)
-        if enabled is not None and not enabled(name):  # older torch wants the group enabled
-            symm.enable_symm_mem_for_group(name)
+        if not symm.is_symm_mem_enabled_for_group(name):
+            # Needed by older torch; newer ones (2.11 on the GPU machine) deprecate it as
+            # unnecessary but still accept it, and this is the combination measured there.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                symm.enable_symm_mem_for_group(name)
         handle = symm.rendezvous(buffer, name)  # once: a retry could wait alone
         if handle is None:
             raise RuntimeError("symmetric-memory rendezvous returned no handle")
