@@ -56,14 +56,23 @@ FWD_CANDIDATES = {
 # (32,128,8,3), (32,64,4,3), (64,128,8,2); D=64 split (64,128,8,3)+(64,64,4,3), single
 # (64,128|128,64,8,3 or 8,2), (64,128|64,64,8,3), (32,128|128,64,8,3), atomic_dq with dK/dV
 # (64,128,8,3), (32,128,4,3).
+# Untimed candidates (NOTES section "Candidates prepared offline", 2026-11-25, third session):
+# "peel_diagonal" = causal dK/dV's diagonal query blocks unrolled before an unmasked loop (no
+# C7515 offline; a no-op when not causal).
 BWD_CANDIDATES = {
     128: [((64, 128, 8, 3, "single_launch"), (128, 64, 8, 3)),
           ((32, 64, 4, 3), (128, 64, 8, 3)),
+          ((32, 64, 4, 3, "peel_diagonal"), (128, 64, 8, 3)),
+          ((64, 128, 8, 3, "single_launch", "peel_diagonal"), (128, 64, 8, 3)),
+          ((64, 128, 8, 3, "peel_diagonal"), (128, 64, 8, 3)),
           ((32, 64, 4, 3, "single_launch"), (64, 32, 4, 3)),
           ((32, 64, 4, 2, "single_launch"), (64, 32, 4, 2)),
           ((16, 64, 4, 3, "single_launch"), (64, 32, 4, 3)),
           ((32, 128, 8, 3, "single_launch"), (128, 64, 8, 3))],
     64: [((32, 128, 4, 3), (64, 64, 4, 3)),
+         ((32, 128, 4, 3, "peel_diagonal"), (64, 64, 4, 3)),
+         ((32, 64, 4, 3, "peel_diagonal"), (64, 64, 4, 3)),
+         ((64, 128, 8, 3, "peel_diagonal"), (64, 64, 4, 3)),
          ((32, 64, 4, 3, "single_launch"), (64, 64, 4, 3)),
          ((32, 64, 4, 3), (64, 64, 4, 3)),
          ((32, 128, 4, 2, "single_launch"), (64, 32, 4, 2))],

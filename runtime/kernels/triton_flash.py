@@ -51,9 +51,12 @@ _BLOCK_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 # Optional 0/1 switches per kernel. fwd: warp-specialized loop, TMA loads of K/V. bwd_dkdv:
 # single_launch = the dQ programs (with bwd_dq's blocks) run in the dK/dV launch; atomic_dq =
 # the dK/dV programs also add dQ with float32 atomics and no dQ programs run (5 matrix products
-# instead of 7, but the summation order, and so the last bits of dQ, vary from run to run).
-_SWITCHES = {"fwd": ("warp_specialize", "tma"), "bwd_dkdv": ("single_launch", "atomic_dq"),
-             "bwd_dq": ()}
+# instead of 7, but the summation order, and so the last bits of dQ, vary from run to run);
+# peel_diagonal = causal dK/dV runs its diagonal query blocks as unrolled masked steps before
+# an unmasked loop (untimed candidate, see bench/NOTES-triton-flash.md; no effect when not
+# causal).
+_SWITCHES = {"fwd": ("warp_specialize", "tma"),
+             "bwd_dkdv": ("single_launch", "atomic_dq", "peel_diagonal"), "bwd_dq": ()}
 # Any kernel may cap registers per thread (Triton's `maxnreg` launch option, PTX .maxnreg),
 # e.g. to fit two 8-warp programs on an SM (at most 128 each).
 _MAXNREG = range(32, 256)
@@ -293,7 +296,8 @@ def _launch_bwd(args: tuple, grads: tuple, cfg: dict, kinds: tuple[bool, bool],
         q, k, v, dout, lse2, delta, *grads, q.stride(), k.stride(), v.stride(), dout.stride(),
         *(g.stride() for g in grads), n, lse2.shape[2], m, h, hkv, h // hkv, scale * LOG2E, scale,
         **_consts(q, causal), **blocks, **launch, ATOMIC_DQ=atomic,
-        INT64=_needs_int64(q, k, v, dout, *grads))
+        INT64=_needs_int64(q, k, v, dout, *grads),
+        PEEL=bool(causal and kinds[0] and cfg["bwd_dkdv"].get("peel_diagonal", 0)))
 
 
 def _backward_kernels(q, k, v, dout, lse2, delta, causal, scale, cfg):
@@ -354,8 +358,9 @@ def flash_attention(
     softmax_scale defaults to 1/sqrt(D). Causal masks are bottom-right aligned. `config` may
     override {"fwd" | "bwd_dkdv" | "bwd_dq": {BLOCK_M, BLOCK_N, num_warps, num_stages}}, plus
     optional "maxnreg" and switches (fwd: "tma", "warp_specialize"; bwd_dkdv: "single_launch",
-    "atomic_dq", the latter not deterministic); "<kernel>_causal" entries replace "<kernel>"
-    when causal. See attnrt.platforms.cuda.triton_flash_configs for measured per-arch values.
+    "atomic_dq" (not deterministic), "peel_diagonal"); "<kernel>_causal" entries replace
+    "<kernel>" when causal. See attnrt.platforms.cuda.triton_flash_configs for measured
+    per-arch values.
 
     Equivalent PyTorch: flash_attention_reference(q, k, v, causal, softmax_scale, return_lse).
     """

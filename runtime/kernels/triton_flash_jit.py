@@ -202,37 +202,68 @@ def _row_ptrs(base, rows, stride_r, stride_d, BLOCK_D: tl.constexpr, INT64: tl.c
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, DO, DQ, LSE2, DELTA, lo, hi, offs_n, N, M, qk_scale, sm_scale,
-                sq, sdo, sdq, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, CAUSAL_MASK: tl.constexpr, PREC: tl.constexpr,
-                ATOMIC_DQ: tl.constexpr, INT64: tl.constexpr):
+def _dkdv_step(dk, dv, k, v, Q, DO, DQ, LSE2, DELTA, start_m, offs_n, N, M, qk_scale, sm_scale,
+               sq, sdo, sdq, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, CAUSAL_MASK: tl.constexpr, PREC: tl.constexpr,
+               ATOMIC_DQ: tl.constexpr, INT64: tl.constexpr):
     # No row masks, the tail block of rows past N included: those rows read row N - 1 and have
     # lse2 = +inf (padding), so p = 0 and they add nothing. Without CAUSAL_MASK, no mask at all.
     # Loads sit where FlexAttention's backward puts them: lse before S^T, dO after it, delta
     # after dV.
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        rows = tl.minimum(offs_m, N - 1)
-        q = _load_tile(_row_ptrs(Q, rows, sq[1], sq[3], BLOCK_D, INT64), start_m, N, BLOCK_M,
-                       HEAD_DIM, BLOCK_D, False)
-        lse2 = tl.load(LSE2 + offs_m)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PREC)
-        if CAUSAL_MASK:
-            s_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (M - N), s_t, float("-inf"))
-        p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
-        do = _load_tile(_row_ptrs(DO, rows, sdo[1], sdo[3], BLOCK_D, INT64), start_m, N, BLOCK_M,
-                        HEAD_DIM, BLOCK_D, False)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
-        delta = tl.load(DELTA + offs_m)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk = tl.dot(ds_t, q, dk, input_precision=PREC)
-        if ATOMIC_DQ:
-            # Key rows past M were loaded as zeros, so they add nothing to dQ.
-            dq = tl.dot(tl.trans(ds_t), k, input_precision=PREC) * sm_scale
-            cols = tl.arange(0, BLOCK_D)
-            tl.atomic_add(_row_ptrs(DQ, offs_m, sdq[1], sdq[3], BLOCK_D, INT64), dq,
-                          mask=(offs_m[:, None] < N) & (cols[None, :] < HEAD_DIM), sem="relaxed")
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = tl.minimum(offs_m, N - 1)
+    q = _load_tile(_row_ptrs(Q, rows, sq[1], sq[3], BLOCK_D, INT64), start_m, N, BLOCK_M,
+                   HEAD_DIM, BLOCK_D, False)
+    lse2 = tl.load(LSE2 + offs_m)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PREC)
+    if CAUSAL_MASK:
+        s_t = tl.where(offs_n[:, None] <= offs_m[None, :] + (M - N), s_t, float("-inf"))
+    p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
+    do = _load_tile(_row_ptrs(DO, rows, sdo[1], sdo[3], BLOCK_D, INT64), start_m, N, BLOCK_M,
+                    HEAD_DIM, BLOCK_D, False)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
+    delta = tl.load(DELTA + offs_m)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+    dk = tl.dot(ds_t, q, dk, input_precision=PREC)
+    if ATOMIC_DQ:
+        # Key rows past M were loaded as zeros, so they add nothing to dQ.
+        dq = tl.dot(tl.trans(ds_t), k, input_precision=PREC) * sm_scale
+        cols = tl.arange(0, BLOCK_D)
+        tl.atomic_add(_row_ptrs(DQ, offs_m, sdq[1], sdq[3], BLOCK_D, INT64), dq,
+                      mask=(offs_m[:, None] < N) & (cols[None, :] < HEAD_DIM), sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, Q, DO, DQ, LSE2, DELTA, lo, hi, start_n, N, M, qk_scale, sm_scale,
+                sq, sdo, sdq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                PEEL: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                INT64: tl.constexpr):
+    """dK/dV of key block start_n over the query blocks [lo, hi) of one head. Causal: one loop
+    with the mask in every step; with PEEL (causal only), the blocks that cross the diagonal (at
+    most cdiv(BLOCK_M + BLOCK_N - 2, BLOCK_M), a constexpr) run first as unrolled masked steps,
+    then one unmasked loop. A second *loop* would serialize the wgmmas (C7515, see _row_ptrs)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if CAUSAL and PEEL:
+        # The first block with every (row, key) pair visible: start_m + M - N >= the last key.
+        diag = start_n + BLOCK_N - 1 - (M - N) - lo
+        diag_end = tl.minimum(lo + tl.cdiv(tl.maximum(diag, 0), BLOCK_M) * BLOCK_M, hi)
+        for i in tl.static_range((2 * BLOCK_M + BLOCK_N - 3) // BLOCK_M):
+            if lo + i * BLOCK_M < diag_end:
+                dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, DQ, LSE2, DELTA, lo + i * BLOCK_M,
+                                    offs_n, N, M, qk_scale, sm_scale, sq, sdo, sdq, BLOCK_M,
+                                    HEAD_DIM, BLOCK_D, True, PREC, ATOMIC_DQ, INT64)
+        for start_m in range(diag_end, hi, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, DQ, LSE2, DELTA, start_m, offs_n, N, M,
+                                qk_scale, sm_scale, sq, sdo, sdq, BLOCK_M, HEAD_DIM, BLOCK_D,
+                                False, PREC, ATOMIC_DQ, INT64)
+    else:
+        for start_m in range(lo, hi, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, DQ, LSE2, DELTA, start_m, offs_n, N, M,
+                                qk_scale, sm_scale, sq, sdo, sdq, BLOCK_M, HEAD_DIM, BLOCK_D,
+                                CAUSAL, PREC, ATOMIC_DQ, INT64)
     return dk, dv
 
 
@@ -251,7 +282,7 @@ def _dkdv_program(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, start_n, b, hk, sq, sk, 
                   sdk, sdv, N, NP, M, H, GROUP, qk_scale, sm_scale, HEAD_DIM: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAUSAL: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                  INT64: tl.constexpr):
+                  INT64: tl.constexpr, PEEL: tl.constexpr):
     # One program owns a key block of one kv head and loops over the GROUP query heads that
     # read it: dK/dV are summed in registers, so no atomics and a deterministic result.
     # With ATOMIC_DQ it also adds dS^T K into DQ (float32, [B, N, H, D]): 5 products, not 7.
@@ -271,12 +302,12 @@ def _dkdv_program(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, start_n, b, hk, sq, sk, 
         do_h = DO + b * sdo[0] + h * sdo[2]
         dq_h = DQ + b * sdq[0] + h * sdq[2]
         stats = (b * H + h) * NP
-        # One loop, causal mask in every step: a second loop over the diagonal blocks (as in
-        # _dq_program) makes ptxas serialize the wgmmas of both (C7515), which costs far more
-        # than the compare and select it would save.
+        # One loop, causal mask in every step unless PEEL: a second loop over the diagonal
+        # blocks (as in _dq_program) makes ptxas serialize the wgmmas of both (C7515), which
+        # costs far more than the compare and select it would save.
         dk, dv = _dkdv_inner(dk, dv, k, v, q_h, do_h, dq_h, LSE2 + stats, DELTA + stats, lo,
-                             end, offs_n, N, M, qk_scale, sm_scale, sq, sdo, sdq, BLOCK_M,
-                             HEAD_DIM, BLOCK_D, CAUSAL, PREC, ATOMIC_DQ, INT64)
+                             end, start_n, N, M, qk_scale, sm_scale, sq, sdo, sdq, BLOCK_M,
+                             BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, PEEL, PREC, ATOMIC_DQ, INT64)
     dk_ptrs = _row_ptrs(DK + b * sdk[0] + hk * sdk[2], offs_n, sdk[1], sdk[3], BLOCK_D, INT64)
     dv_ptrs = _row_ptrs(DV + b * sdv[0] + hk * sdv[2], offs_n, sdv[1], sdv[3], BLOCK_D, INT64)
     _store_tile(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), start_n, M, BLOCK_N, HEAD_DIM,
@@ -345,10 +376,11 @@ def _bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, sq, sk, sv, sdo, sdq, sdk,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M1: tl.constexpr,
                 BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
                 CAUSAL: tl.constexpr, PREC: tl.constexpr, DKDV: tl.constexpr,
-                DQ_PROGRAMS: tl.constexpr, ATOMIC_DQ: tl.constexpr, INT64: tl.constexpr):
+                DQ_PROGRAMS: tl.constexpr, ATOMIC_DQ: tl.constexpr, INT64: tl.constexpr,
+                PEEL: tl.constexpr = False):
     """Grid (programs, B * Hkv); s* are (batch, row, head, dim) stride tuples; LSE2 and DELTA
     are [B, H, NP] (NP >= N, padded, see _bwd_delta_kernel); INT64 where a row offset within
-    one (batch, head) overflows int32.
+    one (batch, head) overflows int32; PEEL (causal only): dK/dV's diagonal blocks unrolled.
 
     Axis 0 holds, per kv head, the dK/dV programs (DKDV: one per BLOCK_N1 keys, the heaviest
     causal block first), then the dQ programs (DQ_PROGRAMS: one per BLOCK_M2 queries of each of
@@ -370,7 +402,7 @@ def _bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, sq, sk, sv, sdo, sdq, sdk,
     if is_dkdv:
         _dkdv_program(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, pid * BLOCK_N1, b, hk, sq, sk, sv,
                       sdo, sdq, sdk, sdv, N, NP, M, H, GROUP, qk_scale, sm_scale, HEAD_DIM,
-                      BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, PREC, ATOMIC_DQ, INT64)
+                      BLOCK_D, BLOCK_M1, BLOCK_N1, CAUSAL, PREC, ATOMIC_DQ, INT64, PEEL)
     else:
         n_q = tl.cdiv(N, BLOCK_M2)
         j = pid - n_kv

@@ -1,5 +1,6 @@
 """TRITON_FLASH_ATTN's optional paths against the float64 reference: the one-launch and the
-atomic-dQ backward, causal config entries, the maxnreg launch option, and their refusals.
+atomic-dQ backward, the peeled causal dK/dV diagonal (untimed candidate), causal config
+entries, the maxnreg launch option, and their refusals.
 
 Interpreter cases use tiny fp16/fp32 shapes (see test_triton_flash.py); GPU cases start from
 the shipped config of the device and switch one path on.
@@ -49,6 +50,55 @@ MODE_CASES = [((1, 21, 57, 4, 2, 32), torch.float32), ((2, 33, 20, 2, 1, 40), to
                          ids=lambda x: str(x).replace(" ", "").replace("torch.", ""))
 def test_backward_modes_interpreter(shape, dtype, causal, mode):
     _check_parity(shape, dtype, causal, _with_mode(SMALL, mode, causal))
+
+
+# Opt-in candidates: (name, config laid over SMALL). peel_diagonal with BLOCK_M below, above and
+# equal to BLOCK_N (1 to 3 unrolled diagonal steps), alone and with the other backward modes.
+CANDIDATES = [
+    ("peel_m16_n32", {"bwd_dkdv": {"BLOCK_M": 16, "BLOCK_N": 32, "peel_diagonal": 1}}),
+    ("peel_m32_n16", {"bwd_dkdv": {"BLOCK_M": 32, "BLOCK_N": 16, "peel_diagonal": 1}}),
+    ("peel_single_launch", {"bwd_dkdv": {"BLOCK_M": 16, "BLOCK_N": 16, "peel_diagonal": 1,
+                                         "single_launch": 1}}),
+    ("peel_atomic_dq", {"bwd_dkdv": {"BLOCK_M": 16, "BLOCK_N": 32, "peel_diagonal": 1,
+                                     "atomic_dq": 1}}),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(("shape", "dtype"), MODE_CASES,
+                         ids=lambda x: str(x).replace(" ", "").replace("torch.", ""))
+@pytest.mark.parametrize(("name", "change"), CANDIDATES, ids=[c[0] for c in CANDIDATES])
+def test_candidates_interpreter(name, change, shape, dtype, causal):
+    _check_parity(shape, dtype, causal, {**SMALL, **change}, scale=0.3 if causal else None)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_peel_diagonal_reaches_the_kernel(monkeypatch, causal):
+    # The switch becomes the PEEL launch constant, only where causal dK/dV runs.
+    seen: list[bool] = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["PEEL"])
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tf, "_bwd_kernel", Spy(tf._bwd_kernel))
+    _check_parity((1, 19, 23, 2, 1, 32), torch.float32, causal, {**SMALL, **CANDIDATES[0][1]})
+    assert seen == [causal, False]
+
+
+@pytest.mark.interpret
+def test_peel_diagonal_int64_interpreter(monkeypatch):
+    monkeypatch.setattr(tf, "_needs_int64", lambda *tensors: True)
+    cfg = {**SMALL, "bwd_dkdv": {"BLOCK_M": 16, "BLOCK_N": 32, "peel_diagonal": 1}}
+    _check_parity((1, 21, 57, 4, 2, 32), torch.float32, True, cfg)
 
 
 @pytest.mark.interpret
@@ -155,8 +205,11 @@ class TestConfigRefusals:
         ({"fwd_causal": {"BLOCK_M": 48}}, r"config\['fwd_causal'\].*powers of two"),
         ({"fwd_causal": []}, r"config\['fwd_causal'\].*expected a dict"),
         ({"bwd_causal": {}}, "keys among"),
+        ({"bwd_dkdv": {"peel_diagonal": -1}}, r"config\['bwd_dkdv'\].*take 0 or 1"),
+        ({"bwd_dq": {"peel_diagonal": 1}}, r"config\['bwd_dq'\].*unknown key 'peel_diagonal'"),
     ], ids=["maxnreg_range", "maxnreg_type", "switch_value", "foreign_switch", "both_modes",
-            "launch_mismatch", "maxnreg_mismatch", "causal_entry", "causal_type", "unknown"])
+            "launch_mismatch", "maxnreg_mismatch", "causal_entry", "causal_type", "unknown",
+            "peel_value", "peel_foreign"])
     def test_refused(self, config, needle):
         # A non-causal call checks the causal entries too: a bad one fails every call.
         with pytest.raises(ValueError, match=needle):
@@ -174,6 +227,17 @@ def test_gpu_backward_modes(d, causal, mode):
     # B=2, GQA, N not a multiple of any block: every mask and both program kinds' tails.
     cfg = _with_mode(_gpu_config(torch.bfloat16, d), mode, causal)
     _check_parity((2, 1000, 1000, 4, 2, d), torch.bfloat16, causal, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", [128, 64, 96], ids=lambda d: f"h{d}")
+def test_gpu_candidates(d, causal):
+    # The shipped config with peel_diagonal switched on; GQA, N != M.
+    cfg = {name: dict(entry) for name, entry in
+           tf._resolve_config(_gpu_config(torch.bfloat16, d), causal).items()}
+    cfg["bwd_dkdv"]["peel_diagonal"] = 1
+    _check_parity((2, 1000, 1100, 4, 2, d), torch.bfloat16, causal, cfg)
 
 
 @pytest.mark.gpu
