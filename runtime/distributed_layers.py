@@ -237,12 +237,14 @@ class DistributedAttention(nn.Module):
         peers = [peer for peer in range(p) if peer != sp.rank]
         rank_heads = [t.unflatten(2, (p, -1)) for t in qkv]  # [1, S, P, Hx/P, D]
         own = [t[:, :, sp.rank] for t in rank_heads]
-        exchange = _exchange_two if p == 2 else _exchange_many
         works: list[Any] = []
         back: list[Any] = []
         try:
-            q_in, k_all, v_all, theirs, fill_own, works = exchange(rank_heads, own, peers, sp,
-                                                                   plan.copies)
+            if p == 2:
+                exchanged = _exchange_two(rank_heads, own, peers, sp, plan.copies)
+            else:  # PeerCopies serve two ranks: plan.copies is None here
+                exchanged = _exchange_many(rank_heads, own, peers, sp)
+            q_in, k_all, v_all, theirs, fill_own, works = exchanged
             o_a, lse_a = local.forward_with_lse(*own)  # A
             fill_own()
             for work in works:
@@ -510,10 +512,9 @@ def _send_back(out_b: torch.Tensor, sp: SequenceParallel, copies: Any, hp: int,
 
 
 def _exchange_many(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peers: list[int],
-                   sp: SequenceParallel, copies: Any = None) -> Exchanged:
+                   sp: SequenceParallel) -> Exchanged:
     """Local-first exchange for P > 2: one collective per tensor (an arriving peer block holds
-    q, k and v, which would not leave all keys contiguous); keys own rows first. `copies` is
-    always None here (PeerCopies serve two ranks)."""
+    q, k and v, which would not leave all keys contiguous); keys own rows first."""
     q = rank_heads[0]
     s, hp, d = q.shape[1], q.shape[3], q.shape[4]
     hkvp = rank_heads[1].shape[3]
