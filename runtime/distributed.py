@@ -486,13 +486,20 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
     fn(out, inp, group=group)
 
 
-def gather_ints(values: list[int], sp: SequenceParallel, device: torch.device) -> torch.Tensor:
-    """Every rank's `values` as a [P, len(values)] int64 CPU tensor: one small collective."""
+def gather_ints(values: list[int], sp: SequenceParallel, device: torch.device) -> list[list[int]]:
+    """Every rank's `values`, one list per rank: one small collective.
+
+    The result is plain Python on purpose: a reduction over a tiny CPU tensor (e.g. min over
+    dim 0) enters the intra-op thread pool, whose threads then spin for a while; once per
+    forward on every rank, that spinning took ~15 cores per process on a 32-core H100 host
+    and made each forward host-bound at 15-18 ms (bench/NOTES-distributed.md).
+    """
     on = torch.device("cpu") if sp.meta_on_cpu else device
     mine = torch.tensor(values, dtype=torch.int64, device=on)
     out = torch.empty(sp.size * len(values), dtype=torch.int64, device=on)
     _all_gather(out, mine, sp.meta_group if sp.meta_group is not None else sp.group)
-    return out.view(sp.size, len(values)).cpu()
+    flat = out.tolist()
+    return [flat[r * len(values):(r + 1) * len(values)] for r in range(sp.size)]
 
 
 # ---------------------------------------------------------------- differentiable exchanges
@@ -613,10 +620,10 @@ def check_same_on_all_ranks(sp: SequenceParallel, named: list[tuple[str, Any]],
     if sp.check_shards == "new_shapes" and key in sp.checked:
         return sp.checked[key]
     device = next((t.device for _, t in named if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    rows = gather_ints([*key, *agree.values()], sp, device)
-    agreed = dict(zip(agree, rows[:, len(fields):].min(dim=0).values.tolist(), strict=True))
-    rows = rows[:, :len(fields)]
-    differ = (rows != rows[0]).any(dim=0).nonzero().flatten().tolist()
+    gathered = gather_ints([*key, *agree.values()], sp, device)
+    agreed = {name: min(row[len(fields) + i] for row in gathered) for i, name in enumerate(agree)}
+    rows = [row[:len(fields)] for row in gathered]
+    differ = [col for col in range(len(fields)) if any(row[col] != rows[0][col] for row in rows)]
     if not differ:
         if sp.check_shards == "new_shapes":
             if len(sp.checked) >= _MAX_CHECKED:  # every rank clears at the same call
@@ -626,7 +633,7 @@ def check_same_on_all_ranks(sp: SequenceParallel, named: list[tuple[str, Any]],
     parts = []
     for col in differ[:3]:
         name = fields[col][0]
-        ranks = ", ".join(f"rank {r}: {_show(name, int(rows[r, col]))}" for r in range(sp.size))
+        ranks = ", ".join(f"rank {r}: {_show(name, rows[r][col])}" for r in range(sp.size))
         parts.append(f"{name} differs ({ranks})")
     raise ShardMismatchError(f"sharded inputs differ across the sequence-parallel group: "
                              f"{'; '.join(parts)}; every rank must pass the same shapes")
