@@ -39,11 +39,15 @@ CONFIGS: dict[str, dict[int, Config]] = {
     # 418 TFLOP/s bwd at N=8192 / 16384, vs 392 / 405 for the split (32,64,4,3) entry and 421 /
     # 430 for compiled flex in the same run); causal keeps the split entry (372 / 382; one
     # launch 358 / 361, flex 384 / 400). D=64 keeps its entry (369 full, 340 causal at 16384).
+    # Fourth session, same script (causal bwd at N=8192, TFLOP/s): D=128 causal now peels the
+    # diagonal steps with FlexAttention's blocks, 370 vs 341 for the split (32,64,4,3) entry;
+    # D=64 causal runs (32,64,4,3) in one launch, 306 vs 293 for (32,128,4,3).
     "sm90": {
         32: _cfg((128, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)),
-        64: _cfg((128, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)),
+        64: _cfg((128, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3),
+                 causal=(None, (32, 64, 4, 3, "single_launch"), None)),
         128: _cfg((128, 128, 8, 3, "tma"), (64, 128, 8, 3, "single_launch"), (128, 64, 8, 3),
-                  causal=(None, (32, 64, 4, 3), None)),
+                  causal=(None, (64, 128, 8, 3, "peel_diagonal"), None)),
         256: _cfg((128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)),
     },
     "sm80": {
