@@ -57,7 +57,7 @@ from attnrt.distributed import (
 from attnrt.errors import AttnrtError
 from attnrt.interfaces import AttentionImpl, lse_forward, merge_partials
 from attnrt.layers import LocalAttention, apply_rotary_emb
-from attnrt.peer_copies import recorded
+from attnrt.peer_copies import copy_rows, recorded
 from attnrt.support import declared
 
 # Heads chunks for overlap on device groups. Measured on 2x H100 (bench/NOTES-distributed.md):
@@ -232,8 +232,7 @@ class DistributedAttention(nn.Module):
     def _local_first_row(self, plan: _Plan, qkv: list[torch.Tensor], local: LocalAttention,
                          out: torch.Tensor) -> None:
         """One batch row of _local_first: qkv [1, S, Hx, D] -> written into out [1, S, H, D]."""
-        sp, shard = plan.sp, plan.shard
-        p, hp, d = sp.size, qkv[0].shape[2] // sp.size, qkv[0].shape[3]
+        sp, p = plan.sp, plan.sp.size
         peers = [peer for peer in range(p) if peer != sp.rank]
         rank_heads = [t.unflatten(2, (p, -1)) for t in qkv]  # [1, S, P, Hx/P, D]
         own = [t[:, :, sp.rank] for t in rank_heads]
@@ -250,7 +249,8 @@ class DistributedAttention(nn.Module):
             for work in works:
                 work.wait()
             out_b = local(q_in, k_all, v_all)  # B
-            back = [_send_back(out_b, sp, plan.copies, hp, d)]
+            heads = out[0].unflatten(1, (p, -1))  # [S, P, Hp, D]
+            back = [_send_back(out_b, sp, plan.copies, [heads[:, j].flatten(1) for j in peers])]
             o_c, lse_c = local.forward_with_lse(own[0], k_all[:, theirs], v_all[:, theirs])  # C
             merge_partials(o_a, lse_a, o_c, lse_c, out=out.unflatten(2, (p, -1))[:, :, sp.rank])
         except BaseException:
@@ -261,10 +261,8 @@ class DistributedAttention(nn.Module):
         finally:  # also on an error: no buffer may go while a collective still uses it
             for pending in works:
                 pending.wait()
-            returned = [pending.wait() for pending in back]
-        returned = returned[0].view(len(peers), shard, hp, d)
-        for j, peer in enumerate(peers):
-            out[0].unflatten(1, (p, -1))[:, peer].copy_(returned[j])
+            for pending in back:  # places the peers' part of the output
+                pending.wait()
 
     def _validate(self, sp: SequenceParallel, base: LocalAttention, tensors: list[torch.Tensor],
                   replicated: tuple[torch.Tensor | None, ...], original_seq_len: int | None,
@@ -460,10 +458,8 @@ def _exchange_two(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peers
     hkvp = k_heads.shape[1]
     n_q, n_kv = s * hp * d, s * 2 * hkvp * d
     if copies is not None:
-        copies.begin({"fwd": n_q + 2 * n_kv, "back": n_q}, q_heads.dtype)
-        buf = copies.inbox("fwd")
-    else:
-        buf = q_heads.new_empty(n_q + 2 * n_kv)
+        return _exchange_two_on_copy_engines(q_heads, k_heads, v_heads, own, copies)
+    buf = q_heads.new_empty(n_q + 2 * n_kv)
     kv_all = buf[n_q:].view(1, 2 * s, 2, hkvp, d)
     with side_stream(q_heads.device) as stream:
         send = q_heads.new_empty(n_q + n_kv)
@@ -471,18 +467,9 @@ def _exchange_two(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peers
         kv_send = send[n_q:].view(s, 2, hkvp, d)
         kv_send[:, 0].copy_(k_heads)
         kv_send[:, 1].copy_(v_heads)
-        if copies is not None:
-            # Attention may start once the packing is done: the copy needs no SM.
-            packed = recorded(q_heads.device)
-            copies.send("fwd", send)
-            works = [recorded(q_heads.device)]
-        else:
-            works = exchange_others(send.view(1, -1), buf[:n_q + n_kv].view(1, -1), sp)
-            head_start(q_heads.device)
-    if copies is not None:
-        packed.wait()
-    else:
-        join_stream(q_heads.device, stream)
+        works = exchange_others(send.view(1, -1), buf[:n_q + n_kv].view(1, -1), sp)
+        head_start(q_heads.device)
+    join_stream(q_heads.device, stream)
 
     def fill_own() -> None:
         kv_all[0, s:, 0].copy_(own[1][0])
@@ -493,20 +480,61 @@ def _exchange_two(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peers
             fill_own, [keep])
 
 
-def _send_back(out_b: torch.Tensor, sp: SequenceParallel, copies: Any, hp: int,
-               d: int) -> Pending:
-    """Start returning B's output [1, S, Hp, D] (the peer's queries) to its owner; the Pending
-    gives what the peers returned, [(P-1) * S, Hp * D]."""
+def _exchange_two_on_copy_engines(q_heads: torch.Tensor, k_heads: torch.Tensor,
+                                  v_heads: torch.Tensor, own: list[torch.Tensor],
+                                  copies: Any) -> Exchanged:
+    """_exchange_two's layout, filled by 2D copies straight from the strided head ranges: the
+    peer's heads go into the peer's inbox on copy engines beside A (no packing kernel to wait
+    for), the own k and v rows into this rank's inbox on the current stream, before A. (A
+    device-local 2D memcpy, measured on H100, waits for free SMs like a kernel: queued beside
+    A it would start only at A's end and hold B back.)"""
+    s, hp, d = q_heads.shape
+    hkvp = k_heads.shape[1]
+    n_q, n_kv = s * hp * d, s * 2 * hkvp * d
+    copies.begin({"fwd": n_q + 2 * n_kv, "back": n_q}, q_heads.dtype)
+    buf = copies.inbox("fwd")
+    kv_all = buf[n_q:].view(1, 2 * s, 2, hkvp, d)
+
+    def write(region: torch.Tensor) -> None:
+        kv_peer = region[n_q:n_q + n_kv].view(s, 2, hkvp * d)
+        copy_rows(region[:n_q].view(s, hp * d), q_heads.flatten(1))
+        copy_rows(kv_peer[:, 0], k_heads.flatten(1))
+        copy_rows(kv_peer[:, 1], v_heads.flatten(1))
+
+    with side_stream(q_heads.device):
+        copies.send_with("fwd", write)
+        works = [recorded(q_heads.device)]
+    kv_own = kv_all[0, s:].flatten(2)  # [S, 2, Hkvp * D]
+    copy_rows(kv_own[:, 0], own[1][0].flatten(1))
+    copy_rows(kv_own[:, 1], own[2][0].flatten(1))
+    keep = Pending(works, lambda: buf, (q_heads, k_heads, v_heads))
+    return (buf[:n_q].view(1, s, hp, d), kv_all[:, :, 0], kv_all[:, :, 1], slice(0, s),
+            lambda: None, [keep])
+
+
+def _send_back(out_b: torch.Tensor, sp: SequenceParallel, copies: Any,
+               targets: list[torch.Tensor]) -> Pending:
+    """Return B's output [1, S, Hp, D] (the peer's queries) to its owner, and place what the
+    peers return into `targets` (one [S, Hp * D] view of the output per peer, peers in order)
+    once the Pending is waited for. On copy engines the placing runs there too, beside what
+    the current stream does next."""
+    hp, d = out_b.shape[2], out_b.shape[3]
     send_back = out_b.reshape(-1, hp * d)
     if copies is not None:
         with side_stream(out_b.device):
             copies.send("back", send_back)
+            copy_rows(targets[0], copies.inbox("back").view(send_back.shape))
             done = recorded(out_b.device)
-        inbox = copies.inbox("back").view(send_back.shape)
-        return Pending([done], lambda: inbox, (send_back,))
+        return Pending([done], lambda: send_back, (send_back,))
     recv_back = torch.empty_like(send_back)
-    pending = Pending(exchange_others(send_back, recv_back, sp), lambda: recv_back,
-                      (send_back,))
+
+    def place() -> torch.Tensor:
+        rows = send_back.shape[0]
+        for j, target in enumerate(targets):
+            target.copy_(recv_back[j * rows // len(targets):(j + 1) * rows // len(targets)])
+        return recv_back
+
+    pending = Pending(exchange_others(send_back, recv_back, sp), place, (send_back,))
     head_start(out_b.device)
     return pending
 

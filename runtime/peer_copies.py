@@ -11,7 +11,13 @@ from `torch.distributed._symmetric_memory` and their handles from the group's re
                                                # GPUs cannot map each other's memory
     copies.begin({"fwd": n, "back": m}, dtype) # once per call, same sizes on both ranks
     copies.send("fwd", src)                    # on the current stream: src -> peer's inbox
+    copies.send_with("fwd", write)             # or write(peer's region) fills it, e.g. with
+                                               # copy_rows from strided sources
     copies.inbox("fwd")                        # what the peer sent this call (after `send`)
+
+`copy_rows(dst, src)` copies between two matrices whose rows are contiguous but strided (one
+head range of a [S, H, D] tensor) as one 2D memcpy, so it too runs on a copy engine: the
+exchange needs no packing kernel, which a persistent attention kernel would hold back.
 
 Each rank owns one symmetric buffer of two slots; calls alternate between them. A send is the
 memcpy into the peer's slot and then the group's barrier, both on the caller's stream, so the
@@ -25,6 +31,8 @@ An error on one rank mid-call must be followed by abandon() there (see its docst
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import warnings
 from collections.abc import Callable
@@ -157,9 +165,14 @@ class PeerCopies:
         """On the current stream: copy contiguous `src` into the start of the peer's region of
         `kind`, then the barrier that tells both ranks their inboxes of `kind` are filled.
         Kinds go in begin()'s order."""
+        self.send_with(kind, lambda region: region[:src.numel()].view(src.shape).copy_(src))
+
+    def send_with(self, kind: str, write: Callable[[torch.Tensor], Any]) -> None:
+        """send() where `write(region)` fills the peer's region of `kind` (flat, this call's
+        dtype) on the current stream; what it queues there lands before the barrier."""
         if not self._unsent or self._unsent[0] != kind:
             raise RuntimeError(f"send({kind!r}) out of order; next expected: {self._unsent}")
-        self._region(self._peer, kind)[:src.numel()].view(src.shape).copy_(src)
+        write(self._region(self._peer, kind))
         self._handle.barrier(channel=0)
         self._unsent.pop(0)
 
@@ -173,6 +186,76 @@ class PeerCopies:
             region.fill_(float("nan") if region.is_floating_point() else 0)
             self._handle.barrier(channel=0)
             self._unsent.pop(0)
+
+
+# ------------------------------------------------------------ strided copies on a copy engine
+
+
+class _Memcpy2D(ctypes.Structure):
+    """CUDA_MEMCPY2D of the driver API (cuda.h); host and array fields stay unused."""
+
+    _fields_ = [("srcXInBytes", ctypes.c_size_t), ("srcY", ctypes.c_size_t),
+                ("srcMemoryType", ctypes.c_int), ("srcHost", ctypes.c_void_p),
+                ("srcDevice", ctypes.c_uint64), ("srcArray", ctypes.c_void_p),
+                ("srcPitch", ctypes.c_size_t),
+                ("dstXInBytes", ctypes.c_size_t), ("dstY", ctypes.c_size_t),
+                ("dstMemoryType", ctypes.c_int), ("dstHost", ctypes.c_void_p),
+                ("dstDevice", ctypes.c_uint64), ("dstArray", ctypes.c_void_p),
+                ("dstPitch", ctypes.c_size_t),
+                ("WidthInBytes", ctypes.c_size_t), ("Height", ctypes.c_size_t)]
+
+
+_MEMORYTYPE_DEVICE = 2  # CU_MEMORYTYPE_DEVICE: a device (or, with unified addressing, peer) pointer
+_MAX_PITCH = 1 << 31  # below every GPU's CU_DEVICE_ATTRIBUTE_MAX_PITCH
+
+
+@functools.cache
+def _memcpy_2d_async() -> Any:
+    """The driver's cuMemcpy2DAsync (torch binds no 2D copy), or None where it cannot load."""
+    try:
+        fn = ctypes.CDLL("libcuda.so.1").cuMemcpy2DAsync_v2
+    except (OSError, AttributeError) as exc:
+        logger.info("no driver 2D memcpy (%s): strided exchange copies run as kernels", exc)
+        return None
+    fn.argtypes = [ctypes.POINTER(_Memcpy2D), ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _rows_of(t: torch.Tensor) -> tuple[int, int] | None:
+    """(pitch, width) in bytes of a matrix whose rows are contiguous, else None."""
+    if t.dim() != 2 or (t.stride(1) != 1 and t.shape[1] > 1):
+        return None
+    width = t.shape[1] * t.element_size()
+    pitch = t.stride(0) * t.element_size() if t.shape[0] > 1 else width
+    return (pitch, width) if width <= pitch < _MAX_PITCH else None
+
+
+def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) for [R, C] matrices of one dtype on CUDA; where both have contiguous
+    rows (strided or not) it is one 2D memcpy on a copy engine, taking no SM. Else (other
+    layouts, no driver library, CUDA-graph capture) it is dst.copy_(src)."""
+    if dst.shape != src.shape or dst.dtype != src.dtype:
+        raise ValueError(f"copy_rows needs matching matrices; got dst {tuple(dst.shape)} "
+                         f"{dst.dtype}, src {tuple(src.shape)} {src.dtype}")
+    fn = _memcpy_2d_async() if dst.is_cuda and src.is_cuda else None
+    rows_dst, rows_src = _rows_of(dst), _rows_of(src)
+    if (fn is None or rows_dst is None or rows_src is None or dst.is_contiguous()
+            and src.is_contiguous() or torch.cuda.is_current_stream_capturing()):
+        dst.copy_(src)  # contiguous pairs: torch's own memcpy, also on a copy engine
+        return
+    if dst.numel() == 0:
+        return
+    spec = _Memcpy2D(srcMemoryType=_MEMORYTYPE_DEVICE, srcDevice=src.data_ptr(),
+                     srcPitch=rows_src[0], dstMemoryType=_MEMORYTYPE_DEVICE,
+                     dstDevice=dst.data_ptr(), dstPitch=rows_dst[0], WidthInBytes=rows_dst[1],
+                     Height=dst.shape[0])
+    stream = torch.cuda.current_stream(dst.device).cuda_stream
+    status = fn(ctypes.byref(spec), ctypes.c_void_p(stream))
+    if status != 0:
+        raise RuntimeError(f"cuMemcpy2DAsync failed with CUresult {status} copying "
+                           f"{tuple(src.shape)} {src.dtype} rows (pitch {rows_src[0]} -> "
+                           f"{rows_dst[0]} bytes)")
 
 
 class SetupFailed(RuntimeError):
@@ -199,8 +282,18 @@ class EventWork:
         torch.cuda.current_stream(self._device).wait_event(self._event)
 
 
-def recorded(device: torch.device) -> EventWork:
-    """An EventWork for everything queued so far on the current stream of `device`."""
+class _Done:
+    """The work of a device without streams: done once queued."""
+
+    def wait(self) -> None:
+        return None
+
+
+def recorded(device: torch.device) -> EventWork | _Done:
+    """An EventWork for everything queued so far on the current stream of `device` (on CPU,
+    where work is done when queued, one that waits for nothing)."""
+    if device.type != "cuda":
+        return _Done()
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(device))
     return EventWork(event, device)

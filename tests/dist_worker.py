@@ -433,11 +433,20 @@ def check_copy_engine_exchange(ctx: Ctx) -> None:
     wants = [ctx.shard(local(*full), n // 2) for full, (n, _) in zip(inputs, cases, strict=True)]
     shards = [[ctx.shard(t, n // 2) for t in full] for full, (n, _) in zip(inputs, cases,
                                                                              strict=True)]
+    gqa = DistributedAttention(h, d, num_kv_heads=2, supported_attention_backends=("TORCH_SDPA",))
+    gqa_full = qkv(ctx, 2, 96, h, 2, d, seed=7)
+    gqa_want = ctx.shard(LocalAttention(h, d, num_kv_heads=2, supported_attention_backends=(
+        "TORCH_SDPA",))(*gqa_full), 48)
+    gqa_shards = [ctx.shard(t, 48) for t in gqa_full]
+    # Poison the allocator's cache: an output element no copy writes would read NaN.
+    torch.full((1 << 28,), float("nan"), device=ctx.device, dtype=ctx.dtype)
     torch.cuda.synchronize()
     with torch.no_grad(), count_collectives() as counts:
         outs = [layer(*qkv_shards)[0] for qkv_shards in shards]
+        gqa_out = gqa(*gqa_shards)[0]
     for (n, b), out, want in zip(cases, outs, wants, strict=True):
         ctx.close(out, want, f"copy engines, N={n} B={b}")
+    ctx.close(gqa_out, gqa_want, "copy engines, GQA 4:2")
     assert counts["all_to_all_single"] == 0, counts
     assert counts["batch_isend_irecv"] == 0, counts
     assert init_sequence_parallel(copy_engine=False).peer_copies is None

@@ -8,12 +8,15 @@ for the symmetric-memory handle, so what lands where can be checked exactly.
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import torch
 
-from attnrt.peer_copies import PeerCopies
+from attnrt.distributed_layers import _exchange_two_on_copy_engines, _send_back
+from attnrt.peer_copies import PeerCopies, _rows_of, copy_rows
 
 
 class _World:
@@ -22,6 +25,7 @@ class _World:
     def __init__(self) -> None:
         self.buffers: dict[int, torch.Tensor] = {}
         self.barriers = {0: 0, 1: 0}  # per rank: a real barrier pairs the i-th of each
+        self.sync: threading.Barrier | None = None  # set where the ranks run in two threads
 
 
 class _Handle:
@@ -38,6 +42,8 @@ class _Handle:
 
     def barrier(self, channel: int = 0) -> None:
         self.world.barriers[self.rank] += 1
+        if self.world.sync is not None:
+            self.world.sync.wait(timeout=30)
 
 
 class _Copies(PeerCopies):
@@ -226,3 +232,101 @@ def test_a_failed_growth_raises_on_every_rank_and_leaves_the_buffer_usable(
     assert copies._slot_bytes == 256
     copies.begin({"fwd": 8}, torch.float32)  # what still fits works as before
     assert copies.inbox("fwd").numel() == 8
+
+
+# ------------------------------------------------------------------ copy_rows and local-first
+
+
+def test_copy_rows_copies_strided_rows_and_names_a_mismatch() -> None:
+    src = torch.randn(6, 4, 10)[:, 1:3].flatten(1)  # rows of 20 contiguous values, pitch 40
+    dst = torch.full((6, 2, 30), float("nan"))[:, 1, 5:25]
+    copy_rows(dst, src)  # on CPU: dst.copy_, the same values the 2D memcpy writes on CUDA
+    assert torch.equal(dst, src)
+    with pytest.raises(ValueError, match=r"dst \(6, 20\).*src \(6, 19\)"):
+        copy_rows(dst, src[:, :19])
+
+
+def test_rows_of_takes_only_matrices_with_contiguous_rows() -> None:
+    base = torch.zeros(8, 16, dtype=torch.bfloat16)
+    assert _rows_of(base[:, 4:12]) == (32, 16)  # pitch and width in bytes
+    assert _rows_of(base[:1, 4:12]) == (16, 16)  # one row: its pitch is its width
+    assert _rows_of(base[:, ::2]) is None  # strided inside a row
+    assert _rows_of(base.t()) is None
+    assert _rows_of(base.view(8, 4, 4)) is None  # not a matrix
+    assert _rows_of(base.as_strided((4, 8), (4, 1))) is None  # rows would overlap
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_local_first_on_copy_engines_lands_every_part(kv_heads: int) -> None:
+    """Both ranks in two threads, barriers real: the peer's heads of q, k and v land in this
+    rank's inbox, own k/v rows after them, and what B returns lands in the peer's heads of
+    the output (only there)."""
+    s, h, d = 5, 4, 3
+    world = _World()
+    world.sync = threading.Barrier(2)
+    ranks = (_Copies(world, 0), _Copies(world, 1))
+    for copies in ranks:
+        copies._attach(copies._allocate(4096), 4096)
+    gen = torch.Generator().manual_seed(5)
+    inputs = [[torch.randn(1, s, heads, d, generator=gen) for heads in (h, kv_heads, kv_heads)]
+              for _ in ranks]
+
+    def rank_main(rank: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        rank_heads = [t.unflatten(2, (2, -1)) for t in inputs[rank]]
+        own = [t[:, :, rank] for t in rank_heads]
+        peer_heads = [t[0, :, 1 - rank] for t in rank_heads]
+        q_in, k_all, v_all, theirs, fill_own, works = _exchange_two_on_copy_engines(
+            *peer_heads, own, ranks[rank])
+        fill_own()
+        for work in works:
+            work.wait()
+        got = [q_in.clone(), k_all.clone(), v_all.clone(), k_all[:, theirs].clone()]
+        out = torch.full((1, s, h, d), float("nan"))
+        target = out[0].unflatten(1, (2, -1))[:, 1 - rank].flatten(1)
+        _send_back(q_in * 2 + 1, None, ranks[rank], [target]).wait()  # B: a stand-in
+        return got, out
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(rank_main, (0, 1)))
+    for rank, ((q_in, k_all, v_all, k_theirs), out) in enumerate(results):
+        peer = 1 - rank
+        q_p, k_p, v_p = (t.unflatten(2, (2, -1))[:, :, rank] for t in inputs[peer])
+        q_o, k_o, v_o = (t.unflatten(2, (2, -1))[:, :, rank] for t in inputs[rank])
+        assert torch.equal(q_in, q_p)
+        assert torch.equal(k_all, torch.cat([k_p, k_o], dim=1))
+        assert torch.equal(v_all, torch.cat([v_p, v_o], dim=1))
+        assert torch.equal(k_theirs, k_p)
+        heads = out.unflatten(2, (2, -1))
+        mine_sent = inputs[rank][0].unflatten(2, (2, -1))[:, :, peer]
+        assert torch.equal(heads[:, :, peer], mine_sent * 2 + 1)  # the peer's B of my queries
+        assert heads[:, :, rank].isnan().all()  # A and C write there, not the exchange
+    assert world.barriers == {0: 2, 1: 2}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_copy_rows_on_cuda_is_one_2d_memcpy(monkeypatch: pytest.MonkeyPatch,
+                                           dtype: torch.dtype) -> None:
+    import attnrt.peer_copies as pc
+
+    calls: list[int] = []
+    real = pc._memcpy_2d_async()
+    assert real is not None, "the driver's cuMemcpy2DAsync did not load"
+
+    def spy(spec: Any, stream: Any) -> int:
+        calls.append(1)
+        return real(spec, stream)
+
+    monkeypatch.setattr(pc, "_memcpy_2d_async", lambda: spy)
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    x = torch.randn(3001, 24, 128, device="cuda", dtype=dtype, generator=gen)  # [S, H, D]
+    out = torch.full((3001, 40, 128), float("nan"), device="cuda", dtype=dtype)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # on the stream that is current, like the exchange's
+        copy_rows(out[:, 7:19].flatten(1), x[:, 12:].flatten(1))
+    torch.cuda.current_stream().wait_stream(side)
+    assert calls == [1]
+    assert torch.equal(out[:, 7:19], x[:, 12:])
+    assert out[:, :7].isnan().all()
+    assert out[:, 19:].isnan().all()
