@@ -571,15 +571,21 @@ def gather_heads(x: torch.Tensor, sp: SequenceParallel | None = None) -> torch.T
 _DTYPE_CODES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _tensor_fields(name: str, t: Any) -> list[tuple[str, int]]:
-    """Seven ints per slot, whatever `t` is, so every rank gathers the same number of them."""
+_NO_TENSOR = (-1,) * 6
+
+
+def _tensor_values(t: Any) -> tuple[int, ...]:
+    """Seven ints per slot, whatever `t` is, so every rank gathers the same number of them
+    (names in _FIELD_SUFFIXES)."""
     if not isinstance(t, torch.Tensor):
-        return [(f"{name} is given", int(t is not None)), (f"{name}.dim()", -1),
-                *((f"{name}.shape[{i}]", -1) for i in range(4)), (f"{name}.dtype", -1)]
-    shape = [*t.shape[:4], *([-1] * max(0, 4 - t.dim()))]
+        return (int(t is not None), *_NO_TENSOR)
+    shape = (*t.shape[:4], *((-1,) * (4 - t.dim()))) if t.dim() < 4 else tuple(t.shape[:4])
     code = _DTYPE_CODES.index(t.dtype) if t.dtype in _DTYPE_CODES else len(_DTYPE_CODES)
-    return [(f"{name} is given", 1), (f"{name}.dim()", t.dim()),
-            *((f"{name}.shape[{i}]", int(s)) for i, s in enumerate(shape)), (f"{name}.dtype", code)]
+    return (1, t.dim(), *shape, code)
+
+
+_FIELD_SUFFIXES = (" is given", ".dim()", ".shape[0]", ".shape[1]", ".shape[2]", ".shape[3]",
+                   ".dtype")
 
 
 def _show(field: str, value: int) -> str:
@@ -593,11 +599,14 @@ def _show(field: str, value: int) -> str:
 _MAX_CHECKED = 1024  # shape sets remembered by check_shards="new_shapes"
 
 
-def _shape_fields(named: list[tuple[str, Any]], original_seq_len: Any) -> list[tuple[str, int]]:
-    fields = [f for name, t in named for f in _tensor_fields(name, t)]
+def _shape_key(named: list[tuple[str, Any]], original_seq_len: Any) -> tuple[int, ...]:
     osl = original_seq_len if isinstance(original_seq_len, int) else -1
-    fields.append(("original_seq_len", osl))
-    return fields
+    return (*(v for _, t in named for v in _tensor_values(t)), osl)
+
+
+def _field_names(named: list[tuple[str, Any]]) -> list[str]:
+    return [*(name + suffix for name, _ in named for suffix in _FIELD_SUFFIXES),
+            "original_seq_len"]
 
 
 def check_same_on_all_ranks(sp: SequenceParallel, named: list[tuple[str, Any]],
@@ -610,29 +619,31 @@ def check_same_on_all_ranks(sp: SequenceParallel, named: list[tuple[str, Any]],
     `agree` rides along: each value comes back as its minimum over the ranks, so a choice that
     depends on per-rank state (e.g. whether the serving backend returns lse) is made alike.
     With sp.check_shards == "new_shapes", shapes this rank has seen pass before return what
-    was agreed for them then, without a collective.
+    was agreed for them then, without a collective. Runs once per forward: plain tuples and
+    lists throughout, names built only for the error.
     """
-    fields = _shape_fields(named, original_seq_len)
     agree = agree or {}
     # Shapes only: `agree` values are per-rank state (a fallback may change them on one rank),
     # and a key that can differ between ranks would let one of them skip the collective alone.
-    key = tuple(v for _, v in fields)
+    key = _shape_key(named, original_seq_len)
     if sp.check_shards == "new_shapes" and key in sp.checked:
         return sp.checked[key]
     device = next((t.device for _, t in named if isinstance(t, torch.Tensor)), torch.device("cpu"))
     gathered = gather_ints([*key, *agree.values()], sp, device)
-    agreed = {name: min(row[len(fields) + i] for row in gathered) for i, name in enumerate(agree)}
-    rows = [row[:len(fields)] for row in gathered]
-    differ = [col for col in range(len(fields)) if any(row[col] != rows[0][col] for row in rows)]
-    if not differ:
+    n = len(key)
+    agreed = {name: min(row[n + i] for row in gathered) for i, name in enumerate(agree)}
+    rows = [row[:n] for row in gathered]
+    if all(row == rows[0] for row in rows):
         if sp.check_shards == "new_shapes":
             if len(sp.checked) >= _MAX_CHECKED:  # every rank clears at the same call
                 sp.checked.clear()
             sp.checked[key] = agreed
         return agreed
+    names = _field_names(named)
+    differ = [col for col in range(n) if any(row[col] != rows[0][col] for row in rows)]
     parts = []
     for col in differ[:3]:
-        name = fields[col][0]
+        name = names[col]
         ranks = ", ".join(f"rank {r}: {_show(name, rows[r][col])}" for r in range(sp.size))
         parts.append(f"{name} differs ({ranks})")
     raise ShardMismatchError(f"sharded inputs differ across the sequence-parallel group: "

@@ -172,14 +172,14 @@ class LocalAttention(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                freqs_cis: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def _current(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _Selected:
+        """The selection serving q, k, v: one flat test on the hot path (goal: < 2 us per call,
+        of which nn.Module's own call takes ~1 us); anything unusual goes to _slow_path, which
+        validates in full and re-selects. get_device() is -1 on CPU and the index elsewhere:
+        cheaper than .device."""
         active = self._active
         dt, qs, ks = active.dtype, q.shape, k.shape
         heads, size, kv_heads = self._dims
-        # One flat test on the hot path (goal: < 2 us per call, of which nn.Module's own call
-        # takes ~1 us); anything unusual goes to _slow_path, which validates in full and
-        # re-selects. get_device() is -1 on CPU and the index elsewhere: cheaper than .device.
         if not (len(qs) == 4 and len(ks) == 4 and qs[2] == heads and qs[3] == size
                 and ks[2] == kv_heads and ks[3] == size and ks == v.shape and qs[0] == ks[0]
                 and q.dtype is dt and k.dtype is dt and v.dtype is dt
@@ -187,6 +187,11 @@ class LocalAttention(nn.Module):
                 and active.epoch == dispatch.selection_epoch
                 and _CONTEXT_FORCE.get() is active.forced):
             active = self._slow_path(q, k, v)
+        return active
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                freqs_cis: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        active = self._current(q, k, v)
         if freqs_cis is not None:
             q, k = self._rotate(q, k, freqs_cis)
         try:
@@ -200,7 +205,7 @@ class LocalAttention(nn.Module):
         forward's fallback: a compile failure moves to the next ranked backend (an error under
         ATTNRT_STRICT=1). Where the serving impl has no forward_with_lse, the reference computes
         both (the same attention; slow, and only for that call's pieces)."""
-        active = self._slow_path(q, k, v)  # validates, and re-selects where anything moved
+        active = self._current(q, k, v)
         metadata = get_forward_context().attn_metadata
         try:
             return _with_lse(active.impl, q, k, v, metadata, self)
