@@ -18,7 +18,9 @@ One forward, on every rank of the SP group (FastVideo's signatures and semantics
 Padding is sliced off rather than masked: exact with every backend (none needs a mask
 argument), and the padded queries cost no compute. Heads travel in `chunks` groups when no
 gradient is needed, so chunk i+1 is exchanged while chunk i is attended; the differentiable
-path exchanges all heads at once.
+path exchanges all heads at once. Non-causal inference without padding, replicated tokens or
+hooks takes the local-first schedule instead (attnrt.local_first): each rank attends its own
+shard while the other heads travel, on the copy engines where two GPUs of one host allow.
 """
 
 from __future__ import annotations
@@ -37,27 +39,22 @@ from attnrt.context import get_forward_context
 from attnrt.dispatch import backend_name_to_enum
 from attnrt.distributed import (
     SINGLE,
-    Pending,
     SequenceParallel,
     SequenceParallelError,
     ShardError,
     check_same_on_all_ranks,
-    exchange_others,
     gather_heads,
     gather_heads_raw,
     get_sequence_parallel,
-    head_start,
     heads_to_seq,
-    join_stream,
     seq_to_heads,
-    side_stream,
     start_heads_to_seq,
     start_seq_to_heads,
 )
 from attnrt.errors import AttnrtError
-from attnrt.interfaces import AttentionImpl, lse_forward, merge_partials
+from attnrt.interfaces import AttentionImpl, lse_forward
 from attnrt.layers import LocalAttention, apply_rotary_emb
-from attnrt.peer_copies import copy_rows, recorded
+from attnrt.local_first import local_first
 from attnrt.support import declared
 
 # Heads chunks for overlap on device groups. Measured on 2x H100 (bench/NOTES-distributed.md):
@@ -192,7 +189,7 @@ class DistributedAttention(nn.Module):
             return self._differentiable(plan, tensors, reps)
         if not (hooks or reps or len(tensors) > 3) and self._local_first_applies(
                 plan, agreed["lse"], q.device):
-            return self._local_first(plan, tensors, base), None
+            return local_first(tensors, base, plan.sp, plan.copies), None
         return self._overlapped(plan, tensors, reps)
 
     def _local_first_applies(self, plan: _Plan, lse_ready: bool, device: torch.device) -> bool:
@@ -203,66 +200,6 @@ class DistributedAttention(nn.Module):
         if wanted is None:
             wanted = device.type != "cpu" and plan.sp.overlap_chunks in (None, 1)
         return bool(wanted) and lse_ready and not self.causal and plan.valid == plan.full
-
-    def _local_first(self, plan: _Plan, tensors: list[torch.Tensor],
-                     local: LocalAttention) -> torch.Tensor:
-        """Ulysses with the own shard attended while the others travel, per batch row:
-
-            pack      the other ranks' heads of q, k, v (side stream), exchange them (NCCL,
-                      or the copy engines where plan.copies is set: see attnrt.peer_copies)
-            A         own queries over own keys, this rank's heads: needs no exchange, with lse
-            B         the other ranks' queries over all keys; their outputs start back at once
-            C         own queries over the other ranks' keys, with lse; merged with A straight
-                      into the output's own heads (exact: disjoint key sets, see merge_partials)
-        The exchange runs beside A and the return beside C. The attention kernels on Hopper
-        (cuDNN's) are persistent: once started they hold every SM, and a collective queued
-        after them waits for their end. So A is queued only after the packing is done, when
-        the exchange (on a high-priority stream) is ready to take its SMs first; a copy-engine
-        exchange needs no SM at all. See bench/NOTES-distributed.md. Keys are not in sequence
-        order (own rows first), which non-causal attention does not see. A, B and C go through
-        `local`, so a compile failure falls to the next backend on this rank without changing
-        the collectives.
-        """
-        q = tensors[0]
-        out = torch.empty_like(q)
-        for b in range(q.shape[0]):
-            self._local_first_row(plan, [t[b:b + 1] for t in tensors[:3]], local, out[b:b + 1])
-        return out
-
-    def _local_first_row(self, plan: _Plan, qkv: list[torch.Tensor], local: LocalAttention,
-                         out: torch.Tensor) -> None:
-        """One batch row of _local_first: qkv [1, S, Hx, D] -> written into out [1, S, H, D]."""
-        sp, p = plan.sp, plan.sp.size
-        peers = [peer for peer in range(p) if peer != sp.rank]
-        rank_heads = [t.unflatten(2, (p, -1)) for t in qkv]  # [1, S, P, Hx/P, D]
-        own = [t[:, :, sp.rank] for t in rank_heads]
-        works: list[Any] = []
-        back: list[Any] = []
-        try:
-            if p == 2:
-                exchanged = _exchange_two(rank_heads, own, peers, sp, plan.copies)
-            else:  # PeerCopies serve two ranks: plan.copies is None here
-                exchanged = _exchange_many(rank_heads, own, peers, sp)
-            q_in, k_all, v_all, theirs, fill_own, works = exchanged
-            o_a, lse_a = local.forward_with_lse(*own)  # A
-            fill_own()
-            for work in works:
-                work.wait()
-            out_b = local(q_in, k_all, v_all)  # B
-            heads = out[0].unflatten(1, (p, -1))  # [S, P, Hp, D]
-            back = [_send_back(out_b, sp, plan.copies, [heads[:, j].flatten(1) for j in peers])]
-            o_c, lse_c = local.forward_with_lse(own[0], k_all[:, theirs], v_all[:, theirs])  # C
-            merge_partials(o_a, lse_a, o_c, lse_c, out=out.unflatten(2, (p, -1))[:, :, sp.rank])
-        except BaseException:
-            if plan.copies is not None:  # keep the peer's copy-engine barriers paired
-                with side_stream(out.device):
-                    plan.copies.abandon()
-            raise
-        finally:  # also on an error: no buffer may go while a collective still uses it
-            for pending in works:
-                pending.wait()
-            for pending in back:  # places the peers' part of the output
-                pending.wait()
 
     def _validate(self, sp: SequenceParallel, base: LocalAttention, tensors: list[torch.Tensor],
                   replicated: tuple[torch.Tensor | None, ...], original_seq_len: int | None,
@@ -440,137 +377,6 @@ def _lse_ready(local: LocalAttention, q: Any) -> bool:
         return lse_forward(local.impl_for(q.dtype, q.device)) is not None
     except AttnrtError:
         return False
-
-
-Exchanged = tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice, Any, list[Any]]
-
-
-def _exchange_two(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peers: list[int],
-                  sp: SequenceParallel, copies: Any) -> Exchanged:
-    """Local-first exchange for P = 2: q, k and v travel in one collective (one kernel, so
-    nothing queues behind it while attention runs), or in one copy-engine send where the
-    group has PeerCopies. One buffer holds [q_o | kv_o | kv_own]: what arrives (q_o, then the
-    peer's k and v heads interleaved per row) is contiguous, and so are all keys, peer's rows
-    first. Returns (q_in [1, S, Hp, D], k_all, v_all [1, 2S, Hkvp, D] views, the peer's key
-    rows, a function that fills the own rows, the works)."""
-    q_heads, k_heads, v_heads = (t[0, :, peers[0]] for t in rank_heads)  # [S, Hx/2, D]
-    s, hp, d = q_heads.shape
-    hkvp = k_heads.shape[1]
-    n_q, n_kv = s * hp * d, s * 2 * hkvp * d
-    if copies is not None:
-        return _exchange_two_on_copy_engines(q_heads, k_heads, v_heads, own, copies)
-    buf = q_heads.new_empty(n_q + 2 * n_kv)
-    kv_all = buf[n_q:].view(1, 2 * s, 2, hkvp, d)
-    with side_stream(q_heads.device) as stream:
-        send = q_heads.new_empty(n_q + n_kv)
-        send[:n_q].view(s, hp, d).copy_(q_heads)
-        kv_send = send[n_q:].view(s, 2, hkvp, d)
-        kv_send[:, 0].copy_(k_heads)
-        kv_send[:, 1].copy_(v_heads)
-        works = exchange_others(send.view(1, -1), buf[:n_q + n_kv].view(1, -1), sp)
-        head_start(q_heads.device)
-    join_stream(q_heads.device, stream)
-
-    def fill_own() -> None:
-        kv_all[0, s:, 0].copy_(own[1][0])
-        kv_all[0, s:, 1].copy_(own[2][0])
-
-    keep = Pending(works, lambda: buf, (send,))
-    return (buf[:n_q].view(1, s, hp, d), kv_all[:, :, 0], kv_all[:, :, 1], slice(0, s),
-            fill_own, [keep])
-
-
-def _exchange_two_on_copy_engines(q_heads: torch.Tensor, k_heads: torch.Tensor,
-                                  v_heads: torch.Tensor, own: list[torch.Tensor],
-                                  copies: Any) -> Exchanged:
-    """_exchange_two's layout, filled by 2D copies straight from the strided head ranges: the
-    peer's heads go into the peer's inbox on copy engines beside A (no packing kernel to wait
-    for), the own k and v rows into this rank's inbox on the current stream, before A. (A
-    device-local 2D memcpy, measured on H100, waits for free SMs like a kernel: queued beside
-    A it would start only at A's end and hold B back.)"""
-    s, hp, d = q_heads.shape
-    hkvp = k_heads.shape[1]
-    n_q, n_kv = s * hp * d, s * 2 * hkvp * d
-    copies.begin({"fwd": n_q + 2 * n_kv, "back": n_q}, q_heads.dtype)
-    buf = copies.inbox("fwd")
-    kv_all = buf[n_q:].view(1, 2 * s, 2, hkvp, d)
-
-    def write(region: torch.Tensor) -> None:
-        kv_peer = region[n_q:n_q + n_kv].view(s, 2, hkvp * d)
-        copy_rows(region[:n_q].view(s, hp * d), q_heads.flatten(1))
-        copy_rows(kv_peer[:, 0], k_heads.flatten(1))
-        copy_rows(kv_peer[:, 1], v_heads.flatten(1))
-
-    with side_stream(q_heads.device):
-        copies.send_with("fwd", write)
-        works = [recorded(q_heads.device)]
-    kv_own = kv_all[0, s:].flatten(2)  # [S, 2, Hkvp * D]
-    copy_rows(kv_own[:, 0], own[1][0].flatten(1))
-    copy_rows(kv_own[:, 1], own[2][0].flatten(1))
-    keep = Pending(works, lambda: buf, (q_heads, k_heads, v_heads))
-    return (buf[:n_q].view(1, s, hp, d), kv_all[:, :, 0], kv_all[:, :, 1], slice(0, s),
-            lambda: None, [keep])
-
-
-def _send_back(out_b: torch.Tensor, sp: SequenceParallel, copies: Any,
-               targets: list[torch.Tensor]) -> Pending:
-    """Return B's output [1, S, Hp, D] (the peer's queries) to its owner, and place what the
-    peers return into `targets` (one [S, Hp * D] view of the output per peer, peers in order)
-    once the Pending is waited for. On copy engines the placing runs there too, beside what
-    the current stream does next."""
-    hp, d = out_b.shape[2], out_b.shape[3]
-    send_back = out_b.reshape(-1, hp * d)
-    if copies is not None:
-        with side_stream(out_b.device):
-            copies.send("back", send_back)
-            copy_rows(targets[0], copies.inbox("back").view(send_back.shape))
-            done = recorded(out_b.device)
-        return Pending([done], lambda: send_back, (send_back,))
-    recv_back = torch.empty_like(send_back)
-
-    def place() -> torch.Tensor:
-        rows = send_back.shape[0]
-        for j, target in enumerate(targets):
-            target.copy_(recv_back[j * rows // len(targets):(j + 1) * rows // len(targets)])
-        return recv_back
-
-    pending = Pending(exchange_others(send_back, recv_back, sp), place, (send_back,))
-    head_start(out_b.device)
-    return pending
-
-
-def _exchange_many(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peers: list[int],
-                   sp: SequenceParallel) -> Exchanged:
-    """Local-first exchange for P > 2: one collective per tensor (an arriving peer block holds
-    q, k and v, which would not leave all keys contiguous); keys own rows first."""
-    q = rank_heads[0]
-    s, hp, d = q.shape[1], q.shape[3], q.shape[4]
-    hkvp = rank_heads[1].shape[3]
-    q_in = q.new_empty((len(peers) * s, hp * d))
-    kv_all = [q.new_empty((1, (len(peers) + 1) * s, hkvp, d)) for _ in range(2)]
-    recvs = [q_in, *(t[0, s:].view(-1, hkvp * d) for t in kv_all)]
-    with side_stream(q.device) as stream:
-        sends = [_pack_peers(t[0], peers) for t in rank_heads]
-        works = [w for send, recv in zip(sends, recvs, strict=True)
-                 for w in exchange_others(send, recv, sp)]
-        head_start(q.device)
-    join_stream(q.device, stream)
-
-    def fill_own() -> None:
-        for t, mine in zip(kv_all, own[1:], strict=True):
-            t[:, :s].copy_(mine)
-
-    keep = Pending(works, lambda: q_in, tuple(sends))
-    return q_in.view(1, -1, hp, d), kv_all[0], kv_all[1], slice(s, None), fill_own, [keep]
-
-
-def _pack_peers(x: torch.Tensor, peers: list[int]) -> torch.Tensor:
-    """x [S, P, Hx/P, D] -> [(P-1) * S, Hx/P * D]: each peer's heads, peers in order (one copy)."""
-    s, _, hx, d = x.shape
-    send = x.new_empty((len(peers), s, hx, d))
-    for j, peer in enumerate(peers):
-        send[j].copy_(x[:, peer])
-    return send.view(-1, hx * d)
 
 
 def _preprocess(impl: AttentionImpl, tensors: list[torch.Tensor],

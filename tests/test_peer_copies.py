@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from attnrt.distributed_layers import _exchange_two_on_copy_engines, _send_back
+from attnrt.local_first import exchange_two_on_copy_engines, send_back
 from attnrt.peer_copies import PeerCopies, _rows_of, copy_rows
 
 
@@ -275,7 +275,7 @@ def test_local_first_on_copy_engines_lands_every_part(kv_heads: int) -> None:
         rank_heads = [t.unflatten(2, (2, -1)) for t in inputs[rank]]
         own = [t[:, :, rank] for t in rank_heads]
         peer_heads = [t[0, :, 1 - rank] for t in rank_heads]
-        q_in, k_all, v_all, theirs, fill_own, works = _exchange_two_on_copy_engines(
+        q_in, k_all, v_all, theirs, fill_own, works = exchange_two_on_copy_engines(
             *peer_heads, own, ranks[rank])
         fill_own()
         for work in works:
@@ -283,7 +283,7 @@ def test_local_first_on_copy_engines_lands_every_part(kv_heads: int) -> None:
         got = [q_in.clone(), k_all.clone(), v_all.clone(), k_all[:, theirs].clone()]
         out = torch.full((1, s, h, d), float("nan"))
         target = out[0].unflatten(1, (2, -1))[:, 1 - rank].flatten(1)
-        _send_back(q_in * 2 + 1, None, ranks[rank], [target]).wait()  # B: a stand-in
+        send_back(q_in * 2 + 1, None, ranks[rank], [target]).wait()  # B: a stand-in
         return got, out
 
     with ThreadPoolExecutor(2) as pool:

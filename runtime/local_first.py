@@ -1,0 +1,221 @@
+"""Local-first Ulysses: each rank attends its own shard while the other ranks' heads travel.
+
+DistributedAttention runs this schedule for non-causal calls without padding, replicated
+tokens or hooks, where every rank's backend returns lse (agreed in the shape check). Per
+batch row:
+
+    send      the other ranks' heads of q, k, v: packed on a side stream and exchanged by
+              NCCL, or, where the group has PeerCopies (two GPUs of one host), copied
+              straight from their strided head ranges into the peer's memory as 2D memcpys
+              on the copy engines (attnrt.peer_copies)
+    A         own queries over own keys, this rank's heads: needs no exchange, with lse
+    B         the other ranks' queries over all keys; their outputs start back at once
+    C         own queries over the other ranks' keys, with lse; merged with A straight
+              into the output's own heads (exact: disjoint key sets, see merge_partials)
+
+The exchange runs beside A and the return beside C. The attention kernels on Hopper
+(cuDNN's) are persistent: once started they hold every SM, and work queued beside them that
+needs an SM waits for their end. So with NCCL, A is queued only after the packing, when the
+exchange (on a high-priority stream) is ready to take its SMs first; the copy engines need no
+SM at all. See bench/NOTES-distributed.md. Keys are not in sequence order (the peer's rows
+first for P = 2, own rows first otherwise), which non-causal attention does not see. A, B and
+C go through `local`, so a compile failure falls to the next backend on this rank without
+changing the exchanges.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attnrt.distributed import (
+    Pending,
+    SequenceParallel,
+    exchange_others,
+    head_start,
+    join_stream,
+    side_stream,
+)
+from attnrt.interfaces import merge_partials
+from attnrt.layers import LocalAttention
+from attnrt.peer_copies import copy_rows, recorded
+
+
+def local_first(tensors: list[torch.Tensor], local: LocalAttention, sp: SequenceParallel,
+                copies: Any) -> torch.Tensor:
+    """q, k, v shards [B, S, Hx, D] -> the output shard [B, S, H, D], one batch row at a time;
+    `copies` is the group's PeerCopies (P = 2 on one host) or None (NCCL, gloo)."""
+    q = tensors[0]
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        _row([t[b:b + 1] for t in tensors[:3]], local, sp, copies, out[b:b + 1])
+    return out
+
+
+def _row(qkv: list[torch.Tensor], local: LocalAttention, sp: SequenceParallel, copies: Any,
+         out: torch.Tensor) -> None:
+    """One batch row: qkv [1, S, Hx, D] -> written into out [1, S, H, D]."""
+    p = sp.size
+    peers = [peer for peer in range(p) if peer != sp.rank]
+    rank_heads = [t.unflatten(2, (p, -1)) for t in qkv]  # [1, S, P, Hx/P, D]
+    own = [t[:, :, sp.rank] for t in rank_heads]
+    works: list[Any] = []
+    back: list[Any] = []
+    try:
+        if p == 2:
+            exchanged = exchange_two(rank_heads, own, peers, sp, copies)
+        else:  # PeerCopies serve two ranks: copies is None here
+            exchanged = exchange_many(rank_heads, own, peers, sp)
+        q_in, k_all, v_all, theirs, fill_own, works = exchanged
+        o_a, lse_a = local.forward_with_lse(*own)  # A
+        fill_own()
+        for work in works:
+            work.wait()
+        out_b = local(q_in, k_all, v_all)  # B
+        heads = out[0].unflatten(1, (p, -1))  # [S, P, Hp, D]
+        back = [send_back(out_b, sp, copies, [heads[:, j].flatten(1) for j in peers])]
+        o_c, lse_c = local.forward_with_lse(own[0], k_all[:, theirs], v_all[:, theirs])  # C
+        merge_partials(o_a, lse_a, o_c, lse_c, out=out.unflatten(2, (p, -1))[:, :, sp.rank])
+    except BaseException:
+        if copies is not None:  # keep the peer's copy-engine barriers paired
+            with side_stream(out.device):
+                copies.abandon()
+        raise
+    finally:  # also on an error: no buffer may go while a collective still uses it
+        for pending in works:
+            pending.wait()
+        for pending in back:  # places the peers' part of the output
+            pending.wait()
+
+
+
+Exchanged = tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice, Any, list[Any]]
+
+
+def exchange_two(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peers: list[int],
+                  sp: SequenceParallel, copies: Any) -> Exchanged:
+    """Local-first exchange for P = 2: q, k and v travel in one collective (one kernel, so
+    nothing queues behind it while attention runs), or in one copy-engine send where the
+    group has PeerCopies. One buffer holds [q_o | kv_o | kv_own]: what arrives (q_o, then the
+    peer's k and v heads interleaved per row) is contiguous, and so are all keys, peer's rows
+    first. Returns (q_in [1, S, Hp, D], k_all, v_all [1, 2S, Hkvp, D] views, the peer's key
+    rows, a function that fills the own rows, the works)."""
+    q_heads, k_heads, v_heads = (t[0, :, peers[0]] for t in rank_heads)  # [S, Hx/2, D]
+    s, hp, d = q_heads.shape
+    hkvp = k_heads.shape[1]
+    n_q, n_kv = s * hp * d, s * 2 * hkvp * d
+    if copies is not None:
+        return exchange_two_on_copy_engines(q_heads, k_heads, v_heads, own, copies)
+    buf = q_heads.new_empty(n_q + 2 * n_kv)
+    kv_all = buf[n_q:].view(1, 2 * s, 2, hkvp, d)
+    with side_stream(q_heads.device) as stream:
+        send = q_heads.new_empty(n_q + n_kv)
+        send[:n_q].view(s, hp, d).copy_(q_heads)
+        kv_send = send[n_q:].view(s, 2, hkvp, d)
+        kv_send[:, 0].copy_(k_heads)
+        kv_send[:, 1].copy_(v_heads)
+        works = exchange_others(send.view(1, -1), buf[:n_q + n_kv].view(1, -1), sp)
+        head_start(q_heads.device)
+    join_stream(q_heads.device, stream)
+
+    def fill_own() -> None:
+        kv_all[0, s:, 0].copy_(own[1][0])
+        kv_all[0, s:, 1].copy_(own[2][0])
+
+    keep = Pending(works, lambda: buf, (send,))
+    return (buf[:n_q].view(1, s, hp, d), kv_all[:, :, 0], kv_all[:, :, 1], slice(0, s),
+            fill_own, [keep])
+
+
+def exchange_two_on_copy_engines(q_heads: torch.Tensor, k_heads: torch.Tensor,
+                                  v_heads: torch.Tensor, own: list[torch.Tensor],
+                                  copies: Any) -> Exchanged:
+    """exchange_two's layout, filled by 2D copies straight from the strided head ranges: the
+    peer's heads go into the peer's inbox on copy engines beside A (no packing kernel to wait
+    for), the own k and v rows into this rank's inbox on the current stream, before A. (A
+    device-local 2D memcpy, measured on H100, waits for free SMs like a kernel: queued beside
+    A it would start only at A's end and hold B back.)"""
+    s, hp, d = q_heads.shape
+    hkvp = k_heads.shape[1]
+    n_q, n_kv = s * hp * d, s * 2 * hkvp * d
+    copies.begin({"fwd": n_q + 2 * n_kv, "back": n_q}, q_heads.dtype)
+    buf = copies.inbox("fwd")
+    kv_all = buf[n_q:].view(1, 2 * s, 2, hkvp, d)
+
+    def write(region: torch.Tensor) -> None:
+        kv_peer = region[n_q:n_q + n_kv].view(s, 2, hkvp * d)
+        copy_rows(region[:n_q].view(s, hp * d), q_heads.flatten(1))
+        copy_rows(kv_peer[:, 0], k_heads.flatten(1))
+        copy_rows(kv_peer[:, 1], v_heads.flatten(1))
+
+    with side_stream(q_heads.device):
+        copies.send_with("fwd", write)
+        works = [recorded(q_heads.device)]
+    kv_own = kv_all[0, s:].flatten(2)  # [S, 2, Hkvp * D]
+    copy_rows(kv_own[:, 0], own[1][0].flatten(1))
+    copy_rows(kv_own[:, 1], own[2][0].flatten(1))
+    keep = Pending(works, lambda: buf, (q_heads, k_heads, v_heads))
+    return (buf[:n_q].view(1, s, hp, d), kv_all[:, :, 0], kv_all[:, :, 1], slice(0, s),
+            lambda: None, [keep])
+
+
+def send_back(out_b: torch.Tensor, sp: SequenceParallel, copies: Any,
+               targets: list[torch.Tensor]) -> Pending:
+    """Return B's output [1, S, Hp, D] (the peer's queries) to its owner, and place what the
+    peers return into `targets` (one [S, Hp * D] view of the output per peer, peers in order)
+    once the Pending is waited for. On copy engines the placing runs there too, beside what
+    the current stream does next."""
+    hp, d = out_b.shape[2], out_b.shape[3]
+    send_back = out_b.reshape(-1, hp * d)
+    if copies is not None:
+        with side_stream(out_b.device):
+            copies.send("back", send_back)
+            copy_rows(targets[0], copies.inbox("back").view(send_back.shape))
+            done = recorded(out_b.device)
+        return Pending([done], lambda: send_back, (send_back,))
+    recv_back = torch.empty_like(send_back)
+
+    def place() -> torch.Tensor:
+        rows = send_back.shape[0]
+        for j, target in enumerate(targets):
+            target.copy_(recv_back[j * rows // len(targets):(j + 1) * rows // len(targets)])
+        return recv_back
+
+    pending = Pending(exchange_others(send_back, recv_back, sp), place, (send_back,))
+    head_start(out_b.device)
+    return pending
+
+
+def exchange_many(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peers: list[int],
+                   sp: SequenceParallel) -> Exchanged:
+    """Local-first exchange for P > 2: one collective per tensor (an arriving peer block holds
+    q, k and v, which would not leave all keys contiguous); keys own rows first."""
+    q = rank_heads[0]
+    s, hp, d = q.shape[1], q.shape[3], q.shape[4]
+    hkvp = rank_heads[1].shape[3]
+    q_in = q.new_empty((len(peers) * s, hp * d))
+    kv_all = [q.new_empty((1, (len(peers) + 1) * s, hkvp, d)) for _ in range(2)]
+    recvs = [q_in, *(t[0, s:].view(-1, hkvp * d) for t in kv_all)]
+    with side_stream(q.device) as stream:
+        sends = [pack_peers(t[0], peers) for t in rank_heads]
+        works = [w for send, recv in zip(sends, recvs, strict=True)
+                 for w in exchange_others(send, recv, sp)]
+        head_start(q.device)
+    join_stream(q.device, stream)
+
+    def fill_own() -> None:
+        for t, mine in zip(kv_all, own[1:], strict=True):
+            t[:, :s].copy_(mine)
+
+    keep = Pending(works, lambda: q_in, tuple(sends))
+    return q_in.view(1, -1, hp, d), kv_all[0], kv_all[1], slice(s, None), fill_own, [keep]
+
+
+def pack_peers(x: torch.Tensor, peers: list[int]) -> torch.Tensor:
+    """x [S, P, Hx/P, D] -> [(P-1) * S, Hx/P * D]: each peer's heads, peers in order (one copy)."""
+    s, _, hx, d = x.shape
+    send = x.new_empty((len(peers), s, hx, d))
+    for j, peer in enumerate(peers):
+        send[j].copy_(x[:, peer])
+    return send.view(-1, hx * d)
