@@ -96,14 +96,14 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
     all_to_all: "single" (all_to_all_single; what "auto" picks on every backend known today) or
     "pairwise" (batched isend/irecv, for groups without all_to_all_single).
     check_shards: gather every rank's shapes once per forward so a mismatch raises everywhere
-    instead of hanging (a round trip between the ranks' CPUs: 0.4-1 ms on one host, up to
-    ~18 ms a forward on busy ones, bench/NOTES-distributed.md); "new_shapes": only on the
+    instead of hanging (a gloo round trip between the ranks' CPUs, 0.1-0.6 ms of host time per
+    forward, bench/NOTES-distributed.md); "new_shapes": only on the
     first forward with each new set of shapes on this rank, which catches ranks sharded
     differently from the start, but not a rank whose shapes later change alone (the ranks then
     wait in the exchange for each other, or, on copy engines, attend mismatched data); False:
     never.
     local_first: attend this rank's own shard (the heads it keeps) while the other shards are
-    in flight, then merge by log-sum-exp (see distributed_layers); None: on for device groups
+    in flight, then merge by log-sum-exp (see attnrt.local_first); None: on for device groups
     without overlap_chunks, where the layer's inputs allow it; True: wherever they allow it.
     priority_exchange: for NCCL groups, run the exchanges on a twin communicator with a
     high-priority stream, so its kernels get SMs ahead of attention blocks already queued
