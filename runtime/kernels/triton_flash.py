@@ -225,6 +225,25 @@ def _consts(q: torch.Tensor, causal: bool) -> dict:
     return {"HEAD_DIM": d, "BLOCK_D": triton.next_power_of_2(d), "CAUSAL": causal, "PREC": prec}
 
 
+def _stride_unit(*tensors: torch.Tensor) -> int:
+    """The UNIT the kernels take their batch, row and head strides divided by: 16 bytes' worth
+    of elements where every such stride divides by it, so the product in the kernel tells
+    Triton so. By itself Triton notes only divisibility by 16 elements; a head size like 72
+    leaves the head stride at 8 mod 16, and every tile then loaded element by element (15-18
+    TFLOP/s at D=72 on an H100, bench/NOTES-cuda.md). 1 (kernels as before) where all strides
+    divide by 16 anyway, where one does not divide by the unit, or where one passes int32."""
+    unit = 16 // tensors[0].element_size()
+    strides = [s for t in tensors for s in t.stride()[:3]]
+    if all(s % 16 == 0 for s in strides) or any(s % unit or s >= 2**31 for s in strides):
+        return 1
+    return unit
+
+
+def _strides(t: torch.Tensor, unit: int) -> tuple[int, int, int, int]:
+    sb, sn, sh, sd = t.stride()
+    return sb // unit, sn // unit, sh // unit, sd
+
+
 def _forward(q, k, v, causal, scale, cfg):
     b, n, h, _ = q.shape
     m, hkv = k.shape[1], k.shape[2]
@@ -233,11 +252,12 @@ def _forward(q, k, v, causal, scale, cfg):
     blocks, launch = _launch_args(cfg["fwd"])
     grid = (triton.cdiv(n, blocks["BLOCK_M"]), b * h)
     descs = _kv_descriptors(k, v, cfg["fwd"])
-    _fwd_kernel[grid](q, k, v, out, lse, *(descs or (k, v)), *q.stride(), *k.stride(), *v.stride(),
-                      *out.stride(),
+    unit = _stride_unit(q, k, v, out)
+    _fwd_kernel[grid](q, k, v, out, lse, *(descs or (k, v)),
+                      *(x for t in (q, k, v, out) for x in _strides(t, unit)),
                       n, m, h, h // hkv, scale * LOG2E, **_consts(q, causal), **blocks, **launch,
                       WARP_SPEC=bool(cfg["fwd"].get("warp_specialize", 0)),
-                      USE_TMA=descs is not None)
+                      USE_TMA=descs is not None, UNIT=unit)
     return out, lse
 
 
@@ -251,9 +271,11 @@ def _backward_delta(out, dout, lse, dlse, pad):
     block_m = 64
     grid = (triton.cdiv(n_pad, block_m), b * h)
     d = out.shape[3]
-    _bwd_delta_kernel[grid](out, dout, lse, delta, lse2, *out.stride(), *dout.stride(), n, n_pad,
-                            h, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m,
-                            num_warps=4)
+    unit = _stride_unit(out, dout)
+    _bwd_delta_kernel[grid](out, dout, lse, delta, lse2, *_strides(out, unit),
+                            *_strides(dout, unit), n, n_pad, h, HEAD_DIM=d,
+                            BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, num_warps=4,
+                            UNIT=unit)
     if dlse is not None:
         # d lse / d s = softmax row, so an lse gradient folds into delta: ds = p * (dp - delta
         # + dlse).
@@ -292,11 +314,12 @@ def _launch_bwd(args: tuple, grads: tuple, cfg: dict, kinds: tuple[bool, bool],
     programs = ((triton.cdiv(m, blocks["BLOCK_N1"]) if kinds[0] else 0)
                 + (triton.cdiv(n, blocks["BLOCK_M2"]) * (h // hkv) if kinds[1] else 0))
     _, launch = _launch_args(cfg["bwd_dkdv" if kinds[0] else "bwd_dq"])
+    unit = _stride_unit(q, k, v, dout, *grads)
     return _bwd_kernel[(programs, b * hkv)](
-        q, k, v, dout, lse2, delta, *grads, q.stride(), k.stride(), v.stride(), dout.stride(),
-        *(g.stride() for g in grads), n, lse2.shape[2], m, h, hkv, h // hkv, scale * LOG2E, scale,
+        q, k, v, dout, lse2, delta, *grads, *(_strides(t, unit) for t in (q, k, v, dout, *grads)),
+        n, lse2.shape[2], m, h, hkv, h // hkv, scale * LOG2E, scale,
         **_consts(q, causal), **blocks, **launch, ATOMIC_DQ=atomic,
-        INT64=_needs_int64(q, k, v, dout, *grads),
+        INT64=_needs_int64(q, k, v, dout, *grads), UNIT=unit,
         PEEL=bool(causal and kinds[0] and cfg["bwd_dkdv"].get("peel_diagonal", 0)))
 
 

@@ -37,6 +37,12 @@ def _store_tile(ptrs, val, row0, n_rows, BLOCK_R: tl.constexpr, HEAD_DIM: tl.con
 
 
 @triton.jit
+def _unscaled(strides, UNIT: tl.constexpr):
+    """A (batch, row, head, dim) stride tuple whose first three the host divided by UNIT."""
+    return strides[0] * UNIT, strides[1] * UNIT, strides[2] * UNIT, strides[3]
+
+
+@triton.jit
 def _causal_bounds(start_m, N, M, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr):
     """Key range of a query block: [0, full) needs no mask, [full, hi) is masked."""
@@ -112,7 +118,13 @@ def _fwd_kernel(Q, K, V, OUT, LSE, K_DESC, V_DESC,
                 N, M, H, GROUP, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                WARP_SPEC: tl.constexpr, USE_TMA: tl.constexpr):
+                WARP_SPEC: tl.constexpr, USE_TMA: tl.constexpr, UNIT: tl.constexpr = 1):
+    # Batch, row and head strides come divided by UNIT (see triton_flash._stride_unit): the
+    # product tells Triton they divide by UNIT, so tiles load as 16-byte vectors.
+    sqb, sqn, sqh = sqb * UNIT, sqn * UNIT, sqh * UNIT
+    skb, skn, skh = skb * UNIT, skn * UNIT, skh * UNIT
+    svb, svn, svh = svb * UNIT, svn * UNIT, svh * UNIT
+    sob, son, soh = sob * UNIT, son * UNIT, soh * UNIT
     # Heaviest causal blocks first, so the short ones fill the tail of the grid.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
@@ -163,10 +175,13 @@ def _fwd_epilogue(o_ptrs, lse_ptr, acc, l_i, m_i, start_m, N, BLOCK_M: tl.conste
 
 @triton.jit(do_not_specialize=["N", "NP"])
 def _bwd_delta_kernel(OUT, DO, LSE, DELTA, LSE2, sob, son, soh, sod, sdb, sdn, sdh, sdd, N, NP, H,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                      UNIT: tl.constexpr = 1):
     """Row terms of the backward, [B, H, NP] with NP >= N: delta = sum_d dO * O, and lse in
     log2 units (lse2). Rows N..NP-1 get delta = 0 and lse2 = +inf (so p = 0 there), which lets
     the backward loops read whole blocks of them without masks."""
+    sob, son, soh = sob * UNIT, son * UNIT, soh * UNIT
+    sdb, sdn, sdh = sdb * UNIT, sdn * UNIT, sdh * UNIT
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -377,16 +392,20 @@ def _bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, sq, sk, sv, sdo, sdq, sdk,
                 BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
                 CAUSAL: tl.constexpr, PREC: tl.constexpr, DKDV: tl.constexpr,
                 DQ_PROGRAMS: tl.constexpr, ATOMIC_DQ: tl.constexpr, INT64: tl.constexpr,
-                PEEL: tl.constexpr = False):
+                PEEL: tl.constexpr = False, UNIT: tl.constexpr = 1):
     """Grid (programs, B * Hkv); s* are (batch, row, head, dim) stride tuples; LSE2 and DELTA
     are [B, H, NP] (NP >= N, padded, see _bwd_delta_kernel); INT64 where a row offset within
-    one (batch, head) overflows int32; PEEL (causal only): dK/dV's diagonal blocks unrolled.
+    one (batch, head) overflows int32; PEEL (causal only): dK/dV's diagonal blocks unrolled;
+    UNIT: the first three strides of each tuple come divided by it (see _fwd_kernel).
 
     Axis 0 holds, per kv head, the dK/dV programs (DKDV: one per BLOCK_N1 keys, the heaviest
     causal block first), then the dQ programs (DQ_PROGRAMS: one per BLOCK_M2 queries of each of
     the GROUP query heads, heaviest first). With both, one launch runs the two kinds side by side
     (as FlexAttention's backward does), so neither leaves a tail of its own.
     """
+    sq, sk, sv, sdo = _unscaled(sq, UNIT), _unscaled(sk, UNIT), _unscaled(sv, UNIT), _unscaled(
+        sdo, UNIT)
+    sdq, sdk, sdv = _unscaled(sdq, UNIT), _unscaled(sdk, UNIT), _unscaled(sdv, UNIT)
     pid = tl.program_id(0)
     bhk = tl.program_id(1)
     b = (bhk // HKV).to(tl.int64)

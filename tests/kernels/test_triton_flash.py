@@ -93,6 +93,7 @@ INTERP_CASES = [
     ((1, 19, 7, 4, 2, 128), torch.float32),
     ((1, 40, 70, 4, 2, 64), torch.float16),
     ((1, 33, 20, 2, 1, 80), torch.float16),
+    ((1, 21, 13, 3, 1, 72), torch.float16),  # strides 8 mod 16: the kernels run with UNIT=8
     ((1, 1, 1, 1, 1, 32), torch.float16),
 ]
 
@@ -103,6 +104,21 @@ INTERP_CASES = [
                          ids=lambda x: str(x).replace(" ", "").replace("torch.", ""))
 def test_parity_interpreter(shape, dtype, causal):
     _check_parity(shape, dtype, causal)
+
+
+def test_stride_unit_is_what_every_stride_divides_by():
+    def t(*shape, dtype=torch.float16):
+        return torch.empty(shape, dtype=dtype)
+
+    assert tf._stride_unit(t(1, 21, 3, 72), t(1, 13, 1, 72)) == 8  # head stride 72 = 8 mod 16
+    assert tf._stride_unit(t(1, 20, 4, 72, dtype=torch.float32)) == 4  # 16 bytes of float32
+    assert tf._stride_unit(t(2, 16, 4, 64), t(2, 16, 4, 128)) == 1  # all divide by 16 already
+    qkv = t(1, 9, 3, 3, 72)  # packed: strides 5832, 648, 216, all 8 mod 16
+    assert tf._stride_unit(*qkv.unbind(3)) == 8
+    assert tf._stride_unit(t(1, 9, 3, 76)[..., :72]) == 1  # head stride 76: not 16 bytes
+    huge = torch.empty(144, dtype=torch.float16).as_strided((1, 2, 1, 72), (2**31 + 8, 72, 72, 1))
+    assert tf._stride_unit(huge) == 1  # a stride the kernel would multiply past int32
+    assert tf._strides(t(1, 21, 3, 72), 8) == (21 * 3 * 9, 27, 9, 1)
 
 
 @pytest.mark.interpret
