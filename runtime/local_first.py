@@ -47,7 +47,9 @@ def local_first(tensors: list[torch.Tensor], local: LocalAttention, sp: Sequence
     """q, k, v shards [B, S, Hx, D] -> the output shard [B, S, H, D], one batch row at a time;
     `copies` is the group's PeerCopies (P = 2 on one host) or None (NCCL, gloo)."""
     q = tensors[0]
-    out = torch.empty_like(q)
+    # Contiguous whatever q's layout: the exchange writes the peers' heads of each row through
+    # [S, Hp * D] views of it, which only a contiguous row block has.
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for b in range(q.shape[0]):
         _row([t[b:b + 1] for t in tensors[:3]], local, sp, copies, out[b:b + 1])
     return out
@@ -73,8 +75,8 @@ def _row(qkv: list[torch.Tensor], local: LocalAttention, sp: SequenceParallel, c
         for work in works:
             work.wait()
         out_b = local(q_in, k_all, v_all)  # B
-        heads = out[0].unflatten(1, (p, -1))  # [S, P, Hp, D]
-        back = [send_back(out_b, sp, copies, [heads[:, j].flatten(1) for j in peers])]
+        heads = out[0].view(out.shape[1], p, -1)  # [S, P, Hp * D], views (raises otherwise)
+        back = [send_back(out_b, sp, copies, [heads[:, j] for j in peers])]
         o_c, lse_c = local.forward_with_lse(own[0], k_all[:, theirs], v_all[:, theirs])  # C
         merge_partials(o_a, lse_a, o_c, lse_c, out=out.unflatten(2, (p, -1))[:, :, sp.rank])
     except BaseException:
@@ -149,13 +151,23 @@ def exchange_two_on_copy_engines(q_heads: torch.Tensor, k_heads: torch.Tensor,
         copy_rows(kv_peer[:, 0], k_heads.flatten(1))
         copy_rows(kv_peer[:, 1], v_heads.flatten(1))
 
-    with side_stream(q_heads.device):
-        copies.send_with("fwd", write)
-        works = [recorded(q_heads.device)]
-    kv_own = kv_all[0, s:].flatten(2)  # [S, 2, Hkvp * D]
-    copy_rows(kv_own[:, 0], own[1][0].flatten(1))
-    copy_rows(kv_own[:, 1], own[2][0].flatten(1))
+    try:
+        with side_stream(q_heads.device):
+            try:
+                copies.send_with("fwd", write)
+            finally:
+                works = [recorded(q_heads.device)]
+    except BaseException:
+        works[0].wait()  # what was queued reads the inputs: order it before they may go
+        raise
     keep = Pending(works, lambda: buf, (q_heads, k_heads, v_heads))
+    kv_own = kv_all[0, s:].flatten(2)  # [S, 2, Hkvp * D]
+    try:
+        copy_rows(kv_own[:, 0], own[1][0].flatten(1))
+        copy_rows(kv_own[:, 1], own[2][0].flatten(1))
+    except BaseException:
+        keep.wait()  # the side stream's reads end before the inputs may go
+        raise
     return (buf[:n_q].view(1, s, hp, d), kv_all[:, :, 0], kv_all[:, :, 1], slice(0, s),
             lambda: None, [keep])
 
@@ -164,15 +176,22 @@ def send_back(out_b: torch.Tensor, sp: SequenceParallel, copies: Any,
                targets: list[torch.Tensor]) -> Pending:
     """Return B's output [1, S, Hp, D] (the peer's queries) to its owner, and place what the
     peers return into `targets` (one [S, Hp * D] view of the output per peer, peers in order)
-    once the Pending is waited for. On copy engines the placing runs there too, beside what
-    the current stream does next."""
+    once the Pending is waited for. On copy engines the placing is queued on the side stream
+    after the return (a device-local 2D copy: it starts once C leaves SMs free, beside the
+    merge)."""
     hp, d = out_b.shape[2], out_b.shape[3]
     send_back = out_b.reshape(-1, hp * d)
     if copies is not None:
-        with side_stream(out_b.device):
-            copies.send("back", send_back)
-            copy_rows(targets[0], copies.inbox("back").view(send_back.shape))
-            done = recorded(out_b.device)
+        try:
+            with side_stream(out_b.device):
+                try:
+                    copies.send("back", send_back)
+                    copy_rows(targets[0], copies.inbox("back").view(send_back.shape))
+                finally:
+                    done = recorded(out_b.device)
+        except BaseException:
+            done.wait()  # what was queued reads send_back and writes out: order it first
+            raise
         return Pending([done], lambda: send_back, (send_back,))
     recv_back = torch.empty_like(send_back)
 

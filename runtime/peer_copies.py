@@ -231,6 +231,11 @@ def _rows_of(t: torch.Tensor) -> tuple[int, int] | None:
     return (pitch, width) if width <= pitch < _MAX_PITCH else None
 
 
+def _capturing(device: torch.device) -> bool:
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst.copy_(src) for [R, C] matrices of one dtype on CUDA; where both have contiguous
     rows (strided or not) it is one 2D memcpy on a copy engine, taking no SM. Else (other
@@ -241,7 +246,7 @@ def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
     fn = _memcpy_2d_async() if dst.is_cuda and src.is_cuda else None
     rows_dst, rows_src = _rows_of(dst), _rows_of(src)
     if (fn is None or rows_dst is None or rows_src is None or dst.is_contiguous()
-            and src.is_contiguous() or torch.cuda.is_current_stream_capturing()):
+            and src.is_contiguous() or _capturing(dst.device)):
         dst.copy_(src)  # contiguous pairs: torch's own memcpy, also on a copy engine
         return
     if dst.numel() == 0:
@@ -250,8 +255,9 @@ def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
                      srcPitch=rows_src[0], dstMemoryType=_MEMORYTYPE_DEVICE,
                      dstDevice=dst.data_ptr(), dstPitch=rows_dst[0], WidthInBytes=rows_dst[1],
                      Height=dst.shape[0])
-    stream = torch.cuda.current_stream(dst.device).cuda_stream
-    status = fn(ctypes.byref(spec), ctypes.c_void_p(stream))
+    with torch.cuda.device(dst.device):  # the driver call runs in the current context
+        stream = torch.cuda.current_stream(dst.device).cuda_stream
+        status = fn(ctypes.byref(spec), ctypes.c_void_p(stream))
     if status != 0:
         raise RuntimeError(f"cuMemcpy2DAsync failed with CUresult {status} copying "
                            f"{tuple(src.shape)} {src.dtype} rows (pitch {rows_src[0]} -> "

@@ -341,6 +341,14 @@ def check_local_first(ctx: Ctx) -> None:
                 calls = "all_to_all_single" if mode == "single" else "batch_isend_irecv"
                 assert counts[calls] == 2 * local_first_exchanges(ctx.world), counts
     init_sequence_parallel(local_first=True)
+    # Shards in [B, H, S, D] memory, as many models keep them: the output is still whole.
+    full = qkv(ctx, 2, 16, h, h, d, seed=3)
+    ref = LocalAttention(h, d)(*full)
+    shards = [ctx.shard(t, 16 // ctx.world).transpose(1, 2).contiguous().transpose(1, 2)
+              for t in full]
+    with torch.no_grad():
+        out, _ = DistributedAttention(h, d)(*shards)
+    ctx.close(out, ctx.shard(ref, 16 // ctx.world), "local-first, [B, H, S, D] memory")
     with torch.no_grad():
         compare_run(ctx, h=h, rotary=True, grads=False)
     for kwargs in ({"causal": True}, {"n": 13}):  # neither applies: the plain exchange runs

@@ -246,6 +246,20 @@ def test_copy_rows_copies_strided_rows_and_names_a_mismatch() -> None:
         copy_rows(dst, src[:, :19])
 
 
+def test_the_2d_copy_struct_matches_cuda_memcpy2d() -> None:
+    import ctypes
+
+    from attnrt.peer_copies import _Memcpy2D
+
+    # cuda.h, CUDA_MEMCPY2D_v2 on 64-bit hosts: 16 fields, an enum padded to 8 bytes twice.
+    offsets = {"srcXInBytes": 0, "srcY": 8, "srcMemoryType": 16, "srcHost": 24,
+               "srcDevice": 32, "srcArray": 40, "srcPitch": 48, "dstXInBytes": 56, "dstY": 64,
+               "dstMemoryType": 72, "dstHost": 80, "dstDevice": 88, "dstArray": 96,
+               "dstPitch": 104, "WidthInBytes": 112, "Height": 120}
+    assert {name: getattr(_Memcpy2D, name).offset for name in offsets} == offsets
+    assert ctypes.sizeof(_Memcpy2D) == 128
+
+
 def test_rows_of_takes_only_matrices_with_contiguous_rows() -> None:
     base = torch.zeros(8, 16, dtype=torch.bfloat16)
     assert _rows_of(base[:, 4:12]) == (32, 16)  # pitch and width in bytes

@@ -93,7 +93,7 @@ INTERP_CASES = [
     ((1, 19, 7, 4, 2, 128), torch.float32),
     ((1, 40, 70, 4, 2, 64), torch.float16),
     ((1, 33, 20, 2, 1, 80), torch.float16),
-    ((1, 21, 13, 3, 1, 72), torch.float16),  # strides 8 mod 16: the kernels run with UNIT=8
+    ((2, 21, 13, 3, 1, 72), torch.float16),  # strides 8 mod 16: the kernels run with UNIT=8
     ((1, 1, 1, 1, 1, 32), torch.float16),
 ]
 
