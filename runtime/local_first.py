@@ -65,9 +65,11 @@ def _row(qkv: list[torch.Tensor], local: LocalAttention, sp: SequenceParallel, c
     works: list[Any] = []
     back: list[Any] = []
     try:
-        if p == 2:
-            exchanged = exchange_two(rank_heads, own, peers, sp, copies)
-        else:  # PeerCopies serve two ranks: copies is None here
+        if copies is not None:  # PeerCopies serve two ranks only
+            exchanged = exchange_two_on_copy_engines(rank_heads, own, peers, copies)
+        elif p == 2:
+            exchanged = exchange_two(rank_heads, own, peers, sp)
+        else:
             exchanged = exchange_many(rank_heads, own, peers, sp)
         q_in, k_all, v_all, theirs, fill_own, works = exchanged
         o_a, lse_a = local.forward_with_lse(*own)  # A
@@ -91,24 +93,20 @@ def _row(qkv: list[torch.Tensor], local: LocalAttention, sp: SequenceParallel, c
             pending.wait()
 
 
-
 Exchanged = tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice, Any, list[Any]]
 
 
 def exchange_two(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peers: list[int],
-                  sp: SequenceParallel, copies: Any) -> Exchanged:
+                 sp: SequenceParallel) -> Exchanged:
     """Local-first exchange for P = 2: q, k and v travel in one collective (one kernel, so
-    nothing queues behind it while attention runs), or in one copy-engine send where the
-    group has PeerCopies. One buffer holds [q_o | kv_o | kv_own]: what arrives (q_o, then the
-    peer's k and v heads interleaved per row) is contiguous, and so are all keys, peer's rows
-    first. Returns (q_in [1, S, Hp, D], k_all, v_all [1, 2S, Hkvp, D] views, the peer's key
-    rows, a function that fills the own rows, the works)."""
+    nothing queues behind it while attention runs). One buffer holds [q_o | kv_o | kv_own]:
+    what arrives (q_o, then the peer's k and v heads interleaved per row) is contiguous, and so
+    are all keys, peer's rows first. Returns (q_in [1, S, Hp, D], k_all, v_all [1, 2S, Hkvp,
+    D] views, the peer's key rows, a function that fills the own rows, the works)."""
     q_heads, k_heads, v_heads = (t[0, :, peers[0]] for t in rank_heads)  # [S, Hx/2, D]
     s, hp, d = q_heads.shape
     hkvp = k_heads.shape[1]
     n_q, n_kv = s * hp * d, s * 2 * hkvp * d
-    if copies is not None:
-        return exchange_two_on_copy_engines(q_heads, k_heads, v_heads, own, copies)
     buf = q_heads.new_empty(n_q + 2 * n_kv)
     kv_all = buf[n_q:].view(1, 2 * s, 2, hkvp, d)
     with side_stream(q_heads.device) as stream:
@@ -130,14 +128,14 @@ def exchange_two(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peers:
             fill_own, [keep])
 
 
-def exchange_two_on_copy_engines(q_heads: torch.Tensor, k_heads: torch.Tensor,
-                                  v_heads: torch.Tensor, own: list[torch.Tensor],
-                                  copies: Any) -> Exchanged:
+def exchange_two_on_copy_engines(rank_heads: list[torch.Tensor], own: list[torch.Tensor],
+                                 peers: list[int], copies: Any) -> Exchanged:
     """exchange_two's layout, filled by 2D copies straight from the strided head ranges: the
     peer's heads go into the peer's inbox on copy engines beside A (no packing kernel to wait
     for), the own k and v rows into this rank's inbox on the current stream, before A. (A
     device-local 2D memcpy, measured on H100, waits for free SMs like a kernel: queued beside
     A it would start only at A's end and hold B back.)"""
+    q_heads, k_heads, v_heads = (t[0, :, peers[0]] for t in rank_heads)  # [S, Hx/2, D]
     s, hp, d = q_heads.shape
     hkvp = k_heads.shape[1]
     n_q, n_kv = s * hp * d, s * 2 * hkvp * d
@@ -173,7 +171,7 @@ def exchange_two_on_copy_engines(q_heads: torch.Tensor, k_heads: torch.Tensor,
 
 
 def send_back(out_b: torch.Tensor, sp: SequenceParallel, copies: Any,
-               targets: list[torch.Tensor]) -> Pending:
+              targets: list[torch.Tensor]) -> Pending:
     """Return B's output [1, S, Hp, D] (the peer's queries) to its owner, and place what the
     peers return into `targets` (one [S, Hp * D] view of the output per peer, peers in order)
     once the Pending is waited for. On copy engines the placing is queued on the side stream
@@ -207,7 +205,7 @@ def send_back(out_b: torch.Tensor, sp: SequenceParallel, copies: Any,
 
 
 def exchange_many(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peers: list[int],
-                   sp: SequenceParallel) -> Exchanged:
+                  sp: SequenceParallel) -> Exchanged:
     """Local-first exchange for P > 2: one collective per tensor (an arriving peer block holds
     q, k and v, which would not leave all keys contiguous); keys own rows first."""
     q = rank_heads[0]

@@ -16,8 +16,9 @@ from `torch.distributed._symmetric_memory` and their handles from the group's re
     copies.inbox("fwd")                        # what the peer sent this call (after `send`)
 
 `copy_rows(dst, src)` copies between two matrices whose rows are contiguous but strided (one
-head range of a [S, H, D] tensor) as one 2D memcpy, so it too runs on a copy engine: the
-exchange needs no packing kernel, which a persistent attention kernel would hold back.
+head range of a [S, H, D] tensor) as one 2D memcpy; into the peer's memory it too runs on a
+copy engine, so the exchange needs no packing kernel, which a persistent attention kernel
+would hold back.
 
 Each rank owns one symmetric buffer of two slots; calls alternate between them. A send is the
 memcpy into the peer's slot and then the group's barrier, both on the caller's stream, so the
@@ -231,32 +232,31 @@ def _rows_of(t: torch.Tensor) -> tuple[int, int] | None:
     return (pitch, width) if width <= pitch < _MAX_PITCH else None
 
 
-def _capturing(device: torch.device) -> bool:
-    with torch.cuda.device(device):
-        return torch.cuda.is_current_stream_capturing()
-
-
 def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst.copy_(src) for [R, C] matrices of one dtype on CUDA; where both have contiguous
-    rows (strided or not) it is one 2D memcpy on a copy engine, taking no SM. Else (other
-    layouts, no driver library, CUDA-graph capture) it is dst.copy_(src)."""
+    rows (strided or not) it is one 2D memcpy. Into a peer's memory that runs on a copy engine
+    and takes no SM; a device-local one (measured on H100) waits for free SMs like a kernel.
+    Else (other layouts, no driver library, CUDA-graph capture) it is dst.copy_(src)."""
     if dst.shape != src.shape or dst.dtype != src.dtype:
         raise ValueError(f"copy_rows needs matching matrices; got dst {tuple(dst.shape)} "
                          f"{dst.dtype}, src {tuple(src.shape)} {src.dtype}")
     fn = _memcpy_2d_async() if dst.is_cuda and src.is_cuda else None
     rows_dst, rows_src = _rows_of(dst), _rows_of(src)
-    if (fn is None or rows_dst is None or rows_src is None or dst.is_contiguous()
-            and src.is_contiguous() or _capturing(dst.device)):
-        dst.copy_(src)  # contiguous pairs: torch's own memcpy, also on a copy engine
+    if (fn is None or rows_dst is None or rows_src is None
+            or dst.is_contiguous() and src.is_contiguous()):
+        dst.copy_(src)  # contiguous pairs: torch's own memcpy
         return
     if dst.numel() == 0:
         return
-    spec = _Memcpy2D(srcMemoryType=_MEMORYTYPE_DEVICE, srcDevice=src.data_ptr(),
-                     srcPitch=rows_src[0], dstMemoryType=_MEMORYTYPE_DEVICE,
-                     dstDevice=dst.data_ptr(), dstPitch=rows_dst[0], WidthInBytes=rows_dst[1],
-                     Height=dst.shape[0])
     with torch.cuda.device(dst.device):  # the driver call runs in the current context
-        stream = torch.cuda.current_stream(dst.device).cuda_stream
+        if torch.cuda.is_current_stream_capturing():
+            dst.copy_(src)
+            return
+        spec = _Memcpy2D(srcMemoryType=_MEMORYTYPE_DEVICE, srcDevice=src.data_ptr(),
+                         srcPitch=rows_src[0], dstMemoryType=_MEMORYTYPE_DEVICE,
+                         dstDevice=dst.data_ptr(), dstPitch=rows_dst[0],
+                         WidthInBytes=rows_dst[1], Height=dst.shape[0])
+        stream = torch.cuda.current_stream().cuda_stream
         status = fn(ctypes.byref(spec), ctypes.c_void_p(stream))
     if status != 0:
         raise RuntimeError(f"cuMemcpy2DAsync failed with CUresult {status} copying "

@@ -288,9 +288,8 @@ def test_local_first_on_copy_engines_lands_every_part(kv_heads: int) -> None:
     def rank_main(rank: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         rank_heads = [t.unflatten(2, (2, -1)) for t in inputs[rank]]
         own = [t[:, :, rank] for t in rank_heads]
-        peer_heads = [t[0, :, 1 - rank] for t in rank_heads]
         q_in, k_all, v_all, theirs, fill_own, works = exchange_two_on_copy_engines(
-            *peer_heads, own, ranks[rank])
+            rank_heads, own, [1 - rank], ranks[rank])
         fill_own()
         for work in works:
             work.wait()
