@@ -17,6 +17,7 @@ Shapes: B=1, N sequence, H heads, D=128. For each (N, H) one run prints:
     .../nocheck  the same without the per-forward shape check (its cost)
     .../new    the same with check_shards="new_shapes" (checked on the first call only here)
     .../nccl   the same with the exchange on NCCL instead of the copy engines
+    .../serial the same with local-first's B queued after A on one stream (not on its own)
     speedup    single / the fastest schedule with the check (the shipped default behaviour)
 
     python bench/distributed_gpu.py                        # spawns 2 ranks on GPUs 0 and 1
@@ -129,10 +130,10 @@ def _measure_shape(n: int, h: int, args: argparse.Namespace, device: Any) -> dic
         sp = init_sequence_parallel(**_schedule(mode))
         layer = DistributedAttention(h, D, supported_attention_backends=args.backends)
         with torch.no_grad():
-            got, _ = layer(*shard)
+            got, _ = _flagged(mode, lambda layer=layer: layer(*shard))()
         want = got if want is None else want  # the first mode is the yardstick
         row[f"{mode}_err"] = float((got.float() - want.float()).abs().max())
-        runs[mode] = (sp, lambda layer=layer: layer(*shard))
+        runs[mode] = (sp, _flagged(mode, lambda layer=layer: layer(*shard)))
     del got, want
     samples: dict[str, list[float]] = {name: [] for name in runs}
     host: dict[str, list[float]] = {name: [] for name in runs}
@@ -159,6 +160,22 @@ def _measure_shape(n: int, h: int, args: argparse.Namespace, device: Any) -> dic
     row["speedup"] = row["single_ms"] / row[f"{row['best']}_ms"]
     row["ideal"] = row["single_ms"] / row["half_ms"]
     return row
+
+
+def _flagged(mode: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """fn with the module switches of `mode`'s flags set around each call ("serial": local-first
+    queues B after A on one stream)."""
+    from attnrt import local_first
+
+    beside = "serial" not in mode.split("/")[1:]
+
+    def call() -> Any:
+        local_first._B_BESIDE = beside
+        try:
+            return fn()
+        finally:
+            local_first._B_BESIDE = True
+    return call
 
 
 def _dtype(device: Any) -> Any:
@@ -227,7 +244,8 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--modes", default="plain,local/nccl,local,local/new,local/nocheck",
                     help="schedules to time: plain, local, cK (K head chunks), each optionally "
                          "with /np (no priority twin), /nocheck (no shape check), /new (shape "
-                         "check on new shapes only) or /nccl (no copy engines); the first is "
+                         "check on new shapes only), /nccl (no copy engines) or /serial (B "
+                         "after A on one stream); the first is "
                          "the yardstick of the error column; "
                          "speedup takes the best one checked every forward (the default)")
     ap.add_argument("--backends", default="",

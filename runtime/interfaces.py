@@ -96,13 +96,39 @@ def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor
     Equivalent PyTorch:
         lse = torch.logaddexp(lse_a, lse_b)
         out = out_a * exp(lse_a - lse)[..., None] + out_b * exp(lse_b - lse)[..., None]
-    (with the [B, H, N] weights transposed to [B, N, H]).
+    (with the [B, H, N] weights transposed to [B, N, H]). On CUDA with Triton installed, one
+    fused pass (attnrt.kernels.triton_merge) computes the same in float32.
     """
+    fused = _fused_merge(out_a, lse_a, out_b, lse_b, out)
+    if fused is not None:
+        if out is None:
+            out = torch.empty(out_a.shape, dtype=out_a.dtype, device=out_a.device)
+        fused(out_a, lse_a, out_b, lse_b, out)
+        return out, torch.logaddexp(lse_a, lse_b)
     # Both -inf (a row that sees no key in either part; both outputs are 0): any weight will do.
     diff = (lse_a - lse_b).nan_to_num(nan=0.0)
     weight = torch.sigmoid(diff).transpose(1, 2).unsqueeze(-1).to(out_a.dtype)
     merged = torch.lerp(out_b, out_a, weight, out=out)
     return merged, torch.logaddexp(lse_a, lse_b)
+
+
+_INT32_SPAN = 2**31 - 1
+
+
+def _fused_merge(*tensors: torch.Tensor | None) -> Any:
+    """triton_merge.merge_into where it applies to these tensors (CUDA, Triton imports, head
+    dim and lse rows unit-strided, every offset within int32), else None."""
+    present = [t for t in tensors if t is not None]
+    if present[0].device.type != "cuda" or any(
+            t.stride(-1) != 1 or sum((n - 1) * st for n, st in zip(t.shape, t.stride(),
+                                                                  strict=True)) > _INT32_SPAN
+            for t in present) or any(t.dtype != torch.float32 for t in present[1:4:2]):
+        return None
+    try:
+        from attnrt.kernels.triton_merge import merge_into
+    except ImportError:  # Triton is optional
+        return None
+    return merge_into
 
 
 class ScaledImpl(AttentionImpl[T]):

@@ -13,18 +13,21 @@ batch row:
     C         own queries over the other ranks' keys, with lse; merged with A straight
               into the output's own heads (exact: disjoint key sets, see merge_partials)
 
-The exchange runs beside A and the return beside C. The attention kernels on Hopper
-(cuDNN's) are persistent: once started they hold every SM, and work queued beside them that
-needs an SM waits for their end. So with NCCL, A is queued only after the packing, when the
-exchange (on a high-priority stream) is ready to take its SMs first; the copy engines need no
-SM at all. See bench/NOTES-distributed.md. Keys are not in sequence order (the peer's rows
-first for P = 2, own rows first otherwise), which non-causal attention does not see. A, B and
-C go through `local`, so a compile failure falls to the next backend on this rank without
-changing the exchanges.
+The exchange runs beside A and the return beside C. B runs on a compute stream of its own,
+so it starts on the SMs that A's last wave leaves idle, and C on those of B's last wave.
+The attention kernels on Hopper (cuDNN's) are persistent: once started they hold every SM,
+and work queued beside them that needs an SM waits for their end. So with NCCL, A is queued
+only after the packing, when the exchange (on a high-priority stream) is ready to take its
+SMs first; the copy engines need no SM at all. See bench/NOTES-distributed.md. Keys are not
+in sequence order (the peer's rows first for P = 2, own rows first otherwise), which
+non-causal attention does not see. A, B and C go through `local`, so a compile failure falls
+to the next backend on this rank without changing the exchanges.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -64,6 +67,7 @@ def _row(qkv: list[torch.Tensor], local: LocalAttention, sp: SequenceParallel, c
     own = [t[:, :, sp.rank] for t in rank_heads]
     works: list[Any] = []
     back: list[Any] = []
+    joins: list[Any] = []
     try:
         if copies is not None:  # PeerCopies serve two ranks only
             exchanged = exchange_two_on_copy_engines(rank_heads, own, peers, copies)
@@ -72,13 +76,19 @@ def _row(qkv: list[torch.Tensor], local: LocalAttention, sp: SequenceParallel, c
         else:
             exchanged = exchange_many(rank_heads, own, peers, sp)
         q_in, k_all, v_all, theirs, fill_own, works = exchanged
+        fork = recorded(q_in.device)  # B's stream starts after this, not after A
         o_a, lse_a = local.forward_with_lse(*own)  # A
-        fill_own()
-        for work in works:
-            work.wait()
-        out_b = local(q_in, k_all, v_all)  # B
         heads = out[0].view(out.shape[1], p, -1)  # [S, P, Hp * D], views (raises otherwise)
-        back = [send_back(out_b, sp, copies, [heads[:, j] for j in peers])]
+        with beside(q_in.device, fork, joins):
+            for work in works:
+                work.wait()
+            fill_own()  # an SM copy: it runs in A's last wave
+            arrived = recorded(q_in.device)
+            out_b = local(q_in, k_all, v_all)  # B
+            back = [send_back(out_b, sp, copies, [heads[:, j] for j in peers])]
+        arrived.wait()
+        if joins:  # B first: C waits for the fill too, and then for a ~10 us kernel
+            head_start(q_in.device)
         o_c, lse_c = local.forward_with_lse(own[0], k_all[:, theirs], v_all[:, theirs])  # C
         merge_partials(o_a, lse_a, o_c, lse_c, out=out.unflatten(2, (p, -1))[:, :, sp.rank])
     except BaseException:
@@ -86,11 +96,42 @@ def _row(qkv: list[torch.Tensor], local: LocalAttention, sp: SequenceParallel, c
             with side_stream(out.device):
                 copies.abandon()
         raise
-    finally:  # also on an error: no buffer may go while a collective still uses it
-        for pending in works:
+    finally:  # also on an error: no buffer may go while a stream or collective still uses it
+        for pending in (*joins, *works, *back):  # back places the peers' part of the output
             pending.wait()
-        for pending in back:  # places the peers' part of the output
-            pending.wait()
+
+
+# B on a stream of its own (off: B queued after A, for the benchmark's comparison). A
+# persistent kernel's last wave leaves SMs idle until its slowest block ends; a kernel on
+# another stream takes each SM as it frees, so B fills A's tail and C fills B's. B must take
+# the SMs before C (its output still travels back; in H200 traces C first cost ~0.3 ms per
+# forward at N=32760). Released by the same event, C went first even with B's stream at high
+# priority; so C also waits for a ~10 us kernel queued after that event: by its end B's
+# blocks hold the SMs.
+_B_BESIDE = True
+_BESIDE_STREAMS: dict[torch.device, Any] = {}
+
+
+@contextlib.contextmanager
+def beside(device: torch.device, after: Any, joins: list[Any]) -> Iterator[None]:
+    """Run the enclosed work on a second compute stream of `device` that waits for `after`
+    (a recorded work) but not for what the current stream queued since; appends to `joins`
+    a work for all of it (waited for on the current stream, the stream returns to that order).
+    On the current stream where devices have no streams or _B_BESIDE is off."""
+    if device.type != "cuda" or not _B_BESIDE:
+        yield
+        return
+    key = torch.device("cuda", device.index if device.index is not None
+                       else torch.cuda.current_device())
+    stream = _BESIDE_STREAMS.get(key)
+    if stream is None:
+        stream = _BESIDE_STREAMS[key] = torch.cuda.Stream(key)
+    with torch.cuda.stream(stream):
+        after.wait()
+        try:
+            yield
+        finally:
+            joins.append(recorded(device))
 
 
 Exchanged = tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice, Any, list[Any]]
@@ -132,9 +173,9 @@ def exchange_two_on_copy_engines(rank_heads: list[torch.Tensor], own: list[torch
                                  peers: list[int], copies: Any) -> Exchanged:
     """exchange_two's layout, filled by 2D copies straight from the strided head ranges: the
     peer's heads go into the peer's inbox on copy engines beside A (no packing kernel to wait
-    for), the own k and v rows into this rank's inbox on the current stream, before A. (A
-    device-local 2D memcpy, measured on H100, waits for free SMs like a kernel: queued beside
-    A it would start only at A's end and hold B back.)"""
+    for); fill_own copies the own k and v rows into this rank's inbox (a device-local 2D
+    memcpy, which, measured on H100 and H200, waits for free SMs like a kernel: _row queues
+    it on B's stream, where it takes SMs in A's last wave)."""
     q_heads, k_heads, v_heads = (t[0, :, peers[0]] for t in rank_heads)  # [S, Hx/2, D]
     s, hp, d = q_heads.shape
     hkvp = k_heads.shape[1]
@@ -160,14 +201,13 @@ def exchange_two_on_copy_engines(rank_heads: list[torch.Tensor], own: list[torch
         raise
     keep = Pending(works, lambda: buf, (q_heads, k_heads, v_heads))
     kv_own = kv_all[0, s:].flatten(2)  # [S, 2, Hkvp * D]
-    try:
+
+    def fill_own() -> None:
         copy_rows(kv_own[:, 0], own[1][0].flatten(1))
         copy_rows(kv_own[:, 1], own[2][0].flatten(1))
-    except BaseException:
-        keep.wait()  # the side stream's reads end before the inputs may go
-        raise
+
     return (buf[:n_q].view(1, s, hp, d), kv_all[:, :, 0], kv_all[:, :, 1], slice(0, s),
-            lambda: None, [keep])
+            fill_own, [keep])
 
 
 def send_back(out_b: torch.Tensor, sp: SequenceParallel, copies: Any,

@@ -140,3 +140,59 @@ def test_merging_rows_that_saw_no_key_gives_zeros_not_nan() -> None:
     out, merged = merge_partials(o, lse, o.clone(), lse.clone())
     assert torch.equal(out, o)
     assert torch.isneginf(merged).all()
+
+
+def _partials(dtype: torch.dtype, device: str, n: int = 37, h: int = 3, d: int = 24
+              ) -> tuple[torch.Tensor, ...]:
+    """Two partial results over disjoint key sets (12 and 19 keys) and the dense float64 target."""
+    q, k, v = randn_qkv(2, n, h, d, m=31, dtype=dtype)
+    impl = _impl(ReferenceImpl, h, d, h)
+    o_a, lse_a = impl.forward_with_lse(q, k[:, :12], v[:, :12], None)  # type: ignore[attr-defined]
+    o_b, lse_b = impl.forward_with_lse(q, k[:, 12:], v[:, 12:], None)  # type: ignore[attr-defined]
+    lse_a[0, 1, 5] = lse_b[0, 1, 5] = float("-inf")  # a row that saw no key in either part
+    o_a[0, 5, 1] = o_b[0, 5, 1] = 0
+    want = dense_reference(q, k, v).to(device)
+    want[0, 5, 1] = 0
+    return (*(t.to(device) for t in (o_a, lse_a, o_b, lse_b)), want)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_merge_writes_a_strided_view_like_the_reference(dtype: torch.dtype) -> None:
+    from attnrt.kernels.triton_merge import merge_into
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: under the interpreter
+    o_a, lse_a, o_b, lse_b, want = _partials(dtype, device)
+    target = torch.full((2, 37, 7, 24), float("nan"), dtype=dtype, device=device)
+    merge_into(o_a, lse_a, o_b.transpose(1, 2).contiguous().transpose(1, 2), lse_b,
+               target[:, :, 2:5])  # out_b in [B, H, N, D] memory, out a slice of heads
+    assert rel_l2(target[:, :, 2:5], want) < TOLERANCE[dtype]
+    assert not target[0, 5, 3].any()
+    assert target[:, :, :2].isnan().all()
+    assert target[:, :, 5:].isnan().all()
+
+
+def test_fused_merge_refuses_a_strided_head_dim() -> None:
+    from attnrt.kernels.triton_merge import merge_into
+
+    o_a, lse_a, o_b, lse_b, _ = _partials(torch.float32, "cpu")
+    with pytest.raises(ValueError, match="head dim must be unit-strided"):
+        merge_into(o_a, lse_a, o_b, lse_b, torch.empty(2, 37, 24, 3).transpose(2, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merge_partials_on_the_gpu_takes_the_fused_pass(
+        dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    import attnrt.kernels.triton_merge as triton_merge
+
+    calls = []
+    real = triton_merge.merge_into
+    monkeypatch.setattr(triton_merge, "merge_into", lambda *a: calls.append(1) or real(*a))
+    o_a, lse_a, o_b, lse_b, want = _partials(dtype, "cuda", n=1000, h=4, d=128)
+    target = torch.full((2, 1000, 8, 128), float("nan"), dtype=dtype, device="cuda")
+    out, lse = merge_partials(o_a, lse_a, o_b, lse_b, out=target[:, :, 4:])
+    assert calls == [1]
+    assert rel_l2(out, want) < TOLERANCE[dtype]
+    assert target[:, :, :4].isnan().all()
+    assert torch.equal(lse, torch.logaddexp(lse_a, lse_b))
