@@ -42,11 +42,17 @@ CONFIGS: dict[str, dict[int, Config]] = {
     # Fourth session, same script (causal bwd at N=8192, TFLOP/s): D=128 causal now peels the
     # diagonal steps with FlexAttention's blocks, 370 vs 341 for the split (32,64,4,3) entry;
     # D=64 causal runs (32,64,4,3) in one launch, 306 vs 293 for (32,128,4,3).
+    # Fifth session: D=128 forwards go through the Gluon ping-pong kernel ("gluon", sm90 and
+    # D=128 exactly; 128-row tiles, BLOCK_N 128, 2 K/V slots): 599-651 TFLOP/s full, 466-604
+    # causal at N=4096-32768 vs 477-510 / 379-500 for the Triton forward (H100, same run). At
+    # D=64 the Gluon kernel did not beat the Triton one (413-431 vs 422-433 full, 295-413 vs
+    # 302-431 causal), so bucket 64 keeps it off.
     "sm90": {
         32: _cfg((128, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)),
         64: _cfg((128, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3),
                  causal=(None, (32, 64, 4, 3, "single_launch"), None)),
-        128: _cfg((128, 128, 8, 3, "tma"), (64, 128, 8, 3, "single_launch"), (128, 64, 8, 3),
+        128: _cfg((128, 128, 8, 3, "tma", "gluon"), (64, 128, 8, 3, "single_launch"),
+                  (128, 64, 8, 3),
                   causal=(None, (64, 128, 8, 3, "peel_diagonal"), None)),
         256: _cfg((128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)),
     },

@@ -48,14 +48,16 @@ DEFAULT_CONFIG: dict[str, dict[str, int]] = {
 # A config may also hold "<kernel>_causal" entries, which replace "<kernel>" for causal calls.
 CAUSAL_SUFFIX = "_causal"
 _BLOCK_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-# Optional 0/1 switches per kernel. fwd: warp-specialized loop, TMA loads of K/V. bwd_dkdv:
+# Optional 0/1 switches per kernel. fwd: warp-specialized loop, TMA loads of K/V, gluon = the
+# Gluon ping-pong forward on Hopper (attnrt.kernels.gluon_flash_sm90, BLOCK_N 64 or 128; where
+# it cannot serve a call, the Triton kernel with the entry's blocks does). bwd_dkdv:
 # single_launch = the dQ programs (with bwd_dq's blocks) run in the dK/dV launch; atomic_dq =
 # the dK/dV programs also add dQ with float32 atomics and no dQ programs run (5 matrix products
 # instead of 7, but the summation order, and so the last bits of dQ, vary from run to run);
 # peel_diagonal = causal dK/dV runs its diagonal query blocks as unrolled masked steps before
 # an unmasked loop (untimed candidate, see bench/NOTES-triton-flash.md; no effect when not
 # causal).
-_SWITCHES = {"fwd": ("warp_specialize", "tma"),
+_SWITCHES = {"fwd": ("warp_specialize", "tma", "gluon"),
              "bwd_dkdv": ("single_launch", "atomic_dq", "peel_diagonal"), "bwd_dq": ()}
 # Any kernel may cap registers per thread (Triton's `maxnreg` launch option, PTX .maxnreg),
 # e.g. to fit two 8-warp programs on an SM (at most 128 each).
@@ -142,6 +144,8 @@ def _entry_problem(kernel: str, entry: dict) -> str | None:
         return f"switches {', '.join(_SWITCHES[kernel])} take 0 or 1"
     if "maxnreg" in entry and entry["maxnreg"] not in _MAXNREG:
         return f"maxnreg={entry['maxnreg']} is out of range; allowed: 32 to 255"
+    if entry.get("gluon", 0) and entry["BLOCK_N"] not in (64, 128):
+        return f"gluon takes BLOCK_N 64 or 128, got {entry['BLOCK_N']}"
     pow2 = [entry[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps")]
     # tl.dot needs every block dimension to be at least 16.
     if not all(x >= 1 and x & (x - 1) == 0 for x in pow2) or min(pow2[:2]) < 16:
@@ -244,11 +248,33 @@ def _strides(t: torch.Tensor, unit: int) -> tuple[int, int, int, int]:
     return sb // unit, sn // unit, sh // unit, sd
 
 
+def _gluon_module():
+    """attnrt.kernels.gluon_flash_sm90, or None where this Triton has no Gluon (or not the
+    Hopper parts it uses)."""
+    global _GLUON
+    if _GLUON is False:
+        try:
+            from . import gluon_flash_sm90
+        except (ImportError, AttributeError):
+            _GLUON = None
+        else:
+            _GLUON = gluon_flash_sm90
+    return _GLUON
+
+
+_GLUON: object = False  # not looked up yet
+
+
 def _forward(q, k, v, causal, scale, cfg):
     b, n, h, _ = q.shape
     m, hkv = k.shape[1], k.shape[2]
     out = _alloc(tuple(q.shape), q.dtype, q.device)
     lse = _alloc((b, h, n), torch.float32, q.device)
+    if cfg["fwd"].get("gluon", 0) and q.is_cuda:
+        gluon = _gluon_module()
+        if gluon is not None and gluon.usable(q, k, v, out):
+            gluon.forward(q, k, v, causal, scale, cfg["fwd"]["BLOCK_N"], out, lse)
+            return out, lse
     blocks, launch = _launch_args(cfg["fwd"])
     grid = (triton.cdiv(n, blocks["BLOCK_M"]), b * h)
     descs = _kv_descriptors(k, v, cfg["fwd"])
@@ -380,10 +406,10 @@ def flash_attention(
     Differentiable in q, k, v (and through lse); dK/dV are summed over the heads sharing them.
     softmax_scale defaults to 1/sqrt(D). Causal masks are bottom-right aligned. `config` may
     override {"fwd" | "bwd_dkdv" | "bwd_dq": {BLOCK_M, BLOCK_N, num_warps, num_stages}}, plus
-    optional "maxnreg" and switches (fwd: "tma", "warp_specialize"; bwd_dkdv: "single_launch",
-    "atomic_dq" (not deterministic), "peel_diagonal"); "<kernel>_causal" entries replace
-    "<kernel>" when causal. See attnrt.platforms.cuda.triton_flash_configs for measured
-    per-arch values.
+    optional "maxnreg" and switches (fwd: "tma", "warp_specialize", "gluon"; bwd_dkdv:
+    "single_launch", "atomic_dq" (not deterministic), "peel_diagonal"); "<kernel>_causal"
+    entries replace "<kernel>" when causal. See attnrt.platforms.cuda.triton_flash_configs
+    for measured per-arch values.
 
     Equivalent PyTorch: flash_attention_reference(q, k, v, causal, softmax_scale, return_lse).
     """

@@ -153,6 +153,18 @@ def test_config_override_gives_same_result(causal):
 
 
 @pytest.mark.interpret
+def test_gluon_switch_off_the_gpu_runs_the_triton_forward(monkeypatch):
+    """The Gluon forward is for sm90 tensors: on CPU tensors the switch is never consulted,
+    and the Triton forward gives the reference result."""
+    def unexpected() -> None:
+        raise AssertionError("the Gluon module was looked up for CPU tensors")
+
+    monkeypatch.setattr(tf, "_gluon_module", unexpected)
+    cfg = {"fwd": {"BLOCK_M": 16, "BLOCK_N": 64, "gluon": 1}}
+    _check_parity((1, 21, 70, 2, 1, 32), torch.float32, causal=True, config=cfg)
+
+
+@pytest.mark.interpret
 def test_deterministic():
     q, k, v = _inputs((1, 24, 40, 4, 1, 32), torch.float16)
     dout = torch.randn(1, 24, 4, 32, dtype=torch.float16)
@@ -198,9 +210,12 @@ class TestRefusals:
             tf.flash_attention(**_bad(), softmax_scale=-1.0)
 
     def test_bad_config(self):
-        for bad in ({"BLOCK_M": 48}, {"num_stages": 0}, {"BLOCK_N": 8}, {"warps": 4}):
+        for bad in ({"BLOCK_M": 48}, {"num_stages": 0}, {"BLOCK_N": 8}, {"warps": 4},
+                    {"gluon": 2}):
             with pytest.raises(ValueError, match=r"config\['fwd'\]"):
                 tf.flash_attention(**_bad(), config={"fwd": bad})
+        with pytest.raises(ValueError, match="gluon takes BLOCK_N 64 or 128, got 32"):
+            tf.flash_attention(**_bad(), config={"fwd": {"BLOCK_N": 32, "gluon": 1}})
 
     @pytest.mark.gpu  # needs a second device kind to mismatch
     def test_device_mismatch(self):
@@ -256,13 +271,56 @@ def test_gpu_shapes(shape, dtype, causal):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("switch", ["tma", "warp_specialize"])
+@pytest.mark.parametrize("switch", ["tma", "warp_specialize", "gluon"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gpu_forward_switches(switch, causal):
     # B=2, GQA and M not a multiple of BLOCK_N: TMA row/column offsets and the masked tail.
     cfg = _gpu_config(torch.bfloat16, 128)
-    cfg["fwd"][switch] = 1
+    cfg["fwd"] = {**cfg["fwd"], "gluon": 0, switch: 1}
     _check_parity((2, 1000, 1000, 4, 2, 128), torch.bfloat16, causal, cfg)
+
+
+def _gluon_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the Gluon forward's launches (fails the test where this Triton has no Gluon)."""
+    gluon = tf._gluon_module()
+    assert gluon is not None, "the GPU machine's Triton should import the Gluon forward"
+    calls: list[int] = []
+    real = gluon.forward
+    monkeypatch.setattr(gluon, "forward", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the Gluon forward is built for sm90")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(("shape", "block_n"), [
+    ((2, 1000, 1100, 6, 3, 128), 128), ((1, 700, 513, 4, 4, 128), 64),
+    ((1, 1, 300, 4, 1, 128), 128), ((2, 777, 777, 4, 2, 64), 64), ((1, 300, 200, 2, 1, 64), 128)],
+    ids=["gqa_m_gt_n", "n_gt_m_bn64", "n1", "d64", "d64_n_gt_m"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gpu_gluon_forward(shape, block_n, dtype, causal, monkeypatch):
+    """The Gluon ping-pong forward (out and lse; gradients from the Triton backward on its
+    output) against float64, NaN-poisoned outputs, and that it really ran."""
+    calls = _gluon_calls(monkeypatch)
+    cfg = _gpu_config(dtype, shape[-1])
+    cfg["fwd"] = {**cfg["fwd"], "BLOCK_N": block_n, "gluon": 1}
+    cfg.pop("fwd_causal", None)
+    _check_parity(shape, dtype, causal, cfg)
+    assert calls == [1]
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_forward_leaves_what_it_cannot_read_to_triton(monkeypatch):
+    """q in [B, H, N, D] memory has no 2D TMA view: the Triton forward serves it, correctly."""
+    if tf._gluon_module() is None or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon forward is built for sm90")
+    calls = _gluon_calls(monkeypatch)
+    q, k, v = _inputs((1, 300, 300, 4, 2, 128), torch.bfloat16)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    got, dout = _run(q, k, v, True, _gpu_config(torch.bfloat16, 128))
+    _compare(got, _reference(q, k, v, True, dout), torch.bfloat16)
+    assert calls == []
 
 
 @pytest.mark.gpu
