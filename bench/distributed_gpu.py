@@ -155,7 +155,8 @@ def _measure_shape(n: int, h: int, args: argparse.Namespace, device: Any) -> dic
     sent = shard[0].numel() * shard[0].element_size() * (p - 1) / p
     row["a2a_gbps"] = sent / (row["a2a_ms"] * 1e-3) / 1e9
     row["ce_gbps"] = sent / (row["ce_ms"] * 1e-3) / 1e9 if "ce_ms" in row else float("nan")
-    checked = [m for m in args.modes if "nocheck" not in m and "new" not in m.split("/")[1:]]
+    checked = [m for m in args.modes  # what ships: checked every forward, not /serial
+               if not {"nocheck", "new", "serial"} & set(m.split("/")[1:])]
     row["best"] = min(checked, key=lambda m: row[f"{m}_ms"])
     row["speedup"] = row["single_ms"] / row[f"{row['best']}_ms"]
     row["ideal"] = row["single_ms"] / row["half_ms"]
@@ -163,18 +164,16 @@ def _measure_shape(n: int, h: int, args: argparse.Namespace, device: Any) -> dic
 
 
 def _flagged(mode: str, fn: Callable[[], Any]) -> Callable[[], Any]:
-    """fn with the module switches of `mode`'s flags set around each call ("serial": local-first
-    queues B after A on one stream)."""
-    from attnrt import local_first
+    """fn within what `mode`'s flags switch per call ("serial": local-first queues A, B and C
+    on one stream, attnrt.local_first.serial_launches)."""
+    from attnrt.local_first import serial_launches
 
-    beside = "serial" not in mode.split("/")[1:]
+    if "serial" not in mode.split("/")[1:]:
+        return fn
 
     def call() -> Any:
-        local_first._B_BESIDE = beside
-        try:
+        with serial_launches():
             return fn()
-        finally:
-            local_first._B_BESIDE = True
     return call
 
 
@@ -191,7 +190,7 @@ _SCHEDULES = {"plain": {"overlap_chunks": 1, "local_first": False},
 def _schedule(mode: str) -> dict[str, Any]:
     """"plain", "local", "cK" (K head chunks); flags after "/": "np" no high-priority NCCL
     twin, "nocheck" no per-forward shape check, "new" the check on new shapes only, "nccl" no
-    copy-engine exchange."""
+    copy-engine exchange ("serial" is applied per call, see _flagged)."""
     name, *flags = mode.split("/")
     chosen = dict(_SCHEDULES.get(name) or {"overlap_chunks": int(name[1:]), "local_first": False})
     return {**chosen, "priority_exchange": "np" not in flags,

@@ -116,9 +116,11 @@ _INT32_SPAN = 2**31 - 1
 
 
 def _fused_merge(*tensors: torch.Tensor | None) -> Any:
-    """triton_merge.merge_into where it applies to these tensors (CUDA, Triton imports, head
-    dim and lse rows unit-strided, every offset within int32), else None."""
+    """triton_merge.merge_into where it applies to these tensors (CUDA, no autograd, Triton
+    imports, head dim and lse rows unit-strided, every offset within int32), else None."""
     present = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return None  # the kernel is not differentiable; the PyTorch lines are
     if present[0].device.type != "cuda" or any(
             t.stride(-1) != 1 or sum((n - 1) * st for n, st in zip(t.shape, t.stride(),
                                                                   strict=True)) > _INT32_SPAN

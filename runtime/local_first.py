@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -101,15 +102,26 @@ def _row(qkv: list[torch.Tensor], local: LocalAttention, sp: SequenceParallel, c
             pending.wait()
 
 
-# B on a stream of its own (off: B queued after A, for the benchmark's comparison). A
+# B on a stream of its own (serial_launches(): B queued after A, for comparison). A
 # persistent kernel's last wave leaves SMs idle until its slowest block ends; a kernel on
 # another stream takes each SM as it frees, so B fills A's tail and C fills B's. B must take
 # the SMs before C (its output still travels back; in H200 traces C first cost ~0.3 ms per
 # forward at N=32760). Released by the same event, C went first even with B's stream at high
 # priority; so C also waits for a ~10 us kernel queued after that event: by its end B's
 # blocks hold the SMs.
-_B_BESIDE = True
-_BESIDE_STREAMS: dict[torch.device, Any] = {}
+_B_BESIDE: ContextVar[bool] = ContextVar("attnrt_local_first_b_beside", default=True)
+_BESIDE_STREAMS: dict[torch.device, Any] = {}  # one per device: one forward at a time on it
+
+
+@contextlib.contextmanager
+def serial_launches() -> Iterator[None]:
+    """Within: A, B and C queued on the current stream one after another (what the two-stream
+    schedule is measured against, bench/distributed_gpu.py's /serial)."""
+    token = _B_BESIDE.set(False)
+    try:
+        yield
+    finally:
+        _B_BESIDE.reset(token)
 
 
 @contextlib.contextmanager
@@ -117,8 +129,8 @@ def beside(device: torch.device, after: Any, joins: list[Any]) -> Iterator[None]
     """Run the enclosed work on a second compute stream of `device` that waits for `after`
     (a recorded work) but not for what the current stream queued since; appends to `joins`
     a work for all of it (waited for on the current stream, the stream returns to that order).
-    On the current stream where devices have no streams or _B_BESIDE is off."""
-    if device.type != "cuda" or not _B_BESIDE:
+    On the current stream where devices have no streams, or within serial_launches()."""
+    if device.type != "cuda" or not _B_BESIDE.get():
         yield
         return
     key = torch.device("cuda", device.index if device.index is not None

@@ -172,12 +172,27 @@ def test_fused_merge_writes_a_strided_view_like_the_reference(dtype: torch.dtype
     assert target[:, :, 5:].isnan().all()
 
 
-def test_fused_merge_refuses_a_strided_head_dim() -> None:
+def test_fused_merge_refuses_what_it_cannot_read() -> None:
     from attnrt.kernels.triton_merge import merge_into
 
     o_a, lse_a, o_b, lse_b, _ = _partials(torch.float32, "cpu")
-    with pytest.raises(ValueError, match="head dim must be unit-strided"):
+    with pytest.raises(ValueError, match="out must be .* unit-strided head dim"):
         merge_into(o_a, lse_a, o_b, lse_b, torch.empty(2, 37, 24, 3).transpose(2, 3))
+    with pytest.raises(ValueError, match=r"out_b must be \(2, 37, 3, 24\)"):
+        merge_into(o_a, lse_a, o_b[:, :30], lse_b, torch.empty_like(o_a))
+    with pytest.raises(ValueError, match=r"lse_a must be float32 \(2, 3, 37\)"):
+        merge_into(o_a, lse_a[:, :, :30], o_b, lse_b, torch.empty_like(o_a))
+
+
+@pytest.mark.gpu
+def test_merge_partials_keeps_autograd_on_the_gpu() -> None:
+    """With gradients wanted the PyTorch lines run (the fused kernel has no backward)."""
+    o_a, lse_a, o_b, lse_b, _ = _partials(torch.float32, "cuda")
+    o_a.requires_grad_()
+    out, _ = merge_partials(o_a, lse_a, o_b, lse_b)
+    out.sum().backward()
+    assert o_a.grad is not None
+    assert torch.isfinite(o_a.grad).all()
 
 
 @pytest.mark.gpu

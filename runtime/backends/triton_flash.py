@@ -31,29 +31,10 @@ import torch
 from attnrt.device import device_for_tensor
 from attnrt.errors import KernelCompileError
 from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
+from attnrt.kernels import compile_error_types
 from attnrt.support import Package
 
 NAME = "TRITON_FLASH_ATTN"
-_COMPILE_ERRORS = (("triton.compiler.errors", "CompilationError"),
-                   ("triton.runtime.errors", "OutOfResources"),
-                   ("triton.runtime.errors", "PTXASError"))
-
-
-@cache
-def compile_error_types() -> tuple[type[BaseException], ...]:
-    """Triton's compile-time exception classes present in the installed version."""
-    found: list[type[BaseException]] = []
-    for module_name, attr in _COMPILE_ERRORS:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        cls = getattr(module, attr, None)
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            found.append(cls)
-    return tuple(found)
-
-
 @cache
 def configs_module(platform: str) -> Any:
     """The pack's triton_flash_configs module, or None where the pack ships none."""

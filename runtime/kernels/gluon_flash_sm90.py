@@ -14,9 +14,11 @@ rows of one (batch, head):
 
 Same contract as triton_flash._forward: q [B, N, H, D], k, v [B, M, Hkv, D] (GQA by head
 index), bottom-right causal masks, out [B, N, H, D] and lse [B, H, N] (natural log; -inf and a
-zero row for a query that sees no key). It runs where `usable` says so: an sm90 GPU, fp16 or
-bf16, D in SUPPORTED_HEAD_SIZES, and q, k, v readable as 2D TMA tensors; triton_flash takes its
-Triton kernel elsewhere (the same computation). Checked against float64 in tests/kernels (GPU).
+zero row for a query that sees no key). It runs where `usable` says so: an sm90 GPU (not ROCm),
+fp16 or bf16, D in SUPPORTED_HEAD_SIZES, q, k, v readable as 2D TMA tensors, and K/V tiles that
+stay within one batch; triton_flash takes its Triton kernel elsewhere (the same computation),
+and also after a compile failure here. Written against Triton 3.6 (the GPU machine's); checked
+against float64 in tests/kernels (GPU).
 
 No `from __future__ import annotations` here: Gluon's aggregate checks field annotations as
 real types.
@@ -259,13 +261,19 @@ def _descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
     return TensorDescriptor(t, [b * rows, hx * d], [t.stride(1), 1], [block_rows, d], layout)
 
 
-def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether this forward serves these tensors (else the caller takes its Triton kernel)."""
-    d = q.shape[3]
-    return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
+def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+           block_n: int) -> bool:
+    """Whether this forward serves these tensors (else the caller takes its Triton kernel).
+
+    K and V are read as one 2D tensor over all batches, so with B > 1 a tile must not cross
+    into the next batch's rows: masked scores give P = 0 there, but 0 * inf in the next
+    batch's V would still be NaN. Hence M % block_n == 0 where B > 1."""
+    b, _, h, d = q.shape
+    return (q.is_cuda and torch.version.hip is None
+            and torch.cuda.get_device_capability(q.device) == (9, 0)
             and q.dtype in (torch.float16, torch.bfloat16) and d in SUPPORTED_HEAD_SIZES
-            and all(_two_d(t) for t in (q, k, v))
-            and out.stride(3) == 1 and out.numel() < 2**31)
+            and all(_two_d(t) for t in (q, k, v)) and (b == 1 or k.shape[1] % block_n == 0)
+            and b * h <= 65535 and out.stride(3) == 1 and out.numel() < 2**31)
 
 
 def _two_d(t: torch.Tensor) -> bool:

@@ -14,12 +14,14 @@ tensors, which is how CI covers them.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
 import torch
 import triton
 
+from . import compile_error_types
 from .flash_reference import flash_attention_reference
 from .triton_flash_jit import _bwd_delta_kernel, _bwd_kernel, _fwd_kernel
 
@@ -250,19 +252,45 @@ def _strides(t: torch.Tensor, unit: int) -> tuple[int, int, int, int]:
 
 def _gluon_module():
     """attnrt.kernels.gluon_flash_sm90, or None where this Triton has no Gluon (or not the
-    Hopper parts it uses)."""
+    Hopper parts it uses, in the form it uses them)."""
     global _GLUON
     if _GLUON is False:
         try:
             from . import gluon_flash_sm90
-        except (ImportError, AttributeError):
-            _GLUON = None
+        except Exception as exc:  # noqa: BLE001 (an optional fast path: any import failure)
+            _gluon_off(f"it does not import with Triton {triton.__version__}: {exc!r}")
         else:
             _GLUON = gluon_flash_sm90
     return _GLUON
 
 
-_GLUON: object = False  # not looked up yet
+def _gluon_off(why: str) -> None:
+    """Stop using the Gluon forward in this process, saying why once."""
+    global _GLUON
+    _GLUON = None
+    logging.getLogger("attnrt").warning(
+        "%s: the Gluon forward is off (%s); the Triton forward serves instead", NAME, why)
+
+
+_GLUON: object = False  # not looked up yet; None: off
+
+
+def _gluon_forward(q, k, v, causal, scale, cfg, out, lse) -> bool:
+    """Runs the Gluon forward where the config asks for it and it can serve; False otherwise.
+    A compile failure turns it off (the Triton forward, the same computation, then serves);
+    anything raised while the kernel runs propagates."""
+    if not (cfg["fwd"].get("gluon", 0) and q.is_cuda):
+        return False
+    gluon = _gluon_module()
+    block_n = cfg["fwd"]["BLOCK_N"]
+    if gluon is None or not gluon.usable(q, k, v, out, block_n):
+        return False
+    try:
+        gluon.forward(q, k, v, causal, scale, block_n, out, lse)
+    except compile_error_types() as exc:
+        _gluon_off(f"compiling it failed: {exc!r}"[:500])
+        return False
+    return True
 
 
 def _forward(q, k, v, causal, scale, cfg):
@@ -270,11 +298,8 @@ def _forward(q, k, v, causal, scale, cfg):
     m, hkv = k.shape[1], k.shape[2]
     out = _alloc(tuple(q.shape), q.dtype, q.device)
     lse = _alloc((b, h, n), torch.float32, q.device)
-    if cfg["fwd"].get("gluon", 0) and q.is_cuda:
-        gluon = _gluon_module()
-        if gluon is not None and gluon.usable(q, k, v, out):
-            gluon.forward(q, k, v, causal, scale, cfg["fwd"]["BLOCK_N"], out, lse)
-            return out, lse
+    if _gluon_forward(q, k, v, causal, scale, cfg, out, lse):
+        return out, lse
     blocks, launch = _launch_args(cfg["fwd"])
     grid = (triton.cdiv(n, blocks["BLOCK_M"]), b * h)
     descs = _kv_descriptors(k, v, cfg["fwd"])

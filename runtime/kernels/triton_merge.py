@@ -23,8 +23,8 @@ def _merge_kernel(out_a, out_b, out, lse_a, lse_b, S, H, HEAD_DIM,
                   sa_b, sa_s, sa_h, sb_b, sb_s, sb_h, so_b, so_s, so_h,
                   la_b, la_h, lb_b, lb_h,
                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # axis 0: B * H may pass the 65535 limit of the other axes
+    rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     b, h = bh // H, bh % H
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < S
@@ -45,14 +45,15 @@ def merge_into(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
     """out [B, N, H, D] (any strides, last dim unit) = the merge of out_a, out_b [B, N, H, D]
     (last dim unit) weighted by lse_a, lse_b [B, H, N] float32 (last dim unit)."""
     b, s, h, d = out.shape
-    for t in (out_a, out_b, out):
-        if t.stride(3) != 1:
-            raise ValueError(f"merge_into: head dim must be unit-strided, got strides {t.stride()}")
-    for t in (lse_a, lse_b):
-        if t.dtype != torch.float32 or t.stride(2) != 1:
-            raise ValueError(f"merge_into: lse must be float32 [B, H, N] with unit stride in N, "
-                             f"got {t.dtype} strides {t.stride()}")
-    grid = (triton.cdiv(s, BLOCK_S), b * h)
+    for name, t in (("out_a", out_a), ("out_b", out_b), ("out", out)):
+        if t.shape != out.shape or t.stride(3) != 1:
+            raise ValueError(f"merge_into: {name} must be {tuple(out.shape)} with a unit-strided "
+                             f"head dim, got shape {tuple(t.shape)} strides {t.stride()}")
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if t.shape != (b, h, s) or t.dtype != torch.float32 or t.stride(2) != 1:
+            raise ValueError(f"merge_into: {name} must be float32 {(b, h, s)} with unit stride "
+                             f"in N, got {t.dtype} {tuple(t.shape)} strides {t.stride()}")
+    grid = (b * h, triton.cdiv(s, BLOCK_S))
     _merge_kernel[grid](out_a, out_b, out, lse_a, lse_b, s, h, d,
                         out_a.stride(0), out_a.stride(1), out_a.stride(2),
                         out_b.stride(0), out_b.stride(1), out_b.stride(2),

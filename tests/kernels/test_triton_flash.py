@@ -164,6 +164,53 @@ def test_gluon_switch_off_the_gpu_runs_the_triton_forward(monkeypatch):
     _check_parity((1, 21, 70, 2, 1, 32), torch.float32, causal=True, config=cfg)
 
 
+def test_autotune_candidates_start_with_the_shipped_forward():
+    """Tuning may only beat the shipped forward, never lose a switch of it (e.g. gluon)."""
+    from attnrt.kernels.flash_configs import make_entry
+    from attnrt.platforms.cuda.triton_flash_configs import FWD_CANDIDATES
+
+    for arch, buckets in FWD_CANDIDATES.items():
+        for bucket, candidates in buckets.items():
+            assert make_entry(candidates[0]) == select_config(arch, bucket)["fwd"], (arch, bucket)
+
+
+def test_gluon_module_that_does_not_import_turns_the_path_off(monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setattr(tf, "_GLUON", False)
+    monkeypatch.setitem(sys.modules, "attnrt.kernels.gluon_flash_sm90", None)  # import fails
+    with caplog.at_level("WARNING", logger="attnrt"):
+        assert tf._gluon_module() is None
+        assert tf._gluon_module() is None  # looked up once, said once
+    assert [r.getMessage() for r in caplog.records if "Gluon forward is off" in r.getMessage()]
+    assert len(caplog.records) == 1
+
+
+def test_gluon_compile_failure_turns_the_gluon_path_off(monkeypatch, caplog):
+    """A Gluon compile error: one warning, the Gluon forward off for the process, and the
+    caller told to run the Triton forward (False); only compile errors are caught."""
+    from types import SimpleNamespace
+
+    from triton.compiler.errors import CompilationError
+
+    def failing(error: BaseException) -> SimpleNamespace:
+        def forward(*args: object) -> None:
+            raise error
+        return SimpleNamespace(usable=lambda *args: True, forward=forward)
+
+    cfg = {"fwd": {"BLOCK_N": 128, "gluon": 1}}
+    cuda_q = SimpleNamespace(is_cuda=True)  # only is_cuda is read before the module's calls
+    monkeypatch.setattr(tf, "_GLUON", failing(RuntimeError("CUDA error: an illegal access")))
+    with pytest.raises(RuntimeError, match="illegal access"):
+        tf._gluon_forward(cuda_q, None, None, False, 1.0, cfg, None, None)
+    monkeypatch.setattr(tf, "_GLUON", failing(CompilationError(None, None, "simulated")))
+    with caplog.at_level("WARNING", logger="attnrt"):
+        assert tf._gluon_forward(cuda_q, None, None, False, 1.0, cfg, None, None) is False
+    assert tf._GLUON is None
+    assert any("compiling it failed" in r.getMessage() for r in caplog.records)
+    assert tf._gluon_forward(cuda_q, None, None, False, 1.0, cfg, None, None) is False
+
+
 @pytest.mark.interpret
 def test_deterministic():
     q, k, v = _inputs((1, 24, 40, 4, 1, 32), torch.float16)
@@ -295,8 +342,9 @@ def _gluon_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
                     reason="the Gluon forward is built for sm90")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize(("shape", "block_n"), [
-    ((2, 1000, 1100, 6, 3, 128), 128), ((1, 700, 513, 4, 4, 128), 64),
-    ((1, 1, 300, 4, 1, 128), 128), ((2, 777, 777, 4, 2, 64), 64), ((1, 300, 200, 2, 1, 64), 128)],
+    # B > 1 only with M a multiple of BLOCK_N (usable() leaves the rest to Triton)
+    ((2, 1000, 1024, 6, 3, 128), 128), ((1, 700, 513, 4, 4, 128), 64),
+    ((1, 1, 300, 4, 1, 128), 128), ((2, 777, 768, 4, 2, 64), 64), ((1, 300, 200, 2, 1, 64), 128)],
     ids=["gqa_m_gt_n", "n_gt_m_bn64", "n1", "d64", "d64_n_gt_m"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_gpu_gluon_forward(shape, block_n, dtype, causal, monkeypatch):
@@ -320,6 +368,11 @@ def test_gpu_gluon_forward_leaves_what_it_cannot_read_to_triton(monkeypatch):
     q = q.transpose(1, 2).contiguous().transpose(1, 2)
     got, dout = _run(q, k, v, True, _gpu_config(torch.bfloat16, 128))
     _compare(got, _reference(q, k, v, True, dout), torch.bfloat16)
+    # B > 1 with M not a multiple of BLOCK_N: K/V tiles would cross into the next batch.
+    q, k, v = _inputs((2, 300, 300, 4, 2, 128), torch.bfloat16)
+    v[1, :20] = float("inf")  # would turn batch 0 into NaN through 0 * inf
+    out = tf.flash_attention(q, k, v, config=_gpu_config(torch.bfloat16, 128))
+    assert torch.isfinite(out[0]).all()
     assert calls == []
 
 
