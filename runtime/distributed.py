@@ -16,12 +16,11 @@ tensors, and both paths are tested there.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -370,75 +369,6 @@ def exchange(send: torch.Tensor, recv: torch.Tensor, sp: SequenceParallel) -> li
     return dist.batch_isend_irecv(ops) if ops else []
 
 
-def exchange_others(send: torch.Tensor, recv: torch.Tensor, sp: SequenceParallel) -> list[Any]:
-    """Start an all-to-all that skips this rank: send/recv [(P-1) * R, ...], rows j*R ... j*R+R
-    go to / come from the j-th other rank of the group (ranks in order, this one left out)."""
-    rows = send.shape[0] // (sp.size - 1)
-    if sp.all_to_all == "single":
-        sizes = [0 if peer == sp.rank else rows for peer in range(sp.size)]
-        return [dist.all_to_all_single(recv, send, sizes, sizes, group=sp.group, async_op=True)]
-    ops = []
-    others = [peer for peer in range(sp.size) if peer != sp.rank]
-    for j, peer in enumerate(others):
-        global_peer = dist.get_global_rank(sp.group, peer)
-        part = slice(j * rows, (j + 1) * rows)
-        ops.append(dist.P2POp(dist.isend, send[part], global_peer, sp.group))
-        ops.append(dist.P2POp(dist.irecv, recv[part], global_peer, sp.group))
-    return dist.batch_isend_irecv(ops)
-
-
-_SIDE_STREAMS: dict[torch.device, Any] = {}
-
-
-@contextlib.contextmanager
-def side_stream(device: torch.device) -> Iterator[Any]:
-    """Run the enclosed work (packing copies, collectives) on a second CUDA stream of `device`,
-    after everything already queued on the current one; a no-op on other devices.
-
-    Buffers allocated inside belong to that stream. It is safe to drop them after a `wait()` on
-    the current stream: every entry first waits for the current stream, so the side stream never
-    reuses a block before the current stream's reads of it are done.
-    """
-    if device.type != "cuda":
-        yield None
-        return
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = torch.device("cuda", index)
-    stream = _SIDE_STREAMS.get(key)
-    if stream is None:
-        # High priority, like the NCCL twin's: packing copies must not queue behind attention.
-        stream = _SIDE_STREAMS[key] = torch.cuda.Stream(key, priority=-1)
-    stream.wait_stream(torch.cuda.current_stream(key))
-    with torch.cuda.stream(stream):
-        yield stream
-
-
-_HEAD_START_CYCLES = 20_000  # ~10 us at H100 clocks
-
-
-def head_start(device: torch.device) -> None:
-    """Queue a ~10 us kernel on the current stream, after a collective was just started.
-
-    A persistent attention kernel (cuDNN's on Hopper) takes every SM it finds free and keeps
-    it to the end; a collective that becomes ready at the same moment then waits for the whole
-    kernel. Queued between the two, this short kernel lets the collective's blocks land on
-    their SMs first (measured: bench/NOTES-distributed.md). A no-op off CUDA.
-    """
-    if device.type != "cuda":
-        return
-    sleep = getattr(torch.cuda, "_sleep", None)
-    if sleep is not None:
-        sleep(_HEAD_START_CYCLES)
-    else:  # a tiny kernel is a shorter head start, but still one
-        torch.zeros(1, device=device)
-
-
-def join_stream(device: torch.device, stream: Any) -> None:
-    """Make the current stream wait for what `stream` (from side_stream; None: nothing) queued."""
-    if stream is not None:
-        torch.cuda.current_stream(device).wait_stream(stream)
-
-
 def start_seq_to_heads(x: torch.Tensor, sp: SequenceParallel, chunk: int = 0,
                        chunks: int = 1) -> Pending:
     """x [B, S, Hx, D] -> (on wait) [B, P*S, Hx/(P*chunks), D]: heads chunk `chunk` of each rank.
@@ -484,22 +414,6 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
     # torch 2.13 renames all_gather_into_tensor (deprecated there) to all_gather_single.
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(out, inp, group=group)
-
-
-def gather_ints(values: list[int], sp: SequenceParallel, device: torch.device) -> list[list[int]]:
-    """Every rank's `values`, one list per rank: one small collective.
-
-    The result is plain Python on purpose: a reduction over a tiny CPU tensor (e.g. min over
-    dim 0) enters the intra-op thread pool, whose threads then spin for a while; once per
-    forward on every rank, that spinning took ~15 cores per process on a 32-core H100 host
-    and made each forward host-bound at 15-18 ms (bench/NOTES-distributed.md).
-    """
-    on = torch.device("cpu") if sp.meta_on_cpu else device
-    mine = torch.tensor(values, dtype=torch.int64, device=on)
-    out = torch.empty(sp.size * len(values), dtype=torch.int64, device=on)
-    _all_gather(out, mine, sp.meta_group if sp.meta_group is not None else sp.group)
-    flat = out.tolist()
-    return [flat[r * len(values):(r + 1) * len(values)] for r in range(sp.size)]
 
 
 # ---------------------------------------------------------------- differentiable exchanges
@@ -563,91 +477,6 @@ def gather_heads(x: torch.Tensor, sp: SequenceParallel | None = None) -> torch.T
     """[B, R, H/P, D] on each rank -> [B, R, H, D] on every rank (differentiable)."""
     sp = sp or get_sequence_parallel()
     return x if sp.size == 1 else _GatherHeads.apply(x, sp)
-
-
-# ---------------------------------------------------------------- the cross-rank shape check
-
-
-_DTYPE_CODES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-_NO_TENSOR = (-1,) * 6
-
-
-def _tensor_values(t: Any) -> tuple[int, ...]:
-    """Seven ints per slot, whatever `t` is, so every rank gathers the same number of them
-    (names in _FIELD_SUFFIXES)."""
-    if not isinstance(t, torch.Tensor):
-        return (int(t is not None), *_NO_TENSOR)
-    shape = (*t.shape[:4], *((-1,) * (4 - t.dim()))) if t.dim() < 4 else tuple(t.shape[:4])
-    code = _DTYPE_CODES.index(t.dtype) if t.dtype in _DTYPE_CODES else len(_DTYPE_CODES)
-    return (1, t.dim(), *shape, code)
-
-
-_FIELD_SUFFIXES = (" is given", ".dim()", ".shape[0]", ".shape[1]", ".shape[2]", ".shape[3]",
-                   ".dtype")
-
-
-def _show(field: str, value: int) -> str:
-    if field.endswith(".dtype") and 0 <= value < len(_DTYPE_CODES):
-        return str(_DTYPE_CODES[value]).replace("torch.", "")
-    if field.endswith(" is given"):
-        return "a tensor" if value else "None"
-    return str(value)
-
-
-_MAX_CHECKED = 1024  # shape sets remembered by check_shards="new_shapes"
-
-
-def _shape_key(named: list[tuple[str, Any]], original_seq_len: Any) -> tuple[int, ...]:
-    osl = original_seq_len if isinstance(original_seq_len, int) else -1
-    return (*(v for _, t in named for v in _tensor_values(t)), osl)
-
-
-def _field_names(named: list[tuple[str, Any]]) -> list[str]:
-    return [*(name + suffix for name, _ in named for suffix in _FIELD_SUFFIXES),
-            "original_seq_len"]
-
-
-def check_same_on_all_ranks(sp: SequenceParallel, named: list[tuple[str, Any]],
-                            original_seq_len: Any,
-                            agree: dict[str, int] | None = None) -> dict[str, int]:
-    """Raise ShardMismatchError on every rank unless all ranks pass the same shapes.
-
-    One all-gather of ~60 ints (on the gloo twin for device groups), before any large exchange:
-    a rank that passed a different shard raises instead of leaving its peers in an all-to-all.
-    `agree` rides along: each value comes back as its minimum over the ranks, so a choice that
-    depends on per-rank state (e.g. whether the serving backend returns lse) is made alike.
-    With sp.check_shards == "new_shapes", shapes this rank has seen pass before return what
-    was agreed for them then, without a collective. Runs once per forward: plain tuples and
-    lists throughout, names built only for the error.
-    """
-    agree = agree or {}
-    # Shapes only: `agree` values are per-rank state (a fallback may change them on one rank),
-    # and a key that can differ between ranks would let one of them skip the collective alone.
-    key = _shape_key(named, original_seq_len)
-    if sp.check_shards == "new_shapes" and key in sp.checked:
-        return sp.checked[key]
-    device = next((t.device for _, t in named if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    gathered = gather_ints([*key, *agree.values()], sp, device)
-    n = len(key)
-    agreed = {name: min(row[n + i] for row in gathered) for i, name in enumerate(agree)}
-    rows = [row[:n] for row in gathered]
-    if all(row == rows[0] for row in rows):
-        if sp.check_shards == "new_shapes":
-            if len(sp.checked) >= _MAX_CHECKED:  # every rank clears at the same call
-                sp.checked.clear()
-            sp.checked[key] = agreed
-        return agreed
-    names = _field_names(named)
-    differ = [col for col in range(n) if any(row[col] != rows[0][col] for row in rows)]
-    parts = []
-    for col in differ[:3]:
-        name = names[col]
-        ranks = ", ".join(f"rank {r}: {_show(name, rows[r][col])}" for r in range(sp.size))
-        parts.append(f"{name} differs ({ranks})")
-    raise ShardMismatchError(f"sharded inputs differ across the sequence-parallel group: "
-                             f"{'; '.join(parts)}; every rank must pass the same shapes")
 
 
 __all__ = [

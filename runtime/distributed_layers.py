@@ -42,7 +42,6 @@ from attnrt.distributed import (
     SequenceParallel,
     SequenceParallelError,
     ShardError,
-    check_same_on_all_ranks,
     gather_heads,
     gather_heads_raw,
     get_sequence_parallel,
@@ -55,6 +54,7 @@ from attnrt.errors import AttnrtError
 from attnrt.interfaces import AttentionImpl, lse_forward
 from attnrt.layers import LocalAttention, apply_rotary_emb
 from attnrt.local_first import local_first
+from attnrt.shard_check import check_same_on_all_ranks
 from attnrt.support import declared
 
 # Heads chunks for overlap on device groups. Measured on 2x H100 (bench/NOTES-distributed.md):

@@ -32,18 +32,13 @@ from contextvars import ContextVar
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from attnrt.distributed import (
-    Pending,
-    SequenceParallel,
-    exchange_others,
-    head_start,
-    join_stream,
-    side_stream,
-)
+from attnrt.distributed import Pending, SequenceParallel
 from attnrt.interfaces import merge_partials
 from attnrt.layers import LocalAttention
 from attnrt.peer_copies import copy_rows, recorded
+from attnrt.streams import head_start, join_stream, side_stream
 
 
 def local_first(tensors: list[torch.Tensor], local: LocalAttention, sp: SequenceParallel,
@@ -279,6 +274,23 @@ def exchange_many(rank_heads: list[torch.Tensor], own: list[torch.Tensor], peers
 
     keep = Pending(works, lambda: q_in, tuple(sends))
     return q_in.view(1, -1, hp, d), kv_all[0], kv_all[1], slice(s, None), fill_own, [keep]
+
+
+def exchange_others(send: torch.Tensor, recv: torch.Tensor, sp: SequenceParallel) -> list[Any]:
+    """Start an all-to-all that skips this rank: send/recv [(P-1) * R, ...], rows j*R ... j*R+R
+    go to / come from the j-th other rank of the group (ranks in order, this one left out)."""
+    rows = send.shape[0] // (sp.size - 1)
+    if sp.all_to_all == "single":
+        sizes = [0 if peer == sp.rank else rows for peer in range(sp.size)]
+        return [dist.all_to_all_single(recv, send, sizes, sizes, group=sp.group, async_op=True)]
+    ops = []
+    others = [peer for peer in range(sp.size) if peer != sp.rank]
+    for j, peer in enumerate(others):
+        global_peer = dist.get_global_rank(sp.group, peer)
+        part = slice(j * rows, (j + 1) * rows)
+        ops.append(dist.P2POp(dist.isend, send[part], global_peer, sp.group))
+        ops.append(dist.P2POp(dist.irecv, recv[part], global_peer, sp.group))
+    return dist.batch_isend_irecv(ops)
 
 
 def pack_peers(x: torch.Tensor, peers: list[int]) -> torch.Tensor:

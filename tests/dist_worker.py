@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import attnrt
 from attnrt import distributed as sp_mod
 from attnrt import distributed_layers as dl_mod
+from attnrt import shard_check
 from attnrt.backends.sdpa import sdpa_bnhd, sdpa_with_lse
 from attnrt.distributed import (
     SequenceParallelError,
@@ -566,7 +567,7 @@ def check_gloo_twin_carries_the_shape_check_of_device_groups(ctx: Ctx) -> None:
     twin = sp_mod._meta_group(group, "nccl")  # what an NCCL or HCCL group gets
     assert twin is not group
     sp = replace(sp_mod.get_sequence_parallel(), meta_group=twin)
-    rows = sp_mod.gather_ints([ctx.rank, 7], sp, ctx.device)
+    rows = shard_check.gather_ints([ctx.rank, 7], sp, ctx.device)
     assert rows == [[r, 7] for r in range(ctx.world)]
 
 

@@ -1,0 +1,108 @@
+"""The cross-rank shape check of DistributedAttention: every rank must pass the same shapes,
+or every rank raises ShardMismatchError before any large collective (so nothing hangs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attnrt.distributed import SequenceParallel, ShardMismatchError, _all_gather
+
+
+def gather_ints(values: list[int], sp: SequenceParallel, device: torch.device) -> list[list[int]]:
+    """Every rank's `values`, one list per rank: one small collective.
+
+    The result is plain Python on purpose: a reduction over a tiny CPU tensor (e.g. min over
+    dim 0) enters the intra-op thread pool, whose threads then spin for a while; once per
+    forward on every rank, that spinning took ~15 cores per process on a 32-core H100 host
+    and made each forward host-bound at 15-18 ms (bench/NOTES-distributed.md).
+    """
+    on = torch.device("cpu") if sp.meta_on_cpu else device
+    mine = torch.tensor(values, dtype=torch.int64, device=on)
+    out = torch.empty(sp.size * len(values), dtype=torch.int64, device=on)
+    _all_gather(out, mine, sp.meta_group if sp.meta_group is not None else sp.group)
+    flat = out.tolist()
+    return [flat[r * len(values):(r + 1) * len(values)] for r in range(sp.size)]
+
+
+_DTYPE_CODES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+_NO_TENSOR = (-1,) * 6
+
+
+def _tensor_values(t: Any) -> tuple[int, ...]:
+    """Seven ints per slot, whatever `t` is, so every rank gathers the same number of them
+    (names in _FIELD_SUFFIXES)."""
+    if not isinstance(t, torch.Tensor):
+        return (int(t is not None), *_NO_TENSOR)
+    shape = (*t.shape[:4], *((-1,) * (4 - t.dim()))) if t.dim() < 4 else tuple(t.shape[:4])
+    code = _DTYPE_CODES.index(t.dtype) if t.dtype in _DTYPE_CODES else len(_DTYPE_CODES)
+    return (1, t.dim(), *shape, code)
+
+
+_FIELD_SUFFIXES = (" is given", ".dim()", ".shape[0]", ".shape[1]", ".shape[2]", ".shape[3]",
+                   ".dtype")
+
+
+def _show(field: str, value: int) -> str:
+    if field.endswith(".dtype") and 0 <= value < len(_DTYPE_CODES):
+        return str(_DTYPE_CODES[value]).replace("torch.", "")
+    if field.endswith(" is given"):
+        return "a tensor" if value else "None"
+    return str(value)
+
+
+_MAX_CHECKED = 1024  # shape sets remembered by check_shards="new_shapes"
+
+
+def _shape_key(named: list[tuple[str, Any]], original_seq_len: Any) -> tuple[int, ...]:
+    osl = original_seq_len if isinstance(original_seq_len, int) else -1
+    return (*(v for _, t in named for v in _tensor_values(t)), osl)
+
+
+def _field_names(named: list[tuple[str, Any]]) -> list[str]:
+    return [*(name + suffix for name, _ in named for suffix in _FIELD_SUFFIXES),
+            "original_seq_len"]
+
+
+def check_same_on_all_ranks(sp: SequenceParallel, named: list[tuple[str, Any]],
+                            original_seq_len: Any,
+                            agree: dict[str, int] | None = None) -> dict[str, int]:
+    """Raise ShardMismatchError on every rank unless all ranks pass the same shapes.
+
+    One all-gather of ~60 ints (on the gloo twin for device groups), before any large exchange:
+    a rank that passed a different shard raises instead of leaving its peers in an all-to-all.
+    `agree` rides along: each value comes back as its minimum over the ranks, so a choice that
+    depends on per-rank state (e.g. whether the serving backend returns lse) is made alike.
+    With sp.check_shards == "new_shapes", shapes this rank has seen pass before return what
+    was agreed for them then, without a collective. Runs once per forward: plain tuples and
+    lists throughout, names built only for the error.
+    """
+    agree = agree or {}
+    # Shapes only: `agree` values are per-rank state (a fallback may change them on one rank),
+    # and a key that can differ between ranks would let one of them skip the collective alone.
+    key = _shape_key(named, original_seq_len)
+    if sp.check_shards == "new_shapes" and key in sp.checked:
+        return sp.checked[key]
+    device = next((t.device for _, t in named if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    gathered = gather_ints([*key, *agree.values()], sp, device)
+    n = len(key)
+    agreed = {name: min(row[n + i] for row in gathered) for i, name in enumerate(agree)}
+    rows = [row[:n] for row in gathered]
+    if all(row == rows[0] for row in rows):
+        if sp.check_shards == "new_shapes":
+            if len(sp.checked) >= _MAX_CHECKED:  # every rank clears at the same call
+                sp.checked.clear()
+            sp.checked[key] = agreed
+        return agreed
+    names = _field_names(named)
+    differ = [col for col in range(n) if any(row[col] != rows[0][col] for row in rows)]
+    parts = []
+    for col in differ[:3]:
+        name = names[col]
+        ranks = ", ".join(f"rank {r}: {_show(name, rows[r][col])}" for r in range(sp.size))
+        parts.append(f"{name} differs ({ranks})")
+    raise ShardMismatchError(f"sharded inputs differ across the sequence-parallel group: "
+                             f"{'; '.join(parts)}; every rank must pass the same shapes")
