@@ -169,8 +169,8 @@ def _measure_shape(n: int, h: int, args: argparse.Namespace, device: Any) -> dic
 
 def _flagged(mode: str, fn: Callable[[], Any]) -> Callable[[], Any]:
     """fn within what `mode`'s flags switch per call ("serial": local-first queues A, B and C
-    on one stream, attnrt.local_first.serial_launches)."""
-    from attnrt.local_first import serial_launches
+    on one stream, attnrt.streams.serial_launches)."""
+    from attnrt.streams import serial_launches
 
     if "serial" not in mode.split("/")[1:]:
         return fn

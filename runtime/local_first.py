@@ -26,9 +26,6 @@ to the next backend on this rank without changing the exchanges.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -38,7 +35,7 @@ from attnrt.distributed import Pending, SequenceParallel
 from attnrt.interfaces import merge_partials
 from attnrt.layers import LocalAttention
 from attnrt.peer_copies import copy_rows, recorded
-from attnrt.streams import head_start, join_stream, side_stream
+from attnrt.streams import beside, head_start, join_stream, side_stream
 
 
 def local_first(tensors: list[torch.Tensor], local: LocalAttention, sp: SequenceParallel,
@@ -95,50 +92,6 @@ def _row(qkv: list[torch.Tensor], local: LocalAttention, sp: SequenceParallel, c
     finally:  # also on an error: no buffer may go while a stream or collective still uses it
         for pending in (*joins, *works, *back):  # back places the peers' part of the output
             pending.wait()
-
-
-# B on a stream of its own (serial_launches(): B queued after A, for comparison). A
-# persistent kernel's last wave leaves SMs idle until its slowest block ends; a kernel on
-# another stream takes each SM as it frees, so B fills A's tail and C fills B's. B must take
-# the SMs before C (its output still travels back; in H200 traces C first cost ~0.3 ms per
-# forward at N=32760). Released by the same event, C went first even with B's stream at high
-# priority; so C also waits for a ~10 us kernel queued after that event: by its end B's
-# blocks hold the SMs.
-_B_BESIDE: ContextVar[bool] = ContextVar("attnrt_local_first_b_beside", default=True)
-_BESIDE_STREAMS: dict[torch.device, Any] = {}  # one per device: one forward at a time on it
-
-
-@contextlib.contextmanager
-def serial_launches() -> Iterator[None]:
-    """Within: A, B and C queued on the current stream one after another (what the two-stream
-    schedule is measured against, bench/distributed_gpu.py's /serial)."""
-    token = _B_BESIDE.set(False)
-    try:
-        yield
-    finally:
-        _B_BESIDE.reset(token)
-
-
-@contextlib.contextmanager
-def beside(device: torch.device, after: Any, joins: list[Any]) -> Iterator[None]:
-    """Run the enclosed work on a second compute stream of `device` that waits for `after`
-    (a recorded work) but not for what the current stream queued since; appends to `joins`
-    a work for all of it (waited for on the current stream, the stream returns to that order).
-    On the current stream where devices have no streams, or within serial_launches()."""
-    if device.type != "cuda" or not _B_BESIDE.get():
-        yield
-        return
-    key = torch.device("cuda", device.index if device.index is not None
-                       else torch.cuda.current_device())
-    stream = _BESIDE_STREAMS.get(key)
-    if stream is None:
-        stream = _BESIDE_STREAMS[key] = torch.cuda.Stream(key)
-    with torch.cuda.stream(stream):
-        after.wait()
-        try:
-            yield
-        finally:
-            joins.append(recorded(device))
 
 
 Exchanged = tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice, Any, list[Any]]

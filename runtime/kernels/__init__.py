@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 from functools import cache
 
+import torch
+
 _COMPILE_ERRORS = (("triton.compiler.errors", "CompilationError"),
                    ("triton.runtime.errors", "OutOfResources"),
                    ("triton.runtime.errors", "PTXASError"))
@@ -25,3 +27,11 @@ def compile_error_types() -> tuple[type[BaseException], ...]:
         if isinstance(cls, type) and issubclass(cls, BaseException):
             found.append(cls)
     return tuple(found)
+
+
+def reads_as_2d(t: torch.Tensor) -> bool:
+    """Whether [B, L, Hx, D] `t` can be read as the 2D TMA tensor [B * L, Hx * D] (rows L*B
+    evenly spaced, a head's D elements contiguous, 16-byte aligned base and row stride)."""
+    b, rows, _, d = t.shape
+    return (t.stride(3) == 1 and t.stride(2) == d and (b == 1 or t.stride(0) == rows * t.stride(1))
+            and t.data_ptr() % 16 == 0 and t.stride(1) * t.element_size() % 16 == 0)

@@ -38,6 +38,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.core import _aggregate as aggregate
 
+from attnrt.kernels import reads_as_2d
+
 SUPPORTED_HEAD_SIZES = (64, 128)
 BLOCK_M = gl.constexpr(128)  # two consumer warpgroups of 64 rows
 STAGES = gl.constexpr(2)  # K and V ring slots (measured on H100: 3 K slots gained nothing)
@@ -272,15 +274,9 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     return (q.is_cuda and torch.version.hip is None
             and torch.cuda.get_device_capability(q.device) == (9, 0)
             and q.dtype in (torch.float16, torch.bfloat16) and d in SUPPORTED_HEAD_SIZES
-            and all(_two_d(t) for t in (q, k, v)) and (b == 1 or k.shape[1] % block_n == 0)
+            and all(reads_as_2d(t) and t.numel() < 2**31 for t in (q, k, v))
+            and (b == 1 or k.shape[1] % block_n == 0)
             and b * h <= 65535 and out.stride(3) == 1 and out.numel() < 2**31)
-
-
-def _two_d(t: torch.Tensor) -> bool:
-    b, rows, _, d = t.shape
-    return (t.stride(3) == 1 and t.stride(2) == d and (b == 1 or t.stride(0) == rows * t.stride(1))
-            and t.data_ptr() % 16 == 0 and t.stride(1) * t.element_size() % 16 == 0
-            and t.numel() < 2**31)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,

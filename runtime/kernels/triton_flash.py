@@ -21,7 +21,7 @@ import os
 import torch
 import triton
 
-from . import compile_error_types
+from . import compile_error_types, reads_as_2d
 from .flash_reference import flash_attention_reference
 from .triton_flash_jit import _bwd_delta_kernel, _bwd_kernel, _fwd_kernel
 
@@ -199,11 +199,9 @@ def _resolve_config(config: dict | None, causal: bool = False) -> dict[str, dict
 
 def _tma_ok(t: torch.Tensor) -> bool:
     """True where [B, M, Hkv, D] can be read as a 2D [B * M, Hkv * D] TMA tensor."""
-    b, m, hkv, d = t.shape
+    d = t.shape[3]
     return (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
-            and d == triton.next_power_of_2(d) and t.stride(3) == 1 and t.stride(2) == d
-            and (b == 1 or t.stride(0) == m * t.stride(1)) and t.data_ptr() % 16 == 0
-            and t.stride(1) * t.element_size() % 16 == 0)
+            and d == triton.next_power_of_2(d) and reads_as_2d(t))
 
 
 def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, cfg: dict[str, int]) -> tuple | None:
