@@ -29,6 +29,12 @@ def compile_error_types() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+@cache
+def capability(device: torch.device) -> tuple[int, int]:
+    """torch.cuda.get_device_capability, remembered per device (kernels ask once per call)."""
+    return torch.cuda.get_device_capability(device)
+
+
 def reads_as_2d(t: torch.Tensor) -> bool:
     """Whether [B, L, Hx, D] `t` can be read as the 2D TMA tensor [B * L, Hx * D] (rows L*B
     evenly spaced, a head's D elements contiguous, 16-byte aligned base and row stride)."""

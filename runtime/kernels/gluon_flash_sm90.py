@@ -24,6 +24,8 @@ No `from __future__ import annotations` here: Gluon's aggregate checks field ann
 real types.
 """
 
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -38,7 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.core import _aggregate as aggregate
 
-from attnrt.kernels import reads_as_2d
+from attnrt.kernels import capability, reads_as_2d
 
 SUPPORTED_HEAD_SIZES = (64, 128)
 BLOCK_M = gl.constexpr(128)  # two consumer warpgroups of 64 rows
@@ -213,16 +215,22 @@ def _consumer1(sm, o_ptr, lse_ptr, N, M, qk_scale, b, h, bh, m0, n_tiles, so_b, 
               shape)
 
 
-@gluon.jit
-def _fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, N, M, H, GROUP, qk_scale,
+@gluon.jit(do_not_specialize=["HEAD_GROUP"])
+def _fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, N, M, H, GROUP, HEAD_GROUP, qk_scale,
                 so_b, so_n, so_h, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                 CAUSAL: gl.constexpr, MASK: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)  # longest causal rows first
-    bh = gl.program_id(1)
+    # The order of attnrt.kernels.triton_flash_jit._row_block_and_head: row blocks heaviest
+    # first over groups of HEAD_GROUP heads.
+    n_m = gl.cdiv(N, BLOCK_M)
+    pid = gl.program_id(0)
+    group = pid // (HEAD_GROUP * n_m)
+    rank = pid - group * HEAD_GROUP * n_m
+    size = gl.minimum(HEAD_GROUP, gl.num_programs(0) // n_m - group * HEAD_GROUP)
+    m0 = (n_m - 1 - rank // size) * BLOCK_M
+    bh = group * HEAD_GROUP + rank % size
     b = bh // H
     h = bh % H
-    m0 = pid_m * BLOCK_M
     hi = M
     if CAUSAL:
         hi = gl.minimum(M, gl.maximum(m0 + BLOCK_M + M - N, 0))
@@ -258,9 +266,14 @@ def _fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, N, M, H, GROUP, qk_scale
 def _descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
     """[B, L, Hx, D] as the 2D TMA tensor [B * L, Hx * D], tiles of [block_rows, D]."""
     b, rows, hx, d = t.shape
-    dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([block_rows, d], dtype)
-    return TensorDescriptor(t, [b * rows, hx * d], [t.stride(1), 1], [block_rows, d], layout)
+    return TensorDescriptor(t, [b * rows, hx * d], [t.stride(1), 1], [block_rows, d],
+                            _smem_layout(block_rows, d, t.dtype))
+
+
+@functools.cache
+def _smem_layout(block_rows: int, d: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    return gl.NVMMASharedLayout.get_default_for([block_rows, d], gl_dtype)
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -272,20 +285,22 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     batch's V would still be NaN. Hence M % block_n == 0 where B > 1."""
     b, _, h, d = q.shape
     return (q.is_cuda and torch.version.hip is None
-            and torch.cuda.get_device_capability(q.device) == (9, 0)
+            and capability(q.device) == (9, 0)
             and q.dtype in (torch.float16, torch.bfloat16) and d in SUPPORTED_HEAD_SIZES
             and all(reads_as_2d(t) and t.numel() < 2**31 for t in (q, k, v))
             and (b == 1 or k.shape[1] % block_n == 0)
-            and b * h <= 65535 and out.stride(3) == 1 and out.numel() < 2**31)
+            and out.stride(3) == 1 and out.numel() < 2**31)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-            block_n: int, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Writes out [B, N, H, D] and lse [B, H, N] (float32, contiguous); `usable` must hold."""
+            block_n: int, out: torch.Tensor, lse: torch.Tensor, head_group: int = 1) -> None:
+    """Writes out [B, N, H, D] and lse [B, H, N] (float32, contiguous); `usable` must hold.
+    head_group: heads whose row blocks interleave, heaviest first (see _fwd_kernel)."""
     b, n, h, d = q.shape
     m, hkv = k.shape[1], k.shape[2]
-    grid = (triton.cdiv(n, BLOCK_M.value), b * h)
+    grid = (triton.cdiv(n, BLOCK_M.value) * b * h,)
     _fwd_kernel[grid](_descriptor(q, BLOCK_M.value // 2), _descriptor(k, block_n),
-                      _descriptor(v, block_n), out, lse, n, m, h, h // hkv, scale * LOG2E.value,
+                      _descriptor(v, block_n), out, lse, n, m, h, h // hkv, head_group,
+                      scale * LOG2E.value,
                       out.stride(0), out.stride(1), out.stride(2), HEAD_DIM=d, BLOCK_N=block_n,
                       CAUSAL=causal, MASK=causal or m % block_n != 0, num_warps=4)

@@ -14,6 +14,7 @@ tensors, which is how CI covers them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ import os
 import torch
 import triton
 
-from . import compile_error_types, reads_as_2d
+from . import capability, compile_error_types, reads_as_2d
 from .flash_reference import flash_attention_reference
 from .triton_flash_jit import _bwd_delta_kernel, _bwd_kernel, _fwd_kernel
 
@@ -186,21 +187,35 @@ def _merge(config: dict, causal: bool) -> dict[str, dict[str, int]]:
 
 def _resolve_config(config: dict | None, causal: bool = False) -> dict[str, dict[str, int]]:
     """DEFAULT_CONFIG with the caller's per-kernel entries (the causal ones if causal) laid over
-    it. Both the causal and the plain reading are checked, so a bad entry fails every call."""
+    it. Both the causal and the plain reading are checked, so a bad entry fails every call.
+    Remembered per config object while its contents stay equal (a layer passes the same one
+    each call: checking it again cost ~18 us of host time per call)."""
     if config is None:
         return DEFAULT_CONFIG
+    seen = _RESOLVED.get(id(config))
+    if seen is not None and seen[0] == config:
+        return seen[2] if causal else seen[1]
     keys = {*DEFAULT_CONFIG, *(kernel + CAUSAL_SUFFIX for kernel in DEFAULT_CONFIG)}
     if not isinstance(config, dict) or not set(config) <= keys:
         raise ValueError(f"config={config!r} is not supported by {NAME}; expected a dict with "
                          f"keys among {sorted(keys)}")
     plain, with_causal = _merge(config, False), _merge(config, True)
+    if len(_RESOLVED) >= 64:
+        _RESOLVED.clear()
+    snapshot = {name: dict(entry) for name, entry in config.items()}
+    _RESOLVED[id(config)] = (snapshot, plain, with_causal)
     return with_causal if causal else plain
+
+
+# id(config) -> (a copy of config, its plain and causal resolutions); the copy is compared on
+# every hit, so a config changed in place (or a new one at a reused id) is resolved again.
+_RESOLVED: dict[int, tuple[dict, dict, dict]] = {}
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
     """True where [B, M, Hkv, D] can be read as a 2D [B * M, Hkv * D] TMA tensor."""
     d = t.shape[3]
-    return (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+    return (t.is_cuda and capability(t.device)[0] >= 9
             and d == triton.next_power_of_2(d) and reads_as_2d(t))
 
 
@@ -273,6 +288,38 @@ def _gluon_off(why: str) -> None:
 _GLUON: object = False  # not looked up yet; None: off
 
 
+# Causal forwards interleave heads (see head_group). H100, bf16, B=1 H=24, causal, TFLOP/s over
+# cuDNN by heads per group (bench/NOTES-triton-flash.md, sixth session): D=64 at N=4096 0.84
+# one head at a time, 0.88 in groups of 8, 1.05 in groups of 12 or 24; at N=32768 0.97 one
+# at a time, 0.92 for all 24. The rule below picked the best or near it in each of the 8 cells.
+WAVES_PER_HEAD = 1.5
+
+
+def head_group(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int:
+    """How many heads the forward grid interleaves, heaviest row blocks first (see
+    _row_block_and_head in the kernels). One where not causal (every row block costs the same)
+    or where one head's row blocks already fill WAVES_PER_HEAD waves of the SMs (then the tail
+    is short anyway and each head's K/V stays hot in L2). Otherwise as many heads as keep
+    their K/V within the L2 cache: the heaviest blocks of many heads start first, the light
+    ones fill the grid's tail."""
+    if not causal:
+        return 1
+    b, n, h, d = q.shape
+    sms, l2_bytes = _sms_and_l2(q.device)
+    if triton.cdiv(n, 128) >= WAVES_PER_HEAD * sms:
+        return 1
+    kv_bytes = 2 * k.shape[1] * d * k.element_size() * k.shape[2] / h  # per query head
+    return int(max(1, min(b * h, l2_bytes // max(kv_bytes, 1))))
+
+
+@functools.cache
+def _sms_and_l2(device: torch.device) -> tuple[int, int]:
+    if device.type != "cuda":
+        return 1 << 30, 1 << 62  # the interpreter: every head at once
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, int(getattr(props, "L2_cache_size", 50 << 20))
+
+
 def _gluon_forward(q, k, v, causal, scale, cfg, out, lse) -> bool:
     """Runs the Gluon forward where the config asks for it and it can serve; False otherwise.
     A compile failure turns it off (the Triton forward, the same computation, then serves);
@@ -284,7 +331,7 @@ def _gluon_forward(q, k, v, causal, scale, cfg, out, lse) -> bool:
     if gluon is None or not gluon.usable(q, k, v, out, block_n):
         return False
     try:
-        gluon.forward(q, k, v, causal, scale, block_n, out, lse)
+        gluon.forward(q, k, v, causal, scale, block_n, out, lse, head_group(q, k, causal))
     except compile_error_types() as exc:
         _gluon_off(f"compiling it failed: {exc!r}"[:500])
         return False
@@ -299,12 +346,13 @@ def _forward(q, k, v, causal, scale, cfg):
     if _gluon_forward(q, k, v, causal, scale, cfg, out, lse):
         return out, lse
     blocks, launch = _launch_args(cfg["fwd"])
-    grid = (triton.cdiv(n, blocks["BLOCK_M"]), b * h)
+    grid = (triton.cdiv(n, blocks["BLOCK_M"]) * b * h,)
     descs = _kv_descriptors(k, v, cfg["fwd"])
     unit = _stride_unit(q, k, v, out)
     _fwd_kernel[grid](q, k, v, out, lse, *(descs or (k, v)),
                       *(x for t in (q, k, v, out) for x in _strides(t, unit)),
-                      n, m, h, h // hkv, scale * LOG2E, **_consts(q, causal), **blocks, **launch,
+                      n, m, h, h // hkv, head_group(q, k, causal), scale * LOG2E,
+                      **_consts(q, causal), **blocks, **launch,
                       WARP_SPEC=bool(cfg["fwd"].get("warp_specialize", 0)),
                       USE_TMA=descs is not None, UNIT=unit)
     return out, lse
@@ -439,5 +487,8 @@ def flash_attention(
     _check_inputs(q, k, v, softmax_scale)
     cfg = _resolve_config(config, bool(causal))
     scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else float(softmax_scale)
-    out, lse = _FlashAttention.apply(q, k, v, bool(causal), scale, cfg)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, lse = _FlashAttention.apply(q, k, v, bool(causal), scale, cfg)
+    else:  # the same kernels without autograd's bookkeeping (host time per call)
+        out, lse = _forward(q, k, v, bool(causal), scale, cfg)
     return (out, lse) if return_lse else out

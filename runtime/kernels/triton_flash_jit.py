@@ -112,10 +112,25 @@ def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, row0, col, hi, qk_scale,
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["N", "M"])
+@triton.jit
+def _row_block_and_head(N, BLOCK_M: tl.constexpr, HEAD_GROUP):
+    """(first row, batch * H + head) of this program of a 1D grid of cdiv(N, BLOCK_M) * B * H.
+    Heads go in groups of HEAD_GROUP; in a group, every head's last row block (the heaviest
+    when causal) runs before any head's next one, so the light blocks fill the grid's tail.
+    HEAD_GROUP = 1 runs one head after another (attnrt.kernels.triton_flash.head_group)."""
+    n_m = tl.cdiv(N, BLOCK_M)
+    n_bh = tl.num_programs(0) // n_m
+    pid = tl.program_id(0)
+    group = pid // (HEAD_GROUP * n_m)
+    rank = pid - group * HEAD_GROUP * n_m
+    size = tl.minimum(HEAD_GROUP, n_bh - group * HEAD_GROUP)  # the last group may be short
+    return (n_m - 1 - rank // size) * BLOCK_M, group * HEAD_GROUP + rank % size
+
+
+@triton.jit(do_not_specialize=["N", "M", "HEAD_GROUP"])
 def _fwd_kernel(Q, K, V, OUT, LSE, K_DESC, V_DESC,
                 sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
-                N, M, H, GROUP, qk_scale,
+                N, M, H, GROUP, HEAD_GROUP, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
                 WARP_SPEC: tl.constexpr, USE_TMA: tl.constexpr, UNIT: tl.constexpr = 1):
@@ -125,9 +140,7 @@ def _fwd_kernel(Q, K, V, OUT, LSE, K_DESC, V_DESC,
     skb, skn, skh = skb * UNIT, skn * UNIT, skh * UNIT
     svb, svn, svh = svb * UNIT, svn * UNIT, svh * UNIT
     sob, son, soh = sob * UNIT, son * UNIT, soh * UNIT
-    # Heaviest causal blocks first, so the short ones fill the tail of the grid.
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m, bh = _row_block_and_head(N, BLOCK_M, HEAD_GROUP)
     b = (bh // H).to(tl.int64)
     h = bh % H
     hk = (h // GROUP).to(tl.int64)

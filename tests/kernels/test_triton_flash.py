@@ -359,6 +359,21 @@ def test_gpu_gluon_forward(shape, block_n, dtype, causal, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the Gluon forward is built for sm90")
+@pytest.mark.parametrize("group", [1, 5], ids=lambda g: f"group{g}")
+@pytest.mark.parametrize("gluon", [0, 1], ids=["triton", "gluon"])
+def test_gpu_forward_head_groups(group, gluon, monkeypatch):
+    # 12 heads in groups of 1 and of 5 (a short last group), causal: every tile written once.
+    calls = _gluon_calls(monkeypatch)
+    monkeypatch.setattr(tf, "head_group", lambda q, k, causal: group)
+    cfg = _gpu_config(torch.bfloat16, 128)
+    cfg["fwd"] = {**cfg["fwd"], "gluon": gluon}
+    _check_parity((2, 1000, 1024, 6, 3, 128), torch.bfloat16, True, cfg)
+    assert calls == [1] * gluon
+
+
+@pytest.mark.gpu
 def test_gpu_gluon_forward_leaves_what_it_cannot_read_to_triton(monkeypatch):
     """q in [B, H, N, D] memory has no 2D TMA view: the Triton forward serves it, correctly."""
     if tf._gluon_module() is None or torch.cuda.get_device_capability()[0] != 9:

@@ -95,6 +95,64 @@ def test_peel_diagonal_reaches_the_kernel(monkeypatch, causal):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("group", [1, 3, 8], ids=lambda g: f"group{g}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(("shape", "dtype"), MODE_CASES,
+                         ids=lambda x: str(x).replace(" ", "").replace("torch.", ""))
+def test_forward_head_groups_interpreter(monkeypatch, shape, dtype, causal, group):
+    # Every (row block, head) tile once, whatever the grouping: 4 heads in groups of 1, of 3
+    # (a short last group) and of more than there are.
+    monkeypatch.setattr(tf, "head_group", lambda q, k, causal: group)
+    _check_parity(shape, dtype, causal, SMALL)
+
+
+@pytest.mark.interpret
+def test_forward_without_autograd_matches_the_autograd_path():
+    # No input needs a gradient (or grad mode is off): the kernels run without the
+    # autograd Function; same launches, so the same bits.
+    q, k, v = _inputs((1, 21, 57, 4, 2, 32), torch.float32)
+    plain = tf.flash_attention(q, k, v, causal=True, return_lse=True, config=SMALL)
+    with torch.no_grad():
+        no_grad = tf.flash_attention(q, k, v, causal=True, return_lse=True, config=SMALL)
+    qg = q.clone().requires_grad_()
+    tracked = tf.flash_attention(qg, k, v, causal=True, return_lse=True, config=SMALL)
+    assert tracked[0].grad_fn is not None
+    assert plain[0].grad_fn is None
+    for a, b, c in zip(plain, no_grad, tracked, strict=True):
+        assert torch.equal(a, b)
+        assert torch.equal(a, c.detach())
+
+
+def test_resolved_config_follows_changes_in_place():
+    config = {"fwd": {"BLOCK_M": 16, "BLOCK_N": 16}}
+    assert tf._resolve_config(config)["fwd"]["BLOCK_M"] == 16
+    config["fwd"]["BLOCK_M"] = 32  # same object, new contents
+    assert tf._resolve_config(config)["fwd"]["BLOCK_M"] == 32
+    config["fwd"]["BLOCK_M"] = 48
+    with pytest.raises(ValueError, match=r"config\['fwd'\]"):
+        tf._resolve_config(config)
+    config["fwd_causal"] = {"BLOCK_N": 64}
+    config["fwd"]["BLOCK_M"] = 64
+    assert tf._resolve_config(config, causal=True)["fwd"]["BLOCK_N"] == 64
+    assert tf._resolve_config(config, causal=False)["fwd"]["BLOCK_N"] == 16
+
+
+def test_head_group_keeps_the_group_kv_inside_l2(monkeypatch):
+    monkeypatch.setattr(tf, "_sms_and_l2", lambda device: (132, 8 << 20))
+    q = torch.empty(2, 100, 24, 64, dtype=torch.bfloat16)
+    k = torch.empty(2, 4096, 24, 64, dtype=torch.bfloat16)  # K and V: 1 MiB per head
+    assert tf.head_group(q, k, causal=False) == 1
+    assert tf.head_group(q, k, causal=True) == 8
+    assert tf.head_group(q, k[:, :, :8], causal=True) == 24  # GQA: 3 heads share each K/V
+    assert tf.head_group(q, k[:, :1].expand(2, 2**20, 24, 64), causal=True) == 1
+    # One head whose 128-row blocks fill 1.5 waves of 132 SMs: heads one after another.
+    assert tf.head_group(q[:, :1].expand(2, 198 * 128, 24, 64), k, causal=True) == 1
+    assert tf.head_group(q[:, :1].expand(2, 197 * 128, 24, 64), k, causal=True) == 8
+    monkeypatch.setattr(tf, "_sms_and_l2", lambda device: (132, 1 << 40))
+    assert tf.head_group(q, k, causal=True) == 48  # at most every head of every batch
+
+
+@pytest.mark.interpret
 def test_peel_diagonal_int64_interpreter(monkeypatch):
     monkeypatch.setattr(tf, "_needs_int64", lambda *tensors: True)
     cfg = {**SMALL, "bwd_dkdv": {"BLOCK_M": 16, "BLOCK_N": 32, "peel_diagonal": 1}}
