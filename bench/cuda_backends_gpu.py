@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from attnrt import benchmark, registry
+from attnrt import benchmark, registry, tune
 from attnrt.backends.reference import chunked_attention
 from attnrt.benchmark import Case, Result, measure
 from attnrt.device import Device, probe
@@ -138,7 +138,7 @@ def print_limits(rows: list[dict[str, Any]]) -> None:
 
 
 def run_grid(device: Device, cases: list[Case], budget: float, out_dir: str,
-             only: tuple[str, ...] = TIMED) -> list[Result]:
+             only: tuple[str, ...] = TIMED, rounds: int = 3) -> list[Result]:
     results: list[Result] = []
     start = time.time()
     for i, case in enumerate(cases):
@@ -147,10 +147,11 @@ def run_grid(device: Device, cases: list[Case], budget: float, out_dir: str,
             break
         names = [n for n in TIMED if n in only and wanted(n, case)
                  and not reasons_for(n, case.request(), device)]
-        for name in names:
-            results.append(measure(name, case, "cuda", repeats=15, check_seq=1024))
+        cell = [measure(name, case, "cuda", repeats=10, check_seq=1024) for name in names]
+        benchmark.retime(cell, "cuda", repeats=10, rounds=rounds)
+        results += cell
         line = ", ".join(f"{r.backend}={r.tflops:.0f}" if r.status == "ok" else
-                         f"{r.backend}={r.status}" for r in results[-len(names):])
+                         f"{r.backend}={r.status}" for r in cell)
         print(f"[{time.time() - start:5.0f}s] {case.label()}: {line}", flush=True)
         if out_dir and i % 8 == 7:
             save(results, device, os.path.join(out_dir, "cuda_bench.json"))
@@ -234,6 +235,8 @@ def main() -> int:
     ap.add_argument("--head-sizes", default=",".join(map(str, HEAD_SIZES)))
     ap.add_argument("--backends", default=",".join(TIMED))
     ap.add_argument("--no-bwd", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timing rounds per cell, the backends' order alternating (median kept)")
     args = ap.parse_args()
     if args.from_json:
         data, results = load(args.from_json)
@@ -253,12 +256,13 @@ def main() -> int:
                 json.dump(rows, f, indent=1)
     sizes = tuple(int(x) for x in args.head_sizes.split(","))
     cases = grid(24, 8, sizes, not args.no_bwd)
-    results = run_grid(device, cases, args.budget, args.out_dir, tuple(args.backends.split(",")))
+    results = run_grid(device, cases, args.budget, args.out_dir, tuple(args.backends.split(",")),
+                       args.rounds)
     if args.out_dir:
         save(results, device, os.path.join(args.out_dir, "cuda_bench.json"))
         fwd = [r for r in results if r.case.pass_ == "fwd"]
-        rules = benchmark.tune_rules(fwd, device, benchmark.environment(device))
-        benchmark.write_manifest(rules, os.path.join(args.out_dir, "tuned.yaml"), device)
+        rules = tune.tune_rules(fwd, device, benchmark.environment(device))
+        tune.write_manifest(rules, os.path.join(args.out_dir, "tuned.yaml"), device)
     report(results, device)
     return 0
 

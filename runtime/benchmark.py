@@ -1,4 +1,5 @@
-"""`attnrt bench` and `attnrt tune`: time every backend available here on a grid of shapes.
+"""`attnrt bench`: time every backend available here on a grid of shapes (`attnrt tune`, in
+attnrt.tune, ranks by what it measures).
 
 Shapes: B batch, N sequence (queries and keys), H heads, Hkv kv heads, D head size.
 
@@ -9,11 +10,6 @@ backward pass) and refuses to time a wrong one (status WRONG, with its error); t
 triton.testing.do_bench does; elsewhere time.perf_counter with a device sync) and reports the
 median. FLOPs count 4*B*H*N*N*D per forward, half of that when causal, 2.5x forward for the
 backward pass. The backend the manifest would choose for the case is marked with '*'.
-
-`tune` runs the same grid and writes an override manifest: one rule per measured
-(platform, arch, head size, dtype, causal, gqa), ranking the backends that ran correctly by
-measured time (REFERENCE last), each with its provenance (`measured:` device, date, versions,
-TFLOP/s per backend). Load it with ATTNRT_CAPABILITY=FILE or attnrt.load_capability(FILE).
 """
 
 from __future__ import annotations
@@ -34,12 +30,11 @@ import torch
 
 from attnrt import registry
 from attnrt.device import Device, probe
-from attnrt.dispatch import LAST_RESORT, decide, reasons_for
-from attnrt.errors import AttnrtError, ManifestError
+from attnrt.dispatch import decide, reasons_for
+from attnrt.errors import AttnrtError
 from attnrt.request import NAME_DTYPES, AttentionRequest
 
 BENCH_HELP = "time every available backend on a grid of shapes"
-TUNE_HELP = "measure the grid and write an override manifest ranking by what was measured"
 TOLERANCE = {"fp64": 1e-10, "fp32": 1e-5, "fp16": 3e-3, "bf16": 1.5e-2}
 
 
@@ -52,11 +47,13 @@ class Defaults:
     seq_lens: str
     dtypes: str
     repeats: int
+    rounds: int
 
 
-CPU_DEFAULTS = Defaults(heads=4, head_sizes="64", seq_lens="256", dtypes="fp32", repeats=5)
+CPU_DEFAULTS = Defaults(heads=4, head_sizes="64", seq_lens="256", dtypes="fp32", repeats=5,
+                        rounds=1)
 GPU_DEFAULTS = Defaults(heads=24, head_sizes="64,128", seq_lens="4096", dtypes="bf16",
-                        repeats=30)
+                        repeats=10, rounds=3)
 _TORCH_DEVICE = {"cuda": "cuda", "rocm": "cuda", "mps": "mps", "npu": "npu", "cpu": "cpu"}
 
 
@@ -115,7 +112,7 @@ def _csv(text: str, kind: Callable[[str], Any] = str) -> list[Any]:
     return [kind(x.strip()) for x in str(text).split(",") if x.strip()]
 
 
-def _add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=None, help="query heads (CPU 4, GPU 24)")
     parser.add_argument("--kv-heads", type=int, default=None, help="kv heads (default: --heads)")
     parser.add_argument("--head-sizes", default=None, help="comma list (CPU 64, GPU 64,128)")
@@ -126,21 +123,19 @@ def _add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--backends", default=None,
                         help="comma list (default: every backend available here)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs (CPU 5, GPU 30)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per round (CPU 5, GPU 10)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timing rounds per case, the backends' order alternating; the "
+                             "median round counts (CPU 1, GPU 3)")
     parser.add_argument("--check-seq", type=int, default=2048,
                         help="longest N checked against the float64 reference (default 2048)")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_grid_arguments(parser)
+    add_grid_arguments(parser)
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
     parser.add_argument("--plot", default=None, help="write a PNG bar chart (needs matplotlib)")
-
-
-def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_grid_arguments(parser)
-    parser.add_argument("--out", default="attnrt-tuned.yaml",
-                        help="override manifest to write (default attnrt-tuned.yaml)")
 
 
 def build_grid(args: argparse.Namespace, device: Device) -> list[Case]:
@@ -260,10 +255,14 @@ def time_ms(impl: Any, case: Case, device: str, repeats: int) -> float:
     return _timed_runs(lambda: out.backward(g, retain_graph=True), reset, device, repeats)
 
 
+def _impl(name: str, case: Case) -> Any:
+    return registry.load(name).get_impl_cls()(case.heads, case.head_size, case.head_size ** -0.5,
+                                              case.causal, case.kv_heads, "bench")
+
+
 def measure(name: str, case: Case, device: str, repeats: int, check_seq: int) -> Result:
     """Check `name` against the reference, then time it if it is right."""
-    impl = registry.load(name).get_impl_cls()(case.heads, case.head_size, case.head_size ** -0.5,
-                                              case.causal, case.kv_heads, "bench")
+    impl = _impl(name, case)
     try:
         err = check_error(impl, case, device, check_seq)
     except (AttnrtError, RuntimeError, ValueError, TypeError) as exc:
@@ -278,6 +277,21 @@ def measure(name: str, case: Case, device: str, repeats: int, check_seq: int) ->
         return Result(name, case, "FAILED", rel_error=err,
                       error=f"{type(exc).__name__}: {_first_line(exc)}")
     return Result(name, case, "ok", ms, case.flops() / (ms * 1e-3) / 1e12, err)
+
+
+def retime(cell: list[Result], device: str, repeats: int, rounds: int) -> None:
+    """Time the correct results of one case `rounds - 1` more times, alternating the order
+    (reversed, then as given, ...), and keep each one's median round: clock and power drift
+    across a case then favours no backend (in one pass the first one timed came out 5-12%
+    faster than the same cuDNN kernel timed later, bench/NOTES-cuda.md)."""
+    ok = [r for r in cell if r.status == "ok" and r.ms is not None]
+    rounds_ms: dict[int, list[float]] = {id(r): [r.ms or 0.0] for r in ok}
+    for i in range(1, rounds):
+        for r in ok[::-1] if i % 2 else ok:
+            rounds_ms[id(r)].append(time_ms(_impl(r.backend, r.case), r.case, device, repeats))
+    for r in ok:
+        ms = statistics.median(rounds_ms[id(r)])
+        r.ms, r.tflops = ms, r.case.flops() / (ms * 1e-3) / 1e12
 
 
 def _first_line(exc: BaseException) -> str:
@@ -333,14 +347,22 @@ def run_grid(args: argparse.Namespace, device: Device) -> list[Result]:
     for name in names or ():
         registry.spec(name)  # unknown names fail here, listing the registered ones
     defaults = CPU_DEFAULTS if device.platform == "cpu" else GPU_DEFAULTS
-    repeats = args.repeats or defaults.repeats
-    plan = [(c, n) for c in cases for n in _candidates(c, device, names)]
-    progress, results = _Progress(len(plan)), []
-    for case, name in plan:
-        progress.step(f"{name} {case.label()}")
-        result = measure(name, case, _TORCH_DEVICE[device.platform], repeats, args.check_seq)
-        result.chosen = name == _chosen(case, device)
-        results.append(result)
+    repeats = defaults.repeats if args.repeats is None else args.repeats
+    rounds = defaults.rounds if args.rounds is None else args.rounds
+    for flag, value in (("--repeats", repeats), ("--rounds", rounds)):
+        if value < 1:
+            raise ValueError(f"{flag}={value}: give a positive count")
+    plan = {c: _candidates(c, device, names) for c in cases}
+    progress, results = _Progress(sum(map(len, plan.values()))), []
+    torch_device = _TORCH_DEVICE[device.platform]
+    for case, cell_names in plan.items():
+        cell = []
+        for name in cell_names:
+            progress.step(f"{name} {case.label()}")
+            cell.append(measure(name, case, torch_device, repeats, args.check_seq))
+            cell[-1].chosen = name == _chosen(case, device)
+        retime(cell, torch_device, repeats, rounds)
+        results += cell
     progress.close()
     return results
 
@@ -404,80 +426,4 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.plot:
         write_plot(results, args.plot)
     print(json.dumps(data, indent=2) if args.json else format_table(results, device))
-    return 0
-
-
-# ---------------------------------------------------------------- tune
-
-
-def _cell(case: Case) -> tuple[int, str, bool, bool]:
-    return case.head_size, case.dtype, case.causal, case.kv_heads < case.heads
-
-
-def _three_digits(x: float) -> float:
-    return float(f"{x:.3g}")
-
-
-def tune_rules(results: list[Result], device: Device, env: dict[str, Any]) -> list[dict]:
-    """One rule per measured (head size, dtype, causal, gqa): backends by measured time."""
-    cells: dict[tuple[int, str, bool, bool], list[Result]] = {}
-    for r in results:
-        cells.setdefault(_cell(r.case), []).append(r)
-    return [_rule(key, rs, device, env) for key, rs in cells.items()]
-
-
-def _rule(key: tuple[int, str, bool, bool], results: list[Result], device: Device,
-          env: dict[str, Any]) -> dict[str, Any]:
-    head_size, dtype, causal, gqa = key
-    names = list(dict.fromkeys(r.backend for r in results))
-    cases = {r.case for r in results}
-    ok = {(r.backend, r.case) for r in results if r.status == "ok"}
-    good = [n for n in names if all((n, c) in ok for c in cases)]  # right on every case
-    total = {n: sum(r.ms or 0.0 for r in results if r.backend == n) for n in good}
-    rank = [n for n in sorted(good, key=total.__getitem__) if n != LAST_RESORT] + [LAST_RESORT]
-    tflops = {n: _three_digits(statistics.mean(r.tflops or 0.0 for r in results
-                                               if r.backend == n)) for n in good}
-    shapes = sorted({(c.seq_len, c.pass_) for c in cases})
-    measured = {"device": device.name or device.describe(), "date": env["date"],
-                **env["versions"], "tflops": tflops,
-                "note": "attnrt tune; " + ", ".join(f"N={n} {p}" for n, p in shapes)
-                        + (f"; not ranked (wrong, failed or not run on every shape): "
-                           f"{', '.join(sorted(set(names) - set(good)))}"
-                           if set(names) - set(good) else "")}
-    return {"platform": device.platform, "arch": [device.arch], "head_size": [head_size],
-            "dtype": [dtype], "causal": causal, "gqa": gqa, "rank": rank, "measured": measured}
-
-
-def write_manifest(rules: list[dict], path: str, device: Device) -> None:
-    """Write the override file, then validate it alone and in front of the shipped one."""
-    import yaml
-
-    from attnrt.manifest import load_manifest, shipped_path, validate_files
-
-    header = (f"# attnrt tune on {device.describe()}: rules ranked by measured time.\n"
-              f"# Load with ATTNRT_CAPABILITY={path} (read before the shipped manifest).\n")
-    body = yaml.safe_dump({"schema": 1, "rules": rules}, sort_keys=False, width=100,
-                          default_flow_style=None)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(header + body)
-    errors = validate_files([path])
-    if errors:
-        raise ManifestError("\n".join(errors))
-    load_manifest([path, shipped_path()])
-
-
-def run_tune(args: argparse.Namespace) -> int:
-    device = bench_device()
-    results = run_grid(args, device)
-    env = environment(device)
-    rules = tune_rules(results, device, env)
-    write_manifest(rules, args.out, device)
-    if args.json:
-        print(json.dumps({**env, "out": args.out, "rules": rules}, indent=2))
-    else:
-        print(format_table(results, device))
-        print(f"wrote {len(rules)} rule(s) to {args.out}; use ATTNRT_CAPABILITY={args.out}")
-        for rule in rules:
-            print(f"  D={rule['head_size'][0]} {rule['dtype'][0]} causal={rule['causal']} "
-                  f"gqa={rule['gqa']}: {', '.join(rule['rank'])}")
     return 0

@@ -32,10 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check capability files; exit 1 on any error")
     val.add_argument("files", nargs="+")
     val.add_argument("--json", action="store_true")
-    from attnrt import benchmark
+    from attnrt import benchmark, tune
 
     benchmark.add_bench_arguments(_common(sub.add_parser("bench", help=benchmark.BENCH_HELP)))
-    benchmark.add_tune_arguments(_common(sub.add_parser("tune", help=benchmark.TUNE_HELP)))
+    tune.add_tune_arguments(_common(sub.add_parser("tune", help=tune.TUNE_HELP)))
     return parser
 
 
@@ -97,10 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["info", *(argv or [])])
-    from attnrt import benchmark
+    from attnrt import benchmark, tune
 
     commands = {"info": cmd_info, "explain": cmd_explain, "validate": cmd_validate,
-                "bench": benchmark.run_bench, "tune": benchmark.run_tune}
+                "bench": benchmark.run_bench, "tune": tune.run_tune}
     try:
         with _device(getattr(args, "device", None)):
             return commands[args.command](args)

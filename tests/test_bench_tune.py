@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 import attnrt
+from attnrt import benchmark
 from attnrt.cli import main
 from attnrt.manifest import validate_files
 from tests.helpers import CountingBackend, CountingImpl, make_backend
@@ -90,6 +91,28 @@ def test_bench_refuses_simulated_devices_and_unknown_backends(capsys):
     assert "simulated" in capsys.readouterr().err
     assert _run("bench", *TINY, "--backends", "NOPE_ATTN") == 2
     assert "NOPE_ATTN" in capsys.readouterr().err
+    assert _run("bench", *TINY, "--rounds", "0") == 2
+    assert "--rounds=0: give a positive count" in capsys.readouterr().err
+
+
+def test_rounds_alternate_the_order_and_keep_the_median_round(monkeypatch):
+    case = benchmark.Case(1, 2, 2, 32, 40, "fp32", False, "fwd")
+    cell = [benchmark.Result("A", case, "ok", ms=5.0), benchmark.Result("B", case, "ok", ms=1.0),
+            benchmark.Result("W", case, "WRONG", rel_error=0.1)]
+    later_rounds = {"A": [1.0, 1.2], "B": [2.0, 2.2]}
+    order: list[str] = []
+
+    def scripted(name, case, device, repeats):
+        order.append(name)
+        return later_rounds[name].pop(0)
+
+    monkeypatch.setattr(benchmark, "_impl", lambda name, case: name)
+    monkeypatch.setattr(benchmark, "time_ms", scripted)
+    benchmark.retime(cell, "cpu", repeats=2, rounds=3)
+    assert order == ["B", "A", "A", "B"]  # reversed, then as given; the wrong one never
+    assert [r.ms for r in cell] == [1.2, 2.0, None]  # medians of (5, 1, 1.2) and (1, 2, 2.2)
+    assert cell[0].tflops == pytest.approx(case.flops() / 1.2e-3 / 1e12)
+    assert cell[2].tflops is None
 
 
 def test_bench_plot_needs_matplotlib_or_writes_png(tmp_path, capsys):

@@ -1,0 +1,106 @@
+"""`attnrt tune`: run the bench grid and write an override manifest: one rule per measured
+(platform, arch, head size, dtype, causal, gqa), ranking the backends that ran correctly by
+measured time (REFERENCE last), each with its provenance (`measured:` device, date, versions,
+TFLOP/s per backend). Load it with ATTNRT_CAPABILITY=FILE or attnrt.load_capability(FILE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from typing import Any
+
+from attnrt.benchmark import (
+    Case,
+    Result,
+    add_grid_arguments,
+    bench_device,
+    environment,
+    format_table,
+    run_grid,
+)
+from attnrt.device import Device
+from attnrt.dispatch import LAST_RESORT
+from attnrt.errors import ManifestError
+
+TUNE_HELP = "measure the grid and write an override manifest ranking by what was measured"
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    add_grid_arguments(parser)
+    parser.add_argument("--out", default="attnrt-tuned.yaml",
+                        help="override manifest to write (default attnrt-tuned.yaml)")
+
+
+def _cell(case: Case) -> tuple[int, str, bool, bool]:
+    return case.head_size, case.dtype, case.causal, case.kv_heads < case.heads
+
+
+def _three_digits(x: float) -> float:
+    return float(f"{x:.3g}")
+
+
+def tune_rules(results: list[Result], device: Device, env: dict[str, Any]) -> list[dict]:
+    """One rule per measured (head size, dtype, causal, gqa): backends by measured time."""
+    cells: dict[tuple[int, str, bool, bool], list[Result]] = {}
+    for r in results:
+        cells.setdefault(_cell(r.case), []).append(r)
+    return [_rule(key, rs, device, env) for key, rs in cells.items()]
+
+
+def _rule(key: tuple[int, str, bool, bool], results: list[Result], device: Device,
+          env: dict[str, Any]) -> dict[str, Any]:
+    head_size, dtype, causal, gqa = key
+    names = list(dict.fromkeys(r.backend for r in results))
+    cases = {r.case for r in results}
+    ok = {(r.backend, r.case) for r in results if r.status == "ok"}
+    good = [n for n in names if all((n, c) in ok for c in cases)]  # right on every case
+    total = {n: sum(r.ms or 0.0 for r in results if r.backend == n) for n in good}
+    rank = [n for n in sorted(good, key=total.__getitem__) if n != LAST_RESORT] + [LAST_RESORT]
+    tflops = {n: _three_digits(statistics.mean(r.tflops or 0.0 for r in results
+                                               if r.backend == n)) for n in good}
+    shapes = sorted({(c.seq_len, c.pass_) for c in cases})
+    measured = {"device": device.name or device.describe(), "date": env["date"],
+                **env["versions"], "tflops": tflops,
+                "note": "attnrt tune; " + ", ".join(f"N={n} {p}" for n, p in shapes)
+                        + (f"; not ranked (wrong, failed or not run on every shape): "
+                           f"{', '.join(sorted(set(names) - set(good)))}"
+                           if set(names) - set(good) else "")}
+    return {"platform": device.platform, "arch": [device.arch], "head_size": [head_size],
+            "dtype": [dtype], "causal": causal, "gqa": gqa, "rank": rank, "measured": measured}
+
+
+def write_manifest(rules: list[dict], path: str, device: Device) -> None:
+    """Write the override file, then validate it alone and in front of the shipped one."""
+    import yaml
+
+    from attnrt.manifest import load_manifest, shipped_path, validate_files
+
+    header = (f"# attnrt tune on {device.describe()}: rules ranked by measured time.\n"
+              f"# Load with ATTNRT_CAPABILITY={path} (read before the shipped manifest).\n")
+    body = yaml.safe_dump({"schema": 1, "rules": rules}, sort_keys=False, width=100,
+                          default_flow_style=None)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(header + body)
+    errors = validate_files([path])
+    if errors:
+        raise ManifestError("\n".join(errors))
+    load_manifest([path, shipped_path()])
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    device = bench_device()
+    results = run_grid(args, device)
+    env = environment(device)
+    rules = tune_rules(results, device, env)
+    write_manifest(rules, args.out, device)
+    if args.json:
+        print(json.dumps({**env, "out": args.out, "rules": rules}, indent=2))
+    else:
+        print(format_table(results, device))
+        print(f"wrote {len(rules)} rule(s) to {args.out}; use ATTNRT_CAPABILITY={args.out}")
+        for rule in rules:
+            print(f"  D={rule['head_size'][0]} {rule['dtype'][0]} causal={rule['causal']} "
+                  f"gqa={rule['gqa']}: {', '.join(rule['rank'])}")
+    return 0
