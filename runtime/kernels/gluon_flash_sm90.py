@@ -220,7 +220,7 @@ def _fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, N, M, H, GROUP, HEAD_GRO
                 so_b, so_n, so_h, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                 CAUSAL: gl.constexpr, MASK: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
-    # The order of attnrt.kernels.triton_flash_jit._row_block_and_head: row blocks heaviest
+    # The order of attnrt.kernels.triton_flash_jit._grouped_program: row blocks heaviest
     # first over groups of HEAD_GROUP heads.
     n_m = gl.cdiv(N, BLOCK_M)
     pid = gl.program_id(0)

@@ -288,28 +288,51 @@ def _gluon_off(why: str) -> None:
 _GLUON: object = False  # not looked up yet; None: off
 
 
-# Causal forwards interleave heads (see head_group). H100, bf16, B=1 H=24, causal, TFLOP/s over
-# cuDNN by heads per group (bench/NOTES-triton-flash.md, sixth session): D=64 at N=4096 0.84
-# one head at a time, 0.88 in groups of 8, 1.05 in groups of 12 or 24; at N=32768 0.97 one
-# at a time, 0.92 for all 24. The rule below picked the best or near it in each of the 8 cells.
+# Causal kernels interleave heads (see _group_size). H100, bf16, B=1 H=24, causal forward,
+# TFLOP/s over cuDNN by heads per group (bench/NOTES-triton-flash.md, sixth session): D=64 at
+# N=4096 0.84 one head at a time, 0.88 in groups of 8, 1.05 in groups of 12 or 24; at N=32768
+# 0.97 one at a time, 0.92 for all 24. The rule below picked the best or near it in each of
+# the 8 cells.
 WAVES_PER_HEAD = 1.5
 
 
+def _group_size(causal: bool, heads: int, per_head: int, bytes_per_head: float,
+                device: torch.device) -> int:
+    """How many heads a causal launch interleaves, heaviest programs first (_grouped_program in
+    the kernels). One where not causal (every program costs the same) or where one head's
+    `per_head` programs already fill WAVES_PER_HEAD waves of the SMs (the tail is short
+    anyway, and each head's tensors stay hot in L2); otherwise as many heads as keep the
+    tensors they read within the L2 cache, so the heaviest programs of many heads start first
+    and the light ones fill the tail."""
+    if not causal:
+        return 1
+    sms, l2_bytes = _sms_and_l2(device)
+    if per_head >= WAVES_PER_HEAD * sms:
+        return 1
+    return int(max(1, min(heads, l2_bytes // max(bytes_per_head, 1))))
+
+
 def head_group(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int:
-    """How many heads the forward grid interleaves, heaviest row blocks first (see
-    _row_block_and_head in the kernels). One where not causal (every row block costs the same)
-    or where one head's row blocks already fill WAVES_PER_HEAD waves of the SMs (then the tail
-    is short anyway and each head's K/V stays hot in L2). Otherwise as many heads as keep
-    their K/V within the L2 cache: the heaviest blocks of many heads start first, the light
-    ones fill the grid's tail."""
+    """Query heads the forward interleaves: per head, 128-row blocks that read its K/V."""
     if not causal:
         return 1
     b, n, h, d = q.shape
-    sms, l2_bytes = _sms_and_l2(q.device)
-    if triton.cdiv(n, 128) >= WAVES_PER_HEAD * sms:
-        return 1
     kv_bytes = 2 * k.shape[1] * d * k.element_size() * k.shape[2] / h  # per query head
-    return int(max(1, min(b * h, l2_bytes // max(kv_bytes, 1))))
+    return _group_size(True, b * h, triton.cdiv(n, 128), kv_bytes, q.device)
+
+
+def bwd_head_group(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int:
+    """KV heads a backward launch interleaves: as many as keep their K/V and the Q/dO of the
+    query heads sharing them within L2, with no wave cut-off (H100, bf16, causal, backward
+    over cuDNN: D=128 N=4096 0.76 one head at a time, 0.88 in groups of 4 to 24; D=64 N=8192
+    0.86 vs 0.93-0.94 in groups of 4 to 24; at N=32768 one head at a time is best or within
+    1%, and this rule picks 1 there for D=128, 3 for D=64)."""
+    if not causal:
+        return 1
+    b, n, h, d = q.shape
+    m, hkv = k.shape[1], k.shape[2]
+    head_bytes = 2 * (n * (h // hkv) + m) * d * k.element_size()
+    return _group_size(True, b * hkv, 0, head_bytes, q.device)
 
 
 @functools.cache
@@ -412,9 +435,10 @@ def _launch_bwd(args: tuple, grads: tuple, cfg: dict, kinds: tuple[bool, bool],
                 + (triton.cdiv(n, blocks["BLOCK_M2"]) * (h // hkv) if kinds[1] else 0))
     _, launch = _launch_args(cfg["bwd_dkdv" if kinds[0] else "bwd_dq"])
     unit = _stride_unit(q, k, v, dout, *grads)
-    return _bwd_kernel[(programs, b * hkv)](
+    return _bwd_kernel[(programs * b * hkv,)](
         q, k, v, dout, lse2, delta, *grads, *(_strides(t, unit) for t in (q, k, v, dout, *grads)),
-        n, lse2.shape[2], m, h, hkv, h // hkv, scale * LOG2E, scale,
+        n, lse2.shape[2], m, h, hkv, h // hkv, bwd_head_group(q, k, causal),
+        scale * LOG2E, scale,
         **_consts(q, causal), **blocks, **launch, ATOMIC_DQ=atomic,
         INT64=_needs_int64(q, k, v, dout, *grads), UNIT=unit,
         PEEL=bool(causal and kinds[0] and cfg["bwd_dkdv"].get("peel_diagonal", 0)))

@@ -113,18 +113,18 @@ def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, row0, col, hi, qk_scale,
 
 
 @triton.jit
-def _row_block_and_head(N, BLOCK_M: tl.constexpr, HEAD_GROUP):
-    """(first row, batch * H + head) of this program of a 1D grid of cdiv(N, BLOCK_M) * B * H.
-    Heads go in groups of HEAD_GROUP; in a group, every head's last row block (the heaviest
-    when causal) runs before any head's next one, so the light blocks fill the grid's tail.
-    HEAD_GROUP = 1 runs one head after another (attnrt.kernels.triton_flash.head_group)."""
-    n_m = tl.cdiv(N, BLOCK_M)
-    n_bh = tl.num_programs(0) // n_m
+def _grouped_program(per_head, HEAD_GROUP):
+    """(program within its head, head) of this program of a 1D grid of per_head programs per
+    head, program 0 the heaviest when causal. Heads go in groups of HEAD_GROUP; in a group,
+    program i of every head runs before program i + 1 of any, so the light programs of many
+    heads fill the grid's tail. HEAD_GROUP = 1 runs one head after another
+    (attnrt.kernels.triton_flash.head_group picks it)."""
+    n_heads = tl.num_programs(0) // per_head
     pid = tl.program_id(0)
-    group = pid // (HEAD_GROUP * n_m)
-    rank = pid - group * HEAD_GROUP * n_m
-    size = tl.minimum(HEAD_GROUP, n_bh - group * HEAD_GROUP)  # the last group may be short
-    return (n_m - 1 - rank // size) * BLOCK_M, group * HEAD_GROUP + rank % size
+    group = pid // (HEAD_GROUP * per_head)
+    rank = pid - group * HEAD_GROUP * per_head
+    size = tl.minimum(HEAD_GROUP, n_heads - group * HEAD_GROUP)  # the last group may be short
+    return rank // size, group * HEAD_GROUP + rank % size
 
 
 @triton.jit(do_not_specialize=["N", "M", "HEAD_GROUP"])
@@ -140,7 +140,8 @@ def _fwd_kernel(Q, K, V, OUT, LSE, K_DESC, V_DESC,
     skb, skn, skh = skb * UNIT, skn * UNIT, skh * UNIT
     svb, svn, svh = svb * UNIT, svn * UNIT, svh * UNIT
     sob, son, soh = sob * UNIT, son * UNIT, soh * UNIT
-    start_m, bh = _row_block_and_head(N, BLOCK_M, HEAD_GROUP)
+    i, bh = _grouped_program(tl.cdiv(N, BLOCK_M), HEAD_GROUP)
+    start_m = (tl.cdiv(N, BLOCK_M) - 1 - i) * BLOCK_M  # the last rows see the most keys
     b = (bh // H).to(tl.int64)
     h = bh % H
     hk = (h // GROUP).to(tl.int64)
@@ -398,20 +399,21 @@ def _dq_program(Q, K, V, DO, LSE2, DELTA, DQ, start_m, b, h, hk, sq, sk, sv, sdo
                 BLOCK_D)
 
 
-@triton.jit(do_not_specialize=["N", "NP", "M"])
+@triton.jit(do_not_specialize=["N", "NP", "M", "HEAD_GROUP"])
 def _bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, sq, sk, sv, sdo, sdq, sdk, sdv,
-                N, NP, M, H, HKV, GROUP, qk_scale, sm_scale,
+                N, NP, M, H, HKV, GROUP, HEAD_GROUP, qk_scale, sm_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M1: tl.constexpr,
                 BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
                 CAUSAL: tl.constexpr, PREC: tl.constexpr, DKDV: tl.constexpr,
                 DQ_PROGRAMS: tl.constexpr, ATOMIC_DQ: tl.constexpr, INT64: tl.constexpr,
                 PEEL: tl.constexpr = False, UNIT: tl.constexpr = 1):
-    """Grid (programs, B * Hkv); s* are (batch, row, head, dim) stride tuples; LSE2 and DELTA
+    """1D grid of programs per kv head times B * Hkv, kv heads interleaved in groups of
+    HEAD_GROUP (_grouped_program); s* are (batch, row, head, dim) stride tuples; LSE2 and DELTA
     are [B, H, NP] (NP >= N, padded, see _bwd_delta_kernel); INT64 where a row offset within
     one (batch, head) overflows int32; PEEL (causal only): dK/dV's diagonal blocks unrolled;
     UNIT: the first three strides of each tuple come divided by it (see _fwd_kernel).
 
-    Axis 0 holds, per kv head, the dK/dV programs (DKDV: one per BLOCK_N1 keys, the heaviest
+    Per kv head come the dK/dV programs (DKDV: one per BLOCK_N1 keys, the heaviest
     causal block first), then the dQ programs (DQ_PROGRAMS: one per BLOCK_M2 queries of each of
     the GROUP query heads, heaviest first). With both, one launch runs the two kinds side by side
     (as FlexAttention's backward does), so neither leaves a tail of its own.
@@ -419,15 +421,19 @@ def _bwd_kernel(Q, K, V, DO, LSE2, DELTA, DQ, DK, DV, sq, sk, sv, sdo, sdq, sdk,
     sq, sk, sv, sdo = _unscaled(sq, UNIT), _unscaled(sk, UNIT), _unscaled(sv, UNIT), _unscaled(
         sdo, UNIT)
     sdq, sdk, sdv = _unscaled(sdq, UNIT), _unscaled(sdk, UNIT), _unscaled(sdv, UNIT)
-    pid = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = (bhk // HKV).to(tl.int64)
-    hk = (bhk % HKV).to(tl.int64)
     # Constexpr where only one kind is launched, so the other kind is not even compiled.
     n_kv = 0
-    is_dkdv = False
+    per_head = 0
     if DKDV:
         n_kv = tl.cdiv(M, BLOCK_N1)
+        per_head += n_kv
+    if DQ_PROGRAMS:
+        per_head += tl.cdiv(N, BLOCK_M2) * GROUP
+    pid, bhk = _grouped_program(per_head, HEAD_GROUP)
+    b = (bhk // HKV).to(tl.int64)
+    hk = (bhk % HKV).to(tl.int64)
+    is_dkdv = False
+    if DKDV:
         is_dkdv = True
         if DQ_PROGRAMS:
             is_dkdv = pid < n_kv

@@ -95,15 +95,19 @@ def test_peel_diagonal_reaches_the_kernel(monkeypatch, causal):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("mode", ["split", "single_launch"])
 @pytest.mark.parametrize("group", [1, 3, 8], ids=lambda g: f"group{g}")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize(("shape", "dtype"), MODE_CASES,
                          ids=lambda x: str(x).replace(" ", "").replace("torch.", ""))
-def test_forward_head_groups_interpreter(monkeypatch, shape, dtype, causal, group):
-    # Every (row block, head) tile once, whatever the grouping: 4 heads in groups of 1, of 3
-    # (a short last group) and of more than there are.
+def test_head_groups_interpreter(monkeypatch, shape, dtype, causal, group, mode):
+    # Every program once, whatever the grouping: 4 heads (2 kv heads in the backward) in
+    # groups of 1, of 3 (a short last group) and of more than there are; the backward split
+    # in two launches or in one.
     monkeypatch.setattr(tf, "head_group", lambda q, k, causal: group)
-    _check_parity(shape, dtype, causal, SMALL)
+    monkeypatch.setattr(tf, "bwd_head_group", lambda q, k, causal: group)
+    cfg = SMALL if mode == "split" else _with_mode(SMALL, "single_launch", causal)
+    _check_parity(shape, dtype, causal, cfg)
 
 
 @pytest.mark.interpret
@@ -135,6 +139,19 @@ def test_resolved_config_follows_changes_in_place():
     config["fwd"]["BLOCK_M"] = 64
     assert tf._resolve_config(config, causal=True)["fwd"]["BLOCK_N"] == 64
     assert tf._resolve_config(config, causal=False)["fwd"]["BLOCK_N"] == 16
+
+
+def test_bwd_head_group_counts_what_a_kv_head_reads(monkeypatch):
+    monkeypatch.setattr(tf, "_sms_and_l2", lambda device: (132, 8 << 20))
+    q = torch.empty(1, 4096, 24, 64, dtype=torch.bfloat16)
+    k = torch.empty(1, 4096, 8, 64, dtype=torch.bfloat16)
+    # Per kv head: K, V and the Q, dO of its 3 query heads, 4096 x 64 x 2 bytes each: 4 MiB.
+    assert tf.bwd_head_group(q, k, causal=True) == 2
+    assert tf.bwd_head_group(q, k, causal=False) == 1
+    long_q = q[:, :1].expand(1, 2**17, 24, 64)  # no wave cut-off: only what fits L2 counts
+    assert tf.bwd_head_group(long_q, k[:, :1].expand(1, 2**17, 8, 64), causal=True) == 1
+    monkeypatch.setattr(tf, "_sms_and_l2", lambda device: (132, 1 << 40))
+    assert tf.bwd_head_group(long_q, k[:, :1].expand(1, 2**17, 8, 64), causal=True) == 8
 
 
 def test_head_group_keeps_the_group_kv_inside_l2(monkeypatch):
