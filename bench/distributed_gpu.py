@@ -26,9 +26,10 @@ Shapes: B=1, N sequence, H heads, D=128. For each (N, H) one run prints:
 
 Inputs are fresh torch.randn per shape. Each sample is `--calls` back-to-back forwards between
 two CUDA events after a barrier (as a model's layers follow each other, so CPU work of call i+1
-overlaps GPU work of call i), divided by the count, slowest rank. The GPUs start each sample
-idle, so the host time of the first call is in it; `--lead-ms` queues a sleep kernel before
-the start event, which then measures the steady state. Samples of all implementations
+overlaps GPU work of call i), divided by the count, slowest rank. A sleep kernel of `--lead-ms`
+(default 5) is queued before each sample's start event, so the GPUs are busy when it starts and
+the sample measures the steady state, as deep in a model; with `--lead-ms 0` they start idle
+and the host time of the first call (its shape check included) is timed too. Samples of all implementations
 are taken in turn, `--iters` rounds (so clock drift and throttling hit all alike); medians are
 printed. Before timing, every schedule's output is compared with the first one's (bf16, max
 abs error in the table).
@@ -254,10 +255,10 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--backends", default="",
                     help="comma-separated backends for every layer (default: the manifest's)")
     ap.add_argument("--calls", type=int, default=4, help="back-to-back calls per timed sample")
-    ap.add_argument("--lead-ms", type=float, default=0.0,
+    ap.add_argument("--lead-ms", type=float, default=5.0,
                     help="keep each GPU busy this long before a sample's start event, so the "
                          "host's queueing of the first call (and its shape check) is not timed: "
-                         "steady state, as deep in a model")
+                         "steady state, as deep in a model (default 5; 0: start from idle GPUs)")
     ap.add_argument("--world", type=int, default=2, help="ranks to spawn without torchrun")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--iters", type=int, default=10)
