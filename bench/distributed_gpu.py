@@ -29,10 +29,10 @@ two CUDA events after a barrier (as a model's layers follow each other, so CPU w
 overlaps GPU work of call i), divided by the count, slowest rank. A sleep kernel of `--lead-ms`
 (default 5) is queued before each sample's start event, so the GPUs are busy when it starts and
 the sample measures the steady state, as deep in a model; with `--lead-ms 0` they start idle
-and the host time of the first call (its shape check included) is timed too. Samples of all implementations
-are taken in turn, `--iters` rounds (so clock drift and throttling hit all alike); medians are
-printed. Before timing, every schedule's output is compared with the first one's (bf16, max
-abs error in the table).
+and the host time of the first call (its shape check included) is timed too. Samples of all
+implementations are taken in turn, `--iters` rounds (so clock drift and throttling hit all
+alike); medians are printed. Before timing, every schedule's output is compared with the first
+one's (bf16, max abs error in the table).
 Prints a table; asserts nothing.
 """
 

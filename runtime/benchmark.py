@@ -9,8 +9,9 @@ backward pass) and refuses to time a wrong one (status WRONG, with its error); t
 (CUDA/ROCm: torch.cuda.Event pairs around each run, synchronized once at the end as
 triton.testing.do_bench does; elsewhere time.perf_counter with a device sync) and reports the
 median. With --rounds R (GPU default 3) the backends of a case are timed R times, the order
-reversed every other round, and each keeps its median round (see retime). FLOPs count 4*B*H*N*N*D per forward, half of that when causal, 2.5x forward for the
-backward pass. The backend the manifest would choose for the case is marked with '*'.
+reversed every other round, and each keeps its median round (see retime). FLOPs count
+4*B*H*N*N*D per forward, half of that when causal, 2.5x forward for the backward pass. The
+backend the manifest would choose for the case is marked with '*'.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 from functools import cache
+from typing import Any
 
 import torch
 
@@ -30,9 +31,15 @@ def compile_error_types() -> tuple[type[BaseException], ...]:
 
 
 @cache
+def cuda_properties(device: torch.device) -> Any:
+    """torch.cuda.get_device_properties, remembered per device (kernels ask on every call)."""
+    return torch.cuda.get_device_properties(device)
+
+
 def capability(device: torch.device) -> tuple[int, int]:
-    """torch.cuda.get_device_capability, remembered per device (kernels ask once per call)."""
-    return torch.cuda.get_device_capability(device)
+    """(major, minor) compute capability of a CUDA device."""
+    props = cuda_properties(device)
+    return props.major, props.minor
 
 
 def reads_as_2d(t: torch.Tensor) -> bool:

@@ -14,7 +14,6 @@ tensors, which is how CI covers them.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -22,7 +21,7 @@ import os
 import torch
 import triton
 
-from . import capability, compile_error_types, reads_as_2d
+from . import capability, compile_error_types, cuda_properties, reads_as_2d
 from .flash_reference import flash_attention_reference
 from .triton_flash_jit import _bwd_delta_kernel, _bwd_kernel, _fwd_kernel
 
@@ -335,11 +334,10 @@ def bwd_head_group(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int:
     return _group_size(True, b * hkv, 0, head_bytes, q.device)
 
 
-@functools.cache
 def _sms_and_l2(device: torch.device) -> tuple[int, int]:
     if device.type != "cuda":
         return 1 << 30, 1 << 62  # the interpreter: every head at once
-    props = torch.cuda.get_device_properties(device)
+    props = cuda_properties(device)
     return props.multi_processor_count, int(getattr(props, "L2_cache_size", 50 << 20))
 
 
