@@ -51,7 +51,7 @@ CONFIGS: dict[str, dict[int, Config]] = {
         32: _cfg((128, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)),
         64: _cfg((128, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3),
                  causal=(None, (32, 64, 4, 3, "single_launch"), None)),
-        128: _cfg((128, 128, 8, 3, "tma", "gluon"), (64, 128, 8, 3, "single_launch"),
+        128: _cfg((128, 128, 8, 3, "tma", "gluon"), (64, 128, 8, 3, "single_launch", "gluon"),
                   (128, 64, 8, 3),
                   causal=(None, (64, 128, 8, 3, "peel_diagonal"), None)),
         256: _cfg((128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)),

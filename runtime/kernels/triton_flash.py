@@ -14,14 +14,13 @@ tensors, which is how CI covers them.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 
 import torch
 import triton
 
-from . import capability, compile_error_types, cuda_properties, reads_as_2d
+from . import capability, cuda_properties, gluon_paths, reads_as_2d
 from .flash_reference import flash_attention_reference
 from .triton_flash_jit import _bwd_delta_kernel, _bwd_kernel, _fwd_kernel
 
@@ -57,10 +56,11 @@ _BLOCK_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 # the dK/dV programs also add dQ with float32 atomics and no dQ programs run (5 matrix products
 # instead of 7, but the summation order, and so the last bits of dQ, vary from run to run);
 # peel_diagonal = causal dK/dV runs its diagonal query blocks as unrolled masked steps before
-# an unmasked loop (untimed candidate, see bench/NOTES-triton-flash.md; no effect when not
-# causal).
+# an unmasked loop (no effect when not causal); gluon = the Gluon warp-specialized backward on
+# Hopper (attnrt.kernels.gluon_flash_bwd_sm90, D=64 or 128; dQ by TMA reduce-add, so its last bits
+# vary from run to run as with atomic_dq; where it cannot serve, the entry's Triton kernels do).
 _SWITCHES = {"fwd": ("warp_specialize", "tma", "gluon"),
-             "bwd_dkdv": ("single_launch", "atomic_dq", "peel_diagonal"), "bwd_dq": ()}
+             "bwd_dkdv": ("single_launch", "atomic_dq", "peel_diagonal", "gluon"), "bwd_dq": ()}
 # Any kernel may cap registers per thread (Triton's `maxnreg` launch option, PTX .maxnreg),
 # e.g. to fit two 8-warp programs on an SM (at most 128 each).
 _MAXNREG = range(32, 256)
@@ -146,7 +146,7 @@ def _entry_problem(kernel: str, entry: dict) -> str | None:
         return f"switches {', '.join(_SWITCHES[kernel])} take 0 or 1"
     if "maxnreg" in entry and entry["maxnreg"] not in _MAXNREG:
         return f"maxnreg={entry['maxnreg']} is out of range; allowed: 32 to 255"
-    if entry.get("gluon", 0) and entry["BLOCK_N"] not in (64, 128):
+    if kernel == "fwd" and entry.get("gluon", 0) and entry["BLOCK_N"] not in (64, 128):
         return f"gluon takes BLOCK_N 64 or 128, got {entry['BLOCK_N']}"
     pow2 = [entry[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps")]
     # tl.dot needs every block dimension to be at least 16.
@@ -262,31 +262,6 @@ def _strides(t: torch.Tensor, unit: int) -> tuple[int, int, int, int]:
     return sb // unit, sn // unit, sh // unit, sd
 
 
-def _gluon_module():
-    """attnrt.kernels.gluon_flash_sm90, or None where this Triton has no Gluon (or not the
-    Hopper parts it uses, in the form it uses them)."""
-    global _GLUON
-    if _GLUON is False:
-        try:
-            from . import gluon_flash_sm90
-        except Exception as exc:  # noqa: BLE001 (an optional fast path: any import failure)
-            _gluon_off(f"it does not import with Triton {triton.__version__}: {exc!r}")
-        else:
-            _GLUON = gluon_flash_sm90
-    return _GLUON
-
-
-def _gluon_off(why: str) -> None:
-    """Stop using the Gluon forward in this process, saying why once."""
-    global _GLUON
-    _GLUON = None
-    logging.getLogger("attnrt").warning(
-        "%s: the Gluon forward is off (%s); the Triton forward serves instead", NAME, why)
-
-
-_GLUON: object = False  # not looked up yet; None: off
-
-
 # Causal kernels interleave heads (see _group_size). H100, bf16, B=1 H=24, causal forward,
 # TFLOP/s over cuDNN by heads per group (bench/NOTES-triton-flash.md, sixth session): D=64 at
 # N=4096 0.84 one head at a time, 0.88 in groups of 8, 1.05 in groups of 12 or 24; at N=32768
@@ -341,30 +316,13 @@ def _sms_and_l2(device: torch.device) -> tuple[int, int]:
     return props.multi_processor_count, int(getattr(props, "L2_cache_size", 50 << 20))
 
 
-def _gluon_forward(q, k, v, causal, scale, cfg, out, lse) -> bool:
-    """Runs the Gluon forward where the config asks for it and it can serve; False otherwise.
-    A compile failure turns it off (the Triton forward, the same computation, then serves);
-    anything raised while the kernel runs propagates."""
-    if not (cfg["fwd"].get("gluon", 0) and q.is_cuda):
-        return False
-    gluon = _gluon_module()
-    block_n = cfg["fwd"]["BLOCK_N"]
-    if gluon is None or not gluon.usable(q, k, v, out, block_n):
-        return False
-    try:
-        gluon.forward(q, k, v, causal, scale, block_n, out, lse, head_group(q, k, causal))
-    except compile_error_types() as exc:
-        _gluon_off(f"compiling it failed: {exc!r}"[:500])
-        return False
-    return True
-
-
 def _forward(q, k, v, causal, scale, cfg):
     b, n, h, _ = q.shape
     m, hkv = k.shape[1], k.shape[2]
     out = _alloc(tuple(q.shape), q.dtype, q.device)
     lse = _alloc((b, h, n), torch.float32, q.device)
-    if _gluon_forward(q, k, v, causal, scale, cfg, out, lse):
+    if gluon_paths.forward(q, k, v, causal, scale, cfg["fwd"], out, lse,
+                           head_group(q, k, causal)):
         return out, lse
     blocks, launch = _launch_args(cfg["fwd"])
     grid = (triton.cdiv(n, blocks["BLOCK_M"]) * b * h,)
@@ -402,8 +360,9 @@ def _backward_delta(out, dout, lse, dlse, pad):
 
 
 def _stats_pad(cfg: dict[str, dict[str, int]]) -> int:
-    """Row multiple of the lse2/delta padding: every query block the backward reads is whole."""
-    return max(cfg["bwd_dkdv"]["BLOCK_M"], cfg["bwd_dq"]["BLOCK_M"])
+    """Row multiple of the lse2/delta padding: every query block the backward reads is whole
+    (the Gluon backward's are 64 rows)."""
+    return max(cfg["bwd_dkdv"]["BLOCK_M"], cfg["bwd_dq"]["BLOCK_M"], 64)
 
 
 def _needs_int64(*tensors: torch.Tensor) -> bool:
@@ -448,7 +407,10 @@ def _backward_kernels(q, k, v, dout, lse2, delta, causal, scale, cfg):
     dk = _alloc(tuple(k.shape), k.dtype, k.device)
     dv = _alloc(tuple(v.shape), v.dtype, v.device)
     dq = _alloc(tuple(q.shape), q.dtype, q.device)
-    if cfg["bwd_dkdv"].get("atomic_dq", 0):
+    if gluon_paths.backward(q, k, v, dout, lse2, delta, causal, scale, cfg["bwd_dkdv"],
+                            (dq, dk, dv), bwd_head_group(q, k, causal)):
+        return dq, dk, dv
+    if cfg["bwd_dkdv"].get("atomic_dq", 0) and not torch.are_deterministic_algorithms_enabled():
         acc = torch.zeros(tuple(q.shape), dtype=torch.float32, device=q.device)
         _launch_bwd(args, (acc, dk, dv), cfg, (True, False), True)
         dq.copy_(acc)
@@ -500,7 +462,9 @@ def flash_attention(
     softmax_scale defaults to 1/sqrt(D). Causal masks are bottom-right aligned. `config` may
     override {"fwd" | "bwd_dkdv" | "bwd_dq": {BLOCK_M, BLOCK_N, num_warps, num_stages}}, plus
     optional "maxnreg" and switches (fwd: "tma", "warp_specialize", "gluon"; bwd_dkdv:
-    "single_launch", "atomic_dq" (not deterministic), "peel_diagonal"); "<kernel>_causal"
+    "single_launch", "atomic_dq" and "gluon" (not deterministic; off under
+    torch.use_deterministic_algorithms), "peel_diagonal");
+    "<kernel>_causal"
     entries replace "<kernel>" when causal. See attnrt.platforms.cuda.triton_flash_configs
     for measured per-arch values.
 

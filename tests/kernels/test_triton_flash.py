@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attnrt.kernels import gluon_paths
 from attnrt.kernels import triton_flash as tf
 from attnrt.platforms.cuda.triton_flash_configs import CONFIGS, select_config
 
@@ -153,14 +154,15 @@ def test_config_override_gives_same_result(causal):
 
 
 @pytest.mark.interpret
-def test_gluon_switch_off_the_gpu_runs_the_triton_forward(monkeypatch):
-    """The Gluon forward is for sm90 tensors: on CPU tensors the switch is never consulted,
-    and the Triton forward gives the reference result."""
-    def unexpected() -> None:
-        raise AssertionError("the Gluon module was looked up for CPU tensors")
+def test_gluon_switches_off_the_gpu_run_the_triton_kernels(monkeypatch):
+    """The Gluon forward and backward are for sm90 tensors: on CPU tensors the switches are
+    never consulted, and the Triton kernels give the reference result."""
+    def unexpected(kind: str) -> None:
+        raise AssertionError(f"the Gluon {kind} was looked up for CPU tensors")
 
-    monkeypatch.setattr(tf, "_gluon_module", unexpected)
-    cfg = {"fwd": {"BLOCK_M": 16, "BLOCK_N": 64, "gluon": 1}}
+    monkeypatch.setattr(gluon_paths, "module", unexpected)
+    cfg = {"fwd": {"BLOCK_M": 16, "BLOCK_N": 64, "gluon": 1},
+           "bwd_dkdv": {"BLOCK_M": 16, "BLOCK_N": 16, "gluon": 1}}
     _check_parity((1, 21, 70, 2, 1, 32), torch.float32, causal=True, config=cfg)
 
 
@@ -174,41 +176,71 @@ def test_autotune_candidates_start_with_the_shipped_forward():
             assert make_entry(candidates[0]) == select_config(arch, bucket)["fwd"], (arch, bucket)
 
 
-def test_gluon_module_that_does_not_import_turns_the_path_off(monkeypatch, caplog):
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+def test_gluon_module_that_does_not_import_turns_the_path_off(monkeypatch, caplog, kind):
     import sys
 
-    monkeypatch.setattr(tf, "_GLUON", False)
-    monkeypatch.setitem(sys.modules, "attnrt.kernels.gluon_flash_sm90", None)  # import fails
+    monkeypatch.setattr(gluon_paths, "_LOADED", {})
+    name = gluon_paths._MODULES[kind]
+    monkeypatch.setitem(sys.modules, f"attnrt.kernels.{name}", None)  # import fails
     with caplog.at_level("WARNING", logger="attnrt"):
-        assert tf._gluon_module() is None
-        assert tf._gluon_module() is None  # looked up once, said once
-    assert [r.getMessage() for r in caplog.records if "Gluon forward is off" in r.getMessage()]
+        assert gluon_paths.module(kind) is None
+        assert gluon_paths.module(kind) is None  # looked up once, said once
+    assert [r.getMessage() for r in caplog.records if f"Gluon {kind} is off" in r.getMessage()]
     assert len(caplog.records) == 1
 
 
+def _failing_gluon(error: BaseException):
+    from types import SimpleNamespace
+
+    def run(*args: object) -> None:
+        raise error
+    return SimpleNamespace(usable=lambda *args: True, forward=run, backward=run)
+
+
 def test_gluon_compile_failure_turns_the_gluon_path_off(monkeypatch, caplog):
-    """A Gluon compile error: one warning, the Gluon forward off for the process, and the
-    caller told to run the Triton forward (False); only compile errors are caught."""
+    """A Gluon compile error: one warning, that Gluon kernel off for the process, and the
+    caller told to run its Triton kernels (False); only compile errors are caught."""
     from types import SimpleNamespace
 
     from triton.compiler.errors import CompilationError
 
-    def failing(error: BaseException) -> SimpleNamespace:
-        def forward(*args: object) -> None:
-            raise error
-        return SimpleNamespace(usable=lambda *args: True, forward=forward)
+    # Only is_cuda (and, for the dQ buffer, shape and device) is read before the module's calls.
+    cuda_q = SimpleNamespace(is_cuda=True, shape=(1, 1, 1, 1), device="cpu")
+    grads = (None, None, None)
+    calls = {
+        "forward": lambda: gluon_paths.forward(cuda_q, None, None, False, 1.0,
+                                               {"BLOCK_N": 128, "gluon": 1}, None, None, 1),
+        "backward": lambda: gluon_paths.backward(cuda_q, None, None, None, None, None, False,
+                                                 1.0, {"gluon": 1}, grads, 1),
+    }
+    for kind, call in calls.items():
+        monkeypatch.setattr(gluon_paths, "_LOADED",
+                            {kind: _failing_gluon(RuntimeError("CUDA error: illegal access"))})
+        with pytest.raises(RuntimeError, match="illegal access"):
+            call()
+        monkeypatch.setattr(gluon_paths, "_LOADED",
+                            {kind: _failing_gluon(CompilationError(None, None, "simulated"))})
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="attnrt"):
+            assert call() is False
+        assert gluon_paths._LOADED[kind] is None
+        assert any(f"Gluon {kind} is off" in r.getMessage() and "compiling it failed"
+                   in r.getMessage() for r in caplog.records)
+        assert call() is False
 
-    cfg = {"fwd": {"BLOCK_N": 128, "gluon": 1}}
-    cuda_q = SimpleNamespace(is_cuda=True)  # only is_cuda is read before the module's calls
-    monkeypatch.setattr(tf, "_GLUON", failing(RuntimeError("CUDA error: an illegal access")))
-    with pytest.raises(RuntimeError, match="illegal access"):
-        tf._gluon_forward(cuda_q, None, None, False, 1.0, cfg, None, None)
-    monkeypatch.setattr(tf, "_GLUON", failing(CompilationError(None, None, "simulated")))
-    with caplog.at_level("WARNING", logger="attnrt"):
-        assert tf._gluon_forward(cuda_q, None, None, False, 1.0, cfg, None, None) is False
-    assert tf._GLUON is None
-    assert any("compiling it failed" in r.getMessage() for r in caplog.records)
-    assert tf._gluon_forward(cuda_q, None, None, False, 1.0, cfg, None, None) is False
+
+def test_gluon_backward_stays_off_under_deterministic_algorithms(monkeypatch):
+    from types import SimpleNamespace
+
+    def unexpected(kind: str) -> None:
+        raise AssertionError("the Gluon backward was looked up under deterministic algorithms")
+
+    monkeypatch.setattr(gluon_paths, "module", unexpected)
+    monkeypatch.setattr(gluon_paths.torch, "are_deterministic_algorithms_enabled", lambda: True)
+    cuda_q = SimpleNamespace(is_cuda=True)
+    assert gluon_paths.backward(cuda_q, None, None, None, None, None, False, 1.0,
+                                {"gluon": 1}, (None, None, None), 1) is False
 
 
 @pytest.mark.interpret
@@ -327,13 +359,13 @@ def test_gpu_forward_switches(switch, causal):
     _check_parity((2, 1000, 1000, 4, 2, 128), torch.bfloat16, causal, cfg)
 
 
-def _gluon_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the Gluon forward's launches (fails the test where this Triton has no Gluon)."""
-    gluon = tf._gluon_module()
-    assert gluon is not None, "the GPU machine's Triton should import the Gluon forward"
+def _gluon_calls(monkeypatch: pytest.MonkeyPatch, kind: str = "forward") -> list[int]:
+    """Counts the Gluon kernel's launches (fails the test where this Triton has no Gluon)."""
+    gluon = gluon_paths.module(kind)
+    assert gluon is not None, f"the GPU machine's Triton should import the Gluon {kind}"
     calls: list[int] = []
-    real = gluon.forward
-    monkeypatch.setattr(gluon, "forward", lambda *a: calls.append(1) or real(*a))
+    real = getattr(gluon, kind)
+    monkeypatch.setattr(gluon, kind, lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -376,7 +408,7 @@ def test_gpu_forward_head_groups(group, gluon, monkeypatch):
 @pytest.mark.gpu
 def test_gpu_gluon_forward_leaves_what_it_cannot_read_to_triton(monkeypatch):
     """q in [B, H, N, D] memory has no 2D TMA view: the Triton forward serves it, correctly."""
-    if tf._gluon_module() is None or torch.cuda.get_device_capability()[0] != 9:
+    if gluon_paths.module("forward") is None or torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon forward is built for sm90")
     calls = _gluon_calls(monkeypatch)
     q, k, v = _inputs((1, 300, 300, 4, 2, 128), torch.bfloat16)
@@ -388,6 +420,64 @@ def test_gpu_gluon_forward_leaves_what_it_cannot_read_to_triton(monkeypatch):
     v[1, :20] = float("inf")  # would turn batch 0 into NaN through 0 * inf
     out = tf.flash_attention(q, k, v, config=_gpu_config(torch.bfloat16, 128))
     assert torch.isfinite(out[0]).all()
+    assert calls == []
+
+
+SM90 = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not SM90, reason="the Gluon backward is built for sm90")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [
+    (2, 1024, 1024, 6, 3),  # B > 1 (N % 64 == 0 and M % 128 == 0), GQA
+    (1, 700, 900, 4, 1),  # N != M, neither a multiple of a block, MQA
+    (1, 1000, 700, 4, 2),  # N > M: causal rows that see no key
+    (1, 1, 300, 2, 2)], ids=["b2_gqa", "n_lt_m", "n_gt_m", "n1"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("d", [128, 64], ids=lambda d: f"h{d}")
+def test_gpu_gluon_backward(d, shape, dtype, causal, monkeypatch):
+    """The Gluon backward (dq, dk, dv; NaN-poisoned) against float64, and that it really ran,
+    with the forward from the Triton kernel or the Gluon one, as the config says. D=128 splits
+    dQ's columns between the warpgroups, D=64 does not (its own code path)."""
+    calls = _gluon_calls(monkeypatch, "backward")
+    cfg = {name: dict(entry) for name, entry in _gpu_config(dtype, d).items()}
+    cfg.pop("bwd_dkdv_causal", None)
+    cfg["bwd_dkdv"]["gluon"] = 1
+    _check_parity((*shape, d), dtype, causal, cfg)
+    assert calls == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not SM90, reason="the Gluon backward is built for sm90")
+@pytest.mark.parametrize("group", [1, 5], ids=lambda g: f"group{g}")
+def test_gpu_gluon_backward_head_groups(group, monkeypatch):
+    # 3 kv heads of 2 batches in groups of 1 and of 5 (a short last group): every key once.
+    calls = _gluon_calls(monkeypatch, "backward")
+    monkeypatch.setattr(tf, "bwd_head_group", lambda q, k, causal: group)
+    cfg = {name: dict(entry) for name, entry in _gpu_config(torch.bfloat16, 128).items()}
+    cfg.pop("bwd_dkdv_causal", None)
+    cfg["bwd_dkdv"]["gluon"] = 1
+    _check_parity((2, 512, 1024, 6, 3, 128), torch.bfloat16, True, cfg)
+    assert calls == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not SM90, reason="the Gluon backward is built for sm90")
+def test_gpu_gluon_backward_leaves_what_it_cannot_read_to_triton(monkeypatch):
+    """B > 1 with N not a multiple of 64: a Q tile would cross into the next batch, whose inf
+    would reach this batch's dK/dV. The Triton kernels serve it, correctly; so D != 128."""
+    calls = _gluon_calls(monkeypatch, "backward")
+    cfg = {name: dict(entry) for name, entry in _gpu_config(torch.bfloat16, 128).items()}
+    cfg["bwd_dkdv"]["gluon"] = 1
+    _check_parity((2, 1000, 1024, 4, 2, 128), torch.bfloat16, False, cfg)
+    _check_parity((1, 300, 300, 4, 2, 96), torch.bfloat16, False, cfg)
+    q, k, v = (t.requires_grad_() for t in _inputs((2, 300, 256, 2, 2, 128), torch.bfloat16))
+    out = tf.flash_attention(q, k, v, config=cfg)
+    dout = torch.randn_like(out)
+    dout[1, :20] = float("inf")
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    assert all(torch.isfinite(g[0]).all() for g in (dq, dk, dv))
     assert calls == []
 
 

@@ -220,6 +220,34 @@ def test_single_launch_is_deterministic():
 
 
 @pytest.mark.interpret
+def test_deterministic_algorithms_turn_the_atomic_paths_off(monkeypatch):
+    """Under torch.use_deterministic_algorithms the atomic_dq and Gluon backwards (dQ's sum
+    order varies) give way to the two-launch Triton backward: the same bits on every run."""
+    seen: list[bool] = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["ATOMIC_DQ"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    real = tf._bwd_kernel
+    monkeypatch.setattr(tf, "_bwd_kernel", Spy())
+    cfg = {**SMALL, "bwd_dkdv": {"BLOCK_M": 16, "BLOCK_N": 32, "atomic_dq": 1, "gluon": 1}}
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _check_parity((1, 21, 57, 4, 2, 32), torch.float32, True, cfg)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert seen == [False, False]
+    seen.clear()
+    _check_parity((1, 21, 57, 4, 2, 32), torch.float32, True, cfg)
+    assert seen == [True]
+
+
+@pytest.mark.interpret
 def test_causal_entries_replace_plain_ones(monkeypatch):
     seen: list[int] = []
     real = tf._launch_args
