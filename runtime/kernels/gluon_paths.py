@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from types import ModuleType
 
 import torch
 import triton
@@ -18,10 +19,10 @@ import triton
 from . import compile_error_types
 
 _MODULES = {"forward": "gluon_flash_sm90", "backward": "gluon_flash_bwd_sm90"}
-_LOADED: dict[str, object] = {}  # kind -> module, or None once turned off
+_LOADED: dict[str, ModuleType | None] = {}  # kind -> module, or None once turned off
 
 
-def module(kind: str) -> object:
+def module(kind: str) -> ModuleType | None:
     """The Gluon module for "forward" or "backward", or None where it is off."""
     if kind not in _LOADED:
         try:
