@@ -10,15 +10,16 @@ one (batch, kv head) and walks the 64-row query blocks of every query head that 
     consumer   two warpgroups, one per 64 keys, each keeping its dK and dV in registers. Per
     0 and 1    query block: S^T = K Q^T and dP^T = V dO^T (async), P^T from the saved
                log-sum-exp, dV += P^T dO, dS^T = P^T (dP^T - delta), dK += dS^T Q; then dQ =
-               dS K, added to a float32 buffer with one TMA reduce-add (cp.reduce.async.bulk)
-               from a staging tile. At D=128 both halves of dS^T go to shared memory and each
+               dS K, added to a float32 buffer by TMA reduce-adds (cp.reduce.async.bulk) from
+               a swizzled staging tile. At D=128 both halves of dS^T go to shared memory and each
                warpgroup takes half of D over all 128 keys; at D=64 each takes all of D over
                its own 64 keys (no exchange, twice the reduce traffic)
 
-Adding dQ with element atomics instead cost about a third of the speed (D=128, H200: 0.70-0.74x
-cuDNN with each warpgroup's half added by vector atomics, 0.53-0.58x with each adding a whole
-tile, 0.79-0.86x with the bulk reduce); the sum's order, so dQ's last bits, varies between runs.
-bench/NOTES-triton-flash.md (seventh session) has the figures, and where this kernel is shipped.
+How dQ is added decides the speed (D=128 non-causal, over cuDNN): element atomics 0.70-0.74x
+(each warpgroup's half by vector atomics; 0.53-0.58x with each adding a whole tile), the bulk
+reduce from an unswizzled tile 0.79-0.86x, from a swizzled one 0.85-0.95x (H200 and H100). The
+sum's order, so dQ's last bits, varies between runs. Figures, and where this kernel is shipped:
+bench/NOTES-triton-flash.md (seventh session).
 
 Contract as triton_flash's backward kernels: q, dout [B, N, H, D], k, v [B, M, Hkv, D] (GQA by
 head index), bottom-right causal masks; lse2 and delta [B, H, NP] from _bwd_delta_kernel (rows
@@ -57,6 +58,10 @@ BLOCK_N = gl.constexpr(128)  # keys per program: two consumer warpgroups of 64
 BLOCK_M = gl.constexpr(64)  # query rows per step
 STAGES = gl.constexpr(2)  # Q and dO ring slots
 CONSUMER_REGS = gl.constexpr(240)
+# dQ is staged in 128-byte-swizzled tiles and added DQ_BOX float32 columns (128 bytes, the
+# swizzle span) per TMA reduce. H100, D=128 N=16384: 452 TFLOP/s from an unswizzled tile (its
+# stores 8-way bank-conflicted), 492 swizzled; 599 without the hand-over at all.
+DQ_BOX = gl.constexpr(32)
 
 
 @builtin
@@ -234,13 +239,14 @@ def _add_dq(wg: gl.constexpr, sm, dq_desc, t, dq, b, h0, N, lo, n_steps, sm_scal
     h = h0 + t // n_steps
     m0 = _query_block(t, lo, n_steps)
     tile = sm.dq.index(wg)
-    tma.store_wait(0)  # the previous step's reduce has read the tile
+    tma.store_wait(0)  # the previous step's reduces have read the tile
     tile.store(dq * sm_scale)
     fence_async_shared()
     col = h * shape.HEAD_DIM
     if shape.SPLIT_D:
         col += wg * shape.DQ_COLS
-    _tma_reduce_add(dq_desc, [b * N + m0, col], tile)
+    for c in gl.static_range(0, shape.DQ_COLS, DQ_BOX):
+        _tma_reduce_add(dq_desc, [b * N + m0, col + c], tile.slice(c, DQ_BOX, dim=1))
 
 
 @gluon.jit
@@ -265,6 +271,7 @@ def _consumer(wg: gl.constexpr, sm, lse2_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr
         s_t, dp_t = _issue_scores(sm, t, k_w, v_w, s_zero)
         dq, dk, dv = _step(wg, sm, t, s_t, dp_t, dk, dv, lse2_ptr, delta_ptr, b, h0, key0, N,
                            M, H, NP, lo, n_steps, qk_scale, k_cols, dq_zero, lay, shape)
+        # Issuing the next step's S^T here, before dQ's hand-over, measured 25% slower.
         dq, dk, dv = warpgroup_mma_wait(0, deps=(dq, dk, dv))
         _add_dq(wg, sm, dq_desc, t, dq, b, h0, N, lo, n_steps, sm_scale, shape)
         dk = warpgroup_mma_init(dk)
@@ -364,8 +371,7 @@ def _smem_layout(block_rows: int, d: int, dtype: torch.dtype) -> gl.NVMMASharedL
     return gl.NVMMASharedLayout.get_default_for([block_rows, d], gl_dtype)
 
 
-# Unswizzled: a 64-column float32 tile's rows are 256 bytes, past the 128-byte swizzle span.
-_DQ_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+_DQ_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
@@ -394,10 +400,10 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tens
     b, n, h, d = q.shape
     m, hkv = k.shape[1], k.shape[2]
     grid = (triton.cdiv(m, BLOCK_N.value) * b * hkv,)
-    # dQ is added in [64 rows, D / 2] tiles (D >= 128) or [64, D]; rows past B * N are clipped
-    # by the descriptor.
+    # dQ is added in [64 rows, DQ_BOX columns] boxes; rows past B * N are clipped by the
+    # descriptor.
     dq_desc = TensorDescriptor(dq_acc, [b * n, h * d], [h * d, 1],
-                               [BLOCK_M.value, d // 2 if d >= 128 else d], _DQ_LAYOUT)
+                               [BLOCK_M.value, DQ_BOX.value], _DQ_LAYOUT)
     _bwd_kernel[grid](_descriptor(q, BLOCK_M.value), _descriptor(k, BLOCK_N.value),
                       _descriptor(v, BLOCK_N.value), _descriptor(dout, BLOCK_M.value),
                       lse2, delta, dq_desc, dk, dv, n, m, h, hkv, lse2.shape[2], head_group,
