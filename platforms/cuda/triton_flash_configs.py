@@ -47,19 +47,20 @@ CONFIGS: dict[str, dict[int, Config]] = {
     # causal at N=4096-32768 vs 477-510 / 379-500 for the Triton forward (H100, same run). At
     # D=64 the Gluon kernel did not beat the Triton one (413-431 vs 422-433 full, 295-413 vs
     # 302-431 causal), so bucket 64 keeps it off.
-    # Seventh session: non-causal backwards at D=64 and D=128 go through the Gluon
+    # Seventh session: the D=128 backward and the non-causal D=64 one go through the Gluon
     # warp-specialized backward ("gluon" on bwd_dkdv; dQ by TMA reduce-add; D=64 or 128
-    # exactly, else the entry's Triton kernels). H100, B=1 H=24, over cuDNN, Gluon vs Triton:
-    # D=128 full 0.85-0.92 vs 0.74-0.80 (N=4096-32768), D=64 full 0.79-0.89 vs 0.78-0.80. Causal
-    # calls keep the Triton kernels: Gluon 0.76-0.80 vs 0.77-0.87 at D=128, and at D=64 ahead
-    # only from N=16384 (0.83-0.84 vs 0.78-0.80; 0.90 vs 1.00 at N=4096).
+    # exactly, else the entry's Triton kernels). H100, B=1 H=24, N=4096-32768, over cuDNN,
+    # Gluon vs Triton: D=128 full 0.88-0.93 vs 0.74-0.80, causal 0.84-0.89 vs 0.78-0.87 (0.86
+    # vs 0.89 at N=4096, the one cell it trails); D=64 full 0.78-0.90 vs 0.78-0.80. D=64
+    # causal keeps the Triton kernels: Gluon ahead only from N=16384 (0.80-0.84 vs 0.78-0.80;
+    # 0.85-0.90 vs 1.00 at N=4096).
     "sm90": {
         32: _cfg((128, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)),
         64: _cfg((128, 64, 8, 3), (32, 128, 4, 3, "gluon"), (64, 64, 4, 3),
                  causal=(None, (32, 64, 4, 3, "single_launch"), None)),
         128: _cfg((128, 128, 8, 3, "tma", "gluon"), (64, 128, 8, 3, "single_launch", "gluon"),
                   (128, 64, 8, 3),
-                  causal=(None, (64, 128, 8, 3, "peel_diagonal"), None)),
+                  causal=(None, (64, 128, 8, 3, "peel_diagonal", "gluon"), None)),
         256: _cfg((128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)),
     },
     "sm80": {

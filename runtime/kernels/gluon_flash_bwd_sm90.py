@@ -17,7 +17,7 @@ one (batch, kv head) and walks the 64-row query blocks of every query head that 
 
 How dQ is added decides the speed (D=128 non-causal, over cuDNN): element atomics 0.70-0.74x
 (each warpgroup's half by vector atomics; 0.53-0.58x with each adding a whole tile), the bulk
-reduce from an unswizzled tile 0.79-0.86x, from a swizzled one 0.85-0.95x (H200 and H100). The
+reduce from an unswizzled tile 0.79-0.86x, from a swizzled one 0.88-0.97x (H200 and H100). The
 sum's order, so dQ's last bits, varies between runs. Figures, and where this kernel is shipped:
 bench/NOTES-triton-flash.md (seventh session).
 
@@ -183,9 +183,9 @@ def _issue_scores(sm, t, k_w, v_w, s_zero):
 
 @gluon.jit
 def _step(wg: gl.constexpr, sm, t, s_t, dp_t, dk, dv, lse2_ptr, delta_ptr, b, h0, key0, N, M,
-          H, NP, lo, n_steps, qk_scale, k_cols, dq_zero, lay, shape):
+          H, NP, lo, n_steps, qk_scale, k_cols, dq_zero, lay, shape, MASK: gl.constexpr):
     """Step t from its issued S^T and dP^T: issues dV, dK and dQ (async); returns their
-    accumulators."""
+    accumulators. MASK: 0 none, 1 apply the masks, 2 apply them where keys pass M."""
     HALF_N: gl.constexpr = BLOCK_N // 2
     dtype: gl.constexpr = sm.q.dtype
     h = h0 + t // n_steps
@@ -199,10 +199,7 @@ def _step(wg: gl.constexpr, sm, t, s_t, dp_t, dk, dv, lse2_ptr, delta_ptr, b, h0
     p_t = gl.exp2(s_t * qk_scale - lse2[None, :])
     # Keys past M (zeros read past the tensor's end, whose S = 0 is no P = 0) and, when
     # causal, keys after a query's diagonal get P = 0.
-    crosses = key0 + HALF_N > M
-    if shape.CAUSAL:
-        crosses = crosses | (key0 + HALF_N - 1 > m0 + (M - N))
-    if crosses:
+    if MASK == 1 or (MASK == 2 and key0 + HALF_N > M):
         keys = key0 + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, lay.s))
         keep = keys[:, None] < M
         if shape.CAUSAL:
@@ -250,6 +247,19 @@ def _add_dq(wg: gl.constexpr, sm, dq_desc, t, dq, b, h0, N, lo, n_steps, sm_scal
 
 
 @gluon.jit
+def _consumer_step(wg: gl.constexpr, sm, t, dk, dv, k_w, v_w, s_zero, lse2_ptr, delta_ptr,
+                   dq_desc, b, h0, key0, N, M, H, NP, lo, n_steps, qk_scale, sm_scale, k_cols,
+                   dq_zero, lay, shape, MASK: gl.constexpr):
+    s_t, dp_t = _issue_scores(sm, t, k_w, v_w, s_zero)
+    dq, dk, dv = _step(wg, sm, t, s_t, dp_t, dk, dv, lse2_ptr, delta_ptr, b, h0, key0, N, M, H,
+                       NP, lo, n_steps, qk_scale, k_cols, dq_zero, lay, shape, MASK)
+    # Issuing the next step's S^T here, before dQ's hand-over, measured 25% slower.
+    dq, dk, dv = warpgroup_mma_wait(0, deps=(dq, dk, dv))
+    _add_dq(wg, sm, dq_desc, t, dq, b, h0, N, lo, n_steps, sm_scale, shape)
+    return warpgroup_mma_init(dk), warpgroup_mma_init(dv)
+
+
+@gluon.jit
 def _consumer(wg: gl.constexpr, sm, lse2_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr, b, h0, hk,
               start_n, N, M, H, NP, lo, n_steps, steps, qk_scale, sm_scale, sdk_b, sdk_n,
               sdk_h, shape):
@@ -267,15 +277,32 @@ def _consumer(wg: gl.constexpr, sm, lse2_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr
     dv = warpgroup_mma_init(gl.zeros([HALF_N, HEAD_DIM], gl.float32, layout=lay.acc))
     s_zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, layout=lay.s)
     mbarrier.wait(sm.kv_bar, 0)
-    for t in range(steps):
-        s_t, dp_t = _issue_scores(sm, t, k_w, v_w, s_zero)
-        dq, dk, dv = _step(wg, sm, t, s_t, dp_t, dk, dv, lse2_ptr, delta_ptr, b, h0, key0, N,
-                           M, H, NP, lo, n_steps, qk_scale, k_cols, dq_zero, lay, shape)
-        # Issuing the next step's S^T here, before dQ's hand-over, measured 25% slower.
-        dq, dk, dv = warpgroup_mma_wait(0, deps=(dq, dk, dv))
-        _add_dq(wg, sm, dq_desc, t, dq, b, h0, N, lo, n_steps, sm_scale, shape)
-        dk = warpgroup_mma_init(dk)
-        dv = warpgroup_mma_init(dv)
+    if shape.CAUSAL:
+        # This warpgroup's masked steps (per query head) come first: its keys' diagonal
+        # blocks, or every block where its keys pass M. The unmasked loop then carries no mask
+        # code: with it, the kernel spilled more (236 bytes a thread against 96) and ran 0.76x
+        # cuDNN at N=16384, against 0.87x peeled (H100, D=128).
+        diag_end = key0 + HALF_N - 1 - (M - N)  # the first query row seeing all these keys
+        n_masked = gl.minimum(gl.maximum(gl.cdiv(diag_end - lo, BLOCK_M), 0), n_steps)
+        if key0 + HALF_N > M:
+            n_masked = n_steps
+        for g in range(gl.cdiv(steps, gl.maximum(n_steps, 1))):
+            for j in range(n_masked):
+                dk, dv = _consumer_step(wg, sm, g * n_steps + j, dk, dv, k_w, v_w, s_zero,
+                                        lse2_ptr, delta_ptr, dq_desc, b, h0, key0, N, M, H, NP,
+                                        lo, n_steps, qk_scale, sm_scale, k_cols, dq_zero, lay,
+                                        shape, 1)
+            for j in range(n_masked, n_steps):
+                dk, dv = _consumer_step(wg, sm, g * n_steps + j, dk, dv, k_w, v_w, s_zero,
+                                        lse2_ptr, delta_ptr, dq_desc, b, h0, key0, N, M, H, NP,
+                                        lo, n_steps, qk_scale, sm_scale, k_cols, dq_zero, lay,
+                                        shape, 0)
+    else:
+        # One loop (peeled like the causal one, D=64 ran 0.71-0.78x cuDNN, not 0.79-0.85x).
+        for t in range(steps):
+            dk, dv = _consumer_step(wg, sm, t, dk, dv, k_w, v_w, s_zero, lse2_ptr, delta_ptr,
+                                    dq_desc, b, h0, key0, N, M, H, NP, lo, n_steps, qk_scale,
+                                    sm_scale, k_cols, dq_zero, lay, shape, 2)
     dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
     tma.store_wait(0)
     rows_o = key0 + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, lay.acc))
