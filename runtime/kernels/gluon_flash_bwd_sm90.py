@@ -32,8 +32,6 @@ No `from __future__ import annotations` here: Gluon's aggregate checks field ann
 real types.
 """
 
-import functools
-
 import torch
 import triton
 from triton._C.libtriton import ir
@@ -52,6 +50,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.core import _aggregate as aggregate
 
 from attnrt.kernels import capability, reads_as_2d
+from attnrt.kernels.gluon_flash_sm90 import tma_descriptor
 
 SUPPORTED_HEAD_SIZES = (64, 128)
 BLOCK_N = gl.constexpr(128)  # keys per program: two consumer warpgroups of 64
@@ -385,19 +384,6 @@ def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, lse2_ptr, delta_ptr, dq_desc, d
                         (_producer, producer_args)], [4, 1], [CONSUMER_REGS, 24])
 
 
-def _descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
-    """[B, L, Hx, D] as the 2D TMA tensor [B * L, Hx * D], tiles of [block_rows, D]."""
-    b, rows, hx, d = t.shape
-    return TensorDescriptor(t, [b * rows, hx * d], [t.stride(1), 1], [block_rows, d],
-                            _smem_layout(block_rows, d, t.dtype))
-
-
-@functools.cache
-def _smem_layout(block_rows: int, d: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
-    gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
-    return gl.NVMMASharedLayout.get_default_for([block_rows, d], gl_dtype)
-
-
 _DQ_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
 
 
@@ -431,8 +417,8 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tens
     # descriptor.
     dq_desc = TensorDescriptor(dq_acc, [b * n, h * d], [h * d, 1],
                                [BLOCK_M.value, DQ_BOX.value], _DQ_LAYOUT)
-    _bwd_kernel[grid](_descriptor(q, BLOCK_M.value), _descriptor(k, BLOCK_N.value),
-                      _descriptor(v, BLOCK_N.value), _descriptor(dout, BLOCK_M.value),
+    _bwd_kernel[grid](tma_descriptor(q, BLOCK_M.value), tma_descriptor(k, BLOCK_N.value),
+                      tma_descriptor(v, BLOCK_N.value), tma_descriptor(dout, BLOCK_M.value),
                       lse2, delta, dq_desc, dk, dv, n, m, h, hkv, lse2.shape[2], head_group,
                       scale * 1.4426950408889634, scale, dk.stride(0), dk.stride(1),
                       dk.stride(2), HEAD_DIM=d, CAUSAL=causal, num_warps=4)

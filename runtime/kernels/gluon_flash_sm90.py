@@ -263,8 +263,9 @@ def _fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, N, M, H, GROUP, HEAD_GRO
                         (_producer, producer_args)], [4, 1], [CONSUMER_REGS, 24])
 
 
-def _descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
-    """[B, L, Hx, D] as the 2D TMA tensor [B * L, Hx * D], tiles of [block_rows, D]."""
+def tma_descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
+    """[B, L, Hx, D] as the 2D TMA tensor [B * L, Hx * D], tiles of [block_rows, D] (the
+    backward, gluon_flash_bwd_sm90, reads its tensors this way too)."""
     b, rows, hx, d = t.shape
     return TensorDescriptor(t, [b * rows, hx * d], [t.stride(1), 1], [block_rows, d],
                             _smem_layout(block_rows, d, t.dtype))
@@ -299,8 +300,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
     b, n, h, d = q.shape
     m, hkv = k.shape[1], k.shape[2]
     grid = (triton.cdiv(n, BLOCK_M.value) * b * h,)
-    _fwd_kernel[grid](_descriptor(q, BLOCK_M.value // 2), _descriptor(k, block_n),
-                      _descriptor(v, block_n), out, lse, n, m, h, h // hkv, head_group,
+    _fwd_kernel[grid](tma_descriptor(q, BLOCK_M.value // 2), tma_descriptor(k, block_n),
+                      tma_descriptor(v, block_n), out, lse, n, m, h, h // hkv, head_group,
                       scale * LOG2E.value,
                       out.stride(0), out.stride(1), out.stride(2), HEAD_DIM=d, BLOCK_N=block_n,
                       CAUSAL=causal, MASK=causal or m % block_n != 0, num_warps=4)
