@@ -228,7 +228,7 @@ def _step(wg: gl.constexpr, sm, t, s_t, dp_t, dk, dv, lse2_ptr, delta_ptr, b, h0
 @gluon.jit
 def _add_dq(wg: gl.constexpr, sm, dq_desc, t, dq, b, h0, N, lo, n_steps, sm_scale, shape):
     """Releases step t's Q and dO slot and adds its finished dQ tile into the float32 buffer
-    with one TMA reduce-add, issued from this warpgroup's staging tile."""
+    with TMA reduce-adds (one per DQ_BOX columns), issued from this warpgroup's staging tile."""
     slot = t % STAGES
     mbarrier.arrive(sm.q_empty.index(slot))
     mbarrier.arrive(sm.do_empty.index(slot))

@@ -321,8 +321,8 @@ def _forward(q, k, v, causal, scale, cfg):
     m, hkv = k.shape[1], k.shape[2]
     out = _alloc(tuple(q.shape), q.dtype, q.device)
     lse = _alloc((b, h, n), torch.float32, q.device)
-    if gluon_paths.forward(q, k, v, causal, scale, cfg["fwd"], out, lse,
-                           head_group(q, k, causal)):
+    group = head_group(q, k, causal)
+    if gluon_paths.forward(q, k, v, causal, scale, cfg["fwd"], out, lse, group):
         return out, lse
     blocks, launch = _launch_args(cfg["fwd"])
     grid = (triton.cdiv(n, blocks["BLOCK_M"]) * b * h,)
@@ -330,7 +330,7 @@ def _forward(q, k, v, causal, scale, cfg):
     unit = _stride_unit(q, k, v, out)
     _fwd_kernel[grid](q, k, v, out, lse, *(descs or (k, v)),
                       *(x for t in (q, k, v, out) for x in _strides(t, unit)),
-                      n, m, h, h // hkv, head_group(q, k, causal), scale * LOG2E,
+                      n, m, h, h // hkv, group, scale * LOG2E,
                       **_consts(q, causal), **blocks, **launch,
                       WARP_SPEC=bool(cfg["fwd"].get("warp_specialize", 0)),
                       USE_TMA=descs is not None, UNIT=unit)
@@ -361,8 +361,9 @@ def _backward_delta(out, dout, lse, dlse, pad):
 
 def _stats_pad(cfg: dict[str, dict[str, int]]) -> int:
     """Row multiple of the lse2/delta padding: every query block the backward reads is whole
-    (the Gluon backward's are 64 rows)."""
-    return max(cfg["bwd_dkdv"]["BLOCK_M"], cfg["bwd_dq"]["BLOCK_M"], 64)
+    (the Gluon backward's, where its switch is on, are 64 rows)."""
+    gluon_rows = 64 if cfg["bwd_dkdv"].get("gluon", 0) else 1
+    return max(cfg["bwd_dkdv"]["BLOCK_M"], cfg["bwd_dq"]["BLOCK_M"], gluon_rows)
 
 
 def _needs_int64(*tensors: torch.Tensor) -> bool:
@@ -381,9 +382,10 @@ def _bwd_blocks(cfg: dict[str, dict[str, int]], dkdv: bool, dq: bool) -> dict[st
 
 
 def _launch_bwd(args: tuple, grads: tuple, cfg: dict, kinds: tuple[bool, bool],
-                atomic: bool) -> object:
+                atomic: bool, group: int | None = None) -> object:
     """One launch of _bwd_kernel running the dK/dV programs, the dQ programs, or both; returns
-    Triton's compiled-kernel handle (n_regs, n_spills on a GPU), which the bench reports."""
+    Triton's compiled-kernel handle (n_regs, n_spills on a GPU), which the bench reports.
+    group: kv heads interleaved (bwd_head_group's, worked out here when None)."""
     q, k, v, dout, lse2, delta, causal, scale = args
     b, n, h, _ = q.shape
     m, hkv = k.shape[1], k.shape[2]
@@ -394,8 +396,8 @@ def _launch_bwd(args: tuple, grads: tuple, cfg: dict, kinds: tuple[bool, bool],
     unit = _stride_unit(q, k, v, dout, *grads)
     return _bwd_kernel[(programs * b * hkv,)](
         q, k, v, dout, lse2, delta, *grads, *(_strides(t, unit) for t in (q, k, v, dout, *grads)),
-        n, lse2.shape[2], m, h, hkv, h // hkv, bwd_head_group(q, k, causal),
-        scale * LOG2E, scale,
+        n, lse2.shape[2], m, h, hkv, h // hkv,
+        bwd_head_group(q, k, causal) if group is None else group, scale * LOG2E, scale,
         **_consts(q, causal), **blocks, **launch, ATOMIC_DQ=atomic,
         INT64=_needs_int64(q, k, v, dout, *grads), UNIT=unit,
         PEEL=bool(causal and kinds[0] and cfg["bwd_dkdv"].get("peel_diagonal", 0)))
@@ -407,18 +409,19 @@ def _backward_kernels(q, k, v, dout, lse2, delta, causal, scale, cfg):
     dk = _alloc(tuple(k.shape), k.dtype, k.device)
     dv = _alloc(tuple(v.shape), v.dtype, v.device)
     dq = _alloc(tuple(q.shape), q.dtype, q.device)
+    group = bwd_head_group(q, k, causal)
     if gluon_paths.backward(q, k, v, dout, lse2, delta, causal, scale, cfg["bwd_dkdv"],
-                            (dq, dk, dv), bwd_head_group(q, k, causal)):
+                            (dq, dk, dv), group):
         return dq, dk, dv
     if cfg["bwd_dkdv"].get("atomic_dq", 0) and not torch.are_deterministic_algorithms_enabled():
         acc = torch.zeros(tuple(q.shape), dtype=torch.float32, device=q.device)
-        _launch_bwd(args, (acc, dk, dv), cfg, (True, False), True)
+        _launch_bwd(args, (acc, dk, dv), cfg, (True, False), True, group)
         dq.copy_(acc)
     elif cfg["bwd_dkdv"].get("single_launch", 0):
-        _launch_bwd(args, (dq, dk, dv), cfg, (True, True), False)
+        _launch_bwd(args, (dq, dk, dv), cfg, (True, True), False, group)
     else:
-        _launch_bwd(args, (dq, dk, dv), cfg, (True, False), False)
-        _launch_bwd(args, (dq, dk, dv), cfg, (False, True), False)
+        _launch_bwd(args, (dq, dk, dv), cfg, (True, False), False, group)
+        _launch_bwd(args, (dq, dk, dv), cfg, (False, True), False, group)
     return dq, dk, dv
 
 
@@ -463,10 +466,9 @@ def flash_attention(
     override {"fwd" | "bwd_dkdv" | "bwd_dq": {BLOCK_M, BLOCK_N, num_warps, num_stages}}, plus
     optional "maxnreg" and switches (fwd: "tma", "warp_specialize", "gluon"; bwd_dkdv:
     "single_launch", "atomic_dq" and "gluon" (not deterministic; off under
-    torch.use_deterministic_algorithms), "peel_diagonal");
-    "<kernel>_causal"
-    entries replace "<kernel>" when causal. See attnrt.platforms.cuda.triton_flash_configs
-    for measured per-arch values.
+    torch.use_deterministic_algorithms), "peel_diagonal"); "<kernel>_causal" entries replace
+    "<kernel>" when causal. See attnrt.platforms.cuda.triton_flash_configs for measured
+    per-arch values.
 
     Equivalent PyTorch: flash_attention_reference(q, k, v, causal, softmax_scale, return_lse).
     """
