@@ -148,7 +148,7 @@ def run_grid(device: Device, cases: list[Case], budget: float, out_dir: str,
         names = [n for n in TIMED if n in only and wanted(n, case)
                  and not reasons_for(n, case.request(), device)]
         cell = [measure(name, case, "cuda", repeats=10, check_seq=1024) for name in names]
-        benchmark.retime(cell, "cuda", repeats=10, rounds=rounds)
+        benchmark.retime(cell, "cuda", repeats=5, rounds=rounds)
         results += cell
         line = ", ".join(f"{r.backend}={r.tflops:.0f}" if r.status == "ok" else
                          f"{r.backend}={r.status}" for r in cell)
@@ -235,8 +235,8 @@ def main() -> int:
     ap.add_argument("--head-sizes", default=",".join(map(str, HEAD_SIZES)))
     ap.add_argument("--backends", default=",".join(TIMED))
     ap.add_argument("--no-bwd", action="store_true")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="timing rounds per cell, the backends' order alternating (median kept)")
+    ap.add_argument("--rounds", type=int, default=10,
+                    help="interleaved timing rounds per cell (attnrt.benchmark.retime)")
     args = ap.parse_args()
     if args.from_json:
         data, results = load(args.from_json)

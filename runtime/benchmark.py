@@ -8,8 +8,9 @@ the backend against the float64 REFERENCE on fresh random inputs (output, and gr
 backward pass) and refuses to time a wrong one (status WRONG, with its error); then it times it
 (CUDA/ROCm: torch.cuda.Event pairs around each run, synchronized once at the end as
 triton.testing.do_bench does; elsewhere time.perf_counter with a device sync) and reports the
-median. With --rounds R (GPU default 3) the backends of a case are timed R times, the order
-reversed every other round, and each keeps its median round (see retime). FLOPs count
+median. With --rounds R > 1 (GPU default 10) the contenders of a case (within 0.5x of the
+fastest) are timed again in R interleaved rounds, and each keeps the median of its runs (see
+retime). FLOPs count
 4*B*H*N*N*D per forward, half of that when causal, 2.5x forward for the backward pass. The
 backend the manifest would choose for the case is marked with '*'.
 """
@@ -55,7 +56,7 @@ class Defaults:
 CPU_DEFAULTS = Defaults(heads=4, head_sizes="64", seq_lens="256", dtypes="fp32", repeats=5,
                         rounds=1)
 GPU_DEFAULTS = Defaults(heads=24, head_sizes="64,128", seq_lens="4096", dtypes="bf16",
-                        repeats=10, rounds=3)
+                        repeats=5, rounds=10)
 _TORCH_DEVICE = {"cuda": "cuda", "rocm": "cuda", "mps": "mps", "npu": "npu", "cpu": "cpu"}
 
 
@@ -77,7 +78,10 @@ class Case:
     pass_: str
 
     def request(self) -> AttentionRequest:
-        return AttentionRequest(self.head_size, self.dtype, self.heads, self.kv_heads, self.causal)
+        """What a layer asks for in this pass: the backward is timed on calls made under
+        autograd, which rules may rank apart (their `grad` key)."""
+        return AttentionRequest(self.head_size, self.dtype, self.heads, self.kv_heads,
+                                self.causal, grad=self.pass_ == "bwd")
 
     def flops(self) -> float:
         fwd = 4.0 * self.batch * self.heads * self.seq_len ** 2 * self.head_size
@@ -126,10 +130,10 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default=None,
                         help="comma list (default: every backend available here)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed runs per round (CPU 5, GPU 10)")
+                        help="timed runs per round (CPU 5, GPU 5)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="timing rounds per case, the backends' order alternating; the "
-                             "median round counts (CPU 1, GPU 3)")
+                        help="interleaved timing rounds per case for the backends within 0.5x "
+                             "of the fastest; each keeps the median of its runs (CPU 1, GPU 10)")
     parser.add_argument("--check-seq", type=int, default=2048,
                         help="longest N checked against the float64 reference (default 2048)")
 
@@ -209,14 +213,48 @@ def _sync(device: str) -> None:
         sync()
 
 
-def _timed_runs(fn: Callable[[], Any], reset: Callable[[], None], device: str,
-                repeats: int) -> float:
-    """Median milliseconds of `repeats` runs of fn after two warm-up runs."""
-    for _ in range(2):
+def _runner(impl: Any, case: Case, device: str) -> tuple[Callable[[], Any], Callable[[], None]]:
+    """One run of `impl` on fresh inputs of `case` (for "bwd", the backward of one forward kept
+    alive), and what to reset before each run."""
+    q, k, v = _inputs(case, case.seq_len, device, case.pass_ == "bwd")
+    if case.pass_ == "fwd":
+        def forward() -> Any:
+            with torch.no_grad():
+                return impl.forward(q, k, v, None)
+
+        return forward, lambda: None
+    out = impl.forward(q, k, v, None)
+    g = torch.randn_like(out)
+
+    def reset() -> None:
+        q.grad = k.grad = v.grad = None
+
+    return lambda: out.backward(g, retain_graph=True), reset
+
+
+def _run_times(fn: Callable[[], Any], reset: Callable[[], None], device: str,
+               repeats: int) -> list[float]:
+    """Milliseconds of each of `repeats` runs of fn, after one untimed run.
+
+    CUDA: events around each run, synchronized once at the end (as triton.testing.do_bench):
+    the GPU time of each run, with the host's launch overhead overlapped as in a real model.
+    The untimed run is still on the GPU while the first timed one is queued, so that one's
+    launch latency is overlapped too. Elsewhere: time.perf_counter with a device sync around
+    each run."""
+    if device == "cuda":
+        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                 for _ in range(repeats)]
         reset()
         fn()
-    if device == "cuda":
-        return _cuda_event_median(fn, reset, repeats)
+        for start, end in pairs:
+            reset()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in pairs]
+    reset()
+    fn()
     times = []
     for _ in range(repeats):
         reset()
@@ -225,36 +263,14 @@ def _timed_runs(fn: Callable[[], Any], reset: Callable[[], None], device: str,
         fn()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def _cuda_event_median(fn: Callable[[], Any], reset: Callable[[], None], repeats: int) -> float:
-    """Events around each run, synchronized once at the end (as triton.testing.do_bench): the
-    GPU time of each run, with the host's launch overhead overlapped as in a real model."""
-    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-             for _ in range(repeats)]
-    torch.cuda.synchronize()
-    for start, end in pairs:
-        reset()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in pairs)
+    return times
 
 
 def time_ms(impl: Any, case: Case, device: str, repeats: int) -> float:
-    q, k, v = _inputs(case, case.seq_len, device, case.pass_ == "bwd")
-    if case.pass_ == "fwd":
-        with torch.no_grad():
-            return _timed_runs(lambda: impl.forward(q, k, v, None), lambda: None, device, repeats)
-    out = impl.forward(q, k, v, None)
-    g = torch.randn_like(out)
-
-    def reset() -> None:
-        q.grad = k.grad = v.grad = None
-
-    return _timed_runs(lambda: out.backward(g, retain_graph=True), reset, device, repeats)
+    """Median milliseconds of `repeats` runs, after two untimed ones (compiles, autotuning)."""
+    fn, reset = _runner(impl, case, device)
+    _run_times(fn, reset, device, 1)
+    return statistics.median(_run_times(fn, reset, device, repeats))
 
 
 def _impl(name: str, case: Case) -> Any:
@@ -281,18 +297,36 @@ def measure(name: str, case: Case, device: str, repeats: int, check_seq: int) ->
     return Result(name, case, "ok", ms, case.flops() / (ms * 1e-3) / 1e12, err)
 
 
+# A backend whose first measure is below this fraction of the fastest one's is not a contender:
+# it keeps that measure, and its (often low-power) runs do not sit between the contenders'. Low
+# enough that one disturbed first measure (0.67x once, bench/NOTES-cuda.md) is timed again.
+CONTENDER_SHARE = 0.5
+
+
 def retime(cell: list[Result], device: str, repeats: int, rounds: int) -> None:
-    """Time the correct results of one case `rounds - 1` more times, alternating the order
-    (reversed, then as given, ...), and keep each one's median round: clock and power drift
-    across a case then favours no backend (in one pass the first one timed came out 5-12%
-    faster than the same cuDNN kernel timed later, bench/NOTES-cuda.md)."""
-    ok = [r for r in cell if r.status == "ok" and r.ms is not None]
-    rounds_ms: dict[int, list[float]] = {id(r): [r.ms or 0.0] for r in ok}
-    for i in range(1, rounds):
-        for r in ok[::-1] if i % 2 else ok:
-            rounds_ms[id(r)].append(time_ms(_impl(r.backend, r.case), r.case, device, repeats))
-    for r in ok:
-        ms = statistics.median(rounds_ms[id(r)])
+    """Time the contenders of one case again in `rounds` interleaved rounds (rounds > 1) and give
+    each the median of all its runs.
+
+    Each round runs every contender once untimed, then `repeats` times; each pair of rounds
+    runs one rotation of the contenders forwards, then backwards, so clock and
+    power state (which moved one kernel's median by up to 12% against the same kernel timed
+    later in the case, bench/NOTES-cuda.md) favour none of them."""
+    ok = [r for r in cell if r.status == "ok" and r.ms]
+    if rounds < 2 or len(ok) < 2:
+        return
+    fastest = min(r.ms or 0.0 for r in ok)
+    contenders = [r for r in ok if fastest >= CONTENDER_SHARE * (r.ms or 0.0)]
+    if len(contenders) < 2:
+        return
+    runners = [_runner(_impl(r.backend, r.case), r.case, device) for r in contenders]
+    times: list[list[float]] = [[] for _ in contenders]
+    count = len(contenders)
+    for i in range(rounds):
+        order = [(i // 2 + j) % count for j in range(count)]  # rounds 2i, 2i+1: one order
+        for j in order[::-1] if i % 2 else order:                # forwards, then backwards
+            times[j] += _run_times(*runners[j], device, repeats)
+    for r, runs in zip(contenders, times, strict=True):
+        ms = statistics.median(runs)
         r.ms, r.tflops = ms, r.case.flops() / (ms * 1e-3) / 1e12
 
 

@@ -18,7 +18,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from attnrt import registry, support
@@ -201,12 +201,17 @@ _decisions: dict[tuple[Any, ...], Decision] = {}
 _failures: dict[tuple[Device, AttentionRequest], dict[str, Reason]] = {}
 
 
+def _failure_key(request: AttentionRequest, device: Device) -> tuple[Device, AttentionRequest]:
+    # A kernel that failed to build for a shape fails with autograd on or off alike.
+    return device, (replace(request, grad=False) if request.grad else request)
+
+
 def record_failure(request: AttentionRequest, device: Device, name: str, message: str) -> bool:
     """Remember that `name` failed at run time (e.g. a compile error) for this request; every
     layer re-selects at its next forward. True the first time, so the caller warns once."""
     global selection_epoch
     with _lock:
-        failed = _failures.setdefault((device, request), {})
+        failed = _failures.setdefault(_failure_key(request, device), {})
         new = name not in failed
         failed[name] = Reason(support.COMPILE_FAILED, f"{name} failed at run time: {message}")
         _decisions.clear()
@@ -224,7 +229,7 @@ def reasons_for(name: str, request: AttentionRequest, device: Device) -> list[Re
     except (RegistryError, UnknownBackendError) as exc:
         return [Reason(support.NOT_REGISTERED, str(exc))]
     reasons = support.check(cls, request, device)
-    failed = _failures.get((device, request), {}).get(name)
+    failed = _failures.get(_failure_key(request, device), {}).get(name)
     return reasons + [failed] if failed else reasons
 
 

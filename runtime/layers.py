@@ -72,13 +72,15 @@ _UNSELECTED = _Unselected()
 
 
 class _Selected:
-    """A decision and the impl built from it, for one (dtype, device) a layer has seen."""
+    """A decision and the impl built from it, for one (dtype, device, grad mode) a layer has
+    seen."""
 
-    __slots__ = ("decision", "device", "dtype", "epoch", "forced", "impl", "index")
+    __slots__ = ("decision", "device", "dtype", "epoch", "forced", "grad", "impl", "index")
 
     def __init__(self, decision: Decision, impl: AttentionImpl, dtype: torch.dtype | None,
                  device: torch.device | None, epoch: int, forced: str | None) -> None:
         self.decision, self.impl, self.dtype, self.device = decision, impl, dtype, device
+        self.grad = decision.request.grad
         # The selection epoch read before selecting, and this thread's force_backend() value:
         # the hot path re-selects when either differs now.
         self.epoch, self.forced = epoch, forced
@@ -116,9 +118,11 @@ class LocalAttention(nn.Module):
 
     # -- selection ---------------------------------------------------------------------------
 
-    def request_for(self, dtype: torch.dtype) -> AttentionRequest:
+    def request_for(self, dtype: torch.dtype, grad: bool | None = None) -> AttentionRequest:
+        """The request for inputs of `dtype`; grad None: whether autograd is on now."""
+        grad = torch.is_grad_enabled() if grad is None else grad
         return AttentionRequest(self.head_size, dtype_name(dtype), self.num_heads,
-                                self.num_kv_heads, self.causal, self._allowed)
+                                self.num_kv_heads, self.causal, self._allowed, grad)
 
     def _device_for(self, tensor_device: torch.device | None) -> Device:
         device = probe()
@@ -140,11 +144,12 @@ class LocalAttention(nn.Module):
 
     def _select(self, dtype: torch.dtype, tensor_device: torch.device | None) -> _Selected:
         epoch, forced = dispatch.selection_epoch, _CONTEXT_FORCE.get()  # read before selecting
-        key = (dtype, str(tensor_device), forced_backend())
+        grad = torch.is_grad_enabled()
+        key = (dtype, str(tensor_device), forced_backend(), grad)
         found = self._by_key.get(key)
         if found is not None and found.epoch == epoch:
             return found
-        decision = select(self.request_for(dtype), self._device_for(tensor_device))
+        decision = select(self.request_for(dtype, grad), self._device_for(tensor_device))
         if found is not None and found.decision.backend == decision.backend:
             impl = found.impl  # same backend after a global change: keep the impl and its state
         else:
@@ -155,7 +160,8 @@ class LocalAttention(nn.Module):
         return found
 
     def impl_for(self, dtype: torch.dtype, device: torch.device | None = None) -> AttentionImpl:
-        """The impl this layer runs for inputs of `dtype` on `device` (selected once, cached)."""
+        """The impl this layer runs for inputs of `dtype` on `device` in the current autograd
+        mode (selected once, cached)."""
         return self._select(dtype, device).impl
 
     def decision_for(self, dtype: torch.dtype, device: torch.device | None = None) -> Decision:
@@ -176,7 +182,8 @@ class LocalAttention(nn.Module):
         """The selection serving q, k, v: one flat test on the hot path (goal: < 2 us per call,
         of which nn.Module's own call takes ~1 us); anything unusual goes to _slow_path, which
         validates in full and re-selects. get_device() is -1 on CPU and the index elsewhere:
-        cheaper than .device."""
+        cheaper than .device. Autograd on or off (training or inference) may select another
+        backend: the mode is part of the request."""
         active = self._active
         dt, qs, ks = active.dtype, q.shape, k.shape
         heads, size, kv_heads = self._dims
@@ -185,7 +192,8 @@ class LocalAttention(nn.Module):
                 and q.dtype is dt and k.dtype is dt and v.dtype is dt
                 and q.get_device() == active.index == k.get_device() == v.get_device()
                 and active.epoch == dispatch.selection_epoch
-                and _CONTEXT_FORCE.get() is active.forced):
+                and _CONTEXT_FORCE.get() is active.forced
+                and torch.is_grad_enabled() is active.grad):
             active = self._slow_path(q, k, v)
         return active
 

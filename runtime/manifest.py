@@ -13,6 +13,7 @@ node level, so every error names file:line and the key, and duplicate keys are e
         dtype: [bf16, fp16]
         causal: false             # optional
         gqa: true                 # optional
+        grad: false               # optional: true for calls under autograd (training)
         rank: [TORCH_SDPA_CUDNN, TRITON_FLASH_ATTN, TORCH_SDPA, REFERENCE]
         measured: {device: NVIDIA H100 80GB HBM3, date: 2026-11-25, torch: 2.11.0}
         # or  source: "FlashAttention-3 paper, Fig. 5"   (a rule with neither is untested)
@@ -38,8 +39,8 @@ from attnrt.ranges import ArchRange, RangeError, SizeRange
 from attnrt.request import AttentionRequest, dtype_name
 
 SCHEMA = 1
-RULE_KEYS = ("platform", "arch", "head_size", "dtype", "causal", "gqa", "rank", "measured",
-             "source", "note")
+RULE_KEYS = ("platform", "arch", "head_size", "dtype", "causal", "gqa", "grad", "rank",
+             "measured", "source", "note")
 MEASURED_KEYS = ("device", "date", "torch", "driver", "cuda", "triton", "tflops", "note")
 
 
@@ -54,6 +55,7 @@ class Rule:
     dtypes: frozenset[str] | None = None
     causal: bool | None = None
     gqa: bool | None = None
+    grad: bool | None = None
     measured: tuple[tuple[str, str], ...] | None = None
     source: str | None = None
     key_lines: tuple[tuple[str, int], ...] = ()
@@ -71,7 +73,8 @@ class Rule:
                 and (self.head_size is None or self.head_size.contains(request.head_size))
                 and (self.dtypes is None or request.dtype in self.dtypes)
                 and (self.causal is None or self.causal == request.causal)
-                and (self.gqa is None or self.gqa == request.is_gqa))
+                and (self.gqa is None or self.gqa == request.is_gqa)
+                and (self.grad is None or self.grad == request.grad))
 
     @property
     def provenance_kind(self) -> str:
@@ -94,7 +97,8 @@ class Rule:
                  f"head_size={self.head_size}" if self.head_size else "",
                  f"dtype={','.join(sorted(self.dtypes))}" if self.dtypes else "",
                  f"causal={self.causal}" if self.causal is not None else "",
-                 f"gqa={self.gqa}" if self.gqa is not None else ""]
+                 f"gqa={self.gqa}" if self.gqa is not None else "",
+                 f"grad={self.grad}" if self.grad is not None else ""]
         return " ".join(p for p in parts if p) or "(any)"
 
 
@@ -306,8 +310,8 @@ def _source(value: Any, where: str) -> str:
 
 
 _FIELD_PARSERS = {"platform": _platforms, "arch": _arch, "head_size": _head_size,
-                  "dtype": _dtypes, "causal": _flag, "gqa": _flag, "rank": _rank,
-                  "measured": _measured, "source": _source}
+                  "dtype": _dtypes, "causal": _flag, "gqa": _flag, "grad": _flag,
+                  "rank": _rank, "measured": _measured, "source": _source}
 _FIELD_NAMES = {"platform": "platforms", "dtype": "dtypes"}
 
 

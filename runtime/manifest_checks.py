@@ -77,7 +77,7 @@ def _key_covers(key: str, outer: Any, inner: Any) -> bool:
     return bool(outer == inner)
 
 
-_KEYS = ("platforms", "arch", "head_size", "dtypes", "causal", "gqa")
+_KEYS = ("platforms", "arch", "head_size", "dtypes", "causal", "gqa", "grad")
 
 
 def rule_covers(earlier: Rule, later: Rule) -> bool:

@@ -36,6 +36,9 @@ class AttentionRequest:
     """What a layer asks for. `allowed` is the layer's supported_attention_backends, or None.
 
     Heads are the ones the kernel sees: for sequence-parallel layers, the count after sharding.
+    `grad`: the call runs with autograd on (training), so the backward's speed counts too; rules
+    may rank differently for it (the `grad` key), since the fastest forward need not be the
+    fastest forward and backward.
     """
 
     head_size: int
@@ -44,9 +47,13 @@ class AttentionRequest:
     num_kv_heads: int | None = None
     causal: bool = False
     allowed: tuple[str, ...] | None = None
+    grad: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        for flag in ("causal", "grad"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag}={getattr(self, flag)!r} must be True or False")
         for field in ("head_size", "num_heads"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -72,7 +79,8 @@ class AttentionRequest:
     def describe(self) -> str:
         kv = f", {self.kv_heads} kv heads" if self.is_gqa else ""
         causal = "causal" if self.causal else "non-causal"
-        return (f"{self.num_heads} heads{kv} of {self.head_size}, {self.dtype}, {causal}")
+        grad = ", with backward" if self.grad else ""
+        return f"{self.num_heads} heads{kv} of {self.head_size}, {self.dtype}, {causal}{grad}"
 
 
 def _backend_name(name: object) -> str:

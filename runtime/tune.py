@@ -2,6 +2,9 @@
 (platform, arch, head size, dtype, causal, gqa), ranking the backends that ran correctly by
 measured time (REFERENCE last), each with its provenance (`measured:` device, date, versions,
 TFLOP/s per backend). Load it with ATTNRT_CAPABILITY=FILE or attnrt.load_capability(FILE).
+
+With `--pass both`, a cell whose forward alone ranks otherwise than forward plus backward gets
+two rules: `grad: false` (inference) ranked by the forward, `grad: true` (training) by the sum.
 """
 
 from __future__ import annotations
@@ -42,15 +45,28 @@ def _three_digits(x: float) -> float:
 
 
 def tune_rules(results: list[Result], device: Device, env: dict[str, Any]) -> list[dict]:
-    """One rule per measured (head size, dtype, causal, gqa): backends by measured time."""
+    """One rule per measured (head size, dtype, causal, gqa): backends by measured time; two
+    (grad false / true) where the forward alone ranks otherwise than forward plus backward."""
     cells: dict[tuple[int, str, bool, bool], list[Result]] = {}
     for r in results:
         cells.setdefault(_cell(r.case), []).append(r)
-    return [_rule(key, rs, device, env) for key, rs in cells.items()]
+    rules = []
+    for key, rs in cells.items():
+        both = _rule(key, rs, device, env)
+        fwd = [r for r in rs if r.case.pass_ == "fwd"]
+        if len(fwd) in (0, len(rs)):
+            rules.append(both)
+            continue
+        inference = _rule(key, fwd, device, env, grad=False)
+        if inference["rank"] == both["rank"]:
+            rules.append(both)
+        else:
+            rules += [inference, _rule(key, rs, device, env, grad=True)]
+    return rules
 
 
 def _rule(key: tuple[int, str, bool, bool], results: list[Result], device: Device,
-          env: dict[str, Any]) -> dict[str, Any]:
+          env: dict[str, Any], grad: bool | None = None) -> dict[str, Any]:
     head_size, dtype, causal, gqa = key
     names = list(dict.fromkeys(r.backend for r in results))
     cases = {r.case for r in results}
@@ -68,7 +84,8 @@ def _rule(key: tuple[int, str, bool, bool], results: list[Result], device: Devic
                            f"{', '.join(sorted(set(names) - set(good)))}"
                            if set(names) - set(good) else "")}
     return {"platform": device.platform, "arch": [device.arch], "head_size": [head_size],
-            "dtype": [dtype], "causal": causal, "gqa": gqa, "rank": rank, "measured": measured}
+            "dtype": [dtype], "causal": causal, "gqa": gqa,
+            **({} if grad is None else {"grad": grad}), "rank": rank, "measured": measured}
 
 
 def write_manifest(rules: list[dict], path: str, device: Device) -> None:
@@ -101,6 +118,7 @@ def run_tune(args: argparse.Namespace) -> int:
         print(format_table(results, device))
         print(f"wrote {len(rules)} rule(s) to {args.out}; use ATTNRT_CAPABILITY={args.out}")
         for rule in rules:
+            grad = f" grad={rule['grad']}" if "grad" in rule else ""
             print(f"  D={rule['head_size'][0]} {rule['dtype'][0]} causal={rule['causal']} "
-                  f"gqa={rule['gqa']}: {', '.join(rule['rank'])}")
+                  f"gqa={rule['gqa']}{grad}: {', '.join(rule['rank'])}")
     return 0

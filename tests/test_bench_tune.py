@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 import attnrt
@@ -22,17 +23,35 @@ from tests.helpers import CountingBackend, CountingImpl, make_backend
 TINY = ["--head-sizes", "32", "--seq-lens", "40", "--heads", "2", "--repeats", "2"]
 
 
+class _SlowBackward(torch.autograd.Function):
+    """The identity, whose backward sleeps `delay` seconds."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, delay: float) -> torch.Tensor:
+        ctx.delay = delay
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        time.sleep(ctx.delay)
+        return grad, None
+
+
 class _ScaledImpl(CountingImpl):
-    """Reference attention times `factor`, after sleeping `delay` seconds; counts calls."""
+    """Reference attention times `factor`, after sleeping `delay` seconds (its backward
+    `backward_delay` more); counts calls."""
 
     def forward(self, query, key, value, attn_metadata):
         backend: Any = type(self).backend
         time.sleep(backend.delay)
-        return super().forward(query, key, value, attn_metadata) * backend.factor
+        out = super().forward(query, key, value, attn_metadata) * backend.factor
+        return _SlowBackward.apply(out, backend.backward_delay)
 
 
-def _fake(register, name: str, factor: float = 1.0, delay: float = 0.0) -> type[CountingBackend]:
-    backend: Any = make_backend(name, PLATFORMS=frozenset({"cpu"}), factor=factor, delay=delay)
+def _fake(register, name: str, factor: float = 1.0, delay: float = 0.0,
+          backward_delay: float = 0.0) -> type[CountingBackend]:
+    backend: Any = make_backend(name, PLATFORMS=frozenset({"cpu"}), factor=factor, delay=delay,
+                                backward_delay=backward_delay)
     backend.get_impl_cls = classmethod(
         lambda cls: type(f"{cls.NAME}Impl", (_ScaledImpl,), {"backend": cls}))
     register(name, backend)
@@ -95,24 +114,33 @@ def test_bench_refuses_simulated_devices_and_unknown_backends(capsys):
     assert "--rounds=0: give a positive count" in capsys.readouterr().err
 
 
-def test_rounds_alternate_the_order_and_keep_the_median_round(monkeypatch):
+def test_rounds_interleave_the_contenders_and_keep_the_median_run(monkeypatch):
     case = benchmark.Case(1, 2, 2, 32, 40, "fp32", False, "fwd")
-    cell = [benchmark.Result("A", case, "ok", ms=5.0), benchmark.Result("B", case, "ok", ms=1.0),
+    cell = [benchmark.Result("A", case, "ok", ms=1.0), benchmark.Result("B", case, "ok", ms=1.2),
+            benchmark.Result("C", case, "ok", ms=1.3), benchmark.Result("SLOW", case, "ok", ms=2.5),
             benchmark.Result("W", case, "WRONG", rel_error=0.1)]
-    later_rounds = {"A": [1.0, 1.2], "B": [2.0, 2.2]}
+    runs = {"A": [[3.0, 3.0], [2.0, 9.0], [2.0, 2.0], [1.0, 1.0], [5.0, 5.0], [4.0, 4.0]],
+            "B": [[1.0, 1.0]] * 6, "C": [[2.0, 2.0]] * 6}
     order: list[str] = []
 
-    def scripted(name, case, device, repeats):
-        order.append(name)
-        return later_rounds[name].pop(0)
+    def scripted(fn, reset, device, repeats):
+        assert repeats == 2
+        order.append(fn)
+        return runs[fn].pop(0)
 
     monkeypatch.setattr(benchmark, "_impl", lambda name, case: name)
-    monkeypatch.setattr(benchmark, "time_ms", scripted)
-    benchmark.retime(cell, "cpu", repeats=2, rounds=3)
-    assert order == ["B", "A", "A", "B"]  # reversed, then as given; the wrong one never
-    assert [r.ms for r in cell] == [1.2, 2.0, None]  # medians of (5, 1, 1.2) and (1, 2, 2.2)
-    assert cell[0].tflops == pytest.approx(case.flops() / 1.2e-3 / 1e12)
-    assert cell[2].tflops is None
+    monkeypatch.setattr(benchmark, "_runner", lambda impl, case, device: (impl, lambda: None))
+    monkeypatch.setattr(benchmark, "_run_times", scripted)
+    benchmark.retime(cell, "cpu", repeats=2, rounds=6)
+    # Contenders are within 0.5x of the fastest first measure (SLOW is not, nor the wrong one);
+    # each pair of rounds is one rotation forwards then backwards: every contender leads twice.
+    assert "".join(order) == "ABC" "CBA" "BCA" "ACB" "CAB" "BAC"
+    assert [r.ms for r in cell[:4]] == [3.0, 1.0, 2.0, 2.5]  # median of A's 12 runs: 3.0
+    assert cell[0].tflops == pytest.approx(case.flops() / 3e-3 / 1e12)
+    assert cell[4].ms is None
+    order.clear()
+    benchmark.retime(cell, "cpu", repeats=2, rounds=1)  # one round: the first measures stand
+    assert order == []
 
 
 def test_bench_plot_needs_matplotlib_or_writes_png(tmp_path, capsys):
@@ -129,18 +157,19 @@ def test_bench_plot_needs_matplotlib_or_writes_png(tmp_path, capsys):
         assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-def _tune(tmp_path, name: str) -> dict[str, Any]:
+def _tune(tmp_path, name: str, *flags: str) -> dict[str, Any]:
     path = tmp_path / name
     rc = _run("tune", *TINY, "--backends", "FAKE_A,FAKE_B", "--causal", "both",
-              "--out", str(path))
+              "--out", str(path), *flags)
     assert rc == 0
     assert validate_files([str(path)]) == []
     return {"path": str(path), "doc": yaml.safe_load(path.read_text())}
 
 
-def _choice(causal: bool) -> str | None:
+def _choice(causal: bool, grad: bool = False) -> str | None:
     attnrt.clear_caches()
-    return attnrt.explain(head_size=32, dtype="fp32", num_heads=2, causal=causal).backend
+    return attnrt.explain(head_size=32, dtype="fp32", num_heads=2, causal=causal,
+                          grad=grad).backend
 
 
 def test_tune_writes_valid_rules_that_flip_the_choice(register, tmp_path, monkeypatch):
@@ -175,6 +204,26 @@ def _choice_rule_is(path: str) -> bool:
     decision = attnrt.explain(head_size=32, dtype="fp32", num_heads=2)
     return decision.rule is not None and decision.rule.file == path and \
         decision.rule.measured is not None
+
+
+def test_tune_both_passes_splits_inference_from_training(register, tmp_path, monkeypatch):
+    _fake(register, "FAKE_A", backward_delay=0.06)  # fastest forward, slow backward
+    _fake(register, "FAKE_B", delay=0.02)           # slower forward, fast backward
+    assert benchmark.Case(1, 2, 2, 32, 40, "fp32", False, "bwd").request().grad
+    doc = _tune(tmp_path, "both.yaml", "--pass", "both")["doc"]
+    ranks = {(r["causal"], r["grad"]): r["rank"] for r in doc["rules"]}
+    for causal in (False, True):
+        assert ranks[(causal, False)] == ["FAKE_A", "FAKE_B", "REFERENCE"]  # forward alone
+        assert ranks[(causal, True)] == ["FAKE_B", "FAKE_A", "REFERENCE"]   # forward + backward
+    monkeypatch.setenv("ATTNRT_CAPABILITY", str(tmp_path / "both.yaml"))
+    assert (_choice(False), _choice(False, grad=True)) == ("FAKE_A", "FAKE_B")
+    layer = attnrt.LocalAttention(2, 32)
+    q, k, v = (torch.randn(1, 40, 2, 32) for _ in range(3))
+    with torch.no_grad():
+        layer(q, k, v)
+    assert layer.backend_name == "FAKE_A"
+    layer(q, k, v)
+    assert layer.backend_name == "FAKE_B"
 
 
 def test_tune_ranks_only_backends_that_were_right(register, tmp_path):

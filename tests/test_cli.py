@@ -49,6 +49,19 @@ def test_explain_text_names_rule_and_candidates(capsys):
     assert "chosen:" in out
 
 
+def test_explain_grad_picks_the_training_rule(capsys):
+    args = ["explain", "--head-size", "128", "--heads", "24", "--causal", "--device", "cuda:sm90",
+            "--json"]
+    code, out, _ = run(capsys, *args)
+    inference = json.loads(out)
+    code, out, _ = run(capsys, *args, "--grad")
+    training = json.loads(out)
+    assert (inference["request"]["grad"], training["request"]["grad"]) == (False, True)
+    assert "grad=False" in inference["rule"]["conditions"]
+    assert "grad" not in training["rule"]["conditions"]
+    assert inference["rule"]["where"] != training["rule"]["where"]
+
+
 def test_explain_json_matches_the_api(capsys):
     import attnrt
 

@@ -111,6 +111,30 @@ def test_dtype_change_reselects_instead_of_running_outside_support(register, wri
     assert fp32_only.forward_calls == 2
 
 
+def test_autograd_mode_selects_by_the_rules_grad_key(register, write_yaml, monkeypatch):
+    infer = register("INFER_ATTN", make_backend("INFER_ATTN"))
+    train = register("TRAIN_ATTN", make_backend("TRAIN_ATTN"))
+    monkeypatch.setenv("ATTNRT_CAPABILITY", write_yaml(
+        "schema: 1\nrules:\n"
+        "  - platform: cpu\n    grad: false\n    rank: [INFER_ATTN, TORCH_SDPA]\n"
+        "  - platform: cpu\n    grad: true\n    rank: [TRAIN_ATTN, TORCH_SDPA]\n"))
+    layer = attnrt.LocalAttention(2, 32)
+    q, k, v = randn_qkv(1, 16, 2, 32)
+    with torch.no_grad():
+        layer(q, k, v)
+    assert layer.backend_name == "INFER_ATTN"
+    assert layer.decision.request.grad is False
+    inference_impl = layer._active.impl
+    layer(q.requires_grad_(), k, v)  # autograd on: the training rule
+    assert layer.backend_name == "TRAIN_ATTN"
+    assert "with backward" in layer.decision.explain()
+    with torch.inference_mode():
+        layer(q.detach(), k, v)
+    assert layer.backend_name == "INFER_ATTN"
+    assert layer._active.impl is inference_impl  # cached per mode, not rebuilt
+    assert (infer.forward_calls, train.forward_calls) == (2, 1)
+
+
 class FailingImpl(CountingImpl):
     def forward(self, query, key, value, attn_metadata):
         type(self).backend.forward_calls += 1
@@ -242,6 +266,17 @@ def test_entering_a_force_keeps_impls_of_unforced_callers():
         pass
     layer(q, k, v)
     assert layer._active.impl is impl
+
+
+def test_a_failure_with_autograd_on_is_remembered_with_it_off(failing_first):
+    q, k, v = randn_qkv(1, 16, 2, 32)
+    attnrt.LocalAttention(2, 32)(q, k, v)  # autograd on: fails, records, falls back
+    layer = attnrt.LocalAttention(2, 32)
+    with torch.no_grad():
+        out = layer(q, k, v)
+    assert layer.backend_name == "TORCH_SDPA"
+    assert failing_first.forward_calls == 1
+    assert rel_l2(out, dense_reference(q, k, v)) < 1e-5
 
 
 def test_decision_for_sees_a_failure_recorded_by_another_layer(failing_first):

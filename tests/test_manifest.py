@@ -185,6 +185,26 @@ def test_first_matching_rule_decides(head, dtype, causal, gqa, platform):
     assert manifest.match(request, device) is expected
 
 
+def test_grad_key_splits_inference_from_training(write_yaml):
+    path = write_yaml(HEAD + "  - platform: cpu\n    grad: false\n    rank: [REFERENCE]\n"
+                             "  - platform: cpu\n    grad: true\n    rank: [TORCH_SDPA]\n")
+    manifest = load_manifest([path])
+    device = Device("cpu", "x86_64")
+    infer, train = (AttentionRequest(64, "fp32", grad=g) for g in (False, True))
+    assert manifest.match(infer, device) is manifest.rules[0]
+    assert manifest.match(train, device) is manifest.rules[1]
+    assert manifest.rules[1].conditions() == "platform=cpu grad=True"
+    assert validate_files([path]) == []  # neither rule shadows the other
+    shadowed = write_yaml(HEAD + "  - platform: cpu\n    rank: [REFERENCE]\n"
+                                 "  - platform: cpu\n    grad: true\n    rank: [TORCH_SDPA]\n",
+                          "shadowed.yaml")
+    assert "is shadowed by" in "\n".join(validate_files([shadowed]))
+    bad = write_yaml(HEAD + "  - grad: sometimes\n    rank: [REFERENCE]\n", "bad.yaml")
+    assert "grad" in "\n".join(validate_files([bad]))
+    with pytest.raises(TypeError, match="grad=1 must be True or False"):
+        AttentionRequest(64, "fp32", grad=1)  # type: ignore[arg-type]
+
+
 def test_manifest_loads_in_order(write_yaml):
     a = write_yaml(HEAD + "  - platform: cpu\n    rank: [REFERENCE]\n", "a.yaml")
     manifest = load_manifest([a, shipped_path()])
