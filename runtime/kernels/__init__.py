@@ -42,6 +42,16 @@ def capability(device: torch.device) -> tuple[int, int]:
     return props.major, props.minor
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host: triton.cdiv is a jit function there, ~1.5 us a call."""
+    return -(-a // b)
+
+
+def next_power_of_2(x: int) -> int:
+    """The least power of two >= x (x >= 1), on the host (see cdiv)."""
+    return 1 << (x - 1).bit_length()
+
+
 def reads_as_2d(t: torch.Tensor) -> bool:
     """Whether [B, L, Hx, D] `t` can be read as the 2D TMA tensor [B * L, Hx * D] (rows L*B
     evenly spaced, a head's D elements contiguous, 16-byte aligned base and row stride)."""

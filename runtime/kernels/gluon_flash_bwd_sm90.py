@@ -33,7 +33,6 @@ real types.
 """
 
 import torch
-import triton
 from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -49,7 +48,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.core import _aggregate as aggregate
 
-from attnrt.kernels import capability, reads_as_2d
+from attnrt.kernels import capability, cdiv, reads_as_2d
+from attnrt.kernels.fast_launch import launch
 from attnrt.kernels.gluon_flash_sm90 import tma_descriptor
 
 SUPPORTED_HEAD_SIZES = (64, 128)
@@ -412,13 +412,14 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tens
     (contiguous, like k); lse2, delta [B, H, NP]; `usable` must hold."""
     b, n, h, d = q.shape
     m, hkv = k.shape[1], k.shape[2]
-    grid = (triton.cdiv(m, BLOCK_N.value) * b * hkv,)
+    grid = (cdiv(m, BLOCK_N.value) * b * hkv,)
     # dQ is added in [64 rows, DQ_BOX columns] boxes; rows past B * N are clipped by the
     # descriptor.
     dq_desc = TensorDescriptor(dq_acc, [b * n, h * d], [h * d, 1],
                                [BLOCK_M.value, DQ_BOX.value], _DQ_LAYOUT)
-    _bwd_kernel[grid](tma_descriptor(q, BLOCK_M.value), tma_descriptor(k, BLOCK_N.value),
-                      tma_descriptor(v, BLOCK_N.value), tma_descriptor(dout, BLOCK_M.value),
-                      lse2, delta, dq_desc, dk, dv, n, m, h, hkv, lse2.shape[2], head_group,
-                      scale * 1.4426950408889634, scale, dk.stride(0), dk.stride(1),
-                      dk.stride(2), HEAD_DIM=d, CAUSAL=causal, num_warps=4)
+    launch(_bwd_kernel, grid,
+           (tma_descriptor(q, BLOCK_M.value), tma_descriptor(k, BLOCK_N.value),
+            tma_descriptor(v, BLOCK_N.value), tma_descriptor(dout, BLOCK_M.value),
+            lse2, delta, dq_desc, dk, dv, n, m, h, hkv, lse2.shape[2], head_group,
+            scale * 1.4426950408889634, scale, dk.stride(0), dk.stride(1), dk.stride(2)),
+           {"HEAD_DIM": d, "CAUSAL": causal, "num_warps": 4})

@@ -27,7 +27,6 @@ real types.
 import functools
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -40,7 +39,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.core import _aggregate as aggregate
 
-from attnrt.kernels import capability, reads_as_2d
+from attnrt.kernels import capability, cdiv, reads_as_2d
+from attnrt.kernels.fast_launch import launch
 
 SUPPORTED_HEAD_SIZES = (64, 128)
 BLOCK_M = gl.constexpr(128)  # two consumer warpgroups of 64 rows
@@ -299,9 +299,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
     head_group: heads whose row blocks interleave, heaviest first (see _fwd_kernel)."""
     b, n, h, d = q.shape
     m, hkv = k.shape[1], k.shape[2]
-    grid = (triton.cdiv(n, BLOCK_M.value) * b * h,)
-    _fwd_kernel[grid](tma_descriptor(q, BLOCK_M.value // 2), tma_descriptor(k, block_n),
-                      tma_descriptor(v, block_n), out, lse, n, m, h, h // hkv, head_group,
-                      scale * LOG2E.value,
-                      out.stride(0), out.stride(1), out.stride(2), HEAD_DIM=d, BLOCK_N=block_n,
-                      CAUSAL=causal, MASK=causal or m % block_n != 0, num_warps=4)
+    grid = (cdiv(n, BLOCK_M.value) * b * h,)
+    launch(_fwd_kernel, grid,
+           (tma_descriptor(q, BLOCK_M.value // 2), tma_descriptor(k, block_n),
+            tma_descriptor(v, block_n), out, lse, n, m, h, h // hkv, head_group,
+            scale * LOG2E.value, out.stride(0), out.stride(1), out.stride(2)),
+           {"HEAD_DIM": d, "BLOCK_N": block_n, "CAUSAL": causal,
+            "MASK": causal or m % block_n != 0, "num_warps": 4})

@@ -18,9 +18,16 @@ import math
 import os
 
 import torch
-import triton
 
-from . import capability, cuda_properties, gluon_paths, reads_as_2d
+from . import (
+    capability,
+    cdiv,
+    cuda_properties,
+    fast_launch,
+    gluon_paths,
+    next_power_of_2,
+    reads_as_2d,
+)
 from .flash_reference import flash_attention_reference
 from .triton_flash_jit import _bwd_delta_kernel, _bwd_kernel, _fwd_kernel
 
@@ -215,7 +222,7 @@ def _tma_ok(t: torch.Tensor) -> bool:
     """True where [B, M, Hkv, D] can be read as a 2D [B * M, Hkv * D] TMA tensor."""
     d = t.shape[3]
     return (t.is_cuda and capability(t.device)[0] >= 9
-            and d == triton.next_power_of_2(d) and reads_as_2d(t))
+            and d == next_power_of_2(d) and reads_as_2d(t))
 
 
 def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, cfg: dict[str, int]) -> tuple | None:
@@ -240,7 +247,7 @@ def _consts(q: torch.Tensor, causal: bool) -> dict:
     d = q.shape[3]
     # float32 dots must not drop to tf32, or they miss the float32 accuracy the tests demand.
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    return {"HEAD_DIM": d, "BLOCK_D": triton.next_power_of_2(d), "CAUSAL": causal, "PREC": prec}
+    return {"HEAD_DIM": d, "BLOCK_D": next_power_of_2(d), "CAUSAL": causal, "PREC": prec}
 
 
 def _stride_unit(*tensors: torch.Tensor) -> int:
@@ -292,7 +299,7 @@ def head_group(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int:
         return 1
     b, n, h, d = q.shape
     kv_bytes = 2 * k.shape[1] * d * k.element_size() * k.shape[2] / h  # per query head
-    return _group_size(True, b * h, triton.cdiv(n, 128), kv_bytes, q.device)
+    return _group_size(True, b * h, cdiv(n, 128), kv_bytes, q.device)
 
 
 def bwd_head_group(q: torch.Tensor, k: torch.Tensor, causal: bool) -> int:
@@ -325,15 +332,17 @@ def _forward(q, k, v, causal, scale, cfg):
     if gluon_paths.forward(q, k, v, causal, scale, cfg["fwd"], out, lse, group):
         return out, lse
     blocks, launch = _launch_args(cfg["fwd"])
-    grid = (triton.cdiv(n, blocks["BLOCK_M"]) * b * h,)
+    grid = (cdiv(n, blocks["BLOCK_M"]) * b * h,)
     descs = _kv_descriptors(k, v, cfg["fwd"])
     unit = _stride_unit(q, k, v, out)
-    _fwd_kernel[grid](q, k, v, out, lse, *(descs or (k, v)),
-                      *(x for t in (q, k, v, out) for x in _strides(t, unit)),
-                      n, m, h, h // hkv, group, scale * LOG2E,
-                      **_consts(q, causal), **blocks, **launch,
-                      WARP_SPEC=bool(cfg["fwd"].get("warp_specialize", 0)),
-                      USE_TMA=descs is not None, UNIT=unit)
+    fast_launch.launch(
+        _fwd_kernel, grid,
+        (q, k, v, out, lse, *(descs or (k, v)),
+         *(x for t in (q, k, v, out) for x in _strides(t, unit)),
+         n, m, h, h // hkv, group, scale * LOG2E),
+        {**_consts(q, causal), **blocks, **launch,
+         "WARP_SPEC": bool(cfg["fwd"].get("warp_specialize", 0)),
+         "USE_TMA": descs is not None, "UNIT": unit})
     return out, lse
 
 
@@ -341,17 +350,18 @@ def _backward_delta(out, dout, lse, dlse, pad):
     """delta and lse in log2 units (lse2), float32 [B, H, NP], NP = N rounded up to `pad`:
     the padding rows hold delta = 0 and lse2 = +inf, so the kernels read whole blocks."""
     b, n, h, _ = out.shape
-    n_pad = triton.cdiv(n, pad) * pad
+    n_pad = cdiv(n, pad) * pad
     delta = _alloc((b, h, n_pad), torch.float32, out.device)
     lse2 = _alloc((b, h, n_pad), torch.float32, out.device)
     block_m = 64
-    grid = (triton.cdiv(n_pad, block_m), b * h)
+    grid = (cdiv(n_pad, block_m), b * h)
     d = out.shape[3]
     unit = _stride_unit(out, dout)
-    _bwd_delta_kernel[grid](out, dout, lse, delta, lse2, *_strides(out, unit),
-                            *_strides(dout, unit), n, n_pad, h, HEAD_DIM=d,
-                            BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, num_warps=4,
-                            UNIT=unit)
+    fast_launch.launch(_bwd_delta_kernel, grid,
+                       (out, dout, lse, delta, lse2, *_strides(out, unit),
+                        *_strides(dout, unit), n, n_pad, h),
+                       {"HEAD_DIM": d, "BLOCK_D": next_power_of_2(d), "BLOCK_M": block_m,
+                        "num_warps": 4, "UNIT": unit})
     if dlse is not None:
         # d lse / d s = softmax row, so an lse gradient folds into delta: ds = p * (dp - delta
         # + dlse).
@@ -390,17 +400,19 @@ def _launch_bwd(args: tuple, grads: tuple, cfg: dict, kinds: tuple[bool, bool],
     b, n, h, _ = q.shape
     m, hkv = k.shape[1], k.shape[2]
     blocks = _bwd_blocks(cfg, *kinds)
-    programs = ((triton.cdiv(m, blocks["BLOCK_N1"]) if kinds[0] else 0)
-                + (triton.cdiv(n, blocks["BLOCK_M2"]) * (h // hkv) if kinds[1] else 0))
+    programs = ((cdiv(m, blocks["BLOCK_N1"]) if kinds[0] else 0)
+                + (cdiv(n, blocks["BLOCK_M2"]) * (h // hkv) if kinds[1] else 0))
     _, launch = _launch_args(cfg["bwd_dkdv" if kinds[0] else "bwd_dq"])
     unit = _stride_unit(q, k, v, dout, *grads)
-    return _bwd_kernel[(programs * b * hkv,)](
-        q, k, v, dout, lse2, delta, *grads, *(_strides(t, unit) for t in (q, k, v, dout, *grads)),
-        n, lse2.shape[2], m, h, hkv, h // hkv,
-        bwd_head_group(q, k, causal) if group is None else group, scale * LOG2E, scale,
-        **_consts(q, causal), **blocks, **launch, ATOMIC_DQ=atomic,
-        INT64=_needs_int64(q, k, v, dout, *grads), UNIT=unit,
-        PEEL=bool(causal and kinds[0] and cfg["bwd_dkdv"].get("peel_diagonal", 0)))
+    return fast_launch.launch(
+        _bwd_kernel, (programs * b * hkv,),
+        (q, k, v, dout, lse2, delta, *grads,
+         *(_strides(t, unit) for t in (q, k, v, dout, *grads)),
+         n, lse2.shape[2], m, h, hkv, h // hkv,
+         bwd_head_group(q, k, causal) if group is None else group, scale * LOG2E, scale),
+        {**_consts(q, causal), **blocks, **launch, "ATOMIC_DQ": atomic,
+         "INT64": _needs_int64(q, k, v, dout, *grads), "UNIT": unit,
+         "PEEL": bool(causal and kinds[0] and cfg["bwd_dkdv"].get("peel_diagonal", 0))})
 
 
 def _backward_kernels(q, k, v, dout, lse2, delta, causal, scale, cfg):
