@@ -327,7 +327,8 @@ def clear_decision_cache() -> None:
 
 
 def clear_caches() -> None:
-    """Forget decisions, failures, probes, manifests, package checks, Triton configs and tunings."""
+    """Forget decisions, failures, probes, manifests, package checks, Triton configs, tunings,
+    launch plans and compiled-kernel handles."""
     with _lock:
         _decisions.clear()
         _failures.clear()
@@ -337,7 +338,9 @@ def clear_caches() -> None:
     registry.clear_registry_cache()
     # Kernel-side caches, only where those modules were loaded (clearing imports nothing).
     for module_name, clear in (("attnrt.kernels.flash_autotune", "clear_tuning_cache"),
-                               ("attnrt.backends.triton_flash", "clear_config_caches")):
+                               ("attnrt.backends.triton_flash", "clear_config_caches"),
+                               ("attnrt.kernels.triton_flash", "clear_plans"),
+                               ("attnrt.kernels.fast_launch", "clear")):
         module = sys.modules.get(module_name)
         if module is not None:
             getattr(module, clear)()

@@ -294,9 +294,11 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-            block_n: int, out: torch.Tensor, lse: torch.Tensor, head_group: int = 1) -> None:
+            block_n: int, out: torch.Tensor, lse: torch.Tensor, head_group: int = 1,
+            key: tuple | None = None) -> None:
     """Writes out [B, N, H, D] and lse [B, H, N] (float32, contiguous); `usable` must hold.
-    head_group: heads whose row blocks interleave, heaviest first (see _fwd_kernel)."""
+    head_group: heads whose row blocks interleave, heaviest first (see _fwd_kernel). key: what
+    decides this launch's specialization, where the caller knows (fast_launch.launch)."""
     b, n, h, d = q.shape
     m, hkv = k.shape[1], k.shape[2]
     grid = (cdiv(n, BLOCK_M.value) * b * h,)
@@ -305,4 +307,4 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
             tma_descriptor(v, block_n), out, lse, n, m, h, h // hkv, head_group,
             scale * LOG2E.value, out.stride(0), out.stride(1), out.stride(2)),
            {"HEAD_DIM": d, "BLOCK_N": block_n, "CAUSAL": causal,
-            "MASK": causal or m % block_n != 0, "num_warps": 4})
+            "MASK": causal or m % block_n != 0, "num_warps": 4}, key)

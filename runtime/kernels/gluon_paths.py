@@ -42,9 +42,10 @@ def turn_off(kind: str, why: str) -> None:
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
             entry: dict[str, int], out: torch.Tensor, lse: torch.Tensor,
-            head_group: int) -> bool:
+            head_group: int, key: tuple | None = None) -> bool:
     """Runs the Gluon forward where `entry` (the config's "fwd") asks for it and it can serve
-    these tensors; False where the caller must run its Triton forward."""
+    these tensors; False where the caller must run its Triton forward. key: the caller's key
+    for these tensors' launch (attnrt.kernels.fast_launch), if it has one."""
     if not (entry.get("gluon", 0) and q.is_cuda):
         return False
     gluon = module("forward")
@@ -52,7 +53,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
     if gluon is None or not gluon.usable(q, k, v, out, block_n):
         return False
     try:
-        gluon.forward(q, k, v, causal, scale, block_n, out, lse, head_group)
+        gluon.forward(q, k, v, causal, scale, block_n, out, lse, head_group, key)
     except compile_error_types() as exc:
         turn_off("forward", f"compiling it failed: {exc!r}"[:500])
         return False

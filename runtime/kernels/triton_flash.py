@@ -15,7 +15,7 @@ tensors, which is how CI covers them.
 from __future__ import annotations
 
 import math
-import os
+from typing import Any, NamedTuple
 
 import torch
 
@@ -29,6 +29,7 @@ from . import (
     reads_as_2d,
 )
 from .flash_reference import flash_attention_reference
+from .triton_flash_checks import HEAD_SIZES, NAME, SUPPORTED_DTYPES, check_inputs
 from .triton_flash_jit import _bwd_delta_kernel, _bwd_kernel, _fwd_kernel
 
 __all__ = [
@@ -39,9 +40,6 @@ __all__ = [
     "flash_attention_reference",
 ]
 
-NAME = "TRITON_FLASH_ATTN"
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-HEAD_SIZES = tuple(range(32, 257, 8))
 LOG2E = 1.4426950408889634
 
 # Small blocks for when the caller passes no config: about 64 KiB of shared memory at D=256 in
@@ -79,65 +77,6 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 # ----------------------------------------------------------------------------- host code
-
-
-def _check_tensor(name: str, t: object) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}={type(t).__name__} is not supported by {NAME}; expected a "
-                        "torch.Tensor")
-    if t.dim() != 4:
-        raise ValueError(f"{name}.ndim={t.dim()} is not supported by {NAME}; expected 4 "
-                         f"({'[B, N, H, D]' if name == 'q' else '[B, M, Hkv, D]'})")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name}.dtype={t.dtype} is not supported by {NAME}; supported: "
-                        "float16, bfloat16, float32")
-    if 0 in t.shape:
-        raise ValueError(f"{name}.shape={tuple(t.shape)} is not supported by {NAME}; every "
-                         "dimension must be at least 1")
-    return t
-
-
-def _check_device(q: torch.Tensor) -> None:
-    if q.device.type == "cuda":
-        return
-    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    raise ValueError(f"q.device={q.device} is not supported by {NAME}; supported: cuda, or cpu "
-                     "with TRITON_INTERPRET=1 set before triton is imported")
-
-
-def _check_pair(q: torch.Tensor, name: str, t: torch.Tensor) -> None:
-    if t.dtype != q.dtype:
-        raise TypeError(f"{name}.dtype={t.dtype} is not supported by {NAME}; it must equal "
-                        f"q.dtype={q.dtype}")
-    if t.device != q.device:
-        raise ValueError(f"{name}.device={t.device} is not supported by {NAME}; it must equal "
-                         f"q.device={q.device}")
-    if t.shape[0] != q.shape[0] or t.shape[3] != q.shape[3]:
-        raise ValueError(f"{name}.shape={tuple(t.shape)} is not supported by {NAME}; batch and "
-                         f"head size must match q.shape={tuple(q.shape)}")
-
-
-def _check_inputs(q: object, k: object, v: object, softmax_scale: object) -> None:
-    q, k, v = _check_tensor("q", q), _check_tensor("k", k), _check_tensor("v", v)
-    _check_device(q)
-    _check_pair(q, "k", k)
-    _check_pair(q, "v", v)
-    if v.shape != k.shape:
-        raise ValueError(f"v.shape={tuple(v.shape)} is not supported by {NAME}; it must equal "
-                         f"k.shape={tuple(k.shape)}")
-    if q.shape[3] not in HEAD_SIZES:
-        raise ValueError(f"head_size={q.shape[3]} is not supported by {NAME}; supported: "
-                         "multiples of 8 from 32 to 256")
-    if q.shape[2] % k.shape[2] != 0:
-        raise ValueError(f"num_kv_heads={k.shape[2]} is not supported by {NAME} with "
-                         f"num_heads={q.shape[2]}; num_heads must be a multiple of num_kv_heads")
-    if softmax_scale is not None and not (
-        isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)
-        and softmax_scale > 0
-    ):
-        raise ValueError(f"softmax_scale={softmax_scale!r} is not supported by {NAME}; "
-                         "expected None or a finite number > 0")
 
 
 def _entry_problem(kernel: str, entry: dict) -> str | None:
@@ -225,9 +164,7 @@ def _tma_ok(t: torch.Tensor) -> bool:
             and d == next_power_of_2(d) and reads_as_2d(t))
 
 
-def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, cfg: dict[str, int]) -> tuple | None:
-    if not (cfg.get("tma", 0) and _tma_ok(k) and _tma_ok(v)):
-        return None
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, cfg: dict[str, int]) -> tuple:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     b, m, hkv, d = k.shape
@@ -323,26 +260,57 @@ def _sms_and_l2(device: torch.device) -> tuple[int, int]:
     return props.multi_processor_count, int(getattr(props, "L2_cache_size", 50 << 20))
 
 
-def _forward(q, k, v, causal, scale, cfg):
+class _ForwardPlan(NamedTuple):
+    """What a forward launch derives from its key alone (shapes, strides, dtype, device,
+    alignment, causal, the config's entry): worked out on a key's first call, then reused, as
+    ~25 us of host time per call went into it (bench/NOTES-triton-flash.md, eighth session)."""
+
+    group: int  # heads interleaved (head_group)
+    grid: tuple[int]
+    sizes: tuple[int, ...]  # the Triton kernel's stride and size arguments
+    kwargs: dict[str, Any]  # its constexprs and launch options
+    tma: bool  # K/V read through TMA descriptors (made per call: they hold the pointers)
+
+
+_PLANS: dict[tuple[Any, ...], _ForwardPlan] = {}
+
+
+def clear_plans() -> None:
+    _PLANS.clear()
+
+
+def _plan(q, k, v, out, causal, entry) -> _ForwardPlan:
     b, n, h, _ = q.shape
     m, hkv = k.shape[1], k.shape[2]
+    blocks, launch = _launch_args(entry)
+    unit = _stride_unit(q, k, v, out)
+    tma = bool(entry.get("tma", 0) and _tma_ok(k) and _tma_ok(v))
+    return _ForwardPlan(
+        head_group(q, k, causal), (cdiv(n, blocks["BLOCK_M"]) * b * h,),
+        (*(x for t in (q, k, v, out) for x in _strides(t, unit)), n, m, h, h // hkv),
+        {**_consts(q, causal), **blocks, **launch,
+         "WARP_SPEC": bool(entry.get("warp_specialize", 0)), "USE_TMA": tma, "UNIT": unit},
+        tma)
+
+
+def _forward(q, k, v, causal, scale, cfg):
+    b, n, h, _ = q.shape
     out = _alloc(tuple(q.shape), q.dtype, q.device)
     lse = _alloc((b, h, n), torch.float32, q.device)
-    group = head_group(q, k, causal)
-    if gluon_paths.forward(q, k, v, causal, scale, cfg["fwd"], out, lse, group):
+    entry = cfg["fwd"]
+    key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, causal,
+           tuple(entry.items()), *(t.data_ptr() % 16 == 0 for t in (q, k, v, out, lse)))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 256:
+            _PLANS.clear()
+        plan = _PLANS[key] = _plan(q, k, v, out, causal, entry)
+    if gluon_paths.forward(q, k, v, causal, scale, entry, out, lse, plan.group, key):
         return out, lse
-    blocks, launch = _launch_args(cfg["fwd"])
-    grid = (cdiv(n, blocks["BLOCK_M"]) * b * h,)
-    descs = _kv_descriptors(k, v, cfg["fwd"])
-    unit = _stride_unit(q, k, v, out)
-    fast_launch.launch(
-        _fwd_kernel, grid,
-        (q, k, v, out, lse, *(descs or (k, v)),
-         *(x for t in (q, k, v, out) for x in _strides(t, unit)),
-         n, m, h, h // hkv, group, scale * LOG2E),
-        {**_consts(q, causal), **blocks, **launch,
-         "WARP_SPEC": bool(cfg["fwd"].get("warp_specialize", 0)),
-         "USE_TMA": descs is not None, "UNIT": unit})
+    descs = _kv_descriptors(k, v, entry) if plan.tma else (k, v)
+    fast_launch.launch(_fwd_kernel, plan.grid,
+                       (q, k, v, out, lse, *descs, *plan.sizes, plan.group, scale * LOG2E),
+                       plan.kwargs, key=key)
     return out, lse
 
 
@@ -484,7 +452,7 @@ def flash_attention(
 
     Equivalent PyTorch: flash_attention_reference(q, k, v, causal, softmax_scale, return_lse).
     """
-    _check_inputs(q, k, v, softmax_scale)
+    check_inputs(q, k, v, softmax_scale)
     cfg = _resolve_config(config, bool(causal))
     scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else float(softmax_scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

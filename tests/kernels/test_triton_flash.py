@@ -133,6 +133,22 @@ def test_noncontiguous_inputs_and_custom_scale():
 
 
 @pytest.mark.interpret
+def test_forward_plans_are_reused_only_for_their_own_key():
+    """A forward plan (grid, strides, head group, constexprs) is kept per shape, strides, causal
+    flag and config entry: the same shape with other strides, mask or blocks gets its own, and
+    each call, the repeats too, matches float64 (a stale plan would read wrong strides)."""
+    q, k, v = _inputs((1, 17, 23, 4, 2, 32), torch.float32)
+    q_heads_first = q.transpose(1, 2).contiguous().transpose(1, 2)  # same shape, other strides
+    small = {"fwd": {"BLOCK_M": 16, "BLOCK_N": 16}}
+    calls = [(q, False, None), (q_heads_first, False, None), (q, True, None), (q, False, small)]
+    for query, causal, config in calls * 2:
+        out = tf.flash_attention(query, k, v, causal=causal, config=config)
+        want = tf.flash_attention_reference(query.double(), k.double(), v.double(), causal=causal)
+        assert _rel(out, want) < TOL[torch.float32]
+    assert len(tf._PLANS) == len(calls)
+
+
+@pytest.mark.interpret
 def test_lse_gradient_flows():
     q, k, v = (t.requires_grad_() for t in _inputs((1, 9, 12, 2, 1, 32), torch.float32))
     _, lse = tf.flash_attention(q, k, v, causal=True, return_lse=True)
