@@ -51,9 +51,8 @@ class AttentionRequest:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
-        for flag in ("causal", "grad"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"{flag}={getattr(self, flag)!r} must be True or False")
+        if not isinstance(self.grad, bool):
+            raise TypeError(f"grad={self.grad!r} must be True or False")
         for field in ("head_size", "num_heads"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
