@@ -138,7 +138,7 @@ def print_limits(rows: list[dict[str, Any]]) -> None:
 
 
 def run_grid(device: Device, cases: list[Case], budget: float, out_dir: str,
-             only: tuple[str, ...] = TIMED, rounds: int = 3) -> list[Result]:
+             only: tuple[str, ...] = TIMED, rounds: int = 10) -> list[Result]:
     results: list[Result] = []
     start = time.time()
     for i, case in enumerate(cases):
