@@ -10,9 +10,8 @@ backward pass) and refuses to time a wrong one (status WRONG, with its error); t
 triton.testing.do_bench does; elsewhere time.perf_counter with a device sync) and reports the
 median. With --rounds R > 1 (GPU default 10) the contenders of a case (within 0.5x of the
 fastest) are timed again in R interleaved rounds, and each keeps the median of its runs (see
-retime). FLOPs count
-4*B*H*N*N*D per forward, half of that when causal, 2.5x forward for the backward pass. The
-backend the manifest would choose for the case is marked with '*'.
+retime). FLOPs count 4*B*H*N*N*D per forward, half of that when causal, 2.5x forward for the
+backward pass. The backend the manifest would choose for the case is marked with '*'.
 """
 
 from __future__ import annotations
@@ -241,11 +240,11 @@ def _run_times(fn: Callable[[], Any], reset: Callable[[], None], device: str,
     The untimed run is still on the GPU while the first timed one is queued, so that one's
     launch latency is overlapped too. Elsewhere: time.perf_counter with a device sync around
     each run."""
-    if device == "cuda":
-        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                 for _ in range(repeats)]
-        reset()
-        fn()
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+             for _ in range(repeats)] if device == "cuda" else []
+    reset()
+    fn()
+    if pairs:
         for start, end in pairs:
             reset()
             start.record()
@@ -253,8 +252,6 @@ def _run_times(fn: Callable[[], Any], reset: Callable[[], None], device: str,
             end.record()
         torch.cuda.synchronize()
         return [start.elapsed_time(end) for start, end in pairs]
-    reset()
-    fn()
     times = []
     for _ in range(repeats):
         reset()

@@ -50,7 +50,7 @@ from triton.language.core import _aggregate as aggregate
 
 from attnrt.kernels import capability, cdiv, reads_as_2d
 from attnrt.kernels.fast_launch import launch
-from attnrt.kernels.gluon_flash_sm90 import tma_descriptor
+from attnrt.kernels.gluon_flash_sm90 import grouped_program, tma_descriptor
 
 SUPPORTED_HEAD_SIZES = (64, 128)
 BLOCK_N = gl.constexpr(128)  # keys per program: two consumer warpgroups of 64
@@ -331,15 +331,9 @@ def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, lse2_ptr, delta_ptr, dq_desc, d
                 N, M, H, HKV, NP, HEAD_GROUP, qk_scale, sm_scale, sdk_b, sdk_n, sdk_h,
                 HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
-    # Key blocks over groups of HEAD_GROUP kv heads, block 0 (the heaviest when causal) of
-    # every head of a group first, as attnrt.kernels.triton_flash_jit._grouped_program.
-    n_n = gl.cdiv(M, BLOCK_N)
-    pid = gl.program_id(0)
-    group = pid // (HEAD_GROUP * n_n)
-    rank = pid - group * HEAD_GROUP * n_n
-    size = gl.minimum(HEAD_GROUP, gl.num_programs(0) // n_n - group * HEAD_GROUP)
-    start_n = (rank // size) * BLOCK_N
-    bhk = group * HEAD_GROUP + rank % size
+    # Key blocks over groups of HEAD_GROUP kv heads, block 0 (the heaviest when causal) first.
+    i, bhk = grouped_program(gl.cdiv(M, BLOCK_N), HEAD_GROUP)
+    start_n = i * BLOCK_N
     b = bhk // HKV
     hk = bhk % HKV
     n_group = H // HKV

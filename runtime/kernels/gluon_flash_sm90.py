@@ -215,20 +215,27 @@ def _consumer1(sm, o_ptr, lse_ptr, N, M, qk_scale, b, h, bh, m0, n_tiles, so_b, 
               shape)
 
 
+@gluon.jit
+def grouped_program(per_head, HEAD_GROUP):
+    """(block within its head, head) of this program of a 1D grid of per_head programs per
+    head: attnrt.kernels.triton_flash_jit._grouped_program's order (heads in groups of
+    HEAD_GROUP; block i of every head of a group before block i + 1 of any), for the Gluon
+    kernels (the backward's too)."""
+    pid = gl.program_id(0)
+    group = pid // (HEAD_GROUP * per_head)
+    rank = pid - group * HEAD_GROUP * per_head
+    size = gl.minimum(HEAD_GROUP, gl.num_programs(0) // per_head - group * HEAD_GROUP)
+    return rank // size, group * HEAD_GROUP + rank % size
+
+
 @gluon.jit(do_not_specialize=["HEAD_GROUP"])
 def _fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, N, M, H, GROUP, HEAD_GROUP, qk_scale,
                 so_b, so_n, so_h, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                 CAUSAL: gl.constexpr, MASK: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
-    # The order of attnrt.kernels.triton_flash_jit._grouped_program: row blocks heaviest
-    # first over groups of HEAD_GROUP heads.
     n_m = gl.cdiv(N, BLOCK_M)
-    pid = gl.program_id(0)
-    group = pid // (HEAD_GROUP * n_m)
-    rank = pid - group * HEAD_GROUP * n_m
-    size = gl.minimum(HEAD_GROUP, gl.num_programs(0) // n_m - group * HEAD_GROUP)
-    m0 = (n_m - 1 - rank // size) * BLOCK_M
-    bh = group * HEAD_GROUP + rank % size
+    i, bh = grouped_program(n_m, HEAD_GROUP)
+    m0 = (n_m - 1 - i) * BLOCK_M  # program 0: the last row block, the heaviest when causal
     b = bh // H
     h = bh % H
     hi = M
