@@ -501,6 +501,21 @@ def test_gpu_gluon_backward(d, shape, dtype, causal, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not SM90, reason="the Gluon backward is built for sm90")
+@pytest.mark.parametrize("peeled", [(), (64, 128)], ids=["one_loop", "peeled"])
+@pytest.mark.parametrize("d", [128, 64], ids=lambda d: f"h{d}")
+def test_gpu_gluon_backward_causal_loops(d, peeled, monkeypatch):
+    # Both ways of walking the causal steps at both head sizes, whichever ships for each.
+    calls = _gluon_calls(monkeypatch, "backward")
+    monkeypatch.setattr(gluon_paths.module("backward"), "PEELED_HEAD_SIZES", peeled)
+    cfg = {name: dict(entry) for name, entry in _gpu_config(torch.bfloat16, d).items()}
+    cfg.pop("bwd_dkdv_causal", None)
+    cfg["bwd_dkdv"]["gluon"] = 1
+    _check_parity((1, 700, 900, 4, 1, d), torch.bfloat16, True, cfg)
+    assert calls == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not SM90, reason="the Gluon backward is built for sm90")
 @pytest.mark.parametrize("group", [1, 5], ids=lambda g: f"group{g}")
 def test_gpu_gluon_backward_head_groups(group, monkeypatch):
     # 3 kv heads of 2 batches in groups of 1 and of 5 (a short last group): every key once.
