@@ -2,8 +2,9 @@
 
 Shapes: B batch, N sequence, H heads, Hkv kv heads, D head size. Grid (forward, B=1, H=24,
 Hkv=8 for GQA): D in 64, 72, 80, 96, 128, 160, 192, 256 x bf16, fp16 x causal/not x GQA/not at
-N=4096, and N=16384 for D=64/128; plus a few backward cells. Each backend is checked against the
-float64 REFERENCE first (attnrt.benchmark.measure) and a wrong one is not timed.
+N=4096, and N=16384 (causal also 8192) for D=64/128; plus a few backward cells. Each backend is
+checked against the float64 REFERENCE first (attnrt.benchmark.measure) and a wrong one is not
+timed.
 
 The table gives TFLOP/s per backend, the fastest, and the backend the manifest would choose here
 (the first of the matching rule's rank that ran correctly in that cell) with its ratio to the
@@ -55,10 +56,18 @@ def grid(heads: int, kv_heads: int, head_sizes: tuple[int, ...] = HEAD_SIZES,
             for causal in (False, True):
                 for hkv in (heads, kv_heads):
                     cases += [Case(1, heads, hkv, d, n, dtype, causal, "fwd")
-                              for n in ((16384, 4096) if d in LONG_HEAD_SIZES else (4096,))]
+                              for n in _lengths(d, causal)]
     bwd = [Case(1, heads, heads, d, 4096, "bf16", c, "bwd")
            for d in (128, 64) for c in (False, True)]
     return bwd + cases if bwd_cells else cases
+
+
+def _lengths(d: int, causal: bool) -> tuple[int, ...]:
+    """N=4096 for every head size; D=64/128 also at 16384, and causal at 8192, where the
+    shipped rules split causal forwards by length (seq_len)."""
+    if d not in LONG_HEAD_SIZES:
+        return (4096,)
+    return (16384, 8192, 4096) if causal else (16384, 4096)
 
 
 def wanted(name: str, case: Case) -> bool:

@@ -78,9 +78,9 @@ class Case:
 
     def request(self) -> AttentionRequest:
         """What a layer asks for in this pass: the backward is timed on calls made under
-        autograd, which rules may rank apart (their `grad` key)."""
+        autograd, which rules may rank apart (their `grad` key), as they may lengths."""
         return AttentionRequest(self.head_size, self.dtype, self.heads, self.kv_heads,
-                                self.causal, grad=self.pass_ == "bwd")
+                                self.causal, grad=self.pass_ == "bwd", seq_len=self.seq_len)
 
     def flops(self) -> float:
         fwd = 4.0 * self.batch * self.heads * self.seq_len ** 2 * self.head_size

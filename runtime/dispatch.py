@@ -202,8 +202,11 @@ _failures: dict[tuple[Device, AttentionRequest], dict[str, Reason]] = {}
 
 
 def _failure_key(request: AttentionRequest, device: Device) -> tuple[Device, AttentionRequest]:
-    # A kernel that failed to build for a shape fails with autograd on or off alike.
-    return device, (replace(request, grad=False) if request.grad else request)
+    # A kernel that failed to build for a shape fails with autograd on or off alike, and at
+    # every sequence length (lengths are runtime arguments, never compiled in).
+    if request.grad or request.seq_len is not None:
+        request = replace(request, grad=False, seq_len=None)
+    return device, request
 
 
 def record_failure(request: AttentionRequest, device: Device, name: str, message: str) -> bool:

@@ -18,6 +18,7 @@ from attnrt.dispatch import _FORCED as _CONTEXT_FORCE  # read directly on the ho
 from attnrt.dispatch import Decision, decide, forced_backend, record_failure, select, strict_mode
 from attnrt.errors import BackendUnavailableError, KernelCompileError
 from attnrt.interfaces import AttentionImpl, lse_forward
+from attnrt.manifest import current_manifest
 from attnrt.request import AttentionRequest, dtype_name
 
 logger = logging.getLogger("attnrt")
@@ -72,15 +73,19 @@ _UNSELECTED = _Unselected()
 
 
 class _Selected:
-    """A decision and the impl built from it, for one (dtype, device, grad mode) a layer has
-    seen."""
+    """A decision and the impl built from it, for one (dtype, device, grad mode, span of query
+    lengths) a layer has seen."""
 
-    __slots__ = ("decision", "device", "dtype", "epoch", "forced", "grad", "impl", "index")
+    __slots__ = ("decision", "device", "dtype", "epoch", "forced", "grad", "impl", "index",
+                 "seq_high", "seq_low")
 
     def __init__(self, decision: Decision, impl: AttentionImpl, dtype: torch.dtype | None,
-                 device: torch.device | None, epoch: int, forced: str | None) -> None:
+                 device: torch.device | None, epoch: int, forced: str | None,
+                 seq_span: tuple[int, float] = (0, float("inf"))) -> None:
         self.decision, self.impl, self.dtype, self.device = decision, impl, dtype, device
         self.grad = decision.request.grad
+        # Query lengths [low, high) the manifest's rules all treat alike (Manifest.seq_span).
+        self.seq_low, self.seq_high = seq_span
         # The selection epoch read before selecting, and this thread's force_backend() value:
         # the hot path re-selects when either differs now.
         self.epoch, self.forced = epoch, forced
@@ -118,11 +123,12 @@ class LocalAttention(nn.Module):
 
     # -- selection ---------------------------------------------------------------------------
 
-    def request_for(self, dtype: torch.dtype, grad: bool | None = None) -> AttentionRequest:
+    def request_for(self, dtype: torch.dtype, grad: bool | None = None,
+                    seq_len: int | None = None) -> AttentionRequest:
         """The request for inputs of `dtype`; grad None: whether autograd is on now."""
         grad = torch.is_grad_enabled() if grad is None else grad
         return AttentionRequest(self.head_size, dtype_name(dtype), self.num_heads,
-                                self.num_kv_heads, self.causal, self._allowed, grad)
+                                self.num_kv_heads, self.causal, self._allowed, grad, seq_len)
 
     def _device_for(self, tensor_device: torch.device | None) -> Device:
         device = probe()
@@ -142,30 +148,42 @@ class LocalAttention(nn.Module):
             return _Selected(decide(request, self._device_for(device)), _UNSELECTED, None, None,
                              dispatch.selection_epoch, _CONTEXT_FORCE.get())
 
-    def _select(self, dtype: torch.dtype, tensor_device: torch.device | None) -> _Selected:
+    def _select(self, dtype: torch.dtype, tensor_device: torch.device | None,
+                seq_len: int | None = None) -> _Selected:
+        """seq_len: the query length, where known. The request carries it only where a rule of
+        the manifest has a seq_len key; the selection then serves the span of lengths that
+        every rule treats alike, and a length outside it selects again."""
         epoch, forced = dispatch.selection_epoch, _CONTEXT_FORCE.get()  # read before selecting
         grad = torch.is_grad_enabled()
-        key = (dtype, str(tensor_device), forced_backend(), grad)
+        manifest, device = current_manifest(), self._device_for(tensor_device)
+        span = manifest.seq_span(seq_len, device)
+        key = (dtype, str(tensor_device), forced_backend(), grad, span)
         found = self._by_key.get(key)
         if found is not None and found.epoch == epoch:
             return found
-        decision = select(self.request_for(dtype, grad), self._device_for(tensor_device))
+        if not manifest.seq_cuts(device):
+            seq_len = None  # no rule tells lengths apart: one decision for all of them
+        decision = select(self.request_for(dtype, grad, seq_len), device, manifest)
         if found is not None and found.decision.backend == decision.backend:
             impl = found.impl  # same backend after a global change: keep the impl and its state
         else:
             impl = decision.backend_cls.get_impl_cls()(
                 self.num_heads, self.head_size, self.softmax_scale, self.causal,
                 self.num_kv_heads, self.prefix, **self.extra_impl_args)
-        found = self._by_key[key] = _Selected(decision, impl, dtype, tensor_device, epoch, forced)
+        found = self._by_key[key] = _Selected(decision, impl, dtype, tensor_device, epoch, forced,
+                                              span)
         return found
 
-    def impl_for(self, dtype: torch.dtype, device: torch.device | None = None) -> AttentionImpl:
-        """The impl this layer runs for inputs of `dtype` on `device` in the current autograd
-        mode (selected once, cached)."""
-        return self._select(dtype, device).impl
+    def impl_for(self, dtype: torch.dtype, device: torch.device | None = None,
+                 seq_len: int | None = None) -> AttentionImpl:
+        """The impl this layer runs for inputs of `dtype` on `device` (and query length
+        `seq_len`, where rules tell lengths apart) in the current autograd mode (selected once,
+        cached)."""
+        return self._select(dtype, device, seq_len).impl
 
-    def decision_for(self, dtype: torch.dtype, device: torch.device | None = None) -> Decision:
-        return self._select(dtype, device).decision
+    def decision_for(self, dtype: torch.dtype, device: torch.device | None = None,
+                     seq_len: int | None = None) -> Decision:
+        return self._select(dtype, device, seq_len).decision
 
     @property
     def decision(self) -> Decision:
@@ -183,7 +201,8 @@ class LocalAttention(nn.Module):
         of which nn.Module's own call takes ~1 us); anything unusual goes to _slow_path, which
         validates in full and re-selects. get_device() is -1 on CPU and the index elsewhere:
         cheaper than .device. Autograd on or off (training or inference) may select another
-        backend: the mode is part of the request."""
+        backend: the mode is part of the request; so may a query length outside the span the
+        selection serves."""
         active = self._active
         dt, qs, ks = active.dtype, q.shape, k.shape
         heads, size, kv_heads = self._dims
@@ -193,7 +212,8 @@ class LocalAttention(nn.Module):
                 and q.get_device() == active.index == k.get_device() == v.get_device()
                 and active.epoch == dispatch.selection_epoch
                 and _CONTEXT_FORCE.get() is active.forced
-                and torch.is_grad_enabled() is active.grad):
+                and torch.is_grad_enabled() is active.grad
+                and active.seq_low <= qs[1] < active.seq_high):
             active = self._slow_path(q, k, v)
         return active
 
@@ -238,7 +258,7 @@ class LocalAttention(nn.Module):
                 and q.dtype is k.dtype is v.dtype and q.dtype.is_floating_point
                 and q.device == k.device == v.device):
             self._raise_bad_input(q, k, v)
-        self._active = self._select(q.dtype, q.device)
+        self._active = self._select(q.dtype, q.device, qs[1])
         return self._active
 
     def _fall_back(self, active: _Selected, exc: KernelCompileError, q: torch.Tensor,
@@ -255,7 +275,7 @@ class LocalAttention(nn.Module):
             logger.warning("%s failed for %s (%s); using the next ranked backend "
                            "(set ATTNRT_STRICT=1 to make this an error)",
                            name, active.decision.request.describe(), exc)
-        self._active = self._select(q.dtype, q.device)  # the epoch moved: selects again
+        self._active = self._select(q.dtype, q.device, q.shape[1])  # the epoch moved
 
     def _raise_bad_input(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         for name, t in (("q", q), ("k", k), ("v", v)):

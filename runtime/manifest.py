@@ -14,6 +14,7 @@ node level, so every error names file:line and the key, and duplicate keys are e
         causal: false             # optional
         gqa: true                 # optional
         grad: false               # optional: true for calls under autograd (training)
+        seq_len: "<=8192"         # optional: query lengths, as head_size takes sizes
         rank: [TORCH_SDPA_CUDNN, TRITON_FLASH_ATTN, TORCH_SDPA, REFERENCE]
         measured: {device: NVIDIA H100 80GB HBM3, date: 2026-11-25, torch: 2.11.0}
         # or  source: "FlashAttention-3 paper, Fig. 5"   (a rule with neither is untested)
@@ -21,10 +22,11 @@ node level, so every error names file:line and the key, and duplicate keys are e
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -39,8 +41,8 @@ from attnrt.ranges import ArchRange, RangeError, SizeRange
 from attnrt.request import AttentionRequest, dtype_name
 
 SCHEMA = 1
-RULE_KEYS = ("platform", "arch", "head_size", "dtype", "causal", "gqa", "grad", "rank",
-             "measured", "source", "note")
+RULE_KEYS = ("platform", "arch", "head_size", "dtype", "causal", "gqa", "grad", "seq_len",
+             "rank", "measured", "source", "note")
 MEASURED_KEYS = ("device", "date", "torch", "driver", "cuda", "triton", "tflops", "note")
 
 
@@ -56,6 +58,7 @@ class Rule:
     causal: bool | None = None
     gqa: bool | None = None
     grad: bool | None = None
+    seq_len: SizeRange | None = None
     measured: tuple[tuple[str, str], ...] | None = None
     source: str | None = None
     key_lines: tuple[tuple[str, int], ...] = ()
@@ -67,14 +70,19 @@ class Rule:
     def line_of(self, key: str) -> int:
         return dict(self.key_lines).get(key, self.line)
 
-    def matches(self, request: AttentionRequest, device: Device) -> bool:
+    def applies_to(self, device: Device) -> bool:
         return ((self.platforms is None or device.platform in self.platforms)
-                and (self.arch is None or self.arch.contains(device.platform, device.arch))
+                and (self.arch is None or self.arch.contains(device.platform, device.arch)))
+
+    def matches(self, request: AttentionRequest, device: Device) -> bool:
+        return (self.applies_to(device)
                 and (self.head_size is None or self.head_size.contains(request.head_size))
                 and (self.dtypes is None or request.dtype in self.dtypes)
                 and (self.causal is None or self.causal == request.causal)
                 and (self.gqa is None or self.gqa == request.is_gqa)
-                and (self.grad is None or self.grad == request.grad))
+                and (self.grad is None or self.grad == request.grad)
+                and (self.seq_len is None or (request.seq_len is not None
+                                              and self.seq_len.contains(request.seq_len))))
 
     @property
     def provenance_kind(self) -> str:
@@ -98,7 +106,8 @@ class Rule:
                  f"dtype={','.join(sorted(self.dtypes))}" if self.dtypes else "",
                  f"causal={self.causal}" if self.causal is not None else "",
                  f"gqa={self.gqa}" if self.gqa is not None else "",
-                 f"grad={self.grad}" if self.grad is not None else ""]
+                 f"grad={self.grad}" if self.grad is not None else "",
+                 f"seq_len={self.seq_len}" if self.seq_len else ""]
         return " ".join(p for p in parts if p) or "(any)"
 
 
@@ -107,12 +116,36 @@ class Manifest:
     rules: tuple[Rule, ...]
     files: tuple[str, ...]
     signature: tuple[tuple[str, int, int], ...] = ()  # (path, mtime_ns, size): the cache key
+    _cuts: dict[Device, tuple[int, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     def match(self, request: AttentionRequest, device: Device) -> Rule | None:
         for rule in self.rules:
             if rule.matches(request, device):
                 return rule
         return None
+
+    def seq_cuts(self, device: Device) -> tuple[int, ...]:
+        """Sorted query lengths where the seq_len test of a rule for `device` can change
+        (empty: none has one, so the query length never matters there)."""
+        cuts = self._cuts.get(device)
+        if cuts is None:
+            cuts = self._cuts[device] = tuple(sorted(
+                {c for r in self.rules if r.seq_len and r.applies_to(device)
+                 for c in r.seq_len.cuts()}))
+        return cuts
+
+    def seq_span(self, seq_len: int | None, device: Device) -> tuple[int, float]:
+        """[low, high): the query lengths every rule for `device` treats as it treats
+        `seq_len`, so a decision made for one serves them all. None (length unknown): an empty
+        span where such a rule has a seq_len key (the first real length selects), else every
+        length."""
+        cuts = self.seq_cuts(device)
+        if not cuts:
+            return 0, float("inf")
+        if seq_len is None:
+            return 0, 0
+        i = bisect.bisect_right(cuts, seq_len)
+        return (cuts[i - 1] if i else 0), (cuts[i] if i < len(cuts) else float("inf"))
 
 
 def shipped_path() -> str:
@@ -261,6 +294,14 @@ def _head_size(value: Any, where: str) -> SizeRange:
     return sizes
 
 
+def _seq_len(value: Any, where: str) -> SizeRange:
+    lengths = SizeRange.parse(value if isinstance(value, list) else [value], "seq_len")
+    low, high = lengths.bounds()
+    if high < max(low, 1):
+        raise ManifestError(f"{where}: {value!r} admits no sequence length")
+    return lengths
+
+
 def _dtypes(value: Any, where: str) -> frozenset[str]:
     try:
         return frozenset(dtype_name(v) for v in _names(value, where))
@@ -311,6 +352,7 @@ def _source(value: Any, where: str) -> str:
 
 _FIELD_PARSERS = {"platform": _platforms, "arch": _arch, "head_size": _head_size,
                   "dtype": _dtypes, "causal": _flag, "gqa": _flag, "grad": _flag,
+                  "seq_len": _seq_len,
                   "rank": _rank, "measured": _measured, "source": _source}
 _FIELD_NAMES = {"platform": "platforms", "dtype": "dtypes"}
 

@@ -70,14 +70,14 @@ def _key_covers(key: str, outer: Any, inner: Any) -> bool:
         return False
     if key == "arch":
         return _arch_covers(outer, inner)
-    if key == "head_size":
+    if key in ("head_size", "seq_len"):
         return _sizes_cover(outer, inner)
     if isinstance(outer, frozenset):
         return inner <= outer
     return bool(outer == inner)
 
 
-_KEYS = ("platforms", "arch", "head_size", "dtypes", "causal", "gqa", "grad")
+_KEYS = ("platforms", "arch", "head_size", "dtypes", "causal", "gqa", "grad", "seq_len")
 
 
 def rule_covers(earlier: Rule, later: Rule) -> bool:

@@ -1,4 +1,5 @@
-"""Arch and head-size conditions: exact names or sizes, or ranges such as ">=sm80" and "<=256".
+"""Arch and size conditions (head size, sequence length): exact names or sizes, or ranges such
+as ">=sm80" and "<=256".
 
 A range is one or more comparisons joined by commas (">=sm80,<sm100"). Arch ranges need an order,
 which only some platforms have: CUDA compute capabilities (sm80 < sm90 < sm100) and ROCm gfx names
@@ -105,25 +106,26 @@ def _parse_arch_range(spec: str) -> tuple[str, tuple[tuple[str, tuple[int, ...]]
 
 @dataclass(frozen=True)
 class SizeRange:
-    """A set of head sizes: exact sizes plus integer ranges."""
+    """A set of sizes (head sizes, sequence lengths): exact sizes plus integer ranges."""
 
     sizes: frozenset[int]
     ranges: tuple[tuple[tuple[str, int], ...], ...]
     text: str
 
     @classmethod
-    def parse(cls, spec: int | str | Iterable[int | str]) -> SizeRange:
+    def parse(cls, spec: int | str | Iterable[int | str], what: str = "head_size") -> SizeRange:
+        """`what` names the key in error messages."""
         items = [spec] if isinstance(spec, (int, str)) else list(spec)
         sizes, ranges = set(), []
         for item in items:
             if isinstance(item, bool) or not isinstance(item, (int, str)):
-                raise RangeError(f"head_size {item!r} is not an integer or a range like '<=256'")
+                raise RangeError(f"{what} {item!r} is not an integer or a range like '<=256'")
             if isinstance(item, int):
                 sizes.add(item)
             elif _is_range(item):
-                ranges.append(tuple((op, _int(v, item)) for op, v in _comparisons(item)))
+                ranges.append(tuple((op, _int(v, item, what)) for op, v in _comparisons(item)))
             else:
-                sizes.add(_int(item, item))
+                sizes.add(_int(item, item, what))
         return cls(frozenset(sizes), tuple(ranges), ", ".join(str(i) for i in items))
 
     def contains(self, size: int) -> bool:
@@ -143,6 +145,14 @@ class SizeRange:
             highs.append(hi)
         return min(lows), max(highs)
 
+    def cuts(self) -> set[int]:
+        """Where membership can change: every s with contains(s - 1) != contains(s) is here."""
+        out = {c for s in self.sizes for c in (s, s + 1)}
+        for comps in self.ranges:
+            lo, hi = _interval(comps)
+            out.update(int(c) for c in (lo, hi + 1) if abs(c) != float("inf"))
+        return out
+
     def __str__(self) -> str:
         return self.text
 
@@ -157,11 +167,11 @@ def _interval(comps: tuple[tuple[str, int], ...]) -> tuple[float, float]:
     return lo, hi
 
 
-def _int(value: str, spec: object) -> int:
+def _int(value: str, spec: object, what: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise RangeError(f"head_size {spec!r}: {value!r} is not an integer") from None
+        raise RangeError(f"{what} {spec!r}: {value!r} is not an integer") from None
 
 
 def describe_sizes(sizes: Collection[int]) -> str:

@@ -47,7 +47,7 @@ def decision_dict(d: Decision) -> dict[str, Any]:
         "request": {"head_size": d.request.head_size, "dtype": d.request.dtype,
                     "num_heads": d.request.num_heads, "num_kv_heads": d.request.kv_heads,
                     "causal": d.request.causal, "allowed": d.request.allowed,
-                    "grad": d.request.grad},
+                    "grad": d.request.grad, "seq_len": d.request.seq_len},
         "device": d.device.to_dict(),
         "rule": ({"where": d.rule.where, "conditions": d.rule.conditions(),
                   "provenance": d.rule.provenance,

@@ -39,6 +39,8 @@ class AttentionRequest:
     `grad`: the call runs with autograd on (training), so the backward's speed counts too; rules
     may rank differently for it (the `grad` key), since the fastest forward need not be the
     fastest forward and backward.
+    `seq_len`: the query length, where known; rules with a `seq_len` key match only requests
+    that carry one inside their range (layers pass it where the manifest has such rules).
     """
 
     head_size: int
@@ -48,15 +50,19 @@ class AttentionRequest:
     causal: bool = False
     allowed: tuple[str, ...] | None = None
     grad: bool = False
+    seq_len: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
         if not isinstance(self.grad, bool):
             raise TypeError(f"grad={self.grad!r} must be True or False")
-        for field in ("head_size", "num_heads"):
+        for field in ("head_size", "num_heads", "seq_len"):
             value = getattr(self, field)
+            if field == "seq_len" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field}={value!r} must be a positive integer")
+                raise ValueError(f"{field}={value!r} must be a positive integer"
+                                 + (" or None" if field == "seq_len" else ""))
         kv = self.num_kv_heads
         if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv < 1
                                or self.num_heads % kv):
@@ -79,7 +85,9 @@ class AttentionRequest:
         kv = f", {self.kv_heads} kv heads" if self.is_gqa else ""
         causal = "causal" if self.causal else "non-causal"
         grad = ", with backward" if self.grad else ""
-        return f"{self.num_heads} heads{kv} of {self.head_size}, {self.dtype}, {causal}{grad}"
+        seq = f", N={self.seq_len}" if self.seq_len is not None else ""
+        return (f"{self.num_heads} heads{kv} of {self.head_size}, {self.dtype}, "
+                f"{causal}{seq}{grad}")
 
 
 def _backend_name(name: object) -> str:

@@ -5,12 +5,16 @@ TFLOP/s per backend). Load it with ATTNRT_CAPABILITY=FILE or attnrt.load_capabil
 
 With `--pass both`, a cell whose forward alone ranks otherwise than forward plus backward gets
 two rules: `grad: false` (inference) ranked by the forward, `grad: true` (training) by the sum.
+With several `--seq-lens`, a cell whose ranks differ between lengths gets rules keyed on
+`seq_len`: adjacent lengths that rank alike share one, split at the geometric mean of the
+lengths on either side of a change (4096 and 16384 split at 8192).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from typing import Any
 
@@ -46,27 +50,52 @@ def _three_digits(x: float) -> float:
 
 def tune_rules(results: list[Result], device: Device, env: dict[str, Any]) -> list[dict]:
     """One rule per measured (head size, dtype, causal, gqa): backends by measured time; two
-    (grad false / true) where the forward alone ranks otherwise than forward plus backward."""
+    (grad false / true) where the forward alone ranks otherwise than forward plus backward;
+    per span of lengths (seq_len) where lengths rank apart."""
     cells: dict[tuple[int, str, bool, bool], list[Result]] = {}
     for r in results:
         cells.setdefault(_cell(r.case), []).append(r)
     rules = []
     for key, rs in cells.items():
-        both = _rule(key, rs, device, env)
-        fwd = [r for r in rs if r.case.pass_ == "fwd"]
-        if len(fwd) in (0, len(rs)):
-            rules.append(both)
+        spans: list[tuple[list[int], list]] = []  # adjacent lengths that rank alike
+        for n in sorted({r.case.seq_len for r in rs}):
+            ranks = _ranks(_cell_rules(key, [r for r in rs if r.case.seq_len == n], device, env))
+            if spans and spans[-1][1] == ranks:
+                spans[-1][0].append(n)
+            else:
+                spans.append(([n], ranks))
+        if len(spans) == 1:
+            rules += _cell_rules(key, rs, device, env)
             continue
-        inference = _rule(key, fwd, device, env, grad=False)
-        if inference["rank"] == both["rank"]:
-            rules.append(both)
-        else:
-            rules += [inference, _rule(key, rs, device, env, grad=True)]
+        cuts = [int(math.sqrt(spans[j - 1][0][-1] * spans[j][0][0])) for j in range(1, len(spans))]
+        for j, (lengths, _) in enumerate(spans):
+            bounds = [f">{cuts[j - 1]}"] if j else []
+            bounds += [f"<={cuts[j]}"] if j < len(cuts) else []
+            part = [r for r in rs if r.case.seq_len in lengths]
+            rules += _cell_rules(key, part, device, env, ",".join(bounds))
     return rules
 
 
+def _ranks(rules: list[dict]) -> list[tuple[Any, list[str]]]:
+    return [(rule.get("grad"), rule["rank"]) for rule in rules]
+
+
+def _cell_rules(key: tuple[int, str, bool, bool], rs: list[Result], device: Device,
+                env: dict[str, Any], seq_len: str | None = None) -> list[dict]:
+    """The cell's rule, or its grad false / true pair where the passes rank apart."""
+    both = _rule(key, rs, device, env, seq_len=seq_len)
+    fwd = [r for r in rs if r.case.pass_ == "fwd"]
+    if len(fwd) in (0, len(rs)):
+        return [both]
+    inference = _rule(key, fwd, device, env, grad=False, seq_len=seq_len)
+    if inference["rank"] == both["rank"]:
+        return [both]
+    return [inference, _rule(key, rs, device, env, grad=True, seq_len=seq_len)]
+
+
 def _rule(key: tuple[int, str, bool, bool], results: list[Result], device: Device,
-          env: dict[str, Any], grad: bool | None = None) -> dict[str, Any]:
+          env: dict[str, Any], grad: bool | None = None,
+          seq_len: str | None = None) -> dict[str, Any]:
     head_size, dtype, causal, gqa = key
     names = list(dict.fromkeys(r.backend for r in results))
     cases = {r.case for r in results}
@@ -85,7 +114,9 @@ def _rule(key: tuple[int, str, bool, bool], results: list[Result], device: Devic
                            if set(names) - set(good) else "")}
     return {"platform": device.platform, "arch": [device.arch], "head_size": [head_size],
             "dtype": [dtype], "causal": causal, "gqa": gqa,
-            **({} if grad is None else {"grad": grad}), "rank": rank, "measured": measured}
+            **({} if grad is None else {"grad": grad}),
+            **({} if seq_len is None else {"seq_len": seq_len}), "rank": rank,
+            "measured": measured}
 
 
 def write_manifest(rules: list[dict], path: str, device: Device) -> None:
@@ -118,7 +149,7 @@ def run_tune(args: argparse.Namespace) -> int:
         print(format_table(results, device))
         print(f"wrote {len(rules)} rule(s) to {args.out}; use ATTNRT_CAPABILITY={args.out}")
         for rule in rules:
-            grad = f" grad={rule['grad']}" if "grad" in rule else ""
+            extra = "".join(f" {k}={rule[k]}" for k in ("grad", "seq_len") if k in rule)
             print(f"  D={rule['head_size'][0]} {rule['dtype'][0]} causal={rule['causal']} "
-                  f"gqa={rule['gqa']}{grad}: {', '.join(rule['rank'])}")
+                  f"gqa={rule['gqa']}{extra}: {', '.join(rule['rank'])}")
     return 0

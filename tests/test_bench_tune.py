@@ -43,15 +43,16 @@ class _ScaledImpl(CountingImpl):
 
     def forward(self, query, key, value, attn_metadata):
         backend: Any = type(self).backend
-        time.sleep(backend.delay)
+        time.sleep(backend.delay + (backend.long_delay if query.shape[1] > 48 else 0.0))
         out = super().forward(query, key, value, attn_metadata) * backend.factor
         return _SlowBackward.apply(out, backend.backward_delay)
 
 
 def _fake(register, name: str, factor: float = 1.0, delay: float = 0.0,
-          backward_delay: float = 0.0) -> type[CountingBackend]:
+          backward_delay: float = 0.0, long_delay: float = 0.0) -> type[CountingBackend]:
+    """long_delay: more sleep on sequences longer than 48."""
     backend: Any = make_backend(name, PLATFORMS=frozenset({"cpu"}), factor=factor, delay=delay,
-                                backward_delay=backward_delay)
+                                backward_delay=backward_delay, long_delay=long_delay)
     backend.get_impl_cls = classmethod(
         lambda cls: type(f"{cls.NAME}Impl", (_ScaledImpl,), {"backend": cls}))
     register(name, backend)
@@ -224,6 +225,26 @@ def test_tune_both_passes_splits_inference_from_training(register, tmp_path, mon
     assert layer.backend_name == "FAKE_A"
     layer(q, k, v)
     assert layer.backend_name == "FAKE_B"
+
+
+def test_tune_splits_lengths_that_rank_apart(register, tmp_path, monkeypatch):
+    _fake(register, "FAKE_A", long_delay=0.05)  # fast on short sequences only
+    _fake(register, "FAKE_B", delay=0.02)       # the same at every length
+    path = tmp_path / "lengths.yaml"
+    assert _run("tune", *TINY[:2], "--seq-lens", "32,40,80", *TINY[4:], "--backends",
+                "FAKE_A,FAKE_B", "--out", str(path)) == 0
+    assert validate_files([str(path)]) == []
+    rules = yaml.safe_load(path.read_text())["rules"]
+    # 32 and 40 rank alike and share a rule; the split is at sqrt(40 * 80) = 56.
+    assert [(r["seq_len"], r["rank"][0]) for r in rules] == [("<=56", "FAKE_A"),
+                                                             (">56", "FAKE_B")]
+    assert "N=32 fwd, N=40 fwd" in rules[0]["measured"]["note"]
+    monkeypatch.setenv("ATTNRT_CAPABILITY", str(path))
+    layer = attnrt.LocalAttention(2, 32)
+    with torch.no_grad():
+        for n, want in ((40, "FAKE_A"), (56, "FAKE_A"), (57, "FAKE_B"), (80, "FAKE_B")):
+            layer(*(torch.randn(1, n, 2, 32) for _ in range(3)))
+            assert layer.backend_name == want, n
 
 
 def test_tune_ranks_only_backends_that_were_right(register, tmp_path):

@@ -51,7 +51,7 @@ def test_explain_text_names_rule_and_candidates(capsys):
 
 def test_explain_grad_picks_the_training_rule(capsys):
     args = ["explain", "--head-size", "128", "--heads", "24", "--causal", "--device", "cuda:sm90",
-            "--json"]
+            "--seq-len", "4096", "--json"]
     code, out, _ = run(capsys, *args)
     inference = json.loads(out)
     code, out, _ = run(capsys, *args, "--grad")
@@ -60,6 +60,22 @@ def test_explain_grad_picks_the_training_rule(capsys):
     assert "grad=False" in inference["rule"]["conditions"]
     assert "grad" not in training["rule"]["conditions"]
     assert inference["rule"]["where"] != training["rule"]["where"]
+
+
+def test_explain_seq_len_picks_the_length_rule(capsys):
+    args = ["explain", "--head-size", "64", "--heads", "24", "--causal", "--device", "cuda:sm90",
+            "--json"]
+    picks = {}
+    for n in ("4096", "16384"):
+        code, out, _ = run(capsys, *args, "--seq-len", n)
+        picks[n] = json.loads(out)
+        assert picks[n]["request"]["seq_len"] == int(n)
+    assert "seq_len=<=5792" in picks["4096"]["rule"]["conditions"]
+    assert "seq_len" not in picks["16384"]["rule"]["conditions"]
+    assert picks["4096"]["rule"]["where"] != picks["16384"]["rule"]["where"]
+    code, _, err = run(capsys, "explain", "--head-size", "64", "--seq-len", "0")
+    assert code != 0
+    assert "seq_len=0 must be a positive integer" in err
 
 
 def test_explain_json_matches_the_api(capsys):

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import attnrt
+from attnrt import dispatch
+from attnrt import layers as layers_module
 from attnrt.errors import KernelCompileError
 from attnrt.layers import apply_rotary_emb
 from tests.conftest import TOLERANCE, rel_l2
@@ -133,6 +135,41 @@ def test_autograd_mode_selects_by_the_rules_grad_key(register, write_yaml, monke
     assert layer.backend_name == "INFER_ATTN"
     assert layer._active.impl is inference_impl  # cached per mode, not rebuilt
     assert (infer.forward_calls, train.forward_calls) == (2, 1)
+
+
+def test_query_length_selects_by_the_rules_seq_len_key(register, write_yaml, monkeypatch):
+    short = register("SHORT_ATTN", make_backend("SHORT_ATTN"))
+    long = register("LONG_ATTN", make_backend("LONG_ATTN"))
+    monkeypatch.setenv("ATTNRT_CAPABILITY", write_yaml(
+        "schema: 1\nrules:\n"
+        "  - platform: cpu\n    seq_len: '<=32'\n    rank: [SHORT_ATTN, TORCH_SDPA]\n"
+        "  - platform: cpu\n    rank: [LONG_ATTN, TORCH_SDPA]\n"))
+    layer = attnrt.LocalAttention(2, 32)
+    assert layer.backend_name == "LONG_ATTN"  # built before any length is known
+    selects = []
+    real = dispatch.select
+    monkeypatch.setattr(layers_module, "select",
+                        lambda *a, **kw: selects.append(1) or real(*a, **kw))
+    # (length, backend, the length the serving decision was made for)
+    for n, want, decided_at in ((16, "SHORT_ATTN", 16), (32, "SHORT_ATTN", 16),
+                                (33, "LONG_ATTN", 33), (500, "LONG_ATTN", 33),
+                                (5, "SHORT_ATTN", 16)):
+        layer(*randn_qkv(1, n, 2, 32))
+        assert layer.backend_name == want, n
+        assert layer.decision.request.seq_len == decided_at
+    assert len(selects) == 2  # one per span of lengths, each cached after its first call
+    assert (short.forward_calls, long.forward_calls) == (3, 2)
+    text = layer.decision_for(torch.float32, seq_len=20).explain()
+    assert "N=20" in text
+    assert "seq_len=<=32" in text
+
+
+def test_without_seq_len_rules_the_request_carries_no_length(register):
+    layer = attnrt.LocalAttention(2, 32)
+    layer(*randn_qkv(1, 16, 2, 32))
+    layer(*randn_qkv(1, 48, 2, 32))
+    assert layer.decision.request.seq_len is None  # one decision serves every length
+    assert len(layer._by_key) == 1
 
 
 class FailingImpl(CountingImpl):

@@ -205,6 +205,57 @@ def test_grad_key_splits_inference_from_training(write_yaml):
         AttentionRequest(64, "fp32", grad=1)  # type: ignore[arg-type]
 
 
+def test_seq_len_key_splits_by_query_length(write_yaml):
+    path = write_yaml(HEAD + "  - platform: cpu\n    seq_len: '<=8192'\n    rank: [REFERENCE]\n"
+                             "  - platform: cpu\n    seq_len: [16384, '>=32768']\n"
+                             "    rank: [TORCH_SDPA]\n"
+                             "  - platform: cpu\n    rank: [SDPA_CHUNKED]\n")
+    manifest = load_manifest([path])
+    device = Device("cpu", "x86_64")
+    first, listed, general = manifest.rules
+
+    def matched(n: int | None) -> object:
+        return manifest.match(AttentionRequest(64, "fp32", seq_len=n), device)
+
+    assert [matched(n) for n in (1, 8192, 8193, 16384, 16385, 32768, 10**6, None)] == [
+        first, first, general, listed, general, listed, listed, general]
+    assert first.conditions() == "platform=cpu seq_len=<=8192"
+    assert validate_files([path]) == []
+    # Spans: every length inside one is treated alike by every rule.
+    assert manifest.seq_cuts(device) == (8193, 16384, 16385, 32768)
+    assert manifest.seq_span(4096, device) == (0, 8193)
+    assert manifest.seq_span(8193, device) == (8193, 16384)
+    assert manifest.seq_span(16384, device) == (16384, 16385)
+    assert manifest.seq_span(40000, device) == (32768, float("inf"))
+    assert manifest.seq_span(None, device) == (0, 0)  # unknown: the first real length selects
+    assert manifest.seq_cuts(Device("cuda", "sm90")) == ()  # the rules are for cpu only
+    plain = load_manifest([write_yaml(HEAD + "  - platform: cpu\n    rank: [REFERENCE]\n",
+                                      "plain.yaml")])
+    assert plain.seq_cuts(device) == ()
+    assert plain.seq_span(None, device) == plain.seq_span(5, device) == (0, float("inf"))
+
+
+def test_seq_len_shadowing_and_bad_values(write_yaml):
+    shadowed = write_yaml(HEAD + "  - platform: cpu\n    seq_len: '<=8192'\n    rank: [REFERENCE]\n"
+                                 "  - platform: cpu\n    seq_len: [1024, '<=4096']\n"
+                                 "    rank: [TORCH_SDPA]\n", "shadowed.yaml")
+    assert "is shadowed by" in "\n".join(validate_files([shadowed]))
+    disjoint = write_yaml(HEAD + "  - platform: cpu\n    seq_len: '<=8192'\n    rank: [REFERENCE]\n"
+                                 "  - platform: cpu\n    seq_len: '>8192'\n"
+                                 "    rank: [TORCH_SDPA]\n", "disjoint.yaml")
+    assert validate_files([disjoint]) == []
+    for value, needle in (("long", "seq_len 'long': 'long' is not an integer"),
+                          ("'>=8192,<4096'", "admits no sequence length"),
+                          ("true", "seq_len True is not an integer")):
+        bad = write_yaml(HEAD + f"  - seq_len: {value}\n    rank: [REFERENCE]\n", "bad.yaml")
+        errors = "\n".join(validate_files([bad]))
+        assert "bad.yaml:3: seq_len" in errors
+        assert needle in errors
+    for n in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="seq_len=.* must be a positive integer or None"):
+            AttentionRequest(64, "fp32", seq_len=n)  # type: ignore[arg-type]
+
+
 def test_manifest_loads_in_order(write_yaml):
     a = write_yaml(HEAD + "  - platform: cpu\n    rank: [REFERENCE]\n", "a.yaml")
     manifest = load_manifest([a, shipped_path()])

@@ -18,7 +18,8 @@ CASES = yaml.safe_load((Path(__file__).parent / "fixtures" / "shipped_expect.yam
 def _case_id(case: dict) -> str:
     kv = f"-kv{case['kv_heads']}" if "kv_heads" in case else ""
     return f"{case['device']}-{case['dtype']}-h{case['head_size']}{kv}" \
-           f"{'-causal' if case.get('causal') else ''}{'-grad' if case.get('grad') else ''}"
+           f"{'-causal' if case.get('causal') else ''}{'-grad' if case.get('grad') else ''}" \
+           f"{'-n' + str(case['seq_len']) if 'seq_len' in case else ''}"
 
 
 @pytest.mark.parametrize("case", CASES["cases"], ids=_case_id)
@@ -27,7 +28,8 @@ def test_shipped_choice(case, monkeypatch):
         monkeypatch.setitem(sys.modules, module, None)  # import now raises ImportError
     heads = case.get("heads", 8)
     request = AttentionRequest(case["head_size"], case["dtype"], heads, case.get("kv_heads"),
-                               case.get("causal", False), grad=case.get("grad", False))
+                               case.get("causal", False), grad=case.get("grad", False),
+                               seq_len=case.get("seq_len"))
     decision = attnrt.explain(request, device=case["device"])
     assert decision.backend == case["expect"], decision.explain()
     assert decision.device.simulated
