@@ -89,6 +89,7 @@ class _Plan:
     kv_repeat: int
     chunks: int
     copies: Any = None  # the group's PeerCopies, where every rank's data is on their GPU
+    attended: int | None = None  # query rows the local attention sees (valid + replicated)
 
     @property
     def full(self) -> int:
@@ -166,10 +167,11 @@ class DistributedAttention(nn.Module):
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         sp = get_sequence_parallel()
         base = self.local_for(sp.size)  # raises for heads that do not split, on every rank
+        n = _local_length(tensors[0], sp.size, original_seq_len, replicated[0])
         reps, agreed = self._validate(sp, base, tensors, replicated, original_seq_len,
-                                      freqs_cis)
+                                      freqs_cis, n)
         q, k, v = tensors[:3]
-        impl = base.impl_for(q.dtype, q.device)
+        impl = base.impl_for(q.dtype, q.device, n)
         hooks = _overrides(impl, "preprocess_qkv") or _overrides(impl, "postprocess_output")
         full = q.shape[1] * sp.size
         if (sp.size == 1 and not reps and len(tensors) == 3 and not hooks
@@ -184,7 +186,7 @@ class DistributedAttention(nn.Module):
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in [*tensors, *reps])
         chunks = 1 if grad or hooks or sp.size == 1 else self._chunks(sp, full, len(tensors))
         plan = _Plan(sp, q.shape[1], original_seq_len or full, kv_repeat, chunks,
-                     sp.peer_copies if agreed["copies"] else None)
+                     sp.peer_copies if agreed["copies"] else None, n)
         if grad or sp.size == 1:
             return self._differentiable(plan, tensors, reps)
         if not (hooks or reps or len(tensors) > 3) and self._local_first_applies(
@@ -203,14 +205,14 @@ class DistributedAttention(nn.Module):
 
     def _validate(self, sp: SequenceParallel, base: LocalAttention, tensors: list[torch.Tensor],
                   replicated: tuple[torch.Tensor | None, ...], original_seq_len: int | None,
-                  freqs_cis: Any) -> tuple[list[torch.Tensor], dict[str, bool]]:
+                  freqs_cis: Any, n: int | None) -> tuple[list[torch.Tensor], dict[str, bool]]:
         """Every check, in an order that raises the same error on every rank (or none).
 
         Returns the replicated tensors and what every rank can do: "lse", its backend returns
         lse; "copies", its data sits on the GPU of the group's PeerCopies (without the shape
         check: this rank's answers; check_shards=False trusts the ranks to agree)."""
         copies = sp.peer_copies
-        mine = {"lse": _lse_ready(base, tensors[0]),
+        mine = {"lse": _lse_ready(base, tensors[0], n),
                 "copies": (copies is not None and isinstance(tensors[0], torch.Tensor)
                            and tensors[0].device == copies.device)}
         agreed = mine
@@ -219,7 +221,7 @@ class DistributedAttention(nn.Module):
                                           original_seq_len, {k: int(v) for k, v in mine.items()})
             agreed = {k: bool(v) for k, v in got.items()}
         check_inputs(self, sp, tensors, replicated, original_seq_len, freqs_cis)
-        return self._check_replicated(base, tensors[0], replicated), agreed
+        return self._check_replicated(base, tensors[0], replicated, n), agreed
 
     def _chunks(self, sp: SequenceParallel, full: int, n_tensors: int) -> int:
         hp, hkvp, _ = shard_heads(self.num_heads, self.num_kv_heads, sp.size)
@@ -262,7 +264,7 @@ class DistributedAttention(nn.Module):
                       chunk: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """gathered [B, N, Hc, D] each -> (output [B, N, Hc, D], replicated output or None)."""
         local = self.local_for(plan.sp.size, plan.chunks)
-        impl = local.impl_for(gathered[0].dtype, gathered[0].device)
+        impl = local.impl_for(gathered[0].dtype, gathered[0].device, plan.attended)
         metadata = get_forward_context().attn_metadata
         if plan.valid < plan.full:
             gathered = [t[:, :plan.valid] for t in gathered]
@@ -285,7 +287,8 @@ class DistributedAttention(nn.Module):
         return local(*gathered[:3])
 
     def _check_replicated(self, base: LocalAttention, q: torch.Tensor,
-                          replicated: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor]:
+                          replicated: tuple[torch.Tensor | None, ...],
+                          n: int | None) -> list[torch.Tensor]:
         given = [r is not None for r in replicated]
         if not any(given):
             return []
@@ -293,7 +296,7 @@ class DistributedAttention(nn.Module):
             names = ", ".join(f"replicated_{n}" for n, g in zip("qkv", given, strict=True) if not g)
             raise ShardError(f"{names} is None while other replicated tensors are given; "
                              "allowed: all of replicated_q, replicated_k, replicated_v, or none")
-        decision = base.decision_for(q.dtype, q.device)
+        decision = base.decision_for(q.dtype, q.device, n)
         if not declared(decision.backend_cls, "SUPPORTS_REPLICATED_TOKENS"):
             raise ShardError(f"replicated_q is given but backend {decision.backend} cannot attend "
                              "replicated tokens (SUPPORTS_REPLICATED_TOKENS = False); allowed: "
@@ -318,16 +321,18 @@ class DistributedAttention_VSA(DistributedAttention):  # noqa: N801 - FastVideo'
         if any(r is not None for r in (replicated_q, replicated_k, replicated_v)):
             raise ShardError("replicated_q/k/v are not supported by DistributedAttention_VSA "
                              "(VSA tiles the video sequence); allowed: None")
-        self._check_gate_backend(q)
+        self._check_gate_backend(q, original_seq_len)
         if gate_compress is None:
             raise ShardError("gate_compress=None; DistributedAttention_VSA needs a tensor "
                              "shaped like q [B, S, H, D]")
         return self._run([q, k, v, gate_compress], original_seq_len, (None, None, None),
                          freqs_cis)
 
-    def _check_gate_backend(self, q: torch.Tensor) -> None:
+    def _check_gate_backend(self, q: torch.Tensor, original_seq_len: int | None) -> None:
         """Before any collective, and alike on every rank: the backend must take the gate."""
-        decision = self.local_for(get_sequence_parallel().size).decision_for(q.dtype, q.device)
+        size = get_sequence_parallel().size
+        decision = self.local_for(size).decision_for(
+            q.dtype, q.device, _local_length(q, size, original_seq_len, None))
         accepts = declared(decision.backend_cls, "ACCEPTS_GATE_COMPRESS")
         if accepts is None:
             accepts = _forward_takes_gate(decision.backend_cls.get_impl_cls())
@@ -368,13 +373,27 @@ def _keep_compile_out() -> None:
         _compile_kept_out = True
 
 
-def _lse_ready(local: LocalAttention, q: Any) -> bool:
+def _local_length(q: Any, size: int, original_seq_len: Any, replicated_q: Any) -> int | None:
+    """The query length the local attention sees (real tokens of the gathered sequence, then
+    the replicated ones), which rules may rank by; None for inputs the checks will refuse."""
+    if not (isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[1] > 0):
+        return None
+    full = q.shape[1] * size
+    valid = original_seq_len if (isinstance(original_seq_len, int)
+                                 and not isinstance(original_seq_len, bool)
+                                 and 0 < original_seq_len <= full) else full
+    extra = replicated_q.shape[1] if (isinstance(replicated_q, torch.Tensor)
+                                      and replicated_q.dim() == 4) else 0
+    return valid + extra
+
+
+def _lse_ready(local: LocalAttention, q: Any, n: int | None) -> bool:
     """Whether this rank's serving impl returns lse. Never raises: it runs before the shape
     check, which must be the first thing every rank does (selection errors come after it)."""
     if not (isinstance(q, torch.Tensor) and q.dtype.is_floating_point):
         return False
     try:
-        return lse_forward(local.impl_for(q.dtype, q.device)) is not None
+        return lse_forward(local.impl_for(q.dtype, q.device, n)) is not None
     except AttnrtError:
         return False
 

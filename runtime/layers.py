@@ -84,7 +84,8 @@ class _Selected:
                  seq_span: tuple[int, float] = (0, float("inf"))) -> None:
         self.decision, self.impl, self.dtype, self.device = decision, impl, dtype, device
         self.grad = decision.request.grad
-        # Query lengths [low, high) the manifest's rules all treat alike (Manifest.seq_span).
+        # Query lengths [low, high) the manifest's rules all treat alike (Manifest.seq_span);
+        # (0, 0) for a decision made without a length where the rules tell lengths apart.
         self.seq_low, self.seq_high = seq_span
         # The selection epoch read before selecting, and this thread's force_backend() value:
         # the hot path re-selects when either differs now.
@@ -92,6 +93,11 @@ class _Selected:
         # Tensor.get_device() of inputs on `device` (-1 on CPU); None matches no tensor.
         self.index = None if device is None else (-1 if device.type == "cpu" else
                                                   device.index or 0)
+
+    def serves(self, seq_len: int | None) -> bool:
+        if seq_len is None:  # the decision made without a length, or one for every length
+            return self.seq_low == 0 and self.seq_high in (0, float("inf"))
+        return self.seq_low <= seq_len < self.seq_high
 
 
 class LocalAttention(nn.Module):
@@ -118,7 +124,8 @@ class LocalAttention(nn.Module):
         self._dims = (num_heads, head_size, self.num_kv_heads)
         self._q_tail = (num_heads, head_size)
         self._kv_tail = (self.num_kv_heads, head_size)
-        self._by_key: dict[tuple[Any, ...], _Selected] = {}
+        # (dtype, device, force, grad mode) -> a selection per span of query lengths seen
+        self._by_key: dict[tuple[Any, ...], list[_Selected]] = {}
         self._active = self._initial_selection()
 
     # -- selection ---------------------------------------------------------------------------
@@ -155,23 +162,26 @@ class LocalAttention(nn.Module):
         every rule treats alike, and a length outside it selects again."""
         epoch, forced = dispatch.selection_epoch, _CONTEXT_FORCE.get()  # read before selecting
         grad = torch.is_grad_enabled()
+        seen = self._by_key.setdefault((dtype, str(tensor_device), forced_backend(), grad), [])
+        for found in seen:
+            if found.epoch == epoch and found.serves(seq_len):
+                return found
         manifest, device = current_manifest(), self._device_for(tensor_device)
         span = manifest.seq_span(seq_len, device)
-        key = (dtype, str(tensor_device), forced_backend(), grad, span)
-        found = self._by_key.get(key)
-        if found is not None and found.epoch == epoch:
-            return found
         if not manifest.seq_cuts(device):
             seq_len = None  # no rule tells lengths apart: one decision for all of them
         decision = select(self.request_for(dtype, grad, seq_len), device, manifest)
-        if found is not None and found.decision.backend == decision.backend:
-            impl = found.impl  # same backend after a global change: keep the impl and its state
+        old = next((s for s in seen if (s.seq_low, s.seq_high) == span), None)
+        if old is not None:
+            seen.remove(old)
+        if old is not None and old.decision.backend == decision.backend:
+            impl = old.impl  # same backend after a global change: keep the impl and its state
         else:
             impl = decision.backend_cls.get_impl_cls()(
                 self.num_heads, self.head_size, self.softmax_scale, self.causal,
                 self.num_kv_heads, self.prefix, **self.extra_impl_args)
-        found = self._by_key[key] = _Selected(decision, impl, dtype, tensor_device, epoch, forced,
-                                              span)
+        found = _Selected(decision, impl, dtype, tensor_device, epoch, forced, span)
+        seen.append(found)
         return found
 
     def impl_for(self, dtype: torch.dtype, device: torch.device | None = None,

@@ -43,6 +43,7 @@ from attnrt.distributed_layers import DistributedAttention, DistributedAttention
 from attnrt.errors import KernelCompileError
 from attnrt.interfaces import AttentionBackend, AttentionImpl
 from attnrt.layers import LocalAttention, apply_rotary_emb
+from attnrt.manifest import clear_manifest_cache
 
 # ---------------------------------------------------------------- test backends
 
@@ -513,7 +514,7 @@ def check_shape_check_on_new_shapes_ignores_per_rank_state(ctx: Ctx) -> None:
         with torch.no_grad():
             layer(*shards)
             if ctx.rank == 0:
-                dl_mod._lse_ready = lambda local, q: False
+                dl_mod._lse_ready = lambda local, q, n: False
             with count_collectives() as counts:
                 out, _ = layer(*shards)
     finally:
@@ -537,6 +538,29 @@ def check_hooks(ctx: Ctx) -> None:
     out, _ = layer(*(ctx.shard(t, s) for t in (q, k, v)), original_seq_len=n)
     ctx.close(out, ctx.shard(want, s), "output through preprocess/postprocess hooks")
     assert HookedBackend.calls == {"pre": 1, "post": 1}, HookedBackend.calls
+
+
+def check_rules_see_the_gathered_length(ctx: Ctx) -> None:
+    # A rule keyed on seq_len sees the length the local attention runs (13 real tokens), not
+    # this rank's shard (7 or 4): HOOKED_TEST serves, hooks and all, on every rank.
+    b, n, h, d = 1, 13, 2 * ctx.world, 16
+    s = -(-n // ctx.world)
+    q, k, v = qkv(ctx, b, n, h, h, d, seed=3)
+    want = sdpa_bnhd(q.flip(1), k.flip(1), v.flip(1), True, d ** -0.5).flip(1)
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"attnrt-seq-{os.getpid()}.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("schema: 1\nrules:\n  - seq_len: '>=12,<=13'\n    rank: [HOOKED_TEST]\n")
+    try:
+        attnrt.load_capability(path)
+        HookedBackend.calls.update(pre=0, post=0)
+        layer = DistributedAttention(h, d, causal=True)
+        out, _ = layer(*(ctx.shard(t, s) for t in (q, k, v)), original_seq_len=n)
+        ctx.close(out, ctx.shard(want, s), "output of the backend ranked for N=13")
+        assert HookedBackend.calls == {"pre": 1, "post": 1}, HookedBackend.calls
+    finally:
+        attnrt.clear_caches()
+        clear_manifest_cache(forget_overrides=True)
+        os.remove(path)
 
 
 def check_vsa_gate(ctx: Ctx) -> None:
