@@ -5,9 +5,11 @@ TFLOP/s per backend). Load it with ATTNRT_CAPABILITY=FILE or attnrt.load_capabil
 
 With `--pass both`, a cell whose forward alone ranks otherwise than forward plus backward gets
 two rules: `grad: false` (inference) ranked by the forward, `grad: true` (training) by the sum.
-With several `--seq-lens`, a cell whose ranks differ between lengths gets rules keyed on
-`seq_len`: adjacent lengths that rank alike share one, split at the geometric mean of the
-lengths on either side of a change (4096 and 16384 split at 8192).
+With several `--seq-lens`, a cell whose fastest backend differs between lengths gets rules keyed
+on `seq_len`: adjacent lengths with the same fastest backend share one (ranked over them
+together), split at the geometric mean of the lengths on either side of a change (4096 and
+16384 split at 8192). Backends that trail the fastest swap places between lengths with the
+noise of a run, so only the lead splits.
 """
 
 from __future__ import annotations
@@ -51,19 +53,20 @@ def _three_digits(x: float) -> float:
 def tune_rules(results: list[Result], device: Device, env: dict[str, Any]) -> list[dict]:
     """One rule per measured (head size, dtype, causal, gqa): backends by measured time; two
     (grad false / true) where the forward alone ranks otherwise than forward plus backward;
-    per span of lengths (seq_len) where lengths rank apart."""
+    per span of lengths (seq_len) where the fastest backend changes with the length."""
     cells: dict[tuple[int, str, bool, bool], list[Result]] = {}
     for r in results:
         cells.setdefault(_cell(r.case), []).append(r)
     rules = []
     for key, rs in cells.items():
-        spans: list[tuple[list[int], list]] = []  # adjacent lengths that rank alike
+        spans: list[tuple[list[int], list]] = []  # adjacent lengths with the same leaders
         for n in sorted({r.case.seq_len for r in rs}):
-            ranks = _ranks(_cell_rules(key, [r for r in rs if r.case.seq_len == n], device, env))
-            if spans and spans[-1][1] == ranks:
+            leads = _leaders(_cell_rules(key, [r for r in rs if r.case.seq_len == n], device,
+                                         env))
+            if spans and spans[-1][1] == leads:
                 spans[-1][0].append(n)
             else:
-                spans.append(([n], ranks))
+                spans.append(([n], leads))
         if len(spans) == 1:
             rules += _cell_rules(key, rs, device, env)
             continue
@@ -76,8 +79,8 @@ def tune_rules(results: list[Result], device: Device, env: dict[str, Any]) -> li
     return rules
 
 
-def _ranks(rules: list[dict]) -> list[tuple[Any, list[str]]]:
-    return [(rule.get("grad"), rule["rank"]) for rule in rules]
+def _leaders(rules: list[dict]) -> list[tuple[Any, str]]:
+    return [(rule.get("grad"), rule["rank"][0]) for rule in rules]
 
 
 def _cell_rules(key: tuple[int, str, bool, bool], rs: list[Result], device: Device,
