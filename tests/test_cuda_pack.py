@@ -473,6 +473,26 @@ def test_gpu_parity(name, dtype, shape, causal):
     assert rel_l2(out, dense_reference(q, k, v, causal)) < TOLERANCE[GPU_DTYPES[dtype]]
 
 
+@pytest.mark.gpu
+def test_gpu_shipped_rules_pick_by_mode_and_length():
+    """On an H100 the shipped sm90 rules give causal D=64 inference to TRITON_FLASH_ATTN up to
+    N=5792 and to cuDNN beyond it and in training; the layer follows, right in every mode."""
+    if attnrt.probe().arch != "sm90":
+        pytest.skip(f"the split is measured for sm90; this GPU is {attnrt.probe().arch}")
+    layer = attnrt.LocalAttention(2, 64, causal=True)
+    # (N, autograd on, backend, the N its selection was made at: 1000 shares 4096's span)
+    for n, grad, want, decided_at in ((4096, False, "TRITON_FLASH_ATTN", 4096),
+                                      (8192, False, "TORCH_SDPA_CUDNN", 8192),
+                                      (4096, True, "TORCH_SDPA_CUDNN", 4096),
+                                      (1000, False, "TRITON_FLASH_ATTN", 4096)):
+        q, k, v = (t.cuda() for t in randn_qkv(1, n, 2, 64, dtype=torch.bfloat16))
+        with torch.set_grad_enabled(grad):
+            out = layer(q.requires_grad_(grad), k, v)
+        assert layer.backend_name == want, (n, grad)
+        assert layer.decision.request.seq_len == decided_at
+        assert rel_l2(out.detach(), dense_reference(q.detach(), k, v, True)) < 1.5e-2
+
+
 # SageAttention quantizes Q and K to int8 (and V to fp16/fp8): its documented accuracy is a
 # cosine similarity near 99.9%, so it is held to a relative L2 bound of its own, not bf16's.
 SAGE_TOLERANCE = 5e-2
