@@ -62,6 +62,28 @@ def test_flex_attention_compiled_on_cpu(dtype, causal, hkv):
     assert rel_l2(out, dense_reference(q, k, v, causal, 0.125)) < TOLERANCE[DTYPES[dtype]]
 
 
+@pytest.mark.slow
+def test_flex_attention_keeps_compiling_past_dynamos_recompile_limit(monkeypatch):
+    # With dynamo's limit at 1, the second shape would run flex_attention eagerly (unfused,
+    # every score materialized); the backend's calls lift the limit, then put it back.
+    import torch._dynamo
+
+    from attnrt.backends.flex import flex_bnhd
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(config, name, 1)
+    torch._dynamo.reset()
+    frames = torch._dynamo.utils.counters["frames"]
+    before = frames["ok"]
+    for n in (48, 80):
+        q, k, v = randn_qkv(1, n, 2, 16)
+        out = flex_bnhd(q, k, v, False, None)
+        assert rel_l2(out, dense_reference(q, k, v, False)) < TOLERANCE[torch.float32]
+    assert frames["ok"] - before == 2  # both shapes compiled (eager ones count no frame)
+    assert getattr(config, name) == 1
+
+
 def test_reference_gradients_match_float64():
     q, k, v = (t.double().requires_grad_() for t in randn_qkv(1, 17, 4, 32, 2))
     from attnrt.backends.reference import chunked_attention
