@@ -100,6 +100,10 @@ def _overrides(impl: AttentionImpl, hook: str) -> bool:
     return getattr(type(impl), hook, None) not in (None, getattr(AttentionImpl, hook))
 
 
+def _has_hooks(impl: AttentionImpl) -> bool:
+    return _overrides(impl, "preprocess_qkv") or _overrides(impl, "postprocess_output")
+
+
 class DistributedAttention(nn.Module):
     """Ulysses sequence-parallel attention through the backend attnrt selects for Hp heads.
 
@@ -172,7 +176,7 @@ class DistributedAttention(nn.Module):
                                       freqs_cis, n)
         q, k, v = tensors[:3]
         impl = base.impl_for(q.dtype, q.device, n)
-        hooks = _overrides(impl, "preprocess_qkv") or _overrides(impl, "postprocess_output")
+        hooks = _has_hooks(impl)
         full = q.shape[1] * sp.size
         if (sp.size == 1 and not reps and len(tensors) == 3 and not hooks
                 and original_seq_len in (None, full)):
@@ -190,18 +194,22 @@ class DistributedAttention(nn.Module):
         if grad or sp.size == 1:
             return self._differentiable(plan, tensors, reps)
         if not (hooks or reps or len(tensors) > 3) and self._local_first_applies(
-                plan, agreed["lse"], q.device):
+                plan, agreed["lse"], base, q):
             return local_first(tensors, base, plan.sp, plan.copies), None
         return self._overlapped(plan, tensors, reps)
 
-    def _local_first_applies(self, plan: _Plan, lse_ready: bool, device: torch.device) -> bool:
+    def _local_first_applies(self, plan: _Plan, lse_ready: bool, base: LocalAttention,
+                             q: torch.Tensor) -> bool:
         """Local-first needs lse from every rank's backend (agreed in the shape check), a
-        non-causal layer and no padding (keys of the own shard must all be real); by default
-        it runs for data on an accelerator, without head chunking."""
+        non-causal layer, no padding (keys of the own shard must all be real) and no hooks in
+        the backends of its own query lengths (the shard's, the other ranks'); by default it
+        runs for data on an accelerator, without head chunking."""
         wanted = plan.sp.local_first
         if wanted is None:
-            wanted = device.type != "cpu" and plan.sp.overlap_chunks in (None, 1)
-        return bool(wanted) and lse_ready and not self.causal and plan.valid == plan.full
+            wanted = q.device.type != "cpu" and plan.sp.overlap_chunks in (None, 1)
+        return (bool(wanted) and lse_ready and not self.causal and plan.valid == plan.full
+                and not any(_has_hooks(base.impl_for(q.dtype, q.device, n))
+                            for n in (plan.shard, plan.full - plan.shard)))
 
     def _validate(self, sp: SequenceParallel, base: LocalAttention, tensors: list[torch.Tensor],
                   replicated: tuple[torch.Tensor | None, ...], original_seq_len: int | None,
@@ -212,7 +220,7 @@ class DistributedAttention(nn.Module):
         lse; "copies", its data sits on the GPU of the group's PeerCopies (without the shape
         check: this rank's answers; check_shards=False trusts the ranks to agree)."""
         copies = sp.peer_copies
-        mine = {"lse": _lse_ready(base, tensors[0], n),
+        mine = {"lse": _lse_ready(base, tensors[0]),
                 "copies": (copies is not None and isinstance(tensors[0], torch.Tensor)
                            and tensors[0].device == copies.device)}
         agreed = mine
@@ -221,7 +229,7 @@ class DistributedAttention(nn.Module):
                                           original_seq_len, {k: int(v) for k, v in mine.items()})
             agreed = {k: bool(v) for k, v in got.items()}
         check_inputs(self, sp, tensors, replicated, original_seq_len, freqs_cis)
-        return self._check_replicated(base, tensors[0], replicated, n), agreed
+        return self._check_backend(base, tensors[0], replicated, n), agreed
 
     def _chunks(self, sp: SequenceParallel, full: int, n_tensors: int) -> int:
         hp, hkvp, _ = shard_heads(self.num_heads, self.num_kv_heads, sp.size)
@@ -286,9 +294,11 @@ class DistributedAttention(nn.Module):
                 metadata: Any) -> torch.Tensor:
         return local(*gathered[:3])
 
-    def _check_replicated(self, base: LocalAttention, q: torch.Tensor,
-                          replicated: tuple[torch.Tensor | None, ...],
-                          n: int | None) -> list[torch.Tensor]:
+    def _check_backend(self, base: LocalAttention, q: torch.Tensor,
+                       replicated: tuple[torch.Tensor | None, ...],
+                       n: int | None) -> list[torch.Tensor]:
+        """After the shape check, so alike on every rank: what the backend serving n query
+        rows must take (replicated tokens here). Returns the replicated tensors."""
         given = [r is not None for r in replicated]
         if not any(given):
             return []
@@ -321,18 +331,18 @@ class DistributedAttention_VSA(DistributedAttention):  # noqa: N801 - FastVideo'
         if any(r is not None for r in (replicated_q, replicated_k, replicated_v)):
             raise ShardError("replicated_q/k/v are not supported by DistributedAttention_VSA "
                              "(VSA tiles the video sequence); allowed: None")
-        self._check_gate_backend(q, original_seq_len)
         if gate_compress is None:
             raise ShardError("gate_compress=None; DistributedAttention_VSA needs a tensor "
                              "shaped like q [B, S, H, D]")
         return self._run([q, k, v, gate_compress], original_seq_len, (None, None, None),
                          freqs_cis)
 
-    def _check_gate_backend(self, q: torch.Tensor, original_seq_len: int | None) -> None:
-        """Before any collective, and alike on every rank: the backend must take the gate."""
-        size = get_sequence_parallel().size
-        decision = self.local_for(size).decision_for(
-            q.dtype, q.device, _local_length(q, size, original_seq_len, None))
+    def _check_backend(self, base: LocalAttention, q: torch.Tensor,
+                       replicated: tuple[torch.Tensor | None, ...],
+                       n: int | None) -> list[torch.Tensor]:
+        """The backend serving n query rows must take the gate (after the shape check, so
+        alike on every rank)."""
+        decision = base.decision_for(q.dtype, q.device, n)
         accepts = declared(decision.backend_cls, "ACCEPTS_GATE_COMPRESS")
         if accepts is None:
             accepts = _forward_takes_gate(decision.backend_cls.get_impl_cls())
@@ -340,6 +350,7 @@ class DistributedAttention_VSA(DistributedAttention):  # noqa: N801 - FastVideo'
             raise ShardError(f"backend {decision.backend} does not take gate_compress "
                              "(ACCEPTS_GATE_COMPRESS = False); allowed: a VSA backend, chosen "
                              "with supported_attention_backends or the manifest")
+        return super()._check_backend(base, q, replicated, n)
 
     def _attend(self, local: LocalAttention, impl: AttentionImpl, gathered: list[torch.Tensor],
                 metadata: Any) -> torch.Tensor:
@@ -387,13 +398,14 @@ def _local_length(q: Any, size: int, original_seq_len: Any, replicated_q: Any) -
     return valid + extra
 
 
-def _lse_ready(local: LocalAttention, q: Any, n: int | None) -> bool:
-    """Whether this rank's serving impl returns lse. Never raises: it runs before the shape
-    check, which must be the first thing every rank does (selection errors come after it)."""
-    if not (isinstance(q, torch.Tensor) and q.dtype.is_floating_point):
+def _lse_ready(local: LocalAttention, q: Any) -> bool:
+    """Whether the impl this rank's local attention serves a shard's queries with (local
+    first's steps A and C) returns lse. Never raises: it runs before the shape check, which
+    must be the first thing every rank does (selection errors come after it)."""
+    if not (isinstance(q, torch.Tensor) and q.dtype.is_floating_point and q.dim() == 4):
         return False
     try:
-        return lse_forward(local.impl_for(q.dtype, q.device, n)) is not None
+        return lse_forward(local.impl_for(q.dtype, q.device, q.shape[1])) is not None
     except AttnrtError:
         return False
 

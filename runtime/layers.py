@@ -162,26 +162,28 @@ class LocalAttention(nn.Module):
         every rule treats alike, and a length outside it selects again."""
         epoch, forced = dispatch.selection_epoch, _CONTEXT_FORCE.get()  # read before selecting
         grad = torch.is_grad_enabled()
-        seen = self._by_key.setdefault((dtype, str(tensor_device), forced_backend(), grad), [])
+        key = (dtype, str(tensor_device), forced_backend(), grad)
+        seen = self._by_key.get(key, [])
         for found in seen:
             if found.epoch == epoch and found.serves(seq_len):
                 return found
         manifest, device = current_manifest(), self._device_for(tensor_device)
-        span = manifest.seq_span(seq_len, device)
-        if not manifest.seq_cuts(device):
-            seq_len = None  # no rule tells lengths apart: one decision for all of them
-        decision = select(self.request_for(dtype, grad, seq_len), device, manifest)
-        old = next((s for s in seen if (s.seq_low, s.seq_high) == span), None)
-        if old is not None:
-            seen.remove(old)
-        if old is not None and old.decision.backend == decision.backend:
-            impl = old.impl  # same backend after a global change: keep the impl and its state
+        request = self.request_for(dtype, grad, seq_len)
+        span = manifest.seq_span(request, device)
+        if seq_len is not None and not manifest.seq_cuts(request, device):
+            request = self.request_for(dtype, grad)  # no rule for it tells lengths apart
+        decision = select(request, device, manifest)
+        same = next((s for s in seen if s.decision.backend == decision.backend), None)
+        if same is not None:
+            impl = same.impl  # one impl per backend, its state kept across spans and changes
         else:
             impl = decision.backend_cls.get_impl_cls()(
                 self.num_heads, self.head_size, self.softmax_scale, self.causal,
                 self.num_kv_heads, self.prefix, **self.extra_impl_args)
         found = _Selected(decision, impl, dtype, tensor_device, epoch, forced, span)
-        seen.append(found)
+        # A new list, not an edit: another thread may be walking the old one.
+        self._by_key[key] = [s for s in seen if s.epoch == epoch
+                             and (s.seq_low, s.seq_high) != span] + [found]
         return found
 
     def impl_for(self, dtype: torch.dtype, device: torch.device | None = None,

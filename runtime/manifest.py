@@ -26,7 +26,7 @@ import bisect
 import os
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
@@ -74,15 +74,17 @@ class Rule:
         return ((self.platforms is None or device.platform in self.platforms)
                 and (self.arch is None or self.arch.contains(device.platform, device.arch)))
 
-    def matches(self, request: AttentionRequest, device: Device) -> bool:
+    def matches(self, request: AttentionRequest, device: Device,
+                any_length: bool = False) -> bool:
+        """any_length: whether the rule would match the request at some query length."""
         return (self.applies_to(device)
                 and (self.head_size is None or self.head_size.contains(request.head_size))
                 and (self.dtypes is None or request.dtype in self.dtypes)
                 and (self.causal is None or self.causal == request.causal)
                 and (self.gqa is None or self.gqa == request.is_gqa)
                 and (self.grad is None or self.grad == request.grad)
-                and (self.seq_len is None or (request.seq_len is not None
-                                              and self.seq_len.contains(request.seq_len))))
+                and (self.seq_len is None or any_length
+                     or (request.seq_len is not None and self.seq_len.contains(request.seq_len))))
 
     @property
     def provenance_kind(self) -> str:
@@ -116,7 +118,8 @@ class Manifest:
     rules: tuple[Rule, ...]
     files: tuple[str, ...]
     signature: tuple[tuple[str, int, int], ...] = ()  # (path, mtime_ns, size): the cache key
-    _cuts: dict[Device, tuple[int, ...]] = field(default_factory=dict, compare=False, repr=False)
+    _cuts: dict[tuple[AttentionRequest, Device], tuple[int, ...]] = field(
+        default_factory=dict, init=False, compare=False, repr=False)
 
     def match(self, request: AttentionRequest, device: Device) -> Rule | None:
         for rule in self.rules:
@@ -124,27 +127,28 @@ class Manifest:
                 return rule
         return None
 
-    def seq_cuts(self, device: Device) -> tuple[int, ...]:
-        """Sorted query lengths where the seq_len test of a rule for `device` can change
-        (empty: none has one, so the query length never matters there)."""
-        cuts = self._cuts.get(device)
+    def seq_cuts(self, request: AttentionRequest, device: Device) -> tuple[int, ...]:
+        """Sorted query lengths where the seq_len test of a rule that can match `request` on
+        `device` changes (empty: none has one, so the length never matters to it)."""
+        if request.seq_len is not None:
+            request = replace(request, seq_len=None)
+        cuts = self._cuts.get((request, device))
         if cuts is None:
-            cuts = self._cuts[device] = tuple(sorted(
-                {c for r in self.rules if r.seq_len and r.applies_to(device)
+            cuts = self._cuts[request, device] = tuple(sorted(
+                {c for r in self.rules if r.seq_len and r.matches(request, device, True)
                  for c in r.seq_len.cuts()}))
         return cuts
 
-    def seq_span(self, seq_len: int | None, device: Device) -> tuple[int, float]:
-        """[low, high): the query lengths every rule for `device` treats as it treats
-        `seq_len`, so a decision made for one serves them all. None (length unknown): an empty
-        span where such a rule has a seq_len key (the first real length selects), else every
-        length."""
-        cuts = self.seq_cuts(device)
+    def seq_span(self, request: AttentionRequest, device: Device) -> tuple[int, float]:
+        """[low, high): the query lengths every rule treats as it treats request.seq_len, so a
+        decision made for one serves them all. No length: an empty span where a rule that can
+        match has a seq_len key (the first real length selects), else every length."""
+        cuts = self.seq_cuts(request, device)
         if not cuts:
             return 0, float("inf")
-        if seq_len is None:
+        if request.seq_len is None:
             return 0, 0
-        i = bisect.bisect_right(cuts, seq_len)
+        i = bisect.bisect_right(cuts, request.seq_len)
         return (cuts[i - 1] if i else 0), (cuts[i] if i < len(cuts) else float("inf"))
 
 
@@ -286,20 +290,26 @@ def _arch(value: Any, where: str) -> ArchRange:
     return arch
 
 
-def _head_size(value: Any, where: str) -> SizeRange:
-    sizes = SizeRange.parse(value if isinstance(value, list) else [value])
+def _sizes(key: str, value: Any, where: str) -> SizeRange:
+    """head_size or seq_len: positive sizes, or ranges such as '<=256'."""
+    items = value if isinstance(value, list) else [value]
+    allowed = "positive integers or ranges such as '<=256' or '>=64,<=256'"
+    if not items:
+        raise ManifestError(f"{where}: [] admits no {key}; allowed: {allowed}")
+    sizes = SizeRange.parse(items)
     low, high = sizes.bounds()
-    if high < max(low, 1):
-        raise ManifestError(f"{where}: {value!r} admits no head size")
+    if high < max(low, 1) or any(s < 1 for s in sizes.sizes):
+        raise ManifestError(f"{where}: {value!r} admits no {key} or one below 1; allowed: "
+                            f"{allowed}")
     return sizes
 
 
+def _head_size(value: Any, where: str) -> SizeRange:
+    return _sizes("head_size", value, where)
+
+
 def _seq_len(value: Any, where: str) -> SizeRange:
-    lengths = SizeRange.parse(value if isinstance(value, list) else [value], "seq_len")
-    low, high = lengths.bounds()
-    if high < max(low, 1):
-        raise ManifestError(f"{where}: {value!r} admits no sequence length")
-    return lengths
+    return _sizes("seq_len", value, where)
 
 
 def _dtypes(value: Any, where: str) -> frozenset[str]:

@@ -113,19 +113,18 @@ class SizeRange:
     text: str
 
     @classmethod
-    def parse(cls, spec: int | str | Iterable[int | str], what: str = "head_size") -> SizeRange:
-        """`what` names the key in error messages."""
+    def parse(cls, spec: int | str | Iterable[int | str]) -> SizeRange:
         items = [spec] if isinstance(spec, (int, str)) else list(spec)
         sizes, ranges = set(), []
         for item in items:
             if isinstance(item, bool) or not isinstance(item, (int, str)):
-                raise RangeError(f"{what} {item!r} is not an integer or a range like '<=256'")
+                raise RangeError(f"{item!r} is not an integer or a range like '<=256'")
             if isinstance(item, int):
                 sizes.add(item)
             elif _is_range(item):
-                ranges.append(tuple((op, _int(v, item, what)) for op, v in _comparisons(item)))
+                ranges.append(tuple((op, _int(v, item)) for op, v in _comparisons(item)))
             else:
-                sizes.add(_int(item, item, what))
+                sizes.add(_int(item, item))
         return cls(frozenset(sizes), tuple(ranges), ", ".join(str(i) for i in items))
 
     def contains(self, size: int) -> bool:
@@ -167,11 +166,11 @@ def _interval(comps: tuple[tuple[str, int], ...]) -> tuple[float, float]:
     return lo, hi
 
 
-def _int(value: str, spec: object, what: str) -> int:
+def _int(value: str, spec: object) -> int:
     try:
         return int(value)
     except ValueError:
-        raise RangeError(f"{what} {spec!r}: {value!r} is not an integer") from None
+        raise RangeError(f"{spec!r}: {value!r} is not an integer") from None
 
 
 def describe_sizes(sizes: Collection[int]) -> str:

@@ -56,13 +56,14 @@ class AttentionRequest:
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
         if not isinstance(self.grad, bool):
             raise TypeError(f"grad={self.grad!r} must be True or False")
-        for field in ("head_size", "num_heads", "seq_len"):
+        for field in ("head_size", "num_heads"):
             value = getattr(self, field)
-            if field == "seq_len" and value is None:
-                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field}={value!r} must be a positive integer"
-                                 + (" or None" if field == "seq_len" else ""))
+                raise ValueError(f"{field}={value!r} must be a positive integer")
+        n = self.seq_len
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"seq_len={n!r} is not allowed; allowed: None (unknown) or a query "
+                             "length >= 0")
         kv = self.num_kv_heads
         if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv < 1
                                or self.num_heads % kv):

@@ -514,7 +514,7 @@ def check_shape_check_on_new_shapes_ignores_per_rank_state(ctx: Ctx) -> None:
         with torch.no_grad():
             layer(*shards)
             if ctx.rank == 0:
-                dl_mod._lse_ready = lambda local, q, n: False
+                dl_mod._lse_ready = lambda local, q: False
             with count_collectives() as counts:
                 out, _ = layer(*shards)
     finally:
@@ -558,6 +558,37 @@ def check_rules_see_the_gathered_length(ctx: Ctx) -> None:
         ctx.close(out, ctx.shard(want, s), "output of the backend ranked for N=13")
         assert HookedBackend.calls == {"pre": 1, "post": 1}, HookedBackend.calls
     finally:
+        attnrt.clear_caches()
+        clear_manifest_cache(forget_overrides=True)
+        os.remove(path)
+
+
+def check_local_first_asks_the_backend_of_its_own_lengths(ctx: Ctx) -> None:
+    # At the shard's length the rules rank HOOKED_TEST (hooks, no lse), above it TORCH_SDPA.
+    # Local-first would run its steps A and C at the shard length, so it must not apply: the
+    # plain exchange runs N=16 through TORCH_SDPA, and nothing goes to the reference's lse.
+    from attnrt.backends import reference
+
+    h, d, n = 2 * ctx.world, 16, 16
+    s = n // ctx.world
+    q, k, v = qkv(ctx, 1, n, h, h, d, seed=6)
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"attnrt-lf-{os.getpid()}.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"schema: 1\nrules:\n  - seq_len: '<={s}'\n    rank: [HOOKED_TEST]\n"
+                "  - rank: [TORCH_SDPA]\n")
+    real, lse_by_reference = reference.chunked_attention, []
+    reference.chunked_attention = lambda *a, **kw: lse_by_reference.append(1) or real(*a, **kw)
+    try:
+        attnrt.load_capability(path)
+        init_sequence_parallel(local_first=True)
+        HookedBackend.calls.update(pre=0, post=0)
+        with torch.no_grad():
+            out, _ = DistributedAttention(h, d)(*(ctx.shard(t, s) for t in (q, k, v)))
+        ctx.close(out, ctx.shard(sdpa_bnhd(q, k, v, False, d ** -0.5), s), "plain exchange")
+        assert lse_by_reference == []
+        assert HookedBackend.calls == {"pre": 0, "post": 0}, HookedBackend.calls
+    finally:
+        reference.chunked_attention = real
         attnrt.clear_caches()
         clear_manifest_cache(forget_overrides=True)
         os.remove(path)

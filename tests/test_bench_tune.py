@@ -208,8 +208,8 @@ def _choice_rule_is(path: str) -> bool:
 
 
 def test_tune_both_passes_splits_inference_from_training(register, tmp_path, monkeypatch):
-    _fake(register, "FAKE_A", backward_delay=0.1)  # fastest forward, slow backward
-    _fake(register, "FAKE_B", delay=0.02)           # slower forward, fast backward
+    _fake(register, "FAKE_A", backward_delay=0.15)  # fastest forward, slow backward
+    _fake(register, "FAKE_B", delay=0.05)            # slower forward, fast backward
     assert benchmark.Case(1, 2, 2, 32, 40, "fp32", False, "bwd").request().grad
     # 3 repeats: each median stays clear of one run stalled by a busy CI core.
     doc = _tune(tmp_path, "both.yaml", "--pass", "both", "--repeats", "3")["doc"]
@@ -229,8 +229,8 @@ def test_tune_both_passes_splits_inference_from_training(register, tmp_path, mon
 
 
 def test_tune_splits_lengths_that_rank_apart(register, tmp_path, monkeypatch):
-    _fake(register, "FAKE_A", long_delay=0.08)  # fast on short sequences only
-    _fake(register, "FAKE_B", delay=0.02)       # the same at every length
+    _fake(register, "FAKE_A", long_delay=0.12)  # fast on short sequences only
+    _fake(register, "FAKE_B", delay=0.05)       # the same at every length
     path = tmp_path / "lengths.yaml"
     assert _run("tune", *TINY[:2], "--seq-lens", "32,40,80", *TINY[4:6], "--repeats", "3",
                 "--backends", "FAKE_A,FAKE_B", "--out", str(path)) == 0

@@ -73,9 +73,9 @@ def test_explain_seq_len_picks_the_length_rule(capsys):
     assert "seq_len=<=5792" in picks["4096"]["rule"]["conditions"]
     assert "seq_len" not in picks["16384"]["rule"]["conditions"]
     assert picks["4096"]["rule"]["where"] != picks["16384"]["rule"]["where"]
-    code, _, err = run(capsys, "explain", "--head-size", "64", "--seq-len", "0")
+    code, _, err = run(capsys, "explain", "--head-size", "64", "--seq-len", "-1")
     assert code != 0
-    assert "seq_len=0 must be a positive integer" in err
+    assert "seq_len=-1 is not allowed" in err
 
 
 def test_explain_json_matches_the_api(capsys):

@@ -164,6 +164,20 @@ def test_query_length_selects_by_the_rules_seq_len_key(register, write_yaml, mon
     assert "seq_len=<=32" in text
 
 
+def test_empty_queries_and_one_impl_per_backend_across_spans(write_yaml, monkeypatch):
+    monkeypatch.setenv("ATTNRT_CAPABILITY", write_yaml(
+        "schema: 1\nrules:\n"
+        "  - platform: cpu\n    seq_len: '<=32'\n    rank: [TORCH_SDPA]\n"
+        "  - platform: cpu\n    rank: [TORCH_SDPA, REFERENCE]\n"))
+    layer = attnrt.LocalAttention(2, 32)
+    assert layer(*randn_qkv(1, 0, 2, 32)).shape == (1, 0, 2, 32)  # N=0 selects like any N
+    layer(*randn_qkv(1, 16, 2, 32))
+    short = layer._active
+    layer(*randn_qkv(1, 40, 2, 32))
+    assert layer._active is not short  # another span, another decision ...
+    assert layer._active.impl is short.impl  # ... of the same backend: its one impl
+
+
 def test_without_seq_len_rules_the_request_carries_no_length(register):
     layer = attnrt.LocalAttention(2, 32)
     layer(*randn_qkv(1, 16, 2, 32))

@@ -221,18 +221,28 @@ def test_seq_len_key_splits_by_query_length(write_yaml):
         first, first, general, listed, general, listed, listed, general]
     assert first.conditions() == "platform=cpu seq_len=<=8192"
     assert validate_files([path]) == []
+
+    def span(n: int | None, request_device: Device = device, head_size: int = 64) -> tuple:
+        return manifest.seq_span(AttentionRequest(head_size, "fp32", seq_len=n), request_device)
+
     # Spans: every length inside one is treated alike by every rule.
-    assert manifest.seq_cuts(device) == (8193, 16384, 16385, 32768)
-    assert manifest.seq_span(4096, device) == (0, 8193)
-    assert manifest.seq_span(8193, device) == (8193, 16384)
-    assert manifest.seq_span(16384, device) == (16384, 16385)
-    assert manifest.seq_span(40000, device) == (32768, float("inf"))
-    assert manifest.seq_span(None, device) == (0, 0)  # unknown: the first real length selects
-    assert manifest.seq_cuts(Device("cuda", "sm90")) == ()  # the rules are for cpu only
+    assert manifest.seq_cuts(AttentionRequest(64, "fp32"), device) == (8193, 16384, 16385, 32768)
+    assert span(4096) == span(0) == (0, 8193)
+    assert span(8193) == (8193, 16384)
+    assert span(16384) == (16384, 16385)
+    assert span(40000) == (32768, float("inf"))
+    assert span(None) == (0, 0)  # unknown: the first real length selects
+    assert span(5, Device("cuda", "sm90")) == (0, float("inf"))  # the rules are for cpu only
     plain = load_manifest([write_yaml(HEAD + "  - platform: cpu\n    rank: [REFERENCE]\n",
                                       "plain.yaml")])
-    assert plain.seq_cuts(device) == ()
-    assert plain.seq_span(None, device) == plain.seq_span(5, device) == (0, float("inf"))
+    request = AttentionRequest(64, "fp32")
+    assert plain.seq_cuts(request, device) == ()
+    assert plain.seq_span(request, device) == (0, float("inf"))
+    # Only rules that can match the request split its lengths.
+    sized = load_manifest([write_yaml(HEAD + "  - head_size: 256\n    seq_len: '<=64'\n"
+                                             "    rank: [REFERENCE]\n", "sized.yaml")])
+    assert sized.seq_cuts(AttentionRequest(256, "fp32"), device) == (65,)
+    assert sized.seq_cuts(AttentionRequest(64, "fp32", seq_len=9), device) == ()
 
 
 def test_seq_len_shadowing_and_bad_values(write_yaml):
@@ -244,16 +254,19 @@ def test_seq_len_shadowing_and_bad_values(write_yaml):
                                  "  - platform: cpu\n    seq_len: '>8192'\n"
                                  "    rank: [TORCH_SDPA]\n", "disjoint.yaml")
     assert validate_files([disjoint]) == []
-    for value, needle in (("long", "seq_len 'long': 'long' is not an integer"),
-                          ("'>=8192,<4096'", "admits no sequence length"),
-                          ("true", "seq_len True is not an integer")):
+    for value, needle in (("long", "seq_len: 'long': 'long' is not an integer"),
+                          ("'>=8192,<4096'", "admits no seq_len"),
+                          ("[-5, 10]", "or one below 1; allowed: positive integers"),
+                          ("[]", "[] admits no seq_len; allowed"),
+                          ("true", "seq_len: True is not an integer")):
         bad = write_yaml(HEAD + f"  - seq_len: {value}\n    rank: [REFERENCE]\n", "bad.yaml")
         errors = "\n".join(validate_files([bad]))
         assert "bad.yaml:3: seq_len" in errors
         assert needle in errors
-    for n in (0, -1, 2.5, True):
-        with pytest.raises(ValueError, match="seq_len=.* must be a positive integer or None"):
+    for n in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=r"seq_len=.* is not allowed; allowed: None"):
             AttentionRequest(64, "fp32", seq_len=n)  # type: ignore[arg-type]
+    assert AttentionRequest(64, "fp32", seq_len=0).seq_len == 0  # an empty query
 
 
 def test_manifest_loads_in_order(write_yaml):

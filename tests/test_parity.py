@@ -65,23 +65,27 @@ def test_flex_attention_compiled_on_cpu(dtype, causal, hkv):
 @pytest.mark.slow
 def test_flex_attention_keeps_compiling_past_dynamos_recompile_limit(monkeypatch):
     # With dynamo's limit at 1, the second shape would run flex_attention eagerly (unfused,
-    # every score materialized); the backend's calls lift the limit, then put it back.
+    # every score materialized); compiling it lifts the limit.
     import torch._dynamo
 
-    from attnrt.backends.flex import flex_bnhd
+    from attnrt.backends import flex
 
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     monkeypatch.setattr(config, name, 1)
+    flex._compiled.cache_clear()
     torch._dynamo.reset()
     frames = torch._dynamo.utils.counters["frames"]
     before = frames["ok"]
-    for n in (48, 80):
-        q, k, v = randn_qkv(1, n, 2, 16)
-        out = flex_bnhd(q, k, v, False, None)
-        assert rel_l2(out, dense_reference(q, k, v, False)) < TOLERANCE[torch.float32]
-    assert frames["ok"] - before == 2  # both shapes compiled (eager ones count no frame)
-    assert getattr(config, name) == 1
+    try:
+        for n in (48, 80):
+            q, k, v = randn_qkv(1, n, 2, 16)
+            out = flex.flex_bnhd(q, k, v, False, None)
+            assert rel_l2(out, dense_reference(q, k, v, False)) < TOLERANCE[torch.float32]
+        assert frames["ok"] - before == 2  # both shapes compiled (eager ones count no frame)
+        assert getattr(config, name) == flex.RECOMPILE_LIMIT
+    finally:
+        flex._compiled.cache_clear()  # the limit goes back: the next compile raises it again
 
 
 def test_reference_gradients_match_float64():

@@ -5,7 +5,8 @@ masks are cached per (N, M, device), so a new sequence length also costs one mas
 Dynamo stops compiling a function after `recompile_limit` (8) variants and runs the rest
 eagerly: for flex_attention that is an unfused path that materializes every score (measured
 6.8 TFLOP/s against ~500 compiled on an H100, and O(N^2) memory). A grid of shapes passes 8
-soon, so calls here run with a limit of at least RECOMPILE_LIMIT.
+soon, so compiling here raises the process's limit to at least RECOMPILE_LIMIT (once; it
+only lets other compiled functions recompile more often before they too run eagerly).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ RECOMPILE_LIMIT = 64
 def _compiled() -> Any:
     from torch.nn.attention.flex_attention import flex_attention
 
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -43,15 +47,8 @@ def flex_bnhd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
               scale: float | None) -> torch.Tensor:
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     mask = _causal_block_mask(qt.shape[2], kt.shape[2], str(q.device)) if causal else None
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    saved = getattr(config, name)
-    setattr(config, name, max(saved, RECOMPILE_LIMIT))  # read when a new shape compiles
-    try:
-        out = _compiled()(qt, kt, vt, block_mask=mask, scale=scale,
-                          enable_gqa=qt.shape[1] != kt.shape[1])
-    finally:
-        setattr(config, name, saved)
+    out = _compiled()(qt, kt, vt, block_mask=mask, scale=scale,
+                      enable_gqa=qt.shape[1] != kt.shape[1])
     return out.transpose(1, 2)
 
 

@@ -56,7 +56,8 @@ SUPPORTED_HEAD_SIZES = (64, 128)
 # Causal launches at these head sizes run each warpgroup's masked steps first and then an
 # unmasked loop; the others keep one loop that masks where a step needs it. H100, causal,
 # over cuDNN: D=128 peeled 0.87 vs 0.76 at N=16384 (one loop spilled 236 bytes a thread);
-# D=64 peeled 0.85 / 0.80 vs one loop 0.90 / 0.84 at N=4096 / 16384.
+# D=64 peeled 0.89 / 0.81 vs one loop 0.94 / 0.84 at N=4096 / 16384 (bench/NOTES-triton-flash.md,
+# ninth session).
 PEELED_HEAD_SIZES = (128,)
 BLOCK_N = gl.constexpr(128)  # keys per program: two consumer warpgroups of 64
 BLOCK_M = gl.constexpr(64)  # query rows per step
@@ -308,7 +309,8 @@ def _consumer(wg: gl.constexpr, sm, lse2_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr
                                         lo, n_steps, qk_scale, sm_scale, k_cols, dq_zero, lay,
                                         shape, 0)
     else:
-        # One loop (peeled like the causal one, D=64 ran 0.71-0.78x cuDNN, not 0.79-0.85x).
+        # One loop (non-causal, and causal at head sizes not in PEELED_HEAD_SIZES): peeled,
+        # the non-causal D=64 backward ran 0.71-0.78x cuDNN, not 0.79-0.85x.
         for t in range(steps):
             dk, dv = _consumer_step(wg, sm, t, dk, dv, k_w, v_w, s_zero, lse2_ptr, delta_ptr,
                                     dq_desc, b, h0, key0, N, M, H, NP, lo, n_steps, qk_scale,
