@@ -480,10 +480,11 @@ def test_gpu_shipped_rules_pick_by_mode_and_length():
     if attnrt.probe().arch != "sm90":
         pytest.skip(f"the split is measured for sm90; this GPU is {attnrt.probe().arch}")
     layer = attnrt.LocalAttention(2, 64, causal=True)
-    # (N, autograd on, backend, the N its selection was made at: 1000 shares 4096's span)
+    # (N, autograd on, backend, the N its selection was made at: 1000 shares 4096's span; no
+    # training rule tells lengths apart, so training requests carry none)
     for n, grad, want, decided_at in ((4096, False, "TRITON_FLASH_ATTN", 4096),
                                       (8192, False, "TORCH_SDPA_CUDNN", 8192),
-                                      (4096, True, "TORCH_SDPA_CUDNN", 4096),
+                                      (4096, True, "TORCH_SDPA_CUDNN", None),
                                       (1000, False, "TRITON_FLASH_ATTN", 4096)):
         q, k, v = (t.cuda() for t in randn_qkv(1, n, 2, 64, dtype=torch.bfloat16))
         with torch.set_grad_enabled(grad):
