@@ -289,7 +289,8 @@ def _decide(request: AttentionRequest, device: Device, manifest: Manifest,
     ranked, rule = _ranking(request, device, manifest)
     if forced is None:
         chosen, candidates = _walk(ranked, request, device)
-        return Decision(chosen, request, device, tuple(candidates), rule)
+        return Decision(chosen, request, device, tuple(candidates), rule,
+                        notes=_length_note(request, device, manifest))
     name, source = forced
     registry.spec(name)
     reasons = tuple(reasons_for(name, request, device))
@@ -301,6 +302,15 @@ def _decide(request: AttentionRequest, device: Device, manifest: Manifest,
     chosen, candidates = _walk([(n, note) for n, note in ranked if n != name], request, device)
     note = f"forced {name} could not run; fell back to the ranking (ATTNRT_FALLBACK=warn)"
     return Decision(chosen, request, device, (head, *candidates), rule, source, (note,))
+
+
+def _length_note(request: AttentionRequest, device: Device,
+                 manifest: Manifest) -> tuple[str, ...]:
+    """Where the request carries no length but rules keyed on one could match it."""
+    if request.seq_len is not None or not manifest.seq_cuts(request, device):
+        return ()
+    return ("rules keyed on seq_len could match this request; they apply only with a query "
+            "length (attnrt explain --seq-len N; a layer passes its N)",)
 
 
 def select(request: AttentionRequest, device: Device | None = None,

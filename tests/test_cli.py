@@ -73,6 +73,10 @@ def test_explain_seq_len_picks_the_length_rule(capsys):
     assert "seq_len=<=5792" in picks["4096"]["rule"]["conditions"]
     assert "seq_len" not in picks["16384"]["rule"]["conditions"]
     assert picks["4096"]["rule"]["where"] != picks["16384"]["rule"]["where"]
+    assert picks["4096"]["notes"] == []
+    code, out, _ = run(capsys, *args)  # no length: the general rule, and a note saying why
+    assert "seq_len" not in json.loads(out)["rule"]["conditions"]
+    assert "apply only with a query length" in json.loads(out)["notes"][0]
     code, _, err = run(capsys, "explain", "--head-size", "64", "--seq-len", "-1")
     assert code != 0
     assert "seq_len=-1 is not allowed" in err
