@@ -157,9 +157,9 @@ class LocalAttention(nn.Module):
 
     def _select(self, dtype: torch.dtype, tensor_device: torch.device | None,
                 seq_len: int | None = None) -> _Selected:
-        """seq_len: the query length, where known. The request carries it only where a rule of
-        the manifest has a seq_len key; the selection then serves the span of lengths that
-        every rule treats alike, and a length outside it selects again."""
+        """seq_len: the query length, where known. The request carries it only where a rule
+        that can match it has a seq_len key; the selection then serves the span of lengths
+        that every rule treats alike, and a length outside it selects again."""
         epoch, forced = dispatch.selection_epoch, _CONTEXT_FORCE.get()  # read before selecting
         grad = torch.is_grad_enabled()
         key = (dtype, str(tensor_device), forced_backend(), grad)
@@ -170,7 +170,7 @@ class LocalAttention(nn.Module):
         manifest, device = current_manifest(), self._device_for(tensor_device)
         request = self.request_for(dtype, grad, seq_len)
         span = manifest.seq_span(request, device)
-        if seq_len is not None and not manifest.seq_cuts(request, device):
+        if seq_len is not None and span == (0, float("inf")):
             request = self.request_for(dtype, grad)  # no rule for it tells lengths apart
         decision = select(request, device, manifest)
         same = next((s for s in seen if s.decision.backend == decision.backend), None)

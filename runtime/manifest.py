@@ -70,14 +70,11 @@ class Rule:
     def line_of(self, key: str) -> int:
         return dict(self.key_lines).get(key, self.line)
 
-    def applies_to(self, device: Device) -> bool:
-        return ((self.platforms is None or device.platform in self.platforms)
-                and (self.arch is None or self.arch.contains(device.platform, device.arch)))
-
     def matches(self, request: AttentionRequest, device: Device,
                 any_length: bool = False) -> bool:
         """any_length: whether the rule would match the request at some query length."""
-        return (self.applies_to(device)
+        return ((self.platforms is None or device.platform in self.platforms)
+                and (self.arch is None or self.arch.contains(device.platform, device.arch))
                 and (self.head_size is None or self.head_size.contains(request.head_size))
                 and (self.dtypes is None or request.dtype in self.dtypes)
                 and (self.causal is None or self.causal == request.causal)

@@ -67,15 +67,12 @@ def tune_rules(results: list[Result], device: Device, env: dict[str, Any]) -> li
                 spans[-1][0].append(n)
             else:
                 spans.append(([n], leads))
-        if len(spans) == 1:
-            rules += _cell_rules(key, rs, device, env)
-            continue
         cuts = [int(math.sqrt(spans[j - 1][0][-1] * spans[j][0][0])) for j in range(1, len(spans))]
         for j, (lengths, _) in enumerate(spans):
             bounds = [f">{cuts[j - 1]}"] if j else []
             bounds += [f"<={cuts[j]}"] if j < len(cuts) else []
             part = [r for r in rs if r.case.seq_len in lengths]
-            rules += _cell_rules(key, part, device, env, ",".join(bounds))
+            rules += _cell_rules(key, part, device, env, ",".join(bounds) or None)
     return rules
 
 

@@ -113,13 +113,19 @@ def test_dtype_change_reselects_instead_of_running_outside_support(register, wri
     assert fp32_only.forward_calls == 2
 
 
+def _cpu_rules(write_yaml, monkeypatch, *rules: tuple[str, str]) -> None:
+    """An override manifest of cpu rules, each (condition line or "", first backend), the
+    backend ranked before TORCH_SDPA."""
+    body = "".join("  - platform: cpu\n" + (f"    {cond}\n" if cond else "")
+                   + f"    rank: [{first}, TORCH_SDPA]\n" for cond, first in rules)
+    monkeypatch.setenv("ATTNRT_CAPABILITY", write_yaml("schema: 1\nrules:\n" + body))
+
+
 def test_autograd_mode_selects_by_the_rules_grad_key(register, write_yaml, monkeypatch):
     infer = register("INFER_ATTN", make_backend("INFER_ATTN"))
     train = register("TRAIN_ATTN", make_backend("TRAIN_ATTN"))
-    monkeypatch.setenv("ATTNRT_CAPABILITY", write_yaml(
-        "schema: 1\nrules:\n"
-        "  - platform: cpu\n    grad: false\n    rank: [INFER_ATTN, TORCH_SDPA]\n"
-        "  - platform: cpu\n    grad: true\n    rank: [TRAIN_ATTN, TORCH_SDPA]\n"))
+    _cpu_rules(write_yaml, monkeypatch, ("grad: false", "INFER_ATTN"),
+               ("grad: true", "TRAIN_ATTN"))
     layer = attnrt.LocalAttention(2, 32)
     q, k, v = randn_qkv(1, 16, 2, 32)
     with torch.no_grad():
@@ -140,10 +146,7 @@ def test_autograd_mode_selects_by_the_rules_grad_key(register, write_yaml, monke
 def test_query_length_selects_by_the_rules_seq_len_key(register, write_yaml, monkeypatch):
     short = register("SHORT_ATTN", make_backend("SHORT_ATTN"))
     long = register("LONG_ATTN", make_backend("LONG_ATTN"))
-    monkeypatch.setenv("ATTNRT_CAPABILITY", write_yaml(
-        "schema: 1\nrules:\n"
-        "  - platform: cpu\n    seq_len: '<=32'\n    rank: [SHORT_ATTN, TORCH_SDPA]\n"
-        "  - platform: cpu\n    rank: [LONG_ATTN, TORCH_SDPA]\n"))
+    _cpu_rules(write_yaml, monkeypatch, ("seq_len: '<=32'", "SHORT_ATTN"), ("", "LONG_ATTN"))
     layer = attnrt.LocalAttention(2, 32)
     assert layer.backend_name == "LONG_ATTN"  # built before any length is known
     selects = []
@@ -165,10 +168,7 @@ def test_query_length_selects_by_the_rules_seq_len_key(register, write_yaml, mon
 
 
 def test_empty_queries_and_one_impl_per_backend_across_spans(write_yaml, monkeypatch):
-    monkeypatch.setenv("ATTNRT_CAPABILITY", write_yaml(
-        "schema: 1\nrules:\n"
-        "  - platform: cpu\n    seq_len: '<=32'\n    rank: [TORCH_SDPA]\n"
-        "  - platform: cpu\n    rank: [TORCH_SDPA, REFERENCE]\n"))
+    _cpu_rules(write_yaml, monkeypatch, ("seq_len: '<=32'", "REFERENCE"), ("", "REFERENCE"))
     layer = attnrt.LocalAttention(2, 32)
     assert layer(*randn_qkv(1, 0, 2, 32)).shape == (1, 0, 2, 32)  # N=0 selects like any N
     layer(*randn_qkv(1, 16, 2, 32))
