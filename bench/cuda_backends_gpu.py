@@ -3,7 +3,7 @@
 Shapes: B batch, N sequence, H heads, Hkv kv heads, D head size. Grid (forward, B=1, H=24,
 Hkv=8 for GQA): D in 64, 72, 80, 96, 128, 160, 192, 256 x bf16, fp16 x causal/not x GQA/not at
 N=4096, and N=16384 (causal also 8192) for D=64/128; plus a few backward cells. Each backend is
-checked against the float64 REFERENCE first (attnrt.benchmark.measure) and a wrong one is not
+checked against the float64 REFERENCE first (attnrt.tools.benchmark.measure) and a wrong one is not
 timed.
 
 The table gives TFLOP/s per backend, the fastest, and the backend the manifest would choose here
@@ -27,14 +27,15 @@ from typing import Any
 
 import torch
 
-from attnrt import benchmark, registry, tune
 from attnrt.backends.reference import chunked_attention
-from attnrt.benchmark import Case, Result, measure
-from attnrt.device import Device, probe
-from attnrt.dispatch import reasons_for
 from attnrt.errors import KernelCompileError
-from attnrt.manifest import current_manifest
-from attnrt.request import AttentionRequest
+from attnrt.select import registry
+from attnrt.select.device import Device, probe
+from attnrt.select.dispatch import reasons_for
+from attnrt.select.manifest import current_manifest
+from attnrt.select.request import AttentionRequest
+from attnrt.tools import benchmark, tune
+from attnrt.tools.benchmark import Case, Result, measure
 
 HEAD_SIZES = (128, 64, 96, 80, 72, 160, 192, 256)  # most used first: the budget may cut the tail
 LONG_HEAD_SIZES = (64, 128)
@@ -245,7 +246,7 @@ def main() -> int:
     ap.add_argument("--backends", default=",".join(TIMED))
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--rounds", type=int, default=10,
-                    help="interleaved timing rounds per cell (attnrt.benchmark.retime)")
+                    help="interleaved timing rounds per cell (attnrt.tools.benchmark.retime)")
     args = ap.parse_args()
     if args.from_json:
         data, results = load(args.from_json)

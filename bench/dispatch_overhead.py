@@ -13,6 +13,7 @@ import torch
 
 import attnrt
 from attnrt.context import get_forward_context
+from attnrt.select import dispatch
 
 
 def per_call_us(fn, calls: int = 20000, rounds: int = 7) -> float:
@@ -60,18 +61,18 @@ def main() -> None:
 
     attnrt.clear_caches()
     walks = 0
-    real = attnrt.dispatch._decide
+    real = dispatch._decide
 
     def counting(*args, **kwargs):
         nonlocal walks
         walks += 1
         return real(*args, **kwargs)
 
-    attnrt.dispatch._decide = counting
+    dispatch._decide = counting
     start = time.perf_counter()
     layers = [attnrt.LocalAttention(24, 128, causal=False) for _ in range(1000)]
     build_ms = (time.perf_counter() - start) * 1e3
-    attnrt.dispatch._decide = real
+    dispatch._decide = real
 
     print(f"backend: {layer.backend_name}   torch {torch.__version__}   1 thread")
     print(f"{'measure':<44} {'value':>12}")

@@ -6,8 +6,8 @@ Shapes: B=1, N sequence, H heads, D=128. For each (N, H) one run prints:
     half       LocalAttention(H/P) on [1, N, H/P, D]: the compute floor of one rank's share
     a2a        one all-to-all of a q shard [1, N/P, H, D] -> [1, N, H/P, D]; GB/s per rank counts
                the bytes each rank sends to the others, (P-1)/P of its shard
-    ce         the same bytes as one copy-engine send (attnrt.peer_copies: peer-to-peer memcpy
-               and barrier), where the group has them (2 GPUs of one node)
+    ce         the same bytes as one copy-engine send (attnrt.parallel.peer_copies: peer-to-peer
+               memcpy and barrier), where the group has them (2 GPUs of one node)
     plain      DistributedAttention forward, exchange then attend then exchange back
     local      the local-first schedule: own shard attended while the others travel, merged by
                log-sum-exp (the default on device groups for non-causal inference)
@@ -103,13 +103,13 @@ def _measure_shape(n: int, h: int, args: argparse.Namespace, device: Any) -> dic
     thermal throttling then hit all of them alike); medians of the slowest rank's samples."""
     import torch
 
-    from attnrt.distributed import (
+    from attnrt.layers import LocalAttention
+    from attnrt.parallel.groups import (
         init_sequence_parallel,
         set_sequence_parallel,
         start_seq_to_heads,
     )
-    from attnrt.distributed_layers import DistributedAttention
-    from attnrt.layers import LocalAttention
+    from attnrt.parallel.layers import DistributedAttention
 
     base = init_sequence_parallel()
     p = base.size
@@ -170,8 +170,8 @@ def _measure_shape(n: int, h: int, args: argparse.Namespace, device: Any) -> dic
 
 def _flagged(mode: str, fn: Callable[[], Any]) -> Callable[[], Any]:
     """fn within what `mode`'s flags switch per call ("serial": local-first queues A, B and C
-    on one stream, attnrt.streams.serial_launches)."""
-    from attnrt.streams import serial_launches
+    on one stream, attnrt.parallel.streams.serial_launches)."""
+    from attnrt.parallel.streams import serial_launches
 
     if "serial" not in mode.split("/")[1:]:
         return fn

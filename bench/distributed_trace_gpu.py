@@ -26,8 +26,8 @@ def _run(rank: int, world: int, args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    from attnrt.distributed import init_sequence_parallel
-    from attnrt.distributed_layers import DistributedAttention
+    from attnrt.parallel.groups import init_sequence_parallel
+    from attnrt.parallel.layers import DistributedAttention
 
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world)

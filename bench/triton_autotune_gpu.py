@@ -13,7 +13,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnrt.backends.triton_flash import TritonFlashAttnImpl, triton_flash
-from attnrt.kernels import flash_autotune
+from attnrt.kernels.flash import autotune as flash_autotune
 
 
 def tflops(ms: float, n: int, d: int, causal: bool) -> float:

@@ -139,22 +139,22 @@ def run_tests(out: Path, shim: str, seconds: float, select: str = "") -> None:
 
 
 def _shipped(d: int, causal: bool) -> dict:
-    from attnrt.kernels import triton_flash as tf
-    from attnrt.platforms.cuda.triton_flash_configs import select_config
+    from attnrt.kernels.flash import launch as tf
+    from attnrt.kernels.flash.configs_cuda import select_config
 
     return tf._resolve_config(select_config("sm90", d), causal)
 
 
 def _bwd_config(d: int, causal: bool, cand: tuple) -> dict:
-    from attnrt.kernels.flash_configs import make_entry
+    from attnrt.kernels.flash.configs import make_entry
 
     return {**_shipped(d, causal), "bwd_dkdv": make_entry(cand[0]), "bwd_dq": make_entry(cand[1])}
 
 
 def _time_fwd(n: int, d: int, causal: bool, vals: tuple) -> float:
     """Milliseconds of our forward with one config, on fresh random inputs."""
-    from attnrt.kernels import triton_flash as tf
-    from attnrt.kernels.flash_configs import make_entry
+    from attnrt.kernels.flash import launch as tf
+    from attnrt.kernels.flash.configs import make_entry
 
     q, k, v, _ = _inputs(n, d)
     cfg = {**_shipped(d, causal), "fwd": make_entry(vals)}
@@ -167,7 +167,7 @@ class _Backward:
     def __init__(self, n: int, d: int, causal: bool, reference: bool = True):
         import torch
 
-        from attnrt.kernels import triton_flash as tf
+        from attnrt.kernels.flash import launch as tf
 
         self.causal, self.scale, self.d = causal, 1.0 / math.sqrt(d), d
         self.q, self.k, self.v, self.dout = _inputs(n, d)
@@ -184,7 +184,7 @@ class _Backward:
             self.ref = torch.autograd.grad(ref.transpose(1, 2), qkv, self.dout)
 
     def run(self, cfg: dict) -> tuple:
-        from attnrt.kernels import triton_flash as tf
+        from attnrt.kernels.flash import launch as tf
 
         delta, lse2 = tf._backward_delta(self.out, self.dout, self.lse, None,
                                          tf._stats_pad(cfg))
@@ -198,7 +198,7 @@ class _Backward:
 
     def registers(self, cfg: dict) -> str:
         """n_regs/n_spills of each launch this config makes (Triton's compiled-kernel handle)."""
-        from attnrt.kernels import triton_flash as tf
+        from attnrt.kernels.flash import launch as tf
 
         dkdv = cfg["bwd_dkdv"]
         kinds = ([((True, False), True)] if dkdv.get("atomic_dq") else
@@ -288,7 +288,7 @@ def _sweep_fwd(out: Path, bad: set, rows: list, deadline: float) -> None:
 
 def _best(rows: list) -> dict:
     """Per head size: the fastest correct forward and backward, each per mask."""
-    from attnrt.kernels.flash_configs import make_entry
+    from attnrt.kernels.flash.configs import make_entry
 
     best: dict = {}
     for row in rows:
@@ -327,8 +327,8 @@ def sweep(out: Path, bad: set, deadline: float) -> dict:
 
 def _ours(d: int, best: dict):
     """flash_attention with the shipped config, the sweep's winners (if any) laid over it."""
-    from attnrt.kernels import triton_flash as tf
-    from attnrt.platforms.cuda.triton_flash_configs import select_config
+    from attnrt.kernels.flash import launch as tf
+    from attnrt.kernels.flash.configs_cuda import select_config
 
     cfg = {**select_config("sm90", d), **best.get(d, {})}
     return lambda q, k, v, causal: tf.flash_attention(q, k, v, causal=causal, config=cfg)

@@ -6,26 +6,6 @@ explained (`attnrt explain`). Importing attnrt does nothing: no device init, no 
 """
 
 from attnrt.context import ForwardContext, get_forward_context, set_forward_context
-from attnrt.device import Device, probe, simulated_device
-from attnrt.dispatch import (
-    AttentionBackendEnum,
-    Candidate,
-    Decision,
-    backend_name_to_enum,
-    clear_caches,
-    explain,
-    force_backend,
-    global_force_attn_backend,
-    global_force_attn_backend_context_manager,
-    select,
-)
-from attnrt.distributed import (
-    SequenceParallelError,
-    ShardError,
-    ShardMismatchError,
-    init_sequence_parallel,
-)
-from attnrt.distributed_layers import DistributedAttention, DistributedAttention_VSA
 from attnrt.errors import (
     AttnrtError,
     BackendUnavailableError,
@@ -43,10 +23,30 @@ from attnrt.interfaces import (
     AttentionMetadataBuilder,
 )
 from attnrt.layers import LocalAttention
-from attnrt.manifest import load_capability
-from attnrt.registry import register_backend, unregister_backend
-from attnrt.request import AttentionRequest
-from attnrt.support import Package, Reason
+from attnrt.parallel.groups import (
+    SequenceParallelError,
+    ShardError,
+    ShardMismatchError,
+    init_sequence_parallel,
+)
+from attnrt.parallel.layers import DistributedAttention, DistributedAttention_VSA
+from attnrt.select.capability import Package, Reason
+from attnrt.select.device import Device, probe, simulated_device
+from attnrt.select.dispatch import (
+    AttentionBackendEnum,
+    Candidate,
+    Decision,
+    backend_name_to_enum,
+    clear_caches,
+    explain,
+    force_backend,
+    global_force_attn_backend,
+    global_force_attn_backend_context_manager,
+    select,
+)
+from attnrt.select.manifest import load_capability
+from attnrt.select.registry import register_backend, unregister_backend
+from attnrt.select.request import AttentionRequest
 
 __version__ = "0.1.0"
 

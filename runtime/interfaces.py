@@ -3,8 +3,9 @@
 Shapes: B batch, N query sequence, M key sequence, H query heads, Hkv key/value heads, D head size.
 Tensors are [B, N, H, D] throughout.
 
-A backend class is a namespace of static methods plus capability data (see `attnrt.support`):
-`get_name()` is its stable UPPER_SNAKE name, `get_impl_cls()` the class that runs attention.
+A backend class is a namespace of static methods plus capability data (defaults below, on
+AttentionBackend; read by `attnrt.select.capability.check`): `get_name()` is its stable
+UPPER_SNAKE name, `get_impl_cls()` the class that runs attention.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ class ScaledImpl(AttentionImpl[T]):
 class AttentionBackend(ABC):
     """A named attention implementation. Subclasses declare what they can run as class data.
 
-    Capability attributes (read by `attnrt.support.check`; omitted ones mean "any"):
+    Capability attributes (read by `attnrt.select.capability.check`; omitted ones mean "any"):
     PLATFORMS, ARCHS, DTYPES, HEAD_SIZES, SUPPORTS_CAUSAL, SUPPORTS_GQA, PACKAGES.
     A backend may add `extra_reasons(request, device) -> list[Reason]` for limits that are not data.
     """

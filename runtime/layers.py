@@ -1,4 +1,4 @@
-"""Layers models call: LocalAttention (and, from attnrt.distributed, DistributedAttention).
+"""Layers models call: LocalAttention (and, from attnrt.parallel.groups, DistributedAttention).
 
 Shapes: B batch, N query sequence, M key sequence, H heads, Hkv kv heads, D head size.
 """
@@ -11,15 +11,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnrt import dispatch
 from attnrt.context import get_forward_context
-from attnrt.device import Device, device_for_tensor, platform_of_tensor, probe
-from attnrt.dispatch import _FORCED as _CONTEXT_FORCE  # read directly on the hot path
-from attnrt.dispatch import Decision, decide, forced_backend, record_failure, select, strict_mode
 from attnrt.errors import BackendUnavailableError, KernelCompileError
 from attnrt.interfaces import AttentionImpl, lse_forward
-from attnrt.manifest import current_manifest
-from attnrt.request import AttentionRequest, dtype_name
+from attnrt.select import dispatch
+from attnrt.select.device import Device, device_for_tensor, platform_of_tensor, probe
+from attnrt.select.dispatch import _FORCED as _CONTEXT_FORCE  # read directly on the hot path
+from attnrt.select.dispatch import (
+    Decision,
+    decide,
+    forced_backend,
+    record_failure,
+    select,
+    strict_mode,
+)
+from attnrt.select.manifest import current_manifest
+from attnrt.select.request import AttentionRequest, dtype_name
 
 logger = logging.getLogger("attnrt")
 
@@ -323,7 +330,7 @@ def _check_heads(layer: LocalAttention, q: torch.Tensor, k: torch.Tensor, v: tor
 
 
 def __getattr__(name: str) -> Any:
-    # DistributedAttention lives in attnrt.distributed_layers, which imports this module.
+    # DistributedAttention lives in attnrt.parallel.layers, which imports this module.
     if name in ("DistributedAttention", "DistributedAttention_VSA"):
         from attnrt import distributed_layers
 

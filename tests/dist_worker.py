@@ -28,22 +28,22 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import attnrt
-from attnrt import distributed as sp_mod
-from attnrt import distributed_layers as dl_mod
-from attnrt import shard_check
 from attnrt.backends.sdpa import sdpa_bnhd, sdpa_with_lse
-from attnrt.distributed import (
+from attnrt.errors import KernelCompileError
+from attnrt.interfaces import AttentionBackend, AttentionImpl
+from attnrt.layers import LocalAttention, apply_rotary_emb
+from attnrt.parallel import groups as sp_mod
+from attnrt.parallel import layers as dl_mod
+from attnrt.parallel import shard_check
+from attnrt.parallel.groups import (
     SequenceParallelError,
     ShardError,
     ShardMismatchError,
     clear_sequence_parallel,
     init_sequence_parallel,
 )
-from attnrt.distributed_layers import DistributedAttention, DistributedAttention_VSA
-from attnrt.errors import KernelCompileError
-from attnrt.interfaces import AttentionBackend, AttentionImpl
-from attnrt.layers import LocalAttention, apply_rotary_emb
-from attnrt.manifest import clear_manifest_cache
+from attnrt.parallel.layers import DistributedAttention, DistributedAttention_VSA
+from attnrt.select.manifest import clear_manifest_cache
 
 # ---------------------------------------------------------------- test backends
 
@@ -706,7 +706,7 @@ CHECKS: dict[str, Callable[[Ctx], None]] = {
 
 
 class count_collectives:  # noqa: N801 - used as a context manager
-    """Counts calls of every torch.distributed collective attnrt.distributed may use."""
+    """Counts calls of every torch.distributed collective attnrt.parallel.groups may use."""
 
     NAMES = ("all_to_all_single", "all_gather_into_tensor", "all_gather_single",
              "batch_isend_irecv", "all_reduce", "barrier")

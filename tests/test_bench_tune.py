@@ -15,9 +15,9 @@ import torch
 import yaml
 
 import attnrt
-from attnrt import benchmark
-from attnrt.cli import main
-from attnrt.manifest import validate_files
+from attnrt.select.manifest import validate_files
+from attnrt.tools import benchmark
+from attnrt.tools.cli import main
 from tests.helpers import CountingBackend, CountingImpl, make_backend
 
 TINY = ["--head-sizes", "32", "--seq-lens", "40", "--heads", "2", "--repeats", "2"]

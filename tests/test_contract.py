@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import attnrt
-from attnrt import registry
 from attnrt.interfaces import AttentionBackend, AttentionImpl, AttentionMetadata
+from attnrt.select import registry
 from tests.conftest import TOLERANCE, rel_l2
 from tests.helpers import dense_reference, randn_qkv
 

@@ -19,10 +19,11 @@ import pytest
 import torch
 
 import attnrt
-from attnrt import registry, support
-from attnrt.device import parse_device_spec
 from attnrt.errors import KernelCompileError
-from attnrt.request import AttentionRequest
+from attnrt.select import capability as support
+from attnrt.select import registry
+from attnrt.select.device import parse_device_spec
+from attnrt.select.request import AttentionRequest
 from tests.conftest import TOLERANCE, rel_l2
 from tests.helpers import CountingImpl, dense_reference, make_backend, randn_qkv
 
@@ -75,7 +76,7 @@ class TestSelection:
             "TORCH_SDPA"
 
     def test_sage_is_never_ranked_by_the_shipped_manifest(self):
-        from attnrt.manifest import current_manifest
+        from attnrt.select.manifest import current_manifest
 
         assert all("SAGE_ATTN" not in rule.rank for rule in current_manifest().rules)
 
@@ -356,7 +357,7 @@ def test_triton_compile_errors_become_kernel_compile_error(monkeypatch):
     pytest.importorskip("triton")
     from triton.runtime.errors import OutOfResources
 
-    from attnrt.kernels import triton_flash as kernel
+    from attnrt.kernels.flash import launch as kernel
 
     def too_big(*args: Any, **kwargs: Any) -> None:
         raise OutOfResources(262144, 232448, "shared memory")
@@ -369,7 +370,7 @@ def test_triton_compile_errors_become_kernel_compile_error(monkeypatch):
 
 def test_triton_runtime_errors_are_not_swallowed(monkeypatch):
     pytest.importorskip("triton")
-    from attnrt.kernels import triton_flash as kernel
+    from attnrt.kernels.flash import launch as kernel
 
     def crash(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import attnrt
-from attnrt.distributed import (
+from attnrt.layers import LocalAttention
+from attnrt.parallel.groups import (
     SequenceParallel,
     SequenceParallelError,
     ShardError,
@@ -21,8 +22,7 @@ from attnrt.distributed import (
     init_sequence_parallel,
     set_sequence_parallel,
 )
-from attnrt.distributed_layers import DistributedAttention, shard_heads
-from attnrt.layers import LocalAttention
+from attnrt.parallel.layers import DistributedAttention, shard_heads
 from tests.dist_worker import CHECKS, count_collectives, run_world
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import attnrt
-from attnrt import dispatch
 from attnrt import layers as layers_module
 from attnrt.errors import KernelCompileError
 from attnrt.layers import apply_rotary_emb
+from attnrt.select import dispatch
 from tests.conftest import TOLERANCE, rel_l2
 from tests.helpers import CountingImpl, dense_reference, make_backend, randn_qkv
 

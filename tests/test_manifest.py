@@ -7,16 +7,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import attnrt
-from attnrt.device import Device
-from attnrt.manifest import (
+from attnrt.select.device import Device
+from attnrt.select.manifest import (
     current_manifest,
     load_manifest,
     parse_file,
     shipped_path,
     validate_files,
 )
-from attnrt.ranges import ArchRange, SizeRange
-from attnrt.request import AttentionRequest
+from attnrt.select.ranges import ArchRange, SizeRange
+from attnrt.select.request import AttentionRequest
 from tests.helpers import make_backend
 
 HEAD = "schema: 1\nrules:\n"

@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 import attnrt
-from attnrt.device import parse_device_spec
-from attnrt.manifest import load_manifest
-from attnrt.request import AttentionRequest
-from attnrt.support import check
+from attnrt.select.capability import check
+from attnrt.select.device import parse_device_spec
+from attnrt.select.manifest import load_manifest
+from attnrt.select.request import AttentionRequest
 from tests.helpers import make_backend
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -95,7 +95,7 @@ def test_package_version_window_refusals(register, monkeypatch):
     import sys
     import types
 
-    from attnrt.support import Package, package_status
+    from attnrt.select.capability import Package, package_status
 
     fake = types.ModuleType("fake_vendor_attn")
     fake.__version__ = "1.9.0"

@@ -17,14 +17,14 @@ import pytest
 import torch
 
 import attnrt
-from attnrt import support
-from attnrt.device import Device, PlatformUnavailable, probe_platform
-from attnrt.dispatch import decide, reasons_for
-from attnrt.manifest import shipped_path
+from attnrt.kernels.flash import configs_rocm as cfgs
 from attnrt.platforms.rocm import probe as rocm_probe
-from attnrt.platforms.rocm import triton_flash_configs as cfgs
 from attnrt.platforms.rocm.aiter import AiterFlashAttnBackend
-from attnrt.request import AttentionRequest
+from attnrt.select import capability as support
+from attnrt.select.device import Device, PlatformUnavailable, probe_platform
+from attnrt.select.dispatch import decide, reasons_for
+from attnrt.select.manifest import shipped_path
+from attnrt.select.request import AttentionRequest
 from tests.conftest import rel_l2
 from tests.helpers import dense_reference
 
@@ -247,7 +247,7 @@ def test_rocm_fp32_falls_to_the_catch_all_rocm_rule() -> None:
 
 def test_info_json_lists_rocm_backends_and_rule_provenance(
         capsys: pytest.CaptureFixture[str]) -> None:
-    from attnrt.cli import main
+    from attnrt.tools.cli import main
 
     assert main(["info", "--json", "--device", "rocm:gfx942"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -314,7 +314,7 @@ def _unique_configs() -> list[tuple[str, int, cfgs.Config]]:
 def test_every_rocm_config_runs_the_kernel_correctly(arch: str, bucket: int,
                                                      config: cfgs.Config) -> None:
     """Each distinct config, forward and backward, against float64 (Triton interpreter on CPU)."""
-    from attnrt.kernels.triton_flash import flash_attention
+    from attnrt.kernels.flash.launch import flash_attention
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k, v = (t.to(device).requires_grad_() for t in qkv(40, 51, 2, 1, bucket, torch.float16))

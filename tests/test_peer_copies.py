@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from attnrt.local_first import exchange_two_on_copy_engines, send_back
-from attnrt.peer_copies import PeerCopies, _rows_of, copy_rows
+from attnrt.parallel.local_first import exchange_two_on_copy_engines, send_back
+from attnrt.parallel.peer_copies import PeerCopies, _rows_of, copy_rows
 
 
 class _World:
@@ -165,7 +165,7 @@ def _failing(world: _World, fail: str) -> type[PeerCopies]:
 def test_setup_is_agreed_before_and_after_the_rendezvous(monkeypatch: pytest.MonkeyPatch,
                                                          fail: str, peer_ok: bool,
                                                          asked: list[bool]) -> None:
-    import attnrt.peer_copies as mod
+    import attnrt.parallel.peer_copies as mod
 
     monkeypatch.setattr(mod.dist, "get_rank", lambda group: 0)
     world = _World()
@@ -210,7 +210,7 @@ def test_abandon_keeps_the_barriers_paired_and_poisons_what_the_peer_misses() ->
 @pytest.mark.parametrize("fail_here", [True, False])  # this rank fails, or only the peer
 def test_a_failed_growth_raises_on_every_rank_and_leaves_the_buffer_usable(
         fail_here: bool) -> None:
-    from attnrt.distributed import SequenceParallelError
+    from attnrt.parallel.groups import SequenceParallelError
 
     asked: list[bool] = []
 
@@ -249,7 +249,7 @@ def test_copy_rows_copies_strided_rows_and_names_a_mismatch() -> None:
 def test_the_2d_copy_struct_matches_cuda_memcpy2d() -> None:
     import ctypes
 
-    from attnrt.peer_copies import _Memcpy2D
+    from attnrt.parallel.peer_copies import _Memcpy2D
 
     # cuda.h, CUDA_MEMCPY2D_v2 on 64-bit hosts: 16 fields, an enum padded to 8 bytes twice.
     offsets = {"srcXInBytes": 0, "srcY": 8, "srcMemoryType": 16, "srcHost": 24,
@@ -320,7 +320,7 @@ def test_local_first_on_copy_engines_lands_every_part(kv_heads: int) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_copy_rows_on_cuda_is_one_2d_memcpy(monkeypatch: pytest.MonkeyPatch,
                                            dtype: torch.dtype) -> None:
-    import attnrt.peer_copies as pc
+    import attnrt.parallel.peer_copies as pc
 
     calls: list[int] = []
     real = pc._memcpy_2d_async()

@@ -7,7 +7,7 @@ import platform as host
 
 import torch
 
-from attnrt.device import Device, torch_versions
+from attnrt.select.device import Device, torch_versions
 
 
 def probe() -> Device:

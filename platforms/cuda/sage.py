@@ -29,11 +29,11 @@ from packaging.version import InvalidVersion, Version
 
 from attnrt.errors import KernelCompileError
 from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
-from attnrt.support import HEAD_SIZE, Package, Reason, package_status
+from attnrt.select.capability import HEAD_SIZE, Package, Reason, package_status
 
 if TYPE_CHECKING:
-    from attnrt.device import Device
-    from attnrt.request import AttentionRequest
+    from attnrt.select.device import Device
+    from attnrt.select.request import AttentionRequest
 
 MODULE = "sageattention"
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from attnrt.device import Device
-    from attnrt.request import AttentionRequest
-    from attnrt.support import Reason
+    from attnrt.select.capability import Reason
+    from attnrt.select.device import Device
+    from attnrt.select.request import AttentionRequest
 
 BACKENDS: dict[str, str] = {
     "SDPA_CHUNKED": "attnrt.platforms.mps.sdpa_chunked:SdpaChunkedBackend",
@@ -21,7 +21,7 @@ BACKENDS: dict[str, str] = {
 def platform_reasons(request: AttentionRequest, device: Device, name: str) -> list[Reason]:
     """Limits of the MPS stack itself, binding every backend on MPS (dtype_rules.py says which).
 
-    `attnrt.support.check` calls this for each backend on an mps device, so TORCH_SDPA and
+    `attnrt.select.capability.check` calls this for each backend on an mps device, so TORCH_SDPA and
     REFERENCE refuse bf16 before macOS 14 and fp64 just as SDPA_CHUNKED does.
     """
     from attnrt.platforms.mps.dtype_rules import mps_dtype_reasons

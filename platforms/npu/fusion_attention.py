@@ -40,11 +40,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
-from attnrt.support import NUM_HEADS, Package, Reason
+from attnrt.select.capability import NUM_HEADS, Package, Reason
 
 if TYPE_CHECKING:
-    from attnrt.device import Device
-    from attnrt.request import AttentionRequest
+    from attnrt.select.device import Device
+    from attnrt.select.request import AttentionRequest
 
 LAYOUT = "BSND"
 SPARSE_NONE = 0  # defaultMask; with atten_mask=None the op attends to every key

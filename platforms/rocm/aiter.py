@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
-from attnrt.support import PACKAGE_MISSING, Package, Reason
+from attnrt.select.capability import PACKAGE_MISSING, Package, Reason
 
 if TYPE_CHECKING:
-    from attnrt.device import Device
-    from attnrt.request import AttentionRequest
+    from attnrt.select.device import Device
+    from attnrt.select.request import AttentionRequest
 
 INSTALL_HINT = ("pip install amd-aiter on a ROCm build of torch, or build it: git clone "
                 "--recursive https://github.com/ROCm/aiter && cd aiter && python3 setup.py develop")

@@ -1,14 +1,14 @@
 """AMD probe: a HIP build of torch (torch.version.hip). Arch is the gcnArchName, e.g. gfx942.
 
 ROCm builds answer `torch.cuda.*` too, so this probe runs before the CUDA one (see
-attnrt.device.PROBE_ORDER) and is the only place that trusts `torch.cuda` on a HIP build.
+attnrt.select.device.PROBE_ORDER) and is the only place that trusts `torch.cuda` on a HIP build.
 """
 
 from __future__ import annotations
 
 import torch
 
-from attnrt.device import ARCH_PATTERNS, Device, PlatformUnavailable, torch_versions
+from attnrt.select.device import ARCH_PATTERNS, Device, PlatformUnavailable, torch_versions
 
 
 def parse_gcn_arch(gcn_arch_name: str) -> str:

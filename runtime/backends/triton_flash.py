@@ -1,18 +1,18 @@
 """TRITON_FLASH_ATTN: attnrt's own FlashAttention-2-style Triton kernel, on CUDA and ROCm.
 
 Shapes: B batch, N query length, M key length, H heads, Hkv kv heads (H % Hkv == 0), D head size;
-q [B, N, H, D], k/v [B, M, Hkv, D]. The kernel is `attnrt.kernels.triton_flash.flash_attention`
+q [B, N, H, D], k/v [B, M, Hkv, D]. The kernel is `attnrt.kernels.flash.launch.flash_attention`
 (its pure-torch reference sits beside it); this module only picks its block config and turns
 compile failures into KernelCompileError.
 
-Configs are data in the platform pack (`attnrt.platforms.<platform>.triton_flash_configs`,
-`select_config(arch, head_size, sixteen_bit)`), looked up by the arch of the device the tensors
-live on; a platform without such a module gets the kernel's conservative DEFAULT_CONFIG. Triton
-is imported on the first forward, never when attnrt is imported.
+Configs are data beside the kernel (`attnrt.kernels.flash.configs_cuda`, `configs_rocm`, each
+with `select_config(arch, head_size, sixteen_bit)`), looked up by the platform and arch of the
+device the tensors live on; a platform without a table gets the kernel's conservative
+DEFAULT_CONFIG. Triton is imported on the first forward, never when attnrt is imported.
 
 `ATTNRT_TRITON_AUTOTUNE=1` (or `triton_autotune=True` in a layer's extra_impl_args) times the
 pack's forward candidates once per shape bucket and keeps the fastest
-(attnrt.kernels.flash_autotune).
+(attnrt.kernels.flash.autotune).
 
 Only compile-time failures (CompilationError, OutOfResources, PTXASError) become
 KernelCompileError, so the layer can move to the next ranked backend; anything raised while the
@@ -21,36 +21,32 @@ kernel runs, CUDA errors included, propagates unchanged.
 
 from __future__ import annotations
 
-import importlib
 import os
 from functools import cache
 from typing import Any
 
 import torch
 
-from attnrt.device import device_for_tensor
 from attnrt.errors import KernelCompileError
 from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
 from attnrt.kernels import compile_error_types
-from attnrt.support import Package
+from attnrt.kernels.flash import configs_cuda, configs_rocm
+from attnrt.kernels.flash.checks import HEAD_SIZES, NAME, SUPPORTED_DTYPES
+from attnrt.select.capability import Package
+from attnrt.select.device import device_for_tensor
+from attnrt.select.request import DTYPE_NAMES
 
-NAME = "TRITON_FLASH_ATTN"
-@cache
+# Per-arch config tables, by the platform whose arches they name.
+_TABLES = {module.PLATFORM: module for module in (configs_cuda, configs_rocm)}
 def configs_module(platform: str) -> Any:
-    """The pack's triton_flash_configs module, or None where the pack ships none."""
-    module_name = f"attnrt.platforms.{platform}.triton_flash_configs"
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise  # the configs module exists but is broken: say so
-        return None
+    """The per-arch config table for `platform`'s arches, or None where there is none."""
+    return _TABLES.get(platform)
 
 
 @cache
 def block_config(platform: str, arch: str, head_size: int,
                  sixteen_bit: bool) -> dict[str, dict[str, int]] | None:
-    """The pack's config for (arch, D, dtype class), or None where the pack ships none."""
+    """The config for (arch, D, dtype class), or None where the platform has no table."""
     module = configs_module(platform)
     if module is None:
         return None
@@ -59,7 +55,6 @@ def block_config(platform: str, arch: str, head_size: int,
 
 
 def clear_config_caches() -> None:
-    configs_module.cache_clear()
     block_config.cache_clear()
 
 
@@ -79,9 +74,10 @@ def autotune_requested(extra_impl_args: dict[str, Any]) -> bool:
 
 def autotuned_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                      scale: float | None) -> dict[str, dict[str, int]] | None:
-    """The pack's config with its forward replaced by the fastest of the pack's candidates."""
-    from attnrt.kernels.flash_autotune import tuned_config, tuning_key
-    from attnrt.kernels.triton_flash import DEFAULT_CONFIG, flash_attention
+    """The arch's config with its forward replaced by the fastest of the arch's candidates."""
+    from attnrt.kernels.flash.autotune import tuned_config, tuning_key
+    from attnrt.kernels.flash.configs import DEFAULT_CONFIG
+    from attnrt.kernels.flash.launch import flash_attention
 
     device = device_for_tensor(q.device)
     module = configs_module(device.platform)
@@ -101,7 +97,7 @@ def triton_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
                  scale: float | None, config: dict[str, dict[str, int]] | None = None,
                  return_lse: bool = False) -> Any:
     """flash_attention with `config` or the device's; compile failures -> KernelCompileError."""
-    from attnrt.kernels.triton_flash import flash_attention
+    from attnrt.kernels.flash.launch import flash_attention
 
     config = config if config is not None else config_for(q)
     try:
@@ -141,7 +137,7 @@ class TritonFlashAttnImpl(ScaledImpl):
     def _tuned_config(self, q: torch.Tensor, k: torch.Tensor,
                       v: torch.Tensor) -> dict[str, dict[str, int]] | None:
         """Per impl, keyed like the tuner but without the device lookup on every call."""
-        from attnrt.kernels.flash_autotune import sequence_bucket
+        from attnrt.kernels.flash.autotune import sequence_bucket
 
         local = (q.device, q.dtype, sequence_bucket(q.shape[1], k.shape[1]), k.shape[2])
         if local not in self._tuned:
@@ -154,8 +150,8 @@ class TritonFlashAttnBackend(AttentionBackend):
 
     PLATFORMS = frozenset({"cuda", "rocm"})
     ARCHS = (">=sm80", ">=gfx90a")
-    DTYPES = frozenset({"fp16", "bf16", "fp32"})
-    HEAD_SIZES = range(32, 257, 8)
+    DTYPES = frozenset(DTYPE_NAMES[dtype] for dtype in SUPPORTED_DTYPES)
+    HEAD_SIZES = HEAD_SIZES
     PACKAGES = (Package("triton", min_version="3.0", hint="pip install 'triton>=3.0'"),)
 
     @staticmethod

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from attnrt.kernels import fast_launch
-from attnrt.kernels import triton_flash as tf
+from attnrt.kernels.flash import launch as tf
 
 
 @pytest.fixture(autouse=True)

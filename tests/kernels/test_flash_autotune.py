@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnrt.kernels import flash_autotune
-from attnrt.kernels.flash_autotune import sequence_bucket, tuned_config
-from attnrt.kernels.flash_configs import make_config
+from attnrt.kernels.flash import autotune as flash_autotune
+from attnrt.kernels.flash.autotune import sequence_bucket, tuned_config
+from attnrt.kernels.flash.configs import make_config
 
 BASE = make_config((64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1))
 
@@ -94,7 +94,7 @@ def test_sequence_buckets(n, m, bucket):
 def test_triton_backend_tunes_once_per_bucket_under_the_interpreter(monkeypatch):
     """On CPU the kernel runs in Triton's interpreter: the mechanics, not the timings."""
     from attnrt.backends import triton_flash as backend
-    from attnrt.device import Device
+    from attnrt.select.device import Device
 
     calls = []
     real = flash_autotune.tuned_config

@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnrt.kernels import fast_launch, gluon_paths
-from attnrt.kernels import triton_flash as tf
-from attnrt.platforms.cuda.triton_flash_configs import CONFIGS, select_config
+from attnrt.kernels import fast_launch
+from attnrt.kernels.flash import gluon_paths
+from attnrt.kernels.flash import launch as tf
+from attnrt.kernels.flash.configs_cuda import CONFIGS, select_config
 
 # Relative L2 error bounds against float64. float32 is exact-ish (ieee dots, fp32 softmax);
 # fp16/bf16 are dominated by rounding P to the input dtype before the P @ V product.
@@ -184,8 +185,8 @@ def test_gluon_switches_off_the_gpu_run_the_triton_kernels(monkeypatch):
 
 def test_autotune_candidates_start_with_the_shipped_forward():
     """Tuning may only beat the shipped forward, never lose a switch of it (e.g. gluon)."""
-    from attnrt.kernels.flash_configs import make_entry
-    from attnrt.platforms.cuda.triton_flash_configs import FWD_CANDIDATES
+    from attnrt.kernels.flash.configs import make_entry
+    from attnrt.kernels.flash.configs_cuda import FWD_CANDIDATES
 
     for arch, buckets in FWD_CANDIDATES.items():
         for bucket, candidates in buckets.items():
@@ -198,7 +199,7 @@ def test_gluon_module_that_does_not_import_turns_the_path_off(monkeypatch, caplo
 
     monkeypatch.setattr(gluon_paths, "_LOADED", {})
     name = gluon_paths._MODULES[kind]
-    monkeypatch.setitem(sys.modules, f"attnrt.kernels.{name}", None)  # import fails
+    monkeypatch.setitem(sys.modules, f"attnrt.kernels.flash.{name}", None)  # import fails
     with caplog.at_level("WARNING", logger="attnrt"):
         assert gluon_paths.module(kind) is None
         assert gluon_paths.module(kind) is None  # looked up once, said once

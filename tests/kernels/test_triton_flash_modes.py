@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnrt.kernels import flash_autotune
-from attnrt.kernels import triton_flash as tf
-from attnrt.kernels.flash_configs import make_config
+from attnrt.kernels.flash import autotune as flash_autotune
+from attnrt.kernels.flash import launch as tf
+from attnrt.kernels.flash.configs import make_config
 from tests.kernels.test_triton_flash import (  # noqa: F401 - nan_buffers is an autouse fixture
     _bad,
     _check_parity,

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from attnrt.kernels.flash_configs import Config, make_config
+from attnrt.kernels.flash.configs import Config, make_config
 
 Timer = Callable[[Callable[[], Any]], float]
 _lock = threading.Lock()

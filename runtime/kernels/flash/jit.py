@@ -118,7 +118,7 @@ def _grouped_program(per_head, HEAD_GROUP):
     head, program 0 the heaviest when causal. Heads go in groups of HEAD_GROUP; in a group,
     program i of every head runs before program i + 1 of any, so the light programs of many
     heads fill the grid's tail. HEAD_GROUP = 1 runs one head after another
-    (attnrt.kernels.triton_flash.head_group picks it)."""
+    (attnrt.kernels.flash.launch.head_group picks it)."""
     n_heads = tl.num_programs(0) // per_head
     pid = tl.program_id(0)
     group = pid // (HEAD_GROUP * per_head)

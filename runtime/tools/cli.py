@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check capability files; exit 1 on any error")
     val.add_argument("files", nargs="+")
     val.add_argument("--json", action="store_true")
-    from attnrt import benchmark, tune
+    from attnrt.tools import benchmark, tune
 
     benchmark.add_bench_arguments(_common(sub.add_parser("bench", help=benchmark.BENCH_HELP)))
     tune.add_tune_arguments(_common(sub.add_parser("tune", help=tune.TUNE_HELP)))
@@ -54,7 +54,7 @@ def _device(spec: str | None) -> Iterator[None]:
     if spec is None:
         yield
         return
-    from attnrt.device import simulated_device
+    from attnrt.select.device import simulated_device
 
     with simulated_device(spec):
         yield
@@ -65,7 +65,7 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from attnrt.report import format_info, info_dict
+    from attnrt.select.report import format_info, info_dict
 
     data = info_dict()
     _emit(args, data, format_info(data))
@@ -73,8 +73,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from attnrt.dispatch import decide
-    from attnrt.request import AttentionRequest
+    from attnrt.select.dispatch import decide
+    from attnrt.select.request import AttentionRequest
 
     allowed = tuple(n.strip() for n in args.backends.split(",")) if args.backends else None
     request = AttentionRequest(args.head_size, args.dtype, args.heads, args.kv_heads,
@@ -85,7 +85,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from attnrt.manifest import validate_files
+    from attnrt.select.manifest import validate_files
 
     results = {path: validate_files([path]) for path in args.files}
     if args.json:
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["info", *(argv or [])])
-    from attnrt import benchmark, tune
+    from attnrt.tools import benchmark, tune
 
     commands = {"info": cmd_info, "explain": cmd_explain, "validate": cmd_validate,
                 "bench": benchmark.run_bench, "tune": tune.run_tune}

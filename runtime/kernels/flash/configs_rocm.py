@@ -1,6 +1,6 @@
-"""Block configs for TRITON_FLASH_ATTN (attnrt.kernels.triton_flash) on AMD GPUs, as plain data.
+"""Block configs for TRITON_FLASH_ATTN (attnrt.kernels.flash.launch) on AMD GPUs, as plain data.
 
-Same shape as attnrt.platforms.cuda.triton_flash_configs: keyed by arch ("gfx942", "gfx90a",
+Same shape as configs_cuda.py: keyed by arch ("gfx942", "gfx90a",
 "gfx950", "default") and head-size bucket (the head size rounded up to a power of two: 32, 64, 128,
 256, the padded BLOCK_D the kernel compiles for). Each entry gives, per kernel ("fwd", "bwd_dkdv",
 "bwd_dq"), BLOCK_M, BLOCK_N, num_warps and num_stages; the backend passes the entry as
@@ -20,10 +20,14 @@ Replace an entry only with one measured by `attnrt tune` on that arch (record it
 
 from __future__ import annotations
 
-from attnrt.kernels.flash_configs import DEFAULT_TABLE, Config, head_size_bucket, select_from
-from attnrt.kernels.flash_configs import make_config as _cfg
+from attnrt.kernels.flash.configs import DEFAULT_TABLE, Config, head_size_bucket, select_from
+from attnrt.kernels.flash.configs import make_config as _cfg
 
-__all__ = ["CONFIGS", "FWD_CANDIDATES", "forward_candidates", "head_size_bucket", "select_config"]
+__all__ = ["CONFIGS", "FWD_CANDIDATES", "PLATFORM", "forward_candidates", "head_size_bucket",
+           "select_config"]
+
+# The platform whose devices these arches name (Device.platform).
+PLATFORM = "rocm"
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for fwd, bwd_dkdv, bwd_dq.
 _CDNA3: dict[int, Config] = {

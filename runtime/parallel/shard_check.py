@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from attnrt.distributed import SequenceParallel, ShardMismatchError, _all_gather
+from attnrt.parallel.groups import SequenceParallel, ShardMismatchError, _all_gather
 
 
 def gather_ints(values: list[int], sp: SequenceParallel, device: torch.device) -> list[list[int]]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from attnrt.peer_copies import recorded
+from attnrt.parallel.peer_copies import recorded
 
 _STREAMS: dict[tuple[int, str], Any] = {}  # (device index, role): one forward at a time
 

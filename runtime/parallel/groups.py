@@ -102,15 +102,15 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
     wait in the exchange for each other, or, on copy engines, attend mismatched data); False:
     never.
     local_first: attend this rank's own shard (the heads it keeps) while the other shards are
-    in flight, then merge by log-sum-exp (see attnrt.local_first); None: on for device groups
-    without overlap_chunks, where the layer's inputs allow it; True: wherever they allow it.
+    in flight, then merge by log-sum-exp (see attnrt.parallel.local_first); None: on for device
+    groups without overlap_chunks, where the layer's inputs allow it; True: wherever they allow it.
     priority_exchange: for NCCL groups, run the exchanges on a twin communicator with a
     high-priority stream, so its kernels get SMs ahead of attention blocks already queued
     (without it an exchange started beside a long attention kernel waits for that kernel);
     costs one more communicator. False exchanges over the group as given.
     copy_engine: for a 2-rank NCCL group on one host whose GPUs map each other's memory (torch
     symmetric memory), the local-first exchange runs as peer-to-peer copies on the GPUs' copy
-    engines, which take no SM from the attention beside them (see attnrt.peer_copies); None:
+    engines, which take no SM from the attention beside them (attnrt.parallel.peer_copies); None:
     wherever that works (not with local_first=False), NCCL elsewhere; True: raise
     SequenceParallelError where it does not; False: always NCCL.
     Without torch.distributed (and no torchrun environment), group=None and size 1 give a
@@ -182,7 +182,7 @@ def _init_from_launcher() -> bool:
 
 def _pack_dist_backend() -> str | None:
     """The probed platform pack's collective backend (nccl, hccl, gloo); None lets torch pick."""
-    from attnrt.device import probe
+    from attnrt.select.device import probe
 
     device = probe()
     if device.simulated:
@@ -245,7 +245,7 @@ def _peer_copies(group: Any, backend: str, meta: Any, wanted: bool | None,
             raise SequenceParallelError(f"copy_engine=True needs both ranks on one host; they "
                                         f"run on {hosts}")
         return None
-    from attnrt.peer_copies import PeerCopies
+    from attnrt.parallel.peer_copies import PeerCopies
 
     on = torch.device("cpu") if "gloo" in _backend_of(meta) else torch.device("cuda")
 
@@ -317,7 +317,7 @@ def get_sequence_parallel() -> SequenceParallel:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise SequenceParallelError(
             f"no sequence-parallel group in a world of {dist.get_world_size()} processes: call "
-            "attnrt.distributed.init_sequence_parallel(size=...) on every rank first")
+            "attnrt.parallel.groups.init_sequence_parallel(size=...) on every rank first")
     return SINGLE
 
 

@@ -50,7 +50,7 @@ from triton.language.core import _aggregate as aggregate
 
 from attnrt.kernels import capability, cdiv, reads_as_2d
 from attnrt.kernels.fast_launch import launch
-from attnrt.kernels.gluon_flash_sm90 import grouped_program, tma_descriptor
+from attnrt.kernels.flash.gluon_fwd_sm90 import grouped_program, tma_descriptor
 
 SUPPORTED_HEAD_SIZES = (64, 128)
 # Causal launches at these head sizes run each warpgroup's masked steps first and then an

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from packaging.version import InvalidVersion, Version
 
-from attnrt.ranges import ArchRange, describe_sizes
+from attnrt.select.ranges import ArchRange, describe_sizes
 
 if TYPE_CHECKING:
-    from attnrt.device import Device
-    from attnrt.request import AttentionRequest
+    from attnrt.select.device import Device
+    from attnrt.select.request import AttentionRequest
 
 # Stable reason codes, for scripts that read `explain --json`.
 PLATFORM = "PLATFORM"

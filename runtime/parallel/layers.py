@@ -19,8 +19,8 @@ Padding is sliced off rather than masked: exact with every backend (none needs a
 argument), and the padded queries cost no compute. Heads travel in `chunks` groups when no
 gradient is needed, so chunk i+1 is exchanged while chunk i is attended; the differentiable
 path exchanges all heads at once. Non-causal inference without padding, replicated tokens or
-hooks takes the local-first schedule instead (attnrt.local_first): each rank attends its own
-shard while the other heads travel, on the copy engines where two GPUs of one host allow.
+hooks takes the local-first schedule instead (attnrt.parallel.local_first): each rank attends its
+own shard while the other heads travel, on the copy engines where two GPUs of one host allow.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnrt.context import get_forward_context
-from attnrt.dispatch import backend_name_to_enum
-from attnrt.distributed import (
+from attnrt.errors import AttnrtError
+from attnrt.interfaces import AttentionImpl, lse_forward
+from attnrt.layers import LocalAttention, apply_rotary_emb
+from attnrt.parallel.groups import (
     SINGLE,
     SequenceParallel,
     SequenceParallelError,
@@ -50,12 +52,10 @@ from attnrt.distributed import (
     start_heads_to_seq,
     start_seq_to_heads,
 )
-from attnrt.errors import AttnrtError
-from attnrt.interfaces import AttentionImpl, lse_forward
-from attnrt.layers import LocalAttention, apply_rotary_emb
-from attnrt.local_first import local_first
-from attnrt.shard_check import check_same_on_all_ranks
-from attnrt.support import declared
+from attnrt.parallel.local_first import local_first
+from attnrt.parallel.shard_check import check_same_on_all_ranks
+from attnrt.select.capability import declared
+from attnrt.select.dispatch import backend_name_to_enum
 
 # Heads chunks for overlap on device groups. Measured on 2x H100 (bench/NOTES-distributed.md):
 # 4 chunks were slower than none at both shapes, so overlap is opt-in (overlap_chunks=...).

@@ -129,7 +129,7 @@ class PeerCopies:
         try:
             self._setup(slot_bytes)
         except _SETUP_ERRORS as exc:
-            from attnrt.distributed import SequenceParallelError
+            from attnrt.parallel.groups import SequenceParallelError
 
             raise SequenceParallelError(
                 f"the copy-engine exchange could not grow to {slot_bytes * 2} bytes on every "

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from attnrt import registry, support
-from attnrt.device import probe, probe_report
 from attnrt.errors import RegistryError
+from attnrt.select import capability, registry
+from attnrt.select.device import probe, probe_report
 
 if TYPE_CHECKING:
-    from attnrt.dispatch import Decision
-    from attnrt.manifest import Rule
+    from attnrt.select.dispatch import Decision
+    from attnrt.select.manifest import Rule
 
 
 def format_decision(d: Decision) -> str:
@@ -70,12 +70,12 @@ def backend_rows() -> list[dict[str, Any]]:
             rows.append({**row, "available": False, "problems": [str(exc)]})
             continue
         problems, versions = [], {}
-        for pkg in support.declared(cls, "PACKAGES"):
-            status = support.package_status(pkg)
+        for pkg in capability.declared(cls, "PACKAGES"):
+            status = capability.package_status(pkg)
             versions[pkg.module] = status.version
             if status.reason:
                 problems.append(str(status.reason))
-        platforms = support.declared(cls, "PLATFORMS")
+        platforms = capability.declared(cls, "PLATFORMS")
         rows.append({**row, "available": not problems, "problems": problems,
                      "versions": versions,
                      "platforms": sorted(platforms) if platforms else ["any"]})
@@ -83,7 +83,7 @@ def backend_rows() -> list[dict[str, Any]]:
 
 
 def info_dict() -> dict[str, Any]:
-    from attnrt.manifest import current_manifest, manifest_files
+    from attnrt.select.manifest import current_manifest, manifest_files
 
     device = probe()
     manifest = current_manifest()

@@ -7,9 +7,9 @@ import os
 
 import torch
 
-NAME = "TRITON_FLASH_ATTN"
+NAME = "TRITON_FLASH_ATTN"  # the one place the name is written
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-HEAD_SIZES = tuple(range(32, 257, 8))
+HEAD_SIZES = range(32, 257, 8)  # TRITON_FLASH_ATTN declares these; the backend reads them
 
 
 def _check_tensor(name: str, t: object) -> torch.Tensor:

@@ -6,7 +6,7 @@ copied). Query head h reads key/value head h // (H // Hkv) (GQA/MQA), so K/V are
 Causal masks are bottom-right aligned (FlashAttention >= 2.1): query i sees key j iff
 j <= i + (M - N); rows that see no key give a zero output and lse = -inf.
 
-Equivalent PyTorch: `flash_reference.flash_attention_reference` (re-exported here).
+Equivalent PyTorch: `reference.flash_attention_reference` (re-exported here).
 
 The kernels are written against Triton 3.6 and stay runnable under TRITON_INTERPRET=1 on CPU
 tensors, which is how CI covers them.
@@ -19,18 +19,19 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import (
+from attnrt.kernels import (
     capability,
     cdiv,
     cuda_properties,
     fast_launch,
-    gluon_paths,
     next_power_of_2,
     reads_as_2d,
 )
-from .flash_reference import flash_attention_reference
-from .triton_flash_checks import HEAD_SIZES, NAME, SUPPORTED_DTYPES, check_inputs
-from .triton_flash_jit import _bwd_delta_kernel, _bwd_kernel, _fwd_kernel
+from attnrt.kernels.flash import gluon_paths
+from attnrt.kernels.flash.checks import HEAD_SIZES, NAME, SUPPORTED_DTYPES, check_inputs
+from attnrt.kernels.flash.configs import DEFAULT_CONFIG
+from attnrt.kernels.flash.jit import _bwd_delta_kernel, _bwd_kernel, _fwd_kernel
+from attnrt.kernels.flash.reference import flash_attention_reference
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -42,27 +43,20 @@ __all__ = [
 
 LOG2E = 1.4426950408889634
 
-# Small blocks for when the caller passes no config: about 64 KiB of shared memory at D=256 in
-# 16 bits (twice that in float32), slow but safe. Measured per-arch configs live in
-# attnrt.platforms.<platform>.triton_flash_configs; the backend passes them as `config=`
-# (this module imports nothing else from attnrt).
-DEFAULT_CONFIG: dict[str, dict[str, int]] = {
-    "fwd": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
-    "bwd_dkdv": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
-    "bwd_dq": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
-}
+# DEFAULT_CONFIG (configs.py) serves calls without a config. Measured per-arch configs live in
+# configs_cuda.py and configs_rocm.py beside this module; the backend passes them as `config=`.
 # A config may also hold "<kernel>_causal" entries, which replace "<kernel>" for causal calls.
 CAUSAL_SUFFIX = "_causal"
 _BLOCK_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 # Optional 0/1 switches per kernel. fwd: warp-specialized loop, TMA loads of K/V, gluon = the
-# Gluon ping-pong forward on Hopper (attnrt.kernels.gluon_flash_sm90, BLOCK_N 64 or 128; where
+# Gluon ping-pong forward on Hopper (attnrt.kernels.flash.gluon_fwd_sm90, BLOCK_N 64 or 128; where
 # it cannot serve a call, the Triton kernel with the entry's blocks does). bwd_dkdv:
 # single_launch = the dQ programs (with bwd_dq's blocks) run in the dK/dV launch; atomic_dq =
 # the dK/dV programs also add dQ with float32 atomics and no dQ programs run (5 matrix products
 # instead of 7, but the summation order, and so the last bits of dQ, vary from run to run);
 # peel_diagonal = causal dK/dV runs its diagonal query blocks as unrolled masked steps before
 # an unmasked loop (no effect when not causal); gluon = the Gluon warp-specialized backward on
-# Hopper (attnrt.kernels.gluon_flash_bwd_sm90, D=64 or 128; dQ by TMA reduce-add, so its last bits
+# Hopper (attnrt.kernels.flash.gluon_bwd_sm90, D=64 or 128; dQ by TMA reduce-add, so its last bits
 # vary from run to run as with atomic_dq; where it cannot serve, the entry's Triton kernels do).
 _SWITCHES = {"fwd": ("warp_specialize", "tma", "gluon"),
              "bwd_dkdv": ("single_launch", "atomic_dq", "peel_diagonal", "gluon"), "bwd_dq": ()}
@@ -447,7 +441,7 @@ def flash_attention(
     optional "maxnreg" and switches (fwd: "tma", "warp_specialize", "gluon"; bwd_dkdv:
     "single_launch", "atomic_dq" and "gluon" (not deterministic; off under
     torch.use_deterministic_algorithms), "peel_diagonal"); "<kernel>_causal" entries replace
-    "<kernel>" when causal. See attnrt.platforms.cuda.triton_flash_configs for measured
+    "<kernel>" when causal. See attnrt.kernels.flash.configs_cuda for measured
     per-arch values.
 
     Equivalent PyTorch: flash_attention_reference(q, k, v, causal, softmax_scale, return_lse).

@@ -1,7 +1,7 @@
 """The one selection walk: request + device -> Decision.
 
     ranking = forced name, or the first manifest rule that matches (REFERENCE appended last)
-    for name in ranking: reasons = support.check(backend, request, device); first with none wins
+    for name in ranking: reasons = capability.check(backend, request, device); first with none wins
 
 Every Decision lists each candidate with its verdict, the rule (file:line) and the device;
 `attnrt explain` prints the very Decision a layer gets. Decisions are cached per (device, request,
@@ -21,12 +21,12 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from attnrt import registry, support
-from attnrt.device import Device, clear_probe_cache, probe
 from attnrt.errors import BackendUnavailableError, RegistryError, UnknownBackendError
-from attnrt.manifest import Manifest, Rule, clear_manifest_cache, current_manifest
-from attnrt.request import AttentionRequest
-from attnrt.support import Reason
+from attnrt.select import capability, registry
+from attnrt.select.capability import Reason
+from attnrt.select.device import Device, clear_probe_cache, probe
+from attnrt.select.manifest import Manifest, Rule, clear_manifest_cache, current_manifest
+from attnrt.select.request import AttentionRequest
 
 logger = logging.getLogger("attnrt")
 LAST_RESORT = "REFERENCE"
@@ -95,12 +95,12 @@ class Decision:
         return "\n".join(lines)
 
     def explain(self) -> str:
-        from attnrt.report import format_decision
+        from attnrt.select.report import format_decision
 
         return format_decision(self)
 
     def to_dict(self) -> dict[str, Any]:
-        from attnrt.report import decision_dict
+        from attnrt.select.report import decision_dict
 
         return decision_dict(self)
 
@@ -216,7 +216,7 @@ def record_failure(request: AttentionRequest, device: Device, name: str, message
     with _lock:
         failed = _failures.setdefault(_failure_key(request, device), {})
         new = name not in failed
-        failed[name] = Reason(support.COMPILE_FAILED, f"{name} failed at run time: {message}")
+        failed[name] = Reason(capability.COMPILE_FAILED, f"{name} failed at run time: {message}")
         _decisions.clear()
         selection_epoch += 1  # also in decide()'s key: a walk that raced this is never reused
     return new
@@ -225,13 +225,13 @@ def record_failure(request: AttentionRequest, device: Device, name: str, message
 def reasons_for(name: str, request: AttentionRequest, device: Device) -> list[Reason]:
     """Why `name` cannot serve `request` on `device` (empty: it can)."""
     if request.allowed is not None and name not in request.allowed:
-        return [Reason(support.NOT_ALLOWED, f"{name} is not in the layer's "
+        return [Reason(capability.NOT_ALLOWED, f"{name} is not in the layer's "
                        f"supported_attention_backends ({', '.join(request.allowed)})")]
     try:
         cls = registry.load(name)
     except (RegistryError, UnknownBackendError) as exc:
-        return [Reason(support.NOT_REGISTERED, str(exc))]
-    reasons = support.check(cls, request, device)
+        return [Reason(capability.NOT_REGISTERED, str(exc))]
+    reasons = capability.check(cls, request, device)
     failed = _failures.get(_failure_key(request, device), {}).get(name)
     return reasons + [failed] if failed else reasons
 
@@ -325,7 +325,7 @@ def select(request: AttentionRequest, device: Device | None = None,
 def explain(request: AttentionRequest | None = None, device: Device | str | None = None,
             **request_fields: Any) -> Decision:
     """The same Decision a layer gets: explain(head_size=128, dtype="bf16", device="cuda:sm90")."""
-    from attnrt.device import parse_device_spec
+    from attnrt.select.device import parse_device_spec
 
     if request is None:
         request = AttentionRequest(**request_fields)
@@ -347,12 +347,12 @@ def clear_caches() -> None:
         _failures.clear()
     clear_probe_cache()
     clear_manifest_cache()
-    support.package_status.cache_clear()
+    capability.package_status.cache_clear()
     registry.clear_registry_cache()
     # Kernel-side caches, only where those modules were loaded (clearing imports nothing).
-    for module_name, clear in (("attnrt.kernels.flash_autotune", "clear_tuning_cache"),
+    for module_name, clear in (("attnrt.kernels.flash.autotune", "clear_tuning_cache"),
                                ("attnrt.backends.triton_flash", "clear_config_caches"),
-                               ("attnrt.kernels.triton_flash", "clear_plans"),
+                               ("attnrt.kernels.flash.launch", "clear_plans"),
                                ("attnrt.kernels.fast_launch", "clear")):
         module = sys.modules.get(module_name)
         if module is not None:

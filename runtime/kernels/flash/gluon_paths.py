@@ -1,5 +1,5 @@
-"""TRITON_FLASH_ATTN's Gluon fast paths on Hopper: the forward (gluon_flash_sm90) and the
-backward (gluon_flash_bwd_sm90), each switched on per call by the config's "gluon" switch.
+"""TRITON_FLASH_ATTN's Gluon fast paths on Hopper: the forward (gluon_fwd_sm90) and the
+backward (gluon_bwd_sm90), each switched on per call by the config's "gluon" switch.
 
 Each module is imported on first use. One that does not import with the installed Triton, or
 whose kernel fails to compile, is turned off for the process with one WARNING naming the
@@ -16,9 +16,9 @@ from types import ModuleType
 import torch
 import triton
 
-from . import compile_error_types
+from attnrt.kernels import compile_error_types
 
-_MODULES = {"forward": "gluon_flash_sm90", "backward": "gluon_flash_bwd_sm90"}
+_MODULES = {"forward": "gluon_fwd_sm90", "backward": "gluon_bwd_sm90"}
 _LOADED: dict[str, ModuleType | None] = {}  # kind -> module, or None once turned off
 
 

@@ -33,12 +33,12 @@ from typing import Any
 import yaml
 from yaml.constructor import SafeConstructor
 
-from attnrt import registry
-from attnrt.device import ARCH_PATTERNS, PLATFORMS, Device
 from attnrt.errors import ManifestError
-from attnrt.manifest_checks import never_served_errors, shadowing_errors
-from attnrt.ranges import ArchRange, RangeError, SizeRange
-from attnrt.request import AttentionRequest, dtype_name
+from attnrt.select import registry
+from attnrt.select.device import ARCH_PATTERNS, PLATFORMS, Device
+from attnrt.select.manifest_checks import never_served_errors, shadowing_errors
+from attnrt.select.ranges import ArchRange, RangeError, SizeRange
+from attnrt.select.request import AttentionRequest, dtype_name
 
 SCHEMA = 1
 RULE_KEYS = ("platform", "arch", "head_size", "dtype", "causal", "gqa", "grad", "seq_len",

@@ -218,7 +218,7 @@ def _consumer1(sm, o_ptr, lse_ptr, N, M, qk_scale, b, h, bh, m0, n_tiles, so_b, 
 @gluon.jit
 def grouped_program(per_head, HEAD_GROUP):
     """(block within its head, head) of this program of a 1D grid of per_head programs per
-    head: attnrt.kernels.triton_flash_jit._grouped_program's order (heads in groups of
+    head: attnrt.kernels.flash.jit._grouped_program's order (heads in groups of
     HEAD_GROUP; block i of every head of a group before block i + 1 of any), for the Gluon
     kernels (the backward's too)."""
     pid = gl.program_id(0)
@@ -272,7 +272,7 @@ def _fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, N, M, H, GROUP, HEAD_GRO
 
 def tma_descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
     """[B, L, Hx, D] as the 2D TMA tensor [B * L, Hx * D], tiles of [block_rows, D] (the
-    backward, gluon_flash_bwd_sm90, reads its tensors this way too)."""
+    backward, gluon_bwd_sm90, reads its tensors this way too)."""
     b, rows, hx, d = t.shape
     return TensorDescriptor(t, [b * rows, hx * d], [t.stride(1), 1], [block_rows, d],
                             _smem_layout(block_rows, d, t.dtype))

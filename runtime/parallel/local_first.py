@@ -7,7 +7,7 @@ batch row:
     send      the other ranks' heads of q, k, v: packed on a side stream and exchanged by
               NCCL, or, where the group has PeerCopies (two GPUs of one host), copied
               straight from their strided head ranges into the peer's memory as 2D memcpys
-              on the copy engines (attnrt.peer_copies)
+              on the copy engines (attnrt.parallel.peer_copies)
     A         own queries over own keys, this rank's heads: needs no exchange, with lse
     B         the other ranks' queries over all keys; their outputs start back at once
     C         own queries over the other ranks' keys, with lse; merged with A straight
@@ -31,11 +31,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from attnrt.distributed import Pending, SequenceParallel
 from attnrt.interfaces import merge_partials
 from attnrt.layers import LocalAttention
-from attnrt.peer_copies import copy_rows, recorded
-from attnrt.streams import beside, head_start, join_stream, side_stream
+from attnrt.parallel.groups import Pending, SequenceParallel
+from attnrt.parallel.peer_copies import copy_rows, recorded
+from attnrt.parallel.streams import beside, head_start, join_stream, side_stream
 
 
 def local_first(tensors: list[torch.Tensor], local: LocalAttention, sp: SequenceParallel,

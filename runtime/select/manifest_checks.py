@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
-from attnrt import registry
 from attnrt.errors import RegistryError
-from attnrt.ranges import ArchRange, SizeRange, arch_order
-from attnrt.support import declared
+from attnrt.select import registry
+from attnrt.select.capability import declared
+from attnrt.select.ranges import ArchRange, SizeRange, arch_order
 
 if TYPE_CHECKING:
-    from attnrt.manifest import Rule
+    from attnrt.select.manifest import Rule
 
 Bound = tuple[Any, bool] | None  # (value, inclusive) or unbounded
 

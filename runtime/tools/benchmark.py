@@ -1,5 +1,5 @@
 """`attnrt bench`: time every backend available here on a grid of shapes (`attnrt tune`, in
-attnrt.tune, ranks by what it measures).
+attnrt.tools.tune, ranks by what it measures).
 
 Shapes: B batch, N sequence (queries and keys), H heads, Hkv kv heads, D head size.
 
@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from attnrt import registry
-from attnrt.device import Device, probe
-from attnrt.dispatch import decide, reasons_for
 from attnrt.errors import AttnrtError
-from attnrt.request import NAME_DTYPES, AttentionRequest
+from attnrt.select import registry
+from attnrt.select.device import Device, probe
+from attnrt.select.dispatch import decide, reasons_for
+from attnrt.select.request import NAME_DTYPES, AttentionRequest
 
 BENCH_HELP = "time every available backend on a grid of shapes"
 TOLERANCE = {"fp64": 1e-10, "fp32": 1e-5, "fp16": 3e-3, "bf16": 1.5e-2}

@@ -20,7 +20,10 @@ import math
 import statistics
 from typing import Any
 
-from attnrt.benchmark import (
+from attnrt.errors import ManifestError
+from attnrt.select.device import Device
+from attnrt.select.dispatch import LAST_RESORT
+from attnrt.tools.benchmark import (
     Case,
     Result,
     add_grid_arguments,
@@ -29,9 +32,6 @@ from attnrt.benchmark import (
     format_table,
     run_grid,
 )
-from attnrt.device import Device
-from attnrt.dispatch import LAST_RESORT
-from attnrt.errors import ManifestError
 
 TUNE_HELP = "measure the grid and write an override manifest ranking by what was measured"
 
@@ -123,7 +123,7 @@ def write_manifest(rules: list[dict], path: str, device: Device) -> None:
     """Write the override file, then validate it alone and in front of the shipped one."""
     import yaml
 
-    from attnrt.manifest import load_manifest, shipped_path, validate_files
+    from attnrt.select.manifest import load_manifest, shipped_path, validate_files
 
     header = (f"# attnrt tune on {device.describe()}: rules ranked by measured time.\n"
               f"# Load with ATTNRT_CAPABILITY={path} (read before the shipped manifest).\n")

@@ -1,4 +1,4 @@
-"""Block configs for TRITON_FLASH_ATTN (attnrt.kernels.triton_flash), as plain data.
+"""Block configs for TRITON_FLASH_ATTN (attnrt.kernels.flash.launch), as plain data.
 
 Keyed by arch ("sm90", "sm80", "default") and head-size bucket (the head size rounded up to a
 power of two: 32, 64, 128, 256, which is the padded BLOCK_D the kernel compiles for). Each entry
@@ -18,10 +18,14 @@ everywhere, fast nowhere.
 
 from __future__ import annotations
 
-from attnrt.kernels.flash_configs import DEFAULT_TABLE, Config, head_size_bucket, select_from
-from attnrt.kernels.flash_configs import make_config as _cfg
+from attnrt.kernels.flash.configs import DEFAULT_TABLE, Config, head_size_bucket, select_from
+from attnrt.kernels.flash.configs import make_config as _cfg
 
-__all__ = ["CONFIGS", "FWD_CANDIDATES", "forward_candidates", "head_size_bucket", "select_config"]
+__all__ = ["CONFIGS", "FWD_CANDIDATES", "PLATFORM", "forward_candidates", "head_size_bucket",
+           "select_config"]
+
+# The platform whose devices these arches name (Device.platform).
+PLATFORM = "cuda"
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for fwd, bwd_dkdv, bwd_dq.
 # "tma": K/V tiles of the forward's unmasked loop come through the Hopper bulk tensor copy;

@@ -1,4 +1,4 @@
-"""Pure-PyTorch meaning of `attnrt.kernels.triton_flash.flash_attention`.
+"""Pure-PyTorch meaning of `attnrt.kernels.flash.launch.flash_attention`.
 
 Shapes: B batch, N query length, M key length, H query heads, Hkv key/value heads, D head size.
 This is the documented meaning of the Triton kernel: slow (it materialises the [B, H, N, M] scores)

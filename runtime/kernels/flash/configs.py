@@ -1,5 +1,6 @@
-"""Shared shape of TRITON_FLASH_ATTN block configs; the per-arch tables are data in the packs
-(attnrt.platforms.<platform>.triton_flash_configs, each with CONFIGS and select_config).
+"""Shared shape of TRITON_FLASH_ATTN block configs and the one default config; the per-arch
+tables are data beside this module (configs_cuda.py, configs_rocm.py, each with PLATFORM,
+CONFIGS, select_config and forward_candidates).
 
 A table maps arch -> head-size bucket (the head size rounded up to a power of two, at least 32:
 the padded BLOCK_D the kernel compiles for) -> {"fwd" | "bwd_dkdv" | "bwd_dq": {BLOCK_M,
@@ -37,11 +38,13 @@ def make_config(fwd: tuple, dkdv: tuple, dq: tuple, causal: tuple | None = None)
 
 
 # Small blocks that fit 64 KiB of shared memory (LDS on ROCm, consumer parts): correct
-# everywhere, fast nowhere. Every table's "default" arch.
+# everywhere, fast nowhere. The kernel's config when the caller passes none (about 64 KiB at
+# D=256 in 16 bits, twice that in float32), and every table's "default" arch up to D=128.
+DEFAULT_CONFIG: Config = make_config((64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1))
 DEFAULT_TABLE: dict[int, Config] = {
-    32: make_config((64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
-    64: make_config((64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
-    128: make_config((64, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
+    32: DEFAULT_CONFIG,
+    64: DEFAULT_CONFIG,
+    128: DEFAULT_CONFIG,
     256: make_config((32, 32, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1)),
 }
 

@@ -1,0 +1,1 @@
+"""Integrations: plug attnrt into diffusers and FastVideo models."""

@@ -1,0 +1,1 @@
+"""TRITON_FLASH_ATTN: Triton and Gluon kernels, checks, reference, configs, autotuning."""

@@ -1,0 +1,1 @@
+"""Sequence parallelism: process groups, DistributedAttention layers, Ulysses, ring/USP."""

@@ -1,0 +1,1 @@
+"""Selection: request, device, registry, capability check, manifest, dispatch, report."""

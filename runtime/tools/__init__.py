@@ -1,0 +1,1 @@
+"""Tools: the attnrt command line, benchmark and tune."""
