@@ -15,6 +15,12 @@ from attnrt.errors import (
     RegistryError,
     UnknownBackendError,
 )
+from attnrt.integrations.fastvideo import (
+    AttentionBackendEnum,
+    backend_name_to_enum,
+    global_force_attn_backend,
+    global_force_attn_backend_context_manager,
+)
 from attnrt.interfaces import (
     AttentionBackend,
     AttentionImpl,
@@ -32,18 +38,7 @@ from attnrt.parallel.groups import (
 from attnrt.parallel.layers import DistributedAttention, DistributedAttention_VSA
 from attnrt.select.capability import Package, Reason
 from attnrt.select.device import Device, probe, simulated_device
-from attnrt.select.dispatch import (
-    AttentionBackendEnum,
-    Candidate,
-    Decision,
-    backend_name_to_enum,
-    clear_caches,
-    explain,
-    force_backend,
-    global_force_attn_backend,
-    global_force_attn_backend_context_manager,
-    select,
-)
+from attnrt.select.dispatch import Candidate, Decision, clear_caches, explain, force_backend, select
 from attnrt.select.manifest import load_capability
 from attnrt.select.registry import register_backend, unregister_backend
 from attnrt.select.request import AttentionRequest

@@ -11,10 +11,16 @@ UPPER_SNAKE name, `get_impl_cls()` the class that runs attention.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
+
+if TYPE_CHECKING:
+    from attnrt.select.capability import Package, Reason
+    from attnrt.select.device import Device
+    from attnrt.select.request import AttentionRequest
 
 
 @dataclass
@@ -50,14 +56,8 @@ class AttentionMetadataBuilder(ABC, Generic[T]):
 class AttentionImpl(ABC, Generic[T]):
     """Runs attention for one layer. Inputs [B, N, H, D]; output [B, N, H, D].
 
-    An impl may also define `forward_with_lse(query, key, value, attn_metadata) -> (out, lse)`,
-    lse [B, H, N] float32: the natural-log log-sum-exp of each row's scaled scores. Partial
-    results over disjoint key sets then merge exactly (see `merge_partials`); DistributedAttention
-    uses it to attend this rank's own shard while the others are still in flight. Defining it
-    declares that, for non-causal calls, the impl's result does not depend on where a key sits
-    (no position-tied masks or metadata), so calls over parts of the keys, in any order, merge
-    to the whole. Optional: a FastVideo backend without it still runs everywhere, only without
-    that overlap.
+    `forward` is required; `forward_with_lse` is optional (see there): an impl that overrides it
+    declares that it returns the log-sum-exp too.
     """
 
     @abstractmethod
@@ -79,11 +79,29 @@ class AttentionImpl(ABC, Generic[T]):
                 attn_metadata: T) -> torch.Tensor:
         raise NotImplementedError
 
+    def forward_with_lse(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attn_metadata: T) -> tuple[torch.Tensor, torch.Tensor]:
+        """Optional: (out [B, N, H, D], lse [B, H, N] float32), lse the natural-log log-sum-exp
+        of each row's scaled scores.
 
-def lse_forward(impl: AttentionImpl) -> Any:
-    """The impl's `forward_with_lse`, or None where it has none."""
+        Partial results over disjoint key sets then merge exactly (see `merge_partials`);
+        DistributedAttention uses it to attend this rank's own shard while the others are still
+        in flight. Overriding it declares that, for non-causal calls, the impl's result does not
+        depend on where a key sits (no position-tied masks or metadata), so calls over parts of
+        the keys, in any order, merge to the whole. An impl without it (a FastVideo backend)
+        still runs everywhere, only without that overlap; `lse_forward` tells which.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not define forward_with_lse; "
+                                  "check with attnrt.interfaces.lse_forward(impl) first")
+
+
+def lse_forward(impl: Any) -> Any:
+    """The impl's `forward_with_lse` where it defines one (not AttentionImpl's stub), else None."""
     method = getattr(impl, "forward_with_lse", None)
-    return method if callable(method) else None
+    if not callable(method):
+        return None
+    own = getattr(type(impl), "forward_with_lse", None)
+    return None if own is AttentionImpl.forward_with_lse else method
 
 
 def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
@@ -149,12 +167,38 @@ class ScaledImpl(AttentionImpl[T]):
 class AttentionBackend(ABC):
     """A named attention implementation. Subclasses declare what they can run as class data.
 
-    Capability attributes (read by `attnrt.select.capability.check`; omitted ones mean "any"):
-    PLATFORMS, ARCHS, DTYPES, HEAD_SIZES, SUPPORTS_CAUSAL, SUPPORTS_GQA, PACKAGES.
-    A backend may add `extra_reasons(request, device) -> list[Reason]` for limits that are not data.
+    The capability attributes below are read by `attnrt.select.capability.check`; their
+    defaults here mean "any", so a FastVideo-style backend that declares nothing runs wherever
+    the manifest ranks it (a class that does not subclass AttentionBackend gets the same
+    defaults). Limits that are not data go in the optional `extra_reasons`.
     """
 
+    # Platforms it runs on (Device.platform names, e.g. {"cuda", "rocm"}); None: any.
+    PLATFORMS: ClassVar[Collection[str] | None] = None
+    # Archs: names and ranges such as ">=sm80" or (">=sm80", ">=gfx90a"); None: any.
+    ARCHS: ClassVar[str | Collection[str] | None] = None
+    # Dtype names (attnrt.select.request.DTYPE_NAMES values).
+    DTYPES: ClassVar[Collection[str]] = frozenset({"fp16", "bf16", "fp32", "fp64"})
+    # Head sizes D, e.g. (64, 128) or range(32, 257, 8); None: any, or what FastVideo's
+    # get_supported_head_sizes() returns where the class defines it.
+    HEAD_SIZES: ClassVar[Collection[int] | None] = None
+    SUPPORTS_CAUSAL: ClassVar[bool] = True
+    SUPPORTS_GQA: ClassVar[bool] = True  # num_kv_heads < num_heads
+    # Optional vendor packages it imports, each checked (import and version window) when ranked.
+    PACKAGES: ClassVar[tuple[Package, ...]] = ()
+    # Whether DistributedAttention may append replicated (e.g. text) tokens to the sequence.
+    SUPPORTS_REPLICATED_TOKENS: ClassVar[bool] = True
+    # Whether the impl's forward takes (q, k, v, gate_compress, attn_metadata), as VSA's does;
+    # None: read it off the forward's signature (FastVideo VSA backends declare nothing).
+    ACCEPTS_GATE_COMPRESS: ClassVar[bool | None] = None
+
     accept_output_buffer: ClassVar[bool] = False
+
+    @classmethod
+    def extra_reasons(cls, request: AttentionRequest, device: Device) -> list[Reason]:
+        """Optional: reasons this backend refuses `request` on `device` beyond the data above
+        (asked only when the data and packages admit it); none by default."""
+        return []
 
     @staticmethod
     @abstractmethod

@@ -31,7 +31,7 @@ _ENV_VARS = ("ATTNRT_BACKEND", "FASTVIDEO_ATTENTION_BACKEND", "ATTNRT_CAPABILITY
 def _fresh_attnrt(monkeypatch: pytest.MonkeyPatch):
     """Each test starts with no attnrt env vars, no overrides and empty caches."""
     import attnrt
-    from attnrt.select.dispatch import global_force_attn_backend
+    from attnrt.integrations.fastvideo import global_force_attn_backend
     from attnrt.select.manifest import clear_manifest_cache
 
     for var in _ENV_VARS:

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 import attnrt
+from attnrt.integrations import fastvideo
 from attnrt.select import dispatch
 from attnrt.select.request import AttentionRequest
 from tests.helpers import make_backend
@@ -49,8 +50,8 @@ class TestForce:
         with attnrt.global_force_attn_backend_context_manager(
                 attnrt.backend_name_to_enum("REFERENCE")):
             assert attnrt.select(REQ).backend == "REFERENCE"
-            assert dispatch.get_global_forced_attn_backend() == "REFERENCE"
-        assert dispatch.get_global_forced_attn_backend() is None
+            assert fastvideo.get_global_forced_attn_backend() == "REFERENCE"
+        assert fastvideo.get_global_forced_attn_backend() is None
 
     def test_unknown_forced_name_lists_valid_names(self, monkeypatch):
         monkeypatch.setenv("ATTNRT_BACKEND", "NOPE_ATTN")

@@ -321,16 +321,6 @@ def get_sequence_parallel() -> SequenceParallel:
     return SINGLE
 
 
-def get_sp_world_size() -> int:
-    """FastVideo's name for the SP size."""
-    return get_sequence_parallel().size
-
-
-def get_sp_parallel_rank() -> int:
-    """FastVideo's name for this rank's index in the SP group."""
-    return get_sequence_parallel().rank
-
-
 # ---------------------------------------------------------------- raw exchanges
 
 
@@ -481,7 +471,7 @@ def gather_heads(x: torch.Tensor, sp: SequenceParallel | None = None) -> torch.T
 
 __all__ = [
     "SINGLE", "SequenceParallel", "SequenceParallelError", "ShardError", "ShardMismatchError",
-    "clear_sequence_parallel", "gather_heads", "get_sequence_parallel", "get_sp_parallel_rank",
-    "get_sp_world_size", "heads_to_seq", "init_sequence_parallel", "seq_to_heads",
+    "clear_sequence_parallel", "gather_heads", "get_sequence_parallel", "heads_to_seq",
+    "init_sequence_parallel", "seq_to_heads",
     "set_sequence_parallel",
 ]

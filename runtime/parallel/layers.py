@@ -37,6 +37,7 @@ from torch import nn
 
 from attnrt.context import get_forward_context
 from attnrt.errors import AttnrtError
+from attnrt.integrations.fastvideo import backend_name_to_enum
 from attnrt.interfaces import AttentionImpl, lse_forward
 from attnrt.layers import LocalAttention, apply_rotary_emb
 from attnrt.parallel.groups import (
@@ -55,7 +56,6 @@ from attnrt.parallel.groups import (
 from attnrt.parallel.local_first import local_first
 from attnrt.parallel.shard_check import check_same_on_all_ranks
 from attnrt.select.capability import declared
-from attnrt.select.dispatch import backend_name_to_enum
 
 # Heads chunks for overlap on device groups. Measured on 2x H100 (bench/NOTES-distributed.md):
 # 4 chunks were slower than none at both shapes, so overlap is opt-in (overlap_chunks=...).

@@ -9,8 +9,9 @@ A backend class declares its limits beside its code (xformers style)::
         HEAD_SIZES = (64, 96, 128, 192, 256)
         PACKAGES = (Package("flash_attn_interface", dist="flash-attn-3", hint="..."),)
 
-`check(backend_cls, request, device)` reads those attributes (with defaults, so a FastVideo-style
-backend that declares nothing still works) and returns a list of `Reason`s; empty means "can serve".
+`check(backend_cls, request, device)` reads those attributes (defaults on AttentionBackend, so a
+FastVideo-style backend that declares nothing still works) and returns a list of `Reason`s;
+empty means "can serve".
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from packaging.version import InvalidVersion, Version
 
+from attnrt.interfaces import AttentionBackend
 from attnrt.select.ranges import ArchRange, describe_sizes
 
 if TYPE_CHECKING:
@@ -120,27 +122,13 @@ def _installed_version(pkg: Package, module: Any) -> str | None:
 
 
 def declared(backend_cls: type, attr: str) -> Any:
-    """A backend's declared capability attribute, or the permissive default if undeclared."""
-    if attr == "HEAD_SIZES" and not hasattr(backend_cls, "HEAD_SIZES"):
+    """A backend's declared capability attribute, or AttentionBackend's default (which means
+    "any") where the class, e.g. a FastVideo backend that does not subclass it, declares none."""
+    value = getattr(backend_cls, attr, getattr(AttentionBackend, attr))
+    if attr == "HEAD_SIZES" and value is None:
         getter = getattr(backend_cls, "get_supported_head_sizes", None)  # FastVideo's spelling
         return tuple(getter()) if callable(getter) else None
-    return getattr(backend_cls, attr, _DEFAULTS[attr])
-
-
-_DEFAULTS: dict[str, Any] = {
-    "PLATFORMS": None,  # None: any platform
-    "ARCHS": None,  # None: any arch; else an ArchRange spec such as ">=sm80" or a list of names
-    "DTYPES": frozenset({"fp16", "bf16", "fp32", "fp64"}),
-    "HEAD_SIZES": None,  # None: any head size
-    "SUPPORTS_CAUSAL": True,
-    "SUPPORTS_GQA": True,
-    "PACKAGES": (),
-    # Whether DistributedAttention may append replicated (e.g. text) tokens to the sequence.
-    "SUPPORTS_REPLICATED_TOKENS": True,
-    # Whether the impl's forward takes (q, k, v, gate_compress, attn_metadata), as VSA's does;
-    # None: read it off the forward's signature (FastVideo VSA backends declare nothing).
-    "ACCEPTS_GATE_COMPRESS": None,
-}
+    return value
 
 
 def check(backend_cls: Any, request: AttentionRequest, device: Device) -> list[Reason]:

@@ -143,26 +143,18 @@ def force_backend(name: Any) -> Iterator[None]:
         _FORCED.reset(token)
 
 
-def global_force_attn_backend(backend: Any) -> None:
-    """FastVideo's process-wide force; None clears it."""
+def set_process_force(backend: Any) -> None:
+    """Force `backend` (a name or an enum-like value with .name) for every selection in the
+    process until cleared with None; attnrt.integrations.fastvideo gives it FastVideo's names."""
     global _global_forced
     if backend is not None:
-        registry.spec(_name_of(backend))
+        registry.spec(_name_of(backend))  # unknown names fail here, listing the valid ones
     _global_forced = None if backend is None else _name_of(backend)
     _bump_epoch()
 
 
-@contextlib.contextmanager
-def global_force_attn_backend_context_manager(backend: Any) -> Iterator[None]:
-    previous = _global_forced
-    global_force_attn_backend(backend)
-    try:
-        yield
-    finally:
-        global_force_attn_backend(previous)
-
-
-def get_global_forced_attn_backend() -> str | None:
+def process_force() -> str | None:
+    """The name set by set_process_force, or None."""
     return _global_forced
 
 
@@ -357,31 +349,3 @@ def clear_caches() -> None:
         module = sys.modules.get(module_name)
         if module is not None:
             getattr(module, clear)()
-
-
-def backend_name_to_enum(name: str) -> BackendName | None:
-    """FastVideo's helper: the registered name as an enum-like value, or None if unknown."""
-    upper = str(name).upper()
-    return BackendName(upper) if registry.is_registered(upper) else None
-
-
-class BackendName(str):
-    """A registered backend name that also answers `.name`, like an enum member."""
-
-    @property
-    def name(self) -> str:
-        return str(self)
-
-
-class _BackendEnumMeta(type):
-    def __getattr__(cls, item: str) -> BackendName:
-        if item.startswith("_") or not registry.is_registered(item):
-            raise AttributeError(f"no attention backend named {item!r}")
-        return BackendName(item)
-
-    def __iter__(cls) -> Iterator[BackendName]:
-        return iter(BackendName(n) for n in registry.names())
-
-
-class AttentionBackendEnum(metaclass=_BackendEnumMeta):
-    """Open stand-in for FastVideo's enum: AttentionBackendEnum.X for any registered name X."""
