@@ -1,2 +1,4 @@
-"""Platform packs. Each holds a probe (probe.py), a BACKENDS table of lazy "module:Class"
-targets, vendor adapters and per-arch kernel configs; none holds selection logic."""
+"""Platform packs, one folder each. A pack's __init__.py declares its facts as data
+(`PLATFORM = attnrt.select.packs.Platform(...)`: probe order, arch pattern, torch device types,
+distributed backend, backends table); probe.py holds its probe; the rest are vendor adapters.
+None holds selection logic. The core finds packs by listing this package."""

@@ -15,7 +15,13 @@ from attnrt.context import get_forward_context
 from attnrt.errors import BackendUnavailableError, KernelCompileError
 from attnrt.interfaces import AttentionImpl, lse_forward
 from attnrt.select import dispatch
-from attnrt.select.device import Device, device_for_tensor, platform_of_tensor, probe
+from attnrt.select.device import (
+    Device,
+    device_for_tensor,
+    platform_of_tensor,
+    probe,
+    torch_device_of,
+)
 from attnrt.select.dispatch import _FORCED as _CONTEXT_FORCE  # read directly on the hot path
 from attnrt.select.dispatch import (
     Decision,
@@ -52,17 +58,6 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     sin = sin.unsqueeze(-2).to(x.dtype)
     even, odd = x[..., 0::2], x[..., 1::2]
     return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
-
-
-def _torch_device(device: Device) -> torch.device | None:
-    """Where tensors for `device` live, so the first forward needs no re-selection."""
-    if device.simulated:
-        return None
-    if device.platform in ("cuda", "rocm"):
-        return torch.device("cuda", torch.cuda.current_device())
-    if device.platform == "npu":
-        return torch.device("npu", torch.npu.current_device())  # type: ignore[attr-defined]
-    return torch.device(device.platform)
 
 
 class _Unselected(AttentionImpl):
@@ -151,7 +146,8 @@ class LocalAttention(nn.Module):
         return device_for_tensor(tensor_device)
 
     def _initial_selection(self) -> _Selected:
-        dtype, device = torch.get_default_dtype(), _torch_device(probe())
+        # Where tensors for the probed device live, so the first forward needs no re-selection.
+        dtype, device = torch.get_default_dtype(), torch_device_of(probe())
         try:
             return self._select(dtype, device)
         except BackendUnavailableError:

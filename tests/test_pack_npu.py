@@ -145,7 +145,7 @@ def test_probe_never_crashes_on_this_machine() -> None:
 
 
 def test_distributed_backend_is_hccl() -> None:
-    assert npu_pack.DIST_BACKEND == "hccl"
+    assert npu_pack.PLATFORM.dist_backend == "hccl"
 
 
 # ---------------------------------------------------------------- the adapter's call

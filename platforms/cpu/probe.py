@@ -7,12 +7,12 @@ import platform as host
 
 import torch
 
+from attnrt.platforms.cpu import host_arch
 from attnrt.select.device import Device, torch_versions
 
 
 def probe() -> Device:
-    machine = host.machine().lower()
-    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    arch = host_arch()
     return Device("cpu", arch, name=_cpu_name() or arch, memory_bytes=_memory_bytes(),
                   versions=(*torch_versions(), ("threads", str(torch.get_num_threads()))))
 

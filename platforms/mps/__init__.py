@@ -1,4 +1,4 @@
-"""mps platform pack: probe (probe.py), its backend table and the memory-bounded SDPA_CHUNKED.
+"""mps platform pack: its facts, probe (probe.py), the memory-bounded SDPA_CHUNKED backend.
 
 TORCH_SDPA (attnrt.backends) also runs here; on MPS its math path materialises the [B, H, N, M]
 score matrix, which SDPA_CHUNKED bounds by running SDPA over query chunks.
@@ -8,14 +8,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from attnrt.select.packs import Platform
+
 if TYPE_CHECKING:
     from attnrt.select.capability import Reason
     from attnrt.select.device import Device
     from attnrt.select.request import AttentionRequest
 
-BACKENDS: dict[str, str] = {
-    "SDPA_CHUNKED": "attnrt.platforms.mps.sdpa_chunked:SdpaChunkedBackend",
-}
+PLATFORM = Platform(
+    name="mps",
+    probe_order=40,
+    arch_pattern=r"apple",  # one arch: the macOS version (Device.versions) tells stacks apart
+    default_arch="apple",
+    torch_device_types=("mps",),
+    backends={"SDPA_CHUNKED": "attnrt.platforms.mps.sdpa_chunked:SdpaChunkedBackend"},
+)
 
 
 def platform_reasons(request: AttentionRequest, device: Device, name: str) -> list[Reason]:

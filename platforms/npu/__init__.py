@@ -1,12 +1,17 @@
-"""npu platform pack (Huawei Ascend): probe (probe.py), its backend table, the torch_npu adapter.
+"""npu platform pack (Huawei Ascend): its facts, probe (probe.py), the torch_npu adapter.
 
 TORCH_SDPA (attnrt.backends) is the fallback: torch_npu routes SDPA to its FlashAttentionScore op.
 """
 
-BACKENDS: dict[str, str] = {
-    "NPU_FUSION_ATTN": "attnrt.platforms.npu.fusion_attention:NpuFusionAttnBackend",
-}
+from attnrt.select.packs import Platform
 
-# torch.distributed backend for DistributedAttention's all-to-all on Ascend (HCCL, from torch_npu);
-# "nccl" is the CUDA/ROCm one (RCCL answers to "nccl") and "gloo" the CPU one.
-DIST_BACKEND = "hccl"
+PLATFORM = Platform(
+    name="npu",
+    probe_order=30,
+    arch_pattern=r"ascend[0-9]{3}[a-z0-9]*",  # from the SoC name: ascend910b, ascend310p
+    default_arch="ascend910b",
+    torch_device_types=("npu",),
+    indexed=True,
+    dist_backend="hccl",  # DistributedAttention's all-to-all on Ascend (HCCL, from torch_npu)
+    backends={"NPU_FUSION_ATTN": "attnrt.platforms.npu.fusion_attention:NpuFusionAttnBackend"},
+)

@@ -1,14 +1,15 @@
 """AMD probe: a HIP build of torch (torch.version.hip). Arch is the gcnArchName, e.g. gfx942.
 
 ROCm builds answer `torch.cuda.*` too, so this probe runs before the CUDA one (see
-attnrt.select.device.PROBE_ORDER) and is the only place that trusts `torch.cuda` on a HIP build.
+its Platform.probe_order) and is the only place that trusts `torch.cuda` on a HIP build.
 """
 
 from __future__ import annotations
 
 import torch
 
-from attnrt.select.device import ARCH_PATTERNS, Device, PlatformUnavailable, torch_versions
+from attnrt.platforms.rocm import PLATFORM
+from attnrt.select.device import Device, PlatformUnavailable, torch_versions
 
 
 def parse_gcn_arch(gcn_arch_name: str) -> str:
@@ -18,7 +19,7 @@ def parse_gcn_arch(gcn_arch_name: str) -> str:
     instruction set nor which kernels run, so only the processor name is kept.
     """
     arch = gcn_arch_name.split(":", 1)[0].strip().lower()
-    if not ARCH_PATTERNS["rocm"].match(arch):
+    if not PLATFORM.is_arch(arch):
         raise PlatformUnavailable(f"gcnArchName={gcn_arch_name!r} is not an AMD GPU name such as "
                                   "gfx90a, gfx942 or gfx950 (optionally with ':sramecc+:xnack-')")
     return arch

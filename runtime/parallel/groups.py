@@ -16,7 +16,6 @@ tensors, and both paths are tested there.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import socket
@@ -28,6 +27,8 @@ import torch
 import torch.distributed as dist
 
 from attnrt.errors import AttnrtError
+from attnrt.select import packs
+from attnrt.select.packs import Platform
 
 logger = logging.getLogger("attnrt")
 ALL_TO_ALL_MODES = ("auto", "single", "pairwise")
@@ -170,25 +171,23 @@ def _init_from_launcher() -> bool:
         return True
     if not all(key in os.environ for key in _LAUNCHER_ENV):
         return False
-    backend = _pack_dist_backend()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if backend in ("nccl", "hccl"):
-        getattr(torch, "npu" if backend == "hccl" else "cuda").set_device(local_rank)
-    dist.init_process_group(backend=backend)
+    platform = _probed_platform()
+    if platform is not None and platform.indexed:  # one device per rank, by LOCAL_RANK
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        getattr(torch, platform.torch_device_types[0]).set_device(local_rank)
+    dist.init_process_group(backend=platform.dist_backend if platform is not None else None)
     logger.info("torch.distributed initialised from the launcher's environment: rank %d of %d, "
                 "backend %s", dist.get_rank(), dist.get_world_size(), dist.get_backend())
     return True
 
 
-def _pack_dist_backend() -> str | None:
-    """The probed platform pack's collective backend (nccl, hccl, gloo); None lets torch pick."""
+def _probed_platform() -> Platform | None:
+    """The probed device's platform facts (its dist_backend: nccl, hccl, gloo, or None to let
+    torch pick); None for a simulated device, which has no stack to initialise."""
     from attnrt.select.device import probe
 
     device = probe()
-    if device.simulated:
-        return None
-    pack = importlib.import_module(f"attnrt.platforms.{device.platform}")
-    return getattr(pack, "DIST_BACKEND", None)
+    return None if device.simulated else packs.get(device.platform)
 
 
 def _data_group(group: Any, size: int | None) -> Any:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from packaging.version import InvalidVersion, Version
 
 from attnrt.interfaces import AttentionBackend
+from attnrt.select import packs
 from attnrt.select.ranges import ArchRange, describe_sizes
 
 if TYPE_CHECKING:
@@ -150,9 +151,8 @@ def check(backend_cls: Any, request: AttentionRequest, device: Device) -> list[R
 def _platform_reasons(request: AttentionRequest, device: Device, name: str) -> list[Reason]:
     """Limits of a platform's stack that bind every backend on it (e.g. MPS: bf16 needs macOS 14),
     from the pack's optional `platform_reasons(request, device, name)`."""
-    pack = importlib.import_module(f"attnrt.platforms.{device.platform}")
-    hook = getattr(pack, "platform_reasons", None)
-    return list(hook(request, device, name)) if callable(hook) else []
+    hook = packs.pack_hook(device.platform, "platform_reasons")
+    return list(hook(request, device, name)) if hook is not None else []
 
 
 def _declared_reasons(cls: type, name: str, request: AttentionRequest,

@@ -1,9 +1,10 @@
 """Which device this is: `probe()`, simulated devices, and the per-platform probe report.
 
-Probe order is fixed (see `PROBE_ORDER`): a simulated device first, then ROCm before CUDA, because
-ROCm builds of PyTorch also answer `torch.cuda.is_available()`; then Ascend, Apple, and the CPU,
-which always answers. Each platform pack's probe raises `PlatformUnavailable(reason)` when its stack
-is absent or broken; the reason is kept for `attnrt info`, never turned into a crash.
+Probe order is fixed: a simulated device first, then the installed platform packs in the order
+they declare (`Platform.probe_order`: ROCm before CUDA, because ROCm builds of PyTorch also answer
+`torch.cuda.is_available()`; the CPU, which always answers, last). Each pack's probe raises
+`PlatformUnavailable(reason)` when its stack is absent or broken; the reason is kept for
+`attnrt info`, never turned into a crash.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import re
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
@@ -20,19 +20,7 @@ from functools import cache
 import torch
 
 from attnrt.errors import DeviceSpecError
-
-PLATFORMS = ("cuda", "rocm", "npu", "mps", "cpu")
-# ROCm before CUDA: a HIP build answers torch.cuda too, so it must be told apart first.
-PROBE_ORDER = ("rocm", "cuda", "npu", "mps", "cpu")
-_TORCH_DEVICE_TYPES = {"cuda": ("rocm", "cuda"), "npu": ("npu",), "mps": ("mps",), "cpu": ("cpu",)}
-ARCH_PATTERNS = {
-    "cuda": re.compile(r"^sm\d{2,3}[a-z]?$"),
-    "rocm": re.compile(r"^gfx[0-9]{1,2}[0-9a-f]{2}$"),
-    "npu": re.compile(r"^ascend[0-9]{3}[a-z0-9]*$"),
-    "mps": re.compile(r"^apple$"),
-    "cpu": re.compile(r"^(x86_64|aarch64|ppc64le|s390x|riscv64)$"),
-}
-DEFAULT_ARCH = {"cuda": "sm90", "rocm": "gfx942", "npu": "ascend910b", "mps": "apple"}
+from attnrt.select import packs
 
 
 class PlatformUnavailable(Exception):
@@ -66,24 +54,20 @@ def torch_versions() -> tuple[tuple[str, str], ...]:
 
 
 def parse_device_spec(spec: str) -> Device:
-    """'cuda:sm90', 'rocm:gfx942', 'npu:ascend910b', 'mps', 'cpu' -> a simulated Device."""
-    platform, _, arch = spec.strip().lower().partition(":")
-    if platform not in PLATFORMS:
+    """'cuda:sm90', 'rocm:gfx942', 'npu:ascend910b', 'mps', 'cpu' -> a simulated Device.
+
+    The platform is any installed pack's name; without an arch, the pack's default_arch."""
+    name, _, arch = spec.strip().lower().partition(":")
+    if name not in packs.names():
+        examples = ", ".join(f"{p.name}:{p.default_arch}" for p in packs.installed())
         raise DeviceSpecError(f"device={spec!r} names an unknown platform; allowed: "
-                              f"{', '.join(PLATFORMS)} (e.g. cuda:sm90, rocm:gfx942, cpu)")
-    arch = arch or DEFAULT_ARCH.get(platform) or _host_arch()
-    if not ARCH_PATTERNS[platform].match(arch):
-        raise DeviceSpecError(f"device={spec!r}: arch {arch!r} is not a {platform} arch; "
-                              f"allowed pattern: {ARCH_PATTERNS[platform].pattern}")
-    return Device(platform, arch, name="",
-                  versions=torch_versions(), simulated=True)
-
-
-def _host_arch() -> str:
-    import platform as host
-
-    machine = host.machine().lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+                              f"{', '.join(packs.names())} (e.g. {examples})")
+    platform = packs.get(name)
+    arch = arch or platform.default_arch
+    if not platform.is_arch(arch):
+        raise DeviceSpecError(f"device={spec!r}: arch {arch!r} is not a {name} arch; "
+                              f"allowed pattern: {platform.arch_pattern}")
+    return Device(name, arch, name="", versions=torch_versions(), simulated=True)
 
 
 _SIMULATED: ContextVar[Device | None] = ContextVar("attnrt_simulated_device", default=None)
@@ -115,10 +99,10 @@ def probe() -> Device:
 
 @cache
 def _probe_real() -> Device:
-    for platform in PROBE_ORDER:
+    for platform in packs.names():
         with contextlib.suppress(PlatformUnavailable):
             return probe_platform(platform)
-    raise RuntimeError("the cpu probe cannot fail")  # pragma: no cover
+    raise RuntimeError("no platform answered; the cpu pack's probe cannot fail")  # pragma: no cover
 
 
 @cache
@@ -131,7 +115,7 @@ def probe_platform(platform: str) -> Device:
 def probe_report() -> list[tuple[str, Device | None, str]]:
     """(platform, device or None, reason) for every platform, in probe order, for `attnrt info`."""
     rows: list[tuple[str, Device | None, str]] = []
-    for platform in PROBE_ORDER:
+    for platform in packs.names():
         try:
             rows.append((platform, probe_platform(platform), "available"))
         except PlatformUnavailable as exc:
@@ -141,17 +125,24 @@ def probe_report() -> list[tuple[str, Device | None, str]]:
 
 def device_for_tensor(tensor_device: torch.device) -> Device:
     """The Device a tensor lives on, for re-selection when it differs from a layer's device."""
-    for platform in _TORCH_DEVICE_TYPES.get(tensor_device.type, ()):
+    for platform in packs.for_torch_type(tensor_device.type):
         with contextlib.suppress(PlatformUnavailable):
             return probe_platform(platform)
     raise DeviceSpecError(f"tensor device={tensor_device} is on no platform attnrt knows; "
-                          f"allowed: {', '.join(_TORCH_DEVICE_TYPES)}")
+                          f"allowed: {', '.join(packs.torch_types())}")
 
 
 def platform_of_tensor(tensor_device: torch.device) -> tuple[str, ...]:
-    return _TORCH_DEVICE_TYPES.get(tensor_device.type, ())
+    """The platforms whose tensors have this device type, in probe order."""
+    return packs.for_torch_type(tensor_device.type)
+
+
+def torch_device_of(device: Device) -> torch.device | None:
+    """Where tensors for a real `device` live now (None for a simulated one)."""
+    return None if device.simulated else packs.get(device.platform).current_torch_device()
 
 
 def clear_probe_cache() -> None:
     _probe_real.cache_clear()
     probe_platform.cache_clear()
+    packs.clear_pack_cache()

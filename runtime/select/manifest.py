@@ -34,8 +34,8 @@ import yaml
 from yaml.constructor import SafeConstructor
 
 from attnrt.errors import ManifestError
-from attnrt.select import registry
-from attnrt.select.device import ARCH_PATTERNS, PLATFORMS, Device
+from attnrt.select import packs, registry
+from attnrt.select.device import Device
 from attnrt.select.manifest_checks import never_served_errors, shadowing_errors
 from attnrt.select.ranges import ArchRange, RangeError, SizeRange
 from attnrt.select.request import AttentionRequest, dtype_name
@@ -271,19 +271,20 @@ def _names(value: Any, where: str) -> list[str]:
 
 def _platforms(value: Any, where: str) -> frozenset[str]:
     names = _names(value, where)
-    bad = [n for n in names if n not in PLATFORMS]
+    bad = [n for n in names if n not in packs.names()]
     if bad:
         raise ManifestError(f"{where}: unknown platform {bad[0]!r}; "
-                            f"allowed: {', '.join(PLATFORMS)}")
+                            f"allowed: {', '.join(packs.names())}")
     return frozenset(names)
 
 
 def _arch(value: Any, where: str) -> ArchRange:
     arch = ArchRange.parse(_names(value, where))
     for name in arch.names:
-        if not any(p.match(name) for p in ARCH_PATTERNS.values()):
-            raise ManifestError(f"{where}: unknown arch {name!r}; allowed: names such as sm90, "
-                                "gfx942, ascend910b, apple, x86_64, or ranges such as '>=sm80'")
+        if not any(p.is_arch(name) for p in packs.installed()):
+            examples = ", ".join(p.default_arch for p in packs.installed() if p.default_arch)
+            raise ManifestError(f"{where}: unknown arch {name!r}; allowed: names such as "
+                                f"{examples}, or ranges such as '>=sm80'")
     return arch
 
 

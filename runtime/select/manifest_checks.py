@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 from attnrt.errors import RegistryError
 from attnrt.select import registry
 from attnrt.select.capability import declared
-from attnrt.select.ranges import ArchRange, SizeRange, arch_order
+from attnrt.select.packs import arch_order
+from attnrt.select.ranges import ArchRange, SizeRange
 
 if TYPE_CHECKING:
     from attnrt.select.manifest import Rule

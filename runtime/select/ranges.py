@@ -2,9 +2,10 @@
 as ">=sm80" and "<=256".
 
 A range is one or more comparisons joined by commas (">=sm80,<sm100"). Arch ranges need an order,
-which only some platforms have: CUDA compute capabilities (sm80 < sm90 < sm100) and ROCm gfx names
-(gfx90a < gfx942 < gfx950 < gfx1100). Both kinds answer `contains` and the conservative `covers`
-(True only when every value the other condition admits is admitted here), for shadowed rules.
+which only some platforms have (their pack declares `arch_bases`): CUDA compute capabilities
+(sm80 < sm90 < sm100) and ROCm gfx names (gfx90a < gfx942 < gfx950 < gfx1100). Both kinds answer
+`contains` and the conservative `covers` (True only when every value the other condition admits
+is admitted here), for shadowed rules.
 """
 
 from __future__ import annotations
@@ -15,26 +16,17 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from attnrt.select import packs
+from attnrt.select.packs import arch_order
+
 _OPS: dict[str, Callable[[Any, Any], Any]] = {
     ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
 }
 _COMPARISON = re.compile(r"^\s*(>=|<=|>|<|==)\s*([A-Za-z0-9_]+)\s*$")
-_CUDA_ARCH = re.compile(r"^sm_?(\d{2,3})[a-z]?$")
-_ROCM_ARCH = re.compile(r"^gfx([0-9]{1,2})([0-9a-f])([0-9a-f])$")
 
 
 class RangeError(ValueError):
     """A range expression that cannot be parsed; the caller adds file:line."""
-
-
-def arch_order(arch: str) -> tuple[str, tuple[int, ...]] | None:
-    """(platform, sortable key) for an arch name that has an order, else None."""
-    name = arch.lower()
-    if m := _CUDA_ARCH.match(name):
-        return "cuda", (int(m.group(1)),)
-    if m := _ROCM_ARCH.match(name):
-        return "rocm", (int(m.group(1)), int(m.group(2), 16), int(m.group(3), 16))
-    return None
 
 
 def _comparisons(spec: str) -> list[tuple[str, str]]:
@@ -95,8 +87,9 @@ def _parse_arch_range(spec: str) -> tuple[str, tuple[tuple[str, tuple[int, ...]]
     for op, value in _comparisons(spec):
         order = arch_order(value)
         if order is None:
-            raise RangeError(f"arch range {spec!r}: {value!r} has no order; ranges take CUDA "
-                             "(sm80, sm90, sm100) or ROCm (gfx90a, gfx942) names")
+            raise RangeError(f"arch range {spec!r}: {value!r} has no order; ranges take arch "
+                             f"names of platforms whose arches compare, e.g. "
+                             f"{packs.ordered_examples()}")
         platforms.add(order[0])
         comps.append((op, order[1]))
     if len(platforms) != 1:

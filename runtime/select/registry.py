@@ -1,8 +1,8 @@
 """Backend names -> lazy "module:Class" targets.
 
-Sources, merged into one table: the portable backends (`attnrt.backends.BACKENDS`), each platform
-pack's `BACKENDS` table, the `attnrt.backends` entry-point group of installed packages, and
-`register_backend(...)` calls. Nothing is imported until a backend is looked at.
+Sources, merged into one table: the portable backends (`attnrt.backends.BACKENDS`), each installed
+platform pack's table (`Platform.backends`), the `attnrt.backends` entry-point group of installed
+packages, and `register_backend(...)` calls. Nothing is imported until a backend is looked at.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from attnrt.errors import RegistryError, UnknownBackendError
+from attnrt.select import packs
 
 NAME_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]*$")
 ENTRY_POINT_GROUP = "attnrt.backends"
-_BUILTIN_TABLES = ("attnrt.backends", *(f"attnrt.platforms.{p}"
-                                        for p in ("cpu", "cuda", "rocm", "mps", "npu")))
 _REQUIRED = ("get_name", "get_impl_cls")
 
 
@@ -34,6 +33,7 @@ _lock = threading.RLock()
 _specs: dict[str, BackendSpec] = {}
 _classes: dict[str, type] = {}
 _loaded_builtins = False
+_builtin_names: set[str] = set()  # added from the tables and entry points, not register_backend
 # Bumped by register/unregister: decisions cached under an older generation are made again.
 generation = 0
 
@@ -45,13 +45,18 @@ def _ensure_builtins() -> None:
     with _lock:
         if _loaded_builtins:
             return
-        for module_name in _BUILTIN_TABLES:
-            table: dict[str, str] = getattr(importlib.import_module(module_name), "BACKENDS", {})
+        from attnrt.backends import BACKENDS
+
+        tables = [("attnrt.backends", BACKENDS)]
+        tables += [(f"attnrt.platforms.{p.name}", p.backends) for p in packs.installed()]
+        for origin, table in tables:
             for name, target in table.items():
-                _add(BackendSpec(name, target, module_name))
+                _add(BackendSpec(name, target, origin))
+                _builtin_names.add(name)
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist = getattr(ep.dist, "name", "?") if ep.dist else "?"
             _add(BackendSpec(ep.name, ep.value, f"entry point of {dist}"))
+            _builtin_names.add(ep.name)
         _loaded_builtins = True
 
 
@@ -150,7 +155,13 @@ def load(name: str) -> type:
 
 
 def clear_registry_cache() -> None:
-    """Re-read built-in tables on next use (register_backend calls stay)."""
+    """Re-read built-in tables (and the installed packs) on next use, loading their classes
+    afresh; register_backend calls stay."""
     global _loaded_builtins
     with _lock:
+        for name in _builtin_names:
+            _specs.pop(name, None)
+            _classes.pop(name, None)
+        _builtin_names.clear()
         _loaded_builtins = False
+_builtin_names: set[str] = set()  # added from the tables and entry points, not register_backend

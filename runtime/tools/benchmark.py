@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from attnrt.errors import AttnrtError
-from attnrt.select import registry
+from attnrt.select import packs, registry
 from attnrt.select.device import Device, probe
 from attnrt.select.dispatch import decide, reasons_for
 from attnrt.select.request import NAME_DTYPES, AttentionRequest
@@ -56,7 +56,11 @@ CPU_DEFAULTS = Defaults(heads=4, head_sizes="64", seq_lens="256", dtypes="fp32",
                         rounds=1)
 GPU_DEFAULTS = Defaults(heads=24, head_sizes="64,128", seq_lens="4096", dtypes="bf16",
                         repeats=5, rounds=10)
-_TORCH_DEVICE = {"cuda": "cuda", "rocm": "cuda", "mps": "mps", "npu": "npu", "cpu": "cpu"}
+
+
+def _torch_type(device: Device) -> str:
+    """The torch.device type of tensors on `device`'s platform (its pack says)."""
+    return packs.get(device.platform).torch_device_types[0]
 
 
 class BenchDependencyError(AttnrtError, RuntimeError):
@@ -145,7 +149,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_grid(args: argparse.Namespace, device: Device) -> list[Case]:
     """The cases the flags ask for, with CPU or GPU defaults for the ones left out."""
-    defaults = CPU_DEFAULTS if device.platform == "cpu" else GPU_DEFAULTS
+    defaults = CPU_DEFAULTS if _torch_type(device) == "cpu" else GPU_DEFAULTS
     heads = args.heads or defaults.heads
     kv_heads = args.kv_heads or heads
     if heads % kv_heads:
@@ -379,7 +383,7 @@ def run_grid(args: argparse.Namespace, device: Device) -> list[Result]:
     names = _csv(args.backends) if args.backends else None
     for name in names or ():
         registry.spec(name)  # unknown names fail here, listing the registered ones
-    defaults = CPU_DEFAULTS if device.platform == "cpu" else GPU_DEFAULTS
+    defaults = CPU_DEFAULTS if _torch_type(device) == "cpu" else GPU_DEFAULTS
     repeats = defaults.repeats if args.repeats is None else args.repeats
     rounds = defaults.rounds if args.rounds is None else args.rounds
     for flag, value in (("--repeats", repeats), ("--rounds", rounds)):
@@ -387,7 +391,7 @@ def run_grid(args: argparse.Namespace, device: Device) -> list[Result]:
             raise ValueError(f"{flag}={value}: give a positive count")
     plan = {c: _candidates(c, device, names) for c in cases}
     progress, results = _Progress(sum(map(len, plan.values()))), []
-    torch_device = _TORCH_DEVICE[device.platform]
+    torch_device = _torch_type(device)
     for case, cell_names in plan.items():
         cell = []
         for name in cell_names:
