@@ -328,7 +328,7 @@ def _check_heads(layer: LocalAttention, q: torch.Tensor, k: torch.Tensor, v: tor
 def __getattr__(name: str) -> Any:
     # DistributedAttention lives in attnrt.parallel.layers, which imports this module.
     if name in ("DistributedAttention", "DistributedAttention_VSA"):
-        from attnrt import distributed_layers
+        from attnrt.parallel import layers as parallel_layers
 
-        return getattr(distributed_layers, name)
+        return getattr(parallel_layers, name)
     raise AttributeError(f"module 'attnrt.layers' has no attribute {name!r}")

@@ -9,13 +9,32 @@ a row that sees no key outputs zeros.
 from __future__ import annotations
 
 import math
-from typing import cast
+from typing import Literal, cast, overload
 
 import torch
 
 from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
 
 CHUNK_BYTES = 64 << 20
+
+
+@overload
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = ...,
+                      softmax_scale: float | None = ..., chunk_bytes: int = ...,
+                      return_lse: Literal[False] = ...) -> torch.Tensor: ...
+
+
+@overload
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = ...,
+                      softmax_scale: float | None = ..., chunk_bytes: int = ..., *,
+                      return_lse: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = ...,
+                      softmax_scale: float | None = ..., chunk_bytes: int = ...,
+                      return_lse: bool = ...,
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from attnrt.errors import BackendUnavailableError, RegistryError, UnknownBackendError
+from attnrt.interfaces import AttentionBackend
 from attnrt.select import capability, registry
 from attnrt.select.capability import Reason
 from attnrt.select.device import Device, clear_probe_cache, probe
@@ -67,7 +68,7 @@ class Decision:
     notes: tuple[str, ...] = field(default=())
 
     @property
-    def backend_cls(self) -> type:
+    def backend_cls(self) -> type[AttentionBackend]:
         if self.backend is None:
             raise BackendUnavailableError(self.failure_message())
         return registry.load(self.backend)

@@ -11,10 +11,12 @@ import importlib
 import importlib.metadata
 import re
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from attnrt.errors import RegistryError, UnknownBackendError
+from attnrt.interfaces import AttentionBackend
 from attnrt.select import packs
 
 NAME_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]*$")
@@ -47,7 +49,7 @@ def _ensure_builtins() -> None:
             return
         from attnrt.backends import BACKENDS
 
-        tables = [("attnrt.backends", BACKENDS)]
+        tables: list[tuple[str, Mapping[str, str]]] = [("attnrt.backends", BACKENDS)]
         tables += [(f"attnrt.platforms.{p.name}", p.backends) for p in packs.installed()]
         for origin, table in tables:
             for name, target in table.items():
@@ -135,11 +137,12 @@ def is_registered(name: str) -> bool:
     return name in _specs
 
 
-def load(name: str) -> type:
-    """Import and validate a backend class (cached)."""
+def load(name: str) -> type[AttentionBackend]:
+    """Import and validate a backend class (cached). The class may be a FastVideo backend that
+    does not subclass AttentionBackend; validation has checked the contract's methods."""
     cls = _classes.get(name)
     if cls is not None:
-        return cls
+        return cast("type[AttentionBackend]", cls)
     target = spec(name).target
     module_name, _, qualname = target.partition(":")
     try:
@@ -164,4 +167,3 @@ def clear_registry_cache() -> None:
             _classes.pop(name, None)
         _builtin_names.clear()
         _loaded_builtins = False
-_builtin_names: set[str] = set()  # added from the tables and entry points, not register_backend

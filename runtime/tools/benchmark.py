@@ -194,7 +194,8 @@ def check_error(impl: Any, case: Case, device: str, check_seq: int) -> float:
     out = impl.forward(q, k, v, None)
     ref_dev = _reference_device(device)
     ref_in = [t.detach().to(ref_dev, torch.float64).requires_grad_(grad) for t in (q, k, v)]
-    ref = chunked_attention(*ref_in, case.causal, case.head_size ** -0.5)
+    ref = chunked_attention(ref_in[0], ref_in[1], ref_in[2], case.causal,
+                            case.head_size ** -0.5)
     errors = [_rel(out.to(ref_dev), ref)]
     if grad:
         if out.grad_fn is None:
@@ -441,7 +442,7 @@ def write_plot(results: list[Result], path: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * len(names) ** 0.5), 4))
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
-        vals = {r.case.label(): r.tflops for r in ok if r.backend == name}
+        vals = {r.case.label(): r.tflops or 0.0 for r in ok if r.backend == name}
         ax.bar([x + i * width for x in range(len(labels))],
                [vals.get(lbl, 0.0) for lbl in labels], width, label=name)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=30,
