@@ -92,16 +92,15 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
     size: split the world into groups of `size` consecutive ranks (under torchrun, size <=
     GPUs per node keeps each group inside one node's NVLink); neither: the whole world.
     overlap_chunks: heads are exchanged in this many chunks, chunk i+1 travelling while chunk i
-    is attended (1: no overlap; None: the layer's default, see distributed_layers).
+    is attended (1: no overlap; None: the layer's default, see attnrt.parallel.layers).
     all_to_all: "single" (all_to_all_single; what "auto" picks on every backend known today) or
     "pairwise" (batched isend/irecv, for groups without all_to_all_single).
     check_shards: gather every rank's shapes once per forward so a mismatch raises everywhere
     instead of hanging (a gloo round trip between the ranks' CPUs, 0.1-0.6 ms of host time per
-    forward, bench/NOTES-distributed.md); "new_shapes": only on the
-    first forward with each new set of shapes on this rank, which catches ranks sharded
-    differently from the start, but not a rank whose shapes later change alone (the ranks then
-    wait in the exchange for each other, or, on copy engines, attend mismatched data); False:
-    never.
+    forward, bench/NOTES-distributed.md); "new_shapes": only on the first forward with each new
+    set of shapes on this rank, which catches ranks sharded differently from the start, but not
+    a rank whose shapes later change alone (the ranks then wait in the exchange for each other,
+    or, on copy engines, attend mismatched data); False: never.
     local_first: attend this rank's own shard (the heads it keeps) while the other shards are
     in flight, then merge by log-sum-exp (see attnrt.parallel.local_first); None: on for device
     groups without overlap_chunks, where the layer's inputs allow it; True: wherever they allow it.
@@ -118,18 +117,7 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
     one-process group that runs no collective.
     """
     global _state
-    if all_to_all not in ALL_TO_ALL_MODES:
-        raise ValueError(f"all_to_all={all_to_all!r} is not allowed; allowed: "
-                         f"{', '.join(ALL_TO_ALL_MODES)}")
-    if overlap_chunks is not None and (isinstance(overlap_chunks, bool) or not isinstance(
-            overlap_chunks, int) or overlap_chunks < 1):
-        raise ValueError(f"overlap_chunks={overlap_chunks!r} must be None or a positive integer")
-    for name, value in (("local_first", local_first), ("copy_engine", copy_engine)):
-        if value not in (None, True, False):
-            raise ValueError(f"{name}={value!r} is not allowed; allowed: None, True, False")
-    if not (isinstance(check_shards, bool) or check_shards == "new_shapes"):
-        raise ValueError(f"check_shards={check_shards!r} is not allowed; allowed: True, False, "
-                         "'new_shapes'")
+    _check_arguments(overlap_chunks, all_to_all, check_shards, local_first, copy_engine)
     if not _init_from_launcher():
         if group is None and size in (None, 1):
             if copy_engine:
@@ -153,6 +141,23 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
     logger.info("sequence parallel: size %d, rank %d, backend %s, all_to_all %s, copy engines "
                 "%s", _state.size, _state.rank, backend, mode, copies is not None)
     return _state
+
+
+def _check_arguments(overlap_chunks: Any, all_to_all: Any, check_shards: Any, local_first: Any,
+                     copy_engine: Any) -> None:
+    """init_sequence_parallel's arguments, checked before any collective runs."""
+    if all_to_all not in ALL_TO_ALL_MODES:
+        raise ValueError(f"all_to_all={all_to_all!r} is not allowed; allowed: "
+                         f"{', '.join(ALL_TO_ALL_MODES)}")
+    if overlap_chunks is not None and (isinstance(overlap_chunks, bool) or not isinstance(
+            overlap_chunks, int) or overlap_chunks < 1):
+        raise ValueError(f"overlap_chunks={overlap_chunks!r} must be None or a positive integer")
+    for name, value in (("local_first", local_first), ("copy_engine", copy_engine)):
+        if value not in (None, True, False):
+            raise ValueError(f"{name}={value!r} is not allowed; allowed: None, True, False")
+    if not (isinstance(check_shards, bool) or check_shards == "new_shapes"):
+        raise ValueError(f"check_shards={check_shards!r} is not allowed; allowed: True, False, "
+                         "'new_shapes'")
 
 
 _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

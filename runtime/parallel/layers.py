@@ -54,7 +54,7 @@ from attnrt.parallel.groups import (
     start_seq_to_heads,
 )
 from attnrt.parallel.local_first import local_first
-from attnrt.parallel.shard_check import check_same_on_all_ranks
+from attnrt.parallel.shard_check import check_inputs, check_same_on_all_ranks, named_inputs
 from attnrt.select.capability import declared
 
 # Heads chunks for overlap on device groups. Measured on 2x H100 (bench/NOTES-distributed.md):
@@ -225,7 +225,7 @@ class DistributedAttention(nn.Module):
                            and tensors[0].device == copies.device)}
         agreed = mine
         if sp.size > 1 and sp.check_shards:  # the one collective before the large ones
-            got = check_same_on_all_ranks(sp, _named(tensors, replicated, freqs_cis),
+            got = check_same_on_all_ranks(sp, named_inputs(tensors, replicated, freqs_cis),
                                           original_seq_len, {k: int(v) for k, v in mine.items()})
             agreed = {k: bool(v) for k, v in got.items()}
         check_inputs(self, sp, tensors, replicated, original_seq_len, freqs_cis)
@@ -441,77 +441,6 @@ def _rotate_shard(q: torch.Tensor, k: torch.Tensor, freqs_cis: tuple[torch.Tenso
         cos = torch.cat([cos, cos.new_ones(missing, cos.shape[1])])
         sin = torch.cat([sin, sin.new_zeros(missing, sin.shape[1])])
     return apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-
-
-# ---------------------------------------------------------------- input checks
-
-
-def _named(tensors: list[torch.Tensor], replicated: tuple[torch.Tensor | None, ...],
-           freqs_cis: Any) -> list[tuple[str, Any]]:
-    freqs = list(freqs_cis) if isinstance(freqs_cis, (tuple, list)) else [freqs_cis]
-    freqs = (freqs + [None, None])[:2]
-    slots = [*tensors, *([None] * (4 - len(tensors)))]
-    return [*zip(("q", "k", "v", "gate_compress"), slots, strict=True),
-            *zip(("replicated_q", "replicated_k", "replicated_v"), replicated, strict=True),
-            *zip(("freqs_cis[0]", "freqs_cis[1]"), freqs, strict=True)]
-
-
-def check_inputs(layer: DistributedAttention, sp: SequenceParallel, tensors: list[torch.Tensor],
-                 replicated: tuple[torch.Tensor | None, ...], original_seq_len: Any,
-                 freqs_cis: Any) -> None:
-    """Shapes, dtypes and devices of one forward's inputs; ShardError names the offender."""
-    h, hkv = layer.num_heads, layer.num_kv_heads
-    _check_group("", tensors, (h, hkv, hkv, h), layer.head_size)
-    q = tensors[0]
-    for name, t in zip(("k", "v", "gate_compress")[:len(tensors) - 1], tensors[1:], strict=True):
-        if t.shape[:2] != q.shape[:2]:
-            raise ShardError(f"{name}.shape={tuple(t.shape)} and q.shape={tuple(q.shape)} differ "
-                             "in batch or shard length; the shards of one sequence must match")
-    full = q.shape[1] * sp.size
-    if original_seq_len is not None and (isinstance(original_seq_len, bool) or not isinstance(
-            original_seq_len, int) or not 0 < original_seq_len <= full):
-        raise ShardError(f"original_seq_len={original_seq_len!r} is not allowed; allowed: None or "
-                         f"an int in [1, {full}] (shard length {q.shape[1]} x {sp.size} ranks)")
-    if replicated[0] is not None and all(r is not None for r in replicated):
-        _check_group("replicated_", list(replicated), (h, hkv, hkv), layer.head_size, q)
-        if replicated[0].shape[1] != replicated[1].shape[1]:  # type: ignore[union-attr]
-            raise ShardError(f"replicated_q has {replicated[0].shape[1]} tokens and replicated_k "
-                             f"{replicated[1].shape[1]}; they must match")  # type: ignore[union-attr]
-    if freqs_cis is not None:
-        _check_freqs(freqs_cis, q, original_seq_len or full, full)
-
-
-def _check_group(prefix: str, tensors: list[Any], heads: tuple[int, ...], head_size: int,
-                 like: torch.Tensor | None = None) -> None:
-    like = like if like is not None else tensors[0]
-    names = ("q", "k", "v", "gate_compress")[:len(tensors)]
-    for name, t, want in zip(names, tensors, heads[:len(tensors)], strict=True):
-        name = prefix + name
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ShardError(f"{name} has shape {got}; expected 4-D [B, S, H, D]")
-        if t.shape[2] != want or t.shape[3] != head_size:
-            raise ShardError(f"{name}.shape={tuple(t.shape)}: the layer was built for {want} "
-                             f"heads of head_size={head_size}")
-        if t.shape[0] != like.shape[0] or t.dtype != like.dtype or t.device != like.device:
-            raise ShardError(f"{name} is {t.dtype} on {t.device} with batch {t.shape[0]}; "
-                             f"expected q's: {like.dtype} on {like.device} with batch "
-                             f"{like.shape[0]}")
-    if not like.dtype.is_floating_point:
-        raise ShardError(f"q.dtype={like.dtype} is not allowed; allowed: a floating dtype")
-
-
-def _check_freqs(freqs_cis: Any, q: torch.Tensor, valid: int, full: int) -> None:
-    rows = {q.shape[1], valid, full}
-    ok = (isinstance(freqs_cis, (tuple, list)) and len(freqs_cis) == 2
-          and all(isinstance(f, torch.Tensor) and f.dim() == 2 and f.shape[0] in rows
-                  and f.shape[1] == q.shape[3] // 2 for f in freqs_cis))
-    if not ok:
-        got = [tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
-               for f in (freqs_cis if isinstance(freqs_cis, (tuple, list)) else [freqs_cis])]
-        raise ShardError(f"freqs_cis shapes {got} are not allowed; allowed: (cos, sin), each "
-                         f"[L, {q.shape[3] // 2}] with L in {sorted(rows)} (this shard, "
-                         "original_seq_len or the padded sequence)")
 
 
 __all__ = ["SINGLE", "DistributedAttention", "DistributedAttention_VSA", "shard_heads"]

@@ -145,7 +145,6 @@ def _consumer(wg: gl.constexpr, sm, o_ptr, lse_ptr, N, M, qk_scale, b, h, bh, m0
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-
     row0 = m0 + wg * HALF
     rows = row0 + gl.arange(0, HALF, layout=row_s)
     m_i = gl.full([HALF], float("-inf"), gl.float32, layout=row_s)
@@ -191,6 +190,17 @@ def _consumer(wg: gl.constexpr, sm, o_ptr, lse_ptr, N, M, qk_scale, b, h, bh, m0
         mbarrier.arrive(sm.turn.index(1 - wg))
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(sm.v_empty.index(last))
+    _store(acc, m_i, l_i, o_ptr, lse_ptr, N, b, h, bh, row0, rows, so_b, so_n, so_h, o_layout,
+           dtype, HEAD_DIM)
+
+
+@gluon.jit
+def _store(acc, m_i, l_i, o_ptr, lse_ptr, N, b, h, bh, row0, rows, so_b, so_n, so_h,
+           o_layout: gl.constexpr, dtype: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """A warpgroup's epilogue: out = acc / l (0 for a row that saw no key), lse in natural log
+    (-inf there); rows past N are not written."""
+    HALF: gl.constexpr = BLOCK_M // 2
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
     out = acc / gl.convert_layout(l_safe, row_o)[:, None]
     rows_o = row0 + gl.arange(0, HALF, layout=row_o)
