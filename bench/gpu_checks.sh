@@ -25,11 +25,11 @@ else
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-python3 -m attnrt.cli info >"$out/info.txt" 2>&1; head -12 "$out/info.txt"
-python3 -m attnrt.cli explain --head-size 128 --dtype bf16 --heads 24 | tee "$out/explain.txt"
-python3 -m attnrt.cli explain --head-size 72 --dtype fp16 --heads 24 --kv-heads 8 --causal
-python3 -m attnrt.cli explain --head-size 64 --dtype bf16 --heads 24 --causal --seq-len 4096
+python3 -m attnrt.tools.cli info >"$out/info.txt" 2>&1; head -12 "$out/info.txt"
+python3 -m attnrt.tools.cli explain --head-size 128 --dtype bf16 --heads 24 | tee "$out/explain.txt"
+python3 -m attnrt.tools.cli explain --head-size 72 --dtype fp16 --heads 24 --kv-heads 8 --causal
+python3 -m attnrt.tools.cli explain --head-size 64 --dtype bf16 --heads 24 --causal --seq-len 4096
 python3 -m pytest -m gpu -q -n 8 -p no:cacheprovider --maxfail=20 2>&1 | tee "$out/gpu_tests.log" | tail -15
-python3 -m attnrt.cli bench --head-sizes 64,128 --seq-lens 4096 --dtypes bf16 --causal both \
+python3 -m attnrt.tools.cli bench --head-sizes 64,128 --seq-lens 4096 --dtypes bf16 --causal both \
   --out "$out/bench.json" 2>/dev/null | tee "$out/bench.txt"
 python3 bench/dispatch_overhead.py | tee "$out/dispatch.txt"

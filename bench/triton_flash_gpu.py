@@ -11,7 +11,7 @@ Needs the repo installed (`pip install --no-deps --no-build-isolation -e .`; see
 _ensure_attnrt). Everything is timed with triton.testing.do_bench (median, after warm-up) on
 torch.randn inputs. The sweep picks the best forward and backward per head size and per mask
 (causal or not) and the table then runs those; without a sweep the table runs the shipped
-configs (platforms/cuda/triton_flash_configs.py).
+configs (runtime/kernels/flash/configs_cuda.py).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ TABLE_N = (4096, 8192, 16384, 32768)
 FLEX_N = (8192, 16384)
 # Forward candidates per head-size bucket: (BLOCK_M, BLOCK_N, num_warps, num_stages, *extras),
 # an extra being a switch name or {"maxnreg": n}. The first of each list is what
-# platforms/cuda/triton_flash_configs.py ships. Also measured on 2026-11-25 (17:32 UTC, see
+# runtime/kernels/flash/configs_cuda.py ships. Also measured on 2026-11-25 (17:32 UTC, see
 # bench/NOTES-triton-flash.md), none winning: D=128 (128, 64, 8, 3), (128, 128, 8, 2, "tma"),
 # (128, 64, 8, 2, {"maxnreg": 128}), (128, 64, 8, 2, {"maxnreg": 168}), (128, 64, 8, 3, "tma");
 # D=64 (128, 128, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2, "tma").
@@ -47,7 +47,7 @@ FWD_CANDIDATES = {
 }
 # Backward candidates per bucket: (dK/dV tuple, dQ tuple); a "single_launch" dK/dV entry runs
 # the dQ programs in its launch, an "atomic_dq" one runs no dQ programs. The first is shipped
-# (the second for causal calls, see platforms/cuda/triton_flash_configs.py).
+# (the second for causal calls, see runtime/kernels/flash/configs_cuda.py).
 # Registers/spilled bytes from an offline sm90 compile (Triton 3.6 + ptxas -v), full / causal:
 # D=128 single (32,64|64,32,4,3) 240/0, 255/48; (16,64|64,32,4,3) 215/0, 250/0; (32,128|128,64,
 # 8,3) 248/0, 254/0; D=64 single (32,64|64,64,4,3) 167/0, 206/0. Also measured at 17:32 UTC,

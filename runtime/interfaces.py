@@ -225,5 +225,3 @@ class AttentionLayer(Protocol):
     def forward(self, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor) -> torch.Tensor: ...
 
-
-CONTRACT_METHODS = ("get_name", "get_impl_cls", "get_metadata_cls", "get_builder_cls")

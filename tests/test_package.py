@@ -34,3 +34,17 @@ def test_wheel_contains_and_loads_the_manifest(tmp_path):
                          check=False, timeout=120)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) >= 1
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    roots = {name: ROOT / path for name, path in config["package-dir"].items()}
+    found = set()
+    for name, root in roots.items():
+        for init in root.rglob("__init__.py"):
+            parts = init.parent.relative_to(root).parts
+            found.add(".".join((name, *parts)))
+    # The wheel ships only listed packages: a folder missing here would be left out of it.
+    assert found == listed

@@ -123,11 +123,6 @@ def _bump_epoch() -> None:
         selection_epoch += 1
 
 
-def context_forced() -> str | None:
-    """The force_backend() value of this thread or task (the layers' hot path reads it)."""
-    return _FORCED.get()
-
-
 def _name_of(backend: Any) -> str:
     return str(getattr(backend, "name", backend)).upper()
 
@@ -325,11 +320,6 @@ def explain(request: AttentionRequest | None = None, device: Device | str | None
     if isinstance(device, str):
         device = parse_device_spec(device)
     return decide(request, device)
-
-
-def clear_decision_cache() -> None:
-    with _lock:
-        _decisions.clear()
 
 
 def clear_caches() -> None:

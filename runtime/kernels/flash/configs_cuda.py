@@ -32,36 +32,8 @@ PLATFORM = "cuda"
 # the kernel uses it only where D is a power of two and the K/V strides allow a 2D view, and
 # takes the pointer path (same result) elsewhere.
 CONFIGS: dict[str, dict[int, Config]] = {
-    # H100, bf16, B=1 H=24, N=8192, lowest geometric mean of causal and full time; 2026-11-25,
-    # Triton 3.6 (bench/NOTES-triton-flash.md). Bucket 32 was not swept: it copies bucket 64.
-    # Re-swept 2026-11-25 17:32/17:38 UTC, per mask, against the new switches: these entries
-    # still win both full and causal (D=128 bwd at N=8192: split 5.84 / 3.69 ms full / causal;
-    # best one-launch 5.97 / 3.76; best atomic_dq 6.58 / 3.97; fwd maxnreg=128 at 2 CTAs/SM
-    # 419 vs 474 TFLOP/s at N=4096), so no "_causal" entries and no switches are shipped.
-    # Re-swept 2026-11-25 (third session) after the backward loops stopped making ptxas
-    # serialize their wgmmas: D=128 full now runs FlexAttention's blocks in one launch (424 /
-    # 418 TFLOP/s bwd at N=8192 / 16384, vs 392 / 405 for the split (32,64,4,3) entry and 421 /
-    # 430 for compiled flex in the same run); causal keeps the split entry (372 / 382; one
-    # launch 358 / 361, flex 384 / 400). D=64 keeps its entry (369 full, 340 causal at 16384).
-    # Fourth session, same script (causal bwd at N=8192, TFLOP/s): D=128 causal now peels the
-    # diagonal steps with FlexAttention's blocks, 370 vs 341 for the split (32,64,4,3) entry;
-    # D=64 causal runs (32,64,4,3) in one launch, 306 vs 293 for (32,128,4,3).
-    # Fifth session: D=128 forwards go through the Gluon ping-pong kernel ("gluon", sm90 and
-    # D=128 exactly; 128-row tiles, BLOCK_N 128, 2 K/V slots): 599-651 TFLOP/s full, 466-604
-    # causal at N=4096-32768 vs 477-510 / 379-500 for the Triton forward (H100, same run). At
-    # D=64 the Gluon kernel did not beat the Triton one (413-431 vs 422-433 full, 295-413 vs
-    # 302-431 causal), so bucket 64 keeps it off.
-    # Seventh session: the D=128 backward and the non-causal D=64 one go through the Gluon
-    # warp-specialized backward ("gluon" on bwd_dkdv; dQ by TMA reduce-add; D=64 or 128
-    # exactly, else the entry's Triton kernels). H100, B=1 H=24, N=4096-32768, over cuDNN,
-    # Gluon vs Triton: D=128 full 0.88-0.93 vs 0.74-0.80, causal 0.84-0.89 vs 0.78-0.87 (0.86
-    # vs 0.89 at N=4096, the one cell it trails); D=64 full 0.78-0.90 vs 0.78-0.80. D=64
-    # causal keeps the Triton kernels: Gluon ahead only from N=16384 (0.80-0.84 vs 0.78-0.80;
-    # 0.85-0.90 vs 1.00 at N=4096).
-    # Ninth session: D=64 causal goes through the Gluon backward too, with one loop masking the
-    # steps that need it (PEELED_HEAD_SIZES leaves D=64 out). Same run, over cuDNN, Triton /
-    # Gluon one loop / Gluon peeled: N=4096 1.01 / 0.94 / 0.89, 8192 0.89 / 0.87 / 0.86,
-    # 16384 0.78 / 0.84 / 0.81, 32768 0.81 / 0.90 / 0.85: the floor moves from 0.78 to 0.84.
+    # sm90: measured on H100 (bench/triton_flash_gpu.py); how each entry won, sweep by sweep:
+    # bench/NOTES-triton-flash.md, "How the shipped sm90 configs were chosen".
     "sm90": {
         32: _cfg((128, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)),
         64: _cfg((128, 64, 8, 3), (32, 128, 4, 3, "gluon"), (64, 64, 4, 3),
