@@ -185,3 +185,41 @@ def test_forward_context_reaches_the_backend(register):
         layer(q, k, v)
     layer(q, k, v)
     assert MyNewAttnImpl.seen_metadata == [meta, None]
+
+
+CAPABILITY_DEFAULTS = {
+    "PLATFORMS": None, "ARCHS": None, "DTYPES": frozenset({"fp16", "bf16", "fp32", "fp64"}),
+    "HEAD_SIZES": None, "SUPPORTS_CAUSAL": True, "SUPPORTS_GQA": True, "PACKAGES": (),
+    "SUPPORTS_REPLICATED_TOKENS": True, "ACCEPTS_GATE_COMPRESS": None,
+}
+
+
+def test_capability_defaults_live_on_attention_backend():
+    from attnrt.select.capability import declared
+
+    class DeclaresNothing:  # FastVideo style: not even an AttentionBackend subclass
+        @staticmethod
+        def get_name() -> str:
+            return "NOTHING"
+
+    for attr, default in CAPABILITY_DEFAULTS.items():
+        assert getattr(AttentionBackend, attr) == default
+        assert declared(DeclaresNothing, attr) == default
+    device = attnrt.Device("cpu", "x86_64")
+    assert AttentionBackend.extra_reasons(attnrt.AttentionRequest(64, "fp32"), device) == []
+
+
+def test_forward_with_lse_is_optional_and_declared_on_the_impl():
+    from attnrt.interfaces import lse_forward
+
+    impl = MyNewAttnImpl(2, 32, 32 ** -0.5)
+    assert lse_forward(impl) is None
+    with pytest.raises(NotImplementedError, match="MyNewAttnImpl does not define forward_with_lse"):
+        impl.forward_with_lse(*randn_qkv(1, 8, 2, 32), None)
+
+    class WithLse(MyNewAttnImpl):
+        def forward_with_lse(self, query, key, value, attn_metadata):
+            return query, query.new_zeros(query.shape[0], query.shape[2], query.shape[1])
+
+    with_lse = WithLse(2, 32, 32 ** -0.5)
+    assert lse_forward(with_lse) == with_lse.forward_with_lse

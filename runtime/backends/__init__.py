@@ -1,4 +1,4 @@
-"""Portable backends, runnable on any platform a pack ranks them for."""
+"""Portable backends, runnable on any platform whose rules in the manifest rank them."""
 
 BACKENDS = {
     "REFERENCE": "attnrt.backends.reference:ReferenceBackend",

@@ -11,7 +11,7 @@ device the tensors live on; a platform without a table gets the kernel's conserv
 DEFAULT_CONFIG. Triton is imported on the first forward, never when attnrt is imported.
 
 `ATTNRT_TRITON_AUTOTUNE=1` (or `triton_autotune=True` in a layer's extra_impl_args) times the
-pack's forward candidates once per shape bucket and keeps the fastest
+arch's forward candidates once per shape bucket and keeps the fastest
 (attnrt.kernels.flash.autotune).
 
 Only compile-time failures (CompilationError, OutOfResources, PTXASError) become

@@ -1,12 +1,13 @@
 """Opt-in autotuning of TRITON_FLASH_ATTN's forward block config, keyed on shape buckets.
 
-The packs ship one measured config per (arch, head-size bucket); a model whose shapes differ from
-the ones measured can ask for a one-time search instead (`ATTNRT_TRITON_AUTOTUNE=1`, or
-`triton_autotune=True` among a layer's extra_impl_args). The first forward of each key times every
-candidate of the pack's FWD_CANDIDATES on the real inputs and keeps the fastest; later calls with
-the same key reuse it. The key is (platform, arch, head-size bucket, dtype, causal, GQA, sequence
-bucket), the sequence bucket being max(N, M) rounded up to a power of two: N and M are runtime
-kernel arguments, so shapes inside one bucket never recompile and never re-tune.
+configs_cuda.py and configs_rocm.py ship one config per (arch, head-size bucket); a model whose
+shapes differ from the ones measured can ask for a one-time search instead
+(`ATTNRT_TRITON_AUTOTUNE=1`, or `triton_autotune=True` among a layer's extra_impl_args). The
+first forward of each key times every candidate of the arch's FWD_CANDIDATES on the real inputs
+and keeps the fastest; later calls with the same key reuse it. The key is (platform, arch,
+head-size bucket, dtype, causal, GQA, sequence bucket), the sequence bucket being max(N, M)
+rounded up to a power of two: N and M are runtime kernel arguments, so shapes inside one bucket
+never recompile and never re-tune.
 """
 
 from __future__ import annotations
