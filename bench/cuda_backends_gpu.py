@@ -29,11 +29,11 @@ import torch
 
 from attnrt.backends.reference import chunked_attention
 from attnrt.errors import KernelCompileError
-from attnrt.select import registry
-from attnrt.select.device import Device, probe
-from attnrt.select.dispatch import reasons_for
-from attnrt.select.manifest import current_manifest
-from attnrt.select.request import AttentionRequest
+from attnrt.selection import registry
+from attnrt.selection.device import Device, probe
+from attnrt.selection.dispatch import reasons_for
+from attnrt.selection.manifest import current_manifest
+from attnrt.selection.request import AttentionRequest
 from attnrt.tools import benchmark, tune
 from attnrt.tools.benchmark import Case, Result, measure
 

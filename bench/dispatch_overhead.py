@@ -13,7 +13,7 @@ import torch
 
 import attnrt
 from attnrt.context import get_forward_context
-from attnrt.select import dispatch
+from attnrt.selection import dispatch
 
 
 def per_call_us(fn, calls: int = 20000, rounds: int = 7) -> float:

@@ -36,12 +36,12 @@ from attnrt.parallel.groups import (
     init_sequence_parallel,
 )
 from attnrt.parallel.layers import DistributedAttention, DistributedAttention_VSA
-from attnrt.select.capability import Package, Reason
-from attnrt.select.device import Device, probe, simulated_device
-from attnrt.select.dispatch import Candidate, Decision, clear_caches, explain, force_backend, select
-from attnrt.select.manifest import load_capability
-from attnrt.select.registry import register_backend, unregister_backend
-from attnrt.select.request import AttentionRequest
+from attnrt.selection.capability import Package, Reason
+from attnrt.selection.device import Device, probe, simulated_device
+from attnrt.selection.dispatch import Candidate, Decision, clear_caches, explain, force_backend, select
+from attnrt.selection.manifest import load_capability
+from attnrt.selection.registry import register_backend, unregister_backend
+from attnrt.selection.request import AttentionRequest
 
 __version__ = "0.1.0"
 

@@ -4,7 +4,7 @@ Shapes: B batch, N query sequence, M key sequence, H query heads, Hkv key/value 
 Tensors are [B, N, H, D] throughout.
 
 A backend class is a namespace of static methods plus capability data (defaults below, on
-AttentionBackend; read by `attnrt.select.capability.check`): `get_name()` is its stable
+AttentionBackend; read by `attnrt.selection.capability.check`): `get_name()` is its stable
 UPPER_SNAKE name, `get_impl_cls()` the class that runs attention.
 """
 
@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 import torch
 
 if TYPE_CHECKING:
-    from attnrt.select.capability import Package, Reason
-    from attnrt.select.device import Device
-    from attnrt.select.request import AttentionRequest
+    from attnrt.selection.capability import Package, Reason
+    from attnrt.selection.device import Device
+    from attnrt.selection.request import AttentionRequest
 
 
 @dataclass
@@ -167,7 +167,7 @@ class ScaledImpl(AttentionImpl[T]):
 class AttentionBackend(ABC):
     """A named attention implementation. Subclasses declare what they can run as class data.
 
-    The capability attributes below are read by `attnrt.select.capability.check`; their
+    The capability attributes below are read by `attnrt.selection.capability.check`; their
     defaults here mean "any", so a FastVideo-style backend that declares nothing runs wherever
     the manifest ranks it (a class that does not subclass AttentionBackend gets the same
     defaults). Limits that are not data go in the optional `extra_reasons`.
@@ -177,7 +177,7 @@ class AttentionBackend(ABC):
     PLATFORMS: ClassVar[Collection[str] | None] = None
     # Archs: names and ranges such as ">=sm80" or (">=sm80", ">=gfx90a"); None: any.
     ARCHS: ClassVar[str | Collection[str] | None] = None
-    # Dtype names (attnrt.select.request.DTYPE_NAMES values).
+    # Dtype names (attnrt.selection.request.DTYPE_NAMES values).
     DTYPES: ClassVar[Collection[str]] = frozenset({"fp16", "bf16", "fp32", "fp64"})
     # Head sizes D, e.g. (64, 128) or range(32, 257, 8); None: any, or what FastVideo's
     # get_supported_head_sizes() returns where the class defines it.

@@ -14,16 +14,16 @@ from torch import nn
 from attnrt.context import get_forward_context
 from attnrt.errors import BackendUnavailableError, KernelCompileError
 from attnrt.interfaces import AttentionImpl, lse_forward
-from attnrt.select import dispatch
-from attnrt.select.device import (
+from attnrt.selection import dispatch
+from attnrt.selection.device import (
     Device,
     device_for_tensor,
     platform_of_tensor,
     probe,
     torch_device_of,
 )
-from attnrt.select.dispatch import _FORCED as _CONTEXT_FORCE  # read directly on the hot path
-from attnrt.select.dispatch import (
+from attnrt.selection.dispatch import _FORCED as _CONTEXT_FORCE  # read directly on the hot path
+from attnrt.selection.dispatch import (
     Decision,
     decide,
     forced_backend,
@@ -31,8 +31,8 @@ from attnrt.select.dispatch import (
     select,
     strict_mode,
 )
-from attnrt.select.manifest import current_manifest
-from attnrt.select.request import AttentionRequest, dtype_name
+from attnrt.selection.manifest import current_manifest
+from attnrt.selection.request import AttentionRequest, dtype_name
 
 logger = logging.getLogger("attnrt")
 

@@ -32,7 +32,7 @@ def _fresh_attnrt(monkeypatch: pytest.MonkeyPatch):
     """Each test starts with no attnrt env vars, no overrides and empty caches."""
     import attnrt
     from attnrt.integrations.fastvideo import global_force_attn_backend
-    from attnrt.select.manifest import clear_manifest_cache
+    from attnrt.selection.manifest import clear_manifest_cache
 
     for var in _ENV_VARS:
         monkeypatch.delenv(var, raising=False)
@@ -58,7 +58,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2, t
 @pytest.fixture
 def register():
     """register(name, cls_or_target): registers a backend for this test only."""
-    from attnrt.select.registry import register_backend, unregister_backend
+    from attnrt.selection.registry import register_backend, unregister_backend
 
     added: list[str] = []
 

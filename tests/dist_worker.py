@@ -43,7 +43,7 @@ from attnrt.parallel.groups import (
     init_sequence_parallel,
 )
 from attnrt.parallel.layers import DistributedAttention, DistributedAttention_VSA
-from attnrt.select.manifest import clear_manifest_cache
+from attnrt.selection.manifest import clear_manifest_cache
 
 # ---------------------------------------------------------------- test backends
 

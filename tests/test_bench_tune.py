@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import attnrt
-from attnrt.select.manifest import validate_files
+from attnrt.selection.manifest import validate_files
 from attnrt.tools import benchmark
 from attnrt.tools.cli import main
 from tests.helpers import CountingBackend, CountingImpl, make_backend

@@ -107,7 +107,7 @@ def test_bad_arguments_exit_nonzero_with_one_line(capsys):
 
 
 def test_validate_good_and_bad_files(capsys, write_yaml, tmp_path):
-    from attnrt.select.manifest import shipped_path
+    from attnrt.selection.manifest import shipped_path
 
     code, out, _ = run(capsys, "validate", shipped_path())
     assert code == 0

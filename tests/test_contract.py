@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import attnrt
 from attnrt.interfaces import AttentionBackend, AttentionImpl, AttentionMetadata
-from attnrt.select import registry
+from attnrt.selection import registry
 from tests.conftest import TOLERANCE, rel_l2
 from tests.helpers import dense_reference, randn_qkv
 
@@ -195,7 +195,7 @@ CAPABILITY_DEFAULTS = {
 
 
 def test_capability_defaults_live_on_attention_backend():
-    from attnrt.select.capability import declared
+    from attnrt.selection.capability import declared
 
     class DeclaresNothing:  # FastVideo style: not even an AttentionBackend subclass
         @staticmethod

@@ -20,10 +20,10 @@ import torch
 
 import attnrt
 from attnrt.errors import KernelCompileError
-from attnrt.select import capability as support
-from attnrt.select import registry
-from attnrt.select.device import parse_device_spec
-from attnrt.select.request import AttentionRequest
+from attnrt.selection import capability as support
+from attnrt.selection import registry
+from attnrt.selection.device import parse_device_spec
+from attnrt.selection.request import AttentionRequest
 from tests.conftest import TOLERANCE, rel_l2
 from tests.helpers import CountingImpl, dense_reference, make_backend, randn_qkv
 
@@ -76,7 +76,7 @@ class TestSelection:
             "TORCH_SDPA"
 
     def test_sage_is_never_ranked_by_the_shipped_manifest(self):
-        from attnrt.select.manifest import current_manifest
+        from attnrt.selection.manifest import current_manifest
 
         assert all("SAGE_ATTN" not in rule.rank for rule in current_manifest().rules)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import attnrt
-from attnrt.select import device as devmod
-from attnrt.select.device import PlatformUnavailable, parse_device_spec, probe_report
+from attnrt.selection import device as devmod
+from attnrt.selection.device import PlatformUnavailable, parse_device_spec, probe_report
 
 
 def test_cpu_machine_probes_cpu_and_keeps_every_other_reason():

@@ -9,8 +9,8 @@ import pytest
 
 import attnrt
 from attnrt.integrations import fastvideo
-from attnrt.select import dispatch
-from attnrt.select.request import AttentionRequest
+from attnrt.selection import dispatch
+from attnrt.selection.request import AttentionRequest
 from tests.helpers import make_backend
 
 REQ = AttentionRequest(64, "fp32", num_heads=4)
@@ -126,7 +126,7 @@ class TestWalk:
             attnrt.select(AttentionRequest(64, "fp32", allowed=("NOT_A_BACKEND",)))
 
     def test_nothing_usable_lists_every_candidate_and_hint(self, register):
-        from attnrt.select.capability import Package
+        from attnrt.selection.capability import Package
 
         register("VENDOR_ATTN", make_backend(
             "VENDOR_ATTN", PACKAGES=(Package("no_such_vendor_pkg", hint="pip install vendor"),)))
@@ -140,7 +140,7 @@ class TestWalk:
         assert attnrt.explain(request).backend is None  # explain shows it instead of raising
 
     def test_no_rule_matched_falls_to_reference(self, write_yaml, monkeypatch):
-        from attnrt.select.manifest import load_manifest
+        from attnrt.selection.manifest import load_manifest
 
         manifest = load_manifest([write_yaml("schema: 1\nrules:\n  - platform: mps\n"
                                              "    rank: [TORCH_SDPA]\n")])
@@ -217,7 +217,7 @@ def test_strict_wins_over_fallback_warn(register, monkeypatch):
 
 
 def test_registering_a_backend_refreshes_cached_decisions(register, cpu_override):
-    from attnrt.select.registry import unregister_backend
+    from attnrt.selection.registry import unregister_backend
 
     register("FAST_ATTN", make_backend("FAST_ATTN", HEAD_SIZES=(128,)))
     cpu_override()
@@ -228,7 +228,7 @@ def test_registering_a_backend_refreshes_cached_decisions(register, cpu_override
 
 
 def test_devices_that_differ_in_versions_get_their_own_decisions():
-    from attnrt.select.device import Device
+    from attnrt.selection.device import Device
 
     old = Device("mps", "apple", versions=(("macos", "13.6"),), simulated=True)
     new = Device("mps", "apple", versions=(("macos", "14.2"),), simulated=True)

@@ -11,7 +11,7 @@ import attnrt
 from attnrt import layers as layers_module
 from attnrt.errors import KernelCompileError
 from attnrt.layers import apply_rotary_emb
-from attnrt.select import dispatch
+from attnrt.selection import dispatch
 from tests.conftest import TOLERANCE, rel_l2
 from tests.helpers import CountingImpl, dense_reference, make_backend, randn_qkv
 

@@ -90,7 +90,7 @@ GPU_LSE_CASES = [(name, shape) for name in ("TORCH_SDPA", "TORCH_SDPA_CUDNN", "T
 @pytest.mark.gpu
 @pytest.mark.parametrize(("name", "shape"), GPU_LSE_CASES)
 def test_lse_on_the_gpu(name: str, shape: tuple[int, int, int]) -> None:
-    from attnrt.select.registry import load
+    from attnrt.selection.registry import load
 
     n, m, hkv = shape
     q, k, v = (t.cuda() for t in randn_qkv(2, n, 4, 128, hkv=hkv, m=m, dtype=torch.bfloat16))

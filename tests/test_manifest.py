@@ -7,16 +7,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import attnrt
-from attnrt.select.device import Device
-from attnrt.select.manifest import (
+from attnrt.selection.device import Device
+from attnrt.selection.manifest import (
     current_manifest,
     load_manifest,
     parse_file,
     shipped_path,
     validate_files,
 )
-from attnrt.select.ranges import ArchRange, SizeRange
-from attnrt.select.request import AttentionRequest
+from attnrt.selection.ranges import ArchRange, SizeRange
+from attnrt.selection.request import AttentionRequest
 from tests.helpers import make_backend
 
 HEAD = "schema: 1\nrules:\n"

@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 import attnrt
-from attnrt.select.capability import check
-from attnrt.select.device import parse_device_spec
-from attnrt.select.manifest import load_manifest
-from attnrt.select.request import AttentionRequest
+from attnrt.selection.capability import check
+from attnrt.selection.device import parse_device_spec
+from attnrt.selection.manifest import load_manifest
+from attnrt.selection.request import AttentionRequest
 from tests.helpers import make_backend
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -95,7 +95,7 @@ def test_package_version_window_refusals(register, monkeypatch):
     import sys
     import types
 
-    from attnrt.select.capability import Package, package_status
+    from attnrt.selection.capability import Package, package_status
 
     fake = types.ModuleType("fake_vendor_attn")
     fake.__version__ = "1.9.0"

@@ -17,11 +17,11 @@ from attnrt.backends.sdpa import sdpa_bnhd
 from attnrt.platforms.mps import probe as mps_probe
 from attnrt.platforms.mps import sdpa_chunked
 from attnrt.platforms.mps.sdpa_chunked import SdpaChunkedBackend, chunk_rows, chunked_sdpa
-from attnrt.select import capability as support
-from attnrt.select.device import Device, PlatformUnavailable, probe_platform
-from attnrt.select.dispatch import decide, reasons_for
-from attnrt.select.manifest import shipped_path
-from attnrt.select.request import AttentionRequest
+from attnrt.selection import capability as support
+from attnrt.selection.device import Device, PlatformUnavailable, probe_platform
+from attnrt.selection.dispatch import decide, reasons_for
+from attnrt.selection.manifest import shipped_path
+from attnrt.selection.request import AttentionRequest
 from tests.conftest import rel_l2
 from tests.helpers import dense_reference
 

@@ -18,11 +18,11 @@ import attnrt
 from attnrt.platforms import npu as npu_pack
 from attnrt.platforms.npu import probe as npu_probe
 from attnrt.platforms.npu.fusion_attention import NUM_HEADS, NpuFusionAttnBackend
-from attnrt.select import capability as support
-from attnrt.select.device import Device, PlatformUnavailable, probe_platform
-from attnrt.select.dispatch import decide, reasons_for
-from attnrt.select.manifest import shipped_path
-from attnrt.select.request import AttentionRequest
+from attnrt.selection import capability as support
+from attnrt.selection.device import Device, PlatformUnavailable, probe_platform
+from attnrt.selection.dispatch import decide, reasons_for
+from attnrt.selection.manifest import shipped_path
+from attnrt.selection.request import AttentionRequest
 from tests.conftest import rel_l2
 from tests.helpers import dense_reference
 
@@ -246,7 +246,7 @@ def test_refused_off_npu(fake_npu: FakeTorchNpu) -> None:
 def test_loading_the_vendor_adapters_imports_no_vendor_package() -> None:
     import subprocess
 
-    code = ("import sys; from attnrt.select import registry\n"
+    code = ("import sys; from attnrt.selection import registry\n"
             "for name in ('AITER', 'NPU_FUSION_ATTN', 'SDPA_CHUNKED'): registry.load(name)\n"
             "print(sorted(m for m in ('aiter', 'torch_npu') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

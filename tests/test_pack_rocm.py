@@ -20,11 +20,11 @@ import attnrt
 from attnrt.kernels.flash import configs_rocm as cfgs
 from attnrt.platforms.rocm import probe as rocm_probe
 from attnrt.platforms.rocm.aiter import AiterFlashAttnBackend
-from attnrt.select import capability as support
-from attnrt.select.device import Device, PlatformUnavailable, probe_platform
-from attnrt.select.dispatch import decide, reasons_for
-from attnrt.select.manifest import shipped_path
-from attnrt.select.request import AttentionRequest
+from attnrt.selection import capability as support
+from attnrt.selection.device import Device, PlatformUnavailable, probe_platform
+from attnrt.selection.dispatch import decide, reasons_for
+from attnrt.selection.manifest import shipped_path
+from attnrt.selection.request import AttentionRequest
 from tests.conftest import rel_l2
 from tests.helpers import dense_reference
 

@@ -26,7 +26,7 @@ def test_wheel_contains_and_loads_the_manifest(tmp_path):
             assert f"attnrt/platforms/{pack}/probe.py" in names
         assert "attnrt/backends/reference.py" in names
         zf.extractall(tmp_path / "site")
-    code = ("from attnrt.select import manifest as m; man = m.current_manifest(); "
+    code = ("from attnrt.selection import manifest as m; man = m.current_manifest(); "
             "assert m.shipped_path().startswith({!r}), m.shipped_path(); "
             "assert man.rules, 'no rules'; print(len(man.rules))".format(str(tmp_path / "site")))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -12,10 +12,10 @@ import itertools
 import pytest
 import torch
 
-from attnrt.select import registry
-from attnrt.select.capability import check
-from attnrt.select.device import probe
-from attnrt.select.request import AttentionRequest
+from attnrt.selection import registry
+from attnrt.selection.capability import check
+from attnrt.selection.device import probe
+from attnrt.selection.request import AttentionRequest
 from tests.conftest import TOLERANCE, rel_l2
 from tests.helpers import dense_reference, randn_qkv
 

@@ -11,8 +11,8 @@ import torch
 
 import attnrt
 from attnrt.errors import DeviceSpecError
-from attnrt.select import packs, registry
-from attnrt.select.device import parse_device_spec, probe_report
+from attnrt.selection import packs, registry
+from attnrt.selection.device import parse_device_spec, probe_report
 from attnrt.tools.cli import main
 from tests.conftest import rel_l2
 from tests.helpers import dense_reference, randn_qkv

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import attnrt
-from attnrt.select.request import AttentionRequest
+from attnrt.selection.request import AttentionRequest
 
 CASES = yaml.safe_load((Path(__file__).parent / "fixtures" / "shipped_expect.yaml").read_text())
 

@@ -2,7 +2,7 @@
 
 import platform as _host
 
-from attnrt.select.packs import Platform
+from attnrt.selection.packs import Platform
 
 
 def host_arch() -> str:

@@ -8,7 +8,7 @@ import platform as host
 import torch
 
 from attnrt.platforms.cpu import host_arch
-from attnrt.select.device import Device, torch_versions
+from attnrt.selection.device import Device, torch_versions
 
 
 def probe() -> Device:

@@ -5,7 +5,7 @@ TRITON_FLASH_ATTN is portable (attnrt.backends, shared with ROCm); its per-arch 
 live beside the kernel (attnrt.kernels.flash.configs_cuda).
 """
 
-from attnrt.select.packs import Platform
+from attnrt.selection.packs import Platform
 
 _PACK = "attnrt.platforms.cuda"
 

@@ -18,7 +18,7 @@ import importlib
 import torch
 
 from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
-from attnrt.select.capability import Package
+from attnrt.selection.capability import Package
 
 MODULE = "flash_attn_interface"
 

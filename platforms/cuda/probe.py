@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from attnrt.select.device import Device, PlatformUnavailable, torch_versions
+from attnrt.selection.device import Device, PlatformUnavailable, torch_versions
 
 
 def probe() -> Device:

@@ -29,11 +29,11 @@ from packaging.version import InvalidVersion, Version
 
 from attnrt.errors import KernelCompileError
 from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
-from attnrt.select.capability import HEAD_SIZE, Package, Reason, package_status
+from attnrt.selection.capability import HEAD_SIZE, Package, Reason, package_status
 
 if TYPE_CHECKING:
-    from attnrt.select.device import Device
-    from attnrt.select.request import AttentionRequest
+    from attnrt.selection.device import Device
+    from attnrt.selection.request import AttentionRequest
 
 MODULE = "sageattention"
 

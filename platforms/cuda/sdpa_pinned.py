@@ -34,13 +34,13 @@ import torch
 from attnrt.backends.sdpa import sdpa_bnhd, sdpa_with_lse
 from attnrt.errors import KernelCompileError
 from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
-from attnrt.select.capability import ARCH, HEAD_SIZE, RUNTIME, Reason
-from attnrt.select.ranges import ArchRange
-from attnrt.select.request import NAME_DTYPES
+from attnrt.selection.capability import ARCH, HEAD_SIZE, RUNTIME, Reason
+from attnrt.selection.ranges import ArchRange
+from attnrt.selection.request import NAME_DTYPES
 
 if TYPE_CHECKING:
-    from attnrt.select.device import Device
-    from attnrt.select.request import AttentionRequest
+    from attnrt.selection.device import Device
+    from attnrt.selection.request import AttentionRequest
 
 # What PyTorch says when the enabled kernel refuses the inputs (CUDA dispatch, and the generic one).
 _NO_KERNEL = ("No available kernel", "No viable backend for scaled_dot_product_attention")

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from attnrt.select.packs import Platform
+from attnrt.selection.packs import Platform
 
 if TYPE_CHECKING:
-    from attnrt.select.capability import Reason
-    from attnrt.select.device import Device
-    from attnrt.select.request import AttentionRequest
+    from attnrt.selection.capability import Reason
+    from attnrt.selection.device import Device
+    from attnrt.selection.request import AttentionRequest
 
 PLATFORM = Platform(
     name="mps",
@@ -28,7 +28,7 @@ PLATFORM = Platform(
 def platform_reasons(request: AttentionRequest, device: Device, name: str) -> list[Reason]:
     """Limits of the MPS stack itself, binding every backend on MPS (dtype_rules.py says which).
 
-    `attnrt.select.capability.check` calls this for each backend on an mps device, so TORCH_SDPA and
+    `attnrt.selection.capability.check` calls this for each backend on an mps device, so TORCH_SDPA and
     REFERENCE refuse bf16 before macOS 14 and fp64 just as SDPA_CHUNKED does.
     """
     from attnrt.platforms.mps.dtype_rules import mps_dtype_reasons

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 from packaging.version import Version
 
 from attnrt.platforms.mps.probe import macos_version
-from attnrt.select.capability import DTYPE, Reason
+from attnrt.selection.capability import DTYPE, Reason
 
 if TYPE_CHECKING:
-    from attnrt.select.device import Device
+    from attnrt.selection.device import Device
 
 MIN_MACOS_BF16 = Version("14.0")
 MPS_DTYPES = ("bf16", "fp16", "fp32")

@@ -11,7 +11,7 @@ import platform as host
 import torch
 from packaging.version import InvalidVersion, Version
 
-from attnrt.select.device import Device, PlatformUnavailable, torch_versions
+from attnrt.selection.device import Device, PlatformUnavailable, torch_versions
 
 UNKNOWN = "unknown"
 

@@ -3,7 +3,7 @@
 TORCH_SDPA (attnrt.backends) is the fallback: torch_npu routes SDPA to its FlashAttentionScore op.
 """
 
-from attnrt.select.packs import Platform
+from attnrt.selection.packs import Platform
 
 PLATFORM = Platform(
     name="npu",

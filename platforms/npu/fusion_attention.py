@@ -40,11 +40,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
-from attnrt.select.capability import NUM_HEADS, Package, Reason
+from attnrt.selection.capability import NUM_HEADS, Package, Reason
 
 if TYPE_CHECKING:
-    from attnrt.select.device import Device
-    from attnrt.select.request import AttentionRequest
+    from attnrt.selection.device import Device
+    from attnrt.selection.request import AttentionRequest
 
 LAYOUT = "BSND"
 SPARSE_NONE = 0  # defaultMask; with atten_mask=None the op attends to every key

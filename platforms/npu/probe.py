@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from attnrt.select.device import Device, PlatformUnavailable, torch_versions
+from attnrt.selection.device import Device, PlatformUnavailable, torch_versions
 
 _SOC = re.compile(r"^\s*ascend\s*(\d{3})(.*)$", re.IGNORECASE)
 

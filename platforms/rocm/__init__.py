@@ -5,7 +5,7 @@ TRITON_FLASH_ATTN (attnrt.backends; block configs in attnrt.kernels.flash.config
 FLASH_ATTN (the ROCm build of flash_attn, declared with PLATFORMS cuda+rocm by the cuda pack).
 """
 
-from attnrt.select.packs import Platform
+from attnrt.selection.packs import Platform
 
 PLATFORM = Platform(
     name="rocm",

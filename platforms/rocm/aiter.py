@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
-from attnrt.select.capability import PACKAGE_MISSING, Package, Reason
+from attnrt.selection.capability import PACKAGE_MISSING, Package, Reason
 
 if TYPE_CHECKING:
-    from attnrt.select.device import Device
-    from attnrt.select.request import AttentionRequest
+    from attnrt.selection.device import Device
+    from attnrt.selection.request import AttentionRequest
 
 INSTALL_HINT = ("pip install amd-aiter on a ROCm build of torch, or build it: git clone "
                 "--recursive https://github.com/ROCm/aiter && cd aiter && python3 setup.py develop")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from attnrt.platforms.rocm import PLATFORM
-from attnrt.select.device import Device, PlatformUnavailable, torch_versions
+from attnrt.selection.device import Device, PlatformUnavailable, torch_versions
 
 
 def parse_gcn_arch(gcn_arch_name: str) -> str:

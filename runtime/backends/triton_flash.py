@@ -32,9 +32,9 @@ from attnrt.interfaces import AttentionBackend, AttentionMetadata, ScaledImpl
 from attnrt.kernels import compile_error_types
 from attnrt.kernels.flash import configs_cuda, configs_rocm
 from attnrt.kernels.flash.checks import HEAD_SIZES, NAME, SUPPORTED_DTYPES
-from attnrt.select.capability import Package
-from attnrt.select.device import device_for_tensor
-from attnrt.select.request import DTYPE_NAMES
+from attnrt.selection.capability import Package
+from attnrt.selection.device import device_for_tensor
+from attnrt.selection.request import DTYPE_NAMES
 
 # Per-arch config tables, by the platform whose arches they name.
 _TABLES = {module.PLATFORM: module for module in (configs_cuda, configs_rocm)}

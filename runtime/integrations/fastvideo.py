@@ -9,7 +9,7 @@ A FastVideo model or script imports these names and keeps working on attnrt:
     get_sp_world_size(), get_sp_parallel_rank()      # the sequence-parallel group's size and rank
 
 Each is glue over attnrt: the registry (names), the dispatcher's process-wide force
-(`attnrt.select.dispatch.set_process_force`) and the SP group (`attnrt.parallel.groups`).
+(`attnrt.selection.dispatch.set_process_force`) and the SP group (`attnrt.parallel.groups`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from attnrt.parallel.groups import get_sequence_parallel
-from attnrt.select import dispatch, registry
+from attnrt.selection import dispatch, registry
 
 
 class BackendName(str):

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from attnrt.errors import AttnrtError
-from attnrt.select import packs
-from attnrt.select.packs import Platform
+from attnrt.selection import packs
+from attnrt.selection.packs import Platform
 
 logger = logging.getLogger("attnrt")
 ALL_TO_ALL_MODES = ("auto", "single", "pairwise")
@@ -189,7 +189,7 @@ def _init_from_launcher() -> bool:
 def _probed_platform() -> Platform | None:
     """The probed device's platform facts (its dist_backend: nccl, hccl, gloo, or None to let
     torch pick); None for a simulated device, which has no stack to initialise."""
-    from attnrt.select.device import probe
+    from attnrt.selection.device import probe
 
     device = probe()
     return None if device.simulated else packs.get(device.platform)

@@ -55,7 +55,7 @@ from attnrt.parallel.groups import (
 )
 from attnrt.parallel.local_first import local_first
 from attnrt.parallel.shard_check import check_inputs, check_same_on_all_ranks, named_inputs
-from attnrt.select.capability import declared
+from attnrt.selection.capability import declared
 
 # Heads chunks for overlap on device groups. Measured on 2x H100 (bench/NOTES-distributed.md):
 # 4 chunks were slower than none at both shapes, so overlap is opt-in (overlap_chunks=...).

@@ -31,10 +31,10 @@ from typing import Any
 import torch
 
 from attnrt.errors import AttnrtError
-from attnrt.select import packs, registry
-from attnrt.select.device import Device, probe
-from attnrt.select.dispatch import decide, reasons_for
-from attnrt.select.request import NAME_DTYPES, AttentionRequest
+from attnrt.selection import packs, registry
+from attnrt.selection.device import Device, probe
+from attnrt.selection.dispatch import decide, reasons_for
+from attnrt.selection.request import NAME_DTYPES, AttentionRequest
 
 BENCH_HELP = "time every available backend on a grid of shapes"
 TOLERANCE = {"fp64": 1e-10, "fp32": 1e-5, "fp16": 3e-3, "bf16": 1.5e-2}

@@ -54,7 +54,7 @@ def _device(spec: str | None) -> Iterator[None]:
     if spec is None:
         yield
         return
-    from attnrt.select.device import simulated_device
+    from attnrt.selection.device import simulated_device
 
     with simulated_device(spec):
         yield
@@ -65,7 +65,7 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from attnrt.select.report import format_info, info_dict
+    from attnrt.selection.report import format_info, info_dict
 
     data = info_dict()
     _emit(args, data, format_info(data))
@@ -73,8 +73,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from attnrt.select.dispatch import decide
-    from attnrt.select.request import AttentionRequest
+    from attnrt.selection.dispatch import decide
+    from attnrt.selection.request import AttentionRequest
 
     allowed = tuple(n.strip() for n in args.backends.split(",")) if args.backends else None
     request = AttentionRequest(args.head_size, args.dtype, args.heads, args.kv_heads,
@@ -85,7 +85,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from attnrt.select.manifest import validate_files
+    from attnrt.selection.manifest import validate_files
 
     results = {path: validate_files([path]) for path in args.files}
     if args.json:

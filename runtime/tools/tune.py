@@ -21,8 +21,8 @@ import statistics
 from typing import Any
 
 from attnrt.errors import ManifestError
-from attnrt.select.device import Device
-from attnrt.select.dispatch import LAST_RESORT
+from attnrt.selection.device import Device
+from attnrt.selection.dispatch import LAST_RESORT
 from attnrt.tools.benchmark import (
     Case,
     Result,
@@ -123,7 +123,7 @@ def write_manifest(rules: list[dict], path: str, device: Device) -> None:
     """Write the override file, then validate it alone and in front of the shipped one."""
     import yaml
 
-    from attnrt.select.manifest import load_manifest, shipped_path, validate_files
+    from attnrt.selection.manifest import load_manifest, shipped_path, validate_files
 
     header = (f"# attnrt tune on {device.describe()}: rules ranked by measured time.\n"
               f"# Load with ATTNRT_CAPABILITY={path} (read before the shipped manifest).\n")

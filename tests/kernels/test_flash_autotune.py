@@ -94,7 +94,7 @@ def test_sequence_buckets(n, m, bucket):
 def test_triton_backend_tunes_once_per_bucket_under_the_interpreter(monkeypatch):
     """On CPU the kernel runs in Triton's interpreter: the mechanics, not the timings."""
     from attnrt.backends import triton_flash as backend
-    from attnrt.select.device import Device
+    from attnrt.selection.device import Device
 
     calls = []
     real = flash_autotune.tuned_config

@@ -34,11 +34,11 @@ import yaml
 from yaml.constructor import SafeConstructor
 
 from attnrt.errors import ManifestError
-from attnrt.select import packs, registry
-from attnrt.select.device import Device
-from attnrt.select.manifest_checks import never_served_errors, shadowing_errors
-from attnrt.select.ranges import ArchRange, RangeError, SizeRange
-from attnrt.select.request import AttentionRequest, dtype_name
+from attnrt.selection import packs, registry
+from attnrt.selection.device import Device
+from attnrt.selection.manifest_checks import never_served_errors, shadowing_errors
+from attnrt.selection.ranges import ArchRange, RangeError, SizeRange
+from attnrt.selection.request import AttentionRequest, dtype_name
 
 SCHEMA = 1
 RULE_KEYS = ("platform", "arch", "head_size", "dtype", "causal", "gqa", "grad", "seq_len",

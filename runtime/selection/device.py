@@ -20,7 +20,7 @@ from functools import cache
 import torch
 
 from attnrt.errors import DeviceSpecError
-from attnrt.select import packs
+from attnrt.selection import packs
 
 
 class PlatformUnavailable(Exception):

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from attnrt.errors import RegistryError
-from attnrt.select import capability, registry
-from attnrt.select.device import probe, probe_report
+from attnrt.selection import capability, registry
+from attnrt.selection.device import probe, probe_report
 
 if TYPE_CHECKING:
-    from attnrt.select.dispatch import Decision
-    from attnrt.select.manifest import Rule
+    from attnrt.selection.dispatch import Decision
+    from attnrt.selection.manifest import Rule
 
 
 def format_decision(d: Decision) -> str:
@@ -83,7 +83,7 @@ def backend_rows() -> list[dict[str, Any]]:
 
 
 def info_dict() -> dict[str, Any]:
-    from attnrt.select.manifest import current_manifest, manifest_files
+    from attnrt.selection.manifest import current_manifest, manifest_files
 
     device = probe()
     manifest = current_manifest()

@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from attnrt.errors import RegistryError, UnknownBackendError
 from attnrt.interfaces import AttentionBackend
-from attnrt.select import packs
+from attnrt.selection import packs
 
 NAME_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]*$")
 ENTRY_POINT_GROUP = "attnrt.backends"

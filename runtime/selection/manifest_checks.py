@@ -11,13 +11,13 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from attnrt.errors import RegistryError
-from attnrt.select import registry
-from attnrt.select.capability import declared
-from attnrt.select.packs import arch_order
-from attnrt.select.ranges import ArchRange, SizeRange
+from attnrt.selection import registry
+from attnrt.selection.capability import declared
+from attnrt.selection.packs import arch_order
+from attnrt.selection.ranges import ArchRange, SizeRange
 
 if TYPE_CHECKING:
-    from attnrt.select.manifest import Rule
+    from attnrt.selection.manifest import Rule
 
 Bound = tuple[Any, bool] | None  # (value, inclusive) or unbounded
 

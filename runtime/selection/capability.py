@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 from packaging.version import InvalidVersion, Version
 
 from attnrt.interfaces import AttentionBackend
-from attnrt.select import packs
-from attnrt.select.ranges import ArchRange, describe_sizes
+from attnrt.selection import packs
+from attnrt.selection.ranges import ArchRange, describe_sizes
 
 if TYPE_CHECKING:
-    from attnrt.select.device import Device
-    from attnrt.select.request import AttentionRequest
+    from attnrt.selection.device import Device
+    from attnrt.selection.request import AttentionRequest
 
 # Stable reason codes, for scripts that read `explain --json`.
 PLATFORM = "PLATFORM"

@@ -16,8 +16,8 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from attnrt.select import packs
-from attnrt.select.packs import arch_order
+from attnrt.selection import packs
+from attnrt.selection.packs import arch_order
 
 _OPS: dict[str, Callable[[Any, Any], Any]] = {
     ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,

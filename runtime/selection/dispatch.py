@@ -23,11 +23,11 @@ from typing import Any
 
 from attnrt.errors import BackendUnavailableError, RegistryError, UnknownBackendError
 from attnrt.interfaces import AttentionBackend
-from attnrt.select import capability, registry
-from attnrt.select.capability import Reason
-from attnrt.select.device import Device, clear_probe_cache, probe
-from attnrt.select.manifest import Manifest, Rule, clear_manifest_cache, current_manifest
-from attnrt.select.request import AttentionRequest
+from attnrt.selection import capability, registry
+from attnrt.selection.capability import Reason
+from attnrt.selection.device import Device, clear_probe_cache, probe
+from attnrt.selection.manifest import Manifest, Rule, clear_manifest_cache, current_manifest
+from attnrt.selection.request import AttentionRequest
 
 logger = logging.getLogger("attnrt")
 LAST_RESORT = "REFERENCE"
@@ -96,12 +96,12 @@ class Decision:
         return "\n".join(lines)
 
     def explain(self) -> str:
-        from attnrt.select.report import format_decision
+        from attnrt.selection.report import format_decision
 
         return format_decision(self)
 
     def to_dict(self) -> dict[str, Any]:
-        from attnrt.select.report import decision_dict
+        from attnrt.selection.report import decision_dict
 
         return decision_dict(self)
 
@@ -313,7 +313,7 @@ def select(request: AttentionRequest, device: Device | None = None,
 def explain(request: AttentionRequest | None = None, device: Device | str | None = None,
             **request_fields: Any) -> Decision:
     """The same Decision a layer gets: explain(head_size=128, dtype="bf16", device="cuda:sm90")."""
-    from attnrt.select.device import parse_device_spec
+    from attnrt.selection.device import parse_device_spec
 
     if request is None:
         request = AttentionRequest(**request_fields)
