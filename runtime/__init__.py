@@ -38,7 +38,14 @@ from attnrt.parallel.groups import (
 from attnrt.parallel.layers import DistributedAttention, DistributedAttention_VSA
 from attnrt.selection.capability import Package, Reason
 from attnrt.selection.device import Device, probe, simulated_device
-from attnrt.selection.dispatch import Candidate, Decision, clear_caches, explain, force_backend, select
+from attnrt.selection.dispatch import (
+    Candidate,
+    Decision,
+    clear_caches,
+    explain,
+    force_backend,
+    select,
+)
 from attnrt.selection.manifest import load_capability
 from attnrt.selection.registry import register_backend, unregister_backend
 from attnrt.selection.request import AttentionRequest
