@@ -28,8 +28,8 @@ PLATFORM = Platform(
 def platform_reasons(request: AttentionRequest, device: Device, name: str) -> list[Reason]:
     """Limits of the MPS stack itself, binding every backend on MPS (dtype_rules.py says which).
 
-    `attnrt.selection.capability.check` calls this for each backend on an mps device, so TORCH_SDPA and
-    REFERENCE refuse bf16 before macOS 14 and fp64 just as SDPA_CHUNKED does.
+    `attnrt.selection.capability.check` calls this for each backend on an mps device, so
+    TORCH_SDPA and REFERENCE refuse bf16 before macOS 14 and fp64 just as SDPA_CHUNKED does.
     """
     from attnrt.platforms.mps.dtype_rules import mps_dtype_reasons
 
