@@ -276,8 +276,9 @@ def time_ms(impl: Any, case: Case, device: str, repeats: int) -> float:
 
 
 def _impl(name: str, case: Case) -> Any:
-    return registry.load(name).get_impl_cls()(case.heads, case.head_size, case.head_size ** -0.5,
-                                              case.causal, case.kv_heads, "bench")
+    return registry.load(name).get_impl_cls()(
+        num_heads=case.heads, head_size=case.head_size, softmax_scale=case.head_size ** -0.5,
+        causal=case.causal, num_kv_heads=case.kv_heads, prefix="bench")
 
 
 def measure(name: str, case: Case, device: str, repeats: int, check_seq: int) -> Result:
