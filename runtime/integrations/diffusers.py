@@ -213,6 +213,13 @@ def disable(model: nn.Module) -> None:
     _unregister(_dispatch_module(), state.name)
 
 
+def dispatcher_backend(model: nn.Module) -> Any:
+    """The AttentionBackendName instance enable(model) registered (what its processors pass to
+    dispatch_attention_fn as `backend`), or None where the model is not enabled."""
+    state = _ENABLED.get(model)
+    return state.name if state else None
+
+
 def router_of(model: nn.Module) -> SdpaRouter | None:
     """The router serving `model`, or None where it is not enabled."""
     state = _ENABLED.get(model)
