@@ -11,6 +11,9 @@ one (relative L2; bf16 through 30 layers, so reported, not asserted).
 
     python bench/models_gpu.py            # 2 warm-up + 5 timed forwards per path
     python bench/models_gpu.py --quick    # 1 + 2 (well under a minute on an H100)
+
+Last, the per-call cost of routing through attnrt: a small attention call through diffusers'
+dispatch_attention_fn, natively and through attnrt, in host microseconds per call.
 """
 
 from __future__ import annotations
@@ -139,6 +142,43 @@ def vsa_variant(model: torch.nn.Module, inputs: dict[str, Any], warmup: int,
     return "pending: VSA needs its metadata builder wired into the diffusers integration"
 
 
+def call_overhead_us(calls: int = 2000) -> dict[str, float]:
+    """Host microseconds per dispatch_attention_fn call on a small shape (B1 N256 H12 D128
+    bf16): diffusers' native backend vs attnrt's forced to TORCH_SDPA (the same torch call
+    underneath, so the difference is the per-call cost of routing through attnrt)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+    import attnrt
+    from attnrt.integrations import diffusers as attnrt_diffusers
+
+    q = torch.randn(1, 256, 12, 128, device="cuda", dtype=torch.bfloat16)
+    holder, _ = build_tiny_holder()
+    with attnrt_diffusers.enabled(holder), attnrt.force_backend("TORCH_SDPA"):
+        backends = {"native": AttentionBackendName.NATIVE,
+                    "attnrt": attnrt_diffusers.dispatcher_backend(holder)}
+        result = {}
+        with torch.no_grad():
+            for name, backend in backends.items():
+                for _ in range(50):
+                    dispatch_attention_fn(q, q, q, backend=backend)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    dispatch_attention_fn(q, q, q, backend=backend)
+                torch.cuda.synchronize()
+                result[name] = (time.perf_counter() - t0) / calls * 1e6
+    return result
+
+
+def build_tiny_holder() -> tuple[torch.nn.Module, None]:
+    """A one-layer Wan (any diffusers model does): enable() needs a model to route."""
+    from diffusers import WanTransformer3DModel
+
+    tiny = {**WAN_1_3B, "num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16,
+            "ffn_dim": 32, "text_dim": 16, "freq_dim": 16}
+    return WanTransformer3DModel(**tiny), None
+
+
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
@@ -163,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     ours = through_attnrt(model, inputs, warmup, repeats, allowed)
     print_table(ref, ours, vsa_variant(model, inputs, warmup, repeats))
     print(f"attnrt vs native output: rel L2 {rel_l2(ours['out'], ref['out']):.2e} (bf16)")
+    over = call_overhead_us(500 if args.quick else 2000)
+    print(f"per call through dispatch_attention_fn (B1 N256 H12 D128 bf16, host us incl. the "
+          f"kernel): native {over['native']:.1f}, attnrt {over['attnrt']:.1f} "
+          f"(+{over['attnrt'] - over['native']:.1f} us)")
     return 0
 
 
