@@ -177,3 +177,25 @@ def test_gpu_bf16_every_call_served_close_to_native(name):
         out = sample(model(**inputs))
     assert router.served.total() == calls
     assert rel_l2(out, ref) < 3e-2
+
+
+def test_dispatcher_return_lse_and_checks_enabled(monkeypatch):
+    """return_lse through attention_kwargs (as context-parallel callers pass it) comes back in
+    diffusers' [B, N, H] layout; with DIFFUSERS_ATTN_CHECKS on, calls still reach attnrt."""
+    from diffusers.models.attention_dispatch import (
+        _AttentionBackendRegistry,
+        dispatch_attention_fn,
+    )
+
+    monkeypatch.setattr(_AttentionBackendRegistry, "_checks_enabled", True)
+    model, _ = build("flux")
+    q, k = torch.randn(2, 6, 2, 8), torch.randn(2, 9, 2, 8)
+    with attnrt_diffusers.enabled(model) as router:
+        backend = attnrt_diffusers.dispatcher_backend(model)
+        out, lse = dispatch_attention_fn(q, k, k, attention_kwargs={"return_lse": True},
+                                         backend=backend)
+    s = torch.einsum("bnhd,bmhd->bhnm", q.double(), k.double()) / 8 ** 0.5
+    assert lse.shape == (2, 6, 2)
+    assert rel_l2(lse, torch.logsumexp(s, -1).transpose(1, 2)) < 1e-5
+    assert rel_l2(out, torch.einsum("bhnm,bmhd->bnhd", s.softmax(-1), k.double())) < 1e-5
+    assert router.served.total() == 1
