@@ -23,16 +23,18 @@ import torch
 import torch.nn.functional as F
 
 Pair = tuple[torch.Tensor, torch.Tensor]
+CHUNK_BYTES = 64 << 20
 
 
 def reference_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                      scale: float | None, return_lse: bool = False,
-                     ) -> torch.Tensor | Pair:
+                     chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor | Pair:
     """Masked attention in pure torch, float32 accumulation (float64 for float64 inputs).
 
     q [B, N, H, D], k/v [B, M, Hkv, D], mask broadcastable to [B, H, N, M] -> [B, N, H, D]
     (and lse [B, H, N] float32, natural log, with return_lse). A row whose keys are all masked
-    out gives zeros (lse -inf), as torch's SDPA gives on its math path since 2.5.
+    out gives zeros (lse -inf), as torch's SDPA gives on its math path since 2.5. Query rows
+    are processed in chunks whose scores take at most `chunk_bytes`.
 
     Equivalent PyTorch:
         s = q.transpose(1, 2) @ k.transpose(1, 2).mT * scale      (kv heads repeated)
@@ -44,12 +46,21 @@ def reference_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     qt, kt, vt = (t.to(acc).transpose(1, 2) for t in (q, k, v))
     if group > 1:
         kt, vt = kt.repeat_interleave(group, 1), vt.repeat_interleave(group, 1)
-    s = qt @ kt.mT * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
-    s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(acc)
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(nan=0.0)  # all-masked rows: 0
-    out = (p @ vt).transpose(1, 2).to(q.dtype)
-    return (out, lse.float()) if return_lse else out
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    b, h, n, m = qt.shape[0], qt.shape[1], qt.shape[2], kt.shape[2]
+    mask = mask.expand(*torch.broadcast_shapes(mask.shape, (1, 1, n, m))[:-2], n, m)
+    rows = max(1, chunk_bytes // max(1, b * h * m * torch.finfo(acc).bits // 8))
+    outs, lses = [], []
+    for start in range(0, n, rows):
+        s = qt[:, :, start:start + rows] @ kt.mT * scale
+        part = mask[..., start:start + rows, :]
+        s = s.masked_fill(~part, float("-inf")) if mask.dtype == torch.bool else s + part.to(acc)
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(nan=0.0)  # all-masked rows: 0
+        outs.append(p @ vt)
+        lses.append(lse)
+    out = torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype)
+    return (out, torch.cat(lses, dim=2).float()) if return_lse else out
 
 
 def sdpa_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

@@ -156,7 +156,8 @@ def _broadcastable_mask(mask: torch.Tensor, query: torch.Tensor,
     if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
         raise _refuse("attn_mask.dtype", mask.dtype, "torch.bool or a floating dtype")
     try:
-        torch.broadcast_shapes(tuple(mask.shape), (b, h, n, m))
+        if mask.dim() > 4 or torch.broadcast_shapes(mask.shape, (b, h, n, m)) != (b, h, n, m):
+            raise RuntimeError
     except RuntimeError:
         raise _refuse("attn_mask.shape", tuple(mask.shape),
                       f"a shape broadcastable to [B, H, N, M] = {[b, h, n, m]}") from None

@@ -107,6 +107,8 @@ def test_layers_are_reused_across_calls():
     ({"window_size": (4, 4)}, "window_size"),
     ({"is_causal": True, "attn_mask": torch.ones(1, 1, 6, 6, dtype=torch.bool)}, "is_causal"),
     ({"attn_mask": torch.ones(3, 6, dtype=torch.bool)}, "attn_mask.shape"),
+    ({"attn_mask": torch.ones(2, 1, 2, 6, 6, dtype=torch.bool)}, "attn_mask.shape"),
+    ({"attn_mask": torch.ones(2, 2, 6, 6, dtype=torch.bool)}, "attn_mask.shape"),
     ({"attn_mask": torch.ones(1, 6, dtype=torch.int32)}, "attn_mask.dtype"),
 ])
 def test_refusals_name_the_argument(kwargs, named):
@@ -191,3 +193,16 @@ def test_cp_ops_ring_chunks_merge_to_the_whole():
     assert rel_l2(grads[0][0] + grads[1][0], dq) < 1e-5
     assert rel_l2(torch.cat([grads[0][1], grads[1][1]], 1), dk) < 1e-5
     assert rel_l2(torch.cat([grads[0][2], grads[1][2]], 1), dv) < 1e-5
+
+
+def test_reference_masked_chunks_rows_without_changing_the_result():
+    q, k, v = randn_qkv(2, 33, 4, 8, hkv=2, m=17, seed=12)
+    mask = torch.rand(2, 1, 33, 17, generator=torch.Generator().manual_seed(1)) > 0.4
+    mask[..., 0] = True
+    whole, lse = reference_masked(q, k, v, mask, 0.4, return_lse=True)
+    tiny, tiny_lse = reference_masked(q, k, v, mask, 0.4, return_lse=True, chunk_bytes=1)
+    ref, ref_lse = masked_ref64(q, k, v, mask, 0.4)
+    assert rel_l2(whole, ref) < 1e-5
+    assert rel_l2(tiny, ref) < 1e-5
+    assert rel_l2(tiny_lse, ref_lse.transpose(1, 2)) < 1e-5
+    assert rel_l2(lse, ref_lse.transpose(1, 2)) < 1e-5
