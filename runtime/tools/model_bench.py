@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
-from attnrt import benchmark, registry
-from attnrt.device import Device
-from attnrt.dispatch import decide, reasons_for
 from attnrt.errors import AttnrtError
-from attnrt.request import NAME_DTYPES, AttentionRequest
+from attnrt.select import registry
+from attnrt.select.device import Device
+from attnrt.select.dispatch import decide, reasons_for
+from attnrt.select.request import NAME_DTYPES, AttentionRequest
+from attnrt.tools import benchmark
 from attnrt.tools.models import AttentionShape, ModelPreset
 
 BASELINE = "TORCH_SDPA"
@@ -74,8 +75,8 @@ def check_shape(impl: Any, shape: AttentionShape, dtype: str, device: str,
     with torch.no_grad():
         out = impl.forward(q, k, v, None)
     ref_dev = benchmark._reference_device(device)
-    ref = chunked_attention(*(t.to(ref_dev, torch.float64) for t in (q, k, v)), shape.causal,
-                            shape.head_size ** -0.5)
+    q64, k64, v64 = (t.to(ref_dev, torch.float64) for t in (q, k, v))
+    ref = chunked_attention(q64, k64, v64, shape.causal, shape.head_size ** -0.5)
     return benchmark._rel(out.to(ref_dev), ref)
 
 
@@ -163,7 +164,7 @@ def format_report(model: ModelPreset, rows: list[Row], device: Device, dtype: st
     weight = model.layers * model.calls_per_step
     for r in rows:
         err = f"{r.rel_error:.1e}" if r.rel_error is not None else "-"
-        cols = (f"{r.ms:>10.3f} {r.ms * weight:>11.1f} {err:>9}" if r.status == "ok"
+        cols = (f"{r.ms:>10.3f} {r.ms * weight:>11.1f} {err:>9}" if r.ms is not None
                 else f"{r.status:>10} {'':>11} {err:>9}  {r.error}")
         lines.append(f"{'*' if r.chosen else ' '} {r.backend:<22} {r.shape:<8} {cols}")
     s = summary(model, rows)
@@ -243,7 +244,7 @@ def run_model_bench(args: argparse.Namespace, model: ModelPreset) -> int:
         print(f"attnrt: warning: this run may take about {seconds / 60:.0f} min on "
               f"{device.describe()} (estimated from the grid); --scale, --backends or "
               "--repeats shorten it", file=sys.stderr)
-    rows = _run(grid, dtype, benchmark._TORCH_DEVICE[device.platform], repeats, args.check_seq)
+    rows = _run(grid, dtype, benchmark._torch_type(device), repeats, args.check_seq)
     data = {**benchmark.environment(device), "model": asdict(model), "dtype": dtype,
             "results": [asdict(r) for r in rows], **summary(model, rows)}
     if args.out:

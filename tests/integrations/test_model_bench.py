@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from attnrt.cli import main
 from attnrt.tools import model_bench
+from attnrt.tools.cli import main
 from attnrt.tools.models import PRESETS, AttentionShape, ModelPreset, preset
 
 LLAMA_TINY = ["bench", "--model", "llama-3-8b-prefill-8k", "--scale", "512", "--backends",
