@@ -135,7 +135,7 @@ def vsa_variant(model: torch.nn.Module, inputs: dict[str, Any], warmup: int,
                 repeats: int) -> dict[str, Any] | str:
     """The same forward with VSA; a string saying why not until attnrt has a VSA backend.
     TODO(sparse part 1): route through VIDEO_SPARSE_ATTN with its metadata once registered."""
-    from attnrt.select import registry
+    from attnrt.selection import registry
 
     if not registry.is_registered("VIDEO_SPARSE_ATTN"):
         return "pending: no VIDEO_SPARSE_ATTN backend registered (sparse part 1)"

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from attnrt.errors import AttnrtError
-from attnrt.select import registry
-from attnrt.select.device import Device
-from attnrt.select.dispatch import decide, reasons_for
-from attnrt.select.request import NAME_DTYPES, AttentionRequest
+from attnrt.selection import registry
+from attnrt.selection.device import Device
+from attnrt.selection.dispatch import decide, reasons_for
+from attnrt.selection.request import NAME_DTYPES, AttentionRequest
 from attnrt.tools import benchmark
 from attnrt.tools.models import AttentionShape, ModelPreset
 
