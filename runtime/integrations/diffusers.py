@@ -185,6 +185,8 @@ def enable(model: nn.Module, *,
         for module in modules:
             _route(module, state)
         _ENABLED[model] = state
+    # A model dropped without disable() takes its registry entry with it.
+    weakref.finalize(model, _unregister, dispatch, state.name)
     return router
 
 

@@ -101,6 +101,20 @@ def test_context_manager_restores_on_error():
     attnrt_diffusers.disable(model)
 
 
+def test_a_dropped_model_leaves_no_registry_entry():
+    import gc
+
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    model, _ = build("flux")
+    attnrt_diffusers.enable(model)
+    key = attnrt_diffusers.dispatcher_backend(model)
+    assert key in _AttentionBackendRegistry._backends
+    del model
+    gc.collect()
+    assert key not in _AttentionBackendRegistry._backends
+
+
 def test_enable_twice_disable_unknown_and_non_diffusers_models_are_refused():
     model, _ = build("flux")
     with attnrt_diffusers.enabled(model), pytest.raises(DiffusersIntegrationError,
