@@ -145,6 +145,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_grid_arguments(parser)
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
     parser.add_argument("--plot", default=None, help="write a PNG bar chart (needs matplotlib)")
+    from attnrt.tools.models import add_model_args
+
+    add_model_args(parser)
 
 
 def build_grid(args: argparse.Namespace, device: Device) -> list[Case]:
@@ -456,6 +459,10 @@ def write_plot(results: list[Result], path: str) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if getattr(args, "model", None) or getattr(args, "list_models", False):
+        from attnrt.tools.models import run_models
+
+        return run_models(args)
     device = bench_device()
     results = run_grid(args, device)
     data = {**environment(device), "results": [r.to_dict() for r in results]}
