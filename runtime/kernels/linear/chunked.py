@@ -1,0 +1,174 @@
+"""attnrt's chunked linear-attention kernel (Triton), forward and backward, on modded inputs.
+
+Shapes: B batch, N sequence, H heads, Dk query/key head size, Dv value head size.
+q, k [B, N, H, Dk]; v [B, N, H, Dv]; g None | [B, N, H] | [B, N, H, Dk] natural-log decay (<= 0);
+states [B, H, Dk, Dv] float32. The meaning is `linear_attention_reference` (reference.py):
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,    o_t = q_t S_t
+
+Algorithm (four Triton kernels, two passes each way): the sequence is cut into chunks of BT
+tokens; log-decays are summed within each chunk only (so every exponent is <= 0 and nothing
+overflows at any N); one sequential pass per (head, key block, value block) writes the state
+before each chunk; one parallel pass per chunk computes o = (q * exp(G)) @ S_chunk + (decayed,
+causal q k^T) @ v as dense products. Backward walks the chunks in reverse for the state
+gradients, then forms dq, dk, dv per chunk in parallel; the log-decay gradient is
+reverse-cumsum(q * dq - k * dk) plus the final-state term, computed on the host in float32.
+
+States are stored in bfloat16 for bfloat16 inputs (as flash-linear-attention does) and in
+float32 otherwise (fp16 would overflow on long undecayed sequences). Dots are IEEE float32 for
+float32 inputs, TF32 for float32 states under 16-bit inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from attnrt.kernels import cdiv, next_power_of_2
+
+CHUNK = 64  # tokens per chunk with per-head (or no) decay: plain matrix products
+CHUNK_PER_CHANNEL = 16  # per-channel decay: exact [BT, BT, BK] products, so short chunks
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here, so tests can poison it with NaN."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def g_mode(g: torch.Tensor | None) -> int:
+    """0 no decay, 1 one log-decay per head and token [B, N, H], 2 per key channel."""
+    return 0 if g is None else (1 if g.dim() == 3 else 2)
+
+
+def blocks(dk: int, dv: int, mode: int) -> tuple[int, int, int]:
+    """(BT, BK, BV): chunk length and the key / value block widths (tl.dot needs >= 16)."""
+    bt = CHUNK_PER_CHANNEL if mode == 2 else CHUNK
+    bk = min(32 if mode == 2 else 64, max(16, next_power_of_2(dk)))
+    return bt, bk, min(64, max(16, next_power_of_2(dv)))
+
+
+def chunk_cumsum(g: torch.Tensor, bt: int) -> torch.Tensor:
+    """Within-chunk cumulative sums of g [B, N, H(, Dk)], float32, padded to whole chunks with
+    zero log-decay (factor 1): [B, NT * BT, H(, Dk)], contiguous."""
+    b, n = g.shape[:2]
+    nt = cdiv(n, bt)
+    padded = torch.zeros((b, nt * bt, *g.shape[2:]), dtype=torch.float32, device=g.device)
+    padded[:, :n] = g
+    return padded.view(b, nt, bt, *g.shape[2:]).cumsum(2).view(padded.shape).contiguous()
+
+
+def _meta(q: torch.Tensor, v: torch.Tensor, mode: int) -> dict[str, Any]:
+    b, n, h, dk = q.shape
+    bt, bk, bv = blocks(dk, v.shape[-1], mode)
+    return {"N": n, "NP": cdiv(n, bt) * bt, "NT": cdiv(n, bt), "H": h, "DK": dk,
+            "DV": v.shape[-1], "BT": bt, "BK": bk, "BV": bv, "G_MODE": mode,
+            "PREC": "ieee" if q.dtype == torch.float32 else "tf32"}
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _forward(q, k, v, gcum, h0, mode, keep_states):
+    from attnrt.kernels.linear import chunked_jit as jit
+
+    b, n, h, dk = q.shape
+    dv = v.shape[-1]
+    meta = _meta(q, v, mode)
+    nk, nv, nt = cdiv(dk, meta["BK"]), cdiv(dv, meta["BV"]), meta["NT"]
+    states = _alloc((b, h, nt, dk, dv), state_dtype(q.dtype), q.device)
+    ht = _alloc((b, h, dk, dv), torch.float32, q.device)
+    g_arg = gcum if gcum is not None else ht  # never read in mode 0
+    jit.states_fwd[(nk, nv, b * h)](k, v, g_arg, states, h0 if h0 is not None else ht, ht,
+                                    HAS_H0=h0 is not None, STORE_HT=True, **meta)
+    o = _alloc((b, n, h, dv), q.dtype, q.device)
+    jit.output_fwd[(nv, nt, b * h)](q, k, v, g_arg, states, o, **meta)
+    return o, ht, (states if keep_states else None)
+
+
+def _backward(ctx, do, dht):
+    from attnrt.kernels.linear import chunked_bwd_jit as bjit
+    from attnrt.kernels.linear import chunked_jit as jit
+
+    q, k, v, gcum, h0, states, ht = ctx.saved_tensors
+    mode, has_h0 = ctx.mode, ctx.has_h0
+    b, n, h, dk = q.shape
+    dv_size = v.shape[-1]
+    meta = _meta(q, v, mode)
+    nk, nv, nt = cdiv(dk, meta["BK"]), cdiv(dv_size, meta["BV"]), meta["NT"]
+    do = do.contiguous()
+    dh = _alloc(states.shape, states.dtype, q.device)
+    dh0 = _alloc((b, h, dk, dv_size), torch.float32, q.device) if has_h0 else ht
+    g_arg = gcum if mode else ht
+    jit.states_bwd[(nk, nv, b * h)](q, do, g_arg, dh, dht if dht is not None else ht, dh0,
+                                    HAS_DHT=dht is not None, STORE_DH0=has_h0, **meta)
+    dv = _alloc(v.shape, v.dtype, q.device)
+    bjit.dv_bwd[(nv, nt, b * h)](q, k, do, g_arg, dh, dv, **meta)
+    dq = _alloc(q.shape, torch.float32, q.device)
+    dk_ = _alloc(k.shape, torch.float32, q.device)
+    bjit.dqk_bwd[(nk, nt, b * h)](q, k, v, do, g_arg, states, dh, dq, dk_, **meta)
+    dg = _decay_grad(q, k, dq, dk_, ht, dht, mode) if mode else None
+    return dq.to(q.dtype), dk_.to(k.dtype), dv, dg, (dh0 if has_h0 else None)
+
+
+def _decay_grad(q, k, dq, dk, ht, dht, mode):
+    """dL/dg: g_t reaches every later cumulative log-decay, so a reverse cumulative sum of
+    dL/dG_t = q_t * dq_t - k_t * dk_t (summed over channels per head), plus the final state's
+    sum over values of ht * dht, which every g_t scales."""
+    term = q.float() * dq - k.float() * dk
+    final = None if dht is None else (ht * dht.float()).sum(-1)  # [B, H, Dk]
+    if mode == 1:
+        term = term.sum(-1)
+        final = None if final is None else final.sum(-1)
+    dg = term.flip(1).cumsum(1).flip(1)
+    return dg if final is None else dg + final.unsqueeze(1)
+
+
+class _ChunkedLinearAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q, k, v, g, h0):
+        mode = g_mode(g)
+        bt = blocks(q.shape[-1], v.shape[-1], mode)[0]
+        gcum = chunk_cumsum(g, bt) if g is not None else None
+        keep = any(ctx.needs_input_grad)
+        o, ht, states = _forward(q, k, v, gcum, h0, mode, keep)
+        if keep:
+            ctx.mode, ctx.has_h0 = mode, h0 is not None
+            ctx.save_for_backward(q, k, v, gcum, h0, states, ht)
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx: Any, do, dht):
+        if do is None:
+            do = torch.zeros(ctx.saved_tensors[0].shape[:3] + ctx.saved_tensors[2].shape[-1:],
+                             dtype=ctx.saved_tensors[2].dtype, device=ctx.saved_tensors[0].device)
+        return _backward(ctx, do, dht)
+
+
+def chunked_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             g: torch.Tensor | None = None,
+                             initial_state: torch.Tensor | None = None,
+                             output_final_state: bool = False,
+                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal linear attention with the Triton chunked kernel, differentiable in every input.
+
+    q, k [B, N, H, Dk], v [B, N, H, Dv] (one dtype: fp16, bf16 or fp32, one CUDA device, or CPU
+    under TRITON_INTERPRET=1), g None | [B, N, H] | [B, N, H, Dk] natural-log decay,
+    initial_state [B, H, Dk, Dv] float32 -> (o [B, N, H, Dv], final state [B, H, Dk, Dv]
+    float32 or None). Inputs are assumed checked (the engine does it).
+
+    Equivalent PyTorch: linear_attention_reference(q, k, v, g, causal=True,
+    initial_state=initial_state, output_final_state=output_final_state).
+    """
+    b, n, h, _ = q.shape
+    if n == 0:
+        state = (initial_state.float() if initial_state is not None
+                 else q.new_zeros(b, h, q.shape[-1], v.shape[-1], dtype=torch.float32))
+        return q.new_zeros(b, 0, h, v.shape[-1]), (state if output_final_state else None)
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    g = g.float().contiguous() if g is not None else None
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    o, ht = _ChunkedLinearAttention.apply(q, k, v, g, h0)
+    return o, (ht if output_final_state else None)

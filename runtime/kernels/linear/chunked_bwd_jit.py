@@ -1,0 +1,127 @@
+"""Triton backward kernels of chunked linear attention: dv, and dq with dk, per chunk.
+
+Layouts and G_MODE as in chunked_jit. Within chunk c (rows i, j; D_ij the decay from j to i,
+exp(G_i - G_j) for j <= i, else 0; Glast the chunk's last G; h[c] the state before the chunk and
+dh[c] the gradient of the state after it):
+
+    dv = (D * (q k^T))^T @ do + (k * exp(Glast - G)) @ dh[c]
+    dq = (D * (do v^T)) @ k + exp(G) * (do @ h[c]^T)
+    dk = (D * (do v^T))^T @ q + exp(Glast - G) * (v @ dh[c]^T)
+
+(per key channel in mode 2, where D carries a channel index and the products are exact sums).
+dq and dk are written in float32: the log-decay gradient is formed from them on the host.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from attnrt.kernels.linear.chunked_jit import _causal, _load_g, _tile_ptrs
+
+
+@triton.jit
+def dv_bwd(q, k, do, G, dh, dv, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
+           DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+           G_MODE: tl.constexpr, PREC: tl.constexpr):
+    i_v, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, hd = i_bh // H, i_bh % H
+    rows = c * BT + tl.arange(0, BT)
+    mt = rows < N
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mv = offs_v < DV
+    causal_t = tl.trans(_causal(BT))  # [j, i]: i at or after j
+    acc_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    acc_at = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(DK, BK)):
+        offs_k = i_k * BK + tl.arange(0, BK)
+        mk = offs_k < DK
+        qq = tl.load(_tile_ptrs(q, b, rows, hd, offs_k, N, H, DK), mask=mt[:, None] & mk[None, :],
+                     other=0.0)
+        kk = tl.load(_tile_ptrs(k, b, rows, hd, offs_k, N, H, DK), mask=mt[:, None] & mk[None, :],
+                     other=0.0)
+        dhh = tl.load(dh + ((i_bh * NT + c) * DK + offs_k[:, None]) * DV + offs_v[None, :],
+                      mask=mk[:, None] & mv[None, :], other=0.0)
+        if G_MODE == 2:
+            g, glast = _load_g(G, b, c, hd, offs_k, NP, H, DK, BT, G_MODE)
+            kt = (kk.to(tl.float32) * tl.exp(glast[None, :] - g)).to(dhh.dtype)
+            acc_dv = tl.dot(kt, dhh, acc_dv, input_precision=PREC)
+            diff = tl.where(causal_t[:, :, None], g[None, :, :] - g[:, None, :], float("-inf"))
+            prod = kk.to(tl.float32)[:, None, :] * qq.to(tl.float32)[None, :, :]
+            acc_at += tl.sum(prod * tl.exp(diff), axis=2)
+        else:
+            acc_dv = tl.dot(kk.to(dhh.dtype), dhh, acc_dv, input_precision=PREC)
+            acc_at = tl.dot(kk, tl.trans(qq), acc_at, input_precision=PREC)
+    if G_MODE == 1:
+        g, glast = _load_g(G, b, c, hd, 0, NP, H, DK, BT, G_MODE)
+        acc_dv = acc_dv * tl.exp(glast - g)[:, None]
+        acc_at = acc_at * tl.exp(tl.where(causal_t, g[None, :] - g[:, None], float("-inf")))
+    elif G_MODE == 0:
+        acc_at = tl.where(causal_t, acc_at, 0.0)
+    dd = tl.load(_tile_ptrs(do, b, rows, hd, offs_v, N, H, DV), mask=mt[:, None] & mv[None, :],
+                 other=0.0)
+    acc_dv = tl.dot(acc_at.to(dd.dtype), dd, acc_dv, input_precision=PREC)
+    tl.store(_tile_ptrs(dv, b, rows, hd, offs_v, N, H, DV), acc_dv.to(dv.dtype.element_ty),
+             mask=mt[:, None] & mv[None, :])
+
+
+@triton.jit
+def _inter_grads(v, do, h, dh, b, hd, i_bh, c, rows, mt, offs_k, N, NT, H: tl.constexpr,
+                 DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr, PREC: tl.constexpr):
+    """(do v^T [BT, BT], do @ h[c]^T [BT, BK], v @ dh[c]^T [BT, BK]), summed over DV."""
+    acc_da = tl.zeros([BT, BT], dtype=tl.float32)
+    acc_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    acc_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    mk = offs_k < DK
+    for i_v in range(tl.cdiv(DV, BV)):
+        offs_v = i_v * BV + tl.arange(0, BV)
+        mv = offs_v < DV
+        dd = tl.load(_tile_ptrs(do, b, rows, hd, offs_v, N, H, DV),
+                     mask=mt[:, None] & mv[None, :], other=0.0)
+        vv = tl.load(_tile_ptrs(v, b, rows, hd, offs_v, N, H, DV),
+                     mask=mt[:, None] & mv[None, :], other=0.0)
+        state_off = ((i_bh * NT + c) * DK + offs_k[:, None]) * DV + offs_v[None, :]
+        hh = tl.load(h + state_off, mask=mk[:, None] & mv[None, :], other=0.0)
+        dhh = tl.load(dh + state_off, mask=mk[:, None] & mv[None, :], other=0.0)
+        acc_da = tl.dot(dd, tl.trans(vv), acc_da, input_precision=PREC)
+        acc_dq = tl.dot(dd.to(hh.dtype), tl.trans(hh), acc_dq, input_precision=PREC)
+        acc_dk = tl.dot(vv.to(dhh.dtype), tl.trans(dhh), acc_dk, input_precision=PREC)
+    return acc_da, acc_dq, acc_dk
+
+
+@triton.jit
+def dqk_bwd(q, k, v, do, G, h, dh, dq, dk, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
+            DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+            G_MODE: tl.constexpr, PREC: tl.constexpr):
+    i_k, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, hd = i_bh // H, i_bh % H
+    rows = c * BT + tl.arange(0, BT)
+    mt = rows < N
+    offs_k = i_k * BK + tl.arange(0, BK)
+    mqk = mt[:, None] & (offs_k[None, :] < DK)
+    causal = _causal(BT)
+    acc_da, acc_dq, acc_dk = _inter_grads(v, do, h, dh, b, hd, i_bh, c, rows, mt, offs_k, N, NT,
+                                          H, DK, DV, BT, BK, BV, PREC)
+    qq = tl.load(_tile_ptrs(q, b, rows, hd, offs_k, N, H, DK), mask=mqk, other=0.0)
+    kk = tl.load(_tile_ptrs(k, b, rows, hd, offs_k, N, H, DK), mask=mqk, other=0.0)
+    if G_MODE == 2:
+        g, glast = _load_g(G, b, c, hd, offs_k, NP, H, DK, BT, G_MODE)
+        acc_dq = acc_dq * tl.exp(g)
+        acc_dk = acc_dk * tl.exp(glast[None, :] - g)
+        e = tl.exp(tl.where(causal[:, :, None], g[:, None, :] - g[None, :, :], float("-inf")))
+        de = acc_da[:, :, None] * e
+        acc_dq += tl.sum(de * kk.to(tl.float32)[None, :, :], axis=1)
+        acc_dk += tl.sum(de * qq.to(tl.float32)[:, None, :], axis=0)
+    else:
+        if G_MODE == 1:
+            g, glast = _load_g(G, b, c, hd, 0, NP, H, DK, BT, G_MODE)
+            acc_dq = acc_dq * tl.exp(g)[:, None]
+            acc_dk = acc_dk * tl.exp(glast - g)[:, None]
+            ds = acc_da * tl.exp(tl.where(causal, g[:, None] - g[None, :], float("-inf")))
+        else:
+            ds = tl.where(causal, acc_da, 0.0)
+        acc_dq = tl.dot(ds.to(kk.dtype), kk, acc_dq, input_precision=PREC)
+        acc_dk = tl.dot(tl.trans(ds).to(qq.dtype), qq, acc_dk, input_precision=PREC)
+    tl.store(_tile_ptrs(dq, b, rows, hd, offs_k, N, H, DK), acc_dq, mask=mqk)
+    tl.store(_tile_ptrs(dk, b, rows, hd, offs_k, N, H, DK), acc_dk, mask=mqk)
