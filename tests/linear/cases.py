@@ -67,8 +67,8 @@ class Case:
         if self.custom:
             kwargs["custom_io"] = CustomIO({"A": (h,), "dt": (b, n, h)})
             custom = [-torch.rand(h, generator=gen) - 0.5,
-                      F.softplus(torch.randn(b, n, h, generator=gen))]
-            decay = F.softplus(torch.randn(b, n, h, generator=gen))  # dt, as the decay input
+                      F.softplus(torch.randn(b, n, h, generator=gen) - 2)]
+            decay = F.softplus(torch.randn(b, n, h, generator=gen) - 2)  # dt (Mamba-2 init range)
         moved = [t.to(device) for t in custom]
         return kwargs, (decay.to(device) if decay is not None else None), moved
 

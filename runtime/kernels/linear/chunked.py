@@ -11,8 +11,8 @@ tokens; log-decays are summed within each chunk only (so every exponent is <= 0 
 overflows at any N); one sequential pass per (head, key block, value block) writes the state
 before each chunk; one parallel pass per chunk computes o = (q * exp(G)) @ S_chunk + (decayed,
 causal q k^T) @ v as dense products. Backward walks the chunks in reverse for the state
-gradients, then forms dq, dk, dv per chunk in parallel; the log-decay gradient is
-reverse-cumsum(q * dq - k * dk) plus the final-state term, computed on the host in float32.
+gradients, then forms dq, dk, dv and the log-decay gradient per chunk in parallel (see
+chunked_bwd_jit).
 
 States are stored in bfloat16 for bfloat16 inputs (as flash-linear-attention does) and in
 float32 otherwise (fp16 would overflow on long undecayed sequences). Dots are IEEE float32 for
@@ -107,22 +107,11 @@ def _backward(ctx, do, dht):
     bjit.dv_bwd[(nv, nt, b * h)](q, k, do, g_arg, dh, dv, **meta)
     dq = _alloc(q.shape, torch.float32, q.device)
     dk_ = _alloc(k.shape, torch.float32, q.device)
-    bjit.dqk_bwd[(nk, nt, b * h)](q, k, v, do, g_arg, states, dh, dq, dk_, **meta)
-    dg = _decay_grad(q, k, dq, dk_, ht, dht, mode) if mode else None
+    dg = _alloc((nk, b, n, h) if mode == 1 else (b, n, h, dk), torch.float32, q.device)
+    bjit.dqk_bwd[(nk, nt, b * h)](q, k, v, do, g_arg, states, dh, dq, dk_, dg, DG_SPLIT=b * n * h,
+                                  **meta)
+    dg = (dg.sum(0) if mode == 1 else dg) if mode else None
     return dq.to(q.dtype), dk_.to(k.dtype), dv, dg, (dh0 if has_h0 else None)
-
-
-def _decay_grad(q, k, dq, dk, ht, dht, mode):
-    """dL/dg: g_t reaches every later cumulative log-decay, so a reverse cumulative sum of
-    dL/dG_t = q_t * dq_t - k_t * dk_t (summed over channels per head), plus the final state's
-    sum over values of ht * dht, which every g_t scales."""
-    term = q.float() * dq - k.float() * dk
-    final = None if dht is None else (ht * dht.float()).sum(-1)  # [B, H, Dk]
-    if mode == 1:
-        term = term.sum(-1)
-        final = None if final is None else final.sum(-1)
-    dg = term.flip(1).cumsum(1).flip(1)
-    return dg if final is None else dg + final.unsqueeze(1)
 
 
 class _ChunkedLinearAttention(torch.autograd.Function):

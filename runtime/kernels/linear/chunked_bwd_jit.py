@@ -9,7 +9,11 @@ dh[c] the gradient of the state after it):
     dk = (D * (do v^T))^T @ q + exp(Glast - G) * (v @ dh[c]^T)
 
 (per key channel in mode 2, where D carries a channel index and the products are exact sums).
-dq and dk are written in float32: the log-decay gradient is formed from them on the host.
+dq and dk are written in float32. The log-decay gradient of token t in chunk c is
+reverse-cumsum within the chunk of (q * dq - k * dk), plus the carry sum_v(dh[c] * S_after_c)
+(S_after_c = exp(Glast) h[c] + (k * exp(Glast - G))^T v: every g_t of the chunk scales it).
+Summing only within a chunk, rather than over the whole rest of the sequence, keeps the
+cancellation between the q and k terms local (float32 error stays near rounding).
 """
 
 from __future__ import annotations
@@ -69,7 +73,9 @@ def dv_bwd(q, k, do, G, dh, dv, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
 def _inter_grads(v, do, h, dh, b, hd, i_bh, c, rows, mt, offs_k, N, NT, H: tl.constexpr,
                  DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                  BV: tl.constexpr, PREC: tl.constexpr):
-    """(do v^T [BT, BT], do @ h[c]^T [BT, BK], v @ dh[c]^T [BT, BK]), summed over DV."""
+    """(do v^T [BT, BT], do @ h[c]^T [BT, BK], v @ dh[c]^T [BT, BK], sum over values of
+    h[c] * dh[c] [BK]), summed over DV."""
+    acc_hdh = tl.zeros([BK], dtype=tl.float32)
     acc_da = tl.zeros([BT, BT], dtype=tl.float32)
     acc_dq = tl.zeros([BT, BK], dtype=tl.float32)
     acc_dk = tl.zeros([BT, BK], dtype=tl.float32)
@@ -87,13 +93,15 @@ def _inter_grads(v, do, h, dh, b, hd, i_bh, c, rows, mt, offs_k, N, NT, H: tl.co
         acc_da = tl.dot(dd, tl.trans(vv), acc_da, input_precision=PREC)
         acc_dq = tl.dot(dd.to(hh.dtype), tl.trans(hh), acc_dq, input_precision=PREC)
         acc_dk = tl.dot(vv.to(dhh.dtype), tl.trans(dhh), acc_dk, input_precision=PREC)
-    return acc_da, acc_dq, acc_dk
+        acc_hdh += tl.sum(hh.to(tl.float32) * dhh.to(tl.float32), axis=1)
+    return acc_da, acc_dq, acc_dk, acc_hdh
 
 
 @triton.jit
-def dqk_bwd(q, k, v, do, G, h, dh, dq, dk, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
-            DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-            G_MODE: tl.constexpr, PREC: tl.constexpr):
+def dqk_bwd(q, k, v, do, G, h, dh, dq, dk, dg, N, NP, NT, DG_SPLIT, H: tl.constexpr,
+            DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+            BV: tl.constexpr, G_MODE: tl.constexpr, PREC: tl.constexpr):
+    """dq, dk of one chunk and key block; with decay also dL/dg (see _decay_grad)."""
     i_k, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hd = i_bh // H, i_bh % H
     rows = c * BT + tl.arange(0, BT)
@@ -101,14 +109,15 @@ def dqk_bwd(q, k, v, do, G, h, dh, dq, dk, N, NP, NT, H: tl.constexpr, DK: tl.co
     offs_k = i_k * BK + tl.arange(0, BK)
     mqk = mt[:, None] & (offs_k[None, :] < DK)
     causal = _causal(BT)
-    acc_da, acc_dq, acc_dk = _inter_grads(v, do, h, dh, b, hd, i_bh, c, rows, mt, offs_k, N, NT,
-                                          H, DK, DV, BT, BK, BV, PREC)
+    acc_da, acc_dq, acc_dk, hdh = _inter_grads(v, do, h, dh, b, hd, i_bh, c, rows, mt, offs_k,
+                                               N, NT, H, DK, DV, BT, BK, BV, PREC)
     qq = tl.load(_tile_ptrs(q, b, rows, hd, offs_k, N, H, DK), mask=mqk, other=0.0)
     kk = tl.load(_tile_ptrs(k, b, rows, hd, offs_k, N, H, DK), mask=mqk, other=0.0)
     if G_MODE == 2:
         g, glast = _load_g(G, b, c, hd, offs_k, NP, H, DK, BT, G_MODE)
         acc_dq = acc_dq * tl.exp(g)
         acc_dk = acc_dk * tl.exp(glast[None, :] - g)
+        carry = tl.exp(glast) * hdh + tl.sum(kk.to(tl.float32) * acc_dk, axis=0)
         e = tl.exp(tl.where(causal[:, :, None], g[:, None, :] - g[None, :, :], float("-inf")))
         de = acc_da[:, :, None] * e
         acc_dq += tl.sum(de * kk.to(tl.float32)[None, :, :], axis=1)
@@ -118,6 +127,7 @@ def dqk_bwd(q, k, v, do, G, h, dh, dq, dk, N, NP, NT, H: tl.constexpr, DK: tl.co
             g, glast = _load_g(G, b, c, hd, 0, NP, H, DK, BT, G_MODE)
             acc_dq = acc_dq * tl.exp(g)[:, None]
             acc_dk = acc_dk * tl.exp(glast - g)[:, None]
+            carry = tl.exp(glast) * hdh + tl.sum(kk.to(tl.float32) * acc_dk, axis=0)
             ds = acc_da * tl.exp(tl.where(causal, g[:, None] - g[None, :], float("-inf")))
         else:
             ds = tl.where(causal, acc_da, 0.0)
@@ -125,3 +135,10 @@ def dqk_bwd(q, k, v, do, G, h, dh, dq, dk, N, NP, NT, H: tl.constexpr, DK: tl.co
         acc_dk = tl.dot(tl.trans(ds).to(qq.dtype), qq, acc_dk, input_precision=PREC)
     tl.store(_tile_ptrs(dq, b, rows, hd, offs_k, N, H, DK), acc_dq, mask=mqk)
     tl.store(_tile_ptrs(dk, b, rows, hd, offs_k, N, H, DK), acc_dk, mask=mqk)
+    if G_MODE != 0:
+        term = qq.to(tl.float32) * acc_dq - kk.to(tl.float32) * acc_dk
+        dgc = tl.cumsum(term, axis=0, reverse=True) + carry[None, :]
+        if G_MODE == 2:
+            tl.store(_tile_ptrs(dg, b, rows, hd, offs_k, N, H, DK), dgc, mask=mqk)
+        else:  # one partial per key block, summed on the host
+            tl.store(dg + i_k * DG_SPLIT + (b * N + rows) * H + hd, tl.sum(dgc, axis=1), mask=mt)
