@@ -52,6 +52,11 @@ def fla_functions() -> dict[str, Any] | str:
     return found
 
 
+def clear_fla_cache() -> None:
+    """Forget the fla import result (for attnrt.clear_caches)."""
+    fla_functions.cache_clear()
+
+
 def run_fla(q, k, v, g, initial_state, output_final_state):  # type: ignore[no-untyped-def]
     """fla's chunked kernel for the variant: chunk_linear_attn (no decay), chunk_simple_gla
     ([B, N, H] log-decay), chunk_gla ([B, N, H, Dk]); scale=1.0 (scaling lives in q_mod)."""

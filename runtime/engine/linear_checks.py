@@ -92,16 +92,17 @@ def check_decay(decay: torch.Tensor | None, q: torch.Tensor, name: str = "decay"
 
 def check_log_decay(g: torch.Tensor, has_decay_mod: bool) -> None:
     """The decay the kernel uses is a natural-log decay g <= 0 (a factor exp(g) in (0, 1])."""
-    bad = ~(g.detach() <= 0)  # NaN counts as bad
+    detached = g.detach()
+    bad = ~(detached <= 0) | torch.isinf(detached)  # NaN, > 0 (factor > 1), -inf (factor 0)
     if not bool(bad.any()):
         return
-    value = g.detach()[bad].flatten()[0].item()
+    value = detached[bad].flatten()[0].item()
     hint = ("decay_mod must return log-decays (e.g. decay.log() for factors)" if has_decay_mod
             else "without decay_mod, decay is a log-decay; pass decay_mod=lambda d, io: d.log() "
                  "for factors in (0, 1]")
     raise LinearAttentionError(
-        f"decay after decay_mod={value} is not allowed; allowed: log-decays <= 0 (factors in "
-        f"(0, 1]); {hint}")
+        f"decay after decay_mod={value} is not allowed; allowed: finite log-decays <= 0 "
+        f"(factors in (0, 1]); {hint}")
 
 
 def check_mod_output(name: str, before: torch.Tensor, after: Any) -> torch.Tensor:
