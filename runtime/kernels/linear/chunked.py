@@ -27,8 +27,15 @@ import torch
 
 from attnrt.kernels import cdiv, next_power_of_2
 
-CHUNK = 64  # tokens per chunk with per-head (or no) decay: plain matrix products
-CHUNK_PER_CHANNEL = 16  # per-channel decay: exact [BT, BT, BK] products, so short chunks
+# Launch shapes: "plain" for no or per-head decay (dense matrix products on 64-token chunks),
+# "per_channel" for per-key-channel decay (exact [BT, BT, BK] products, so short chunks).
+# From offline sm90 compiles (Triton 3.9, ptxas): 8 warps keep the plain kernels free of
+# register spills (4 warps spill 32-296 bytes); the per-channel kernels need no more than 4.
+# BK, BV are upper bounds (narrower heads get the next power of two, at least 16).
+CONFIGS: dict[str, dict[str, int]] = {
+    "plain": {"BT": 64, "BK": 64, "BV": 64, "num_warps": 8, "num_stages": 2},
+    "per_channel": {"BT": 16, "BK": 32, "BV": 64, "num_warps": 4, "num_stages": 2},
+}
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -41,11 +48,15 @@ def g_mode(g: torch.Tensor | None) -> int:
     return 0 if g is None else (1 if g.dim() == 3 else 2)
 
 
+def config(mode: int) -> dict[str, int]:
+    return CONFIGS["per_channel" if mode == 2 else "plain"]
+
+
 def blocks(dk: int, dv: int, mode: int) -> tuple[int, int, int]:
     """(BT, BK, BV): chunk length and the key / value block widths (tl.dot needs >= 16)."""
-    bt = CHUNK_PER_CHANNEL if mode == 2 else CHUNK
-    bk = min(32 if mode == 2 else 64, max(16, next_power_of_2(dk)))
-    return bt, bk, min(64, max(16, next_power_of_2(dv)))
+    cfg = config(mode)
+    bk = min(cfg["BK"], max(16, next_power_of_2(dk)))
+    return cfg["BT"], bk, min(cfg["BV"], max(16, next_power_of_2(dv)))
 
 
 def chunk_cumsum(g: torch.Tensor, bt: int) -> torch.Tensor:
@@ -63,7 +74,8 @@ def _meta(q: torch.Tensor, v: torch.Tensor, mode: int) -> dict[str, Any]:
     bt, bk, bv = blocks(dk, v.shape[-1], mode)
     return {"N": n, "NP": cdiv(n, bt) * bt, "NT": cdiv(n, bt), "H": h, "DK": dk,
             "DV": v.shape[-1], "BT": bt, "BK": bk, "BV": bv, "G_MODE": mode,
-            "PREC": "ieee" if q.dtype == torch.float32 else "tf32"}
+            "PREC": "ieee" if q.dtype == torch.float32 else "tf32",
+            "num_warps": config(mode)["num_warps"], "num_stages": config(mode)["num_stages"]}
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -21,7 +21,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from attnrt.kernels.linear.chunked_jit import _causal, _load_g, _tile_ptrs
+from attnrt.kernels.linear.chunked_jit import (
+    causal_mask,
+    load_g,
+    load_state,
+    load_tile,
+    store_tile,
+)
 
 
 @triton.jit
@@ -30,24 +36,17 @@ def dv_bwd(q, k, do, G, dh, dv, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
            G_MODE: tl.constexpr, PREC: tl.constexpr):
     i_v, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hd = i_bh // H, i_bh % H
-    rows = c * BT + tl.arange(0, BT)
-    mt = rows < N
-    offs_v = i_v * BV + tl.arange(0, BV)
-    mv = offs_v < DV
-    causal_t = tl.trans(_causal(BT))  # [j, i]: i at or after j
+    v0 = i_v * BV
+    causal_t = tl.trans(causal_mask(BT))  # [j, i]: i at or after j
     acc_dv = tl.zeros([BT, BV], dtype=tl.float32)
     acc_at = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(DK, BK)):
-        offs_k = i_k * BK + tl.arange(0, BK)
-        mk = offs_k < DK
-        qq = tl.load(_tile_ptrs(q, b, rows, hd, offs_k, N, H, DK), mask=mt[:, None] & mk[None, :],
-                     other=0.0)
-        kk = tl.load(_tile_ptrs(k, b, rows, hd, offs_k, N, H, DK), mask=mt[:, None] & mk[None, :],
-                     other=0.0)
-        dhh = tl.load(dh + ((i_bh * NT + c) * DK + offs_k[:, None]) * DV + offs_v[None, :],
-                      mask=mk[:, None] & mv[None, :], other=0.0)
+        k0 = i_k * BK
+        qq = load_tile(q, b, hd, c * BT, k0, N, H, DK, BT, BK)
+        kk = load_tile(k, b, hd, c * BT, k0, N, H, DK, BT, BK)
+        dhh = load_state(dh, i_bh, c, NT, k0, v0, DK, DV, BK, BV)
         if G_MODE == 2:
-            g, glast = _load_g(G, b, c, hd, offs_k, NP, H, DK, BT, G_MODE)
+            g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE)
             kt = (kk.to(tl.float32) * tl.exp(glast[None, :] - g)).to(dhh.dtype)
             acc_dv = tl.dot(kt, dhh, acc_dv, input_precision=PREC)
             diff = tl.where(causal_t[:, :, None], g[None, :, :] - g[:, None, :], float("-inf"))
@@ -57,39 +56,32 @@ def dv_bwd(q, k, do, G, dh, dv, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
             acc_dv = tl.dot(kk.to(dhh.dtype), dhh, acc_dv, input_precision=PREC)
             acc_at = tl.dot(kk, tl.trans(qq), acc_at, input_precision=PREC)
     if G_MODE == 1:
-        g, glast = _load_g(G, b, c, hd, 0, NP, H, DK, BT, G_MODE)
+        g, glast = load_g(G, b, hd, c, 0, NP, H, DK, BT, BK, G_MODE)
         acc_dv = acc_dv * tl.exp(glast - g)[:, None]
         acc_at = acc_at * tl.exp(tl.where(causal_t, g[None, :] - g[:, None], float("-inf")))
     elif G_MODE == 0:
         acc_at = tl.where(causal_t, acc_at, 0.0)
-    dd = tl.load(_tile_ptrs(do, b, rows, hd, offs_v, N, H, DV), mask=mt[:, None] & mv[None, :],
-                 other=0.0)
+    dd = load_tile(do, b, hd, c * BT, v0, N, H, DV, BT, BV)
     acc_dv = tl.dot(acc_at.to(dd.dtype), dd, acc_dv, input_precision=PREC)
-    tl.store(_tile_ptrs(dv, b, rows, hd, offs_v, N, H, DV), acc_dv.to(dv.dtype.element_ty),
-             mask=mt[:, None] & mv[None, :])
+    store_tile(dv, acc_dv, b, hd, c * BT, v0, N, H, DV, BT, BV)
 
 
 @triton.jit
-def _inter_grads(v, do, h, dh, b, hd, i_bh, c, rows, mt, offs_k, N, NT, H: tl.constexpr,
-                 DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                 BV: tl.constexpr, PREC: tl.constexpr):
+def _inter_grads(v, do, h, dh, b, hd, i_bh, c, k0, N, NT, H: tl.constexpr, DK: tl.constexpr,
+                 DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 PREC: tl.constexpr):
     """(do v^T [BT, BT], do @ h[c]^T [BT, BK], v @ dh[c]^T [BT, BK], sum over values of
     h[c] * dh[c] [BK]), summed over DV."""
     acc_hdh = tl.zeros([BK], dtype=tl.float32)
     acc_da = tl.zeros([BT, BT], dtype=tl.float32)
     acc_dq = tl.zeros([BT, BK], dtype=tl.float32)
     acc_dk = tl.zeros([BT, BK], dtype=tl.float32)
-    mk = offs_k < DK
     for i_v in range(tl.cdiv(DV, BV)):
-        offs_v = i_v * BV + tl.arange(0, BV)
-        mv = offs_v < DV
-        dd = tl.load(_tile_ptrs(do, b, rows, hd, offs_v, N, H, DV),
-                     mask=mt[:, None] & mv[None, :], other=0.0)
-        vv = tl.load(_tile_ptrs(v, b, rows, hd, offs_v, N, H, DV),
-                     mask=mt[:, None] & mv[None, :], other=0.0)
-        state_off = ((i_bh * NT + c) * DK + offs_k[:, None]) * DV + offs_v[None, :]
-        hh = tl.load(h + state_off, mask=mk[:, None] & mv[None, :], other=0.0)
-        dhh = tl.load(dh + state_off, mask=mk[:, None] & mv[None, :], other=0.0)
+        v0 = i_v * BV
+        dd = load_tile(do, b, hd, c * BT, v0, N, H, DV, BT, BV)
+        vv = load_tile(v, b, hd, c * BT, v0, N, H, DV, BT, BV)
+        hh = load_state(h, i_bh, c, NT, k0, v0, DK, DV, BK, BV)
+        dhh = load_state(dh, i_bh, c, NT, k0, v0, DK, DV, BK, BV)
         acc_da = tl.dot(dd, tl.trans(vv), acc_da, input_precision=PREC)
         acc_dq = tl.dot(dd.to(hh.dtype), tl.trans(hh), acc_dq, input_precision=PREC)
         acc_dk = tl.dot(vv.to(dhh.dtype), tl.trans(dhh), acc_dk, input_precision=PREC)
@@ -101,20 +93,17 @@ def _inter_grads(v, do, h, dh, b, hd, i_bh, c, rows, mt, offs_k, N, NT, H: tl.co
 def dqk_bwd(q, k, v, do, G, h, dh, dq, dk, dg, N, NP, NT, DG_SPLIT, H: tl.constexpr,
             DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
             BV: tl.constexpr, G_MODE: tl.constexpr, PREC: tl.constexpr):
-    """dq, dk of one chunk and key block; with decay also dL/dg (see _decay_grad)."""
+    """dq, dk of one chunk and key block; with decay also dL/dg (see the module docstring)."""
     i_k, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hd = i_bh // H, i_bh % H
-    rows = c * BT + tl.arange(0, BT)
-    mt = rows < N
-    offs_k = i_k * BK + tl.arange(0, BK)
-    mqk = mt[:, None] & (offs_k[None, :] < DK)
-    causal = _causal(BT)
-    acc_da, acc_dq, acc_dk, hdh = _inter_grads(v, do, h, dh, b, hd, i_bh, c, rows, mt, offs_k,
-                                               N, NT, H, DK, DV, BT, BK, BV, PREC)
-    qq = tl.load(_tile_ptrs(q, b, rows, hd, offs_k, N, H, DK), mask=mqk, other=0.0)
-    kk = tl.load(_tile_ptrs(k, b, rows, hd, offs_k, N, H, DK), mask=mqk, other=0.0)
+    k0 = i_k * BK
+    causal = causal_mask(BT)
+    acc_da, acc_dq, acc_dk, hdh = _inter_grads(v, do, h, dh, b, hd, i_bh, c, k0, N, NT, H, DK,
+                                               DV, BT, BK, BV, PREC)
+    qq = load_tile(q, b, hd, c * BT, k0, N, H, DK, BT, BK)
+    kk = load_tile(k, b, hd, c * BT, k0, N, H, DK, BT, BK)
     if G_MODE == 2:
-        g, glast = _load_g(G, b, c, hd, offs_k, NP, H, DK, BT, G_MODE)
+        g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE)
         acc_dq = acc_dq * tl.exp(g)
         acc_dk = acc_dk * tl.exp(glast[None, :] - g)
         carry = tl.exp(glast) * hdh + tl.sum(kk.to(tl.float32) * acc_dk, axis=0)
@@ -124,7 +113,7 @@ def dqk_bwd(q, k, v, do, G, h, dh, dq, dk, dg, N, NP, NT, DG_SPLIT, H: tl.conste
         acc_dk += tl.sum(de * qq.to(tl.float32)[:, None, :], axis=0)
     else:
         if G_MODE == 1:
-            g, glast = _load_g(G, b, c, hd, 0, NP, H, DK, BT, G_MODE)
+            g, glast = load_g(G, b, hd, c, 0, NP, H, DK, BT, BK, G_MODE)
             acc_dq = acc_dq * tl.exp(g)[:, None]
             acc_dk = acc_dk * tl.exp(glast - g)[:, None]
             carry = tl.exp(glast) * hdh + tl.sum(kk.to(tl.float32) * acc_dk, axis=0)
@@ -133,12 +122,14 @@ def dqk_bwd(q, k, v, do, G, h, dh, dq, dk, dg, N, NP, NT, DG_SPLIT, H: tl.conste
             ds = tl.where(causal, acc_da, 0.0)
         acc_dq = tl.dot(ds.to(kk.dtype), kk, acc_dq, input_precision=PREC)
         acc_dk = tl.dot(tl.trans(ds).to(qq.dtype), qq, acc_dk, input_precision=PREC)
-    tl.store(_tile_ptrs(dq, b, rows, hd, offs_k, N, H, DK), acc_dq, mask=mqk)
-    tl.store(_tile_ptrs(dk, b, rows, hd, offs_k, N, H, DK), acc_dk, mask=mqk)
+    store_tile(dq, acc_dq, b, hd, c * BT, k0, N, H, DK, BT, BK)
+    store_tile(dk, acc_dk, b, hd, c * BT, k0, N, H, DK, BT, BK)
     if G_MODE != 0:
         term = qq.to(tl.float32) * acc_dq - kk.to(tl.float32) * acc_dk
         dgc = tl.cumsum(term, axis=0, reverse=True) + carry[None, :]
         if G_MODE == 2:
-            tl.store(_tile_ptrs(dg, b, rows, hd, offs_k, N, H, DK), dgc, mask=mqk)
-        else:  # one partial per key block, summed on the host
-            tl.store(dg + i_k * DG_SPLIT + (b * N + rows) * H + hd, tl.sum(dgc, axis=1), mask=mt)
+            store_tile(dg, dgc, b, hd, c * BT, k0, N, H, DK, BT, BK)
+        else:  # one [B, N, H] partial per key block, summed on the host
+            rows = c * BT + tl.arange(0, BT)
+            start = dg + i_k * DG_SPLIT + (b.to(tl.int64) * N + c * BT) * H + hd
+            tl.store(start + tl.arange(0, BT) * H, tl.sum(dgc, axis=1), mask=rows < N)

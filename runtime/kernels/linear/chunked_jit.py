@@ -17,33 +17,75 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _tile_ptrs(base, b, t, hd, offs, N, H: tl.constexpr, D: tl.constexpr):
-    """Pointers to rows t, columns offs of head hd of a contiguous [B, N, H, D] tensor."""
-    return base + ((b * N + t[:, None]) * H + hd) * D + offs[None, :]
+# -- addressing: a scalar int64 start (huge tensors index right) plus int32 tile offsets ------
 
 
 @triton.jit
-def _load_g(G, b, c, hd, offs_k, NP, H: tl.constexpr, DK: tl.constexpr, BT: tl.constexpr,
-            G_MODE: tl.constexpr):
+def load_tile(base, b, hd, row0, col0, N, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
+              BC: tl.constexpr):
+    """Rows row0.. (< N), columns col0.. (< D) of head hd, batch b of [B, N, H, D]; 0 outside."""
+    rows, cols = row0 + tl.arange(0, BR), col0 + tl.arange(0, BC)
+    start = base + ((b.to(tl.int64) * N + row0) * H + hd) * D + col0
+    ptrs = start + tl.arange(0, BR)[:, None] * (H * D) + tl.arange(0, BC)[None, :]
+    return tl.load(ptrs, mask=(rows < N)[:, None] & (cols < D)[None, :], other=0.0)
+
+
+@triton.jit
+def store_tile(base, value, b, hd, row0, col0, N, H: tl.constexpr, D: tl.constexpr,
+               BR: tl.constexpr, BC: tl.constexpr):
+    rows, cols = row0 + tl.arange(0, BR), col0 + tl.arange(0, BC)
+    start = base + ((b.to(tl.int64) * N + row0) * H + hd) * D + col0
+    ptrs = start + tl.arange(0, BR)[:, None] * (H * D) + tl.arange(0, BC)[None, :]
+    tl.store(ptrs, value.to(base.dtype.element_ty),
+             mask=(rows < N)[:, None] & (cols < D)[None, :])
+
+
+@triton.jit
+def _state_ptrs(base, i_bh, c, NT, k0, v0, DK: tl.constexpr, DV: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr):
+    """Pointers and mask of block (k0, v0) of state c in a [B * H, NT, DK, DV] tensor."""
+    rows, cols = k0 + tl.arange(0, BK), v0 + tl.arange(0, BV)
+    start = base + (i_bh.to(tl.int64) * NT + c) * (DK * DV) + k0 * DV + v0
+    ptrs = start + tl.arange(0, BK)[:, None] * DV + tl.arange(0, BV)[None, :]
+    return ptrs, (rows < DK)[:, None] & (cols < DV)[None, :]
+
+
+@triton.jit
+def load_state(base, i_bh, c, NT, k0, v0, DK: tl.constexpr, DV: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr):
+    ptrs, mask = _state_ptrs(base, i_bh, c, NT, k0, v0, DK, DV, BK, BV)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_state(base, value, i_bh, c, NT, k0, v0, DK: tl.constexpr, DV: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr):
+    ptrs, mask = _state_ptrs(base, i_bh, c, NT, k0, v0, DK, DV, BK, BV)
+    tl.store(ptrs, value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_g(G, b, hd, c, k0, NP, H: tl.constexpr, DK: tl.constexpr, BT: tl.constexpr,
+           BK: tl.constexpr, G_MODE: tl.constexpr):
     """(G of the chunk's rows, G of its last row): [BT, BK] and [BK] in mode 2, else [BT], []."""
-    rows = c * BT + tl.arange(0, BT)
     if G_MODE == 2:
-        mk = offs_k < DK
-        g = tl.load(_tile_ptrs(G, b, rows, hd, offs_k, NP, H, DK), mask=mk[None, :], other=0.0)
-        glast = tl.load(G + ((b * NP + c * BT + BT - 1) * H + hd) * DK + offs_k, mask=mk,
-                        other=0.0)
+        g = load_tile(G, b, hd, c * BT, k0, NP, H, DK, BT, BK)
+        glast = load_tile(G, b, hd, c * BT + BT - 1, k0, NP, H, DK, 1, BK)
+        glast = tl.reshape(glast, (BK,))
     else:
-        g = tl.load(G + (b * NP + rows) * H + hd)
-        glast = tl.load(G + (b * NP + c * BT + BT - 1) * H + hd)
+        start = G + (b.to(tl.int64) * NP + c * BT) * H + hd
+        g = tl.load(start + tl.arange(0, BT) * H)
+        glast = tl.load(start + (BT - 1) * H)
     return g, glast
 
 
 @triton.jit
-def _causal(BT: tl.constexpr):
+def causal_mask(BT: tl.constexpr):
     rows = tl.arange(0, BT)
     return rows[:, None] >= rows[None, :]
+
+
+# -- kernels -------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -54,33 +96,25 @@ def states_fwd(k, v, G, h, h0, ht, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
     """h[c] = the state before chunk c; ht = the state after the last chunk."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hd = i_bh // H, i_bh % H
-    offs_k = i_k * BK + tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    mkv = (offs_k[:, None] < DK) & (offs_v[None, :] < DV)
-    state_off = (i_bh * DK + offs_k[:, None]) * DV + offs_v[None, :]
+    k0, v0 = i_k * BK, i_v * BV
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        state = tl.load(h0 + state_off, mask=mkv, other=0.0).to(tl.float32)
+        state = load_state(h0, i_bh, 0, 1, k0, v0, DK, DV, BK, BV).to(tl.float32)
     for c in range(NT):
-        tl.store(h + ((i_bh * NT + c) * DK + offs_k[:, None]) * DV + offs_v[None, :],
-                 state.to(h.dtype.element_ty), mask=mkv)
-        rows = c * BT + tl.arange(0, BT)
-        mt = rows < N
-        kk = tl.load(_tile_ptrs(k, b, rows, hd, offs_k, N, H, DK),
-                     mask=mt[:, None] & (offs_k[None, :] < DK), other=0.0)
-        vv = tl.load(_tile_ptrs(v, b, rows, hd, offs_v, N, H, DV),
-                     mask=mt[:, None] & (offs_v[None, :] < DV), other=0.0)
+        store_state(h, state, i_bh, c, NT, k0, v0, DK, DV, BK, BV)
+        kk = load_tile(k, b, hd, c * BT, k0, N, H, DK, BT, BK)
+        vv = load_tile(v, b, hd, c * BT, v0, N, H, DV, BT, BV)
         if G_MODE == 2:
-            g, glast = _load_g(G, b, c, hd, offs_k, NP, H, DK, BT, G_MODE)
+            g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE)
             kk = (kk.to(tl.float32) * tl.exp(glast[None, :] - g)).to(vv.dtype)
             state = state * tl.exp(glast)[:, None]
         elif G_MODE == 1:
-            g, glast = _load_g(G, b, c, hd, offs_k, NP, H, DK, BT, G_MODE)
+            g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE)
             kk = (kk.to(tl.float32) * tl.exp(glast - g)[:, None]).to(vv.dtype)
             state = state * tl.exp(glast)
         state = tl.dot(tl.trans(kk), vv, state, input_precision=PREC)
     if STORE_HT:
-        tl.store(ht + state_off, state, mask=mkv)
+        store_state(ht, state, i_bh, 0, 1, k0, v0, DK, DV, BK, BV)
 
 
 @triton.jit
@@ -90,23 +124,17 @@ def output_fwd(q, k, v, G, h, o, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
     """o of one chunk = (q * exp(G)) @ h[c] + (causal, decayed q k^T) @ v."""
     i_v, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hd = i_bh // H, i_bh % H
-    rows = c * BT + tl.arange(0, BT)
-    mt = rows < N
-    offs_v = i_v * BV + tl.arange(0, BV)
-    causal = _causal(BT)
+    v0 = i_v * BV
+    causal = causal_mask(BT)
     acc_o = tl.zeros([BT, BV], dtype=tl.float32)
     acc_a = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(DK, BK)):
-        offs_k = i_k * BK + tl.arange(0, BK)
-        mk = offs_k < DK
-        qq = tl.load(_tile_ptrs(q, b, rows, hd, offs_k, N, H, DK), mask=mt[:, None] & mk[None, :],
-                     other=0.0)
-        kk = tl.load(_tile_ptrs(k, b, rows, hd, offs_k, N, H, DK), mask=mt[:, None] & mk[None, :],
-                     other=0.0)
-        hh = tl.load(h + ((i_bh * NT + c) * DK + offs_k[:, None]) * DV + offs_v[None, :],
-                     mask=mk[:, None] & (offs_v[None, :] < DV), other=0.0)
+        k0 = i_k * BK
+        qq = load_tile(q, b, hd, c * BT, k0, N, H, DK, BT, BK)
+        kk = load_tile(k, b, hd, c * BT, k0, N, H, DK, BT, BK)
+        hh = load_state(h, i_bh, c, NT, k0, v0, DK, DV, BK, BV)
         if G_MODE == 2:
-            g, _ = _load_g(G, b, c, hd, offs_k, NP, H, DK, BT, G_MODE)
+            g, _ = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE)
             qg = (qq.to(tl.float32) * tl.exp(g)).to(hh.dtype)
             acc_o = tl.dot(qg, hh, acc_o, input_precision=PREC)
             diff = tl.where(causal[:, :, None], g[:, None, :] - g[None, :, :], float("-inf"))
@@ -116,16 +144,14 @@ def output_fwd(q, k, v, G, h, o, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
             acc_o = tl.dot(qq.to(hh.dtype), hh, acc_o, input_precision=PREC)
             acc_a = tl.dot(qq, tl.trans(kk), acc_a, input_precision=PREC)
     if G_MODE == 1:
-        g, _ = _load_g(G, b, c, hd, 0, NP, H, DK, BT, G_MODE)
+        g, _ = load_g(G, b, hd, c, 0, NP, H, DK, BT, BK, G_MODE)
         acc_o = acc_o * tl.exp(g)[:, None]
         acc_a = acc_a * tl.exp(tl.where(causal, g[:, None] - g[None, :], float("-inf")))
     elif G_MODE == 0:
         acc_a = tl.where(causal, acc_a, 0.0)
-    vv = tl.load(_tile_ptrs(v, b, rows, hd, offs_v, N, H, DV),
-                 mask=mt[:, None] & (offs_v[None, :] < DV), other=0.0)
+    vv = load_tile(v, b, hd, c * BT, v0, N, H, DV, BT, BV)
     acc_o = tl.dot(acc_a.to(vv.dtype), vv, acc_o, input_precision=PREC)
-    tl.store(_tile_ptrs(o, b, rows, hd, offs_v, N, H, DV), acc_o.to(o.dtype.element_ty),
-             mask=mt[:, None] & (offs_v[None, :] < DV))
+    store_tile(o, acc_o, b, hd, c * BT, v0, N, H, DV, BT, BV)
 
 
 @triton.jit
@@ -136,31 +162,23 @@ def states_bwd(q, do, G, dh, dht, dh0, N, NP, NT, H: tl.constexpr, DK: tl.conste
     """dh[c] = dL/d(state after chunk c), walking the chunks backwards; dh0 = dL/d(h0)."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hd = i_bh // H, i_bh % H
-    offs_k = i_k * BK + tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    mkv = (offs_k[:, None] < DK) & (offs_v[None, :] < DV)
-    state_off = (i_bh * DK + offs_k[:, None]) * DV + offs_v[None, :]
+    k0, v0 = i_k * BK, i_v * BV
     dstate = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
-        dstate = tl.load(dht + state_off, mask=mkv, other=0.0).to(tl.float32)
+        dstate = load_state(dht, i_bh, 0, 1, k0, v0, DK, DV, BK, BV).to(tl.float32)
     for i in range(NT):
         c = NT - 1 - i
-        tl.store(dh + ((i_bh * NT + c) * DK + offs_k[:, None]) * DV + offs_v[None, :],
-                 dstate.to(dh.dtype.element_ty), mask=mkv)
-        rows = c * BT + tl.arange(0, BT)
-        mt = rows < N
-        qq = tl.load(_tile_ptrs(q, b, rows, hd, offs_k, N, H, DK),
-                     mask=mt[:, None] & (offs_k[None, :] < DK), other=0.0)
-        dd = tl.load(_tile_ptrs(do, b, rows, hd, offs_v, N, H, DV),
-                     mask=mt[:, None] & (offs_v[None, :] < DV), other=0.0)
+        store_state(dh, dstate, i_bh, c, NT, k0, v0, DK, DV, BK, BV)
+        qq = load_tile(q, b, hd, c * BT, k0, N, H, DK, BT, BK)
+        dd = load_tile(do, b, hd, c * BT, v0, N, H, DV, BT, BV)
         if G_MODE == 2:
-            g, glast = _load_g(G, b, c, hd, offs_k, NP, H, DK, BT, G_MODE)
+            g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE)
             qq = (qq.to(tl.float32) * tl.exp(g)).to(dd.dtype)
             dstate = dstate * tl.exp(glast)[:, None]
         elif G_MODE == 1:
-            g, glast = _load_g(G, b, c, hd, offs_k, NP, H, DK, BT, G_MODE)
+            g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE)
             qq = (qq.to(tl.float32) * tl.exp(g)[:, None]).to(dd.dtype)
             dstate = dstate * tl.exp(glast)
         dstate = tl.dot(tl.trans(qq), dd, dstate, input_precision=PREC)
     if STORE_DH0:
-        tl.store(dh0 + state_off, dstate, mask=mkv)
+        store_state(dh0, dstate, i_bh, 0, 1, k0, v0, DK, DV, BK, BV)
