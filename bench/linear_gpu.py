@@ -17,6 +17,11 @@ one is reported and not timed.
     python bench/linear_gpu.py                 # every variant, N = 4096, 16384, 65536
     python bench/linear_gpu.py --quick         # simple_gla only, fewer repeats (< 60 s)
     python bench/linear_gpu.py --json "$OUT/linear.json"
+    python bench/linear_gpu.py --sweep         # launch configs of our kernel (N=16384), then exit
+
+--sweep times each candidate of attnrt.kernels.linear.chunked.CONFIGS (checked first) for
+simple_gla ("plain" configs) and gla ("per_channel"), forward+backward, and prints the fastest:
+copy it into CONFIGS.
 """
 
 from __future__ import annotations
@@ -36,6 +41,14 @@ FLA_FUNCTIONS = {"simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla"),
                  "gla": ("fla.ops.gla", "chunk_gla"),
                  "linear": ("fla.ops.linear_attn", "chunk_linear_attn")}
 TOL = 1.5e-2  # bf16 relative L2 against float64
+SWEEP_N = 16384
+# (BT, BK, BV, num_warps, num_stages); the first of each list is what CONFIGS ships.
+SWEEP = {
+    "plain": [(64, 64, 64, 8, 2), (64, 64, 64, 4, 2), (64, 64, 32, 4, 2), (64, 64, 32, 8, 3),
+              (64, 128, 64, 8, 2), (32, 64, 64, 4, 2), (64, 64, 64, 8, 3)],
+    "per_channel": [(16, 32, 64, 4, 2), (16, 64, 64, 4, 2), (16, 32, 32, 4, 2),
+                    (16, 32, 64, 8, 2), (32, 32, 64, 8, 2), (16, 16, 64, 4, 2)],
+}
 
 
 def _inputs(variant: str, n: int, grad: bool) -> list[Any]:
@@ -88,7 +101,8 @@ def _check(fn: Callable[..., Any], variant: str) -> float:
     ref_in = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
     ref = linear_attention_reference(*ref_in)[0]
     want = [ref, *torch.autograd.grad(ref, [t for t in ref_in if t is not None], do.double())]
-    return max(float((a.double() - b).norm() / b.norm()) for a, b in zip(got, want, strict=True))
+    return max(float((a.detach().double() - b.detach()).norm() / b.detach().norm())
+               for a, b in zip(got, want, strict=True))
 
 
 def _time(fn: Callable[..., Any], variant: str, n: int, backward: bool, reps: int) -> float:
@@ -182,11 +196,42 @@ def summarize(results: list[dict[str, Any]], dense: dict[str, float]) -> None:
                   f"{dense['f']:.2f} / {dense['fb']:.2f} ms)")
 
 
+def sweep(reps: int) -> None:
+    """Time every candidate config of our kernel; a wrong one is reported, not timed."""
+    from attnrt.kernels.linear import chunked
+
+    for key, variant in (("plain", "simple_gla"), ("per_channel", "gla")):
+        shipped = dict(chunked.CONFIGS[key])
+        timed = []
+        for cand in SWEEP[key]:
+            chunked.CONFIGS[key] = dict(zip(("BT", "BK", "BV", "num_warps", "num_stages"), cand,
+                                            strict=True))
+            try:
+                err = _check(_ours, variant)
+                if not err < TOL:
+                    print(f"{key} {cand}: wrong (rel L2 {err:.1e})", flush=True)
+                    continue
+                f = _time(_ours, variant, SWEEP_N, False, reps)
+                fb = _time(_ours, variant, SWEEP_N, True, reps)
+            except Exception as exc:  # noqa: BLE001 - a config that cannot compile is reported
+                print(f"{key} {cand}: failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                continue
+            timed.append((fb, f, cand))
+            print(f"{key} {cand}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms (N={SWEEP_N})", flush=True)
+        chunked.CONFIGS[key] = shipped
+        if timed:
+            fb, f, cand = min(timed)
+            print(f"fastest {key}: {cand} fwd+bwd {fb:.3f} ms (shipped {SWEEP[key][0]}: "
+                  f"{next((t[0] for t in timed if t[2] == SWEEP[key][0]), float('nan')):.3f} ms)",
+                  flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="simple_gla only, fewer repeats")
     parser.add_argument("--variants", default=None, help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--sweep", action="store_true", help="time our launch configs, exit")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("attnrt") is None:
         raise SystemExit("attnrt is not installed: run `pip install --no-deps "
@@ -200,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     reps = 5 if args.quick else 20
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; B={B} H={H} D={D} bf16",
           flush=True)
+    if args.sweep:
+        sweep(reps)
+        return 0
     results = [run_variant(v, LENGTHS, reps) for v in variants]
     dense = {"f": _dense_ms(False, reps), "fb": _dense_ms(True, reps)}
     summarize(results, dense)

@@ -77,10 +77,12 @@ def run_fla(q, k, v, g, initial_state, output_final_state):  # type: ignore[no-u
     return o, (ht if output_final_state else None)
 
 
-def _impl_cls() -> type:
+@cache
+def impl_for(run: str) -> type:
+    """The LinearAttnImpl subclass that runs backend `run` (one class per backend)."""
     from attnrt.engine.linear_impl import LinearAttnImpl
 
-    return LinearAttnImpl
+    return type(f"LinearAttnImpl_{run}", (LinearAttnImpl,), {"RUN": run})
 
 
 class _LinearBackend(AttentionBackend):
@@ -92,8 +94,7 @@ class _LinearBackend(AttentionBackend):
 
     @classmethod
     def get_impl_cls(cls) -> type:
-        impl = _impl_cls()
-        return type(f"{cls.__name__}Impl", (impl,), {"RUN": cls.RUN})
+        return impl_for(cls.RUN)
 
 
 class TritonLinearAttnBackend(_LinearBackend):

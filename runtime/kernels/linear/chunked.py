@@ -117,13 +117,13 @@ def _backward(ctx, do, dht):
                                     HAS_DHT=dht is not None, STORE_DH0=has_h0, **meta)
     dv = _alloc(v.shape, v.dtype, q.device)
     bjit.dv_bwd[(nv, nt, b * h)](q, k, do, g_arg, dh, dv, **meta)
-    dq = _alloc(q.shape, torch.float32, q.device)
-    dk_ = _alloc(k.shape, torch.float32, q.device)
+    dq = _alloc(q.shape, q.dtype, q.device)
+    dk_ = _alloc(k.shape, k.dtype, q.device)
     dg = _alloc((nk, b, n, h) if mode == 1 else (b, n, h, dk), torch.float32, q.device)
     bjit.dqk_bwd[(nk, nt, b * h)](q, k, v, do, g_arg, states, dh, dq, dk_, dg, DG_SPLIT=b * n * h,
                                   **meta)
     dg = (dg.sum(0) if mode == 1 else dg) if mode else None
-    return dq.to(q.dtype), dk_.to(k.dtype), dv, dg, (dh0 if has_h0 else None)
+    return dq, dk_, dv, dg, (dh0 if has_h0 else None)
 
 
 class _ChunkedLinearAttention(torch.autograd.Function):

@@ -9,11 +9,12 @@ dh[c] the gradient of the state after it):
     dk = (D * (do v^T))^T @ q + exp(Glast - G) * (v @ dh[c]^T)
 
 (per key channel in mode 2, where D carries a channel index and the products are exact sums).
-dq and dk are written in float32. The log-decay gradient of token t in chunk c is
+The log-decay gradient of token t in chunk c is
 reverse-cumsum within the chunk of (q * dq - k * dk), plus the carry sum_v(dh[c] * S_after_c)
 (S_after_c = exp(Glast) h[c] + (k * exp(Glast - G))^T v: every g_t of the chunk scales it).
 Summing only within a chunk, rather than over the whole rest of the sequence, keeps the
-cancellation between the q and k terms local (float32 error stays near rounding).
+cancellation between the q and k terms local (float32 error stays near rounding); it is formed
+from the float32 dq, dk before they are rounded to the input dtype.
 """
 
 from __future__ import annotations
