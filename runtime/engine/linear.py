@@ -24,7 +24,9 @@ softmax over the head dim as SLA's feature map); their outputs are cast to q's d
 
 Extensions, keyword-only: `causal=False` at construction (out_t = q'_t (S_0 + sum_s k'_s^T
 v'_s), no decay allowed), `backend=` ("triton", "fla", "reference"; None: Triton on CUDA, the
-reference elsewhere), and at call `initial_state=`, `output_final_state=True` (then the call
+reference elsewhere), `fuse_mods=True` (the mods run as one torch.compile'd pre-pass: Inductor
+fuses them with the casts into a few kernels, forward and backward; default: eager PyTorch
+ops), and at call `initial_state=`, `output_final_state=True` (then the call
 returns (out, final_state)), so long sequences run in pieces; `step(...)` decodes one token.
 """
 
@@ -41,6 +43,7 @@ from attnrt.kernels.linear.errors import LinearAttentionError, ModShapeError
 from attnrt.kernels.linear.reference import accumulation_dtype, linear_attention_step
 
 Mod = Callable[[torch.Tensor, "CustomIO"], torch.Tensor]
+MOD_NAMES = ("q_mod", "k_mod", "v_mod", "decay_mod")
 
 
 class CustomIO:
@@ -76,7 +79,8 @@ class LinearAttentionEngine:
     def __init__(self, qkv_meta: Sequence[Any], q_mod: Mod | None = None,
                  k_mod: Mod | None = None, v_mod: Mod | None = None,
                  decay_mod: Mod | None = None, custom_io: CustomIO | None = None, *,
-                 causal: bool = True, backend: str | None = None) -> None:
+                 causal: bool = True, backend: str | None = None,
+                 fuse_mods: bool = False) -> None:
         q_shape, _, v_shape = checks.check_meta(qkv_meta)
         self.heads, self.dk, self.dv = q_shape[2], q_shape[3], v_shape[3]
         self.dtype = qkv_meta[0].dtype
@@ -93,7 +97,8 @@ class LinearAttentionEngine:
         if backend is not None and backend not in ("triton", "fla", "reference"):
             raise LinearAttentionError(f"backend={backend!r} is not allowed; allowed: None, "
                                        f"'triton', 'fla', 'reference'")
-        self.causal, self.backend = bool(causal), backend
+        self.causal, self.backend, self.fuse_mods = bool(causal), backend, bool(fuse_mods)
+        self._compiled: Callable[..., Any] | None = None
         self._trace(qkv_meta)
 
     def _trace(self, qkv_meta: Sequence[Any]) -> None:
@@ -154,30 +159,41 @@ class LinearAttentionEngine:
         checks.check_qkv(q, k, v, self.heads, self.dk, self.dv, self.dtype)
         checks.check_decay(decay, q)
         checks.check_state(initial_state, q, self.dv, "initial_state")
-        tensors = checks.check_custom_inputs(self.custom_io.names, custom_io, q.device)
-        io = self.custom_io.bound(tensors)
-        qm, km, vm = (self._apply(name, t, io).to(q.dtype)
-                      for name, t in (("q_mod", q), ("k_mod", k), ("v_mod", v)))
-        g = self._log_decay(decay, q, io)
-        return qm, km, vm, g, initial_state
-
-    def _apply(self, name: str, t: torch.Tensor, io: CustomIO) -> torch.Tensor:
-        fn = self.mods[name]
-        return t if fn is None else checks.check_mod_output(name, t, fn(t, io))
-
-    def _log_decay(self, decay, q, io):  # type: ignore[no-untyped-def]
-        if decay is None:
-            return None
-        if not self.causal:
+        if decay is not None and not self.causal:
             raise LinearAttentionError(
                 "decay given to a causal=False engine is not allowed; allowed: decay=None "
                 "(non-causal linear attention has no token order to decay over)")
-        g = self._apply("decay_mod", decay, io)
-        checks.check_log_decay(g, self.mods["decay_mod"] is not None)
-        g = g.to(accumulation_dtype(q.dtype))
-        if g.dim() == 1:  # one constant per head (RetNet)
-            g = g.expand(q.shape[0], q.shape[1], -1)
-        return g
+        tensors = checks.check_custom_inputs(self.custom_io.names, custom_io, q.device)
+        modded = self._mod_pass()(q, k, v, decay, self.custom_io.bound(tensors))
+        for name, before, after in zip(MOD_NAMES, (q, k, v, decay), modded, strict=True):
+            if self.mods[name] is not None and before is not None:
+                checks.check_mod_output(name, before, after)
+        qm, km, vm, g = modded
+        if g is not None:
+            checks.check_log_decay(g, self.mods["decay_mod"] is not None)
+            if g.dim() == 1:  # one constant per head (RetNet)
+                g = g.expand(q.shape[0], q.shape[1], -1)
+        return qm, km, vm, g, initial_state
+
+    def _mods(self, q, k, v, decay, io):  # type: ignore[no-untyped-def]
+        """The pre-pass: every mod, then q/k/v cast to q's dtype and the log-decay to float32
+        (float64 for float64 inputs). Under fuse_mods, torch.compile fuses it into a few
+        kernels (forward and backward)."""
+        acc = accumulation_dtype(q.dtype)
+        out = []
+        for name, t in zip(MOD_NAMES, (q, k, v, decay), strict=True):
+            fn = self.mods[name]
+            t = t if fn is None or t is None else fn(t, io)
+            dtype = acc if name == "decay_mod" else q.dtype
+            out.append(t.to(dtype) if isinstance(t, torch.Tensor) else t)
+        return out
+
+    def _mod_pass(self) -> Callable[..., Any]:
+        if not self.fuse_mods:
+            return self._mods
+        if self._compiled is None:
+            self._compiled = torch.compile(self._mods, dynamic=True)
+        return self._compiled
 
     def _runner(self, q: torch.Tensor) -> Callable[..., Any]:
         """The forced backend, or refusal with its reason; unforced: the Triton kernel on CUDA
