@@ -140,6 +140,7 @@ def check_custom_inputs(names: Sequence[str], tensors: Any, device: torch.device
     """custom_io at call time: a list (declaration order) or dict of tensors on q's device."""
     if tensors is None:
         tensors = []
+    given: dict[str, Any] | None
     if isinstance(tensors, dict):
         given = dict(tensors)
     elif isinstance(tensors, Sequence):

@@ -31,10 +31,15 @@ from attnrt.kernels import cdiv, next_power_of_2
 # "per_channel" for per-key-channel decay (exact [BT, BT, BK] products, so short chunks).
 # From offline sm90 compiles (Triton 3.9, ptxas): 8 warps keep the plain kernels free of
 # register spills (4 warps spill 32-296 bytes); the per-channel kernels need no more than 4.
-# BK, BV are upper bounds (narrower heads get the next power of two, at least 16).
+# float32 states (fp16 and fp32 inputs: TF32 / IEEE dots on float32 operands) take narrower
+# blocks: the 64-wide ones spill 200-6000 bytes there. BK, BV are
+# upper bounds (narrower heads get the next power of two, at least 16). bench/
+# linear_compile_check.py prints registers and spills; bench/linear_gpu.py --sweep times these.
 CONFIGS: dict[str, dict[str, int]] = {
     "plain": {"BT": 64, "BK": 64, "BV": 64, "num_warps": 8, "num_stages": 2},
     "per_channel": {"BT": 16, "BK": 32, "BV": 64, "num_warps": 4, "num_stages": 2},
+    "plain_f32_states": {"BT": 64, "BK": 32, "BV": 32, "num_warps": 8, "num_stages": 2},
+    "per_channel_f32_states": {"BT": 16, "BK": 32, "BV": 32, "num_warps": 4, "num_stages": 2},
 }
 
 
@@ -48,13 +53,14 @@ def g_mode(g: torch.Tensor | None) -> int:
     return 0 if g is None else (1 if g.dim() == 3 else 2)
 
 
-def config(mode: int) -> dict[str, int]:
-    return CONFIGS["per_channel" if mode == 2 else "plain"]
+def config(mode: int, dtype: torch.dtype) -> dict[str, int]:
+    key = "per_channel" if mode == 2 else "plain"
+    return CONFIGS[key if state_dtype(dtype) == torch.bfloat16 else key + "_f32_states"]
 
 
-def blocks(dk: int, dv: int, mode: int) -> tuple[int, int, int]:
+def blocks(dk: int, dv: int, mode: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BT, BK, BV): chunk length and the key / value block widths (tl.dot needs >= 16)."""
-    cfg = config(mode)
+    cfg = config(mode, dtype)
     bk = min(cfg["BK"], max(16, next_power_of_2(dk)))
     return cfg["BT"], bk, min(cfg["BV"], max(16, next_power_of_2(dv)))
 
@@ -71,11 +77,12 @@ def chunk_cumsum(g: torch.Tensor, bt: int) -> torch.Tensor:
 
 def _meta(q: torch.Tensor, v: torch.Tensor, mode: int) -> dict[str, Any]:
     b, n, h, dk = q.shape
-    bt, bk, bv = blocks(dk, v.shape[-1], mode)
+    bt, bk, bv = blocks(dk, v.shape[-1], mode, q.dtype)
+    cfg = config(mode, q.dtype)
     return {"N": n, "NP": cdiv(n, bt) * bt, "NT": cdiv(n, bt), "H": h, "DK": dk,
             "DV": v.shape[-1], "BT": bt, "BK": bk, "BV": bv, "G_MODE": mode,
             "PREC": "ieee" if q.dtype == torch.float32 else "tf32",
-            "num_warps": config(mode)["num_warps"], "num_stages": config(mode)["num_stages"]}
+            "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -130,7 +137,7 @@ class _ChunkedLinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q, k, v, g, h0):
         mode = g_mode(g)
-        bt = blocks(q.shape[-1], v.shape[-1], mode)[0]
+        bt = blocks(q.shape[-1], v.shape[-1], mode, q.dtype)[0]
         gcum = chunk_cumsum(g, bt) if g is not None else None
         keep = any(ctx.needs_input_grad)
         o, ht, states = _forward(q, k, v, gcum, h0, mode, keep)
