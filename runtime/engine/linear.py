@@ -22,12 +22,14 @@ channel (GLA). Mods are element-wise (any shape-keeping torch function, e.g. elu
 softmax over the head dim as SLA's feature map); their outputs are cast to q's dtype. Scaling
 (1/sqrt(Dk)) is the user's, in q_mod. No normalizer is applied.
 
-Extensions, keyword-only: `causal=False` at construction (out_t = q'_t (S_0 + sum_s k'_s^T
-v'_s), no decay allowed), `backend=` ("triton", "fla", "reference"; None: Triton on CUDA, the
-reference elsewhere), `fuse_mods=True` (the mods run as one torch.compile'd pre-pass: Inductor
-fuses them with the casts into a few kernels, forward and backward; default: eager PyTorch
-ops), and at call `initial_state=`, `output_final_state=True` (then the call
-returns (out, final_state)), so long sequences run in pieces; `step(...)` decodes one token.
+Extensions, keyword-only:
+- constructor: `causal=False` (out_t = q'_t (S_0 + sum_s k'_s^T v'_s), no decay allowed; two
+  matrix products in PyTorch whichever backend is named); `backend=` ("triton", "fla",
+  "reference"; None: Triton on CUDA, the reference elsewhere); `fuse_mods=True` (the mods run
+  as one torch.compile'd pre-pass: Inductor fuses them with the casts into a few kernels,
+  forward and backward; default: eager PyTorch ops).
+- call: `initial_state=`, `output_final_state=True` (the call then returns (out,
+  final_state)), so long sequences run in pieces; `step(...)` decodes one token.
 """
 
 from __future__ import annotations
@@ -126,10 +128,10 @@ class LinearAttentionEngine:
                  initial_state: torch.Tensor | None = None, output_final_state: bool = False,
                  ) -> Any:
         qm, km, vm, g, h0 = self._prepare(q, k, v, decay, custom_io, initial_state)
+        run = self._runner(q)  # a forced backend that cannot run here raises, causal or not
         if not self.causal:
             o, ht = _non_causal(qm, km, vm, h0, q.dtype)
         else:
-            run = self._runner(q)
             o, ht = run(qm, km, vm, g, h0, output_final_state)
         return (o, ht) if output_final_state else o
 

@@ -161,3 +161,15 @@ def test_local_attention_impl_refusals() -> None:
     q = torch.randn(B, N, H, D)
     with pytest.raises(LinearAttentionError, match="both given"):
         impl.forward(q, q, q, meta)
+
+
+def test_linear_modules_import_without_triton() -> None:
+    import subprocess
+
+    code = ("import sys, attnrt.engine.linear, attnrt.engine.linear_backends, "
+            "attnrt.engine.linear_impl, attnrt.kernels.linear; "
+            "assert 'triton' not in sys.modules, 'triton imported'; "
+            "assert 'fla' not in sys.modules, 'fla imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stderr

@@ -121,3 +121,13 @@ def test_gpu_long_sequence_strong_decay_is_finite(mode: int) -> None:
     want, _ = linear_attention_reference(*(t[:, tail].double() for t in (q, k, v)),
                                          g[:, tail].double(), initial_state=mid.double())
     assert rel_l2(o[:, tail], want) < TOL[torch.bfloat16]
+
+
+@pytest.mark.interpret
+def test_forward_and_backward_are_deterministic() -> None:
+    # No atomics anywhere: two runs agree bit for bit.
+    tensors, dout, dht = _inputs(1, 40, 2, 16, 16, 2, torch.float32, seed=11)
+    first = _grads(chunked_linear_attention, tensors, dout, dht, DEVICE)
+    second = _grads(chunked_linear_attention, tensors, dout, dht, DEVICE)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
