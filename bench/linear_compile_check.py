@@ -28,6 +28,8 @@ POINTERS = {
     "dv_bwd": {"q": "x", "k": "x", "do": "x", "G": "f", "dh": "s", "dv": "x"},
     "dqk_bwd": {"q": "x", "k": "x", "v": "x", "do": "x", "G": "f", "h": "s", "dh": "s",
                 "dq": "x", "dk": "x", "dg": "f"},
+    "states_expand": {"k": "x", "v": "x", "G": "f", "h64": "s", "h16": "s"},
+    "grads_expand": {"q": "x", "do": "x", "G": "f", "dh64": "s", "dh16": "s"},
 }
 SWITCHES = {"states_fwd": {"HAS_H0": True, "STORE_HT": True},
             "states_bwd": {"HAS_DHT": True, "STORE_DH0": True}}
@@ -58,9 +60,15 @@ def compile_kernel(fn, dtype: str, mode: int, head_size: int, heads: int, arch: 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     cfg = chunked.config(mode, torch_dtype)
     bt, bk, bv = chunked.blocks(head_size, head_size, mode, torch_dtype)
+    sub = cfg.get("BT_STATES", bt) // bt
     consts = {"H": heads, "DK": head_size, "DV": head_size, "BT": bt, "BK": bk, "BV": bv,
-              "G_MODE": mode, "PREC": "ieee" if dtype == "fp32" else "tf32",
-              **SWITCHES.get(fn.__name__, {})}
+              "PREC": "ieee" if dtype == "fp32" else "tf32", **SWITCHES.get(fn.__name__, {})}
+    if fn.__name__.endswith("_expand"):
+        consts.update(BT=bt * sub, BC=bt)
+    else:
+        consts.update(G_MODE=mode, SUB=1 if fn.__name__.startswith("states") else sub)
+        if sub > 1 and fn.__name__.startswith("states"):
+            consts["BT"] = bt * sub
     kinds = {"x": DTYPES[dtype], "s": "*bf16" if dtype == "bf16" else "*fp32", "f": "*fp32"}
     ptrs = {name: kinds[kind] for name, kind in POINTERS[fn.__name__].items()}
     names = fn.arg_names
@@ -71,7 +79,7 @@ def compile_kernel(fn, dtype: str, mode: int, head_size: int, heads: int, arch: 
                             options={"num_warps": cfg["num_warps"],
                                      "num_stages": cfg["num_stages"]})
     regs, spills = _usage(kernel.asm["cubin"])
-    return (f"{fn.__name__:11s} {dtype} G_MODE={mode} BT={bt} BK={bk} BV={bv} "
+    return (f"{fn.__name__:13s} {dtype} G_MODE={mode} BT={consts['BT']} BK={bk} BV={bv} "
             f"warps={cfg['num_warps']}: {regs} registers, {spills} bytes spilled")
 
 
@@ -84,13 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: this compiles for a real GPU arch")
-    from attnrt.kernels.linear import chunked_bwd_jit, chunked_jit
+    from attnrt.kernels.linear import chunked_bwd_jit, chunked_expand_jit, chunked_jit
 
     kernels = (chunked_jit.states_fwd, chunked_jit.output_fwd, chunked_jit.states_bwd,
                chunked_bwd_jit.dv_bwd, chunked_bwd_jit.dqk_bwd)
+    expand = (chunked_expand_jit.states_expand, chunked_expand_jit.grads_expand)
     for dtype in args.dtypes.split(","):
         for mode in (0, 1, 2):
-            for fn in kernels:
+            for fn in kernels + (expand if mode == 2 else ()):
                 print(compile_kernel(fn, dtype, mode, args.head_size, args.heads, args.arch),
                       flush=True)
     return 0

@@ -34,7 +34,7 @@ from attnrt.kernels.linear.chunked_jit import (
 @triton.jit
 def dv_bwd(q, k, do, G, dh, dv, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
            DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-           G_MODE: tl.constexpr, PREC: tl.constexpr):
+           G_MODE: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
     i_v, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hd = i_bh // H, i_bh % H
     v0 = i_v * BV
@@ -47,7 +47,7 @@ def dv_bwd(q, k, do, G, dh, dv, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
         kk = load_tile(k, b, hd, c * BT, k0, N, H, DK, BT, BK)
         dhh = load_state(dh, i_bh, c, NT, k0, v0, DK, DV, BK, BV)
         if G_MODE == 2:
-            g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE)
+            g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE, SUB)
             kt = (kk.to(tl.float32) * tl.exp(glast[None, :] - g)).to(dhh.dtype)
             acc_dv = tl.dot(kt, dhh, acc_dv, input_precision=PREC)
             diff = tl.where(causal_t[:, :, None], g[None, :, :] - g[:, None, :], float("-inf"))
@@ -57,7 +57,7 @@ def dv_bwd(q, k, do, G, dh, dv, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
             acc_dv = tl.dot(kk.to(dhh.dtype), dhh, acc_dv, input_precision=PREC)
             acc_at = tl.dot(kk, tl.trans(qq), acc_at, input_precision=PREC)
     if G_MODE == 1:
-        g, glast = load_g(G, b, hd, c, 0, NP, H, DK, BT, BK, G_MODE)
+        g, glast = load_g(G, b, hd, c, 0, NP, H, DK, BT, BK, G_MODE, SUB)
         acc_dv = acc_dv * tl.exp(glast - g)[:, None]
         acc_at = acc_at * tl.exp(tl.where(causal_t, g[None, :] - g[:, None], float("-inf")))
     elif G_MODE == 0:
@@ -93,7 +93,7 @@ def _inter_grads(v, do, h, dh, b, hd, i_bh, c, k0, N, NT, H: tl.constexpr, DK: t
 @triton.jit
 def dqk_bwd(q, k, v, do, G, h, dh, dq, dk, dg, N, NP, NT, DG_SPLIT, H: tl.constexpr,
             DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-            BV: tl.constexpr, G_MODE: tl.constexpr, PREC: tl.constexpr):
+            BV: tl.constexpr, G_MODE: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
     """dq, dk of one chunk and key block; with decay also dL/dg (see the module docstring)."""
     i_k, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hd = i_bh // H, i_bh % H
@@ -104,7 +104,7 @@ def dqk_bwd(q, k, v, do, G, h, dh, dq, dk, dg, N, NP, NT, DG_SPLIT, H: tl.conste
     qq = load_tile(q, b, hd, c * BT, k0, N, H, DK, BT, BK)
     kk = load_tile(k, b, hd, c * BT, k0, N, H, DK, BT, BK)
     if G_MODE == 2:
-        g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE)
+        g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE, SUB)
         acc_dq = acc_dq * tl.exp(g)
         acc_dk = acc_dk * tl.exp(glast[None, :] - g)
         carry = tl.exp(glast) * hdh + tl.sum(kk.to(tl.float32) * acc_dk, axis=0)
@@ -114,7 +114,7 @@ def dqk_bwd(q, k, v, do, G, h, dh, dq, dk, dg, N, NP, NT, DG_SPLIT, H: tl.conste
         acc_dk += tl.sum(de * qq.to(tl.float32)[:, None, :], axis=0)
     else:
         if G_MODE == 1:
-            g, glast = load_g(G, b, hd, c, 0, NP, H, DK, BT, BK, G_MODE)
+            g, glast = load_g(G, b, hd, c, 0, NP, H, DK, BT, BK, G_MODE, SUB)
             acc_dq = acc_dq * tl.exp(g)[:, None]
             acc_dk = acc_dk * tl.exp(glast - g)[:, None]
             carry = tl.exp(glast) * hdh + tl.sum(kk.to(tl.float32) * acc_dk, axis=0)

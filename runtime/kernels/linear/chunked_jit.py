@@ -8,8 +8,9 @@ the state before each chunk; dh [B, H, NT, DK, DV] the gradient of the state aft
 G_MODE: 0 no decay, 1 one log-decay per head and token, 2 one per head, token and key channel.
 Every exponent is a difference G_i - G_j with i at or after j inside one chunk, or G itself, so
 it is <= 0: no overflow at any length (the global cumulative sum is never formed). Mode 2 forms
-the intra-chunk products exactly, channel by channel ([BT, BT, BK] in registers), so its chunks
-are short; modes 0 and 1 are plain matrix products.
+the intra-chunk products exactly, channel by channel ([BT, BT, BK] in registers), so its
+parallel kernels take 16-token blocks (SUB of them per G chunk; see chunked_expand_jit); modes
+0 and 1 are plain matrix products.
 """
 
 from __future__ import annotations
@@ -65,13 +66,24 @@ def store_state(base, value, i_bh, c, NT, k0, v0, DK: tl.constexpr, DV: tl.const
 
 
 @triton.jit
+def _g_row(G, b, hd, row, k0, NP, H: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr):
+    return tl.reshape(load_tile(G, b, hd, row, k0, NP, H, DK, 1, BK), (BK,))
+
+
+@triton.jit
 def load_g(G, b, hd, c, k0, NP, H: tl.constexpr, DK: tl.constexpr, BT: tl.constexpr,
-           BK: tl.constexpr, G_MODE: tl.constexpr):
-    """(G of the chunk's rows, G of its last row): [BT, BK] and [BK] in mode 2, else [BT], []."""
+           BK: tl.constexpr, G_MODE: tl.constexpr, SUB: tl.constexpr):
+    """(G of the chunk's rows, G of its last row): [BT, BK] and [BK] in mode 2, else [BT], [].
+    SUB > 1 (mode 2): G holds sums within chunks of SUB * BT rows; rebase them on the row
+    before this block, so they are sums within the block."""
     if G_MODE == 2:
         g = load_tile(G, b, hd, c * BT, k0, NP, H, DK, BT, BK)
-        glast = load_tile(G, b, hd, c * BT + BT - 1, k0, NP, H, DK, 1, BK)
-        glast = tl.reshape(glast, (BK,))
+        glast = _g_row(G, b, hd, c * BT + BT - 1, k0, NP, H, DK, BK)
+        if SUB > 1:
+            base = _g_row(G, b, hd, tl.maximum(c * BT - 1, 0), k0, NP, H, DK, BK)
+            base = tl.where(c % SUB == 0, 0.0, base)
+            g = g - base[None, :]
+            glast = glast - base
     else:
         start = G + (b.to(tl.int64) * NP + c * BT) * H + hd
         g = tl.load(start + tl.arange(0, BT) * H)
@@ -91,8 +103,8 @@ def causal_mask(BT: tl.constexpr):
 @triton.jit
 def states_fwd(k, v, G, h, h0, ht, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
                DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               G_MODE: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
-               PREC: tl.constexpr):
+               G_MODE: tl.constexpr, SUB: tl.constexpr, HAS_H0: tl.constexpr,
+               STORE_HT: tl.constexpr, PREC: tl.constexpr):
     """h[c] = the state before chunk c; ht = the state after the last chunk."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hd = i_bh // H, i_bh % H
@@ -105,11 +117,11 @@ def states_fwd(k, v, G, h, h0, ht, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
         kk = load_tile(k, b, hd, c * BT, k0, N, H, DK, BT, BK)
         vv = load_tile(v, b, hd, c * BT, v0, N, H, DV, BT, BV)
         if G_MODE == 2:
-            g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE)
+            g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE, SUB)
             kk = (kk.to(tl.float32) * tl.exp(glast[None, :] - g)).to(vv.dtype)
             state = state * tl.exp(glast)[:, None]
         elif G_MODE == 1:
-            g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE)
+            g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE, SUB)
             kk = (kk.to(tl.float32) * tl.exp(glast - g)[:, None]).to(vv.dtype)
             state = state * tl.exp(glast)
         state = tl.dot(tl.trans(kk), vv, state, input_precision=PREC)
@@ -120,7 +132,7 @@ def states_fwd(k, v, G, h, h0, ht, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
 @triton.jit
 def output_fwd(q, k, v, G, h, o, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
                DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               G_MODE: tl.constexpr, PREC: tl.constexpr):
+               G_MODE: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
     """o of one chunk = (q * exp(G)) @ h[c] + (causal, decayed q k^T) @ v."""
     i_v, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hd = i_bh // H, i_bh % H
@@ -134,7 +146,7 @@ def output_fwd(q, k, v, G, h, o, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
         kk = load_tile(k, b, hd, c * BT, k0, N, H, DK, BT, BK)
         hh = load_state(h, i_bh, c, NT, k0, v0, DK, DV, BK, BV)
         if G_MODE == 2:
-            g, _ = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE)
+            g, _ = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE, SUB)
             qg = (qq.to(tl.float32) * tl.exp(g)).to(hh.dtype)
             acc_o = tl.dot(qg, hh, acc_o, input_precision=PREC)
             diff = tl.where(causal[:, :, None], g[:, None, :] - g[None, :, :], float("-inf"))
@@ -144,7 +156,7 @@ def output_fwd(q, k, v, G, h, o, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
             acc_o = tl.dot(qq.to(hh.dtype), hh, acc_o, input_precision=PREC)
             acc_a = tl.dot(qq, tl.trans(kk), acc_a, input_precision=PREC)
     if G_MODE == 1:
-        g, _ = load_g(G, b, hd, c, 0, NP, H, DK, BT, BK, G_MODE)
+        g, _ = load_g(G, b, hd, c, 0, NP, H, DK, BT, BK, G_MODE, SUB)
         acc_o = acc_o * tl.exp(g)[:, None]
         acc_a = acc_a * tl.exp(tl.where(causal, g[:, None] - g[None, :], float("-inf")))
     elif G_MODE == 0:
@@ -157,8 +169,8 @@ def output_fwd(q, k, v, G, h, o, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
 @triton.jit
 def states_bwd(q, do, G, dh, dht, dh0, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
                DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               G_MODE: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-               PREC: tl.constexpr):
+               G_MODE: tl.constexpr, SUB: tl.constexpr, HAS_DHT: tl.constexpr,
+               STORE_DH0: tl.constexpr, PREC: tl.constexpr):
     """dh[c] = dL/d(state after chunk c), walking the chunks backwards; dh0 = dL/d(h0)."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hd = i_bh // H, i_bh % H
@@ -172,11 +184,11 @@ def states_bwd(q, do, G, dh, dht, dh0, N, NP, NT, H: tl.constexpr, DK: tl.conste
         qq = load_tile(q, b, hd, c * BT, k0, N, H, DK, BT, BK)
         dd = load_tile(do, b, hd, c * BT, v0, N, H, DV, BT, BV)
         if G_MODE == 2:
-            g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE)
+            g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE, SUB)
             qq = (qq.to(tl.float32) * tl.exp(g)).to(dd.dtype)
             dstate = dstate * tl.exp(glast)[:, None]
         elif G_MODE == 1:
-            g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE)
+            g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE, SUB)
             qq = (qq.to(tl.float32) * tl.exp(g)[:, None]).to(dd.dtype)
             dstate = dstate * tl.exp(glast)
         dstate = tl.dot(tl.trans(qq), dd, dstate, input_precision=PREC)
