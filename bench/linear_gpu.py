@@ -42,13 +42,17 @@ FLA_FUNCTIONS = {"simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla"),
                  "linear": ("fla.ops.linear_attn", "chunk_linear_attn")}
 TOL = 1.5e-2  # bf16 relative L2 against float64
 SWEEP_N = 16384
-# (BT, BK, BV, num_warps, num_stages); the first of each list is what CONFIGS ships.
+# (BT, BK, BV, num_warps, num_stages[, BT_STATES]); the first of each list is what CONFIGS
+# ships. per_channel's BT is the sub-block, BT_STATES the chunk its sequential passes walk
+# (BT_STATES == BT: no refinement kernels, four times the sequential steps).
 SWEEP = {
     "plain": [(64, 64, 64, 8, 2), (64, 64, 64, 4, 2), (64, 64, 32, 4, 2), (64, 64, 32, 8, 3),
               (64, 128, 64, 8, 2), (32, 64, 64, 4, 2), (64, 64, 64, 8, 3)],
-    "per_channel": [(16, 32, 64, 4, 2), (16, 64, 64, 4, 2), (16, 32, 32, 4, 2),
-                    (16, 32, 64, 8, 2), (32, 32, 64, 8, 2), (16, 16, 64, 4, 2)],
+    "per_channel": [(16, 32, 64, 4, 2, 64), (16, 64, 64, 4, 2, 64), (16, 32, 32, 4, 2, 64),
+                    (16, 32, 64, 8, 2, 64), (16, 32, 64, 4, 2, 128), (16, 32, 64, 4, 2, 16),
+                    (32, 32, 64, 8, 2, 64)],
 }
+CONFIG_KEYS = ("BT", "BK", "BV", "num_warps", "num_stages", "BT_STATES")
 
 
 def _inputs(variant: str, n: int, grad: bool) -> list[Any]:
@@ -204,8 +208,7 @@ def sweep(reps: int) -> None:
         shipped = dict(chunked.CONFIGS[key])
         timed = []
         for cand in SWEEP[key]:
-            chunked.CONFIGS[key] = dict(zip(("BT", "BK", "BV", "num_warps", "num_stages"), cand,
-                                            strict=True))
+            chunked.CONFIGS[key] = dict(zip(CONFIG_KEYS, cand, strict=False))
             try:
                 err = _check(_ours, variant)
                 if not err < TOL:

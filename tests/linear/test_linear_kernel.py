@@ -131,3 +131,16 @@ def test_forward_and_backward_are_deterministic() -> None:
     second = _grads(chunked_linear_attention, tensors, dout, dht, DEVICE)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("states_chunk", [16, 32, 128])
+def test_per_channel_state_chunk_is_free(states_chunk: int,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # The sequential passes may walk any multiple of the 16-token sub-block (16: no refinement
+    # kernels; 128: eight sub-blocks a chunk): the results must not change.
+    from attnrt.kernels.linear import chunked
+
+    key = "per_channel_f32_states"
+    monkeypatch.setitem(chunked.CONFIGS, key, {**chunked.CONFIGS[key], "BT_STATES": states_chunk})
+    _check(1, 150, 1, 16, 16, 2, torch.float32, seed=12)
