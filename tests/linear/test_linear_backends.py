@@ -11,15 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnrt import support
-from attnrt.device import parse_device_spec
 from attnrt.engine import linear_backends as lb
 from attnrt.engine.linear import LinearAttentionEngine, meta_tensor
 from attnrt.errors import BackendUnavailableError
 from attnrt.interfaces import AttentionMetadata
 from attnrt.kernels.linear import LinearAttentionError
 from attnrt.kernels.linear.reference import linear_attention_reference
-from attnrt.request import AttentionRequest
+from attnrt.select import capability as support
+from attnrt.select.device import parse_device_spec
+from attnrt.select.request import AttentionRequest
 from tests.linear.cases import elu1, log, rel_l2
 
 B, N, H, D = 1, 12, 2, 16
@@ -179,7 +179,7 @@ def test_local_attention_runs_the_linear_impl_end_to_end(register) -> None:
     """Until method `linear` is in the request, a forced registration stands in for selection:
     the layer's extra args reach the impl and the result is the reference's."""
     import attnrt
-    from attnrt.dispatch import force_backend
+    from attnrt.select.dispatch import force_backend
 
     register("REFERENCE_LINEAR_ATTN", lb.ReferenceLinearAttnBackend)
     decay = torch.full((H,), -0.1)
