@@ -15,7 +15,8 @@ Before timing, each kernel is checked against the float64 recurrent reference (N
 one is reported and not timed.
 
     python bench/linear_gpu.py                 # every variant, N = 4096, 16384, 65536
-    python bench/linear_gpu.py --quick         # simple_gla only, fewer repeats (< 60 s)
+    python bench/linear_gpu.py --quick         # simple_gla only, fewer repeats
+    python bench/linear_gpu.py --quick --no-fla   # ours only (< 60 s: fla autotunes per shape)
     python bench/linear_gpu.py --json "$OUT/linear.json"
     python bench/linear_gpu.py --sweep         # launch configs of our kernel (N=16384), then exit
 
@@ -146,9 +147,10 @@ def _tflops(n: int, ms: float, backward: bool) -> float:
     return flops / ms / 1e9
 
 
-def run_variant(variant: str, lengths: tuple[int, ...], reps: int) -> dict[str, Any]:
+def run_variant(variant: str, lengths: tuple[int, ...], reps: int,
+                with_fla: bool = True) -> dict[str, Any]:
     result: dict[str, Any] = {"variant": variant, "rows": []}
-    fla = _fla(variant)
+    fla = _fla(variant) if with_fla else "not asked for (--no-fla)"
     impls: dict[str, Callable[..., Any]] = {"ours": _ours}
     if isinstance(fla, str):
         result["fla"] = fla
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=None, help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--sweep", action="store_true", help="time our launch configs, exit")
+    parser.add_argument("--no-fla", action="store_true",
+                        help="skip flash-linear-attention (its first calls autotune per shape)")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("attnrt") is None:
         raise SystemExit("attnrt is not installed: run `pip install --no-deps "
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         sweep(reps)
         return 0
-    results = [run_variant(v, LENGTHS, reps) for v in variants]
+    results = [run_variant(v, LENGTHS, reps, not args.no_fla) for v in variants]
     dense = {"f": _dense_ms(False, reps), "fb": _dense_ms(True, reps)}
     summarize(results, dense)
     if args.json:
