@@ -38,9 +38,11 @@ def check_meta(qkv_meta: Any) -> tuple[tuple[int, ...], tuple[int, ...], tuple[i
         raise LinearAttentionError(
             f"qkv_meta shapes={shapes} are not allowed; allowed: q and k [B, N, H, Dk], "
             f"v [B, N, H, Dv]")
-    if qkv_meta[0].dtype not in FLOAT_DTYPES:
+    dtypes = [m.dtype for m in qkv_meta]
+    if dtypes[0] not in FLOAT_DTYPES or len(set(dtypes)) != 1:
         raise LinearAttentionTypeError(
-            f"qkv_meta dtype={qkv_meta[0].dtype} is not allowed; allowed: {FLOAT_DTYPES}")
+            f"qkv_meta dtypes={dtypes} are not allowed; allowed: one of {FLOAT_DTYPES} for all "
+            f"three")
     return q, k, v
 
 

@@ -4,7 +4,8 @@ Shapes: B batch, N sequence, H heads, D head size; q, k, v [B, N, H, D] -> out [
 
 Extra impl args (passed to LocalAttention(..., **extra)): q_mod, k_mod, v_mod, decay_mod and
 custom_io (a CustomIO) as for LinearAttentionEngine; `decay` (a tensor the mods see as decay:
-[H] for a per-head constant, or None) and `custom_inputs` (the custom tensors, list or dict).
+[H] for a per-head constant, or None), `custom_inputs` (the custom tensors, list or dict) and
+`fuse_mods` (as LinearAttentionEngine's).
 A per-call decay ([B, N, H] or [B, N, H, D] gates) comes in the forward's metadata as
 `attn_metadata.linear_decay` (and then `decay` must not also be given). The layer's
 softmax_scale multiplies q after q_mod (flash-linear-attention's `scale`; pass 1.0 for none).
@@ -20,7 +21,8 @@ from attnrt.engine.linear import CustomIO, LinearAttentionEngine
 from attnrt.interfaces import AttentionMetadata, ScaledImpl
 from attnrt.kernels.linear.errors import LinearAttentionError
 
-EXTRA_ARGS = ("q_mod", "k_mod", "v_mod", "decay_mod", "custom_io", "decay", "custom_inputs")
+EXTRA_ARGS = ("q_mod", "k_mod", "v_mod", "decay_mod", "custom_io", "decay", "custom_inputs",
+              "fuse_mods")
 
 
 class LinearAttnImpl(ScaledImpl):
@@ -44,10 +46,11 @@ class LinearAttnImpl(ScaledImpl):
         self.custom_inputs = extra_impl_args.get("custom_inputs")
         self._mods = {name: extra_impl_args.get(name) for name in EXTRA_ARGS[:4]}
         self._custom_io: CustomIO | None = extra_impl_args.get("custom_io")
-        self._engines: dict[tuple[Any, ...], LinearAttentionEngine] = {}
+        self._fuse = bool(extra_impl_args.get("fuse_mods", False))
+        self._engines: dict[torch.dtype, LinearAttentionEngine] = {}
 
     def _engine(self, q: torch.Tensor) -> LinearAttentionEngine:
-        key = (q.dtype, q.shape[0], q.shape[1])
+        key = q.dtype  # the engine checks heads, head sizes and dtype; B and N may vary
         if key not in self._engines:
             scale, q_mod = self.softmax_scale, self._mods["q_mod"]
 
@@ -58,7 +61,8 @@ class LinearAttnImpl(ScaledImpl):
             self._engines[key] = LinearAttentionEngine(
                 (meta, meta, meta), q_mod=scaled_q, k_mod=self._mods["k_mod"],
                 v_mod=self._mods["v_mod"], decay_mod=self._mods["decay_mod"],
-                custom_io=self._custom_io, causal=self.causal, backend=self.RUN)
+                custom_io=self._custom_io, causal=self.causal, backend=self.RUN,
+                fuse_mods=self._fuse)
         return self._engines[key]
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -132,3 +132,15 @@ def test_unknown_backend_and_unavailable_fla(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(linear_backends, "fla_functions", lambda: "import fla.ops failed: x")
     with pytest.raises(BackendUnavailableError, match=r"backend='fla' cannot run.*pip install"):
         _engine(backend="fla")(*_qkv(), None)
+
+
+def test_bad_qkv_meta() -> None:
+    with pytest.raises(LinearAttentionTypeError, match=r"qkv_meta=.*allowed: a tuple of three"):
+        LinearAttentionEngine(meta_tensor(B, N, H, D))
+    mixed = (meta_tensor(B, N, H, D), meta_tensor(B, N, H, D, dtype=torch.float32),
+             meta_tensor(B, N, H, D))
+    with pytest.raises(LinearAttentionTypeError, match=r"qkv_meta dtypes=.* for all three"):
+        LinearAttentionEngine(mixed)
+    with pytest.raises(LinearAttentionError, match=r"qkv_meta shapes=.*q and k \[B, N, H, Dk\]"):
+        LinearAttentionEngine((meta_tensor(B, N, H, D), meta_tensor(B, N, H, D + 1),
+                               meta_tensor(B, N, H, D)))
