@@ -192,3 +192,23 @@ def test_local_attention_runs_the_linear_impl_end_to_end(register) -> None:
     want, _ = linear_attention_reference(elu1(q, None) * 0.25, elu1(k, None), v,
                                          decay.expand(B, N, H))
     assert rel_l2(out, want) < 1e-6
+
+
+@pytest.mark.gpu
+def test_local_attention_triton_linear_impl_on_gpu(register) -> None:
+    import attnrt
+    from attnrt.select.dispatch import force_backend
+
+    register("TRITON_LINEAR_ATTN", lb.TritonLinearAttnBackend)
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 200, 4, 64, generator=gen).to("cuda", torch.bfloat16)
+               for _ in range(3))
+    gates = F.logsigmoid(torch.randn(2, 200, 4, generator=gen) + 3).cuda()
+    meta = AttentionMetadata()
+    meta.linear_decay = gates  # type: ignore[attr-defined]
+    with force_backend("TRITON_LINEAR_ATTN"), attnrt.set_forward_context(0, meta):
+        layer = attnrt.LocalAttention(4, 64, causal=True, q_mod=elu1, k_mod=elu1)
+        out = layer(q, k, v)
+    want, _ = linear_attention_reference(elu1(q.double(), None) * 64 ** -0.5,
+                                         elu1(k.double(), None), v.double(), gates.double())
+    assert rel_l2(out, want) < 1.5e-2
