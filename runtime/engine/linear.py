@@ -141,16 +141,17 @@ class LinearAttentionEngine:
         """One decoding step with the same mods: q, k [B, 1, H, Dk], v [B, 1, H, Dv], state
         [B, H, Dk, Dv] -> (out [B, 1, H, Dv], new state). Equals calling the engine on the
         token with initial_state=state, output_final_state=True."""
-        if q.dim() != 4 or q.shape[1] != 1:
-            raise LinearAttentionError(f"q shape={checks.shape_of(q)} is not allowed in step; "
-                                       f"allowed: [B, 1, H, Dk] (one token)")
+        if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[1] != 1:
+            what = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+            raise LinearAttentionError(f"q shape={what} is not allowed in step; allowed: "
+                                       f"[B, 1, H, Dk] (one token)")
         if state is None:
             raise LinearAttentionError("state=None is not allowed in step; allowed: a "
                                        "[B, H, Dk, Dv] tensor (zeros to start)")
-        qm, km, vm, g, h0 = self._prepare(q, k, v, decay, custom_io, state)
         if not self.causal:
             raise LinearAttentionError("step on a causal=False engine is not allowed; allowed: "
                                        "causal=True (decoding is causal)")
+        qm, km, vm, g, h0 = self._prepare(q, k, v, decay, custom_io, state)
         o, new_state = linear_attention_step(qm[:, 0], km[:, 0], vm[:, 0],
                                              None if g is None else g[:, 0], h0)
         return o.unsqueeze(1), new_state

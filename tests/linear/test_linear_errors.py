@@ -144,3 +144,14 @@ def test_bad_qkv_meta() -> None:
     with pytest.raises(LinearAttentionError, match=r"qkv_meta shapes=.*q and k \[B, N, H, Dk\]"):
         LinearAttentionEngine((meta_tensor(B, N, H, D), meta_tensor(B, N, H, D + 1),
                                meta_tensor(B, N, H, D)))
+
+
+def test_step_refusals() -> None:
+    q, k, v = _qkv()
+    state = torch.zeros(B, H, D, D)
+    with pytest.raises(LinearAttentionError, match=r"q shape=\(1, 6, 2, 4\) is not allowed"):
+        _engine().step(q, k, v, None, state)
+    with pytest.raises(LinearAttentionError, match="state=None is not allowed in step"):
+        _engine().step(q[:, :1], k[:, :1], v[:, :1], None, None)
+    with pytest.raises(LinearAttentionError, match="causal=False engine"):
+        _engine(causal=False).step(q[:, :1], k[:, :1], v[:, :1], None, state)
