@@ -69,9 +69,10 @@ def test_strong_decay_stays_finite_and_exact(mode: int) -> None:
 
 
 @pytest.mark.interpret
-def test_two_head_blocks_and_batches() -> None:
-    # Dk=Dv=128: two key and two value blocks of 64, summed across programs.
-    _check(2, 70, 1, 128, 128, 1, torch.float32, seed=5)
+@pytest.mark.parametrize("mode", [1, 2], ids=["per-head", "per-channel"])
+def test_several_head_blocks_and_batches(mode: int) -> None:
+    # Dk=Dv=128: several key and value blocks, summed across programs; two batches, two heads.
+    _check(2, 70, 2, 128, 128, mode, torch.float32, seed=5)
 
 
 @pytest.mark.interpret
