@@ -19,7 +19,7 @@ import torch
 
 from attnrt.interfaces import AttentionBackend
 from attnrt.kernels.linear.reference import linear_attention_reference
-from attnrt.select.capability import Package
+from attnrt.selection.capability import Package
 
 FLA_HINT = ("pip install fla-core einops (pure-python wheels; flash-linear-attention also "
             "works)")
@@ -147,8 +147,8 @@ BACKENDS: dict[str, type[_LinearBackend]] = {
 def unavailable_reason(name: str, q: torch.Tensor) -> str | None:
     """Why backend `name` cannot run on q here (None: it can): its declared packages, dtypes,
     and the kernels' device (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    from attnrt.select.capability import declared, package_status
-    from attnrt.select.request import DTYPE_NAMES
+    from attnrt.selection.capability import declared, package_status
+    from attnrt.selection.request import DTYPE_NAMES
 
     backend = BACKENDS[name]
     for pkg in declared(backend, "PACKAGES"):

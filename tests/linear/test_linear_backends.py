@@ -17,9 +17,9 @@ from attnrt.errors import BackendUnavailableError
 from attnrt.interfaces import AttentionMetadata
 from attnrt.kernels.linear import LinearAttentionError
 from attnrt.kernels.linear.reference import linear_attention_reference
-from attnrt.select import capability as support
-from attnrt.select.device import parse_device_spec
-from attnrt.select.request import AttentionRequest
+from attnrt.selection import capability as support
+from attnrt.selection.device import parse_device_spec
+from attnrt.selection.request import AttentionRequest
 from tests.linear.cases import elu1, log, rel_l2
 
 B, N, H, D = 1, 12, 2, 16
@@ -179,7 +179,7 @@ def test_local_attention_runs_the_linear_impl_end_to_end(register) -> None:
     """Until method `linear` is in the request, a forced registration stands in for selection:
     the layer's extra args reach the impl and the result is the reference's."""
     import attnrt
-    from attnrt.select.dispatch import force_backend
+    from attnrt.selection.dispatch import force_backend
 
     register("REFERENCE_LINEAR_ATTN", lb.ReferenceLinearAttnBackend)
     decay = torch.full((H,), -0.1)
@@ -197,7 +197,7 @@ def test_local_attention_runs_the_linear_impl_end_to_end(register) -> None:
 @pytest.mark.gpu
 def test_local_attention_triton_linear_impl_on_gpu(register) -> None:
     import attnrt
-    from attnrt.select.dispatch import force_backend
+    from attnrt.selection.dispatch import force_backend
 
     register("TRITON_LINEAR_ATTN", lb.TritonLinearAttnBackend)
     gen = torch.Generator().manual_seed(4)
