@@ -179,7 +179,7 @@ def backward_source(variant: Variant, flags: KernelFlags) -> str:
         vload=_indent([_load_kv("v", "offs_n", True)], 4),
         full=_dkdv_body(variant, flags, table, False),
         part=_dkdv_body(variant, flags, table, True))
-    dq = _DQ.format(**fmt, rowload=_indent(_row_loads(variant, flags), 4),
+    dq = _DQ.format(**{**fmt, "grad_ptrs": ""}, rowload=_indent(_row_loads(variant, flags), 4),
                     full=_dq_body(variant, flags, table, False),
                     part=_dq_body(variant, flags, table, True),
                     dq_scale="scale" if flags.scaled else "1.0")
