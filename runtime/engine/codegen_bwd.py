@@ -77,7 +77,7 @@ def engine_bwd_dq(Q, K, V, DO, FIN, DOOSUM, DQ, ''' + _COMMON + '''\
         start_n = tl.load(PART_IDX + list_off + j) * BLOCK_N
 {part}
     tl.store(DQ + b.to(tl.int64) * sgb + h * sgh + offs_m[:, None].to(tl.int64) * sgn
-             + offs_d[None, :], dq * {dq_scale}, mask=row_ok & (offs_d[None, :] < HEAD_DIM))
+             + offs_d[None, :], dq, mask=row_ok & (offs_d[None, :] < HEAD_DIM))
 '''
 
 
@@ -181,6 +181,5 @@ def backward_source(variant: Variant, flags: KernelFlags) -> str:
         part=_dkdv_body(variant, flags, table, True))
     dq = _DQ.format(**{**fmt, "grad_ptrs": ""}, rowload=_indent(_row_loads(variant, flags), 4),
                     full=_dq_body(variant, flags, table, False),
-                    part=_dq_body(variant, flags, table, True),
-                    dq_scale="scale" if flags.scaled else "1.0")
+                    part=_dq_body(variant, flags, table, True))
     return dkdv + "\n\n" + dq

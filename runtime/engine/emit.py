@@ -68,7 +68,7 @@ class Emitter:
         return self.memo[key]
 
     def _code(self, e: Expr) -> str:
-        float_args = e.kind == FLOAT or e.op in ("max", "min", "where") and any(
+        float_args = e.kind == FLOAT and e.op != "input" or e.op in ("max", "min", "where") and any(
             a.kind == FLOAT for a in e.args[1 if e.op == "where" else 0:])
         args = [self(a, as_float=float_args and (e.op != "where" or i > 0))
                 for i, a in enumerate(e.args)]
