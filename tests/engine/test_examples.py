@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.engine.cases import CASES, run, run_dense
 from tests.conftest import TOLERANCE, rel_l2
+from tests.engine.cases import CASES, run, run_dense
 
 HAS_CUDA = torch.cuda.is_available()
 # Relative L2 bounds: TOLERANCE for outputs; gradients of fp16 runs round P and dS to fp16.
