@@ -1,0 +1,82 @@
+"""The engine's backends through LocalAttention: selection, explain, the getting-started
+variant in ten lines, and the fall-through when a variant cannot be traced or is not softmax.
+The backends are registered per test (the integrator registers them for real)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnrt
+from attnrt.engine.backends import FlexEngineBackend, ReferenceEngineBackend, TritonEngineBackend
+from attnrt.engine.online import OnlineIdentity
+from tests.conftest import rel_l2
+from tests.engine.cases import attend, grid, scores
+from tests.helpers import randn_qkv
+
+RANK = "[ENGINE_FLEX, ENGINE_REFERENCE]"  # the manifest refuses ENGINE_TRITON on cpu
+
+
+@pytest.fixture
+def engines(register, write_yaml, monkeypatch):
+    for cls in (TritonEngineBackend, FlexEngineBackend, ReferenceEngineBackend):
+        register(cls.NAME, cls)
+    monkeypatch.setenv("ATTNRT_CAPABILITY", write_yaml(
+        f"schema: 1\nrules:\n  - platform: cpu\n    rank: {RANK}\n"))
+
+
+def test_getting_started_variant_in_ten_lines_runs_through_local_attention(engines):
+    # --- the user's code: ALiBi-style bias and a causal mask, ten lines ---
+    def score_mod(score, custom_fwd_inputs, b, h, q_idx, kv_idx):
+        return score - 0.1 * (q_idx - kv_idx)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx
+
+    layer = attnrt.LocalAttention(2, 16, score_mod=score_mod, mask_mod=mask_mod)
+    q, k, v = randn_qkv(1, 24, 2, 16, dtype=torch.float32, seed=3)
+    with torch.no_grad():
+        out = layer(q, k, v)
+    # --- end of user code ---
+    i, j = grid(24, 24)
+    dense = attend(scores(q, k) * 16 ** -0.5 - 0.1 * (i - j), j <= i, v)
+    assert rel_l2(out, dense) < 1e-5
+    decision = layer.decision
+    assert decision.backend == "ENGINE_FLEX"
+    assert "ENGINE_FLEX" in decision.summary()
+
+
+def test_training_on_cpu_skips_flex_with_its_reason(engines):
+    layer = attnrt.LocalAttention(2, 16, score_mod=lambda s, c, b, h, qi, ki: s * 2.0)
+    q, k, v = (t.requires_grad_() for t in randn_qkv(1, 8, 2, 16, seed=4))
+    layer(q, k, v).sum().backward()
+    assert layer.decision.backend == "ENGINE_REFERENCE"
+    assert "FlexAttention has no CPU backward" in layer.decision.summary()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_flex_refuses_a_non_softmax_reduction_at_first_forward_and_the_next_serves(engines,
+                                                                                 caplog):
+    layer = attnrt.LocalAttention(2, 16, score_mod=lambda s, c, b, h, qi, ki: s.sigmoid(),
+                                  online_func=OnlineIdentity())
+    q, k, v = randn_qkv(1, 8, 2, 16, seed=5)
+    with torch.no_grad():
+        out = layer(q, k, v)
+    assert "ENGINE_FLEX failed" in caplog.text and "online softmax only" in caplog.text
+    assert layer.decision.backend == "ENGINE_REFERENCE"
+    p = torch.sigmoid(scores(q, k) * 16 ** -0.5)
+    assert rel_l2(out, torch.einsum("bhnm,bmhd->bnhd", p, v.double())) < 1e-5
+
+
+def test_untraceable_score_mod_falls_to_the_reference_which_calls_python(engines, caplog):
+    def score_mod(score, custom_fwd_inputs, b, h, q_idx, kv_idx):
+        return torch.special.erf(score)  # outside the traced op set
+
+    layer = attnrt.LocalAttention(2, 16, score_mod=score_mod)
+    q, k, v = randn_qkv(1, 8, 2, 16, seed=6)
+    with torch.no_grad():
+        out = layer(q, k, v)
+    assert "ENGINE_FLEX failed" in caplog.text and "score_mod cannot be traced" in caplog.text
+    assert layer.decision.backend == "ENGINE_REFERENCE"
+    s = torch.special.erf(scores(q, k) * 16 ** -0.5)
+    assert rel_l2(out, attend(s, None, v)) < 1e-5
