@@ -52,7 +52,8 @@ def test_training_on_cpu_skips_flex_with_its_reason(engines):
     layer(q, k, v).sum().backward()
     assert layer.decision.backend == "ENGINE_REFERENCE"
     assert "FlexAttention has no CPU backward" in layer.decision.summary()
-    assert q.grad is not None and torch.isfinite(q.grad).all()
+    assert q.grad is not None
+    assert torch.isfinite(q.grad).all()
 
 
 def test_flex_refuses_a_non_softmax_reduction_at_first_forward_and_the_next_serves(engines,
@@ -62,7 +63,8 @@ def test_flex_refuses_a_non_softmax_reduction_at_first_forward_and_the_next_serv
     q, k, v = randn_qkv(1, 8, 2, 16, seed=5)
     with torch.no_grad():
         out = layer(q, k, v)
-    assert "ENGINE_FLEX failed" in caplog.text and "online softmax only" in caplog.text
+    assert "ENGINE_FLEX failed" in caplog.text
+    assert "online softmax only" in caplog.text
     assert layer.decision.backend == "ENGINE_REFERENCE"
     p = torch.sigmoid(scores(q, k) * 16 ** -0.5)
     assert rel_l2(out, torch.einsum("bhnm,bmhd->bnhd", p, v.double())) < 1e-5
@@ -76,7 +78,8 @@ def test_untraceable_score_mod_falls_to_the_reference_which_calls_python(engines
     q, k, v = randn_qkv(1, 8, 2, 16, seed=6)
     with torch.no_grad():
         out = layer(q, k, v)
-    assert "ENGINE_FLEX failed" in caplog.text and "score_mod cannot be traced" in caplog.text
+    assert "ENGINE_FLEX failed" in caplog.text
+    assert "score_mod cannot be traced" in caplog.text
     assert layer.decision.backend == "ENGINE_REFERENCE"
     s = torch.special.erf(scores(q, k) * 16 ** -0.5)
     assert rel_l2(out, attend(s, None, v)) < 1e-5
