@@ -171,8 +171,9 @@ def _block_mask(mask: Any, indices: Any, num: Any, q: torch.Tensor, m: int,
         if bool(((indices < 0) | (indices >= shape[3]))[used].any()):
             raise EngineInputError(f"block_sparse_indices holds key blocks outside "
                                    f"[0, {shape[3]})")
-        mask = torch.zeros(shape, dtype=torch.bool, device=indices.device)
-        mask.scatter_(3, torch.where(used, indices, 0).long(), used)
+        hits = torch.zeros(shape, dtype=torch.int32, device=indices.device)
+        hits.scatter_add_(3, torch.where(used, indices, 0).long(), used.to(torch.int32))
+        mask = hits > 0
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or \
