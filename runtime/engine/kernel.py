@@ -129,8 +129,9 @@ class EngineRun:
 
     def _common(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
         d, dv = q.shape[-1], v.shape[-1]
-        return dict(HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
-                    PREC="ieee")
+        # fp32 dots in full precision; 16-bit inputs ignore the setting (as triton_flash does)
+        prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        return dict(HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), PREC=prec)
 
     def _input_strides(self, inputs: list[torch.Tensor]) -> list[int]:
         return [s for t in inputs for s in t.stride()]
