@@ -136,3 +136,34 @@ def test_flex_forward_matches_the_reference(name):
         ref = case.make("reference")(q.double(), k.double(), v.double(), [
             c.double() if c.is_floating_point() else c for c in custom], **layout)
     assert rel_l2(out, ref) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["alibi", "softcap", "relpos_bias", "sliding_window",
+                                  "varlen_document"])
+def test_flex_forward_and_backward_on_gpu(name):
+    from tests.engine.cases import run
+
+    case = CASES[name]()
+    q, k, v, custom, layout = case.inputs(2, 300, 4, 64, torch.bfloat16, "cuda")
+    out, dout, grads = run(case.make("flex"), q, k, v, custom, layout, case.grads)
+    c64 = [c.double().cpu() if c.is_floating_point() else c.cpu() for c in custom]
+    lay = {key: val.cpu() for key, val in layout.items()}
+    ref, _, ref_grads = run(case.make("reference"), q.double().cpu(), k.double().cpu(),
+                            v.double().cpu(), c64, lay, case.grads, dout.double().cpu())
+    assert rel_l2(out, ref) < TOLERANCE[torch.bfloat16]
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert rel_l2(g, r) < 3e-2
+
+
+@pytest.mark.gpu
+def test_long_sliding_window_on_gpu_skips_blocks_and_matches():
+    q, k, v = (torch.randn(1, 2048, 4, 64, device="cuda", dtype=torch.float16)
+               for _ in range(3))
+    mods = [AttentionLibrary("SoftmaxAttention", "SlidingWindow", head_size=64, window=256,
+                             backend=be) for be in ("triton", "reference")]
+    out = mods[0](q, k, v)
+    ref = mods[1](q.double(), k.double(), v.double())
+    assert rel_l2(out, ref) < TOLERANCE[torch.float16]
+    classes = next(iter(blocks._CACHE.values()))[0][1]  # fwd lists' full counts
+    assert int(classes.sum()) < (2048 // 128) * (2048 // 64) // 4
