@@ -158,6 +158,7 @@ def test_flex_forward_and_backward_on_gpu(name):
 
 @pytest.mark.gpu
 def test_long_sliding_window_on_gpu_skips_blocks_and_matches():
+    blocks.clear_cache()
     q, k, v = (torch.randn(1, 2048, 4, 64, device="cuda", dtype=torch.float16)
                for _ in range(3))
     mods = [AttentionLibrary("SoftmaxAttention", "SlidingWindow", head_size=64, window=256,
