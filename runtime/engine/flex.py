@@ -57,7 +57,7 @@ class FlexRunner:
             raise EngineError("backend='flex' runs online softmax only; this variant's "
                               "OnlineFunc is another row reduction")
         self.variant = variant
-        self.call: Call | None = None
+        self.call: Call = None  # type: ignore[assignment]  # set by each __call__
         self.masks: dict[tuple, Any] = {}
         runner = self  # FlexAttention takes plain functions, not bound methods
 

@@ -33,7 +33,7 @@ INDEX_LEAVES = ("b", "h", "q_idx", "kv_idx")
 _KV_LEAVES = frozenset({"score", "kv_idx", "p", "dp"})
 _CURRENT = contextvars.ContextVar("attnrt_engine_tracing", default="a traced function")
 _ENGINE_DIR = os.path.dirname(os.path.abspath(__file__))
-_TORCH_DIR = os.path.dirname(os.path.abspath(__import__("torch").__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(str(__import__("torch").__file__)))
 
 
 def user_line(frames: list[traceback.FrameSummary] | None = None) -> str:
