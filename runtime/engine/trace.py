@@ -223,6 +223,7 @@ def as_expr(value: Any) -> Expr:
                   "custom_fwd_inputs)")
 
 
+_FLIPPED = {"gt": "lt", "ge": "le"}
 _COMPARE = frozenset({"lt", "le", "gt", "ge", "eq", "ne"})
 _LOGIC = frozenset({"and", "or", "xor", "not"})
 _INT_KEEPING = frozenset({"add", "sub", "mul", "floordiv", "mod", "max", "min", "neg", "abs",
@@ -257,6 +258,8 @@ def _kind(op: str, args: tuple[Expr, ...]) -> str:
 def make(op: str, *values: Any) -> Expr:
     """A node `op(values...)`, folded when every argument is a constant."""
     args = tuple(as_expr(v) for v in values)
+    if op in _FLIPPED:  # one spelling per comparison: a > b is b < a, so both share a key
+        op, args = _FLIPPED[op], args[::-1]
     if op in ("floordiv", "mod") and any(a.kind == FLOAT for a in args):
         raise _refuse(f"`{op}` of floating values; // and % are for integer indices")
     if op == "where" and args[0].kind != BOOL:
