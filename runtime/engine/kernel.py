@@ -58,8 +58,20 @@ def load_module(text: str) -> ModuleType:
     return module
 
 
+_SOURCES: dict[tuple[str, KernelFlags], ModuleType] = {}
+
+
+def _module_for(variant: Variant, flags: KernelFlags) -> ModuleType:
+    """The module of a variant's kernels; its source is generated once per (variant, flags)."""
+    key = (variant.key, flags)
+    if key not in _SOURCES:
+        _SOURCES[key] = load_module(source(variant, flags))
+    return _SOURCES[key]
+
+
 def clear_modules() -> None:
     _MODULES.clear()
+    _SOURCES.clear()
 
 
 @dataclass(frozen=True)
@@ -118,7 +130,7 @@ class EngineRun:
                  input_grads: tuple[str, ...]) -> None:
         self.variant, self.call, self.scale = variant, call, scale
         self.flags = KernelFlags(call.varlen is not None, scale is not None, input_grads)
-        self.module = load_module(source(variant, self.flags))
+        self.module = _module_for(variant, self.flags)
         q, v = call.q, call.v
         self.fwd_tiles = pick_tiles(q, v.shape[-1], call.block_size, backward=False)
         self.bwd_tiles = pick_tiles(q, v.shape[-1], call.block_size, backward=True)

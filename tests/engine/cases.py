@@ -87,7 +87,7 @@ def softcap_case() -> Case:
                 lambda b, n, h, d, dt, dev: (*qkv(b, n, h, d, dt, dev), [], {}), dense)
 
 
-def relpos_case(n_max: int = 64) -> Case:
+def relpos_case(n_max: int = 400) -> Case:
     """bias[h, q_idx - kv_idx + n_max - 1], a learned relative position bias."""
     def score_mod(score, custom_fwd_inputs, b, h, q_idx, kv_idx):
         rel = custom_fwd_inputs["bias"][h, q_idx - kv_idx + (n_max - 1)]
