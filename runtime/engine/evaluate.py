@@ -55,8 +55,10 @@ class TorchEval:
             return self._reduce(expr.op[7:], self(expr.args[0]))
         args = [self(a) for a in expr.args]
         if expr.kind == FLOAT or expr.op in ("max", "min", "where"):
-            args = [self._float(a, arg.kind == FLOAT or expr.kind == FLOAT)
-                    for a, arg in zip(args, expr.args, strict=True)]
+            first = 1 if expr.op == "where" else 0  # the condition stays boolean
+            args = args[:first] + [self._float(a, arg.kind == FLOAT or expr.kind == FLOAT)
+                                   for a, arg in zip(args[first:], expr.args[first:],
+                                                     strict=True)]
         if expr.op == "where":
             return torch.where(self._tensor(args[0]), self._tensor(args[1]),
                                self._tensor(args[2]))

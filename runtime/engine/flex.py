@@ -17,9 +17,9 @@ import torch
 
 from attnrt.engine.call import Call
 from attnrt.engine.errors import EngineError
-from attnrt.engine.evaluate import TorchEval
 from attnrt.engine.online import OnlineSoftmax, trace_online
 from attnrt.engine.spec import Variant
+from attnrt.engine.torch_code import torch_function
 
 
 @cache
@@ -40,53 +40,38 @@ def _compiled() -> Any:
     return compiled_flex()
 
 
-def _leaves(call: Call, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> dict[str, Any]:
-    if call.varlen is None:
-        return {"b": b, "h": h, "q_idx": q_idx, "kv_idx": kv_idx}
-    doc_q, pos_q, _, pos_k = call.varlen
-    return {"b": doc_q[q_idx], "h": h, "q_idx": pos_q[q_idx], "kv_idx": pos_k[kv_idx]}
-
-
 class FlexRunner:
-    """One variant's score_mod / mask_mod for FlexAttention, made once so that compiled
-    FlexAttention sees the same functions each call; the call's tensors are read through
-    `self.call` (Dynamo guards their shapes, not their identity)."""
+    """One variant's score_mod / mask_mod for FlexAttention as plain torch functions, made once
+    per layout kind so compiled FlexAttention sees the same functions each call; the call's
+    tensors reach them through `self.state` (Dynamo guards their shapes, not identity)."""
 
     def __init__(self, variant: Variant) -> None:
         if not is_softmax(variant):
             raise EngineError("backend='flex' runs online softmax only; this variant's "
                               "OnlineFunc is another row reduction")
         self.variant = variant
-        self.call: Call = None  # type: ignore[assignment]  # set by each __call__
+        self.state: dict[str, Any] = {}
         self.masks: dict[tuple, Any] = {}
-        runner = self  # FlexAttention takes plain functions, not bound methods
+        self.fns: dict[tuple, tuple[Any, Any]] = {}
 
-        def score_mod(s: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-            return runner.score(s, b, h, q_idx, kv_idx)
+    def functions(self, call: Call) -> tuple[Any, Any]:
+        """(score_mod or None, mask_mod) for the call's layout kind."""
+        kind = (call.varlen is not None, call.block_mask is not None)
+        if kind not in self.fns:
+            score = None if self.variant.score.op == "leaf" else torch_function(
+                self.variant.score, "score", kind[0], False, self.state)
+            mask = torch_function(self.variant.mask, "mask", kind[0], kind[1], self.state)
+            self.fns[kind] = (score, mask)
+        return self.fns[kind]
 
-        def mask_mod(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-            return runner.keep(b, h, q_idx, kv_idx)
-
-        self.score_mod, self.mask_mod = score_mod, mask_mod
-
-    def score(self, s: Any, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        call = self.call
-        leaves = {"score": s, **_leaves(call, b, h, q_idx, kv_idx)}
-        out = TorchEval(leaves, call.inputs, torch.float32)(self.variant.score)
-        return torch.as_tensor(out).to(s.dtype)
-
-    def keep(self, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        call, mask = self.call, self.variant.mask
-        keep = torch.ones((), dtype=torch.bool, device=q_idx.device)
-        if mask is not None:
-            keep = keep & TorchEval(_leaves(call, b, h, q_idx, kv_idx), call.inputs,
-                                    torch.float32)(mask)
+    def _fill(self, call: Call) -> None:
+        self.state.clear()
+        self.state["in"] = dict(call.inputs)
         if call.varlen is not None:
-            keep = keep & (call.varlen[0][q_idx] == call.varlen[2][kv_idx])
+            self.state.update(zip(("docq", "posq", "dock", "posk"), call.varlen, strict=True))
         if call.block_mask is not None:
-            bq, bk = call.block_size
-            keep = keep & call.block_mask[b, h, q_idx // bq, kv_idx // bk]
-        return keep
+            self.state.update(blocks=call.block_mask, bq=call.block_size[0],
+                              bk=call.block_size[1])
 
     def block_mask(self, call: Call) -> Any:
         from torch.nn.attention.flex_attention import create_block_mask
@@ -102,7 +87,7 @@ class FlexRunner:
         uses = self.variant.mask.leaves() if self.variant.mask is not None else set()
         per_b = call.block_mask is not None or "b" in uses
         per_h = call.block_mask is not None or "h" in uses
-        mask = create_block_mask(self.mask_mod, B=b if per_b else None,
+        mask = create_block_mask(self.functions(call)[1], B=b if per_b else None,
                                  H=h if per_h else None, Q_LEN=n, KV_LEN=call.k.shape[1],
                                  device=str(call.q.device))
         if static:
@@ -112,10 +97,10 @@ class FlexRunner:
     def __call__(self, call: Call, scale: float | None) -> torch.Tensor:
         from torch.nn.attention.flex_attention import flex_attention
 
-        self.call = call
+        self._fill(call)
         q, k, v = (t.transpose(1, 2) for t in (call.q, call.k, call.v))
         run = _compiled() if q.device.type == "cuda" else flex_attention
-        score_mod = None if self.variant.score.op == "leaf" else self.score_mod
+        score_mod = self.functions(call)[0]
         out = run(q, k, v, score_mod=score_mod, block_mask=self.block_mask(call),
                   scale=1.0 if scale is None else scale, enable_gqa=q.shape[1] != k.shape[1])
         return out.transpose(1, 2)

@@ -168,3 +168,33 @@ def test_long_sliding_window_on_gpu_skips_blocks_and_matches():
     assert rel_l2(out, ref) < TOLERANCE[torch.float16]
     classes = next(iter(blocks._CACHE.values()))[0][1]  # fwd lists' full counts
     assert int(classes.sum()) < (2048 // 128) * (2048 // 64) // 4
+
+
+def _int_ops_engine(backend):
+    from attnrt.engine.spec import CustomIO
+
+    def score_mod(score, custom_fwd_inputs, b, h, q_idx, kv_idx):
+        bucket = (q_idx - kv_idx) // 4 + 20  # floor division of negative numbers
+        phase = (q_idx - kv_idx) % 3
+        return score * 0.25 + custom_fwd_inputs["bias"][h, bucket] - 0.1 * phase \
+            + torch.where(kv_idx > q_idx, -0.5, 0.25) + torch.clamp(score, max=1.0) * 0.1
+
+    return AttentionEngine(None, score_mod, CustomIO({"bias": ("heads", 41)}), backend=backend)
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("triton", marks=[pytest.mark.interpret] if not HAS_CUDA else []), "flex"])
+def test_integer_floor_division_and_modulo_follow_python(backend):
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = (torch.randn(1, 70, 2, 16, generator=gen).to(DEVICE) for _ in range(3))
+    bias = torch.randn(2, 41, generator=gen).to(DEVICE)
+    with torch.no_grad():
+        out = _int_ops_engine(backend)(q, k, v, [bias])
+        ref = _int_ops_engine("reference")(q.double(), k.double(), v.double(), [bias.double()])
+    assert rel_l2(out, ref) < TOLERANCE[torch.float32]
+    i, j = grid(70, 70)
+    s = scores(q.cpu(), k.cpu()) * 0.25
+    dense = s + bias.double().cpu()[:, torch.div(i - j, 4, rounding_mode="floor") + 20] \
+        - 0.1 * torch.remainder(i - j, 3).double() + torch.where(j > i, -0.5, 0.25) \
+        + torch.clamp(scores(q.cpu(), k.cpu()), max=1.0) * 0.1
+    assert rel_l2(ref, attend(dense, None, v.cpu())) < 1e-12
