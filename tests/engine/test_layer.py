@@ -83,3 +83,32 @@ def test_untraceable_score_mod_falls_to_the_reference_which_calls_python(engines
     assert layer.decision.backend == "ENGINE_REFERENCE"
     s = torch.special.erf(scores(q, k) * 16 ** -0.5)
     assert rel_l2(out, attend(s, None, v)) < 1e-5
+
+
+@pytest.mark.parametrize(("cls", "fields", "device", "words"), [
+    (TritonEngineBackend, {"dtype": "fp64"}, "cuda:sm90", "dtype=fp64 is not supported"),
+    (TritonEngineBackend, {"head_size": 512}, "cuda:sm90", "head_size=512 is not supported"),
+    (TritonEngineBackend, {}, "cuda:sm75", "arch=sm75 is not supported"),
+    (TritonEngineBackend, {}, "cpu", "platform=cpu is not supported"),
+    (FlexEngineBackend, {"head_size": 80}, "cuda:sm90", "head_size=80 is not supported"),
+    (FlexEngineBackend, {"grad": True}, "cpu", "grad=True is not supported by ENGINE_FLEX"),
+])
+def test_declared_limits_are_refused_with_the_limit_named(cls, fields, device, words):
+    from attnrt.device import parse_device_spec
+    from attnrt.support import check
+
+    request = attnrt.AttentionRequest(**{"head_size": 64, "dtype": "bf16", **fields})
+    reasons = check(cls, request, parse_device_spec(device))
+    assert any(words in str(r) for r in reasons), reasons
+    ok = check(cls, attnrt.AttentionRequest(head_size=64, dtype="bf16"),
+               parse_device_spec("cuda:sm90"))
+    assert ok == [] or cls is TritonEngineBackend  # triton may be absent on this machine
+
+
+def test_reference_engine_backend_serves_anything():
+    from attnrt.device import parse_device_spec
+    from attnrt.support import check
+
+    request = attnrt.AttentionRequest(head_size=72, dtype="fp64", grad=True)
+    assert check(ReferenceEngineBackend, request, parse_device_spec("cuda:sm70")) == []
+    assert "custom" in ReferenceEngineBackend.METHODS
