@@ -198,3 +198,17 @@ def test_integer_floor_division_and_modulo_follow_python(backend):
         - 0.1 * torch.remainder(i - j, 3).double() + torch.where(j > i, -0.5, 0.25) \
         + torch.clamp(scores(q.cpu(), k.cpu()), max=1.0) * 0.1
     assert rel_l2(ref, attend(dense, None, v.cpu())) < 1e-12
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(HAS_CUDA, reason="the gpu cases compile for the real device")
+def test_generated_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter accepts code the compiler may refuse: compile for sm90 with Triton's
+    bundled ptxas in a process without TRITON_INTERPRET (all cases: python -m
+    tests.engine.compile_check 90)."""
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-W", "ignore", "-m", "tests.engine.compile_check",
+                           "90", "alibi", "varlen_document", "retention"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("compiled fwd, dkdv, dq for sm90") == 3
