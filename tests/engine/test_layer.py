@@ -112,3 +112,28 @@ def test_reference_engine_backend_serves_anything():
     request = attnrt.AttentionRequest(head_size=72, dtype="fp64", grad=True)
     assert check(ReferenceEngineBackend, request, parse_device_spec("cuda:sm70")) == []
     assert "custom" in ReferenceEngineBackend.METHODS
+
+
+@pytest.mark.gpu
+def test_local_attention_on_cuda_runs_the_generated_kernels(register, write_yaml, monkeypatch):
+    for cls in (TritonEngineBackend, FlexEngineBackend, ReferenceEngineBackend):
+        register(cls.NAME, cls)
+    monkeypatch.setenv("ATTNRT_CAPABILITY", write_yaml(
+        "schema: 1\nrules:\n  - platform: cuda\n"
+        "    rank: [ENGINE_TRITON, ENGINE_FLEX, ENGINE_REFERENCE]\n"))
+
+    def score_mod(score, custom_fwd_inputs, b, h, q_idx, kv_idx):
+        return score - 0.05 * (q_idx - kv_idx).abs()
+
+    layer = attnrt.LocalAttention(4, 64, score_mod=score_mod, causal=True)
+    q, k, v = (t.cuda().requires_grad_() for t in randn_qkv(2, 300, 4, 64,
+                                                            dtype=torch.bfloat16, seed=8))
+    out = layer(q, k, v)
+    out.float().sum().backward()
+    assert layer.decision.backend == "ENGINE_TRITON"
+    i, j = grid(300, 300)
+    q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    dense = attend(scores(q64, k64) * 64 ** -0.5 - 0.05 * (i - j).abs(), j <= i, v64)
+    dense.sum().backward()
+    assert rel_l2(out, dense) < 1.5e-2
+    assert rel_l2(q.grad, q64.grad) < 3e-2
