@@ -84,17 +84,23 @@ class Tiles:
     stages: int = 2
 
 
-def pick_tiles(q: torch.Tensor, dv: int, block_size: tuple[int, int],
-               backward: bool) -> Tiles:
-    """Tiles for this call: small under the interpreter, measured sizes on the GPU; a tile
-    always divides the call's block-sparse block size."""
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel on CUDA, by whether the padded head
+# size exceeds 128; the dense TRITON_FLASH_ATTN sm90 table's Triton shapes (its Gluon paths
+# aside). dQ shares the forward's tiles, so it walks the forward's block lists.
+_CUDA_TILES = {
+    "fwd": {False: (128, 64, 8, 3), True: (64, 64, 4, 2)},
+    "dq": {False: (128, 64, 8, 3), True: (64, 64, 4, 2)},
+    "dkdv": {False: (64, 128, 8, 3), True: (64, 64, 4, 2)},
+}
+
+
+def pick_tiles(q: torch.Tensor, dv: int, block_size: tuple[int, int], kernel: str) -> Tiles:
+    """Tiles of `kernel` ("fwd", "dq" or "dkdv") for this call: 16 x 16 under the
+    interpreter; a tile always divides the call's block-sparse block size."""
     if q.device.type != "cuda":
         bm, bn, warps, stages = 16, 16, 4, 1
-    elif backward:
-        bm, bn, warps, stages = 64, 64, 4, 2
     else:
-        big = max(q.shape[-1], dv) > 128
-        bm, bn, warps, stages = (64, 64, 4, 2) if big else (128, 64, 8, 3)
+        bm, bn, warps, stages = _CUDA_TILES[kernel][max(q.shape[-1], dv) > 128]
     bm, bn = math.gcd(bm, block_size[0]), math.gcd(bn, block_size[1])
     if min(bm, bn) < 16:
         raise EngineInputError(f"block_size={block_size} must be multiples of 16")
@@ -132,9 +138,9 @@ class EngineRun:
         self.flags = KernelFlags(call.varlen is not None, scale is not None, input_grads)
         self.module = _module_for(variant, self.flags)
         q, v = call.q, call.v
-        self.fwd_tiles = pick_tiles(q, v.shape[-1], call.block_size, backward=False)
-        self.bwd_tiles = pick_tiles(q, v.shape[-1], call.block_size, backward=True)
-        self.fwd_lists = _lists(fns, variant, call, self.fwd_tiles)[0]
+        self.tiles = {name: pick_tiles(q, v.shape[-1], call.block_size, name)
+                      for name in ("fwd", "dq", "dkdv")}
+        self.fwd_lists = _lists(fns, variant, call, self.tiles["fwd"])[0]
         self._fns = fns
         dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
         self.maps = list(call.varlen) if call.varlen is not None else [dummy] * 4
@@ -151,7 +157,7 @@ class EngineRun:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         b, n, h, _ = q.shape
-        m, t = k.shape[1], self.fwd_tiles
+        m, t = k.shape[1], self.tiles["fwd"]
         out = torch.full((b, n, h, v.shape[-1]), float("nan"), dtype=q.dtype, device=q.device)
         fin = torch.empty((max(1, len(self.variant.online.finals)), b * h, n),
                           dtype=torch.float32, device=q.device)

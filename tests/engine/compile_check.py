@@ -55,8 +55,8 @@ def compile_case(name: str, arch: int) -> float:
     module = load_module(source(engine.variant, flags))
     start = time.perf_counter()
     for kernel, tiles, warps, stages in ((module.engine_fwd, (128, 64), 8, 3),
-                                         (module.engine_bwd_dkdv, (64, 64), 4, 2),
-                                         (module.engine_bwd_dq, (64, 64), 4, 2)):
+                                         (module.engine_bwd_dkdv, (64, 128), 8, 3),
+                                         (module.engine_bwd_dq, (128, 64), 8, 3)):
         sig, const = _signature(kernel, inputs, tiles)
         src = triton.compiler.ASTSource(kernel, sig, const)
         triton.compile(src, target=GPUTarget("cuda", arch, 32),
