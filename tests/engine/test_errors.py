@@ -129,3 +129,22 @@ def test_library_names_are_checked():
         AttentionLibrary("Linear")
     with pytest.raises(EngineInputError, match="window=None"):
         AttentionLibrary("SoftmaxAttention", "SlidingWindow")
+
+
+def test_online_fwd_returning_undeclared_or_per_key_row_scales_is_refused():
+    class WrongKeys(OnlineSoftmax):
+        @staticmethod
+        def online_fwd(scores, online_rowscales, b, h, q_idx):
+            p, rows, scale = OnlineSoftmax.online_fwd(scores, online_rowscales, b, h, q_idx)
+            return p, {"m": rows["m"]}, scale
+
+    class PerKey(OnlineSoftmax):
+        @staticmethod
+        def online_fwd(scores, online_rowscales, b, h, q_idx):
+            p, rows, scale = OnlineSoftmax.online_fwd(scores, online_rowscales, b, h, q_idx)
+            return p, {"m": rows["m"], "r": scores}, scale
+
+    with pytest.raises(TraceError, match=r"WrongKeys.online_fwd returned row scales \['m'\]"):
+        AttentionEngine(None, None, online_func=WrongKeys())
+    with pytest.raises(TraceError, match="row scale 'r' = score varies along the keys"):
+        AttentionEngine(None, None, online_func=PerKey())
