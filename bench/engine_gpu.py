@@ -65,6 +65,11 @@ def _fwd_bwd(call: Callable[..., torch.Tensor], qkv: tuple, reps: int) -> tuple[
     return fwd, max(both - fwd, 1e-6)
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 distance: the two sides must compute the same attention."""
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
 def _flex_fn(score_mod: Callable | None, block_mask: object = None) -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -94,9 +99,12 @@ def score_mod_rows(n: int, reps: int) -> list[tuple]:
     for name, ours, flex in (("alibi", lambda q, k, v: alibi(q, k, v, [slopes]), flex_alibi),
                              ("softcap", softcap, flex_softcap)):
         qkv = _qkv(n, True)
+        flex_fn = _flex_fn(flex)
         of, ob = _fwd_bwd(ours, qkv, reps)
-        ff, fb = _fwd_bwd(_flex_fn(flex), qkv, reps)
-        rows.append((f"{name} N={n}", of, ob, ff, fb, ff / of, fb / ob))
+        ff, fb = _fwd_bwd(flex_fn, qkv, reps)
+        with torch.no_grad():
+            err = _rel(ours(*qkv), flex_fn(*qkv))
+        rows.append((f"{name} N={n}", of, ob, ff, fb, ff / of, fb / ob, err))
     return rows
 
 
@@ -116,8 +124,10 @@ def window_row(n: int, reps: int) -> tuple:
                              n, n, device="cuda")
     flex = _flex_fn(None, mask)
     t_flex = bench(lambda: flex(*qkv), reps)
+    with torch.no_grad():
+        err = _rel(sw(*qkv), flex(*qkv))
     return (f"window {WINDOW} N={n}", t_sw, t_dense * visited, visited, t_flex,
-            t_sw / (t_dense * visited), t_flex / t_sw)
+            t_sw / (t_dense * visited), t_flex / t_sw, err)
 
 
 def sigmoid_row(n: int, reps: int) -> tuple:
@@ -128,8 +138,12 @@ def sigmoid_row(n: int, reps: int) -> tuple:
     qkv = _qkv(n, False)
     t_sig = bench(lambda: sig(*qkv, [bias]), reps)
     t_dense = bench(lambda: flash_attention(*qkv), reps)
+    with torch.no_grad():
+        s = torch.einsum("bnhd,bmhd->bhnm", qkv[0][:, :256].float(), qkv[1].float()) * D ** -0.5
+        want = torch.einsum("bhnm,bmhd->bnhd", torch.sigmoid(s - 9.0), qkv[2].float())
+        err = _rel(sig(*qkv, [bias])[:, :256], want)
     return (f"sigmoid N={n}", t_sig, tflops(t_sig, n, False), t_dense,
-            tflops(t_dense, n, False), t_dense / t_sig)
+            tflops(t_dense, n, False), t_dense / t_sig, err)
 
 
 _FIRST_CALL = textwrap.dedent("""
@@ -163,7 +177,8 @@ def show(title: str, header: tuple, rows: list[tuple]) -> None:
     print(f"\n{title}")
     print(" | ".join(f"{h:>14}" for h in header))
     for row in rows:
-        print(" | ".join(f"{c:>14.3f}" if isinstance(c, float) else f"{c!s:>14}" for c in row))
+        print(" | ".join(f"{c:>14.3g}" if isinstance(c, float) and c < 1e-2 else
+                         f"{c:>14.3f}" if isinstance(c, float) else f"{c!s:>14}" for c in row))
 
 
 def main() -> None:
@@ -177,13 +192,13 @@ def main() -> None:
           f" {DTYPE}")
     show("score_mod variants: ours vs compiled FlexAttention (ms; target fwd >= 1.15x, bwd >= 1x)",
          ("variant", "ours fwd", "ours bwd", "flex fwd", "flex bwd", "fwd speedup",
-          "bwd speedup"), [r for n in sizes for r in score_mod_rows(n, reps)])
+          "bwd speedup", "rel err"), [r for n in sizes for r in score_mod_rows(n, reps)])
     n_window = max(sizes)
     show("sliding window vs dense over the visited blocks (target ratio <= 1.2, flex/ours >= 1)",
          ("case", "ours ms", "dense*frac ms", "visited frac", "flex ms", "ours/dense",
-          "flex/ours"), [window_row(n_window, reps)])
+          "flex/ours", "rel err"), [window_row(n_window, reps)])
     show("sigmoid attention vs TRITON_FLASH_ATTN dense softmax (target >= 0.9)",
-         ("case", "sigmoid ms", "TFLOP/s", "dense ms", "TFLOP/s", "ratio"),
+         ("case", "sigmoid ms", "TFLOP/s", "dense ms", "TFLOP/s", "ratio", "rel err"),
          [sigmoid_row(n, reps) for n in sizes])
     show("first call, N=4096 (target < 10 s; second process reuses the cache)",
          ("case", "seconds"), first_call_rows())
