@@ -83,7 +83,7 @@ def _flex_fn(score_mod: Callable | None, block_mask: object = None) -> Callable:
     return run
 
 
-def score_mod_rows(n: int, reps: int) -> list[tuple]:
+def score_mod_rows(n: int, reps: int, quick: bool = False) -> list[tuple]:
     slopes = torch.tensor([2.0 ** (-8 * (i + 1) / H) for i in range(H)], device="cuda")
 
     def flex_alibi(score, b, h, q_idx, kv_idx):
@@ -96,8 +96,9 @@ def score_mod_rows(n: int, reps: int) -> list[tuple]:
     softcap = AttentionLibrary("SoftcapAttention", "None", head_size=D, softcap=CAP,
                                backend="triton")
     rows = []
-    for name, ours, flex in (("alibi", lambda q, k, v: alibi(q, k, v, [slopes]), flex_alibi),
-                             ("softcap", softcap, flex_softcap)):
+    cases = (("alibi", lambda q, k, v: alibi(q, k, v, [slopes]), flex_alibi),
+             ("softcap", softcap, flex_softcap))
+    for name, ours, flex in cases[:1] if quick else cases:  # quick: one compile of each side
         qkv = _qkv(n, True)
         flex_fn = _flex_fn(flex)
         of, ob = _fwd_bwd(ours, qkv, reps)
@@ -192,7 +193,8 @@ def main() -> None:
           f" {DTYPE}")
     show("score_mod variants: ours vs compiled FlexAttention (ms; target fwd >= 1.15x, bwd >= 1x)",
          ("variant", "ours fwd", "ours bwd", "flex fwd", "flex bwd", "fwd speedup",
-          "bwd speedup", "rel err"), [r for n in sizes for r in score_mod_rows(n, reps)])
+          "bwd speedup", "rel err"),
+         [r for n in sizes for r in score_mod_rows(n, reps, args.quick)])
     n_window = max(sizes)
     show("sliding window vs dense over the visited blocks (target ratio <= 1.2, flex/ours >= 1)",
          ("case", "ours ms", "dense*frac ms", "visited frac", "flex ms", "ours/dense",
