@@ -39,7 +39,7 @@ def block_classes(fns: RefFns, call: Call, bm: int, bn: int) -> torch.Tensor:
     if fns.mask is None and call.varlen is None and call.block_mask is None:
         return _dense_classes(n, m, bm, bn, call.q.device)
     nkb = -(-m // bn)
-    rows = max(bm, _CHUNK_ELEMENTS // max(1, b * h * m) // bm * bm)
+    rows = max(bm, _CHUNK_ELEMENTS // max(1, _mask_planes(fns, call) * m) // bm * bm)
     parts = []
     for start in range(0, n, rows):
         count = min(rows, n - start)
@@ -59,6 +59,16 @@ def block_classes(fns: RefFns, call: Call, bm: int, bn: int) -> torch.Tensor:
     shapes = {p.shape[:2] for p in parts}
     bb, hh = max(s[0] for s in shapes), max(s[1] for s in shapes)
     return torch.cat([p.expand(bb, hh, -1, -1) for p in parts], 2)
+
+
+def _mask_planes(fns: RefFns, call: Call) -> int:
+    """How many (b, h) planes the mask grid has: 1 where it reads neither b nor h."""
+    b, _, h, _ = call.q.shape
+    if call.block_mask is not None or fns.mask_leaves is None or any(
+            name.startswith("in.") for name in fns.mask_leaves):
+        return b * h
+    reads_b = "b" in fns.mask_leaves and call.varlen is None  # varlen b is per row
+    return (b if reads_b else 1) * (h if "h" in fns.mask_leaves else 1)
 
 
 def block_lists(classes: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -35,12 +35,14 @@ class RefFns:
     score: Callable[[TorchEval], torch.Tensor]
     mask: Callable[[TorchEval], Any] | None
     online: OnlineProgram
+    mask_leaves: frozenset[str] | None = None  # what the mask reads; None: unknown (Python)
 
 
 def traced_fns(variant: Variant) -> RefFns:
     mask = variant.mask
     return RefFns(lambda ev: ev(variant.score),
-                  None if mask is None else (lambda ev: ev(mask)), variant.online)
+                  None if mask is None else (lambda ev: ev(mask)), variant.online,
+                  frozenset(mask.leaves()) if mask is not None else frozenset())
 
 
 class BoundIO:
