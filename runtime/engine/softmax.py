@@ -134,6 +134,15 @@ class AttentionEngine:
 
         return run_triton(self.variant, self.fns, call, scale)
 
+    def describe(self) -> str:
+        """The traced variant as canonical text (the compiled-kernel cache key's source), or
+        why it was not traced; B, N, H, D are bound at each call."""
+        if self.variant is None:
+            return (f"untraced (runs on backend='reference' only): score_mod="
+                    f"{getattr(self.score_mod, '__qualname__', self.score_mod)}, mask_mod="
+                    f"{getattr(self.mask_mod, '__qualname__', self.mask_mod)}")
+        return f"variant {self.variant.key} (backend={self.backend})\n{self.variant.text}"
+
     def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   custom_inputs: Any = None, **layout: Any) -> tuple[torch.Tensor, dict]:
         """(out, final row scales {name: [B, H, N]}) from the pure-torch reference."""

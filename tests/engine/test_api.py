@@ -101,3 +101,12 @@ def test_equal_variants_share_one_cache_key_and_different_ones_do_not():
     c = trace_variant(score_mod, None, None, CustomIO({"softmax_bias": (1,)}))
     assert a.key == b.key  # q >= kv and kv <= q trace to one canonical text
     assert a.key != c.key
+
+
+def test_describe_shows_the_traced_expressions_or_why_untraced():
+    text = _engine("reference", torch.float32).describe()
+    assert "score=add(mul(score, 0.25), softmax_bias[0])" in text
+    assert "mask=le(kv_idx, q_idx)" in text
+    untraced = AttentionEngine(None, lambda s, c, b, h, q, kv: torch.special.erf(s),
+                               backend="reference")
+    assert untraced.describe().startswith("untraced")
