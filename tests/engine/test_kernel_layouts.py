@@ -212,3 +212,22 @@ def test_generated_kernels_compile_for_sm90_without_a_gpu():
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("compiled fwd, dkdv, dq for sm90") == 3
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("triton", marks=[pytest.mark.interpret] if not HAS_CUDA else []),
+    "reference"])
+def test_rows_that_keep_no_key_output_zero_with_zero_gradients(backend):
+    mod = AttentionEngine(None, None, mask_mod=lambda b, h, qi, ki: (ki < 8) & (qi >= 16),
+                          backend=backend)
+    q, k, v = (torch.randn(1, 40, 2, 16, device=DEVICE).requires_grad_() for _ in range(3))
+    out = mod(q, k, v)
+    out.backward(torch.ones_like(out))
+    assert torch.equal(out[:, :16], torch.zeros_like(out[:, :16]))
+    assert torch.isfinite(out).all()
+    assert torch.equal(q.grad[:, :16], torch.zeros_like(q.grad[:, :16]))
+    assert torch.equal(k.grad[:, 8:], torch.zeros_like(k.grad[:, 8:]))
+    i, j = grid(40, 40)
+    want = attend(scores(q.detach().cpu(), k.detach().cpu()) * 0.25, (j < 8) & (i >= 16),
+                  v.detach().cpu())
+    assert rel_l2(out, want) < TOLERANCE[torch.float32]
