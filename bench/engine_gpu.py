@@ -132,7 +132,7 @@ def window_row(n: int, reps: int) -> tuple:
 
 
 def sigmoid_row(n: int, reps: int) -> tuple:
-    from attnrt.kernels.triton_flash import flash_attention
+    from attnrt.kernels.flash.launch import flash_attention
 
     sig = AttentionLibrary("SigmoidAttention", "None", head_size=D, backend="triton")
     bias = torch.tensor([-9.0], device="cuda")

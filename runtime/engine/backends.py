@@ -25,7 +25,7 @@ from attnrt.engine.softmax import AttentionEngine
 from attnrt.engine.trace import TraceError, check_arity
 from attnrt.errors import KernelCompileError
 from attnrt.interfaces import AttentionBackend, ScaledImpl
-from attnrt.support import PACKAGE_MISSING, Package, Reason
+from attnrt.select.capability import PACKAGE_MISSING, Package, Reason
 
 _LAYOUT = ("cu_len_q", "cu_len_kv", "block_sparse_mask", "block_sparse_indices", "block_num")
 _VARIANT_ARGS = ("score_mod", "mask_mod", "online_func", "custom_fwd_inputs", "custom_inputs",
@@ -72,6 +72,8 @@ class EngineImpl(ScaledImpl):
             if self.ENGINE_BACKEND == "flex":
                 from attnrt.engine.flex import FlexRunner
 
+                if self.engine.variant is None:  # untraced variants stop at the trace above
+                    raise EngineError("FlexAttention needs a traced variant")
                 self.engine._flex_runner = FlexRunner(self.engine.variant)
         except (TraceError, EngineError) as exc:
             if self.ENGINE_BACKEND == "reference":

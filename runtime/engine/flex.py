@@ -108,7 +108,7 @@ class FlexRunner:
 
 def run_flex(engine: Any, call: Call, scale: float | None) -> torch.Tensor:
     """Out [B, N, H, Dv] from FlexAttention; EngineError for non-softmax variants."""
-    runner = getattr(engine, "_flex_runner", None)
+    runner = engine._flex_runner
     if runner is None:
         runner = engine._flex_runner = FlexRunner(engine.variant)
     return runner(call, scale)

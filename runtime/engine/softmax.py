@@ -67,6 +67,7 @@ class AttentionEngine:
         self.score_mod, self.mask_mod = score_mod, mask_mod
         self.custom_fwd_inputs = custom_fwd_inputs or CustomIO()
         self.softmax_scale, self.backend, self.block_size = softmax_scale, backend, block_size
+        self._flex_runner: Any = None  # made at the first flex call (engine/flex.py)
         try:
             self.variant: Variant | None = trace_variant(score_mod, mask_mod, online_func,
                                                          custom_fwd_inputs)
