@@ -25,7 +25,7 @@ from attnrt.engine.softmax import AttentionEngine
 from attnrt.engine.trace import TraceError, check_arity
 from attnrt.errors import KernelCompileError
 from attnrt.interfaces import AttentionBackend, ScaledImpl
-from attnrt.select.capability import PACKAGE_MISSING, Package, Reason
+from attnrt.selection.capability import PACKAGE_MISSING, Package, Reason
 
 _LAYOUT = ("cu_len_q", "cu_len_kv", "block_sparse_mask", "block_sparse_indices", "block_num")
 _VARIANT_ARGS = ("score_mod", "mask_mod", "online_func", "custom_fwd_inputs", "custom_inputs",

@@ -94,8 +94,8 @@ def test_untraceable_score_mod_falls_to_the_reference_which_calls_python(engines
     (FlexEngineBackend, {"grad": True}, "cpu", "grad=True is not supported by ENGINE_FLEX"),
 ])
 def test_declared_limits_are_refused_with_the_limit_named(cls, fields, device, words):
-    from attnrt.select.capability import check
-    from attnrt.select.device import parse_device_spec
+    from attnrt.selection.capability import check
+    from attnrt.selection.device import parse_device_spec
 
     request = attnrt.AttentionRequest(**{"head_size": 64, "dtype": "bf16", **fields})
     reasons = check(cls, request, parse_device_spec(device))
@@ -106,8 +106,8 @@ def test_declared_limits_are_refused_with_the_limit_named(cls, fields, device, w
 
 
 def test_reference_engine_backend_serves_anything():
-    from attnrt.select.capability import check
-    from attnrt.select.device import parse_device_spec
+    from attnrt.selection.capability import check
+    from attnrt.selection.device import parse_device_spec
 
     request = attnrt.AttentionRequest(head_size=72, dtype="fp64", grad=True)
     assert check(ReferenceEngineBackend, request, parse_device_spec("cuda:sm70")) == []
