@@ -7,7 +7,7 @@ from attnrt.errors import AttnrtError, BackendUnavailableError
 
 
 class SparseArgumentError(AttnrtError, ValueError):
-    """A sparse-method setting (topk_ratio, feature_map, block or chunk size, ...) is not allowed."""
+    """A sparse-method setting (topk_ratio, feature_map, block or chunk size...) is not allowed."""
 
 
 class SparseMetadataError(AttnrtError, ValueError):
