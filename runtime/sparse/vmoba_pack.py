@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from .lse_grad import attention_with_lse
 from .vmoba_layout import key_blocks, padded_keys
 
 
@@ -61,8 +60,12 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, select: t
     qh = q.transpose(1, 2)  # [B, H, N, D]
     packed = torch.gather(qh, 2, token[..., None].expand(-1, -1, -1, d)).transpose(1, 2)
     kp, vp = padded_keys(k, chunk, block_k), padded_keys(v, chunk, block_k)
-    out, lse = attention_with_lse(packed.contiguous(), kp, vp, index, count, block_q,
-                                  block_k, valid, scale)
+    from attnrt.kernels.block_sparse import block_sparse_attention
+
+    # The kernel's lse is differentiable too (its backward takes dlse), which the merge needs.
+    out, lse = block_sparse_attention(packed.contiguous(), kp, vp, index, count,
+                                      block_q=block_q, block_k=block_k, key_block_valid=valid,
+                                      softmax_scale=scale, return_lse=True)
     return merge_pairs(out, lse, token, real, n)
 
 
