@@ -13,7 +13,9 @@ Two variants:
   elsewhere in PyTorch, chunked over query blocks.
 
 Both take and return float32 (float64 for float64 inputs); the denominator gets +1e-5 as
-upstream's does, so an all-zero relu row gives 0 rather than NaN.
+upstream's does, so an all-zero relu row gives 0 rather than NaN. The unvisited variant loses
+precision as the visited share grows (a difference of two sums): a block that visits every key
+block gets exactly 0.
 """
 
 from __future__ import annotations
@@ -61,11 +63,13 @@ def linear_attention(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor) -> tor
 
 def unvisited_linear_attention(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor,
                                block_index: torch.Tensor, block_count: torch.Tensor,
-                               block_q: int, block_k: int) -> torch.Tensor:
+                               block_q: int, block_k: int,
+                               kernel_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Linear attention of each query block over the key blocks its list does NOT name.
 
     qf [B, N, H, D], kf [B, M, Hkv, D], v [B, M, Hkv, D], block_index int32 [B, H, NQB, MAXK],
-    block_count int32 [B, H, NQB] -> [B, N, H, D] float32/64.
+    block_count int32 [B, H, NQB] -> [B, N, H, D] float32/64. kernel_dtype: the operand dtype
+    of the CUDA kernel's visited part (e.g. bf16 for tensor cores; default: float32).
     Equivalent PyTorch: with S = qf kf^T masked to the unvisited key blocks,
     (S v) / (S.sum(-1) + 1e-5).
     """
@@ -76,15 +80,23 @@ def unvisited_linear_attention(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tens
     ksum = ka.sum(1).repeat_interleave(group, 1)
     num = torch.einsum("bnhd,bhde->bnhe", qa, kv)
     den = torch.einsum("bnhd,bhd->bnh", qa, ksum)
+    if qf.is_cuda and kernel_dtype is not None:
+        qa, ka, va = (t.to(kernel_dtype) for t in (qa, ka, va))
     vis_num, vis_den = visited_linear(qa, ka, va, block_index, block_count, block_q, block_k)
-    return (num - vis_num) / (den - vis_den + EPS)[..., None]
+    out = (num - vis_num) / (den - vis_den + EPS)[..., None]
+    # A query block that visits every key block has no linear part: exactly 0, not the
+    # rounding left by the subtraction divided by EPS.
+    nkb = -(-kf.shape[1] // block_k)
+    everything = (block_count >= nkb).repeat_interleave(block_q, dim=2)[:, :, :qf.shape[1]]
+    return out.masked_fill(everything.transpose(1, 2)[..., None], 0.0)
 
 
 def visited_linear(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor,
                    block_index: torch.Tensor, block_count: torch.Tensor, block_q: int,
                    block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over visited j of (qf_i kf_j^T) v_j [B, N, H, D], sum of qf_i kf_j^T 1 [B, N, H]),
-    in qf's dtype: on CUDA the Triton kernel, else chunked PyTorch (both differentiable)."""
+    float32 (float64 on the PyTorch path for float64 inputs): on CUDA the Triton kernel, else
+    chunked PyTorch (both differentiable)."""
     if qf.is_cuda:
         from .linear_kernel import visited_linear_triton  # Triton: imported only on CUDA
 

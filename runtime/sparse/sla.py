@@ -147,5 +147,6 @@ class SLAAttentionImpl(AttentionImpl, nn.Module):
         phi = FEATURE_MAPS[self.feature_map]
         qf, kf = phi(query.to(acc)), phi(key.to(acc))
         if self.fused_linear:
-            return unvisited_linear_attention(qf, kf, value, index, count, self.BLKQ, self.BLKK)
+            return unvisited_linear_attention(qf, kf, value, index, count, self.BLKQ, self.BLKK,
+                                              kernel_dtype=self.dtype)
         return linear_attention(qf, kf, value)
