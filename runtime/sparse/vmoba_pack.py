@@ -14,6 +14,7 @@ attention over the union of its chunks (chunks are disjoint). Padding rows visit
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .vmoba_layout import key_blocks, padded_keys
 
@@ -42,14 +43,47 @@ def pack_pairs(select: torch.Tensor, block_q: int
     return token, real, block_chunk
 
 
+# Memory one call may use for packed rows (packed q, pair outputs, float32 merge terms).
+PACKED_BYTES_BUDGET = 8 << 30
+
+
 def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, select: torch.Tensor,
-                    chunk: int, scale: float, block_q: int = 64, block_k: int = 64
-                    ) -> torch.Tensor:
+                    chunk: int, scale: float, block_q: int = 64, block_k: int = 64,
+                    kv_heads_per_call: int | None = None) -> torch.Tensor:
     """q [B, N, H, D], k/v [B, N, Hkv, D] in chunk order, select bool [B, C, H, N] ->
     out [B, N, H, D]: each query's attention over the union of its selected chunks.
 
+    Heads run in groups of `kv_heads_per_call` key/value heads (default: as many as keep the
+    packed rows under PACKED_BYTES_BUDGET); with autograd on, each group is checkpointed
+    (recomputed in the backward), so the packed rows never pile up across groups.
+
     Equivalent PyTorch: softmax(q k^T * scale, masked to keys in the selected chunks) v.
     """
+    h, hkv, d = q.shape[2], k.shape[2], q.shape[3]
+    group = h // hkv
+    if kv_heads_per_call is None:
+        rows_per_head = max(1, int(select.sum().item()) // h)
+        per_kv_head = group * rows_per_head * d * 12  # bf16 q + out, float32 parts + merge
+        kv_heads_per_call = max(1, PACKED_BYTES_BUDGET // per_kv_head)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    outs = []
+    for k0 in range(0, hkv, kv_heads_per_call):
+        k1 = min(hkv, k0 + kv_heads_per_call)
+        heads = slice(k0 * group, k1 * group)
+        args = (q[:, :, heads], k[:, :, k0:k1], v[:, :, k0:k1], select[:, :, heads], chunk,
+                scale, block_q, block_k)
+        if grad and hkv > kv_heads_per_call:
+            outs.append(checkpoint(_attend_heads, *args, use_reentrant=False))
+        else:
+            outs.append(_attend_heads(*args))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _attend_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, select: torch.Tensor,
+                  chunk: int, scale: float, block_q: int, block_k: int) -> torch.Tensor:
+    """vmoba_attention for one group of heads, in one kernel call."""
+    from attnrt.kernels.block_sparse import block_sparse_attention
+
     b, n, h, d = q.shape
     token, real, block_chunk = pack_pairs(select, block_q)
     valid, chunk_ids, chunk_counts = key_blocks(n, chunk, block_k, q.device)
@@ -60,8 +94,6 @@ def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, select: t
     qh = q.transpose(1, 2)  # [B, H, N, D]
     packed = torch.gather(qh, 2, token[..., None].expand(-1, -1, -1, d)).transpose(1, 2)
     kp, vp = padded_keys(k, chunk, block_k), padded_keys(v, chunk, block_k)
-    from attnrt.kernels.block_sparse import block_sparse_attention
-
     # The kernel's lse is differentiable too (its backward takes dlse), which the merge needs.
     out, lse = block_sparse_attention(packed.contiguous(), kp, vp, index, count,
                                       block_q=block_q, block_k=block_k, key_block_valid=valid,

@@ -66,11 +66,15 @@ def chunk_gate(q: torch.Tensor, k: torch.Tensor, chunk: int) -> torch.Tensor:
 def _flat(gate: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[B, C, H, N] -> upstream's varlen view (gate [B*C, H, B*N], valid, own-chunk masks)."""
     b, c, h, n = gate.shape
-    flat = gate.new_zeros(b * c, h, b * n)
-    valid = torch.zeros(b * c, 1, b * n, dtype=torch.bool, device=gate.device)
-    for i in range(b):
-        flat[i * c:(i + 1) * c, :, i * n:(i + 1) * n] = gate[i]
-        valid[i * c:(i + 1) * c, :, i * n:(i + 1) * n] = True
+    if b == 1:  # no foreign entries: a view, not a copy (the gate can be GBs)
+        flat = gate[0]
+        valid = torch.ones(c, 1, n, dtype=torch.bool, device=gate.device)
+    else:
+        flat = gate.new_zeros(b * c, h, b * n)
+        valid = torch.zeros(b * c, 1, b * n, dtype=torch.bool, device=gate.device)
+        for i in range(b):
+            flat[i * c:(i + 1) * c, :, i * n:(i + 1) * n] = gate[i]
+            valid[i * c:(i + 1) * c, :, i * n:(i + 1) * n] = True
     token_chunk = torch.arange(b * n, device=gate.device) % n // chunk + \
         torch.arange(b * n, device=gate.device) // n * c
     own = (token_chunk[None, :] == torch.arange(b * c, device=gate.device)[:, None])[:, None]

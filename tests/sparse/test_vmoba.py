@@ -152,6 +152,21 @@ class TestBackward:
             assert rel_l2(got, want) < 1e-5
 
 
+    def test_head_groups_checkpointed_gqa(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from attnrt.sparse import vmoba_pack
+
+        monkeypatch.setattr(vmoba_pack, "PACKED_BYTES_BUDGET", 1)  # one kv head per call
+        meta = metadata(moba_threshold=0.3)
+        q, k, v = (t.requires_grad_() for t in qkv(h=4, hkv=2, seed=9))
+        dout = torch.randn(1, N, 4, 16, generator=torch.Generator().manual_seed(3))
+        impl_for(1, h=4, hkv=2).forward(q, k, v, meta).backward(dout)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref, _ = vmoba_reference(q64, k64, v64, GRID, (2, 3), "threshold", "query_head", 0.3, 2)
+        ref.backward(dout.double())
+        for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+            assert rel_l2(got, want) < 1e-5
+
+
 class TestRefusals:
     def test_missing_metadata(self) -> None:
         q, k, v = qkv()
