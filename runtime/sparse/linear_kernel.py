@@ -100,7 +100,8 @@ def _launch(kernel: Any, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor,
     prec = "ieee" if a.dtype == torch.float32 else "tf32"
     kernel[grid](*tensors, index, count, n, b.shape[1], h, h // b.shape[2], a.stride(),
                  b.stride(), index.stride(), count.stride(), D=d, BLOCK_D=block_d,
-                 BLOCK_Q=block_q, BLOCK_K=block_k, PREC=prec, num_warps=4)
+                 BLOCK_Q=block_q, BLOCK_K=block_k, PREC=prec,
+                 num_warps=8 if block_q * block_d >= 128 * 128 else 4)
 
 
 class _Visited(torch.autograd.Function):

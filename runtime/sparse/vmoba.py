@@ -42,7 +42,9 @@ def layer_idx_from_prefix(prefix: str) -> int:
 
 @dataclass
 class VideoMobaAttentionMetadata(AttentionMetadata):
-    """FastVideo's VMoBA step data; chunk sizes in patches (temporal: frames)."""
+    """FastVideo's VMoBA step data; chunk sizes in patches (temporal: frames). Defaults are
+    FastVideo's wan_1.3B_77_480_832 settings. first_full_step is for the pipeline (dense
+    attention for the first steps, as FastVideo's); the impl does not read it."""
 
     current_timestep: int = 0
     temporal_chunk_size: int = 2
