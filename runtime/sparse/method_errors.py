@@ -26,6 +26,27 @@ class SageSLAUnavailableError(BackendUnavailableError):
     """SpargeAttn's spas_sage_attn kernels cannot be imported (or the device cannot run them)."""
 
 
+def check_qkv(method: str, heads: int, kv_heads: int, head_size: int, query: object,
+              key: object, value: object) -> None:
+    """SparseArgumentError unless query is [B, N, heads, head_size] and key, value are equal
+    [B, M, kv_heads, head_size] tensors."""
+    import torch
+
+    tensors = (query, key, value)
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in tensors):
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                  for t in tensors]
+        raise SparseArgumentError(f"query, key, value = {shapes} are not supported by "
+                                  f"{method}; allowed: 4-D tensors [B, N, H, D]")
+    q, k, v = tensors
+    if (q.shape[2:] != (heads, head_size) or k.shape != v.shape  # type: ignore[union-attr]
+            or k.shape[0] != q.shape[0] or k.shape[2:] != (kv_heads, head_size)):  # type: ignore[union-attr]
+        raise SparseArgumentError(
+            f"query.shape={tuple(q.shape)}, key.shape={tuple(k.shape)}, "  # type: ignore[union-attr]
+            f"value.shape={tuple(v.shape)} are not supported by {method}; allowed: "  # type: ignore[union-attr]
+            f"[B, N, {heads}, {head_size}] and equal [B, M, {kv_heads}, {head_size}]")
+
+
 def check_ratio(name: str, value: object) -> float:
     """`value` as a float in (0, 1], else SparseArgumentError naming `name`."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)

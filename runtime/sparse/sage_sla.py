@@ -38,6 +38,7 @@ from .method_errors import (
     SageSLAUnavailableError,
     SparseArgumentError,
     check_choice,
+    check_qkv,
 )
 from .sla import SLAAttentionImpl, step_ratio
 
@@ -96,6 +97,7 @@ class SageSLAAttentionImpl(SLAAttentionImpl):
                 f"{METHOD} is forward-only (SpargeAttn's kernels have no backward); inputs "
                 "that require grad are not allowed: run it under torch.no_grad() or use "
                 "SLA_ATTN for training")
+        check_qkv(METHOD, self.num_heads, self.num_heads, self.head_size, query, key, value)
         ratio = step_ratio(self.topk_ratio, attn_metadata)
         q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))  # [B, H, N, D]
         blkq, blkk = (64, 128) if device_arch(q.device) == "sm90" else (128, 64)

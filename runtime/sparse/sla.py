@@ -30,7 +30,13 @@ from attnrt.interfaces import AttentionImpl, AttentionMetadata, AttentionMetadat
 
 from .block_select import select_blocks
 from .linear_branch import FEATURE_MAPS, linear_attention, unvisited_linear_attention
-from .method_errors import CheckpointShapeError, SparseArgumentError, check_choice, check_ratio
+from .method_errors import (
+    CheckpointShapeError,
+    SparseArgumentError,
+    check_choice,
+    check_qkv,
+    check_ratio,
+)
 
 # Block sizes the block-sparse kernel compiles (attnrt.kernels.block_sparse checks).
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -130,6 +136,7 @@ class SLAAttentionImpl(AttentionImpl, nn.Module):
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
         from attnrt.kernels.block_sparse import block_sparse_attention
 
+        check_qkv(METHOD, self.num_heads, self.num_kv_heads, self.head_size, query, key, value)
         ratio = step_ratio(self.topk_ratio, attn_metadata)
         index, count, _ = select_blocks(query, key, ratio, self.BLKQ, self.BLKK)
         q, k, v = (t.to(self.dtype) for t in (query, key, value))

@@ -23,7 +23,7 @@ import torch
 
 from attnrt.interfaces import AttentionImpl, AttentionMetadata, AttentionMetadataBuilder
 
-from .method_errors import SparseArgumentError, SparseMetadataError
+from .method_errors import SparseArgumentError, SparseMetadataError, check_qkv
 from .vmoba_layout import Chunk, check_chunk, from_chunk_order, to_chunk_order
 from .vmoba_pack import vmoba_attention
 from .vmoba_select import METHOD, check_selection, select_chunks
@@ -152,6 +152,7 @@ class VMOBAAttentionImpl(AttentionImpl):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
+        check_qkv(METHOD, self.num_heads, self.num_kv_heads, self.head_size, query, key, value)
         meta = self._metadata(attn_metadata, query, key)
         chunk, topk = layer_chunk(self.layer_idx, meta)
         grid = tuple(meta.patch_resolution)

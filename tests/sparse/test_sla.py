@@ -216,6 +216,14 @@ class TestRefusals:
         with pytest.raises(SparseArgumentError, match=pattern):
             SLAAttentionImpl(num_heads=2, head_size=32, **kwargs)  # type: ignore[arg-type]
 
+    @pytest.mark.parametrize("shapes", [((1, 32, 3, 32), (1, 32, 2, 32)),
+                                        ((1, 32, 2, 16), (1, 32, 2, 16)),
+                                        ((32, 2, 32), (32, 2, 32))])
+    def test_bad_shapes(self, shapes: tuple[tuple[int, ...], ...]) -> None:
+        q, k = torch.randn(shapes[0]), torch.randn(shapes[1])
+        with pytest.raises(SparseArgumentError, match=r"not supported by SLA_ATTN; allowed: "):
+            make_impl()(q, k, k, None)
+
     def test_errors_are_value_errors(self) -> None:
         assert issubclass(SparseArgumentError, ValueError)
         assert issubclass(CheckpointShapeError, ValueError)
