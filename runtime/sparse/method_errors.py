@@ -38,12 +38,12 @@ def check_qkv(method: str, heads: int, kv_heads: int, head_size: int, query: obj
                   for t in tensors]
         raise SparseArgumentError(f"query, key, value = {shapes} are not supported by "
                                   f"{method}; allowed: 4-D tensors [B, N, H, D]")
-    q, k, v = tensors
-    if (q.shape[2:] != (heads, head_size) or k.shape != v.shape  # type: ignore[union-attr]
-            or k.shape[0] != q.shape[0] or k.shape[2:] != (kv_heads, head_size)):  # type: ignore[union-attr]
+    q, k, v = (t for t in tensors if isinstance(t, torch.Tensor))
+    if (q.shape[2:] != (heads, head_size) or k.shape != v.shape or k.shape[0] != q.shape[0]
+            or k.shape[2:] != (kv_heads, head_size)):
         raise SparseArgumentError(
-            f"query.shape={tuple(q.shape)}, key.shape={tuple(k.shape)}, "  # type: ignore[union-attr]
-            f"value.shape={tuple(v.shape)} are not supported by {method}; allowed: "  # type: ignore[union-attr]
+            f"query.shape={tuple(q.shape)}, key.shape={tuple(k.shape)}, value.shape="
+            f"{tuple(v.shape)} are not supported by {method}; allowed: "
             f"[B, N, {heads}, {head_size}] and equal [B, M, {kv_heads}, {head_size}]")
 
 

@@ -50,7 +50,8 @@ def check_chunk(name: str, chunk: object, grid: Sequence[int]) -> int:
 def _split(chunk: Chunk, grid: Sequence[int]) -> tuple[int, ...]:
     """View sizes (nt, ct, nh, ch, nw, cw) of a grid-shaped chunk."""
     t, hp, wp = grid
-    ct, ch, cw = (t, *chunk) if len(chunk) == 2 else tuple(chunk)  # type: ignore[arg-type]
+    sizes = tuple(chunk) if not isinstance(chunk, int) else (chunk,)
+    ct, ch, cw = (t, *sizes) if len(sizes) == 2 else sizes
     return t // ct, ct, hp // ch, ch, wp // cw, cw
 
 
