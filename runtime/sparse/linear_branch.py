@@ -47,42 +47,45 @@ def _acc(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _totals(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Over every key: (qf (kf^T v) [B, N, H, D], qf . kf.sum(seq) [B, N, H]) in float32/64.
+    bf16 features multiply in bf16 (float32 accumulation inside the matmul, as upstream's
+    bf16 branch); any other dtype in float32 (fp16 sums over long sequences overflow)."""
+    acc = _acc(qf)
+    mm = torch.bfloat16 if qf.dtype == torch.bfloat16 else acc
+    group = qf.shape[2] // kf.shape[2]
+    kv = torch.einsum("bmhd,bmhe->bhde", kf.to(mm), v.to(mm)).repeat_interleave(group, 1)
+    ksum = kf.sum(1, dtype=acc).repeat_interleave(group, 1)  # [B, H, D]
+    num = torch.einsum("bnhd,bhde->bnhe", qf.to(mm), kv)
+    den = torch.einsum("bnhd,bhd->bnh", qf.to(mm), ksum.to(mm))
+    return num.to(acc), den.to(acc)
+
+
 def linear_attention(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """qf = phi(Q) [B, N, H, D], kf = phi(K) [B, M, Hkv, D], v [B, M, Hkv, D] -> [B, N, H, D].
+    """qf = phi(Q) [B, N, H, D], kf = phi(K) [B, M, Hkv, D], v [B, M, Hkv, D] -> [B, N, H, D]
+    float32 (float64 for float64 features).
 
     Equivalent PyTorch: (qf @ (kf^T v)) / (qf . kf.sum(seq) + 1e-5) per head.
     """
-    acc = _acc(qf)
-    group = qf.shape[2] // kf.shape[2]
-    kv = torch.einsum("bmhd,bmhe->bhde", kf.to(acc), v.to(acc)).repeat_interleave(group, 1)
-    ksum = kf.to(acc).sum(1).repeat_interleave(group, 1)  # [B, H, D]
-    num = torch.einsum("bnhd,bhde->bnhe", qf.to(acc), kv)
-    den = torch.einsum("bnhd,bhd->bnh", qf.to(acc), ksum)
+    num, den = _totals(qf, kf, v)
     return num / (den + EPS)[..., None]
 
 
 def unvisited_linear_attention(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor,
                                block_index: torch.Tensor, block_count: torch.Tensor,
-                               block_q: int, block_k: int,
-                               kernel_dtype: torch.dtype | None = None) -> torch.Tensor:
+                               block_q: int, block_k: int) -> torch.Tensor:
     """Linear attention of each query block over the key blocks its list does NOT name.
 
     qf [B, N, H, D], kf [B, M, Hkv, D], v [B, M, Hkv, D], block_index int32 [B, H, NQB, MAXK],
-    block_count int32 [B, H, NQB] -> [B, N, H, D] float32/64. kernel_dtype: the operand dtype
-    of the CUDA kernel's visited part (e.g. bf16 for tensor cores; default: float32).
+    block_count int32 [B, H, NQB] -> [B, N, H, D] float32 (float64 for float64 features). The
+    visited part multiplies in the features' dtype on CUDA (bf16: tensor cores).
     Equivalent PyTorch: with S = qf kf^T masked to the unvisited key blocks,
     (S v) / (S.sum(-1) + 1e-5).
     """
-    acc = _acc(qf)
-    group = qf.shape[2] // kf.shape[2]
-    qa, ka, va = qf.to(acc), kf.to(acc), v.to(acc)
-    kv = torch.einsum("bmhd,bmhe->bhde", ka, va).repeat_interleave(group, 1)
-    ksum = ka.sum(1).repeat_interleave(group, 1)
-    num = torch.einsum("bnhd,bhde->bnhe", qa, kv)
-    den = torch.einsum("bnhd,bhd->bnh", qa, ksum)
-    if qf.is_cuda and kernel_dtype is not None:
-        qa, ka, va = (t.to(kernel_dtype) for t in (qa, ka, va))
-    vis_num, vis_den = visited_linear(qa, ka, va, block_index, block_count, block_q, block_k)
+    num, den = _totals(qf, kf, v)
+    vis_num, vis_den = visited_linear(qf, kf, v.to(qf.dtype), block_index, block_count,
+                                      block_q, block_k)
     out = (num - vis_num) / (den - vis_den + EPS)[..., None]
     # A query block that visits every key block has no linear part: exactly 0, not the
     # rounding left by the subtraction divided by EPS.
@@ -101,7 +104,9 @@ def visited_linear(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor,
         from .linear_kernel import visited_linear_triton  # Triton: imported only on CUDA
 
         return visited_linear_triton(qf, kf, v, block_index, block_count, block_q, block_k)
-    return visited_linear_torch(qf, kf, v, block_index, block_count, block_q, block_k)
+    acc = _acc(qf)
+    return visited_linear_torch(qf.to(acc), kf.to(acc), v.to(acc), block_index, block_count,
+                                block_q, block_k)
 
 
 def _block_sums(kf: torch.Tensor, v: torch.Tensor, block_k: int

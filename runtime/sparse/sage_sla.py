@@ -32,7 +32,6 @@ import torch
 from attnrt.interfaces import AttentionMetadata
 
 from .block_select import get_block_map
-from .linear_branch import FEATURE_MAPS, linear_attention
 from .method_errors import (
     GradientNotSupportedError,
     SageSLAUnavailableError,
@@ -104,10 +103,8 @@ class SageSLAAttentionImpl(SLAAttentionImpl):
         sparse_map, _, _ = get_block_map(q, k, ratio, BLKQ=blkq, BLKK=blkk)
         q, k, v = (t.to(self.dtype) for t in (q, k, v))
         o_s = self.quantized_sparse(q, k, v, sparse_map, blkq, blkk)
-        phi = FEATURE_MAPS[self.feature_map]
-        acc = torch.float32
-        o_l = linear_attention(phi(query.to(acc)), phi(key.to(acc)), value)  # [B, N, H, D]
-        out = o_s.transpose(1, 2).to(acc) + self.proj_l(o_l.to(self.proj_l.weight.dtype)).to(acc)
+        o_l = self.linear_branch(query, key, value)  # [B, N, H, D]
+        out = o_s.transpose(1, 2).to(o_l.dtype) + self.project(o_l).to(o_l.dtype)
         return out.to(query.dtype)
 
     def quantized_sparse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

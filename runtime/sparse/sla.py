@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from attnrt.interfaces import AttentionImpl, AttentionMetadata, AttentionMetadataBuilder
@@ -143,17 +144,27 @@ class SLAAttentionImpl(AttentionImpl, nn.Module):
         o_s = block_sparse_attention(q, k, v, index, count, block_q=self.BLKQ,
                                      block_k=self.BLKK, softmax_scale=self.softmax_scale)
         o_l = self.linear_branch(query, key, value, index, count)
-        out = o_s.to(o_l.dtype) + self.proj_l(o_l.to(self.proj_l.weight.dtype)).to(o_l.dtype)
+        out = o_s.to(o_l.dtype) + self.project(o_l).to(o_l.dtype)
         return out.to(query.dtype)
 
     def linear_branch(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      index: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+                      index: torch.Tensor | None = None,
+                      count: torch.Tensor | None = None) -> torch.Tensor:
         """phi(Q)(phi(K)^T V)/(phi(Q) . sum phi(K)) [B, N, H, D] in float32 (float64 for
-        float64 inputs), over every key or (fused_linear) the unvisited key blocks."""
+        float64 inputs), over every key or (fused_linear, given lists) the unvisited blocks. With a
+        bf16 compute dtype the features are bf16 and multiply in bf16 (as upstream); else in
+        float32 (fp16 sums over long sequences would overflow)."""
         acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+        feat = torch.bfloat16 if self.dtype == torch.bfloat16 else acc
         phi = FEATURE_MAPS[self.feature_map]
-        qf, kf = phi(query.to(acc)), phi(key.to(acc))
-        if self.fused_linear:
-            return unvisited_linear_attention(qf, kf, value, index, count, self.BLKQ, self.BLKK,
-                                              kernel_dtype=self.dtype)
+        qf, kf = phi(query.to(feat)), phi(key.to(feat))
+        if self.fused_linear and index is not None and count is not None:
+            return unvisited_linear_attention(qf, kf, value, index, count, self.BLKQ, self.BLKK)
         return linear_attention(qf, kf, value)
+
+    def project(self, o_l: torch.Tensor) -> torch.Tensor:
+        """proj_l(o_l) in float32, or in bf16 for a bf16 compute dtype (upstream's autocast)."""
+        weight, bias = self.proj_l.weight, self.proj_l.bias
+        if self.dtype == torch.bfloat16:
+            return F.linear(o_l.to(self.dtype), weight.to(self.dtype), bias.to(self.dtype))
+        return self.proj_l(o_l.to(weight.dtype))
