@@ -142,10 +142,35 @@ def topk_select(gate: torch.Tensor, valid: torch.Tensor, own: torch.Tensor, topk
     return valid & _ungroup(keep, threshold_type, gate.shape)
 
 
+# Gate entries (chunks x heads x tokens) one selection pass may hold; the sort behind the
+# threshold rule needs about six times that in bytes per float32 entry.
+GATE_ENTRIES_BUDGET = 1 << 30
+
+
 def select_chunks(q: torch.Tensor, k: torch.Tensor, chunk: int, select_mode: str,
                   threshold_type: str, threshold: float, topk: int) -> torch.Tensor:
     """q [B, N, H, D], k [B, N, Hkv, D] in chunk order, `chunk` tokens per chunk -> bool
-    [B, C, H, N]: chunk c is attended by (query t, head h); every query keeps its own chunk."""
+    [B, C, H, N]: chunk c is attended by (query t, head h); every query keeps its own chunk.
+
+    Rules whose groups stay within one head (query_head, head_global) run over groups of
+    heads that keep the gate under GATE_ENTRIES_BUDGET entries; block and overall groups span
+    every head and run at once.
+    """
+    b, n, h, _ = q.shape
+    group = h // k.shape[2]
+    per_head = b * b * -(-n // chunk) * n
+    step = h
+    if threshold_type in ("query_head", "head_global"):
+        step = max(group, GATE_ENTRIES_BUDGET // per_head // group * group)
+    parts = [_select_heads(q[:, :, h0:h0 + step], k[:, :, h0 // group:(h0 + step) // group],
+                           chunk, select_mode, threshold_type, threshold, topk)
+             for h0 in range(0, h, step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def _select_heads(q: torch.Tensor, k: torch.Tensor, chunk: int, select_mode: str,
+                  threshold_type: str, threshold: float, topk: int) -> torch.Tensor:
+    """select_chunks over the heads of q (k: their key/value heads)."""
     gate = chunk_gate(q, k, chunk)
     b, c, _, n = gate.shape
     flat, valid, own = _flat(gate, chunk)

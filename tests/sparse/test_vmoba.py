@@ -102,6 +102,17 @@ class TestSelection:
         _, want = vmoba_reference(q, k, k, GRID, chunk, mode, kind, 0.4, 2)
         assert torch.equal(grid_order_selection(got, chunk), want)
 
+    @pytest.mark.parametrize(("mode", "kind"), [("threshold", "query_head"),
+                                                ("topk", "head_global")])
+    def test_head_groups_select_alike(self, monkeypatch: pytest.MonkeyPatch, mode: str,
+                                      kind: str) -> None:
+        from attnrt.sparse import vmoba_select
+
+        q, k, _ = qkv(h=4, hkv=2, seed=12)
+        whole = select_chunks(q, k, 24, mode, kind, 0.3, 2)
+        monkeypatch.setattr(vmoba_select, "GATE_ENTRIES_BUDGET", 1)  # one kv group per pass
+        assert torch.equal(select_chunks(q, k, 24, mode, kind, 0.3, 2), whole)
+
     def test_own_chunk_always_kept_and_selection_is_sparse(self) -> None:
         q, k, _ = qkv(seed=4)
         select = select_chunks(q, k, 24, "threshold", "query_head", 0.0, 1)
