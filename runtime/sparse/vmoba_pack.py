@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .pair_scatter import weighted_scatter
 from .vmoba_layout import key_blocks, padded_keys
 
 
@@ -105,7 +106,7 @@ def merge_pairs(out: torch.Tensor, lse: torch.Tensor, token: torch.Tensor, real:
                 n: int) -> torch.Tensor:
     """Pairs' out [B, P, H, D] and lse [B, H, P] -> per token [B, N, H, D]: the
     log-sum-exp-weighted sum over each token's pairs (differentiable)."""
-    b, _, h, d = out.shape
+    b, _, h, _ = out.shape
     acc = torch.promote_types(out.dtype, torch.float32)
     lse = torch.where(real, lse.to(acc), torch.full_like(lse, float("-inf"), dtype=acc))
     top = torch.full((b, h, n), float("-inf"), dtype=acc, device=out.device)
@@ -114,7 +115,4 @@ def merge_pairs(out: torch.Tensor, lse: torch.Tensor, token: torch.Tensor, real:
     weight = torch.exp(lse - top.gather(2, token))  # [B, H, P]; 0 on padding rows
     total = torch.zeros(b, h, n, dtype=acc, device=out.device).scatter_add(2, token, weight)
     share = weight / total.gather(2, token)
-    parts = out.transpose(1, 2).to(acc) * share[..., None]  # [B, H, P, D]
-    merged = torch.zeros(b, h, n, d, dtype=acc, device=out.device).scatter_add(
-        2, token[..., None].expand(-1, -1, -1, d), parts)
-    return merged.transpose(1, 2).to(out.dtype)
+    return weighted_scatter(out, share, token, n).to(out.dtype)
