@@ -144,7 +144,7 @@ def topk_select(gate: torch.Tensor, valid: torch.Tensor, own: torch.Tensor, topk
 
 # Gate entries (chunks x heads x tokens) one selection pass may hold; the sort behind the
 # threshold rule needs about six times that in bytes per float32 entry.
-GATE_ENTRIES_BUDGET = 1 << 30
+GATE_ENTRIES_BUDGET = 1 << 29
 
 
 def select_chunks(q: torch.Tensor, k: torch.Tensor, chunk: int, select_mode: str,
