@@ -26,10 +26,10 @@ class SageSLAUnavailableError(BackendUnavailableError):
     """SpargeAttn's spas_sage_attn kernels cannot be imported (or the device cannot run them)."""
 
 
-def check_qkv(method: str, heads: int, kv_heads: int, head_size: int, query: object,
-              key: object, value: object) -> None:
-    """SparseArgumentError unless query is [B, N, heads, head_size] and key, value are equal
-    [B, M, kv_heads, head_size] tensors."""
+def check_qkv(method: str, head_size: int, query: object, key: object, value: object) -> None:
+    """SparseArgumentError unless query is [B, N, H, head_size] and key, value are equal
+    [B, M, Hkv, head_size] tensors with H % Hkv == 0. The head count itself is not checked:
+    under sequence parallelism an impl sees a shard of the heads it was built for."""
     import torch
 
     tensors = (query, key, value)
@@ -39,12 +39,12 @@ def check_qkv(method: str, heads: int, kv_heads: int, head_size: int, query: obj
         raise SparseArgumentError(f"query, key, value = {shapes} are not supported by "
                                   f"{method}; allowed: 4-D tensors [B, N, H, D]")
     q, k, v = (t for t in tensors if isinstance(t, torch.Tensor))
-    if (q.shape[2:] != (heads, head_size) or k.shape != v.shape or k.shape[0] != q.shape[0]
-            or k.shape[2:] != (kv_heads, head_size)):
+    if (q.shape[3] != head_size or k.shape != v.shape or k.shape[0] != q.shape[0]
+            or k.shape[3] != head_size or q.shape[2] % k.shape[2]):
         raise SparseArgumentError(
             f"query.shape={tuple(q.shape)}, key.shape={tuple(k.shape)}, value.shape="
-            f"{tuple(v.shape)} are not supported by {method}; allowed: "
-            f"[B, N, {heads}, {head_size}] and equal [B, M, {kv_heads}, {head_size}]")
+            f"{tuple(v.shape)} are not supported by {method}; allowed: [B, N, H, "
+            f"{head_size}] and equal [B, M, Hkv, {head_size}] with H % Hkv == 0")
 
 
 def check_ratio(name: str, value: object) -> float:

@@ -96,7 +96,11 @@ class SageSLAAttentionImpl(SLAAttentionImpl):
                 f"{METHOD} is forward-only (SpargeAttn's kernels have no backward); inputs "
                 "that require grad are not allowed: run it under torch.no_grad() or use "
                 "SLA_ATTN for training")
-        check_qkv(METHOD, self.num_heads, self.num_heads, self.head_size, query, key, value)
+        check_qkv(METHOD, self.head_size, query, key, value)
+        if key.shape[2] != query.shape[2]:
+            raise SparseArgumentError(f"key heads {key.shape[2]} != query heads "
+                                      f"{query.shape[2]} are not supported by {METHOD}; "
+                                      "allowed: equal (no GQA)")
         ratio = step_ratio(self.topk_ratio, attn_metadata)
         q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))  # [B, H, N, D]
         blkq, blkk = (64, 128) if device_arch(q.device) == "sm90" else (128, 64)

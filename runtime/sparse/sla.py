@@ -137,7 +137,7 @@ class SLAAttentionImpl(AttentionImpl, nn.Module):
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
         from attnrt.kernels.block_sparse import block_sparse_attention
 
-        check_qkv(METHOD, self.num_heads, self.num_kv_heads, self.head_size, query, key, value)
+        check_qkv(METHOD, self.head_size, query, key, value)
         ratio = step_ratio(self.topk_ratio, attn_metadata)
         index, count, _ = select_blocks(query, key, ratio, self.BLKQ, self.BLKK)
         q, k, v = (t.to(self.dtype) for t in (query, key, value))

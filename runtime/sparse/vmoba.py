@@ -152,7 +152,7 @@ class VMOBAAttentionImpl(AttentionImpl):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
-        check_qkv(METHOD, self.num_heads, self.num_kv_heads, self.head_size, query, key, value)
+        check_qkv(METHOD, self.head_size, query, key, value)
         meta = self._metadata(attn_metadata, query, key)
         chunk, topk = layer_chunk(self.layer_idx, meta)
         grid = tuple(meta.patch_resolution)

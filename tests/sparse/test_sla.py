@@ -217,6 +217,7 @@ class TestRefusals:
             SLAAttentionImpl(num_heads=2, head_size=32, **kwargs)  # type: ignore[arg-type]
 
     @pytest.mark.parametrize("shapes", [((1, 32, 3, 32), (1, 32, 2, 32)),
+                                        ((1, 32, 2, 32), (2, 32, 2, 32)),
                                         ((1, 32, 2, 16), (1, 32, 2, 16)),
                                         ((32, 2, 32), (32, 2, 32))])
     def test_bad_shapes(self, shapes: tuple[tuple[int, ...], ...]) -> None:
