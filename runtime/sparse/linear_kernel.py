@@ -10,7 +10,9 @@ For query block i with key-block list L_i:
 i.e. block-sparse attention with the softmax replaced by the plain product. SLA's unvisited
 linear branch is (totals - visited). Forward: one program per (query block, batch * head).
 Backward: the same walk; da per query block, db and dv accumulated with float32 atomics (so
-not bitwise deterministic). Imports Triton: reached only from linear_branch on CUDA and tests.
+not bitwise deterministic); its dots take the inputs' dtype (bf16/fp16: the incoming
+gradients are rounded to it, as flash backward kernels round P and dS).
+Imports Triton: reached only from linear_branch on CUDA and from tests.
 """
 
 from __future__ import annotations
@@ -75,25 +77,27 @@ def _visited_bwd(A, Bk, V, DNUM, DDEN, DA, DB, DV, IDX, CNT, N, M, H, GROUP, s_a
     idx = IDX + b * s_i[0] + h * s_i[1] + qb * s_i[2]
     count = tl.load(CNT + b * s_c[0] + h * s_c[1] + qb * s_c[2])
     da = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    dn = dnum.to(a.dtype)  # 16-bit operands keep the dots on tensor cores and shared memory low
     for t in range(count):
         keys = tl.load(idx + t * s_i[3]) * BLOCK_K + tl.arange(0, BLOCK_K)
         kb = _tile(Bk + kv_off, keys, M, offs_d, D, s_b[1])
         vb = _tile(V + kv_off, keys, M, offs_d, D, s_b[1])
         s = tl.dot(a, tl.trans(kb), input_precision=PREC)
-        ds = tl.dot(dnum, tl.trans(vb.to(tl.float32)), input_precision=PREC) + dden[:, None]
-        da += tl.dot(ds, kb.to(tl.float32), input_precision=PREC)
+        ds = tl.dot(dn, tl.trans(vb.to(a.dtype)), input_precision=PREC) + dden[:, None]
+        da += tl.dot(ds.to(a.dtype), kb.to(a.dtype), input_precision=PREC)
         ptrs = keys[:, None].to(tl.int64) * s_b[1] + offs_d[None, :]
         mask = (keys[:, None] < M) & (offs_d[None, :] < D)
-        tl.atomic_add(DB + kv_off + ptrs, tl.dot(tl.trans(ds), a.to(tl.float32),
+        tl.atomic_add(DB + kv_off + ptrs, tl.dot(tl.trans(ds.to(a.dtype)), a,
                                                  input_precision=PREC), mask=mask)
-        tl.atomic_add(DV + kv_off + ptrs, tl.dot(tl.trans(s), dnum.to(tl.float32),
+        tl.atomic_add(DV + kv_off + ptrs, tl.dot(tl.trans(s.to(a.dtype)), dn,
                                                  input_precision=PREC), mask=mask)
     out = DA + b * s_a[0] + h * s_a[2] + rows[:, None].to(tl.int64) * s_a[1] + offs_d[None, :]
     tl.store(out, da, mask=(rows[:, None] < N) & (offs_d[None, :] < D))
 
 
 def _launch(kernel: Any, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor,
-            count: torch.Tensor, block_q: int, block_k: int, *tensors: torch.Tensor) -> None:
+            count: torch.Tensor, block_q: int, block_k: int, *tensors: torch.Tensor,
+            stages: int = 3) -> None:
     bsz, n, h, d = a.shape
     grid = (index.shape[2], bsz * h)
     block_d = max(16, triton.next_power_of_2(d))
@@ -101,7 +105,7 @@ def _launch(kernel: Any, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor,
     kernel[grid](*tensors, index, count, n, b.shape[1], h, h // b.shape[2], a.stride(),
                  b.stride(), index.stride(), count.stride(), D=d, BLOCK_D=block_d,
                  BLOCK_Q=block_q, BLOCK_K=block_k, PREC=prec,
-                 num_warps=8 if block_q * block_d >= 128 * 128 else 4)
+                 num_warps=8 if block_q * block_d >= 128 * 128 else 4, num_stages=stages)
 
 
 class _Visited(torch.autograd.Function):
@@ -125,7 +129,8 @@ class _Visited(torch.autograd.Function):
         da = torch.full(a.shape, float("nan"), dtype=torch.float32, device=a.device)
         db = torch.zeros(b.shape, dtype=torch.float32, device=a.device)
         dv = torch.zeros(b.shape, dtype=torch.float32, device=a.device)
-        _launch(_visited_bwd, a, b, index, count, *ctx.blocks, a, b, v, dnum, dden, da, db, dv)
+        _launch(_visited_bwd, a, b, index, count, *ctx.blocks, a, b, v, dnum, dden, da, db, dv,
+                stages=2)
         return da.to(a.dtype), db.to(b.dtype), dv.to(v.dtype), None, None, None, None
 
 
