@@ -12,7 +12,8 @@ Two variants:
   softmax. On CUDA with Triton that part runs in one kernel (attnrt.sparse.linear_kernel);
   elsewhere in PyTorch, chunked over query blocks.
 
-Both take and return float32 (float64 for float64 inputs); the denominator gets +1e-5 as
+Both return float32 (float64 for float64 features; linear_attention bf16 for bf16 features,
+as upstream computes the branch); the denominator gets +1e-5 as
 upstream's does, so an all-zero relu row gives 0 rather than NaN. The unvisited variant loses
 precision as the visited share grows (a difference of two sums): a block that visits every key
 block gets exactly 0.
@@ -49,9 +50,10 @@ def _acc(x: torch.Tensor) -> torch.dtype:
 
 def _totals(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Over every key: (qf (kf^T v) [B, N, H, D], qf . kf.sum(seq) [B, N, H]) in float32/64.
-    bf16 features multiply in bf16 (float32 accumulation inside the matmul, as upstream's
-    bf16 branch); any other dtype in float32 (fp16 sums over long sequences overflow)."""
+    """Over every key: (qf (kf^T v) [B, N, H, D], qf . kf.sum(seq) [B, N, H]). bf16 features
+    multiply in bf16 (float32 accumulation inside the matmul, as upstream's bf16 branch) and
+    give bf16; any other dtype float32 (fp16 sums over long sequences overflow), float64 for
+    float64."""
     acc = _acc(qf)
     mm = torch.bfloat16 if qf.dtype == torch.bfloat16 else acc
     group = qf.shape[2] // kf.shape[2]
@@ -59,12 +61,12 @@ def _totals(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor
     ksum = kf.sum(1, dtype=acc).repeat_interleave(group, 1)  # [B, H, D]
     num = torch.einsum("bnhd,bhde->bnhe", qf.to(mm), kv)
     den = torch.einsum("bnhd,bhd->bnh", qf.to(mm), ksum.to(mm))
-    return num.to(acc), den.to(acc)
+    return num, den
 
 
 def linear_attention(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """qf = phi(Q) [B, N, H, D], kf = phi(K) [B, M, Hkv, D], v [B, M, Hkv, D] -> [B, N, H, D]
-    float32 (float64 for float64 features).
+    in bf16 for bf16 features, else float32 (float64 for float64 features).
 
     Equivalent PyTorch: (qf @ (kf^T v)) / (qf . kf.sum(seq) + 1e-5) per head.
     """
@@ -83,7 +85,7 @@ def unvisited_linear_attention(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tens
     Equivalent PyTorch: with S = qf kf^T masked to the unvisited key blocks,
     (S v) / (S.sum(-1) + 1e-5).
     """
-    num, den = _totals(qf, kf, v)
+    num, den = (t.to(_acc(qf)) for t in _totals(qf, kf, v))
     vis_num, vis_den = visited_linear(qf, kf, v.to(qf.dtype), block_index, block_count,
                                       block_q, block_k)
     out = (num - vis_num) / (den - vis_den + EPS)[..., None]

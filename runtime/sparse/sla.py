@@ -150,10 +150,11 @@ class SLAAttentionImpl(AttentionImpl, nn.Module):
     def linear_branch(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       index: torch.Tensor | None = None,
                       count: torch.Tensor | None = None) -> torch.Tensor:
-        """phi(Q)(phi(K)^T V)/(phi(Q) . sum phi(K)) [B, N, H, D] in float32 (float64 for
-        float64 inputs), over every key or (fused_linear, given lists) the unvisited blocks. With a
-        bf16 compute dtype the features are bf16 and multiply in bf16 (as upstream); else in
-        float32 (fp16 sums over long sequences would overflow)."""
+        """phi(Q)(phi(K)^T V)/(phi(Q) . sum phi(K)) [B, N, H, D] over every key or
+        (fused_linear, given the lists) over the unvisited key blocks. With a bf16 compute
+        dtype the features are bf16 and the unfused branch multiplies and returns bf16 (as
+        upstream); otherwise float32 (fp16 sums over long sequences would overflow), float64
+        for float64 inputs."""
         acc = torch.float64 if query.dtype == torch.float64 else torch.float32
         feat = torch.bfloat16 if self.dtype == torch.bfloat16 else acc
         phi = FEATURE_MAPS[self.feature_map]
