@@ -13,6 +13,9 @@ out = sparse + proj_l(linear):
   alone); its keys are `proj_l.weight` / `proj_l.bias`, as FastVideo's, so under a layer that
   registers the impl as `attn_impl` a FastVideo SLA checkpoint loads unchanged.
 
+The sparse branch scales scores by the layer's softmax_scale (upstream's kernel always uses
+D**-0.5; the two agree at the default). Equivalent PyTorch: attnrt.sparse.sla_reference.
+
 The ratio: metadata.topk_ratio where the step's metadata sets one (not None), else the
 layer's own. FastVideo's metadata defaults to 0.5 and so overrides every layer's ratio;
 here a default-built SLAAttentionMetadata carries None and leaves it alone.
