@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from ..interfaces import AttentionBackend
-from ..support import Package, Reason
+from ..selection.capability import Package, Reason
 from .sage_sla import HINT, SageSLAAttentionImpl
 from .sla import SLAAttentionImpl, SLAAttentionMetadata, SLAAttentionMetadataBuilder
 from .vmoba import (
@@ -20,8 +20,8 @@ from .vmoba import (
 )
 
 if TYPE_CHECKING:
-    from ..device import Device
-    from ..request import AttentionRequest
+    from ..selection.device import Device
+    from ..selection.request import AttentionRequest
 
 # Head sizes attnrt's block-sparse Triton kernel compiles (padded to a power of two, masked).
 KERNEL_HEAD_SIZES = range(16, 257, 8)

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from attnrt.device import parse_device_spec
-from attnrt.registry import validate_backend_class
-from attnrt.request import AttentionRequest
+from attnrt.selection.capability import check
+from attnrt.selection.device import parse_device_spec
+from attnrt.selection.registry import validate_backend_class
+from attnrt.selection.request import AttentionRequest
 from attnrt.sparse.sla_backend import (
     GRAD,
     SageSLAAttentionBackend,
     SLAAttentionBackend,
     VMOBAAttentionBackend,
 )
-from attnrt.support import check
 
 BACKENDS = [(SLAAttentionBackend, "SLA_ATTN", "sla"),
             (SageSLAAttentionBackend, "SAGE_SLA_ATTN", "sage_sla"),
