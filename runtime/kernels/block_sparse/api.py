@@ -43,9 +43,7 @@ def block_sparse_attention(
     index, count, valid = check_inputs(
         q, k, v, block_index, block_count, block_q, block_k, key_block_valid, softmax_scale,
         {"return_lse": return_lse, "deterministic": deterministic}, kernel=True)
-    # TODO(sparse, this session): replaced by the Triton path in the next commit.
-    from .reference import block_sparse_attention_reference
+    from .launch import run  # imports Triton
 
-    return block_sparse_attention_reference(
-        q, k, v, index, count, block_q=block_q, block_k=block_k, key_block_valid=valid,
-        softmax_scale=softmax_scale, return_lse=return_lse, deterministic=deterministic)
+    out, lse = run(q, k, v, index, count, valid, block_q, block_k, softmax_scale)
+    return (out, lse) if return_lse else out
