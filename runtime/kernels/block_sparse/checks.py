@@ -175,6 +175,16 @@ def _check_device(q: torch.Tensor) -> None:
                                 "anywhere)")
 
 
+def check_kernel_tensors(q: object, k: object, v: object) -> None:
+    """The kernel's limits on q, k, v alone (types, dtypes, shapes, device, head size), for
+    callers that run other work before the kernel and must refuse first."""
+    q, _, _ = _check_qkv(q, k, v, kernel=True)
+    _check_device(q)
+    if q.shape[3] not in KERNEL_HEAD_SIZES:
+        raise BlockSparseInputError(f"head_size={q.shape[3]} is not supported by the {NAME} "
+                                    "kernel; supported: multiples of 8 from 16 to 256")
+
+
 def check_inputs(q: object, k: object, v: object, block_index: object, block_count: object,
                  block_q: object, block_k: object, key_block_valid: object,
                  softmax_scale: object, flags: dict[str, object], kernel: bool
@@ -182,14 +192,11 @@ def check_inputs(q: object, k: object, v: object, block_index: object, block_cou
     """Checks every argument of block_sparse_attention(_reference); kernel=True adds the
     kernel's limits (dtypes, block sizes, head sizes, devices). Returns (block_index,
     block_count, key_block_valid) as tensors."""
+    if kernel:
+        check_kernel_tensors(q, k, v)
     q, k, _ = _check_qkv(q, k, v, kernel)
     bq = _check_block_size("block_q", block_q, kernel)
     bk = _check_block_size("block_k", block_k, kernel)
-    if kernel:
-        _check_device(q)
-        if q.shape[3] not in KERNEL_HEAD_SIZES:
-            raise BlockSparseInputError(f"head_size={q.shape[3]} is not supported by the {NAME} "
-                                        "kernel; supported: multiples of 8 from 16 to 256")
     nqb, nkb = -(-q.shape[1] // bq), -(-k.shape[1] // bk)
     index, count = _check_index(q, block_index, block_count, nqb)
     valid = _check_valid(q, key_block_valid, nkb)
