@@ -48,6 +48,16 @@ class VideoSparseAttentionImpl(ScaledImpl[VideoSparseAttentionMetadata]):
         super().__init__(num_heads, head_size, softmax_scale, causal, num_kv_heads, prefix,
                          **extra_impl_args)
 
+    @staticmethod
+    def check_attn_metadata(attn_metadata: object, seq_len: int | None) -> None:
+        """The metadata a layer of seq_len video tokens needs; DistributedAttention_VSA calls
+        this before its exchanges, so every rank refuses before any data moves."""
+        md = check_metadata(attn_metadata)
+        if seq_len is not None and seq_len != md.total_seq_length:
+            raise VSAInputError(
+                f"original_seq_len={seq_len} is not allowed with latent grid "
+                f"{tuple(md.dit_seq_shape)}; expected T * H * W = {md.total_seq_length} tokens")
+
     def tile(self, x: torch.Tensor, attn_metadata: VideoSparseAttentionMetadata) -> torch.Tensor:
         """[B', N, Hx, D] tokens -> [B', S, Hx, D] slots (padding zero)."""
         md = check_metadata(attn_metadata)
