@@ -24,14 +24,32 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _launch_options(block_q: int, block_k: int, d: int, device: torch.device
-                    ) -> dict[str, int]:
-    """num_warps / num_stages by tile size: one warpgroup for 64-row tiles, two for 128x128,
-    fewer pipeline stages where a D=256 tile would not fit shared memory twice."""
+# Launch options per "<kernel>-<block_q>x<block_k>-d<64|128|256>" (kernel: fwd, dq, dkdv);
+# bench/sparse_gpu.py --sweep measures candidates and prints entries to ship here. Unlisted
+# keys take _default_options.
+LAUNCH_OPTIONS: dict[str, dict[str, int]] = {}
+
+
+def _d_bucket(d: int) -> int:
+    return 64 if d <= 64 else 128 if d <= 128 else 256
+
+
+def _default_options(kernel: str, block_q: int, block_k: int, d: int) -> dict[str, int]:
+    """One warpgroup for 64-row tiles, two for 128x128 or D=256; fewer pipeline stages where
+    the tiles (and dK/dV's register accumulators) are large."""
+    warps = 8 if block_q * block_k >= 128 * 128 or d > 128 else 4
+    stages = 3 if d <= 128 else 1
+    if kernel == "dkdv":
+        stages = min(stages, 2)
+    return {"num_warps": warps, "num_stages": stages}
+
+
+def _launch_options(kernel: str, block_q: int, block_k: int, d: int,
+                    device: torch.device) -> dict[str, int]:
     if device.type != "cuda":
         return {"num_warps": 4, "num_stages": 1}
-    warps = 8 if block_q * block_k >= 128 * 128 or d > 128 else 4
-    return {"num_warps": warps, "num_stages": 3 if d <= 128 else 2}
+    key = f"{kernel}-{block_q}x{block_k}-d{_d_bucket(d)}"
+    return LAUNCH_OPTIONS.get(key) or _default_options(kernel, block_q, block_k, d)
 
 
 def _consts(q: torch.Tensor, block_q: int, block_k: int, has_valid: bool) -> dict:
@@ -56,7 +74,7 @@ def _forward(q, k, v, index, count, valid, block_q, block_k, scale):
         q.stride(), k.stride(), v.stride(), out.stride(), index.stride(), count.stride(),
         n, k.shape[1], h, h // k.shape[2], scale * LOG2E,
         INT64=_needs_int64(q, k, v, out), **_consts(q, block_q, block_k, valid is not None),
-        **_launch_options(block_q, block_k, q.shape[-1], q.device))
+        **_launch_options("fwd", block_q, block_k, q.shape[-1], q.device))
     return out, lse
 
 
@@ -103,18 +121,20 @@ def _backward(ctx, dout, dlse):
     dk = _alloc(tuple(k.shape), k.dtype, k.device)
     dv = _alloc(tuple(v.shape), v.dtype, v.device)
     consts = _consts(q, block_q, block_k, valid is not None)
-    opts = _launch_options(block_q, block_k, q.shape[-1], q.device)
+    d = q.shape[-1]
     int64 = _needs_int64(q, k, v, dout, dq, dk, dv)
     has_valid = valid if valid is not None else count
     _dq_kernel[(nqb, b * h)](
         q, k, v, dout, dq, lse2, delta, index, count, has_valid, q.stride(), k.stride(),
         v.stride(), dout.stride(), dq.stride(), index.stride(), count.stride(), n, m,
-        nqb * block_q, h, h // hkv, scale * LOG2E, scale, INT64=int64, **consts, **opts)
+        nqb * block_q, h, h // hkv, scale * LOG2E, scale, INT64=int64, **consts,
+        **_launch_options("dq", block_q, block_k, d, q.device))
     k2q, k2q_count = transpose_lists(index, count, nkb)
     _dkdv_kernel[(nkb, b * hkv)](
         q, k, v, dout, dk, dv, lse2, delta, k2q, k2q_count, has_valid, q.stride(), k.stride(),
         v.stride(), dout.stride(), dk.stride(), dv.stride(), n, m, nqb * block_q, h, hkv,
-        h // hkv, nqb, nkb, scale * LOG2E, scale, INT64=int64, **consts, **opts)
+        h // hkv, nqb, nkb, scale * LOG2E, scale, INT64=int64, **consts,
+        **_launch_options("dkdv", block_q, block_k, d, q.device))
     return dq, dk, dv
 
 
