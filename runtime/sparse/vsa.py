@@ -59,6 +59,12 @@ def check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_compre
     """Every refusal of video_sparse_attention, before any work: the kernel's limits, the
     gate, and the sequence length the layout expects."""
     check_kernel_tensors(q, k, v)
+    check_gate_and_length(q, k, gate_compress, n_slots)
+
+
+def check_gate_and_length(q: torch.Tensor, k: torch.Tensor, gate_compress: object,
+                          n_slots: int) -> None:
+    """gate_compress shaped like q; q and k of the tiled length (64 slots per cube)."""
     if not isinstance(gate_compress, torch.Tensor):
         raise VSATypeError(f"gate_compress={type(gate_compress).__name__} is not allowed; "
                            "VSA needs a tensor shaped like query [B, S, H, D]")
