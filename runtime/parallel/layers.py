@@ -350,6 +350,10 @@ class DistributedAttention_VSA(DistributedAttention):  # noqa: N801 - FastVideo'
             raise ShardError(f"backend {decision.backend} does not take gate_compress "
                              "(ACCEPTS_GATE_COMPRESS = False); allowed: a VSA backend, chosen "
                              "with supported_attention_backends or the manifest")
+        # An impl may check the metadata against the sequence here, before the exchanges.
+        check = getattr(decision.backend_cls.get_impl_cls(), "check_attn_metadata", None)
+        if callable(check):
+            check(get_forward_context().attn_metadata, n)
         return super()._check_backend(base, q, replicated, n)
 
     def _attend(self, local: LocalAttention, impl: AttentionImpl, gathered: list[torch.Tensor],

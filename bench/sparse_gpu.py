@@ -1,0 +1,280 @@
+"""Sparse attention on one GPU: VSA and the block-sparse kernel against dense cuDNN SDPA, our
+dense TRITON_FLASH_ATTN kernel and compiled FlexAttention, in one table (issue 19's speed list).
+
+Shapes: B batch (1), N tokens, S = 64 * C tiled slots (C cubes), H heads (40), D head size (128);
+bf16. Dense TFLOP/s = 4 * B * H * N^2 * D / time (backward 2.5x that); sparse TFLOP/s count only
+the blocks visited. "ideal" = the speed-up over dense if time followed the attended pairs alone
+(1 / density, times (N / S)^2 where cube padding adds slots). Timed with
+triton.testing.do_bench (median) on torch.randn inputs.
+
+    python bench/sparse_gpu.py            # the full table (a few minutes on an H100)
+    python bench/sparse_gpu.py --quick    # fewer rows and repeats (about a minute)
+    python bench/sparse_gpu.py --sweep    # also try launch options of the block-sparse kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+B, H, D = 1, 40, 128
+DTYPE = torch.bfloat16
+GRID_76K = (20, 48, 80)
+WAN = {"wan480p": (21, 30, 52), "wan720p": (21, 45, 80)}
+FLEX_N = 32768
+SWEEP = (0.5, 0.75, 0.875, 0.9375)
+ROWS: list[dict] = []
+
+
+def bench_ms(fn: Callable[[], object], quick: bool) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25 if quick else 100, rep=50 if quick else 300,
+                          return_mode="median"))
+
+
+def dense_flops(n: int, backward: bool = False) -> float:
+    return 4.0 * B * H * n * n * D * (3.5 if backward else 1.0)
+
+
+def row(name: str, ms: float, flops: float, base_ms: float | None = None,
+        ideal: float | None = None, note: str = "") -> None:
+    r = {"case": name, "ms": ms, "tflops": flops / ms / 1e9, "speedup": None, "ideal": ideal,
+         "note": note}
+    if base_ms is not None:
+        r["speedup"] = base_ms / ms
+    ROWS.append(r)
+    print(_fmt(r), flush=True)
+
+
+def _fmt(r: dict) -> str:
+    sp = f"{r['speedup']:6.2f}x" if r["speedup"] is not None else "      -"
+    ideal = f"{r['ideal']:6.2f}x" if r["ideal"] is not None else "      -"
+    pct = (f"{100 * r['speedup'] / r['ideal']:5.0f}%" if r["speedup"] and r["ideal"]
+           else "     -")
+    return (f"{r['case']:<46} {r['ms']:9.3f} {r['tflops']:8.1f} {sp} {ideal} {pct}  "
+            f"{r['note']}")
+
+
+def leaves(*shapes: tuple[int, ...]) -> list[torch.Tensor]:
+    return [torch.randn(*s, device="cuda", dtype=DTYPE, requires_grad=True) for s in shapes]
+
+
+def fwd_bwd(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        for t in inputs:
+            t.grad = None
+        out = fn()
+        out.backward(torch.ones_like(out))
+    return run
+
+
+def cudnn_dense(n: int, quick: bool, backward: bool) -> float:
+    q, k, v = leaves(*[(B, n, H, D)] * 3)
+
+    def fn() -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                               v.transpose(1, 2))
+        return o.transpose(1, 2)
+
+    if not backward:
+        with torch.no_grad():
+            return bench_ms(fn, quick)
+    return bench_ms(fwd_bwd(fn, [q, k, v]), quick)
+
+
+def vsa_ms(shape: tuple[int, int, int], sparsity: float, quick: bool,
+           backward: bool) -> tuple[float, object]:
+    """VSA forward (coarse + fine + gate) on the tiled layout, or forward + backward."""
+    from attnrt.sparse.vsa_backend import VideoSparseAttentionImpl
+    from attnrt.sparse.vsa_metadata import VideoSparseAttentionMetadataBuilder
+
+    md = VideoSparseAttentionMetadataBuilder().build(0, shape, (1, 1, 1), sparsity,
+                                                     torch.device("cuda"))
+    inputs = leaves(*[(B, md.padded_seq_length, H, D)] * 4)
+    impl = VideoSparseAttentionImpl(H, D, D ** -0.5)
+
+    def fn() -> torch.Tensor:
+        return impl.forward(*inputs, md)
+
+    if not backward:
+        with torch.no_grad():
+            return bench_ms(fn, quick), md
+    return bench_ms(fwd_bwd(fn, inputs), quick), md
+
+
+def vsa_ideal(md, sparsity: float) -> float:
+    from attnrt.sparse.vsa_metadata import cur_topk
+
+    c = md.variable_block_sizes.numel()
+    n, s = md.total_seq_length, md.padded_seq_length
+    return (n / s) ** 2 * c / cur_topk(sparsity, c)
+
+
+def vsa_rows(quick: bool) -> None:
+    n = math.prod(GRID_76K)
+    for backward in (False, True):
+        what = "fwd+bwd" if backward else "fwd"
+        dense = cudnn_dense(n, quick, backward)
+        row(f"dense cuDNN N={n} {what}", dense, dense_flops(n, backward))
+        ms, md = vsa_ms(GRID_76K, 0.875, quick, backward)
+        row(f"VSA 20x48x80 s=0.875 {what}", ms, dense_flops(n, backward) / vsa_ideal(md, 0.875),
+            dense, vsa_ideal(md, 0.875), "target >= 6.5x fwd, 5.5x fwd+bwd")
+    for name, shape in WAN.items():
+        n = math.prod(shape)
+        for backward in (False,) if quick else (False, True):
+            what = "fwd+bwd" if backward else "fwd"
+            dense = cudnn_dense(n, quick, backward)
+            row(f"dense cuDNN N={n} {what}", dense, dense_flops(n, backward))
+            ms, md = vsa_ms(shape, 0.875, quick, backward)
+            ideal = vsa_ideal(md, 0.875)
+            row(f"VSA {name} {'x'.join(map(str, shape))} {what}", ms,
+                dense_flops(n, backward) / ideal, dense, ideal, "target >= 80% of ideal")
+
+
+def sweep_rows(quick: bool) -> None:
+    n = math.prod(GRID_76K)
+    dense = cudnn_dense(n, quick, False)
+    points = SWEEP[2:] if quick else SWEEP
+    for sparsity in points:
+        ms, md = vsa_ms(GRID_76K, sparsity, quick, False)
+        ideal = vsa_ideal(md, sparsity)
+        row(f"VSA sweep s={sparsity} fwd", ms, dense_flops(n) / ideal, dense, ideal,
+            "vs dense cuDNN fwd")
+
+
+def _fine_inputs(block: int, n: int, keep: float) -> tuple[list[torch.Tensor], torch.Tensor,
+                                                            torch.Tensor]:
+    """q, k, v [B, n, H, D] and random top-k key blocks (fraction `keep`) per query block."""
+    from attnrt.kernels.block_sparse import block_mask_to_index
+
+    nb = n // block
+    topk = max(1, round(keep * nb))
+    scores = torch.rand(B, H, nb, nb, device="cuda")
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask.scatter_(-1, scores.topk(topk, dim=-1).indices, True)
+    index, count = block_mask_to_index(mask)
+    return leaves(*[(B, n, H, D)] * 3), index, count
+
+
+def _sparse_fn(inputs, index, count, block: int) -> Callable[[], torch.Tensor]:
+    from attnrt.kernels.block_sparse import block_sparse_attention
+
+    def fn() -> torch.Tensor:
+        return block_sparse_attention(*inputs, index, count, block_q=block, block_k=block)
+    return fn
+
+
+def _time(fn: Callable[[], torch.Tensor], inputs, quick: bool, backward: bool) -> float:
+    if not backward:
+        with torch.no_grad():
+            return bench_ms(fn, quick)
+    return bench_ms(fwd_bwd(fn, inputs), quick)
+
+
+def fine_rows(quick: bool) -> None:
+    """The fine stage alone at 64-token cubes (12.5% kept) vs our dense kernel, per TFLOP/s."""
+    from attnrt.backends.triton_flash import triton_flash
+
+    n = math.prod(GRID_76K)
+    inputs, index, count = _fine_inputs(64, n, 0.125)
+    visited = 4.0 * D * 64 * 64 * float(count.sum())
+    for backward in (False, True):
+        what = "fwd+bwd" if backward else "fwd"
+        mult = 3.5 if backward else 1.0
+        dense = _time(lambda: triton_flash(*inputs, False, None), inputs, quick, backward)
+        row(f"TRITON_FLASH_ATTN dense N={n} {what}", dense, dense_flops(n, backward))
+        ms = _time(_sparse_fn(inputs, index, count, 64), inputs, quick, backward)
+        ratio = (visited * mult / ms) / (dense_flops(n, backward) / dense)
+        row(f"fine stage 64x64 blocks 12.5% {what}", ms, visited * mult, dense, None,
+            f"{100 * ratio:.0f}% of dense kernel TFLOP/s (target {85 if not backward else 80}%)")
+
+
+def flex_rows(quick: bool) -> None:
+    """128-token blocks, the same random top-k mask for both, vs compiled FlexAttention."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    inputs, index, count = _fine_inputs(128, FLEX_N, 0.125)
+    zeros = torch.zeros_like(count)
+    block_mask = BlockMask.from_kv_blocks(zeros, torch.zeros_like(index), count, index,
+                                          BLOCK_SIZE=128)
+    flex = torch.compile(flex_attention)
+    visited = 4.0 * D * 128 * 128 * float(count.sum())
+
+    def flex_fn() -> torch.Tensor:
+        q, k, v = (t.transpose(1, 2) for t in inputs)
+        return flex(q, k, v, block_mask=block_mask).transpose(1, 2)
+
+    with torch.no_grad():  # same mask, same answer: else the comparison means nothing
+        diff = (flex_fn() - _sparse_fn(inputs, index, count, 128)()).abs().max().item()
+    print(f"  FlexAttention vs block-sparse kernel, same mask: max |diff| = {diff:.3g}")
+    for backward in (False,) if quick else (False, True):
+        what = "fwd+bwd" if backward else "fwd"
+        mult = 3.5 if backward else 1.0
+        dense = cudnn_dense(FLEX_N, quick, backward)
+        row(f"dense cuDNN N={FLEX_N} {what}", dense, dense_flops(FLEX_N, backward))
+        f_ms = _time(flex_fn, inputs, quick, backward)
+        row(f"FlexAttention 128-blocks 12.5% {what}", f_ms, visited * mult, dense, 8.0,
+            "vs dense cuDNN")
+        ms = _time(_sparse_fn(inputs, index, count, 128), inputs, quick, backward)
+        row(f"block-sparse 128x128 12.5% {what}", ms, visited * mult, dense, 8.0,
+            f"{f_ms / ms:.2f}x FlexAttention (target {1.3 if not backward else 1.2}x)")
+
+
+def sweep_launch(quick: bool) -> None:
+    """Times launch options of the three block-sparse kernels (D=128, 12.5% kept) and prints
+    the LAUNCH_OPTIONS entries that won (paste into runtime/kernels/block_sparse/launch.py)."""
+    from attnrt.kernels.block_sparse import launch
+
+    options = [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3, 4)]
+    best: dict[str, dict[str, int]] = {}
+    for block, n in ((64, 32768), (128, 32768)):
+        inputs, index, count = _fine_inputs(block, n, 0.125)
+        fn = _sparse_fn(inputs, index, count, block)
+        for kernel in ("fwd", "dq", "dkdv"):
+            key = f"{kernel}-{block}x{block}-d128"
+            timings = []
+            for opt in options:
+                launch.LAUNCH_OPTIONS[key] = opt
+                try:
+                    ms = _time(fn, inputs, quick, kernel != "fwd")
+                except Exception as exc:  # noqa: BLE001 - a config that cannot compile is skipped
+                    print(f"  {key} {opt}: {type(exc).__name__}", flush=True)
+                    continue
+                timings.append((ms, opt))
+                print(f"  {key} {opt}: {ms:.3f} ms", flush=True)
+            best[key] = min(timings, key=lambda t: t[0])[1]
+            launch.LAUNCH_OPTIONS[key] = best[key]
+    print("LAUNCH_OPTIONS =", best)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rows and repeats")
+    parser.add_argument("--sweep", action="store_true", help="sweep kernel launch options")
+    parser.add_argument("--only", default="vsa,fine,flex,sweep",
+                        help="comma-separated subset of: vsa, fine, flex, sweep")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, B={B} H={H} D={D} bf16")
+    if args.sweep:
+        sweep_launch(args.quick)
+    print(f"{'case':<46} {'ms':>9} {'TFLOP/s':>8} {'speedup':>7} {'ideal':>7} {'%ideal':>6}")
+    parts = {"vsa": vsa_rows, "fine": fine_rows, "flex": flex_rows, "sweep": sweep_rows}
+    for name in args.only.split(","):
+        torch.cuda.empty_cache()
+        parts[name.strip()](args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

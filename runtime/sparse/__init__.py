@@ -1,0 +1,1 @@
+"""Sparse attention methods (VSA, SLA, SageSLA, VMoBA): algorithm, metadata, references."""

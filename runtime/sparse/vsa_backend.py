@@ -1,0 +1,136 @@
+"""VIDEO_SPARSE_ATTN: attnrt's VSA (method "vsa") on its block-sparse Triton kernel, with
+FastVideo's backend, impl, metadata and builder names and signatures.
+
+Shapes: B batch, N video tokens (grid order), S = 64 * C tiled slots, H heads, Hkv kv heads,
+D head size; [B, N, H, D] throughout. As in FastVideo, preprocess_qkv tiles [q; k; v; gate]
+(N tokens -> S slots), forward(query, key, value, gate_compress, attn_metadata) runs on the
+tiled layout, postprocess_output untiles (S -> N); DistributedAttention_VSA calls the three in
+that order after its all-to-all. Not registered here: the integrator wires the method.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..interfaces import AttentionBackend, ScaledImpl
+from ..support import Package
+from .vsa import video_sparse_attention
+from .vsa_layout import tile, untile
+from .vsa_metadata import (
+    VideoSparseAttentionMetadata,
+    VideoSparseAttentionMetadataBuilder,
+    VSAInputError,
+    cur_topk,
+)
+
+NAME = "VIDEO_SPARSE_ATTN"
+
+
+def check_metadata(attn_metadata: object) -> VideoSparseAttentionMetadata:
+    if not isinstance(attn_metadata, VideoSparseAttentionMetadata):
+        raise VSAInputError(
+            f"attn_metadata={type(attn_metadata).__name__} is not allowed for {NAME}; expected "
+            "VideoSparseAttentionMetadata (VideoSparseAttentionMetadataBuilder().build(...), "
+            "given through set_forward_context(attn_metadata=...))")
+    return attn_metadata
+
+
+class VideoSparseAttentionImpl(ScaledImpl[VideoSparseAttentionMetadata]):
+    """VSA for one layer; softmax_scale scales coarse and fine scores (FastVideo: D^-0.5)."""
+
+    def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
+                 num_kv_heads: int | None = None, prefix: str = "",
+                 **extra_impl_args: Any) -> None:
+        if causal:
+            raise VSAInputError(f"causal=True is not allowed for {NAME}; allowed: False")
+        super().__init__(num_heads, head_size, softmax_scale, causal, num_kv_heads, prefix,
+                         **extra_impl_args)
+
+    @staticmethod
+    def check_attn_metadata(attn_metadata: object, seq_len: int | None) -> None:
+        """The metadata a layer of seq_len video tokens needs; DistributedAttention_VSA calls
+        this before its exchanges, so every rank refuses before any data moves."""
+        md = check_metadata(attn_metadata)
+        if seq_len is not None and seq_len != md.total_seq_length:
+            raise VSAInputError(
+                f"original_seq_len={seq_len} is not allowed with latent grid "
+                f"{tuple(md.dit_seq_shape)}; expected T * H * W = {md.total_seq_length} tokens")
+
+    def tile(self, x: torch.Tensor, attn_metadata: VideoSparseAttentionMetadata) -> torch.Tensor:
+        """[B', N, Hx, D] tokens -> [B', S, Hx, D] slots (padding zero)."""
+        md = check_metadata(attn_metadata)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != md.total_seq_length:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise VSAInputError(
+                f"qkv.shape={got} is not allowed for latent grid {tuple(md.dit_seq_shape)}; "
+                f"expected [B, {md.total_seq_length}, H, D] (T * H * W tokens)")
+        return tile(x, md.tile_partition_indices, md.non_pad_index, md.padded_seq_length)
+
+    def untile(self, x: torch.Tensor, untile_combined_index: torch.Tensor) -> torch.Tensor:
+        return untile(x, untile_combined_index)
+
+    def preprocess_qkv(self, qkv: torch.Tensor,
+                       attn_metadata: VideoSparseAttentionMetadata) -> torch.Tensor:
+        return self.tile(qkv, attn_metadata)
+
+    def postprocess_output(self, output: torch.Tensor,
+                           attn_metadata: VideoSparseAttentionMetadata) -> torch.Tensor:
+        md = check_metadata(attn_metadata)
+        if output.dim() != 4 or output.shape[1] != md.padded_seq_length:
+            raise VSAInputError(f"output.shape={tuple(output.shape)} is not allowed; expected "
+                                f"[B, {md.padded_seq_length}, H, D] (the tiled layout)")
+        return self.untile(output, md.untile_combined_index)
+
+    def forward(  # type: ignore[override]
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        gate_compress: torch.Tensor,
+        attn_metadata: VideoSparseAttentionMetadata,
+    ) -> torch.Tensor:
+        """Tiled query, gate_compress [B, S, H, D], key, value [B, S, Hkv, D] -> [B, S, H, D]."""
+        md = check_metadata(attn_metadata)
+        sizes = md.variable_block_sizes
+        return video_sparse_attention(query, key, value, gate_compress, sizes,
+                                      cur_topk(md.VSA_sparsity, sizes.numel()),
+                                      self.softmax_scale)
+
+
+class VideoSparseAttentionBackend(AttentionBackend):
+    """VSA on attnrt's block-sparse Triton kernel: NVIDIA from Ampere (bf16 dots), 64-token
+    cubes, any head size the kernel takes, GQA; no causal mask, no replicated (text) tokens."""
+
+    METHODS: ClassVar[frozenset[str]] = frozenset({"vsa"})
+    PLATFORMS: ClassVar[frozenset[str]] = frozenset({"cuda"})
+    ARCHS: ClassVar[str] = ">=sm80"
+    DTYPES: ClassVar[frozenset[str]] = frozenset({"fp16", "bf16", "fp32"})
+    HEAD_SIZES: ClassVar[range] = range(16, 257, 8)
+    SUPPORTS_CAUSAL: ClassVar[bool] = False
+    SUPPORTS_GQA: ClassVar[bool] = True
+    SUPPORTS_REPLICATED_TOKENS: ClassVar[bool] = False
+    ACCEPTS_GATE_COMPRESS: ClassVar[bool] = True
+    PACKAGES = (Package("triton", min_version="3.0", hint="pip install 'triton>=3.0'"),)
+    accept_output_buffer: ClassVar[bool] = False
+
+    @staticmethod
+    def get_name() -> str:
+        return NAME
+
+    @staticmethod
+    def get_impl_cls() -> type[VideoSparseAttentionImpl]:
+        return VideoSparseAttentionImpl
+
+    @staticmethod
+    def get_metadata_cls() -> type[VideoSparseAttentionMetadata]:
+        return VideoSparseAttentionMetadata
+
+    @staticmethod
+    def get_builder_cls() -> type[VideoSparseAttentionMetadataBuilder]:
+        return VideoSparseAttentionMetadataBuilder
+
+    @staticmethod
+    def get_supported_head_sizes() -> list[int]:
+        return list(range(16, 257, 8))
