@@ -54,7 +54,26 @@ from attnrt.selection.request import AttentionRequest
 
 __version__ = "0.1.0"
 
+# User-defined attention, loaded on first use (importing attnrt stays cheap).
+_ENGINE_NAMES = {
+    **dict.fromkeys(("AttentionEngine", "AttentionLibrary", "CustomIO", "OnlineFunc",
+                     "OnlineIdentity", "OnlineRetention", "OnlineSoftmax", "SymbolScalar", "Var",
+                     "meta_tensor"), "attnrt.engine.api"),
+    "LinearAttentionEngine": "attnrt.engine.linear",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _ENGINE_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'attnrt' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
 __all__ = [
+    *_ENGINE_NAMES,
     "MethodError", "methods", "register_method",
     "AttentionBackend", "AttentionBackendEnum", "AttentionImpl", "AttentionLayer",
     "AttentionMetadata", "AttentionMetadataBuilder", "AttentionRequest", "AttnrtError",

@@ -114,7 +114,7 @@ class LocalAttention(nn.Module):
                  supported_attention_backends: Any = None, prefix: str = "",
                  method: str | None = None, **extra_impl_args: Any) -> None:
         super().__init__()
-        self.method = None if method is None else methods.check_method(method)
+        self.method = methods.method_of_arguments(method, extra_impl_args)
         self.num_heads = num_heads
         self.head_size = head_size
         self.num_kv_heads = num_kv_heads or num_heads

@@ -377,7 +377,10 @@ def clear_caches() -> None:
     for module_name, clear in (("attnrt.kernels.flash.autotune", "clear_tuning_cache"),
                                ("attnrt.backends.triton_flash", "clear_config_caches"),
                                ("attnrt.kernels.flash.launch", "clear_plans"),
-                               ("attnrt.kernels.fast_launch", "clear")):
+                               ("attnrt.kernels.fast_launch", "clear"),
+                               ("attnrt.engine.kernel", "clear_modules"),
+                               ("attnrt.engine.blocks", "clear_cache"),
+                               ("attnrt.engine.linear_backends", "clear_fla_cache")):
         module = sys.modules.get(module_name)
         if module is not None:
             getattr(module, clear)()

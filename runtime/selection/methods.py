@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Mapping
 
 from attnrt.errors import MethodError
 
@@ -31,13 +32,19 @@ _METHODS: dict[str, str] = {
 }
 # The backend that always serves a method where it is registered: it closes every walk of that
 # method, as REFERENCE closes every dense walk.
-_LAST_RESORTS: dict[str, str] = {"dense": "REFERENCE"}
+_LAST_RESORTS: dict[str, str] = {"dense": "REFERENCE", "custom": "ENGINE_REFERENCE",
+                                  "linear": "REFERENCE_LINEAR_ATTN"}
 # FastVideo backend names that name a method (forcing or allowing one selects the method).
 METHOD_ALIASES: dict[str, str] = {
     "VIDEO_SPARSE_ATTN": "vsa",
     "SLA_ATTN": "sla",
     "SAGE_SLA_ATTN": "sage_sla",
     "VMOBA_ATTN": "vmoba",
+}
+# Layer arguments that name a method by themselves: LocalAttention(score_mod=...) is custom.
+METHOD_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "custom": ("score_mod", "mask_mod", "online_func"),
+    "linear": ("q_mod", "k_mod", "v_mod", "decay_mod"),
 }
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -76,6 +83,26 @@ def set_last_resort(method: str, name: str) -> None:
     check_method(method)
     with _lock:
         _LAST_RESORTS[method] = name.upper()
+
+
+def method_of_arguments(explicit: str | None, arguments: Mapping[str, object]) -> str | None:
+    """The layer's method from `method=` and the engine arguments it was given: score_mod,
+    mask_mod or online_func mean custom; q_mod, k_mod, v_mod or decay_mod mean linear. An
+    explicit method that disagrees with them is an error (they would be ignored)."""
+    implied = [m for m, names in METHOD_ARGUMENTS.items()
+               if any(arguments.get(n) is not None for n in names)]
+    if len(implied) > 1:
+        raise MethodError(f"arguments of methods {' and '.join(implied)} were given together; "
+                          "a layer computes one method")
+    if explicit is not None:
+        method = check_method(explicit)
+        if implied and implied[0] != method:
+            given = [n for n in METHOD_ARGUMENTS[implied[0]] if arguments.get(n) is not None]
+            raise MethodError(f"method={method!r} was given with {', '.join(given)}, which "
+                              f"belong to method {implied[0]!r}; allowed: method="
+                              f"{implied[0]!r} or None")
+        return method
+    return implied[0] if implied else None
 
 
 def alias_method(name: str) -> str | None:

@@ -1,6 +1,6 @@
 """The engine's backends through LocalAttention: selection, explain, the getting-started
 variant in ten lines, and the fall-through when a variant cannot be traced or is not softmax.
-The backends are registered per test (the integrator registers them for real)."""
+The backends are the registered ones; tests on cpu rank them by an override manifest."""
 
 from __future__ import annotations
 
@@ -19,10 +19,8 @@ RANK = "[ENGINE_FLEX, ENGINE_REFERENCE]"  # the manifest refuses ENGINE_TRITON o
 
 @pytest.fixture
 def engines(register, write_yaml, monkeypatch):
-    for cls in (TritonEngineBackend, FlexEngineBackend, ReferenceEngineBackend):
-        register(cls.NAME, cls)
     monkeypatch.setenv("ATTNRT_CAPABILITY", write_yaml(
-        f"schema: 1\nrules:\n  - platform: cpu\n    rank: {RANK}\n"))
+        f"schema: 1\nrules:\n  - method: custom\n    platform: cpu\n    rank: {RANK}\n"))
 
 
 def test_getting_started_variant_in_ten_lines_runs_through_local_attention(engines):
@@ -97,10 +95,11 @@ def test_declared_limits_are_refused_with_the_limit_named(cls, fields, device, w
     from attnrt.selection.capability import check
     from attnrt.selection.device import parse_device_spec
 
-    request = attnrt.AttentionRequest(**{"head_size": 64, "dtype": "bf16", **fields})
+    request = attnrt.AttentionRequest(**{"head_size": 64, "dtype": "bf16", "method": "custom",
+                                         **fields})
     reasons = check(cls, request, parse_device_spec(device))
     assert any(words in str(r) for r in reasons), reasons
-    ok = check(cls, attnrt.AttentionRequest(head_size=64, dtype="bf16"),
+    ok = check(cls, attnrt.AttentionRequest(head_size=64, dtype="bf16", method="custom"),
                parse_device_spec("cuda:sm90"))
     assert ok == [] or cls is TritonEngineBackend  # triton may be absent on this machine
 
@@ -109,18 +108,14 @@ def test_reference_engine_backend_serves_anything():
     from attnrt.selection.capability import check
     from attnrt.selection.device import parse_device_spec
 
-    request = attnrt.AttentionRequest(head_size=72, dtype="fp64", grad=True)
+    request = attnrt.AttentionRequest(head_size=72, dtype="fp64", grad=True, method="custom")
     assert check(ReferenceEngineBackend, request, parse_device_spec("cuda:sm70")) == []
     assert "custom" in ReferenceEngineBackend.METHODS
 
 
 @pytest.mark.gpu
-def test_local_attention_on_cuda_runs_the_generated_kernels(register, write_yaml, monkeypatch):
-    for cls in (TritonEngineBackend, FlexEngineBackend, ReferenceEngineBackend):
-        register(cls.NAME, cls)
-    monkeypatch.setenv("ATTNRT_CAPABILITY", write_yaml(
-        "schema: 1\nrules:\n  - platform: cuda\n"
-        "    rank: [ENGINE_TRITON, ENGINE_FLEX, ENGINE_REFERENCE]\n"))
+def test_local_attention_on_cuda_runs_the_generated_kernels():
+    # The shipped rules: method custom on cuda ranks ENGINE_TRITON first.
 
     def score_mod(score, custom_fwd_inputs, b, h, q_idx, kv_idx):
         return score - 0.05 * (q_idx - kv_idx).abs()

@@ -36,7 +36,7 @@ def test_backends_declare_method_linear_and_stable_names() -> None:
 
 def test_capability_check_reasons_on_a_simulated_h100() -> None:
     device = parse_device_spec("cuda:sm90")
-    request = AttentionRequest(128, "bf16", 16, 16, True)
+    request = AttentionRequest(128, "bf16", 16, 16, True, method="linear")
     assert support.check(lb.ReferenceLinearAttnBackend, request, device) == []
     fla = support.check(lb.FlaLinearAttnBackend, request, device)
     if "fla" not in sys.modules:
@@ -46,7 +46,7 @@ def test_capability_check_reasons_on_a_simulated_h100() -> None:
     old = parse_device_spec("cuda:sm75")
     codes = [r.code for r in support.check(lb.TritonLinearAttnBackend, request, old)]
     assert support.ARCH in codes
-    gqa = AttentionRequest(128, "bf16", 16, 4, True)
+    gqa = AttentionRequest(128, "bf16", 16, 4, True, method="linear")
     codes = [r.code for r in support.check(lb.ReferenceLinearAttnBackend, gqa, device)]
     assert codes == [support.GQA]
 
@@ -175,31 +175,29 @@ def test_linear_modules_import_without_triton() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_local_attention_runs_the_linear_impl_end_to_end(register) -> None:
-    """Until method `linear` is in the request, a forced registration stands in for selection:
-    the layer's extra args reach the impl and the result is the reference's."""
+def test_local_attention_runs_the_linear_impl_end_to_end() -> None:
+    """q_mod/k_mod make the layer's method linear; the shipped rules serve it on cpu with the
+    reference, the layer's extra args reach the impl, and explain names the method."""
     import attnrt
-    from attnrt.selection.dispatch import force_backend
 
-    register("REFERENCE_LINEAR_ATTN", lb.ReferenceLinearAttnBackend)
     decay = torch.full((H,), -0.1)
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(B, N, H, D, generator=gen) for _ in range(3))
-    with force_backend("REFERENCE_LINEAR_ATTN"):
-        layer = attnrt.LocalAttention(H, D, causal=True, softmax_scale=0.25, q_mod=elu1,
-                                      k_mod=elu1, decay=decay)
-        out = layer(q, k, v)
+    layer = attnrt.LocalAttention(H, D, causal=True, softmax_scale=0.25, q_mod=elu1,
+                                  k_mod=elu1, decay=decay)
+    out = layer(q, k, v)
+    assert layer.decision.request.method == "linear"
+    assert layer.backend_name == "REFERENCE_LINEAR_ATTN"
     want, _ = linear_attention_reference(elu1(q, None) * 0.25, elu1(k, None), v,
                                          decay.expand(B, N, H))
     assert rel_l2(out, want) < 1e-6
 
 
 @pytest.mark.gpu
-def test_local_attention_triton_linear_impl_on_gpu(register) -> None:
+def test_local_attention_triton_linear_impl_on_gpu() -> None:
     import attnrt
     from attnrt.selection.dispatch import force_backend
 
-    register("TRITON_LINEAR_ATTN", lb.TritonLinearAttnBackend)
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, 200, 4, 64, generator=gen).to("cuda", torch.bfloat16)
                for _ in range(3))
