@@ -1,0 +1,1 @@
+"""attnrt tests (a package, so tests/kernels is tests.kernels and never answers `import kernels`)."""
