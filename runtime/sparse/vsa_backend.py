@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..interfaces import AttentionBackend, ScaledImpl
-from ..support import Package
+from ..selection.capability import Package
 from .vsa import video_sparse_attention
 from .vsa_layout import tile, untile
 from .vsa_metadata import (

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import BackendUnavailableError
-from ..support import Package, package_status
+from ..selection.capability import Package, package_status
 from .vsa import check_gate_and_length
 from .vsa_backend import VideoSparseAttentionBackend, VideoSparseAttentionImpl, check_metadata
 from .vsa_layout import CUBE_TOKENS, VSA_TILE_SIZE

@@ -10,8 +10,8 @@ import pytest
 
 import attnrt
 from attnrt.context import set_forward_context
-from attnrt.distributed_layers import DistributedAttention_VSA
-from attnrt.registry import is_registered
+from attnrt.parallel.layers import DistributedAttention_VSA
+from attnrt.selection.registry import is_registered
 from attnrt.sparse.vsa_backend import VideoSparseAttentionBackend, VideoSparseAttentionImpl
 from attnrt.sparse.vsa_metadata import VideoSparseAttentionMetadataBuilder, VSAInputError
 from tests.dist_worker import Ctx, leaves

@@ -11,7 +11,7 @@ NP = NQB * BLOCK_Q (padding rows: LSE2 = +inf, DELTA = 0); K2Q [B, H, NKB, NQB] 
 import triton
 import triton.language as tl
 
-from ..triton_flash_jit import _fwd_epilogue, _load_tile, _row_ptrs, _store_tile
+from ..flash.jit import _fwd_epilogue, _load_tile, _row_ptrs, _store_tile
 
 
 @triton.jit
