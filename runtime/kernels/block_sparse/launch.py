@@ -30,6 +30,11 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 _CHOSEN: dict[tuple, Plan] = {}
 
 
+def chosen_plans() -> dict[tuple, Plan]:
+    """(kernel, block_q, block_k, D, dtype, device index) -> the plan that ran there."""
+    return dict(_CHOSEN)
+
+
 def clear_plans() -> None:
     """Forget the plans chosen per size (after LAUNCH_OPTIONS changes)."""
     _CHOSEN.clear()
