@@ -12,6 +12,7 @@ from attnrt.errors import (
     DeviceSpecError,
     KernelCompileError,
     ManifestError,
+    MethodError,
     RegistryError,
     UnknownBackendError,
 )
@@ -47,12 +48,14 @@ from attnrt.selection.dispatch import (
     select,
 )
 from attnrt.selection.manifest import load_capability
+from attnrt.selection.methods import methods, register_method
 from attnrt.selection.registry import register_backend, unregister_backend
 from attnrt.selection.request import AttentionRequest
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MethodError", "methods", "register_method",
     "AttentionBackend", "AttentionBackendEnum", "AttentionImpl", "AttentionLayer",
     "AttentionMetadata", "AttentionMetadataBuilder", "AttentionRequest", "AttnrtError",
     "BackendUnavailableError", "Candidate", "Decision", "Device", "DeviceSpecError",

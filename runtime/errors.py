@@ -29,3 +29,7 @@ class DeviceSpecError(AttnrtError, ValueError):
 
 class KernelCompileError(AttnrtError, RuntimeError):
     """A kernel failed to compile for one shape; the layer may move to the next ranked backend."""
+
+
+class MethodError(AttnrtError, ValueError):
+    """An unknown attention method (attnrt.selection.methods), or a bad method name to register."""

@@ -173,6 +173,9 @@ class AttentionBackend(ABC):
     defaults). Limits that are not data go in the optional `extra_reasons`.
     """
 
+    # Attention methods it implements (attnrt.selection.methods): what it computes. A request
+    # of another method never reaches it, so a sparse backend never serves dense and back.
+    METHODS: ClassVar[Collection[str]] = frozenset({"dense"})
     # Platforms it runs on (Device.platform names, e.g. {"cuda", "rocm"}); None: any.
     PLATFORMS: ClassVar[Collection[str] | None] = None
     # Archs: names and ranges such as ">=sm80" or (">=sm80", ">=gfx90a"); None: any.

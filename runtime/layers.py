@@ -14,7 +14,7 @@ from torch import nn
 from attnrt.context import get_forward_context
 from attnrt.errors import BackendUnavailableError, KernelCompileError
 from attnrt.interfaces import AttentionImpl, lse_forward
-from attnrt.selection import dispatch
+from attnrt.selection import dispatch, methods
 from attnrt.selection.device import (
     Device,
     device_for_tensor,
@@ -112,8 +112,9 @@ class LocalAttention(nn.Module):
     def __init__(self, num_heads: int, head_size: int, num_kv_heads: int | None = None,
                  softmax_scale: float | None = None, causal: bool = False,
                  supported_attention_backends: Any = None, prefix: str = "",
-                 **extra_impl_args: Any) -> None:
+                 method: str | None = None, **extra_impl_args: Any) -> None:
         super().__init__()
+        self.method = None if method is None else methods.check_method(method)
         self.num_heads = num_heads
         self.head_size = head_size
         self.num_kv_heads = num_kv_heads or num_heads
@@ -134,10 +135,17 @@ class LocalAttention(nn.Module):
 
     def request_for(self, dtype: torch.dtype, grad: bool | None = None,
                     seq_len: int | None = None) -> AttentionRequest:
-        """The request for inputs of `dtype`; grad None: whether autograd is on now."""
+        """The request for inputs of `dtype`; grad None: whether autograd is on now. Its method
+        is the layer's `method=`, else the one a forced backend name stands for where this layer
+        allows it (FastVideo: FASTVIDEO_ATTENTION_BACKEND=VIDEO_SPARSE_ATTN), else the one its
+        allow-list names alone, else dense (attnrt.selection.methods.resolve_method)."""
         grad = torch.is_grad_enabled() if grad is None else grad
+        forced = forced_backend()
+        method, _ = methods.resolve_method(self.method, self._allowed,
+                                           forced[0] if forced else None)
         return AttentionRequest(self.head_size, dtype_name(dtype), self.num_heads,
-                                self.num_kv_heads, self.causal, self._allowed, grad, seq_len)
+                                self.num_kv_heads, self.causal, self._allowed, grad, seq_len,
+                                method)
 
     def _device_for(self, tensor_device: torch.device | None) -> Device:
         device = probe()
@@ -177,17 +185,31 @@ class LocalAttention(nn.Module):
             request = self.request_for(dtype, grad)  # no rule for it tells lengths apart
         decision = select(request, device, manifest)
         same = next((s for s in seen if s.decision.backend == decision.backend), None)
-        if same is not None:
-            impl = same.impl  # one impl per backend, its state kept across spans and changes
-        else:
-            impl = decision.backend_cls.get_impl_cls()(
-                self.num_heads, self.head_size, self.softmax_scale, self.causal,
-                self.num_kv_heads, self.prefix, **self.extra_impl_args)
+        # One impl per backend, its state kept across spans and changes.
+        impl = same.impl if same is not None else self._build_impl(decision)
         found = _Selected(decision, impl, dtype, tensor_device, epoch, forced, span)
         # A new list, not an edit: another thread may be walking the old one.
         self._by_key[key] = [s for s in seen if s.epoch == epoch
                              and (s.seq_low, s.seq_high) != span] + [found]
         return found
+
+    def _build_impl(self, decision: Decision) -> AttentionImpl:
+        """The chosen backend's impl, by keyword as FastVideo's layers build it. An impl that is
+        an nn.Module (SLA's, with its learnable proj_l) becomes this layer's `attn_impl`, so
+        state_dict() saves and loads it under FastVideo's key names; a later impl of the same
+        shape (another backend of the method) takes over its state."""
+        impl = decision.backend_cls.get_impl_cls()(
+            num_heads=self.num_heads, head_size=self.head_size,
+            softmax_scale=self.softmax_scale, causal=self.causal,
+            num_kv_heads=self.num_kv_heads, prefix=self.prefix, **self.extra_impl_args)
+        if isinstance(impl, nn.Module):
+            previous = self._modules.get("attn_impl")
+            if previous is not None and previous is not impl:
+                state = previous.state_dict()
+                if state.keys() == impl.state_dict().keys():
+                    impl.load_state_dict(state)
+            self.attn_impl = impl
+        return impl
 
     def impl_for(self, dtype: torch.dtype, device: torch.device | None = None,
                  seq_len: int | None = None) -> AttentionImpl:

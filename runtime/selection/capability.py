@@ -27,6 +27,7 @@ from packaging.version import InvalidVersion, Version
 
 from attnrt.interfaces import AttentionBackend
 from attnrt.selection import packs
+from attnrt.selection.methods import alias_method
 from attnrt.selection.ranges import ArchRange, describe_sizes
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ RUNTIME = "RUNTIME"
 COMPILE_FAILED = "COMPILE_FAILED"
 NOT_REGISTERED = "NOT_REGISTERED"
 NUM_HEADS = "NUM_HEADS"
+METHOD = "METHOD"
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,13 @@ def _installed_version(pkg: Package, module: Any) -> str | None:
 def declared(backend_cls: type, attr: str) -> Any:
     """A backend's declared capability attribute, or AttentionBackend's default (which means
     "any") where the class, e.g. a FastVideo backend that does not subclass it, declares none."""
-    value = getattr(backend_cls, attr, getattr(AttentionBackend, attr))
+    value = getattr(backend_cls, attr, None)
+    if attr == "METHODS" and value is None:
+        # A FastVideo backend declares no method: its name tells (VIDEO_SPARSE_ATTN is vsa).
+        alias = alias_method(getattr(backend_cls, "get_name", str)())
+        return frozenset({alias}) if alias else AttentionBackend.METHODS
+    if value is None and not hasattr(backend_cls, attr):
+        value = getattr(AttentionBackend, attr)
     if attr == "HEAD_SIZES" and value is None:
         getter = getattr(backend_cls, "get_supported_head_sizes", None)  # FastVideo's spelling
         return tuple(getter()) if callable(getter) else None
@@ -136,6 +144,8 @@ def check(backend_cls: Any, request: AttentionRequest, device: Device) -> list[R
     """Every reason `backend_cls` cannot serve `request` on `device`; empty when it can."""
     name = backend_cls.get_name()
     reasons = _declared_reasons(backend_cls, name, request, device)
+    if reasons and reasons[0].code == METHOD:
+        return reasons  # another computation: its packages and platform do not matter
     for pkg in declared(backend_cls, "PACKAGES"):
         status = package_status(pkg)
         if status.reason is not None:
@@ -157,6 +167,16 @@ def _platform_reasons(request: AttentionRequest, device: Device, name: str) -> l
 
 def _declared_reasons(cls: type, name: str, request: AttentionRequest,
                       device: Device) -> list[Reason]:
+    methods = declared(cls, "METHODS")
+    if request.method not in methods:
+        # Nothing else matters: this backend computes something else.
+        return [Reason(METHOD, f"method={request.method} is not implemented by {name}; it "
+                               f"implements: {', '.join(sorted(methods))}")]
+    return _limit_reasons(cls, name, request, device)
+
+
+def _limit_reasons(cls: type, name: str, request: AttentionRequest,
+                   device: Device) -> list[Reason]:
     reasons = []
     platforms = declared(cls, "PLATFORMS")
     if platforms is not None and device.platform not in platforms:

@@ -23,7 +23,7 @@ from typing import Any
 
 from attnrt.errors import BackendUnavailableError, RegistryError, UnknownBackendError
 from attnrt.interfaces import AttentionBackend
-from attnrt.selection import capability, registry
+from attnrt.selection import capability, methods, registry
 from attnrt.selection.capability import Reason
 from attnrt.selection.device import Device, clear_probe_cache, probe
 from attnrt.selection.manifest import Manifest, Rule, clear_manifest_cache, current_manifest
@@ -212,7 +212,7 @@ def record_failure(request: AttentionRequest, device: Device, name: str, message
 
 def reasons_for(name: str, request: AttentionRequest, device: Device) -> list[Reason]:
     """Why `name` cannot serve `request` on `device` (empty: it can)."""
-    if request.allowed is not None and name not in request.allowed:
+    if request.allowed is not None and not _allowed(name, request):
         return [Reason(capability.NOT_ALLOWED, f"{name} is not in the layer's "
                        f"supported_attention_backends ({', '.join(request.allowed)})")]
     try:
@@ -224,18 +224,38 @@ def reasons_for(name: str, request: AttentionRequest, device: Device) -> list[Re
     return reasons + [failed] if failed else reasons
 
 
+def _allowed(name: str, request: AttentionRequest) -> bool:
+    """In the layer's allow-list, by name or through the FastVideo name of its method
+    (allowing VIDEO_SPARSE_ATTN allows every implementation of vsa)."""
+    allowed = request.allowed or ()
+    return name in allowed or (request.method != methods.DENSE and any(
+        methods.alias_method(a) == request.method for a in allowed))
+
+
 def _ranking(request: AttentionRequest, device: Device,
              manifest: Manifest) -> tuple[list[tuple[str, str]], Rule | None]:
     rule = manifest.match(request, device)
-    ranked = [(n, "") for n in (rule.rank if rule else ()) if n != LAST_RESORT]
+    last = methods.last_resort(request.method)
+    ranked = [(n, "") for n in (rule.rank if rule else ()) if n != last]
     for name in request.allowed or ():
-        if name not in {n for n, _ in ranked} and name != LAST_RESORT:
-            registry.spec(name)
+        if name not in {n for n, _ in ranked} and name != last and _walks(name):
             ranked.append((name, "allowed by the layer, not ranked by the manifest"))
-    # REFERENCE always runs and is always slowest: it closes every walk, whatever the rule says.
-    in_rule = rule is not None and LAST_RESORT in rule.rank
-    ranked.append((LAST_RESORT, "" if in_rule else "last resort"))
+    # REFERENCE always runs and is always slowest: it closes every dense walk, whatever the
+    # rule says (and a method's own last resort, where one is registered, closes its walks).
+    if last is not None and registry.is_registered(last):
+        in_rule = rule is not None and last in rule.rank
+        ranked.append((last, "" if in_rule else "last resort"))
     return ranked, rule
+
+
+def _walks(name: str) -> bool:
+    """Whether an allowed name joins the walk: every registered backend does (one of another
+    method shows with its METHOD reason); a FastVideo method name with no backend of its own
+    only names the method."""
+    if methods.alias_method(name) is not None and not registry.is_registered(name):
+        return False
+    registry.spec(name)  # an unknown name fails here, listing the valid ones
+    return True
 
 
 def _walk(ranked: list[tuple[str, str]], request: AttentionRequest,
@@ -280,6 +300,11 @@ def _decide(request: AttentionRequest, device: Device, manifest: Manifest,
         return Decision(chosen, request, device, tuple(candidates), rule,
                         notes=_length_note(request, device, manifest))
     name, source = forced
+    force_note = _method_force_note(name, source, request)
+    if force_note:  # the force names a method, or one this request does not compute
+        chosen, candidates = _walk(ranked, request, device)
+        return Decision(chosen, request, device, tuple(candidates), rule,
+                        notes=(force_note, *_length_note(request, device, manifest)))
     registry.spec(name)
     reasons = tuple(reasons_for(name, request, device))
     head = Candidate(name, reasons, f"forced by {source}")
@@ -290,6 +315,22 @@ def _decide(request: AttentionRequest, device: Device, manifest: Manifest,
     chosen, candidates = _walk([(n, note) for n, note in ranked if n != name], request, device)
     note = f"forced {name} could not run; fell back to the ranking (ATTNRT_FALLBACK=warn)"
     return Decision(chosen, request, device, (head, *candidates), rule, source, (note,))
+
+
+def _method_force_note(name: str, source: str, request: AttentionRequest) -> str:
+    """Why a force does not pin a backend for this request ("" where it does): a FastVideo
+    method name (VIDEO_SPARSE_ATTN) selects its method's best ranked implementation, and a
+    sparse force leaves layers of another method alone, as FastVideo's does."""
+    if methods.alias_method(name) == request.method:
+        return (f"forced {name} ({source}) names method {request.method}: its best ranked "
+                "implementation serves")
+    if methods.alias_method(name) is None and not registry.is_registered(name):
+        return ""  # unknown: the pinned path raises, listing the valid names
+    forced_method = methods.backend_method(name)
+    if forced_method not in (methods.DENSE, request.method):
+        return (f"forced {name} ({source}) implements method {forced_method}; this request "
+                f"computes {request.method}, so the force does not apply to it")
+    return ""
 
 
 def _length_note(request: AttentionRequest, device: Device,

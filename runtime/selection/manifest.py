@@ -15,6 +15,7 @@ node level, so every error names file:line and the key, and duplicate keys are e
         gqa: true                 # optional
         grad: false               # optional: true for calls under autograd (training)
         seq_len: "<=8192"         # optional: query lengths, as head_size takes sizes
+        method: vsa               # optional: the attention method ranked (default dense)
         rank: [TORCH_SDPA_CUDNN, TRITON_FLASH_ATTN, TORCH_SDPA, REFERENCE]
         measured: {device: NVIDIA H100 80GB HBM3, date: 2026-11-25, torch: 2.11.0}
         # or  source: "FlashAttention-3 paper, Fig. 5"   (a rule with neither is untested)
@@ -37,12 +38,13 @@ from attnrt.errors import ManifestError
 from attnrt.selection import packs, registry
 from attnrt.selection.device import Device
 from attnrt.selection.manifest_checks import never_served_errors, shadowing_errors
+from attnrt.selection.methods import DENSE, MethodError, check_method
 from attnrt.selection.ranges import ArchRange, RangeError, SizeRange
 from attnrt.selection.request import AttentionRequest, dtype_name
 
 SCHEMA = 1
-RULE_KEYS = ("platform", "arch", "head_size", "dtype", "causal", "gqa", "grad", "seq_len",
-             "rank", "measured", "source", "note")
+RULE_KEYS = ("method", "platform", "arch", "head_size", "dtype", "causal", "gqa", "grad",
+             "seq_len", "rank", "measured", "source", "note")
 MEASURED_KEYS = ("device", "date", "torch", "driver", "cuda", "triton", "tflops", "note")
 
 
@@ -59,6 +61,8 @@ class Rule:
     gqa: bool | None = None
     grad: bool | None = None
     seq_len: SizeRange | None = None
+    # The methods whose implementations the rule ranks; a rule without the key ranks dense ones.
+    methods: frozenset[str] = frozenset({DENSE})
     measured: tuple[tuple[str, str], ...] | None = None
     source: str | None = None
     key_lines: tuple[tuple[str, int], ...] = ()
@@ -73,7 +77,8 @@ class Rule:
     def matches(self, request: AttentionRequest, device: Device,
                 any_length: bool = False) -> bool:
         """any_length: whether the rule would match the request at some query length."""
-        return ((self.platforms is None or device.platform in self.platforms)
+        return (request.method in self.methods
+                and (self.platforms is None or device.platform in self.platforms)
                 and (self.arch is None or self.arch.contains(device.platform, device.arch))
                 and (self.head_size is None or self.head_size.contains(request.head_size))
                 and (self.dtypes is None or request.dtype in self.dtypes)
@@ -99,7 +104,8 @@ class Rule:
         return "untested"
 
     def conditions(self) -> str:
-        parts = [f"platform={','.join(sorted(self.platforms))}" if self.platforms else "",
+        parts = [f"method={','.join(sorted(self.methods))}" if self.methods != {DENSE} else "",
+                 f"platform={','.join(sorted(self.platforms))}" if self.platforms else "",
                  f"arch={self.arch}" if self.arch else "",
                  f"head_size={self.head_size}" if self.head_size else "",
                  f"dtype={','.join(sorted(self.dtypes))}" if self.dtypes else "",
@@ -310,6 +316,13 @@ def _seq_len(value: Any, where: str) -> SizeRange:
     return _sizes("seq_len", value, where)
 
 
+def _methods(value: Any, where: str) -> frozenset[str]:
+    try:
+        return frozenset(check_method(v, "method") for v in _names(value, where))
+    except MethodError as exc:
+        raise ManifestError(f"{where}: {exc}") from None
+
+
 def _dtypes(value: Any, where: str) -> frozenset[str]:
     try:
         return frozenset(dtype_name(v) for v in _names(value, where))
@@ -358,11 +371,11 @@ def _source(value: Any, where: str) -> str:
     return value
 
 
-_FIELD_PARSERS = {"platform": _platforms, "arch": _arch, "head_size": _head_size,
-                  "dtype": _dtypes, "causal": _flag, "gqa": _flag, "grad": _flag,
-                  "seq_len": _seq_len,
-                  "rank": _rank, "measured": _measured, "source": _source}
-_FIELD_NAMES = {"platform": "platforms", "dtype": "dtypes"}
+_FIELD_PARSERS = {"method": _methods, "platform": _platforms, "arch": _arch,
+                  "head_size": _head_size, "dtype": _dtypes, "causal": _flag, "gqa": _flag,
+                  "grad": _flag, "seq_len": _seq_len, "rank": _rank, "measured": _measured,
+                  "source": _source}
+_FIELD_NAMES = {"platform": "platforms", "dtype": "dtypes", "method": "methods"}
 
 
 def _rename(rule_fields: dict[str, Any]) -> dict[str, Any]:

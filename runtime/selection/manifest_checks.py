@@ -78,7 +78,7 @@ def _key_covers(key: str, outer: Any, inner: Any) -> bool:
     return bool(outer == inner)
 
 
-_KEYS = ("platforms", "arch", "head_size", "dtypes", "causal", "gqa", "grad", "seq_len")
+_KEYS = ("methods", "platforms", "arch", "head_size", "dtypes", "causal", "gqa", "grad", "seq_len")
 
 
 def rule_covers(earlier: Rule, later: Rule) -> bool:
@@ -115,6 +115,10 @@ def never_served_errors(rules: list[Rule]) -> list[str]:
 
 
 def _never_serves(cls: type, rule: Rule) -> str:
+    methods = declared(cls, "METHODS")
+    if not rule.methods & set(methods):
+        return (f"it implements method {', '.join(sorted(methods))}, the rule ranks "
+                f"{', '.join(sorted(rule.methods))}")
     platforms = declared(cls, "PLATFORMS")
     if rule.platforms and platforms is not None and not rule.platforms & set(platforms):
         return f"it runs on {', '.join(sorted(platforms))} only"

@@ -47,7 +47,8 @@ def decision_dict(d: Decision) -> dict[str, Any]:
         "request": {"head_size": d.request.head_size, "dtype": d.request.dtype,
                     "num_heads": d.request.num_heads, "num_kv_heads": d.request.kv_heads,
                     "causal": d.request.causal, "allowed": d.request.allowed,
-                    "grad": d.request.grad, "seq_len": d.request.seq_len},
+                    "grad": d.request.grad, "seq_len": d.request.seq_len,
+                    "method": d.request.method},
         "device": d.device.to_dict(),
         "rule": ({"where": d.rule.where, "conditions": d.rule.conditions(),
                   "provenance": d.rule.provenance,
@@ -78,6 +79,7 @@ def backend_rows() -> list[dict[str, Any]]:
         platforms = capability.declared(cls, "PLATFORMS")
         rows.append({**row, "available": not problems, "problems": problems,
                      "versions": versions,
+                     "methods": sorted(capability.declared(cls, "METHODS")),
                      "platforms": sorted(platforms) if platforms else ["any"]})
     return rows
 
@@ -113,7 +115,10 @@ def format_info(info: dict[str, Any]) -> str:
     for b in info["backends"]:
         state = "available" if b["available"] else "unavailable: " + "; ".join(b["problems"])
         versions = " ".join(f"{k} {v}" for k, v in b.get("versions", {}).items() if v)
-        lines.append(f"  {b['name']:<22} {state}{'  (' + versions + ')' if versions else ''}")
+        methods = [m for m in b.get("methods", ["dense"]) if m != "dense"]
+        method = f"[{','.join(methods)}] " if methods else ""
+        lines.append(f"  {b['name']:<22} {method}{state}"
+                     f"{'  (' + versions + ')' if versions else ''}")
     lines.append("manifest files (first wins):")
     lines += [f"  {f}" for f in info["manifest_files"]]
     lines.append(f"rules for {dev['platform']}{sim}:")

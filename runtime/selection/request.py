@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attnrt.selection.methods import DENSE, check_method
+
 DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float16: "fp16",
     torch.bfloat16: "bf16",
@@ -41,6 +43,8 @@ class AttentionRequest:
     fastest forward and backward.
     `seq_len`: the query length, where known; rules with a `seq_len` key match only requests
     that carry one inside their range (layers pass it where the manifest has such rules).
+    `method`: what is computed (`dense`, `vsa`, `sla`, ...: attnrt.selection.methods); only
+    backends that implement it may serve the request.
     """
 
     head_size: int
@@ -51,9 +55,11 @@ class AttentionRequest:
     allowed: tuple[str, ...] | None = None
     grad: bool = False
     seq_len: int | None = None
+    method: str = DENSE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        object.__setattr__(self, "method", check_method(self.method))
         if not isinstance(self.grad, bool):
             raise TypeError(f"grad={self.grad!r} must be True or False")
         for field in ("head_size", "num_heads"):
@@ -87,8 +93,9 @@ class AttentionRequest:
         causal = "causal" if self.causal else "non-causal"
         grad = ", with backward" if self.grad else ""
         seq = f", N={self.seq_len}" if self.seq_len is not None else ""
+        method = f", method {self.method}" if self.method != DENSE else ""
         return (f"{self.num_heads} heads{kv} of {self.head_size}, {self.dtype}, "
-                f"{causal}{seq}{grad}")
+                f"{causal}{seq}{grad}{method}")
 
 
 def _backend_name(name: object) -> str:

@@ -145,6 +145,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_grid_arguments(parser)
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
     parser.add_argument("--plot", default=None, help="write a PNG bar chart (needs matplotlib)")
+    from attnrt.tools.models import add_model_args
+
+    add_model_args(parser)
 
 
 def build_grid(args: argparse.Namespace, device: Device) -> list[Case]:
@@ -276,8 +279,9 @@ def time_ms(impl: Any, case: Case, device: str, repeats: int) -> float:
 
 
 def _impl(name: str, case: Case) -> Any:
-    return registry.load(name).get_impl_cls()(case.heads, case.head_size, case.head_size ** -0.5,
-                                              case.causal, case.kv_heads, "bench")
+    return registry.load(name).get_impl_cls()(
+        num_heads=case.heads, head_size=case.head_size, softmax_scale=case.head_size ** -0.5,
+        causal=case.causal, num_kv_heads=case.kv_heads, prefix="bench")
 
 
 def measure(name: str, case: Case, device: str, repeats: int, check_seq: int) -> Result:
@@ -455,6 +459,10 @@ def write_plot(results: list[Result], path: str) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if getattr(args, "model", None) or getattr(args, "list_models", False):
+        from attnrt.tools.models import run_models
+
+        return run_models(args)
     device = bench_device()
     results = run_grid(args, device)
     data = {**environment(device), "results": [r.to_dict() for r in results]}

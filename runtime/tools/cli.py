@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="a call under autograd (training): rules with grad: true apply")
     exp.add_argument("--seq-len", type=int, default=None,
                      help="the query length (rules with a seq_len key apply only when given)")
+    exp.add_argument("--method", default="dense",
+                     help="the attention method: dense (default), vsa, sla, sage_sla, vmoba, "
+                          "custom, linear")
     exp.add_argument("--backends", default=None,
                      help="comma-separated allow-list (a layer's supported_attention_backends)")
     val = sub.add_parser("validate", help="check capability files; exit 1 on any error")
@@ -78,7 +81,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     allowed = tuple(n.strip() for n in args.backends.split(",")) if args.backends else None
     request = AttentionRequest(args.head_size, args.dtype, args.heads, args.kv_heads,
-                               args.causal, allowed, args.grad, args.seq_len)
+                               args.causal, allowed, args.grad, args.seq_len, args.method)
     decision = decide(request)
     _emit(args, decision.to_dict(), decision.explain())
     return 0 if decision.backend else 1

@@ -1,0 +1,1 @@
+"""User-defined attention: AttentionEngine (softmax family) and LinearAttentionEngine."""

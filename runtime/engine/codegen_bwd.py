@@ -1,0 +1,185 @@
+"""Generated backward kernels: dK/dV (and custom-input gradients, by atomic adds) per block of
+keys, dQ per block of rows. Both recompute p = forward(s, final_rowscales) and
+ds = backward(dp, p, final_rowscales, doosum), then ds_raw = ds * d score_mod / d s.
+
+Shapes: DO [B, N, H, Dv]; DOOSUM [B*H, N] float32 (rowsum(do * o)); DK [B, M, H, D] and
+DV [B, M, H, Dv] float32 per query head (the host sums GQA groups); DQ [B, N, H, D] float32.
+"""
+
+from __future__ import annotations
+
+from attnrt.engine.codegen import (
+    _LEAVES,
+    KernelFlags,
+    _col_side,
+    _indent,
+    _input_args,
+    _load_kv,
+    _row_side,
+    _scores,
+    input_grads,
+    score_grad,
+)
+from attnrt.engine.emit import Emitter
+from attnrt.engine.spec import Variant
+
+_COMMON = '''DOCQ, POSQ, DOCK, POSK, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT,
+        {ptrs}{grad_ptrs}sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh,
+        sgb, sgn, sgh, s_fin, slb, slh, slq, scb, sch, {strides}N, M, H, GROUP, scale,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * svb + hk * svh
+    list_off = b * slb + h * slh + pid * slq
+    cnt_off = b * scb + h * sch + pid
+'''
+
+_DKDV = '''@triton.jit
+def engine_bwd_dkdv(Q, K, V, DO, FIN, DOOSUM, DK, DV, ''' + _COMMON + '''\
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n[:, None] < M
+{kload}
+{vload}
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    n_full = tl.load(FULL_CNT + cnt_off)
+    for j in range(0, n_full):
+        start_m = tl.load(FULL_IDX + list_off + j) * BLOCK_M
+{full}
+    n_part = tl.load(PART_CNT + cnt_off)
+    for j in range(0, n_part):
+        start_m = tl.load(PART_IDX + list_off + j) * BLOCK_M
+{part}
+    g_ptrs = b.to(tl.int64) * sgb + h * sgh + offs_n[:, None].to(tl.int64) * sgn
+    tl.store(DK + g_ptrs + offs_d[None, :], dk, mask=col_ok & (offs_d[None, :] < HEAD_DIM))
+    tl.store(DV + g_ptrs + offs_dv[None, :], dv, mask=col_ok & (offs_dv[None, :] < HEAD_DIM_V))
+'''
+
+_DQ = '''@triton.jit
+def engine_bwd_dq(Q, K, V, DO, FIN, DOOSUM, DQ, ''' + _COMMON + '''\
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+{rowload}
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = tl.load(FULL_CNT + cnt_off)
+    for j in range(0, n_full):
+        start_n = tl.load(FULL_IDX + list_off + j) * BLOCK_N
+{full}
+    n_part = tl.load(PART_CNT + cnt_off)
+    for j in range(0, n_part):
+        start_n = tl.load(PART_IDX + list_off + j) * BLOCK_N
+{part}
+    tl.store(DQ + b.to(tl.int64) * sgb + h * sgh + offs_m[:, None].to(tl.int64) * sgn
+             + offs_d[None, :], dq, mask=row_ok & (offs_d[None, :] < HEAD_DIM))
+'''
+
+
+def _row_loads(variant: Variant, flags: KernelFlags) -> list[str]:
+    """q, do, final row scales and doosum of the rows offs_m, and their index leaves."""
+    lines = [
+        "row_ok = offs_m[:, None] < N",
+        "q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqn"
+        " + offs_d[None, :], mask=row_ok & (offs_d[None, :] < HEAD_DIM), other=0.0)",
+        "do = tl.load(DO + b.to(tl.int64) * sdob + h * sdoh + offs_m[:, None].to(tl.int64) * "
+        "sdon + offs_dv[None, :], mask=row_ok & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)",
+        *_row_side(flags),
+        "doosum = tl.load(DOOSUM + bh.to(tl.int64) * N + q_rows)",
+    ]
+    for r, (name, _) in enumerate(variant.online.finals):
+        lines.append(f"fin_{name} = tl.load(FIN + {r} * s_fin + bh.to(tl.int64) * N + q_rows)")
+    return lines
+
+
+def _names(variant: Variant) -> dict[str, str]:
+    finals = {f"final.{n}": f"fin_{n}" for n, _ in variant.online.finals}
+    return dict(_LEAVES, doosum="doosum", **finals)
+
+
+def _grad_core(em: Emitter, variant: Variant, flags: KernelFlags, masked: bool) -> str:
+    """p and ds (raw-score gradient) of the block; returns ds's variable."""
+    prog = variant.online
+    s2 = _scores(em, variant, flags, masked)
+    dsmod = em(score_grad(variant), as_float=True)
+    em.rebind("score", s2)
+    p = em(prog.recompute, as_float=True)
+    em.line(f"p = tl.where(keep, {p}, 0.0)" if masked else f"p = {p}")
+    em.line("dp = tl.dot(do, tl.trans(v), input_precision=PREC)")
+    em.rebind("p", "p")
+    em.names["dp"] = "dp"
+    ds2 = em(prog.dscore, as_float=True)
+    em.line(f"ds2 = tl.where(keep, {ds2}, 0.0)" if masked else f"ds2 = {ds2}")
+    em.line(f"ds = ds2 * {dsmod}" + (" * scale" if flags.scaled else ""))
+    return "ds"
+
+
+def _atomics(em: Emitter, variant: Variant, flags: KernelFlags, score_em: Emitter) -> None:
+    for name, node, grad in input_grads(variant, flags.input_grads):
+        _, strides = em.inputs[name]
+        index = [score_em(a) for a in node.args]
+        em.line(f"g = ds2 * {score_em(grad, as_float=True)}")
+        addr = f"DIN_{name} + " + " + ".join(f"({i}) * {s}" for i, s in
+                                              zip(index, strides, strict=True))
+        leaves = set().union(*(a.leaves() for a in node.args)) if node.args else set()
+        q_dep = bool(leaves & {"q_idx"}) or (flags.varlen and "b" in leaves) or any(
+            x.startswith("in.") for x in leaves)
+        kv_dep = "kv_idx" in leaves or any(x.startswith("in.") for x in leaves)
+        if q_dep and kv_dep:
+            em.line(f"tl.atomic_add({addr} + tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32), g)")
+        elif q_dep:
+            em.line(f"tl.atomic_add({addr} + tl.zeros([BLOCK_M, 1], dtype=tl.int32), "
+                    "tl.sum(g, 1, keep_dims=True))")
+        elif kv_dep:
+            em.line(f"tl.atomic_add({addr} + tl.zeros([1, BLOCK_N], dtype=tl.int32), "
+                    "tl.sum(g, 0, keep_dims=True))")
+        else:
+            em.line(f"tl.atomic_add({addr}, tl.sum(tl.sum(g, 1), 0))")
+
+
+def _dkdv_body(variant: Variant, flags: KernelFlags, table: dict, masked: bool) -> str:
+    em = Emitter(_names(variant), table, "keep" if masked else None, "t")
+    em.line("offs_m = start_m + tl.arange(0, BLOCK_M)")
+    for line in _row_loads(variant, flags):
+        em.line(line)
+    # Index and input reads for the atomics see the raw score (score_mod's argument).
+    score_em = Emitter(dict(_names(variant), score="s"), table, None, "u")
+    score_em.lines = em.lines
+    _grad_core(em, variant, flags, masked)
+    em.line("dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)")
+    em.line("dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)")
+    _atomics(em, variant, flags, score_em)
+    return _indent(em.lines, 8)
+
+
+def _dq_body(variant: Variant, flags: KernelFlags, table: dict, masked: bool) -> str:
+    em = Emitter(_names(variant), table, "keep" if masked else None, "t")
+    em.line("offs_n = start_n + tl.arange(0, BLOCK_N)")
+    for line in _col_side(flags, masked):
+        em.line(line)
+    em.line(_load_kv("k", "offs_n", masked))
+    em.line(_load_kv("v", "offs_n", masked))
+    _grad_core(em, variant, flags, masked)
+    em.line("dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)")
+    return _indent(em.lines, 8)
+
+
+def backward_source(variant: Variant, flags: KernelFlags) -> str:
+    ptrs, strides, table = _input_args(variant)
+    grad_ptrs = "".join(f"DIN_{n}, " for n in flags.input_grads)
+    fmt = {"ptrs": ptrs, "grad_ptrs": grad_ptrs, "strides": strides}
+    kv_cols = _col_side(flags, True, "offs_n")
+    dkdv = _DKDV.format(
+        **fmt, kload=_indent([*kv_cols, _load_kv("k", "offs_n", True)], 4),
+        vload=_indent([_load_kv("v", "offs_n", True)], 4),
+        full=_dkdv_body(variant, flags, table, False),
+        part=_dkdv_body(variant, flags, table, True))
+    dq = _DQ.format(**{**fmt, "grad_ptrs": ""}, rowload=_indent(_row_loads(variant, flags), 4),
+                    full=_dq_body(variant, flags, table, False),
+                    part=_dq_body(variant, flags, table, True))
+    return dkdv + "\n\n" + dq
