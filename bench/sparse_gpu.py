@@ -9,7 +9,9 @@ triton.testing.do_bench (median) on torch.randn inputs.
 
     python bench/sparse_gpu.py            # the full table (a few minutes on an H100)
     python bench/sparse_gpu.py --quick    # fewer rows and repeats (about a minute)
-    python bench/sparse_gpu.py --sweep    # also try launch options of the block-sparse kernels
+    python bench/sparse_gpu.py --sweep    # first time launch plans (warps, stages, blocks per
+                                          # step, row split), then the table with the winners
+    python bench/sparse_gpu.py --sweep --only fine,flex   # the plan sweep and kernel rows only
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -139,6 +142,38 @@ def vsa_rows(quick: bool) -> None:
                 dense_flops(n, backward) / ideal, dense, ideal, "target >= 80% of ideal")
 
 
+def parts_rows(quick: bool) -> None:
+    """Where VSA's forward time goes at 20x48x80, s=0.875: each pool, the whole coarse stage
+    (pool, scores, top-k, coarse attention), the fine stage on VSA's own lists, the gate. The
+    faster pool is kept for the rows after this one (vsa_pool.POOL)."""
+    from attnrt.sparse import vsa, vsa_pool
+    from attnrt.sparse.vsa_metadata import VideoSparseAttentionMetadataBuilder, cur_topk
+
+    md = VideoSparseAttentionMetadataBuilder().build(0, GRID_76K, (1, 1, 1), 0.875,
+                                                     torch.device("cuda"))
+    q, k, v, gate = leaves(*[(B, md.padded_seq_length, H, D)] * 4)
+    sizes = md.variable_block_sizes
+    topk = cur_topk(0.875, sizes.numel())
+    pools = {}
+    with torch.no_grad():
+        for pool in vsa_pool.POOLS:
+            pools[pool] = bench_ms(lambda p=pool: vsa_pool.pool_qkv(q, k, v, sizes, p), quick)
+            row(f"VSA part: pool q,k,v ({pool})", pools[pool], 0.0)
+        vsa_pool.POOL = min(pools, key=pools.__getitem__)
+        print(f"  # runtime/sparse/vsa_pool.py: POOL = {vsa_pool.POOL!r} (faster here)")
+        coarse, index = vsa.coarse_stage(q, k, v, sizes, topk, D ** -0.5)
+        row(f"VSA part: coarse stage (pool={vsa_pool.POOL})",
+            bench_ms(lambda: vsa.coarse_stage(q, k, v, sizes, topk, D ** -0.5), quick), 0.0)
+        count = torch.full(index.shape[:3], topk, dtype=torch.int32, device="cuda")
+        fine = _sparse_fn([q, k, v], index, count, 64)
+        row("VSA part: fine stage (VSA's lists)", bench_ms(fine, quick),
+            4.0 * B * H * D * 64 * 64 * float(count.sum()))
+        out = fine()
+        c = sizes.numel()
+        row("VSA part: gate (addcmul)", bench_ms(lambda: torch.addcmul(
+            out.view(B, c, 64, H, D), gate.view(B, c, 64, H, D), coarse[:, :, None]), quick), 0.0)
+
+
 def sweep_rows(quick: bool) -> None:
     n = math.prod(GRID_76K)
     dense = cudnn_dense(n, quick, False)
@@ -228,48 +263,110 @@ def flex_rows(quick: bool) -> None:
             f"{f_ms / ms:.2f}x FlexAttention (target {1.3 if not backward else 1.2}x)")
 
 
-def sweep_launch(quick: bool) -> None:
-    """Times launch options of the three block-sparse kernels (D=128, 12.5% kept) and prints
-    the LAUNCH_OPTIONS entries that won (paste into runtime/kernels/block_sparse/launch.py)."""
-    from attnrt.kernels.block_sparse import launch
+def _candidates(kernel: str, block: int, quick: bool) -> list[dict[str, int]]:
+    """Plans to time for one kernel at square blocks: warps x stages x step x split."""
+    from attnrt.kernels.block_sparse import options
 
-    options = [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in (1, 2, 3, 4)]
+    stages = (2, 3) if quick else ((2, 3, 4) if kernel == "fwd" else (1, 2, 3))
+    steps = (1, 2) if quick or block >= 128 else (1, 2, 4)
+    splits = (1,) if quick or block < 128 else (1, 2)
+    out = []
+    for w in (4, 8):
+        for st in stages:
+            for step in steps:
+                for split in splits:
+                    plan = options.Plan(w, st, step, split)
+                    if options.valid_plan(kernel, plan, block, block):
+                        out.append({"num_warps": w, "num_stages": st, "step": step,
+                                    "split": split})
+    return out
+
+
+def _sweep_kernel(kernel: str, block: int, inputs, index, count, quick: bool,
+                  deadline: float) -> dict[str, int] | None:
+    """Times every candidate of one kernel (the others at their current plans); returns the
+    fastest plan that ran as asked (not fitted down) and matched the default plan's output."""
+    from attnrt.kernels.block_sparse import launch, options
+
+    key = options.key(kernel, block, block, D)
+    fn = _sparse_fn(inputs, index, count, block)
+    options.LAUNCH_OPTIONS.pop(key, None)
+    launch.clear_plans()
+    with torch.no_grad():
+        expect = fn().float()
+    timings = []
+    for opt in _candidates(kernel, block, quick):
+        if time.monotonic() > deadline:
+            print(f"  {key}: sweep budget spent, keeping the best so far", flush=True)
+            break
+        options.LAUNCH_OPTIONS[key] = opt
+        launch.clear_plans()
+        try:
+            ms = _time(fn, inputs, quick, kernel != "fwd")
+            with torch.no_grad():
+                err = ((fn().float() - expect).norm() / expect.norm()).item()
+        except Exception as exc:  # noqa: BLE001 - a plan that cannot compile is reported, skipped
+            print(f"  {key} {opt}: {type(exc).__name__}: {str(exc)[:80]}", flush=True)
+            continue
+        ran = {p for (k, *_), p in launch.chosen_plans().items() if k == kernel}
+        if ran != {options.plan_from(opt)}:
+            print(f"  {key} {opt}: ran as {ran} (did not fit), skipped", flush=True)
+            continue
+        if not err < 1e-2:
+            print(f"  {key} {opt}: WRONG (rel. diff {err:.2e} vs the default plan)", flush=True)
+            continue
+        timings.append((ms, opt))
+        print(f"  {key} {opt}: {ms:.3f} ms", flush=True)
+    if not timings:
+        options.LAUNCH_OPTIONS.pop(key, None)
+        return None
+    best = min(timings, key=lambda t: t[0])[1]
+    options.LAUNCH_OPTIONS[key] = best
+    launch.clear_plans()
+    return best
+
+
+def sweep_launch(quick: bool, budget_s: float) -> None:
+    """Times plans of the three block-sparse kernels (D=128, bf16, 12.5% kept, N=16384), keeps
+    each winner for the rest of this run (so the table below measures them), and prints the
+    LAUNCH_OPTIONS entries to paste into runtime/kernels/block_sparse/options.py."""
     best: dict[str, dict[str, int]] = {}
-    for block, n in ((64, 32768), (128, 32768)):
-        inputs, index, count = _fine_inputs(block, n, 0.125)
-        fn = _sparse_fn(inputs, index, count, block)
-        for kernel in ("fwd", "dq", "dkdv"):
-            key = f"{kernel}-{block}x{block}-d128"
-            timings = []
-            for opt in options:
-                launch.LAUNCH_OPTIONS[key] = opt
-                try:
-                    ms = _time(fn, inputs, quick, kernel != "fwd")
-                except Exception as exc:  # noqa: BLE001 - a config that cannot compile is skipped
-                    print(f"  {key} {opt}: {type(exc).__name__}", flush=True)
-                    continue
-                timings.append((ms, opt))
-                print(f"  {key} {opt}: {ms:.3f} ms", flush=True)
-            best[key] = min(timings, key=lambda t: t[0])[1]
-            launch.LAUNCH_OPTIONS[key] = best[key]
-    print("LAUNCH_OPTIONS =", best)
+    for block in (64, 128):
+        inputs, index, count = _fine_inputs(block, 16384, 0.125)
+        for kernel in ("fwd", "dq", "dkdv"):  # each kernel gets a sixth of the budget
+            deadline = time.monotonic() + budget_s / 6
+            won = _sweep_kernel(kernel, block, inputs, index, count, quick, deadline)
+            if won is not None:
+                best[f"{kernel}-{block}x{block}-d{D}"] = won
+    print("# paste into runtime/kernels/block_sparse/options.py (measured: "
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__}):")
+    print("LAUNCH_OPTIONS: dict[str, dict[str, int]] = {")
+    for key, opt in best.items():
+        print(f"    {key!r}: {opt},")
+    print("}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rows and repeats")
-    parser.add_argument("--sweep", action="store_true", help="sweep kernel launch options")
-    parser.add_argument("--only", default="vsa,fine,flex,sweep",
-                        help="comma-separated subset of: vsa, fine, flex, sweep")
+    parser.add_argument("--sweep", action="store_true",
+                        help="first time launch plans of the block-sparse kernels, keep the "
+                             "winners for the table and print them as LAUNCH_OPTIONS")
+    parser.add_argument("--sweep-budget", type=float, default=300.0,
+                        help="seconds the plan sweep may take, a sixth per kernel and block "
+                             "size (default 300)")
+    parser.add_argument("--only", default="parts,vsa,fine,flex,sweep",
+                        help="comma-separated subset of: parts, vsa, fine, flex, sweep")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, B={B} H={H} D={D} bf16")
     if args.sweep:
-        sweep_launch(args.quick)
+        sweep_launch(args.quick, args.sweep_budget)
     print(f"{'case':<46} {'ms':>9} {'TFLOP/s':>8} {'speedup':>7} {'ideal':>7} {'%ideal':>6}")
-    parts = {"vsa": vsa_rows, "fine": fine_rows, "flex": flex_rows, "sweep": sweep_rows}
+    parts = {"parts": parts_rows, "vsa": vsa_rows, "fine": fine_rows, "flex": flex_rows,
+             "sweep": sweep_rows}
     for name in args.only.split(","):
         torch.cuda.empty_cache()
         parts[name.strip()](args.quick)

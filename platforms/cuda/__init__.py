@@ -25,5 +25,6 @@ PLATFORM = Platform(
         "FLASH_ATTN": f"{_PACK}.flash_attn:FlashAttnBackend",
         "FLASH_ATTN_3": f"{_PACK}.flash_attn3:FlashAttn3Backend",
         "SAGE_ATTN": f"{_PACK}.sage:SageAttnBackend",
+        "FASTVIDEO_KERNEL_VSA": "attnrt.sparse.vsa_fastvideo_kernel:FastVideoKernelVSABackend",
     },
 )

@@ -18,4 +18,5 @@ BACKENDS = {
     "SLA_ATTN": "attnrt.sparse.sla_backend:SLAAttentionBackend",
     "SAGE_SLA_ATTN": "attnrt.sparse.sla_backend:SageSLAAttentionBackend",
     "VMOBA_ATTN": "attnrt.sparse.sla_backend:VMOBAAttentionBackend",
+    "VIDEO_SPARSE_ATTN": "attnrt.sparse.vsa_backend:VideoSparseAttentionBackend",
 }

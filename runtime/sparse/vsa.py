@@ -27,14 +27,7 @@ from ..kernels.block_sparse import block_sparse_attention
 from ..kernels.block_sparse.checks import check_kernel_tensors
 from .vsa_layout import CUBE_TOKENS
 from .vsa_metadata import VSAInputError, VSATypeError
-
-
-def pool_cubes(x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """[B, S, Hx, D] (padding zero) -> float32 [B, C, Hx, D]: the mean of each cube's valid
-    tokens (sum of its 64 slots over its valid count)."""
-    b, s, h, d = x.shape
-    summed = x.reshape(b, s // CUBE_TOKENS, CUBE_TOKENS, h, d).sum(2, dtype=torch.float32)
-    return summed / sizes.view(1, -1, 1, 1)
+from .vsa_pool import pool_qkv
 
 
 def coarse_stage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes: torch.Tensor,
@@ -44,7 +37,7 @@ def coarse_stage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes: torch
     Selection scores are float32 (ties among 16-bit scores would make the choice arbitrary);
     the coarse attention runs in q's dtype through SDPA, differentiable in q, k, v."""
     group = q.shape[2] // k.shape[2]
-    qc, kc, vc = (pool_cubes(t, sizes).transpose(1, 2) for t in (q, k, v))  # [B, Hx, C, D]
+    qc, kc, vc = (t.transpose(1, 2) for t in pool_qkv(q, k, v, sizes))  # [B, Hx, C, D]
     kc, vc = kc.repeat_interleave(group, 1), vc.repeat_interleave(group, 1)
     with torch.no_grad():
         scores = torch.matmul(qc.detach(), kc.detach().transpose(-1, -2))

@@ -5,17 +5,19 @@ Shapes: B batch, N video tokens (grid order), S = 64 * C tiled slots, H heads, H
 D head size; [B, N, H, D] throughout. As in FastVideo, preprocess_qkv tiles [q; k; v; gate]
 (N tokens -> S slots), forward(query, key, value, gate_compress, attn_metadata) runs on the
 tiled layout, postprocess_output untiles (S -> N); DistributedAttention_VSA calls the three in
-that order after its all-to-all. Not registered here: the integrator wires the method.
+that order after its all-to-all. Registered in attnrt.backends.BACKENDS; ranked for method
+vsa in capability.yaml.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import os
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from ..interfaces import AttentionBackend, ScaledImpl
-from ..support import Package
+from ..selection.capability import ARCH, PLATFORM, Package, Reason
 from .vsa import video_sparse_attention
 from .vsa_layout import tile, untile
 from .vsa_metadata import (
@@ -25,7 +27,16 @@ from .vsa_metadata import (
     cur_topk,
 )
 
+if TYPE_CHECKING:
+    from ..selection.device import Device
+    from ..selection.request import AttentionRequest
+
 NAME = "VIDEO_SPARSE_ATTN"
+
+
+def _sm_major(arch: str | None) -> int | None:
+    digits = "".join(ch for ch in (arch or "").removeprefix("sm") if ch.isdigit())
+    return int(digits[:-1]) if len(digits) >= 2 else None
 
 
 def check_metadata(attn_metadata: object) -> VideoSparseAttentionMetadata:
@@ -101,11 +112,12 @@ class VideoSparseAttentionImpl(ScaledImpl[VideoSparseAttentionMetadata]):
 
 class VideoSparseAttentionBackend(AttentionBackend):
     """VSA on attnrt's block-sparse Triton kernel: NVIDIA from Ampere (bf16 dots), 64-token
-    cubes, any head size the kernel takes, GQA; no causal mask, no replicated (text) tokens."""
+    cubes, any head size the kernel takes, GQA; no causal mask, no replicated (text) tokens.
+    On CPU only under Triton's interpreter (TRITON_INTERPRET=1: tests, gloo checks)."""
 
     METHODS: ClassVar[frozenset[str]] = frozenset({"vsa"})
-    PLATFORMS: ClassVar[frozenset[str]] = frozenset({"cuda"})
-    ARCHS: ClassVar[str] = ">=sm80"
+    PLATFORMS: ClassVar[frozenset[str]] = frozenset({"cuda", "cpu"})
+    ARCHS: ClassVar[str | None] = None  # cuda: from sm80, in extra_reasons (cpu has no sm arch)
     DTYPES: ClassVar[frozenset[str]] = frozenset({"fp16", "bf16", "fp32"})
     HEAD_SIZES: ClassVar[range] = range(16, 257, 8)
     SUPPORTS_CAUSAL: ClassVar[bool] = False
@@ -114,6 +126,17 @@ class VideoSparseAttentionBackend(AttentionBackend):
     ACCEPTS_GATE_COMPRESS: ClassVar[bool] = True
     PACKAGES = (Package("triton", min_version="3.0", hint="pip install 'triton>=3.0'"),)
     accept_output_buffer: ClassVar[bool] = False
+
+    @classmethod
+    def extra_reasons(cls, request: AttentionRequest, device: Device) -> list[Reason]:
+        if device.platform == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return [Reason(PLATFORM, f"{NAME} runs on CPU only under Triton's interpreter",
+                           "set TRITON_INTERPRET=1 before triton is imported (slow; for tests)")]
+        major = _sm_major(device.arch) if device.platform == "cuda" else None
+        if major is not None and major < 8:
+            return [Reason(ARCH, f"arch={device.arch} is not supported by {NAME}; supported: "
+                                 "sm80 and newer", "use a GPU from Ampere on")]
+        return []
 
     @staticmethod
     def get_name() -> str:

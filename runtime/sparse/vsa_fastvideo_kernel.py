@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import BackendUnavailableError
-from ..support import Package, package_status
+from ..selection.capability import Package, package_status
 from .vsa import check_gate_and_length
 from .vsa_backend import VideoSparseAttentionBackend, VideoSparseAttentionImpl, check_metadata
 from .vsa_layout import CUBE_TOKENS, VSA_TILE_SIZE
@@ -71,7 +71,8 @@ class FastVideoKernelVSABackend(VideoSparseAttentionBackend):
     """fastvideo-kernel's VSA: bf16, D 64 or 128, no GQA; refused with the install hint when
     the package is absent."""
 
-    ARCHS: ClassVar[str] = ">=sm80"
+    PLATFORMS: ClassVar[frozenset[str]] = frozenset({"cuda"})
+    ARCHS: ClassVar[str | None] = ">=sm80"  # type: ignore[misc]
     DTYPES: ClassVar[frozenset[str]] = frozenset({"bf16"})
     HEAD_SIZES: ClassVar[tuple[int, ...]] = (64, 128)  # type: ignore[assignment]
     SUPPORTS_GQA: ClassVar[bool] = False

@@ -156,6 +156,16 @@ def test_interpreter_matches_reference(shape, h, hkv, sparsity, dtype):
 
 
 @pytest.mark.interpret
+def test_interpreter_torch_pool_matches_reference(monkeypatch):
+    if HAS_CUDA:
+        pytest.skip("interpreter case; the gpu cases cover CUDA")
+    from attnrt.sparse import vsa_pool
+
+    monkeypatch.setattr(vsa_pool, "POOL", "torch")
+    _check((5, 6, 7), 1, 2, 1, 16, torch.float32, 0.75, seed=12)
+
+
+@pytest.mark.interpret
 def test_sparsity_zero_with_zero_gate_is_dense_attention():
     if HAS_CUDA:
         pytest.skip("interpreter case")
@@ -186,7 +196,11 @@ def test_reference_keeps_the_top_cubes_of_the_pooled_scores():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("shape", "h", "hkv", "d"), [
     ((8, 16, 16), 4, 4, 64), ((8, 16, 16), 4, 2, 128), ((5, 14, 18), 4, 4, 128)])
-def test_gpu_matches_reference(shape, h, hkv, d, dtype):
+@pytest.mark.parametrize("pool", ["torch", "triton"])
+def test_gpu_matches_reference(shape, h, hkv, d, dtype, pool, monkeypatch):
+    from attnrt.sparse import vsa_pool
+
+    monkeypatch.setattr(vsa_pool, "POOL", pool)
     _check(shape, 1, h, hkv, d, dtype, 0.75, seed=21, device="cuda")
 
 

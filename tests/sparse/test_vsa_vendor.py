@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from attnrt.errors import BackendUnavailableError
+from attnrt.selection.capability import package_status
 from attnrt.sparse.vsa_fastvideo_kernel import (
     PACKAGE,
     FastVideoKernelVSABackend,
     FastVideoKernelVSAImpl,
 )
 from attnrt.sparse.vsa_metadata import VideoSparseAttentionMetadataBuilder, VSAInputError
-from attnrt.support import package_status
 
 
 @pytest.fixture

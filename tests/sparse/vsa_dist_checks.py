@@ -8,31 +8,21 @@ import math
 
 import pytest
 
-import attnrt
 from attnrt.context import set_forward_context
-from attnrt.distributed_layers import DistributedAttention_VSA
-from attnrt.registry import is_registered
-from attnrt.sparse.vsa_backend import VideoSparseAttentionBackend, VideoSparseAttentionImpl
+from attnrt.parallel.layers import DistributedAttention_VSA
+from attnrt.selection.registry import is_registered
+from attnrt.sparse.vsa_backend import VideoSparseAttentionImpl
 from attnrt.sparse.vsa_metadata import VideoSparseAttentionMetadataBuilder, VSAInputError
 from tests.dist_worker import Ctx, leaves
 
-TEST_NAME = "VSA_INTERPRET_TEST"
-
-
-class VsaInterpretBackend(VideoSparseAttentionBackend):
-    """The real VSA backend, allowed on CPU too (its kernel runs there under TRITON_INTERPRET)."""
-
-    PLATFORMS = frozenset({"cpu", "cuda"})
-    ARCHS = None  # type: ignore[assignment]
-
-    @staticmethod
-    def get_name() -> str:
-        return TEST_NAME
+# The registered backend itself (attnrt.backends.BACKENDS): on CPU it runs under the Triton
+# interpreter, which the spawned ranks inherit from tests/conftest.py (TRITON_INTERPRET=1).
+TEST_NAME = "VIDEO_SPARSE_ATTN"
 
 
 def _register() -> None:
     if not is_registered(TEST_NAME):
-        attnrt.register_backend(TEST_NAME, VsaInterpretBackend)
+        raise AssertionError(f"{TEST_NAME} is not registered")
 
 
 def _metadata(shape, ctx):
@@ -63,6 +53,9 @@ def check_vsa_matches_single_process(ctx: Ctx) -> None:
     with set_forward_context(attn_metadata=md):
         out, rep = layer(*dist_in[:3], n, gate_compress=dist_in[3])
     assert rep is None
+    local = layer.local_for(ctx.world)
+    assert local.backend_name == TEST_NAME
+    assert local.decision.request.method == "vsa"
     ctx.close(out, ctx.shard(ref, s), "VSA output")
     g = ctx.randn(*ref.shape, seed=7)
     (ref * g).sum().backward()

@@ -7,12 +7,15 @@ NQB = ceil(N / block_q), NKB = ceil(M / block_k), MAXK the length of each block 
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 
 from .. import cdiv, next_power_of_2
 from .jit import _compact_kernel, _dkdv_kernel, _dq_kernel, _fwd_kernel
+from .options import KERNELS, Plan, check_fits, fitting_plans, wanted_plan
 from .reference import index_to_block_mask
 
 LOG2E = 1.4426950408889634
@@ -24,32 +27,66 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-# Launch options per "<kernel>-<block_q>x<block_k>-d<64|128|256>" (kernel: fwd, dq, dkdv);
-# bench/sparse_gpu.py --sweep measures candidates and prints entries to ship here. Unlisted
-# keys take _default_options.
-LAUNCH_OPTIONS: dict[str, dict[str, int]] = {}
+_CHOSEN: dict[tuple, Plan] = {}
 
 
-def _d_bucket(d: int) -> int:
-    return 64 if d <= 64 else 128 if d <= 128 else 256
+def chosen_plans() -> dict[tuple, Plan]:
+    """(kernel, block_q, block_k, D, dtype, device index) -> the plan that ran there."""
+    return dict(_CHOSEN)
 
 
-def _default_options(kernel: str, block_q: int, block_k: int, d: int) -> dict[str, int]:
-    """One warpgroup for 64-row tiles, two for 128x128 or D=256; fewer pipeline stages where
-    the tiles (and dK/dV's register accumulators) are large."""
-    warps = 8 if block_q * block_k >= 128 * 128 or d > 128 else 4
-    stages = 3 if d <= 128 else 1
-    if kernel == "dkdv":
-        stages = min(stages, 2)
-    return {"num_warps": warps, "num_stages": stages}
+def clear_plans() -> None:
+    """Forget the plans chosen per size (after LAUNCH_OPTIONS changes)."""
+    _CHOSEN.clear()
 
 
-def _launch_options(kernel: str, block_q: int, block_k: int, d: int,
-                    device: torch.device) -> dict[str, int]:
-    if device.type != "cuda":
-        return {"num_warps": 4, "num_stages": 1}
-    key = f"{kernel}-{block_q}x{block_k}-d{_d_bucket(d)}"
-    return LAUNCH_OPTIONS.get(key) or _default_options(kernel, block_q, block_k, d)
+@functools.lru_cache(maxsize=16)
+def smem_limit(device_index: int) -> int:
+    """Shared memory one block may use on this CUDA device, in bytes (Triton's own figure)."""
+    from triton.runtime import driver
+
+    return int(driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+
+
+def check_budget(q: torch.Tensor, block_q: int, block_k: int, backward: bool) -> None:
+    """Refuses, before any kernel runs, sizes whose kernels fit no plan on this device."""
+    if q.device.type == "cuda":
+        kernels = KERNELS if backward else ("fwd",)
+        check_fits(kernels, block_q, block_k, q.shape[-1], q.dtype,
+                   smem_limit(q.device.index or 0))
+
+
+def _with_plan(kernel: str, q: torch.Tensor, block_q: int, block_k: int,
+               launch: Callable[[Plan], None]) -> None:
+    """Runs launch(plan) with the first plan that compiles within shared memory: the tuned or
+    default plan, fitted down by its estimate; a launch Triton refuses (OutOfResources, raised
+    before the kernel runs) moves to the next plan. The CPU interpreter takes the wanted plan."""
+    d = q.shape[-1]
+    if q.device.type != "cuda":
+        launch(wanted_plan(kernel, block_q, block_k, d))
+        return
+    from triton.runtime.errors import OutOfResources
+
+    size = (kernel, block_q, block_k, d, q.dtype, q.device.index)
+    plans = [_CHOSEN[size]] if size in _CHOSEN else fitting_plans(
+        kernel, block_q, block_k, d, q.dtype, smem_limit(q.device.index or 0))
+    plan = first_launching(plans, launch, OutOfResources)
+    if plan is not None:
+        _CHOSEN[size] = plan
+        return
+    check_fits((kernel,), block_q, block_k, d, q.dtype, 0)  # raises the capability error
+
+
+def first_launching(plans: list[Plan], launch: Callable[[Plan], None],
+                    refused: type[Exception]) -> Plan | None:
+    """The first plan whose launch does not raise `refused` (launched), or None."""
+    for plan in plans:
+        try:
+            launch(plan)
+        except refused:
+            continue
+        return plan
+    return None
 
 
 def _consts(q: torch.Tensor, block_q: int, block_k: int, has_valid: bool) -> dict:
@@ -68,13 +105,16 @@ def _forward(q, k, v, index, count, valid, block_q, block_k, scale):
     b, n, h, _ = q.shape
     out = _alloc(tuple(q.shape), q.dtype, q.device)
     lse = _alloc((b, h, n), torch.float32, q.device)
-    grid = (cdiv(n, block_q), b * h)
-    _fwd_kernel[grid](
-        q, k, v, out, lse, index, count, valid if valid is not None else count,
-        q.stride(), k.stride(), v.stride(), out.stride(), index.stride(), count.stride(),
-        n, k.shape[1], h, h // k.shape[2], scale * LOG2E,
-        INT64=_needs_int64(q, k, v, out), **_consts(q, block_q, block_k, valid is not None),
-        **_launch_options("fwd", block_q, block_k, q.shape[-1], q.device))
+
+    def launch(plan: Plan) -> None:
+        _fwd_kernel[(cdiv(n, block_q) * plan.split, b * h)](
+            q, k, v, out, lse, index, count, valid if valid is not None else count,
+            q.stride(), k.stride(), v.stride(), out.stride(), index.stride(), count.stride(),
+            n, k.shape[1], h, h // k.shape[2], scale * LOG2E,
+            INT64=_needs_int64(q, k, v, out), **_consts(q, block_q, block_k, valid is not None),
+            STEP=plan.step, TILE_Q=block_q // plan.split, **plan.launch_kwargs())
+
+    _with_plan("fwd", q, block_q, block_k, launch)
     return out, lse
 
 
@@ -109,10 +149,9 @@ def _row_terms(out, dout, lse, dlse, np_rows):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, index, count, valid = ctx.saved_tensors
-    block_q, block_k, scale = ctx.block_q, ctx.block_k, ctx.scale
-    b, n, h, _ = q.shape
-    m, hkv = k.shape[1], k.shape[2]
-    nqb, nkb = cdiv(n, block_q), cdiv(m, block_k)
+    block_q, block_k = ctx.block_q, ctx.block_k
+    n, m = q.shape[1], k.shape[1]
+    nqb = cdiv(n, block_q)
     if dout is None:  # only lse was used
         dout = torch.zeros_like(out)
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
@@ -120,22 +159,41 @@ def _backward(ctx, dout, dlse):
     dq = _alloc(tuple(q.shape), q.dtype, q.device)
     dk = _alloc(tuple(k.shape), k.dtype, k.device)
     dv = _alloc(tuple(v.shape), v.dtype, v.device)
-    consts = _consts(q, block_q, block_k, valid is not None)
-    d = q.shape[-1]
-    int64 = _needs_int64(q, k, v, dout, dq, dk, dv)
-    has_valid = valid if valid is not None else count
-    _dq_kernel[(nqb, b * h)](
-        q, k, v, dout, dq, lse2, delta, index, count, has_valid, q.stride(), k.stride(),
-        v.stride(), dout.stride(), dq.stride(), index.stride(), count.stride(), n, m,
-        nqb * block_q, h, h // hkv, scale * LOG2E, scale, INT64=int64, **consts,
-        **_launch_options("dq", block_q, block_k, d, q.device))
-    k2q, k2q_count = transpose_lists(index, count, nkb)
-    _dkdv_kernel[(nkb, b * hkv)](
-        q, k, v, dout, dk, dv, lse2, delta, k2q, k2q_count, has_valid, q.stride(), k.stride(),
-        v.stride(), dout.stride(), dk.stride(), dv.stride(), n, m, nqb * block_q, h, hkv,
-        h // hkv, nqb, nkb, scale * LOG2E, scale, INT64=int64, **consts,
-        **_launch_options("dkdv", block_q, block_k, d, q.device))
+    common = (q, k, v, dout, lse2, delta, valid if valid is not None else count,
+              valid is not None, ctx.scale, block_q, block_k)
+    _with_plan("dq", q, block_q, block_k,
+               lambda plan: launch_dq(*common, dq, index, count, plan))
+    k2q, k2q_count = transpose_lists(index, count, cdiv(m, block_k))
+    _with_plan("dkdv", q, block_q, block_k,
+               lambda plan: launch_dkdv(*common, dk, dv, k2q, k2q_count, plan))
     return dq, dk, dv
+
+
+def launch_dq(q, k, v, dout, lse2, delta, valid, has_valid, scale, block_q, block_k, dq, index,
+              count, plan: Plan) -> None:
+    """dQ over each query block's list; valid is key_block_valid, or any int32 tensor when
+    has_valid is False."""
+    b, n, h, _ = q.shape
+    _dq_kernel[(cdiv(n, block_q) * plan.split, b * h)](
+        q, k, v, dout, dq, lse2, delta, index, count, valid, q.stride(), k.stride(),
+        v.stride(), dout.stride(), dq.stride(), index.stride(), count.stride(), n, k.shape[1],
+        lse2.shape[-1], h, h // k.shape[2], scale * LOG2E, scale,
+        INT64=_needs_int64(q, k, v, dout, dq), **_consts(q, block_q, block_k, has_valid),
+        STEP=plan.step, TILE_Q=block_q // plan.split, **plan.launch_kwargs())
+
+
+def launch_dkdv(q, k, v, dout, lse2, delta, valid, has_valid, scale, block_q, block_k, dk, dv,
+                k2q, k2q_count, plan: Plan) -> None:
+    """dK/dV over each key block's transposed list (transpose_lists)."""
+    b, n, h, _ = q.shape
+    m, hkv = k.shape[1], k.shape[2]
+    nkb = cdiv(m, block_k)
+    _dkdv_kernel[(nkb * plan.split, b * hkv)](
+        q, k, v, dout, dk, dv, lse2, delta, k2q, k2q_count, valid, q.stride(), k.stride(),
+        v.stride(), dout.stride(), dk.stride(), dv.stride(), n, m, lse2.shape[-1], h, hkv,
+        h // hkv, k2q.shape[-1], nkb, scale * LOG2E, scale,
+        INT64=_needs_int64(q, k, v, dout, dk, dv), **_consts(q, block_q, block_k, has_valid),
+        STEP=plan.step, TILE_K=block_k // plan.split, **plan.launch_kwargs())
 
 
 class _BlockSparseAttention(torch.autograd.Function):
@@ -156,6 +214,8 @@ class _BlockSparseAttention(torch.autograd.Function):
 def run(q, k, v, index, count, valid, block_q, block_k, softmax_scale):
     """Checked inputs -> (out, lse) through the autograd Function."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    check_budget(q, block_q, block_k, backward)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = (t.contiguous() for t in (q, k, v))
     return _BlockSparseAttention.apply(q, k, v, index, count, valid, block_q, block_k, scale)

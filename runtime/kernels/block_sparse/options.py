@@ -1,0 +1,146 @@
+"""Launch plans of the block-sparse kernels (fwd, dq, dkdv) as data, fitted to the device's
+shared memory before any kernel runs. Pure Python: importing this needs torch alone.
+
+Shapes: block_q / block_k the query / key block sizes of the lists, D head size (tiles padded to
+BD = the next power of two, at least 16), es the element size (2 for fp16/bf16, 4 for fp32).
+
+A plan is (num_warps, num_stages, step, split):
+- step: list entries one inner step takes, so its tile is `step` blocks gathered by id: key
+  blocks for fwd and dq (a [block_q, step * block_k] score tile), query blocks for dkdv.
+- split: the program's own block cut into `split` row tiles, one program each: query rows for
+  fwd and dq, key rows for dkdv. Smaller tiles for the sizes whose whole block does not fit.
+Both change only how the work is tiled, never the result beyond rounding order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .checks import NAME, BlockSparseInputError
+
+KERNELS = ("fwd", "dq", "dkdv")
+MIN_TILE = 16
+MAX_STEP_KEYS = 256  # a step's gathered tile is at most this many rows
+
+# Measured winners, "<kernel>-<block_q>x<block_k>-d<BD>" -> options (16-bit dtypes; float32 is
+# fitted down from them). `python bench/sparse_gpu.py --sweep` times the candidates on the GPU
+# and prints the entries to paste here. Unlisted keys take default_plan.
+LAUNCH_OPTIONS: dict[str, dict[str, int]] = {}
+
+
+@dataclass(frozen=True)
+class Plan:
+    num_warps: int
+    num_stages: int
+    step: int = 1
+    split: int = 1
+
+    def launch_kwargs(self) -> dict[str, int]:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def padded_head(d: int) -> int:
+    return max(MIN_TILE, 1 << (d - 1).bit_length())
+
+
+def key(kernel: str, block_q: int, block_k: int, d: int) -> str:
+    return f"{kernel}-{block_q}x{block_k}-d{padded_head(d)}"
+
+
+def default_plan(kernel: str, block_q: int, block_k: int, d: int) -> Plan:
+    """Before measurement: 64-key blocks go two per step (a 128-wide tile, half the softmax
+    rescales), one warpgroup for 64-row tiles, two for 128x128 or D = 256."""
+    warps = 8 if block_q * block_k >= 128 * 128 or d > 128 else 4
+    stages = 3 if d <= 128 else 1
+    own, other = (block_q, block_k) if kernel == "dkdv" else (block_k, block_q)
+    step = 2 if own <= 64 and other <= 64 and d <= 128 else 1
+    if kernel != "fwd":
+        stages = min(stages, 2)
+    return Plan(warps, stages, step)
+
+
+def plan_from(options: dict[str, int]) -> Plan:
+    """A Plan from a LAUNCH_OPTIONS entry (num_warps, num_stages required; step, split)."""
+    return Plan(int(options["num_warps"]), int(options["num_stages"]),
+                int(options.get("step", 1)), int(options.get("split", 1)))
+
+
+def smem_bytes(kernel: str, plan: Plan, block_q: int, block_k: int, d: int, es: int) -> int:
+    """Shared memory Triton needs for a plan on Hopper, an upper bound fitted to what Triton 3.6
+    asked for on an H100 (fwd: Q + P + max(1, stages - 1) K/V buffers; dq: Q + dO + stages K/V
+    buffers; dkdv: resident K/V + stages Q/dO buffers, + P and dS for float32)."""
+    bd = padded_head(d)
+    if kernel == "dkdv":
+        keys, rows = block_k // plan.split, block_q * plan.step
+        scores = 2 * keys * rows if es == 4 else 0  # tf32 dots read P and dS from shared memory
+        return (2 * keys * bd + plan.num_stages * 2 * rows * bd + scores) * es
+    rows, keys = block_q // plan.split, block_k * plan.step
+    kv = 2 * keys * bd * es
+    if kernel == "fwd":
+        return rows * bd * es + rows * keys * es + max(1, plan.num_stages - 1) * kv
+    return 2 * rows * bd * es + plan.num_stages * kv
+
+
+def valid_plan(kernel: str, plan: Plan, block_q: int, block_k: int) -> bool:
+    own, other = (block_k, block_q) if kernel == "dkdv" else (block_q, block_k)
+    return (plan.num_warps in (1, 2, 4, 8, 16) and plan.num_stages >= 1
+            and plan.step >= 1 and plan.step & (plan.step - 1) == 0
+            and other * plan.step <= MAX_STEP_KEYS
+            and plan.split >= 1 and own % plan.split == 0 and own // plan.split >= MIN_TILE)
+
+
+def ladder(kernel: str, wanted: Plan, block_q: int, block_k: int) -> list[Plan]:
+    """The plans to try, best first: fewer stages, then smaller steps, then more splits."""
+    plans: list[Plan] = []
+    step, split = wanted.step, wanted.split
+    while True:
+        for stages in range(wanted.num_stages, 0, -1):
+            plan = replace(wanted, num_stages=stages, step=step, split=split)
+            if valid_plan(kernel, plan, block_q, block_k) and plan not in plans:
+                plans.append(plan)
+        if step > 1:
+            step //= 2
+        elif valid_plan(kernel, replace(wanted, step=1, split=split * 2), block_q, block_k):
+            split *= 2
+        else:
+            return plans
+
+
+def wanted_plan(kernel: str, block_q: int, block_k: int, d: int) -> Plan:
+    """The LAUNCH_OPTIONS entry for this size, else default_plan; a tuned entry that cannot
+    tile these blocks is an error, not skipped."""
+    name = key(kernel, block_q, block_k, d)
+    if name not in LAUNCH_OPTIONS:
+        return default_plan(kernel, block_q, block_k, d)
+    plan = plan_from(LAUNCH_OPTIONS[name])
+    if not valid_plan(kernel, plan, block_q, block_k):
+        raise BlockSparseInputError(
+            f"LAUNCH_OPTIONS[{name!r}]={LAUNCH_OPTIONS[name]} is not supported by {NAME}; "
+            f"allowed: split dividing the block into tiles of at least {MIN_TILE} rows, step a "
+            f"power of two with step * block at most {MAX_STEP_KEYS}")
+    return plan
+
+
+def fitting_plans(kernel: str, block_q: int, block_k: int, d: int, dtype: torch.dtype,
+                  limit: int) -> list[Plan]:
+    """The ladder's plans whose estimate fits `limit` bytes of shared memory, best first."""
+    es = torch.empty((), dtype=dtype).element_size()
+    wanted = wanted_plan(kernel, block_q, block_k, d)
+    return [p for p in ladder(kernel, wanted, block_q, block_k)
+            if smem_bytes(kernel, p, block_q, block_k, d, es) <= limit]
+
+
+def check_fits(kernels: tuple[str, ...], block_q: int, block_k: int, d: int,
+               dtype: torch.dtype, limit: int) -> None:
+    """The capability limit: a typed error when no plan of a needed kernel fits the device's
+    shared memory (even one stage, one block per step, 16-row tiles)."""
+    for kernel in kernels:
+        if not fitting_plans(kernel, block_q, block_k, d, dtype, limit):
+            what = "forward" if kernel == "fwd" else "backward"
+            raise BlockSparseInputError(
+                f"block_q={block_q}, block_k={block_k} with head_size={d} and "
+                f"{str(dtype).removeprefix('torch.')} is not supported by the {NAME} kernel's "
+                f"{what} on this device ({limit} bytes of shared memory per block); use 16-bit "
+                "inputs, smaller blocks or a smaller head size")
