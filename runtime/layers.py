@@ -208,8 +208,15 @@ class LocalAttention(nn.Module):
                 state = previous.state_dict()
                 if state.keys() == impl.state_dict().keys():
                     impl.load_state_dict(state)
-            self.attn_impl = impl
+            # Registered directly: `attn_impl` is also the property naming the active impl.
+            self._modules["attn_impl"] = impl
         return impl
+
+    @property
+    def attn_impl(self) -> AttentionImpl:
+        """The impl serving the last forward (or the construction-time one), as FastVideo's
+        layers name it."""
+        return self._active.impl
 
     def impl_for(self, dtype: torch.dtype, device: torch.device | None = None,
                  seq_len: int | None = None) -> AttentionImpl:

@@ -1,1 +1,1 @@
-"""attnrt tests (a package, so tests/kernels is tests.kernels and never answers `import kernels`)."""
+"""attnrt tests: a package, so tests/kernels never answers `import kernels`."""

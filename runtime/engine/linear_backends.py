@@ -39,9 +39,13 @@ def run_triton(q, k, v, g, initial_state, output_final_state):  # type: ignore[n
     return chunked_linear_attention(q, k, v, g, initial_state, output_final_state)
 
 
-@cache
 def fla_functions() -> dict[str, Any] | str:
     """{name: function} of fla's chunked kernels, or the reason they cannot be imported."""
+    return _import_fla()
+
+
+@cache
+def _import_fla() -> dict[str, Any] | str:
     found = {}
     for module_name, attr in _FLA_OPS:
         try:
@@ -54,7 +58,7 @@ def fla_functions() -> dict[str, Any] | str:
 
 def clear_fla_cache() -> None:
     """Forget the fla import result (for attnrt.clear_caches)."""
-    fla_functions.cache_clear()
+    _import_fla.cache_clear()
 
 
 def run_fla(q, k, v, g, initial_state, output_final_state):  # type: ignore[no-untyped-def]

@@ -24,7 +24,7 @@ here a default-built SLAAttentionMetadata carries None and leaves it alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -144,8 +144,9 @@ class SLAAttentionImpl(AttentionImpl, nn.Module):
         ratio = step_ratio(self.topk_ratio, attn_metadata)
         index, count, _ = select_blocks(query, key, ratio, self.BLKQ, self.BLKK)
         q, k, v = (t.to(self.dtype) for t in (query, key, value))
-        o_s = block_sparse_attention(q, k, v, index, count, block_q=self.BLKQ,
-                                     block_k=self.BLKK, softmax_scale=self.softmax_scale)
+        o_s = cast(torch.Tensor, block_sparse_attention(  # return_lse=False: one tensor
+            q, k, v, index, count, block_q=self.BLKQ, block_k=self.BLKK,
+            softmax_scale=self.softmax_scale))
         o_l = self.linear_branch(query, key, value, index, count)
         out = o_s.to(o_l.dtype) + self.project(o_l).to(o_l.dtype)
         return out.to(query.dtype)
