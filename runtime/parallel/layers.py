@@ -39,6 +39,7 @@ from attnrt.context import get_forward_context
 from attnrt.errors import AttnrtError
 from attnrt.integrations.fastvideo import backend_name_to_enum
 from attnrt.interfaces import AttentionImpl, lse_forward
+from attnrt.layer_args import check_extras_known, check_layer_args
 from attnrt.layers import LocalAttention, apply_rotary_emb
 from attnrt.parallel.groups import (
     SINGLE,
@@ -121,9 +122,12 @@ class DistributedAttention(nn.Module):
                  supported_attention_backends: Any = None, prefix: str = "",
                  **extra_impl_args: Any) -> None:
         super().__init__()
+        kv_heads, scale = check_layer_args(num_heads, head_size, num_kv_heads, softmax_scale,
+                                           causal)
+        check_extras_known(extra_impl_args)  # also without an SP group (no LocalAttention yet)
         self.num_heads, self.head_size = num_heads, head_size
-        self.num_kv_heads = num_kv_heads or num_heads
-        self.softmax_scale = softmax_scale if softmax_scale is not None else head_size ** -0.5
+        self.num_kv_heads = kv_heads
+        self.softmax_scale = scale
         self.causal, self.prefix = causal, prefix
         self.supported_attention_backends = supported_attention_backends
         self.extra_impl_args = extra_impl_args
