@@ -47,6 +47,7 @@ RUNTIME = "RUNTIME"
 COMPILE_FAILED = "COMPILE_FAILED"
 NOT_REGISTERED = "NOT_REGISTERED"
 NUM_HEADS = "NUM_HEADS"
+BACKWARD = "BACKWARD"
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,13 @@ def _declared_reasons(cls: type, name: str, request: AttentionRequest,
                                          f"{name}; supported: {describe_sizes(sizes)}"))
     if request.causal and not declared(cls, "SUPPORTS_CAUSAL"):
         reasons.append(Reason(CAUSAL, f"causal=True is not supported by {name}; supported: False"))
+    backward = declared(cls, "BACKWARD_PLATFORMS")
+    if request.grad and backward is not None and device.platform not in backward:
+        reasons.append(Reason(BACKWARD, f"grad=True (a call under autograd) is not supported by "
+                                        f"{name} on platform={device.platform}: it has no "
+                                        f"backward there; supported: grad=False, or platforms "
+                                        f"{', '.join(sorted(backward)) or '(none)'}",
+                              "run under torch.no_grad() for inference"))
     if request.is_gqa and not declared(cls, "SUPPORTS_GQA"):
         reasons.append(Reason(GQA, f"num_kv_heads={request.num_kv_heads} < num_heads="
                                    f"{request.num_heads} (GQA) is not supported by {name}"))
