@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import stat
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -162,10 +163,90 @@ class _Node:
     line: int
 
 
-def _compose(text: str, path: str) -> yaml.Node | None:
-    loader = yaml.SafeLoader(text)
+# Bounds for files from untrusted paths (ATTNRT_CAPABILITY, `attnrt validate FILE`): each is a
+# ManifestError naming the file, raised in well under a second. The shipped file is ~12 KB,
+# 5 levels deep.
+# The cap keeps the worst case (a file of nothing but tiny nodes) near a second with libyaml
+# (PyYAML's C loader, used where installed; the pure-Python one is ~8x slower).
+MAX_FILE_BYTES = 256 << 10  # 256 KiB
+MAX_DEPTH = 32  # nesting of mappings and sequences
+MAX_NODES = 50_000  # nodes after expanding aliases (a 9-level alias bomb expands to 10^9)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader whose composer refuses nesting deeper than MAX_DEPTH (it recurses per level:
+    500 levels gave a bare RecursionError)."""
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ManifestError(f"{self.name}:{mark.line + 1}: nesting deeper than "
+                                    f"{MAX_DEPTH} levels; capability files are a few levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _read_text(path: str) -> str:
+    """The file's text: a regular file (not a FIFO, device or directory), at most
+    MAX_FILE_BYTES, UTF-8. Opened without blocking, then checked on the open descriptor."""
     try:
-        return loader.get_single_node()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ManifestError(f"{path}:0: cannot read capability file: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+            raise ManifestError(f"{path}:0: is {kind}, not a regular file; capability files "
+                                "must be regular files")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:
+        raise ManifestError(f"{path}:0: larger than {MAX_FILE_BYTES} bytes (MAX_FILE_BYTES); "
+                            "capability files are small text files")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ManifestError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at "
+                            f"offset {exc.start}); capability files are UTF-8") from None
+
+
+def _check_depth(text: str, path: str, loader_cls: Any) -> None:
+    """The C composer recurses per level too: scan its events for the depth first (cheap),
+    and for the node count before any node is built."""
+    depth = nodes = 0
+    for event in yaml.parse(text, Loader=loader_cls):
+        if isinstance(event, yaml.NodeEvent):
+            nodes += 1
+            if nodes > MAX_NODES:
+                raise ManifestError(f"{path}:{event.start_mark.line + 1}: more than {MAX_NODES} "
+                                    "nodes; capability files are small")
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ManifestError(f"{path}:{event.start_mark.line + 1}: nesting deeper than "
+                                    f"{MAX_DEPTH} levels; capability files are a few levels deep")
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
+
+
+def _compose(text: str, path: str) -> yaml.Node | None:
+    fast = getattr(yaml, "CSafeLoader", None)
+    loader = fast(text) if fast is not None else _BoundedLoader(text)
+    loader.name = path
+    try:
+        if fast is not None:
+            _check_depth(text, path, fast)
+        node = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else 1
         raise ManifestError(f"{path}:{line}: YAML syntax error: {exc.problem}") from None
@@ -173,6 +254,43 @@ def _compose(text: str, path: str) -> yaml.Node | None:
         raise ManifestError(f"{path}:1: YAML error: {exc}") from None
     finally:
         loader.dispose()
+    if node is not None:
+        _check_expansion(node, path)
+    return node
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _check_expansion(root: yaml.Node, path: str) -> None:
+    """Refuse a node graph whose alias expansion exceeds MAX_NODES nodes or MAX_DEPTH levels,
+    or that refers to itself. Aliases share nodes, so each node is sized once (iteratively:
+    no recursion to overflow)."""
+    done: dict[int, tuple[int, int]] = {}  # id -> (expanded size, expanded depth)
+    entered: set[int] = set()  # the current path from the root
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            entered.discard(key)
+            kids = [done[id(c)] for c in _children(node)]
+            size, depth = 1 + sum(k[0] for k in kids), 1 + max((k[1] for k in kids), default=0)
+            if size > MAX_NODES or depth > MAX_DEPTH:
+                raise ManifestError(f"{path}:{node.start_mark.line + 1}: this node holds more "
+                                    f"than {MAX_NODES} nodes or {MAX_DEPTH} levels once aliases "
+                                    "are expanded; capability files are small")
+            done[key] = (size, depth)
+        elif key in entered:
+            raise ManifestError(f"{path}:{node.start_mark.line + 1}: an alias refers to a node "
+                                "that contains it; capability files hold finite plain data")
+        elif key not in done:
+            entered.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in _children(node) if id(c) not in done)
 
 
 def _plain(node: yaml.Node, path: str) -> Any:
@@ -183,6 +301,9 @@ def _plain(node: yaml.Node, path: str) -> Any:
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, _Node] = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ManifestError(f"{path}:{key_node.start_mark.line + 1}: a mapping key must "
+                                    "be a plain name, not a list or mapping")
             key = SafeConstructor().construct_object(key_node, deep=True)
             if key in out:
                 raise ManifestError(f"{path}:{key_node.start_mark.line + 1}: duplicate key "
@@ -207,11 +328,7 @@ def _strip(value: Any) -> Any:
 def parse_file(path: str, text: str | None = None) -> list[Rule]:
     """Parse one capability file into rules; structural errors raise ManifestError(file:line)."""
     if text is None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as exc:
-            raise ManifestError(f"{path}:0: cannot read capability file: {exc.strerror}") from None
+        text = _read_text(path)
     node = _compose(text, path)
     if node is None:
         raise ManifestError(f"{path}:1: empty capability file; expected 'schema: 1' and 'rules:'")
@@ -223,32 +340,46 @@ def parse_file(path: str, text: str | None = None) -> list[Rule]:
 
 
 def _parse_doc(doc: dict[str, _Node], path: str) -> list[Rule]:
-    for key, item in doc.items():
-        if key not in ("schema", "rules"):
-            raise ManifestError(f"{path}:{item.line}: unknown top-level key {key!r}; "
-                                "allowed: schema, rules")
+    """The file's rules; ManifestError lists every structural error, one per line."""
+    errors = [f"{path}:{item.line}: unknown top-level key {key!r}; allowed: schema, rules"
+              for key, item in doc.items() if key not in ("schema", "rules")]
     if "schema" not in doc or doc["schema"].value != SCHEMA:
         line = doc["schema"].line if "schema" in doc else 1
         got = doc["schema"].value if "schema" in doc else None
-        raise ManifestError(f"{path}:{line}: schema={got!r} is not supported; allowed: {SCHEMA}")
+        errors.append(f"{path}:{line}: schema={got!r} is not supported; allowed: {SCHEMA}")
     rules = doc.get("rules")
+    parsed = []
     if rules is None or not isinstance(rules.value, list):
         line = rules.line if rules else 1
-        raise ManifestError(f"{path}:{line}: rules must be a list of mappings")
-    return [_parse_rule(item, path) for item in rules.value]
+        errors.append(f"{path}:{line}: rules must be a list of mappings")
+    else:
+        for item in rules.value:
+            try:
+                parsed.append(_parse_rule(item, path))
+            except ManifestError as exc:
+                errors.extend(str(exc).splitlines())
+    if errors:
+        raise ManifestError("\n".join(errors))
+    return parsed
 
 
 def _parse_rule(item: _Node, path: str) -> Rule:
     if not isinstance(item.value, dict):
         raise ManifestError(f"{path}:{item.line}: each rule must be a mapping with a rank list")
     raw: dict[str, _Node] = item.value
-    for key, node in raw.items():
-        if key not in RULE_KEYS:
-            raise ManifestError(f"{path}:{node.line}: unknown rule key {key!r}; allowed: "
-                                f"{', '.join(RULE_KEYS)}")
+    errors = [f"{path}:{node.line}: unknown rule key {key!r}; allowed: {', '.join(RULE_KEYS)}"
+              for key, node in raw.items() if key not in RULE_KEYS]
     if "rank" not in raw:
-        raise ManifestError(f"{path}:{item.line}: rule has no rank list")
-    fields = {key: _field(key, raw[key], path) for key in raw if key != "note"}
+        errors.append(f"{path}:{item.line}: rule has no rank list")
+    fields = {}
+    for key in raw:
+        if key in _FIELD_PARSERS:
+            try:
+                fields[key] = _field(key, raw[key], path)
+            except ManifestError as exc:
+                errors.append(str(exc))
+    if errors:
+        raise ManifestError("\n".join(errors))
     fields["key_lines"] = tuple((k, n.line) for k, n in raw.items())
     return Rule(file=path, line=item.line, **_rename(fields))
 
@@ -380,7 +511,7 @@ def validate_files(paths: Iterable[str]) -> list[str]:
         try:
             rules.extend(parse_file(path))
         except ManifestError as exc:
-            errors.append(str(exc))
+            errors.extend(str(exc).splitlines())
     errors.extend(shadowing_errors(rules))
     errors.extend(never_served_errors(rules))
     return errors
