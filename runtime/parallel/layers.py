@@ -57,6 +57,7 @@ from attnrt.parallel.groups import (
 from attnrt.parallel.local_first import local_first
 from attnrt.parallel.shard_check import check_inputs, check_same_on_all_ranks, named_inputs
 from attnrt.selection.capability import declared
+from attnrt.selection.request import DTYPE_NAMES
 
 # Heads chunks for overlap on device groups. Measured on 2x H100 (bench/NOTES-distributed.md):
 # 4 chunks were slower than none at both shapes, so overlap is opt-in (overlap_chunks=...).
@@ -406,11 +407,11 @@ def _lse_ready(local: LocalAttention, q: Any) -> bool:
     """Whether the impl this rank's local attention serves a shard's queries with (local
     first's steps A and C) returns lse. Never raises: it runs before the shape check, which
     must be the first thing every rank does (selection errors come after it)."""
-    if not (isinstance(q, torch.Tensor) and q.dtype.is_floating_point and q.dim() == 4):
-        return False
+    if not (isinstance(q, torch.Tensor) and q.dtype in DTYPE_NAMES and q.dim() == 4):
+        return False  # e.g. float8: the shape check, then check_inputs, refuse it everywhere
     try:
         return lse_forward(local.impl_for(q.dtype, q.device, q.shape[1])) is not None
-    except AttnrtError:
+    except (AttnrtError, TypeError, ValueError):
         return False
 
 
