@@ -113,8 +113,28 @@ class _Selected:
 class LocalAttention(nn.Module):
     """Attention on one device through the best backend attnrt can select here.
 
+    Shapes: B batch, N query length, M key length, H heads, Hkv kv heads, D head size.
+
     forward(q [B, N, H, D], k [B, M, Hkv, D], v [B, M, Hkv, D], freqs_cis=(cos, sin))
         -> [B, N, H, D]
+
+    Args:
+        num_heads: H, query heads (an int >= 1).
+        head_size: D, the size of each head (an int >= 1).
+        num_kv_heads: Hkv, key/value heads; None means H. Fewer than H is GQA (H % Hkv == 0).
+        softmax_scale: the score scale; None means D ** -0.5, else a finite number > 0.
+        causal: a causal mask, bottom-right aligned when N != M (query i sees keys
+            j <= i + M - N; a row that sees no key outputs zeros).
+        supported_attention_backends: names (or FastVideo enum members) the layer may use,
+            in the manifest's order; None allows every backend.
+        prefix: the layer's name, passed to the impl.
+        **extra_impl_args: passed to the selected backend's impl. A name no registered impl
+            reads is refused at construction (a typo such as casual=True), one the selected
+            impl does not read when it is selected (ExtraArgumentError).
+
+    The backend is selected per (dtype, device, autograd mode, query-length span) and cached;
+    `decision` explains the last one (`attnrt explain` prints the same for a request).
+    Bad arguments and inputs raise typed errors (subclasses of attnrt.AttnrtError).
     """
 
     def __init__(self, num_heads: int, head_size: int, num_kv_heads: int | None = None,

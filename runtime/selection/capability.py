@@ -149,6 +149,13 @@ def check(backend_cls: Any, request: AttentionRequest, device: Device) -> list[R
     return reasons
 
 
+def check_device(backend_cls: Any, name: str, request: AttentionRequest,
+                 device: Device) -> list[Reason]:
+    """Only the platform and arch reasons: whether `backend_cls` runs on `device` at all."""
+    return [r for r in _declared_reasons(backend_cls, name, request, device)
+            if r.code in (PLATFORM, ARCH)]
+
+
 def _platform_reasons(request: AttentionRequest, device: Device, name: str) -> list[Reason]:
     """Limits of a platform's stack that bind every backend on it (e.g. MPS: bf16 needs macOS 14),
     from the pack's optional `platform_reasons(request, device, name)`."""

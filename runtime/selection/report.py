@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from attnrt.errors import RegistryError
 from attnrt.selection import capability, registry
 from attnrt.selection.device import probe, probe_report
+from attnrt.selection.request import AttentionRequest
 
 if TYPE_CHECKING:
     from attnrt.selection.dispatch import Decision
@@ -60,7 +61,7 @@ def decision_dict(d: Decision) -> dict[str, Any]:
 
 def backend_rows() -> list[dict[str, Any]]:
     """Every registered backend: origin, declared limits, package availability and versions."""
-    rows = []
+    rows, device = [], probe()
     for name in registry.names():
         spec = registry.spec(name)
         row: dict[str, Any] = {"name": name, "target": spec.target, "origin": spec.origin}
@@ -76,10 +77,30 @@ def backend_rows() -> list[dict[str, Any]]:
             if status.reason:
                 problems.append(str(status.reason))
         platforms = capability.declared(cls, "PLATFORMS")
+        problems += _device_problems(cls, name, device)
         rows.append({**row, "available": not problems, "problems": problems,
                      "versions": versions,
                      "platforms": sorted(platforms) if platforms else ["any"]})
     return rows
+
+
+def _device_problems(cls: type, name: str, device: Any) -> list[str]:
+    """Why `cls` cannot run on this device at all (platform, arch), as explain would say: so
+    "available" in info means what a decision would find."""
+    request = AttentionRequest(64, next(iter(sorted(capability.declared(cls, "DTYPES"))), "fp32"))
+    return [str(r) for r in capability.check_device(cls, name, request, device)]
+
+
+def _forced() -> dict[str, Any] | None:
+    from attnrt.selection.dispatch import forced_backend
+
+    forced = forced_backend()
+    if forced is None:
+        return None
+    name, where = forced
+    error = None if registry.is_registered(name) else (
+        f"{where}: unknown backend {name!r}; registered: {', '.join(registry.names())}")
+    return {"name": name, "where": where, "error": error}
 
 
 def info_dict() -> dict[str, Any]:
@@ -87,8 +108,11 @@ def info_dict() -> dict[str, Any]:
 
     device = probe()
     manifest = current_manifest()
+    forced = _forced()
     return {
         "device": device.to_dict(),
+        "forced": forced,
+        "forced_error": forced["error"] if forced else None,
         "platforms": [{"platform": p, "available": dev is not None, "reason": reason,
                        "device": dev.to_dict() if dev else None}
                       for p, dev, reason in probe_report()],
@@ -109,6 +133,10 @@ def format_info(info: dict[str, Any]) -> str:
     lines.append("platforms probed (in order):")
     lines += [f"  {p['platform']:<5} {'yes' if p['available'] else 'no '}  {p['reason']}"
               for p in info["platforms"]]
+    forced = info.get("forced")
+    if forced:
+        lines.append(f"forced: {forced['name']} ({forced['where']})"
+                     + (f"\n  error: {forced['error']}" if forced["error"] else ""))
     lines.append("backends:")
     for b in info["backends"]:
         state = "available" if b["available"] else "unavailable: " + "; ".join(b["problems"])

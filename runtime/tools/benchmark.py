@@ -127,9 +127,12 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-sizes", default=None, help="comma list (CPU 64, GPU 64,128)")
     parser.add_argument("--seq-lens", default=None, help="comma list (CPU 256, GPU 4096)")
     parser.add_argument("--dtypes", default=None, help="comma list (CPU fp32, GPU bf16)")
-    parser.add_argument("--causal", choices=("0", "1", "both"), default="0")
-    parser.add_argument("--pass", dest="pass_", choices=("fwd", "bwd", "both"), default="fwd")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--causal", choices=("0", "1", "both"), default="0",
+                        help="0: non-causal (default), 1: causal, both: each")
+    parser.add_argument("--pass", dest="pass_", choices=("fwd", "bwd", "both"), default="fwd",
+                        help="fwd: inference forward (default), bwd: training forward+backward, "
+                             "both: each")
+    parser.add_argument("--batch", type=int, default=1, help="B, the batch size (default 1)")
     parser.add_argument("--backends", default=None,
                         help="comma list (default: every backend available here)")
     parser.add_argument("--repeats", type=int, default=None,
@@ -427,7 +430,7 @@ def format_table(results: list[Result], device: Device) -> str:
     return "\n".join(lines)
 
 
-def write_plot(results: list[Result], path: str) -> None:
+def _pyplot(path: str) -> Any:
     try:
         import matplotlib
 
@@ -436,6 +439,11 @@ def write_plot(results: list[Result], path: str) -> None:
     except ImportError as exc:
         raise BenchDependencyError(f"--plot={path} needs matplotlib ({exc}); install it with "
                                    "pip install matplotlib (or attnrt[plot])") from None
+    return plt
+
+
+def write_plot(results: list[Result], path: str) -> None:
+    plt = _pyplot(path)
     ok = [r for r in results if r.status == "ok"]
     labels = list(dict.fromkeys(r.case.label() for r in ok))
     names = list(dict.fromkeys(r.backend for r in ok))
@@ -455,6 +463,8 @@ def write_plot(results: list[Result], path: str) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.plot:
+        _pyplot(args.plot)  # a missing matplotlib fails now, not after the whole run
     device = bench_device()
     results = run_grid(args, device)
     data = {**environment(device), "results": [r.to_dict() for r in results]}
