@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import attnrt
+from attnrt.selection.request import AttentionRequest
 from attnrt.tools import benchmark
 from attnrt.tools.cli import _parser, main
-from attnrt.request import AttentionRequest
 from tests.triton_support import MIN_INTERPRETER_TRITON, interpreter_skip_reason
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,9 +17,9 @@ import torch
 
 import attnrt
 from attnrt.selection import registry
+from attnrt.selection.capability import BACKWARD, check
 from attnrt.selection.device import probe
 from attnrt.selection.request import NAME_DTYPES, AttentionRequest
-from attnrt.selection.capability import BACKWARD, check
 from tests.conftest import TOLERANCE, rel_l2
 from tests.helpers import dense_reference, randn_qkv
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 import attnrt
-from attnrt import manifest
-from attnrt.cli import main
-from attnrt.manifest import current_manifest, parse_file, validate_files
+from attnrt.selection import manifest
+from attnrt.selection.manifest import current_manifest, parse_file, validate_files
+from attnrt.tools.cli import main
 
 HEAD = "schema: 1\nrules:\n"
 RULE = "  - platform: cpu\n    rank: [REFERENCE]\n"

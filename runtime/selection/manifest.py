@@ -24,20 +24,26 @@ from __future__ import annotations
 
 import bisect
 import os
-import stat
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
-import yaml
-from yaml.constructor import SafeConstructor
-
 from attnrt.errors import ManifestError
 from attnrt.selection import packs, registry
 from attnrt.selection.device import Device
 from attnrt.selection.manifest_checks import never_served_errors, shadowing_errors
+from attnrt.selection.manifest_yaml import (  # noqa: F401  (MAX_*: documented here)
+    MAX_DEPTH,
+    MAX_FILE_BYTES,
+    MAX_NODES,
+    Node,
+    compose,
+    plain,
+    read_text,
+    strip,
+)
 from attnrt.selection.ranges import ArchRange, RangeError, SizeRange
 from attnrt.selection.request import AttentionRequest, dtype_name
 
@@ -154,192 +160,21 @@ def shipped_path() -> str:
     return str(resources.files("attnrt") / "capability.yaml")
 
 
-# ---------------------------------------------------------------- parsing with line numbers
-
-
-@dataclass(frozen=True)
-class _Node:
-    value: Any
-    line: int
-
-
-# Bounds for files from untrusted paths (ATTNRT_CAPABILITY, `attnrt validate FILE`): each is a
-# ManifestError naming the file, raised in well under a second. The shipped file is ~12 KB,
-# 5 levels deep.
-# The cap keeps the worst case (a file of nothing but tiny nodes) near a second with libyaml
-# (PyYAML's C loader, used where installed; the pure-Python one is ~8x slower).
-MAX_FILE_BYTES = 256 << 10  # 256 KiB
-MAX_DEPTH = 32  # nesting of mappings and sequences
-MAX_NODES = 50_000  # nodes after expanding aliases (a 9-level alias bomb expands to 10^9)
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """SafeLoader whose composer refuses nesting deeper than MAX_DEPTH (it recurses per level:
-    500 levels gave a bare RecursionError)."""
-
-    depth = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        self.depth += 1
-        try:
-            if self.depth > MAX_DEPTH:
-                mark = self.peek_event().start_mark
-                raise ManifestError(f"{self.name}:{mark.line + 1}: nesting deeper than "
-                                    f"{MAX_DEPTH} levels; capability files are a few levels deep")
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
-
-
-def _read_text(path: str) -> str:
-    """The file's text: a regular file (not a FIFO, device or directory), at most
-    MAX_FILE_BYTES, UTF-8. Opened without blocking, then checked on the open descriptor."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise ManifestError(f"{path}:0: cannot read capability file: {exc.strerror}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
-            raise ManifestError(f"{path}:0: is {kind}, not a regular file; capability files "
-                                "must be regular files")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_FILE_BYTES:
-        raise ManifestError(f"{path}:0: larger than {MAX_FILE_BYTES} bytes (MAX_FILE_BYTES); "
-                            "capability files are small text files")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise ManifestError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at "
-                            f"offset {exc.start}); capability files are UTF-8") from None
-
-
-def _check_depth(text: str, path: str, loader_cls: Any) -> None:
-    """The C composer recurses per level too: scan its events for the depth first (cheap),
-    and for the node count before any node is built."""
-    depth = nodes = 0
-    for event in yaml.parse(text, Loader=loader_cls):
-        if isinstance(event, yaml.NodeEvent):
-            nodes += 1
-            if nodes > MAX_NODES:
-                raise ManifestError(f"{path}:{event.start_mark.line + 1}: more than {MAX_NODES} "
-                                    "nodes; capability files are small")
-        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise ManifestError(f"{path}:{event.start_mark.line + 1}: nesting deeper than "
-                                    f"{MAX_DEPTH} levels; capability files are a few levels deep")
-        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
-            depth -= 1
-
-
-def _compose(text: str, path: str) -> yaml.Node | None:
-    fast = getattr(yaml, "CSafeLoader", None)
-    loader = fast(text) if fast is not None else _BoundedLoader(text)
-    loader.name = path
-    try:
-        if fast is not None:
-            _check_depth(text, path, fast)
-        node = loader.get_single_node()
-    except yaml.MarkedYAMLError as exc:
-        line = exc.problem_mark.line + 1 if exc.problem_mark else 1
-        raise ManifestError(f"{path}:{line}: YAML syntax error: {exc.problem}") from None
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"{path}:1: YAML error: {exc}") from None
-    finally:
-        loader.dispose()
-    if node is not None:
-        _check_expansion(node, path)
-    return node
-
-
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.MappingNode):
-        return [n for pair in node.value for n in pair]
-    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
-
-
-def _check_expansion(root: yaml.Node, path: str) -> None:
-    """Refuse a node graph whose alias expansion exceeds MAX_NODES nodes or MAX_DEPTH levels,
-    or that refers to itself. Aliases share nodes, so each node is sized once (iteratively:
-    no recursion to overflow)."""
-    done: dict[int, tuple[int, int]] = {}  # id -> (expanded size, expanded depth)
-    entered: set[int] = set()  # the current path from the root
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, finished = stack.pop()
-        key = id(node)
-        if finished:
-            entered.discard(key)
-            kids = [done[id(c)] for c in _children(node)]
-            size, depth = 1 + sum(k[0] for k in kids), 1 + max((k[1] for k in kids), default=0)
-            if size > MAX_NODES or depth > MAX_DEPTH:
-                raise ManifestError(f"{path}:{node.start_mark.line + 1}: this node holds more "
-                                    f"than {MAX_NODES} nodes or {MAX_DEPTH} levels once aliases "
-                                    "are expanded; capability files are small")
-            done[key] = (size, depth)
-        elif key in entered:
-            raise ManifestError(f"{path}:{node.start_mark.line + 1}: an alias refers to a node "
-                                "that contains it; capability files hold finite plain data")
-        elif key not in done:
-            entered.add(key)
-            stack.append((node, True))
-            stack.extend((c, False) for c in _children(node) if id(c) not in done)
-
-
-def _plain(node: yaml.Node, path: str) -> Any:
-    """A node as plain data, with mappings as {key: _Node} so lines survive; duplicates rejected."""
-    if node.tag not in SafeConstructor.yaml_constructors:
-        raise ManifestError(f"{path}:{node.start_mark.line + 1}: YAML tag {node.tag!r} is not "
-                            "allowed; capability files hold plain data only")
-    if isinstance(node, yaml.MappingNode):
-        out: dict[Any, _Node] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                raise ManifestError(f"{path}:{key_node.start_mark.line + 1}: a mapping key must "
-                                    "be a plain name, not a list or mapping")
-            key = SafeConstructor().construct_object(key_node, deep=True)
-            if key in out:
-                raise ManifestError(f"{path}:{key_node.start_mark.line + 1}: duplicate key "
-                                    f"{key!r} (first at line {out[key].line})")
-            out[key] = _Node(_plain(value_node, path), key_node.start_mark.line + 1)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_Node(_plain(item, path), item.start_mark.line + 1) for item in node.value]
-    return SafeConstructor().construct_object(node, deep=True)
-
-
-def _strip(value: Any) -> Any:
-    if isinstance(value, _Node):
-        return _strip(value.value)
-    if isinstance(value, list):
-        return [_strip(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items()}
-    return value
-
-
 def parse_file(path: str, text: str | None = None) -> list[Rule]:
     """Parse one capability file into rules; structural errors raise ManifestError(file:line)."""
     if text is None:
-        text = _read_text(path)
-    node = _compose(text, path)
+        text = read_text(path)
+    node = compose(text, path)
     if node is None:
         raise ManifestError(f"{path}:1: empty capability file; expected 'schema: 1' and 'rules:'")
-    doc = _plain(node, path)
+    doc = plain(node, path)
     if not isinstance(doc, dict):
         raise ManifestError(f"{path}:{node.start_mark.line + 1}: top level must be a mapping "
                             "with keys schema and rules")
     return _parse_doc(doc, path)
 
 
-def _parse_doc(doc: dict[str, _Node], path: str) -> list[Rule]:
+def _parse_doc(doc: dict[str, Node], path: str) -> list[Rule]:
     """The file's rules; ManifestError lists every structural error, one per line."""
     errors = [f"{path}:{item.line}: unknown top-level key {key!r}; allowed: schema, rules"
               for key, item in doc.items() if key not in ("schema", "rules")]
@@ -363,10 +198,10 @@ def _parse_doc(doc: dict[str, _Node], path: str) -> list[Rule]:
     return parsed
 
 
-def _parse_rule(item: _Node, path: str) -> Rule:
+def _parse_rule(item: Node, path: str) -> Rule:
     if not isinstance(item.value, dict):
         raise ManifestError(f"{path}:{item.line}: each rule must be a mapping with a rank list")
-    raw: dict[str, _Node] = item.value
+    raw: dict[str, Node] = item.value
     errors = [f"{path}:{node.line}: unknown rule key {key!r}; allowed: {', '.join(RULE_KEYS)}"
               for key, node in raw.items() if key not in RULE_KEYS]
     if "rank" not in raw:
@@ -384,9 +219,9 @@ def _parse_rule(item: _Node, path: str) -> Rule:
     return Rule(file=path, line=item.line, **_rename(fields))
 
 
-def _field(key: str, node: _Node, path: str) -> Any:
+def _field(key: str, node: Node, path: str) -> Any:
     where = f"{path}:{node.line}: {key}"
-    value = _strip(node)
+    value = strip(node)
     try:
         return _FIELD_PARSERS[key](value, where)
     except RangeError as exc:
