@@ -137,7 +137,7 @@ def check(backend_cls: Any, request: AttentionRequest, device: Device) -> list[R
     """Every reason `backend_cls` cannot serve `request` on `device`; empty when it can."""
     name = backend_cls.get_name()
     reasons = _declared_reasons(backend_cls, name, request, device)
-    for pkg in declared(backend_cls, "PACKAGES"):
+    for pkg in () if device.packages_assumed else declared(backend_cls, "PACKAGES"):
         status = package_status(pkg)
         if status.reason is not None:
             reasons.append(status.reason)

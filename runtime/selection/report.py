@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 def format_decision(d: Decision) -> str:
     lines = [f"request:  {d.request.describe()}",
-             f"device:   {d.device.describe()}",
+             f"device:   {d.device.describe()}{_assumed(d.device)}",
              f"rule:     {d.rule_where}" + (f"  [{d.rule.conditions()}]" if d.rule else ""),
              f"          provenance: {_provenance(d.rule)}"]
     if d.forced:
@@ -26,9 +26,24 @@ def format_decision(d: Decision) -> str:
     for c in d.candidates:
         mark = "*" if c.name == d.backend else ("-" if c.reached else " ")
         note = f"  [{c.note}]" if c.note else ""
+        note += _assumed_packages(c.name) if d.device.packages_assumed and c.ok else ""
         lines.append(f"  {mark} {c.name:<22} {c.verdict()}{note}")
     lines += [f"note:     {n}" for n in d.notes]
     return "\n".join(lines)
+
+
+def _assumed(device: Any) -> str:
+    return ("; packages assumed installed (ATTNRT_SIMULATED_PACKAGES=local checks this "
+            "machine's)" if device.packages_assumed else "")
+
+
+def _assumed_packages(name: str) -> str:
+    """Which packages a candidate on a simulated device was assumed to find installed."""
+    try:
+        modules = [p.module for p in capability.declared(registry.load(name), "PACKAGES")]
+    except (RegistryError, ImportError):
+        return ""
+    return f"  [assumes {', '.join(modules)} installed]" if modules else ""
 
 
 _KIND_LABELS = {"measured": "measured on hardware", "published": "from published figures, "
@@ -70,8 +85,12 @@ def backend_rows() -> list[dict[str, Any]]:
         except RegistryError as exc:
             rows.append({**row, "available": False, "problems": [str(exc)]})
             continue
-        problems, versions = [], {}
+        problems: list[str] = []
+        versions: dict[str, str | None] = {}
         for pkg in capability.declared(cls, "PACKAGES"):
+            if device.packages_assumed:  # a simulated device: as explain, assume it is there
+                versions[pkg.module] = "assumed installed"
+                continue
             status = capability.package_status(pkg)
             versions[pkg.module] = status.version
             if status.reason:
