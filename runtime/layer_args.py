@@ -17,13 +17,15 @@ import math
 import numbers
 from typing import Any
 
+import torch
+
 from attnrt.errors import AttnrtError
 
 # Parameters every impl takes (AttentionImpl.__init__), and the layer's own ones.
 _IMPL_STANDARD = frozenset({"self", "num_heads", "head_size", "softmax_scale", "causal",
                             "num_kv_heads", "prefix"})
 LAYER_PARAMETERS = ("num_heads", "head_size", "num_kv_heads", "softmax_scale", "causal",
-                    "supported_attention_backends", "prefix")
+                    "supported_attention_backends", "prefix", "dtype")
 
 
 class LayerArgumentError(AttnrtError, ValueError):
@@ -69,6 +71,19 @@ def check_layer_args(num_heads: Any, head_size: Any, num_kv_heads: Any, softmax_
         raise LayerArgumentError(f"softmax_scale={softmax_scale!r} is not allowed; allowed: None "
                                  f"(head_size ** -0.5) or a finite number > 0")
     return kv, float(softmax_scale)
+
+
+def check_layer_dtype(dtype: Any) -> torch.dtype | None:
+    """The layer's compute dtype: None, a torch dtype attnrt runs, or its name ("bf16")."""
+    from attnrt.selection.request import DTYPE_NAMES, NAME_DTYPES
+
+    if dtype is None or dtype in DTYPE_NAMES:
+        return dtype
+    if isinstance(dtype, str) and dtype in NAME_DTYPES:
+        return NAME_DTYPES[dtype]
+    raise LayerArgumentError(f"dtype={dtype!r} is not allowed; allowed: None, "
+                             f"{', '.join(str(d) for d in DTYPE_NAMES)} or "
+                             f"{', '.join(NAME_DTYPES)}")
 
 
 def accepted_extras(impl_cls: type) -> frozenset[str] | None:

@@ -21,6 +21,7 @@ from attnrt.layer_args import (
     check_extras_for,
     check_extras_known,
     check_layer_args,
+    check_layer_dtype,
 )
 from attnrt.selection import dispatch
 from attnrt.selection.device import (
@@ -128,6 +129,9 @@ class LocalAttention(nn.Module):
         supported_attention_backends: names (or FastVideo enum members) the layer may use,
             in the manifest's order; None allows every backend.
         prefix: the layer's name, passed to the impl.
+        dtype: the dtype q, k, v will have (torch.bfloat16 or "bf16", ...), so the decision a
+            freshly built layer reports is the one its first forward uses; None: the default
+            dtype (models are often built in fp32, then cast), re-selected at the first forward.
         **extra_impl_args: passed to the selected backend's impl. A name no registered impl
             reads is refused at construction (a typo such as casual=True), one the selected
             impl does not read when it is selected (ExtraArgumentError).
@@ -139,11 +143,12 @@ class LocalAttention(nn.Module):
 
     def __init__(self, num_heads: int, head_size: int, num_kv_heads: int | None = None,
                  softmax_scale: float | None = None, causal: bool = False,
-                 supported_attention_backends: Any = None, prefix: str = "",
-                 **extra_impl_args: Any) -> None:
+                 supported_attention_backends: Any = None, prefix: str = "", *,
+                 dtype: torch.dtype | str | None = None, **extra_impl_args: Any) -> None:
         super().__init__()
         kv_heads, scale = check_layer_args(num_heads, head_size, num_kv_heads, softmax_scale,
                                            causal)
+        self.dtype = check_layer_dtype(dtype)
         check_extras_known(extra_impl_args)
         self.num_heads = num_heads
         self.head_size = head_size
@@ -178,7 +183,7 @@ class LocalAttention(nn.Module):
 
     def _initial_selection(self) -> _Selected:
         # Where tensors for the probed device live, so the first forward needs no re-selection.
-        dtype, device = torch.get_default_dtype(), torch_device_of(probe())
+        dtype, device = self.dtype or torch.get_default_dtype(), torch_device_of(probe())
         try:
             return self._select(dtype, device)
         except (BackendUnavailableError, ExtraArgumentError):
