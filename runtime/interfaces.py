@@ -189,6 +189,8 @@ class AttentionBackend(ABC):
     SUPPORTS_GQA: ClassVar[bool] = True  # num_kv_heads < num_heads
     # Optional vendor packages it imports, each checked (import and version window) when ranked.
     PACKAGES: ClassVar[tuple[Package, ...]] = ()
+    # Platforms where it also runs a backward (grad=True requests); None: wherever it runs.
+    BACKWARD_PLATFORMS: ClassVar[Collection[str] | None] = None
     # Whether DistributedAttention may append replicated (e.g. text) tokens to the sequence.
     SUPPORTS_REPLICATED_TOKENS: ClassVar[bool] = True
     # Whether the impl's forward takes (q, k, v, gate_compress, attn_metadata), as VSA's does;

@@ -14,6 +14,15 @@ from torch import nn
 from attnrt.context import get_forward_context
 from attnrt.errors import BackendUnavailableError, KernelCompileError
 from attnrt.interfaces import AttentionImpl, lse_forward
+from attnrt.layer_args import (
+    ExtraArgumentError,
+    LayerInputError,
+    LayerInputTypeError,
+    check_extras_for,
+    check_extras_known,
+    check_layer_args,
+    check_layer_dtype,
+)
 from attnrt.selection import dispatch, methods
 from attnrt.selection.device import (
     Device,
@@ -32,7 +41,7 @@ from attnrt.selection.dispatch import (
     strict_mode,
 )
 from attnrt.selection.manifest import current_manifest
-from attnrt.selection.request import AttentionRequest, dtype_name
+from attnrt.selection.request import DTYPE_NAMES, AttentionRequest, dtype_name
 
 logger = logging.getLogger("attnrt")
 
@@ -105,20 +114,48 @@ class _Selected:
 class LocalAttention(nn.Module):
     """Attention on one device through the best backend attnrt can select here.
 
+    Shapes: B batch, N query length, M key length, H heads, Hkv kv heads, D head size.
+
     forward(q [B, N, H, D], k [B, M, Hkv, D], v [B, M, Hkv, D], freqs_cis=(cos, sin))
         -> [B, N, H, D]
+
+    Args:
+        num_heads: H, query heads (an int >= 1).
+        head_size: D, the size of each head (an int >= 1).
+        num_kv_heads: Hkv, key/value heads; None means H. Fewer than H is GQA (H % Hkv == 0).
+        softmax_scale: the score scale; None means D ** -0.5, else a finite number > 0.
+        causal: a causal mask, bottom-right aligned when N != M (query i sees keys
+            j <= i + M - N; a row that sees no key outputs zeros).
+        supported_attention_backends: names (or FastVideo enum members) the layer may use,
+            in the manifest's order; None allows every backend.
+        prefix: the layer's name, passed to the impl.
+        dtype: the dtype q, k, v will have (torch.bfloat16 or "bf16", ...), so the decision a
+            freshly built layer reports is the one its first forward uses; None: the default
+            dtype (models are often built in fp32, then cast), re-selected at the first forward.
+        **extra_impl_args: passed to the selected backend's impl. A name no registered impl
+            reads is refused at construction (a typo such as casual=True), one the selected
+            impl does not read when it is selected (ExtraArgumentError).
+
+    The backend is selected per (dtype, device, autograd mode, query-length span) and cached;
+    `decision` explains the last one (`attnrt explain` prints the same for a request).
+    Bad arguments and inputs raise typed errors (subclasses of attnrt.AttnrtError).
     """
 
     def __init__(self, num_heads: int, head_size: int, num_kv_heads: int | None = None,
                  softmax_scale: float | None = None, causal: bool = False,
-                 supported_attention_backends: Any = None, prefix: str = "",
-                 method: str | None = None, **extra_impl_args: Any) -> None:
+                 supported_attention_backends: Any = None, prefix: str = "", *,
+                 dtype: torch.dtype | str | None = None, method: str | None = None,
+                 **extra_impl_args: Any) -> None:
         super().__init__()
+        kv_heads, scale = check_layer_args(num_heads, head_size, num_kv_heads, softmax_scale,
+                                           causal)
+        self.dtype = check_layer_dtype(dtype)
         self.method = methods.method_of_arguments(method, extra_impl_args)
+        check_extras_known(extra_impl_args)
         self.num_heads = num_heads
         self.head_size = head_size
-        self.num_kv_heads = num_kv_heads or num_heads
-        self.softmax_scale = softmax_scale if softmax_scale is not None else head_size ** -0.5
+        self.num_kv_heads = kv_heads
+        self.softmax_scale = scale
         self.causal = causal
         self.prefix = prefix
         self.extra_impl_args = extra_impl_args
@@ -155,13 +192,14 @@ class LocalAttention(nn.Module):
 
     def _initial_selection(self) -> _Selected:
         # Where tensors for the probed device live, so the first forward needs no re-selection.
-        dtype, device = torch.get_default_dtype(), torch_device_of(probe())
+        dtype, device = self.dtype or torch.get_default_dtype(), torch_device_of(probe())
         try:
             return self._select(dtype, device)
-        except BackendUnavailableError:
+        except (BackendUnavailableError, ExtraArgumentError):
             # A forced or allowed 16-bit backend need not serve the default dtype (models are
             # built in fp32, then cast): the first forward selects for its real dtype, and
-            # raises then if nothing can run it.
+            # raises then if nothing can run it (or the backend it selects would not read an
+            # extra argument the layer was given).
             request = self.request_for(dtype)
             return _Selected(decide(request, self._device_for(device)), _UNSELECTED, None, None,
                              dispatch.selection_epoch, _CONTEXT_FORCE.get())
@@ -198,7 +236,9 @@ class LocalAttention(nn.Module):
         an nn.Module (SLA's, with its learnable proj_l) becomes this layer's `attn_impl`, so
         state_dict() saves and loads it under FastVideo's key names; a later impl of the same
         shape (another backend of the method) takes over its state."""
-        impl = decision.backend_cls.get_impl_cls()(
+        impl_cls = decision.backend_cls.get_impl_cls()
+        check_extras_for(impl_cls, decision.backend or "?", self.extra_impl_args)
+        impl = impl_cls(
             num_heads=self.num_heads, head_size=self.head_size,
             softmax_scale=self.softmax_scale, causal=self.causal,
             num_kv_heads=self.num_kv_heads, prefix=self.prefix, **self.extra_impl_args)
@@ -287,10 +327,16 @@ class LocalAttention(nn.Module):
 
     def _rotate(self, q: torch.Tensor, k: torch.Tensor,
                 freqs_cis: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (isinstance(freqs_cis, (tuple, list)) and len(freqs_cis) == 2
+                and all(isinstance(f, torch.Tensor) for f in freqs_cis)):
+            got = (type(freqs_cis).__name__ if not isinstance(freqs_cis, (tuple, list)) else
+                   f"{type(freqs_cis).__name__} of {len(freqs_cis)}")
+            raise LayerInputTypeError(f"freqs_cis is a {got}; allowed: None or a pair (cos, sin) "
+                                      f"of tensors, each [N, head_size / 2]")
         cos, sin = freqs_cis
         want = (q.shape[1], self.head_size // 2)
         if tuple(cos.shape) != want or tuple(sin.shape) != want or k.shape[1] != q.shape[1]:
-            raise ValueError(f"freqs_cis cos/sin have shape {tuple(cos.shape)}, "
+            raise LayerInputError(f"freqs_cis cos/sin have shape {tuple(cos.shape)}, "
                              f"{tuple(sin.shape)}; allowed: {want} ([seq, head_size / 2]) with "
                              "q and k of one sequence length")
         return apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
@@ -299,7 +345,7 @@ class LocalAttention(nn.Module):
         qs, ks = q.shape, k.shape
         if not (len(qs) == 4 and len(ks) == 4 and ks == v.shape and qs[0] == ks[0]
                 and qs[2:] == self._q_tail and ks[2:] == self._kv_tail
-                and q.dtype is k.dtype is v.dtype and q.dtype.is_floating_point
+                and q.dtype is k.dtype is v.dtype and q.dtype in DTYPE_NAMES
                 and q.device == k.device == v.device):
             self._raise_bad_input(q, k, v)
         self._active = self._select(q.dtype, q.device, qs[1])
@@ -325,32 +371,35 @@ class LocalAttention(nn.Module):
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{name} has shape {got}; expected 4-D [batch, seq, heads, "
-                                 "head_size]")
+                raise LayerInputError(f"{name} has shape {got}; expected 4-D [batch, seq, "
+                                      "heads, head_size]")
         _check_heads(self, q, k, v)
         if k.shape != v.shape:
-            raise ValueError(f"k.shape={tuple(k.shape)} and v.shape={tuple(v.shape)} must match")
+            raise LayerInputError(f"k.shape={tuple(k.shape)} and v.shape={tuple(v.shape)} "
+                                  "must match")
         if q.shape[0] != k.shape[0]:
-            raise ValueError(f"batch of q ({q.shape[0]}) and k/v ({k.shape[0]}) must match")
+            raise LayerInputError(f"batch of q ({q.shape[0]}) and k/v ({k.shape[0]}) must match")
         if not (q.dtype == k.dtype == v.dtype):
-            raise TypeError(f"q, k, v dtypes must match; got {q.dtype}, {k.dtype}, {v.dtype}")
-        if not q.dtype.is_floating_point:
-            raise TypeError(f"q.dtype={q.dtype} is not a floating dtype; allowed: float16, "
-                            "bfloat16, float32, float64")
-        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+            raise LayerInputTypeError(f"q, k, v dtypes must match; got {q.dtype}, {k.dtype}, "
+                                      f"{v.dtype}")
+        if q.dtype not in DTYPE_NAMES:
+            raise LayerInputTypeError(f"q.dtype={q.dtype} is not a floating dtype attnrt runs; "
+                                      "allowed: float16, bfloat16, float32, float64")
+        raise LayerInputError(f"q, k, v must be on one device; got {q.device}, {k.device}, "
+                              f"{v.device}")
 
 
 def _check_heads(layer: LocalAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.shape[2] != layer.num_heads:
-        raise ValueError(f"q has {q.shape[2]} heads; the layer was built for "
+        raise LayerInputError(f"q has {q.shape[2]} heads; the layer was built for "
                          f"num_heads={layer.num_heads}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.shape[3] != layer.head_size:
-            raise ValueError(f"{name} has head size {t.shape[3]}; the layer was built for "
+            raise LayerInputError(f"{name} has head size {t.shape[3]}; the layer was built for "
                              f"head_size={layer.head_size}")
     for name, t in (("k", k), ("v", v)):
         if t.shape[2] != layer.num_kv_heads:
-            raise ValueError(f"{name} has {t.shape[2]} heads; the layer was built for "
+            raise LayerInputError(f"{name} has {t.shape[2]} heads; the layer was built for "
                              f"num_kv_heads={layer.num_kv_heads}")
 
 

@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 _ENV_VARS = ("ATTNRT_BACKEND", "FASTVIDEO_ATTENTION_BACKEND", "ATTNRT_CAPABILITY", "ATTNRT_DEVICE",
-             "ATTNRT_STRICT", "ATTNRT_FALLBACK")
+             "ATTNRT_STRICT", "ATTNRT_FALLBACK", "ATTNRT_SIMULATED_PACKAGES")
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +53,13 @@ def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2, torch.float64: 1e-12}
+
+
+@pytest.fixture
+def local_packages(monkeypatch: pytest.MonkeyPatch):
+    """Simulated devices check their backends' packages against this machine's (as a machine
+    with torch alone would select), instead of assuming them installed (the default)."""
+    monkeypatch.setenv("ATTNRT_SIMULATED_PACKAGES", "local")
 
 
 @pytest.fixture

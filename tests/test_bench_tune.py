@@ -16,7 +16,7 @@ import yaml
 
 import attnrt
 from attnrt.selection.manifest import validate_files
-from attnrt.tools import benchmark
+from attnrt.tools import benchmark, timing
 from attnrt.tools.cli import main
 from tests.helpers import CountingBackend, CountingImpl, make_backend
 
@@ -129,10 +129,10 @@ def test_rounds_interleave_the_contenders_and_keep_the_median_run(monkeypatch):
         order.append(fn)
         return runs[fn].pop(0)
 
-    monkeypatch.setattr(benchmark, "_impl", lambda name, case: name)
-    monkeypatch.setattr(benchmark, "_runner", lambda impl, case, device: (impl, lambda: None))
-    monkeypatch.setattr(benchmark, "_run_times", scripted)
-    benchmark.retime(cell, "cpu", repeats=2, rounds=6)
+    monkeypatch.setattr(timing, "make_impl", lambda name, case: name)
+    monkeypatch.setattr(timing, "runner", lambda impl, case, device: (impl, lambda: None))
+    monkeypatch.setattr(timing, "run_times", scripted)
+    timing.retime(cell, "cpu", repeats=2, rounds=6)
     # Contenders are within 0.5x of the fastest first measure (SLOW is not, nor the wrong one);
     # each pair of rounds is one rotation forwards then backwards: every contender leads twice.
     assert "".join(order) == "ABC" "CBA" "BCA" "ACB" "CAB" "BAC"
@@ -140,7 +140,7 @@ def test_rounds_interleave_the_contenders_and_keep_the_median_run(monkeypatch):
     assert cell[0].tflops == pytest.approx(case.flops() / 3e-3 / 1e12)
     assert cell[4].ms is None
     order.clear()
-    benchmark.retime(cell, "cpu", repeats=2, rounds=1)  # one round: the first measures stand
+    timing.retime(cell, "cpu", repeats=2, rounds=1)  # one round: the first measures stand
     assert order == []
 
 

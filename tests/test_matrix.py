@@ -91,6 +91,7 @@ def test_causal_refusal_names_the_limit(register):
     assert "causal=True is not supported by NO_CAUSAL" in reasons[0].message
 
 
+@pytest.mark.usefixtures("local_packages")
 def test_package_version_window_refusals(register, monkeypatch):
     import sys
     import types

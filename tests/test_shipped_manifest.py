@@ -12,6 +12,9 @@ import yaml
 import attnrt
 from attnrt.selection.request import AttentionRequest
 
+# Package checks as on a machine with torch alone (simulated devices assume them otherwise).
+pytestmark = pytest.mark.usefixtures("local_packages")
+
 CASES = yaml.safe_load((Path(__file__).parent / "fixtures" / "shipped_expect.yaml").read_text())
 
 

@@ -73,6 +73,7 @@ class SageAttnBackend(AttentionBackend):
     ARCHS = ("sm80", "sm86", "sm89", "sm90", "sm120")
     DTYPES = frozenset({"fp16", "bf16"})
     HEAD_SIZES = range(8, 129, 8)
+    BACKWARD_PLATFORMS = frozenset()  # sageattn is forward-only: no gradient would flow
     PACKAGES = (Package(MODULE, dist="sageattention", min_version="1.0.6", below_version="3",
                         hint="pip install sageattention --no-build-isolation (2.x, CUDA "
                              "kernels; needs a CUDA toolkit) or pip install sageattention==1.0.6 "

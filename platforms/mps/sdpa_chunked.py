@@ -67,6 +67,8 @@ def chunked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 class SdpaChunkedImpl(ScaledImpl):
     """`chunk_bytes` (extra impl arg) overrides the per-chunk score budget."""
 
+    EXTRA_IMPL_ARGS = frozenset({"chunk_bytes"})
+
     def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
                  num_kv_heads: int | None = None, prefix: str = "",
                  **extra_impl_args: Any) -> None:

@@ -92,6 +92,6 @@ class AiterFlashAttnBackend(AttentionBackend):
 
     @classmethod
     def extra_reasons(cls, request: AttentionRequest, device: Device) -> list[Reason]:
-        problem = _entry_point_problem()
+        problem = "" if device.packages_assumed else _entry_point_problem()
         return [Reason(PACKAGE_MISSING, problem, INSTALL_HINT)] if problem else []
 

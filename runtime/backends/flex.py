@@ -64,6 +64,8 @@ class FlexAttentionBackend(AttentionBackend):
     PLATFORMS = frozenset({"cuda", "cpu"})
     DTYPES = frozenset({"fp16", "bf16", "fp32"})
     HEAD_SIZES = (16, 32, 64, 128, 256)
+    # flex_attention raises NotImplementedError for inputs that need grad on CPU.
+    BACKWARD_PLATFORMS = frozenset({"cuda"})
 
     @staticmethod
     def get_name() -> str:

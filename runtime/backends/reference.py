@@ -66,11 +66,14 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
         qc = qc.reshape(batch, c, kv_heads, group, dim).permute(0, 2, 3, 1, 4)  # [B,Hkv,g,c,D]
         s = torch.matmul(qc, kt) * scale  # [B, Hkv, g, c, M]
         if causal:
-            s = s.masked_fill(_causal_mask(start, c, n, m, q.device), float("-inf"))
+            mask = _causal_mask(start, c, n, m, q.device)
+            s = s.masked_fill(mask, float("-inf"))
         p = torch.softmax(s, dim=-1)
-        if causal and n > m:
-            p = torch.nan_to_num(p, nan=0.0)  # rows that see no key
         o = torch.matmul(p, vt)  # [B, Hkv, g, c, Dv]
+        if causal and n > m:
+            # Rows that see no key (softmax over nothing: NaN) output zeros. Only those: a NaN
+            # or inf in the inputs must stay visible in every other row.
+            o = o.masked_fill(mask.all(-1, keepdim=True), 0.0)
         chunks.append(o.permute(0, 3, 1, 2, 4).reshape(batch, c, heads, -1).to(q.dtype))
         if return_lse:
             lses.append(torch.logsumexp(s, dim=-1).reshape(batch, heads, c))

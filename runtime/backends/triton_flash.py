@@ -113,6 +113,8 @@ def triton_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 
 
 class TritonFlashAttnImpl(ScaledImpl):
+    EXTRA_IMPL_ARGS = frozenset({"triton_autotune"})  # the extras it reads (attnrt.layer_args)
+
     def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
                  num_kv_heads: int | None = None, prefix: str = "",
                  **extra_impl_args: Any) -> None:

@@ -39,6 +39,7 @@ from attnrt.context import get_forward_context
 from attnrt.errors import AttnrtError
 from attnrt.integrations.fastvideo import backend_name_to_enum
 from attnrt.interfaces import AttentionImpl, lse_forward
+from attnrt.layer_args import check_extras_known, check_layer_args
 from attnrt.layers import LocalAttention, apply_rotary_emb
 from attnrt.parallel.groups import (
     SINGLE,
@@ -56,6 +57,7 @@ from attnrt.parallel.groups import (
 from attnrt.parallel.local_first import local_first
 from attnrt.parallel.shard_check import check_inputs, check_same_on_all_ranks, named_inputs
 from attnrt.selection.capability import declared
+from attnrt.selection.request import DTYPE_NAMES
 
 # Heads chunks for overlap on device groups. Measured on 2x H100 (bench/NOTES-distributed.md):
 # 4 chunks were slower than none at both shapes, so overlap is opt-in (overlap_chunks=...).
@@ -121,9 +123,12 @@ class DistributedAttention(nn.Module):
                  supported_attention_backends: Any = None, prefix: str = "",
                  **extra_impl_args: Any) -> None:
         super().__init__()
+        kv_heads, scale = check_layer_args(num_heads, head_size, num_kv_heads, softmax_scale,
+                                           causal)
+        check_extras_known(extra_impl_args)  # also without an SP group (no LocalAttention yet)
         self.num_heads, self.head_size = num_heads, head_size
-        self.num_kv_heads = num_kv_heads or num_heads
-        self.softmax_scale = softmax_scale if softmax_scale is not None else head_size ** -0.5
+        self.num_kv_heads = kv_heads
+        self.softmax_scale = scale
         self.causal, self.prefix = causal, prefix
         self.supported_attention_backends = supported_attention_backends
         self.extra_impl_args = extra_impl_args
@@ -406,11 +411,11 @@ def _lse_ready(local: LocalAttention, q: Any) -> bool:
     """Whether the impl this rank's local attention serves a shard's queries with (local
     first's steps A and C) returns lse. Never raises: it runs before the shape check, which
     must be the first thing every rank does (selection errors come after it)."""
-    if not (isinstance(q, torch.Tensor) and q.dtype.is_floating_point and q.dim() == 4):
-        return False
+    if not (isinstance(q, torch.Tensor) and q.dtype in DTYPE_NAMES and q.dim() == 4):
+        return False  # e.g. float8: the shape check, then check_inputs, refuse it everywhere
     try:
         return lse_forward(local.impl_for(q.dtype, q.device, q.shape[1])) is not None
-    except AttnrtError:
+    except (AttnrtError, TypeError, ValueError):
         return False
 
 

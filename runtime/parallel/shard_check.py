@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from attnrt.parallel.groups import SequenceParallel, ShardError, ShardMismatchError, _all_gather
+from attnrt.selection.request import DTYPE_NAMES
 
 if TYPE_CHECKING:
     from attnrt.parallel.layers import DistributedAttention
@@ -51,8 +52,11 @@ _FIELD_SUFFIXES = (" is given", ".dim()", ".shape[0]", ".shape[1]", ".shape[2]",
 
 
 def _show(field: str, value: int) -> str:
-    if field.endswith(".dtype") and 0 <= value < len(_DTYPE_CODES):
-        return str(_DTYPE_CODES[value]).replace("torch.", "")
+    if field.endswith(".dtype"):
+        return (str(_DTYPE_CODES[value]).replace("torch.", "") if 0 <= value < len(_DTYPE_CODES)
+                else "another dtype")
+    if field == "original_seq_len" and value < 0:
+        return "None" if value == _NONE_LENGTH else "not an int"
     if field.endswith(" is given"):
         return "a tensor" if value else "None"
     return str(value)
@@ -61,8 +65,18 @@ def _show(field: str, value: int) -> str:
 _MAX_CHECKED = 1024  # shape sets remembered by check_shards="new_shapes"
 
 
+_NONE_LENGTH, _BAD_LENGTH = -1, -2  # original_seq_len None, or not an int (16.0, True, "16")
+
+
 def _shape_key(named: list[tuple[str, Any]], original_seq_len: Any) -> tuple[int, ...]:
-    osl = original_seq_len if isinstance(original_seq_len, int) else -1
+    # Every value a rank may pass maps to its own code: ranks that passed None and 16.0 must
+    # differ here, or one raises in check_inputs while the other waits in the all-to-all.
+    if original_seq_len is None:
+        osl = _NONE_LENGTH
+    elif isinstance(original_seq_len, int) and not isinstance(original_seq_len, bool):
+        osl = original_seq_len
+    else:
+        osl = _BAD_LENGTH
     return (*(v for _, t in named for v in _tensor_values(t)), osl)
 
 
@@ -167,8 +181,9 @@ def _check_group(prefix: str, tensors: list[Any], heads: tuple[int, ...], head_s
             raise ShardError(f"{name} is {t.dtype} on {t.device} with batch {t.shape[0]}; "
                              f"expected q's: {like.dtype} on {like.device} with batch "
                              f"{like.shape[0]}")
-    if not like.dtype.is_floating_point:
-        raise ShardError(f"q.dtype={like.dtype} is not allowed; allowed: a floating dtype")
+    if like.dtype not in DTYPE_NAMES:
+        raise ShardError(f"q.dtype={like.dtype} is not allowed; allowed: "
+                         f"{', '.join(str(d) for d in DTYPE_NAMES)}")
 
 
 def _check_freqs(freqs_cis: Any, q: torch.Tensor, valid: int, full: int) -> None:

@@ -49,6 +49,7 @@ COMPILE_FAILED = "COMPILE_FAILED"
 NOT_REGISTERED = "NOT_REGISTERED"
 NUM_HEADS = "NUM_HEADS"
 METHOD = "METHOD"
+BACKWARD = "BACKWARD"
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def check(backend_cls: Any, request: AttentionRequest, device: Device) -> list[R
     reasons = _declared_reasons(backend_cls, name, request, device)
     if reasons and reasons[0].code == METHOD:
         return reasons  # another computation: its packages and platform do not matter
-    for pkg in declared(backend_cls, "PACKAGES"):
+    for pkg in () if device.packages_assumed else declared(backend_cls, "PACKAGES"):
         status = package_status(pkg)
         if status.reason is not None:
             reasons.append(status.reason)
@@ -156,6 +157,13 @@ def check(backend_cls: Any, request: AttentionRequest, device: Device) -> list[R
     if callable(extra) and not reasons:
         reasons.extend(extra(request, device))
     return reasons
+
+
+def check_device(backend_cls: Any, name: str, request: AttentionRequest,
+                 device: Device) -> list[Reason]:
+    """Only the platform and arch reasons: whether `backend_cls` runs on `device` at all."""
+    return [r for r in _declared_reasons(backend_cls, name, request, device)
+            if r.code in (PLATFORM, ARCH)]
 
 
 def _platform_reasons(request: AttentionRequest, device: Device, name: str) -> list[Reason]:
@@ -197,6 +205,13 @@ def _limit_reasons(cls: type, name: str, request: AttentionRequest,
                                          f"{name}; supported: {describe_sizes(sizes)}"))
     if request.causal and not declared(cls, "SUPPORTS_CAUSAL"):
         reasons.append(Reason(CAUSAL, f"causal=True is not supported by {name}; supported: False"))
+    backward = declared(cls, "BACKWARD_PLATFORMS")
+    if request.grad and backward is not None and device.platform not in backward:
+        reasons.append(Reason(BACKWARD, f"grad=True (a call under autograd) is not supported by "
+                                        f"{name} on platform={device.platform}: it has no "
+                                        f"backward there; supported: grad=False, or platforms "
+                                        f"{', '.join(sorted(backward)) or '(none)'}",
+                              "run under torch.no_grad() for inference"))
     if request.is_gqa and not declared(cls, "SUPPORTS_GQA"):
         reasons.append(Reason(GQA, f"num_kv_heads={request.num_kv_heads} < num_heads="
                                    f"{request.num_heads} (GQA) is not supported by {name}"))

@@ -38,6 +38,9 @@ class Device:
     # Compared (and hashed): selection may read versions, e.g. MPS bf16 needs macOS 14.
     versions: tuple[tuple[str, str], ...] = ()
     simulated: bool = False
+    # A simulated device's plan is the real device's: the packages its backends import are
+    # assumed installed there, not looked up here (ATTNRT_SIMULATED_PACKAGES=local looks).
+    packages_assumed: bool = False
 
     def describe(self) -> str:
         tag = " (simulated)" if self.simulated else ""
@@ -46,7 +49,8 @@ class Device:
     def to_dict(self) -> dict[str, object]:
         return {"platform": self.platform, "arch": self.arch, "name": self.name,
                 "memory_bytes": self.memory_bytes, "versions": dict(self.versions),
-                "simulated": self.simulated}
+                "simulated": self.simulated,
+                **({"packages": "assumed installed"} if self.packages_assumed else {})}
 
 
 def torch_versions() -> tuple[tuple[str, str], ...]:
@@ -67,7 +71,21 @@ def parse_device_spec(spec: str) -> Device:
     if not platform.is_arch(arch):
         raise DeviceSpecError(f"device={spec!r}: arch {arch!r} is not a {name} arch; "
                               f"allowed pattern: {platform.arch_pattern}")
-    return Device(name, arch, name="", versions=torch_versions(), simulated=True)
+    return Device(name, arch, name="", versions=torch_versions(), simulated=True,
+                  packages_assumed=_packages_assumed())
+
+
+SIMULATED_PACKAGES_ENV = "ATTNRT_SIMULATED_PACKAGES"
+
+
+def _packages_assumed() -> bool:
+    """ATTNRT_SIMULATED_PACKAGES: unset or "assumed" (a simulated device's backends find their
+    packages installed), or "local" (checked against what is installed on this machine)."""
+    value = os.environ.get(SIMULATED_PACKAGES_ENV, "assumed").strip().lower() or "assumed"
+    if value not in ("assumed", "local"):
+        raise DeviceSpecError(f"{SIMULATED_PACKAGES_ENV}={value!r} is not allowed; allowed: "
+                              "assumed (the default) or local")
+    return value == "assumed"
 
 
 _SIMULATED: ContextVar[Device | None] = ContextVar("attnrt_simulated_device", default=None)

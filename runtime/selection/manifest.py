@@ -31,13 +31,20 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
-import yaml
-from yaml.constructor import SafeConstructor
-
 from attnrt.errors import ManifestError
 from attnrt.selection import packs, registry
 from attnrt.selection.device import Device
 from attnrt.selection.manifest_checks import never_served_errors, shadowing_errors
+from attnrt.selection.manifest_yaml import (  # noqa: F401  (MAX_*: documented here)
+    MAX_DEPTH,
+    MAX_FILE_BYTES,
+    MAX_NODES,
+    Node,
+    compose,
+    plain,
+    read_text,
+    strip,
+)
 from attnrt.selection.methods import DENSE, MethodError, check_method
 from attnrt.selection.ranges import ArchRange, RangeError, SizeRange
 from attnrt.selection.request import AttentionRequest, dtype_name
@@ -159,109 +166,68 @@ def shipped_path() -> str:
     return str(resources.files("attnrt") / "capability.yaml")
 
 
-# ---------------------------------------------------------------- parsing with line numbers
-
-
-@dataclass(frozen=True)
-class _Node:
-    value: Any
-    line: int
-
-
-def _compose(text: str, path: str) -> yaml.Node | None:
-    loader = yaml.SafeLoader(text)
-    try:
-        return loader.get_single_node()
-    except yaml.MarkedYAMLError as exc:
-        line = exc.problem_mark.line + 1 if exc.problem_mark else 1
-        raise ManifestError(f"{path}:{line}: YAML syntax error: {exc.problem}") from None
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"{path}:1: YAML error: {exc}") from None
-    finally:
-        loader.dispose()
-
-
-def _plain(node: yaml.Node, path: str) -> Any:
-    """A node as plain data, with mappings as {key: _Node} so lines survive; duplicates rejected."""
-    if node.tag not in SafeConstructor.yaml_constructors:
-        raise ManifestError(f"{path}:{node.start_mark.line + 1}: YAML tag {node.tag!r} is not "
-                            "allowed; capability files hold plain data only")
-    if isinstance(node, yaml.MappingNode):
-        out: dict[Any, _Node] = {}
-        for key_node, value_node in node.value:
-            key = SafeConstructor().construct_object(key_node, deep=True)
-            if key in out:
-                raise ManifestError(f"{path}:{key_node.start_mark.line + 1}: duplicate key "
-                                    f"{key!r} (first at line {out[key].line})")
-            out[key] = _Node(_plain(value_node, path), key_node.start_mark.line + 1)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_Node(_plain(item, path), item.start_mark.line + 1) for item in node.value]
-    return SafeConstructor().construct_object(node, deep=True)
-
-
-def _strip(value: Any) -> Any:
-    if isinstance(value, _Node):
-        return _strip(value.value)
-    if isinstance(value, list):
-        return [_strip(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items()}
-    return value
-
-
 def parse_file(path: str, text: str | None = None) -> list[Rule]:
     """Parse one capability file into rules; structural errors raise ManifestError(file:line)."""
     if text is None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as exc:
-            raise ManifestError(f"{path}:0: cannot read capability file: {exc.strerror}") from None
-    node = _compose(text, path)
+        text = read_text(path)
+    node = compose(text, path)
     if node is None:
         raise ManifestError(f"{path}:1: empty capability file; expected 'schema: 1' and 'rules:'")
-    doc = _plain(node, path)
+    doc = plain(node, path)
     if not isinstance(doc, dict):
         raise ManifestError(f"{path}:{node.start_mark.line + 1}: top level must be a mapping "
                             "with keys schema and rules")
     return _parse_doc(doc, path)
 
 
-def _parse_doc(doc: dict[str, _Node], path: str) -> list[Rule]:
-    for key, item in doc.items():
-        if key not in ("schema", "rules"):
-            raise ManifestError(f"{path}:{item.line}: unknown top-level key {key!r}; "
-                                "allowed: schema, rules")
+def _parse_doc(doc: dict[str, Node], path: str) -> list[Rule]:
+    """The file's rules; ManifestError lists every structural error, one per line."""
+    errors = [f"{path}:{item.line}: unknown top-level key {key!r}; allowed: schema, rules"
+              for key, item in doc.items() if key not in ("schema", "rules")]
     if "schema" not in doc or doc["schema"].value != SCHEMA:
         line = doc["schema"].line if "schema" in doc else 1
         got = doc["schema"].value if "schema" in doc else None
-        raise ManifestError(f"{path}:{line}: schema={got!r} is not supported; allowed: {SCHEMA}")
+        errors.append(f"{path}:{line}: schema={got!r} is not supported; allowed: {SCHEMA}")
     rules = doc.get("rules")
+    parsed = []
     if rules is None or not isinstance(rules.value, list):
         line = rules.line if rules else 1
-        raise ManifestError(f"{path}:{line}: rules must be a list of mappings")
-    return [_parse_rule(item, path) for item in rules.value]
+        errors.append(f"{path}:{line}: rules must be a list of mappings")
+    else:
+        for item in rules.value:
+            try:
+                parsed.append(_parse_rule(item, path))
+            except ManifestError as exc:
+                errors.extend(str(exc).splitlines())
+    if errors:
+        raise ManifestError("\n".join(errors))
+    return parsed
 
 
-def _parse_rule(item: _Node, path: str) -> Rule:
+def _parse_rule(item: Node, path: str) -> Rule:
     if not isinstance(item.value, dict):
         raise ManifestError(f"{path}:{item.line}: each rule must be a mapping with a rank list")
-    raw: dict[str, _Node] = item.value
-    for key, node in raw.items():
-        if key not in RULE_KEYS:
-            raise ManifestError(f"{path}:{node.line}: unknown rule key {key!r}; allowed: "
-                                f"{', '.join(RULE_KEYS)}")
+    raw: dict[str, Node] = item.value
+    errors = [f"{path}:{node.line}: unknown rule key {key!r}; allowed: {', '.join(RULE_KEYS)}"
+              for key, node in raw.items() if key not in RULE_KEYS]
     if "rank" not in raw:
-        raise ManifestError(f"{path}:{item.line}: rule has no rank list")
-    fields = {key: _field(key, raw[key], path) for key in raw if key != "note"}
+        errors.append(f"{path}:{item.line}: rule has no rank list")
+    fields = {}
+    for key in raw:
+        if key in _FIELD_PARSERS:
+            try:
+                fields[key] = _field(key, raw[key], path)
+            except ManifestError as exc:
+                errors.append(str(exc))
+    if errors:
+        raise ManifestError("\n".join(errors))
     fields["key_lines"] = tuple((k, n.line) for k, n in raw.items())
     return Rule(file=path, line=item.line, **_rename(fields))
 
 
-def _field(key: str, node: _Node, path: str) -> Any:
+def _field(key: str, node: Node, path: str) -> Any:
     where = f"{path}:{node.line}: {key}"
-    value = _strip(node)
+    value = strip(node)
     try:
         return _FIELD_PARSERS[key](value, where)
     except RangeError as exc:
@@ -393,7 +359,7 @@ def validate_files(paths: Iterable[str]) -> list[str]:
         try:
             rules.extend(parse_file(path))
         except ManifestError as exc:
-            errors.append(str(exc))
+            errors.extend(str(exc).splitlines())
     errors.extend(shadowing_errors(rules))
     errors.extend(never_served_errors(rules))
     return errors

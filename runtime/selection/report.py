@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from attnrt.errors import RegistryError
 from attnrt.selection import capability, registry
 from attnrt.selection.device import probe, probe_report
+from attnrt.selection.request import AttentionRequest
 
 if TYPE_CHECKING:
     from attnrt.selection.dispatch import Decision
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 
 def format_decision(d: Decision) -> str:
     lines = [f"request:  {d.request.describe()}",
-             f"device:   {d.device.describe()}",
+             f"device:   {d.device.describe()}{_assumed(d.device)}",
              f"rule:     {d.rule_where}" + (f"  [{d.rule.conditions()}]" if d.rule else ""),
              f"          provenance: {_provenance(d.rule)}"]
     if d.forced:
@@ -25,9 +26,24 @@ def format_decision(d: Decision) -> str:
     for c in d.candidates:
         mark = "*" if c.name == d.backend else ("-" if c.reached else " ")
         note = f"  [{c.note}]" if c.note else ""
+        note += _assumed_packages(c.name) if d.device.packages_assumed and c.ok else ""
         lines.append(f"  {mark} {c.name:<22} {c.verdict()}{note}")
     lines += [f"note:     {n}" for n in d.notes]
     return "\n".join(lines)
+
+
+def _assumed(device: Any) -> str:
+    return ("; packages assumed installed (ATTNRT_SIMULATED_PACKAGES=local checks this "
+            "machine's)" if device.packages_assumed else "")
+
+
+def _assumed_packages(name: str) -> str:
+    """Which packages a candidate on a simulated device was assumed to find installed."""
+    try:
+        modules = [p.module for p in capability.declared(registry.load(name), "PACKAGES")]
+    except (RegistryError, ImportError):
+        return ""
+    return f"  [assumes {', '.join(modules)} installed]" if modules else ""
 
 
 _KIND_LABELS = {"measured": "measured on hardware", "published": "from published figures, "
@@ -61,7 +77,7 @@ def decision_dict(d: Decision) -> dict[str, Any]:
 
 def backend_rows() -> list[dict[str, Any]]:
     """Every registered backend: origin, declared limits, package availability and versions."""
-    rows = []
+    rows, device = [], probe()
     for name in registry.names():
         spec = registry.spec(name)
         row: dict[str, Any] = {"name": name, "target": spec.target, "origin": spec.origin}
@@ -70,13 +86,18 @@ def backend_rows() -> list[dict[str, Any]]:
         except RegistryError as exc:
             rows.append({**row, "available": False, "problems": [str(exc)]})
             continue
-        problems, versions = [], {}
+        problems: list[str] = []
+        versions: dict[str, str | None] = {}
         for pkg in capability.declared(cls, "PACKAGES"):
+            if device.packages_assumed:  # a simulated device: as explain, assume it is there
+                versions[pkg.module] = "assumed installed"
+                continue
             status = capability.package_status(pkg)
             versions[pkg.module] = status.version
             if status.reason:
                 problems.append(str(status.reason))
         platforms = capability.declared(cls, "PLATFORMS")
+        problems += _device_problems(cls, name, device)
         rows.append({**row, "available": not problems, "problems": problems,
                      "versions": versions,
                      "methods": sorted(capability.declared(cls, "METHODS")),
@@ -84,13 +105,35 @@ def backend_rows() -> list[dict[str, Any]]:
     return rows
 
 
+def _device_problems(cls: type, name: str, device: Any) -> list[str]:
+    """Why `cls` cannot run on this device at all (platform, arch), as explain would say: so
+    "available" in info means what a decision would find."""
+    request = AttentionRequest(64, next(iter(sorted(capability.declared(cls, "DTYPES"))), "fp32"))
+    return [str(r) for r in capability.check_device(cls, name, request, device)]
+
+
+def _forced() -> dict[str, Any] | None:
+    from attnrt.selection.dispatch import forced_backend
+
+    forced = forced_backend()
+    if forced is None:
+        return None
+    name, where = forced
+    error = None if registry.is_registered(name) else (
+        f"{where}: unknown backend {name!r}; registered: {', '.join(registry.names())}")
+    return {"name": name, "where": where, "error": error}
+
+
 def info_dict() -> dict[str, Any]:
     from attnrt.selection.manifest import current_manifest, manifest_files
 
     device = probe()
     manifest = current_manifest()
+    forced = _forced()
     return {
         "device": device.to_dict(),
+        "forced": forced,
+        "forced_error": forced["error"] if forced else None,
         "platforms": [{"platform": p, "available": dev is not None, "reason": reason,
                        "device": dev.to_dict() if dev else None}
                       for p, dev, reason in probe_report()],
@@ -111,6 +154,10 @@ def format_info(info: dict[str, Any]) -> str:
     lines.append("platforms probed (in order):")
     lines += [f"  {p['platform']:<5} {'yes' if p['available'] else 'no '}  {p['reason']}"
               for p in info["platforms"]]
+    forced = info.get("forced")
+    if forced:
+        lines.append(f"forced: {forced['name']} ({forced['where']})"
+                     + (f"\n  error: {forced['error']}" if forced["error"] else ""))
     lines.append("backends:")
     for b in info["backends"]:
         state = "available" if b["available"] else "unavailable: " + "; ".join(b["problems"])

@@ -89,13 +89,17 @@ class AttentionRequest:
         return self.kv_heads < self.num_heads
 
     def describe(self) -> str:
-        kv = f", {self.kv_heads} kv heads" if self.is_gqa else ""
+        kv = f", {_count(self.kv_heads, 'kv head')}" if self.is_gqa else ""
         causal = "causal" if self.causal else "non-causal"
         grad = ", with backward" if self.grad else ""
         seq = f", N={self.seq_len}" if self.seq_len is not None else ""
         method = f", method {self.method}" if self.method != DENSE else ""
-        return (f"{self.num_heads} heads{kv} of {self.head_size}, {self.dtype}, "
+        return (f"{_count(self.num_heads, 'head')}{kv} of {self.head_size}, {self.dtype}, "
                 f"{causal}{seq}{grad}{method}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _backend_name(name: object) -> str:

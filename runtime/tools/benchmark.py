@@ -8,10 +8,14 @@ the backend against the float64 REFERENCE on fresh random inputs (output, and gr
 backward pass) and refuses to time a wrong one (status WRONG, with its error); then it times it
 (CUDA/ROCm: torch.cuda.Event pairs around each run, synchronized once at the end as
 triton.testing.do_bench does; elsewhere time.perf_counter with a device sync) and reports the
-median. With --rounds R > 1 (GPU default 10) the contenders of a case (within 0.5x of the
-fastest) are timed again in R interleaved rounds, and each keeps the median of its runs (see
-retime). FLOPs count 4*B*H*N*N*D per forward, half of that when causal, 2.5x forward for the
-backward pass. The backend the manifest would choose for the case is marked with '*'.
+median and the spread of its runs (25th-75th percentile); a case whose fastest backend's spread
+overlaps another's is flagged, as their order there is noise (attnrt.tools.timing). With
+--rounds R > 1 (GPU default 10) the contenders of a case (within 0.5x of the fastest) are timed
+again in R interleaved rounds, and each keeps the median and spread of all its runs (see
+timing.retime). A run estimated longer than a minute is announced with its estimate before it
+starts, and the progress line shows time elapsed and left (attnrt.tools.progress). FLOPs
+count 4*B*H*N*N*D per forward, half of that when causal, 2.5x forward for the backward pass.
+The backend the manifest would choose for the case is marked with '*'.
 """
 
 from __future__ import annotations
@@ -21,9 +25,6 @@ import contextlib
 import datetime
 import importlib.metadata
 import json
-import statistics
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -34,7 +35,8 @@ from attnrt.errors import AttnrtError
 from attnrt.selection import packs, registry
 from attnrt.selection.device import Device, probe
 from attnrt.selection.dispatch import decide, reasons_for
-from attnrt.selection.request import NAME_DTYPES, AttentionRequest
+from attnrt.selection.request import AttentionRequest
+from attnrt.tools import progress, timing
 
 BENCH_HELP = "time every available backend on a grid of shapes"
 TOLERANCE = {"fp64": 1e-10, "fp32": 1e-5, "fp16": 3e-3, "bf16": 1.5e-2}
@@ -102,11 +104,17 @@ class Result:
     backend: str
     case: Case
     status: str  # "ok", "WRONG" (failed the reference check, not timed), "FAILED" (raised)
-    ms: float | None = None
+    ms: float | None = None  # the median run
     tflops: float | None = None
     rel_error: float | None = None
     error: str = ""
     chosen: bool = False
+    ms_lo: float | None = None  # the runs' spread: 25th and 75th percentiles (timing.spread)
+    ms_hi: float | None = None
+
+    def spread(self) -> tuple[float, float]:
+        return (self.ms_lo if self.ms_lo is not None else self.ms or 0.0,
+                self.ms_hi if self.ms_hi is not None else self.ms or 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -127,9 +135,12 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-sizes", default=None, help="comma list (CPU 64, GPU 64,128)")
     parser.add_argument("--seq-lens", default=None, help="comma list (CPU 256, GPU 4096)")
     parser.add_argument("--dtypes", default=None, help="comma list (CPU fp32, GPU bf16)")
-    parser.add_argument("--causal", choices=("0", "1", "both"), default="0")
-    parser.add_argument("--pass", dest="pass_", choices=("fwd", "bwd", "both"), default="fwd")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--causal", choices=("0", "1", "both"), default="0",
+                        help="0: non-causal (default), 1: causal, both: each")
+    parser.add_argument("--pass", dest="pass_", choices=("fwd", "bwd", "both"), default="fwd",
+                        help="fwd: inference forward (default), bwd: training forward+backward, "
+                             "both: each")
+    parser.add_argument("--batch", type=int, default=1, help="B, the batch size (default 1)")
     parser.add_argument("--backends", default=None,
                         help="comma list (default: every backend available here)")
     parser.add_argument("--repeats", type=int, default=None,
@@ -172,14 +183,6 @@ def build_grid(args: argparse.Namespace, device: Device) -> list[Case]:
 # ---------------------------------------------------------------- checking and timing
 
 
-def _inputs(case: Case, seq: int, device: str, grad: bool) -> tuple[torch.Tensor, ...]:
-    dtype = NAME_DTYPES[case.dtype]
-    shapes = ((case.batch, seq, case.heads, case.head_size),
-              (case.batch, seq, case.kv_heads, case.head_size),
-              (case.batch, seq, case.kv_heads, case.head_size))
-    return tuple(torch.randn(s, dtype=dtype, device=device).requires_grad_(grad) for s in shapes)
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
@@ -193,7 +196,7 @@ def check_error(impl: Any, case: Case, device: str, check_seq: int) -> float:
     from attnrt.backends.reference import chunked_attention
 
     grad = case.pass_ == "bwd"
-    q, k, v = _inputs(case, min(case.seq_len, check_seq), device, grad)
+    q, k, v = timing.inputs(case, min(case.seq_len, check_seq), device, grad)
     out = impl.forward(q, k, v, None)
     ref_dev = _reference_device(device)
     ref_in = [t.detach().to(ref_dev, torch.float64).requires_grad_(grad) for t in (q, k, v)]
@@ -213,80 +216,9 @@ def check_error(impl: Any, case: Case, device: str, check_seq: int) -> float:
     return max(errors)
 
 
-def _sync(device: str) -> None:
-    module = getattr(torch, device, None)
-    sync = getattr(module, "synchronize", None)
-    if device != "cpu" and callable(sync):
-        sync()
-
-
-def _runner(impl: Any, case: Case, device: str) -> tuple[Callable[[], Any], Callable[[], None]]:
-    """One run of `impl` on fresh inputs of `case` (for "bwd", the backward of one forward kept
-    alive), and what to reset before each run."""
-    q, k, v = _inputs(case, case.seq_len, device, case.pass_ == "bwd")
-    if case.pass_ == "fwd":
-        def forward() -> Any:
-            with torch.no_grad():
-                return impl.forward(q, k, v, None)
-
-        return forward, lambda: None
-    out = impl.forward(q, k, v, None)
-    g = torch.randn_like(out)
-
-    def reset() -> None:
-        q.grad = k.grad = v.grad = None
-
-    return lambda: out.backward(g, retain_graph=True), reset
-
-
-def _run_times(fn: Callable[[], Any], reset: Callable[[], None], device: str,
-               repeats: int) -> list[float]:
-    """Milliseconds of each of `repeats` runs of fn, after one untimed run.
-
-    CUDA: events around each run, synchronized once at the end (as triton.testing.do_bench):
-    the GPU time of each run, with the host's launch overhead overlapped as in a real model.
-    The untimed run is still on the GPU while the first timed one is queued, so that one's
-    launch latency is overlapped too. Elsewhere: time.perf_counter with a device sync around
-    each run."""
-    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-             for _ in range(repeats)] if device == "cuda" else []
-    reset()
-    fn()
-    if pairs:
-        for start, end in pairs:
-            reset()
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        return [start.elapsed_time(end) for start, end in pairs]
-    times = []
-    for _ in range(repeats):
-        reset()
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def time_ms(impl: Any, case: Case, device: str, repeats: int) -> float:
-    """Median milliseconds of `repeats` runs, after two untimed ones (compiles, autotuning)."""
-    fn, reset = _runner(impl, case, device)
-    _run_times(fn, reset, device, 1)
-    return statistics.median(_run_times(fn, reset, device, repeats))
-
-
-def _impl(name: str, case: Case) -> Any:
-    return registry.load(name).get_impl_cls()(
-        num_heads=case.heads, head_size=case.head_size, softmax_scale=case.head_size ** -0.5,
-        causal=case.causal, num_kv_heads=case.kv_heads, prefix="bench")
-
-
 def measure(name: str, case: Case, device: str, repeats: int, check_seq: int) -> Result:
     """Check `name` against the reference, then time it if it is right."""
-    impl = _impl(name, case)
+    impl = timing.make_impl(name, case)
     try:
         err = check_error(impl, case, device, check_seq)
     except (AttnrtError, RuntimeError, ValueError, TypeError) as exc:
@@ -296,44 +228,13 @@ def measure(name: str, case: Case, device: str, repeats: int, check_seq: int) ->
         return Result(name, case, "WRONG", rel_error=err,
                       error=f"rel error {err:.2e} > {tol:.0e} vs float64 REFERENCE; not timed")
     try:
-        ms = time_ms(impl, case, device, repeats)
+        runs = timing.time_runs(impl, case, device, repeats)
     except (AttnrtError, RuntimeError, ValueError, TypeError) as exc:
         return Result(name, case, "FAILED", rel_error=err,
                       error=f"{type(exc).__name__}: {_first_line(exc)}")
-    return Result(name, case, "ok", ms, case.flops() / (ms * 1e-3) / 1e12, err)
-
-
-# A backend whose first measure is below this fraction of the fastest one's is not a contender:
-# it keeps that measure, and its (often low-power) runs do not sit between the contenders'. Low
-# enough that one disturbed first measure (0.67x once, bench/NOTES-cuda.md) is timed again.
-CONTENDER_SHARE = 0.5
-
-
-def retime(cell: list[Result], device: str, repeats: int, rounds: int) -> None:
-    """Time the contenders of one case again in `rounds` interleaved rounds (rounds > 1) and give
-    each the median of all its runs.
-
-    Each round runs every contender once untimed, then `repeats` times; each pair of rounds
-    runs one rotation of the contenders forwards, then backwards, so clock and
-    power state (which moved one kernel's median by up to 12% against the same kernel timed
-    later in the case, bench/NOTES-cuda.md) favour none of them."""
-    ok = [r for r in cell if r.status == "ok" and r.ms]
-    if rounds < 2 or len(ok) < 2:
-        return
-    fastest = min(r.ms or 0.0 for r in ok)
-    contenders = [r for r in ok if fastest >= CONTENDER_SHARE * (r.ms or 0.0)]
-    if len(contenders) < 2:
-        return
-    runners = [_runner(_impl(r.backend, r.case), r.case, device) for r in contenders]
-    times: list[list[float]] = [[] for _ in contenders]
-    count = len(contenders)
-    for i in range(rounds):
-        order = [(i // 2 + j) % count for j in range(count)]  # rounds 2i, 2i+1: one order
-        for j in order[::-1] if i % 2 else order:                # forwards, then backwards
-            times[j] += _run_times(*runners[j], device, repeats)
-    for r, runs in zip(contenders, times, strict=True):
-        ms = statistics.median(runs)
-        r.ms, r.tflops = ms, r.case.flops() / (ms * 1e-3) / 1e12
+    result = Result(name, case, "ok", rel_error=err)
+    timing.set_measure(result, runs)
+    return result
 
 
 def _first_line(exc: BaseException) -> str:
@@ -342,24 +243,6 @@ def _first_line(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------- the run
-
-
-class _Progress:
-    """A one-line progress bar on stderr."""
-
-    def __init__(self, total: int, stream: Any = None) -> None:
-        self.total, self.done, self.stream = max(total, 1), 0, stream or sys.stderr
-
-    def step(self, text: str) -> None:
-        self.done += 1
-        filled = 30 * self.done // self.total
-        self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
-                          f"{text[:60]:<60}")
-        self.stream.flush()
-
-    def close(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
 
 
 def _candidates(case: Case, device: Device, names: list[str] | None) -> list[str]:
@@ -395,18 +278,32 @@ def run_grid(args: argparse.Namespace, device: Device) -> list[Result]:
         if value < 1:
             raise ValueError(f"{flag}={value}: give a positive count")
     plan = {c: _candidates(c, device, names) for c in cases}
-    progress, results = _Progress(sum(map(len, plan.values()))), []
     torch_device = _torch_type(device)
+    bar, results = _start(plan, args, torch_device, repeats, rounds), []
     for case, cell_names in plan.items():
         cell = []
         for name in cell_names:
-            progress.step(f"{name} {case.label()}")
+            bar.step(f"{name} {case.label()}")
             cell.append(measure(name, case, torch_device, repeats, args.check_seq))
             cell[-1].chosen = name == _chosen(case, device)
-        retime(cell, torch_device, repeats, rounds)
+        timing.retime(cell, torch_device, repeats, rounds)
         results += cell
-    progress.close()
+    bar.close()
     return results
+
+
+def _start(plan: dict[Case, list[str]], args: argparse.Namespace, device: str, repeats: int,
+           rounds: int) -> progress.Progress:
+    """Announce a long run with its estimate; the progress line weighted by estimated time."""
+    steps = [(c, i < 2) for c, names in plan.items() for i in range(len(names))]
+    cases = [c for c, _ in steps]
+    rates = (progress.calibrate(device, sorted({c.dtype for c in cases}),
+                                max(c.heads for c in cases), max(c.head_size for c in cases),
+                                max(c.seq_len for c in cases)) if cases else {})
+    weights = [progress.step_seconds(c, rates, repeats, rounds, args.check_seq, contender)
+               for c, contender in steps]
+    progress.announce(sum(weights), len(cases), len(plan))
+    return progress.Progress(weights)
 
 
 def environment(device: Device) -> dict[str, Any]:
@@ -418,20 +315,39 @@ def environment(device: Device) -> dict[str, Any]:
 
 
 def format_table(results: list[Result], device: Device) -> str:
-    lines = [f"attnrt bench on {device.describe()}; * = the manifest's choice",
-             f"  {'backend':<22} {'shape':<40} {'TFLOP/s':>9} {'ms':>10} {'rel err':>9}"]
+    lines = [f"attnrt bench on {device.describe()}; * = the manifest's choice; ms: median run, "
+             "spread: 25th-75th percentile of the runs",
+             f"  {'backend':<22} {'shape':<40} {'TFLOP/s':>9} {'ms':>10} {'spread ms':>17} "
+             f"{'rel err':>9}"]
     for r in results:
         mark = "*" if r.chosen else " "
         err = f"{r.rel_error:.1e}" if r.rel_error is not None else "-"
         if r.status == "ok":
-            cols = f"{r.tflops:>9.3g} {r.ms:>10.3f} {err:>9}"
+            lo, hi = r.spread()
+            cols = f"{r.tflops:>9.3g} {r.ms:>10.3f} {f'{lo:.3f}-{hi:.3f}':>17} {err:>9}"
         else:
-            cols = f"{r.status:>9} {err:>20}  {r.error}"
+            cols = f"{r.status:>9} {err:>38}  {r.error}"
         lines.append(f"{mark} {r.backend:<22} {r.case.label():<40} {cols}")
-    return "\n".join(lines)
+    return "\n".join(lines + overlap_notes(results))
 
 
-def write_plot(results: list[Result], path: str) -> None:
+def overlap_notes(results: list[Result]) -> list[str]:
+    """One line per case whose fastest backend's spread overlaps another's: their order there
+    is noise, so nothing should be ranked by it (attnrt tune refuses to)."""
+    notes = []
+    for case in dict.fromkeys(r.case for r in results):
+        ok = sorted((r for r in results if r.case == case and r.status == "ok" and r.ms),
+                    key=lambda r: r.ms or 0.0)
+        tied = [r for r in ok[1:] if ok and timing.overlaps(ok[0].spread(), r.spread())]
+        if tied:
+            names = ", ".join(r.backend for r in tied)
+            notes.append(f"  overlapping spreads at {case.label()}: {ok[0].backend} and {names} "
+                         "are not told apart by these runs (more --repeats or --rounds, or a "
+                         "quieter machine)")
+    return notes
+
+
+def _pyplot(path: str) -> Any:
     try:
         import matplotlib
 
@@ -440,6 +356,11 @@ def write_plot(results: list[Result], path: str) -> None:
     except ImportError as exc:
         raise BenchDependencyError(f"--plot={path} needs matplotlib ({exc}); install it with "
                                    "pip install matplotlib (or attnrt[plot])") from None
+    return plt
+
+
+def write_plot(results: list[Result], path: str) -> None:
+    plt = _pyplot(path)
     ok = [r for r in results if r.status == "ok"]
     labels = list(dict.fromkeys(r.case.label() for r in ok))
     names = list(dict.fromkeys(r.backend for r in ok))
@@ -463,6 +384,8 @@ def run_bench(args: argparse.Namespace) -> int:
         from attnrt.tools.models import run_models
 
         return run_models(args)
+    if args.plot:
+        _pyplot(args.plot)  # a missing matplotlib fails now, not after the whole run
     device = bench_device()
     results = run_grid(args, device)
     data = {**environment(device), "results": [r.to_dict() for r in results]}

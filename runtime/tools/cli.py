@@ -17,18 +17,27 @@ from attnrt.errors import AttnrtError
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnrt", description=__doc__.splitlines()[0])
+    from attnrt import __version__
+
+    parser.add_argument("--version", action="version", version=f"attnrt {__version__}")
     sub = parser.add_subparsers(dest="command")
     info = sub.add_parser("info", help="device, probed platforms, backends, manifest in effect")
     _common(info)
     exp = sub.add_parser("explain", help="which backend a layer would get, and why")
     _common(exp)
-    exp.add_argument("--head-size", type=int, required=True)
+    exp.add_argument("--head-size", type=int, required=True,
+                     help="D, the size of each attention head (e.g. 128)")
     exp.add_argument("--dtype", default="bf16", help="fp16, bf16, fp32, fp64 (default bf16)")
-    exp.add_argument("--heads", type=int, default=1)
-    exp.add_argument("--kv-heads", type=int, default=None)
-    exp.add_argument("--causal", action="store_true")
-    exp.add_argument("--grad", action="store_true",
-                     help="a call under autograd (training): rules with grad: true apply")
+    exp.add_argument("--heads", type=int, default=1,
+                     help="H, query heads the kernel sees (default 1)")
+    exp.add_argument("--kv-heads", type=int, default=None,
+                     help="Hkv, key/value heads (GQA when fewer than --heads; default: --heads)")
+    exp.add_argument("--causal", action="store_true",
+                     help="a causal mask (bottom-right aligned); default non-causal")
+    exp.add_argument("--grad", action=argparse.BooleanOptionalAction, default=False,
+                     help="--grad: a call under autograd (training: a layer selects so whenever "
+                          "torch.is_grad_enabled()); --no-grad (default): inference, as under "
+                          "torch.no_grad(); rules with a grad key apply accordingly")
     exp.add_argument("--seq-len", type=int, default=None,
                      help="the query length (rules with a seq_len key apply only when given)")
     exp.add_argument("--method", default="dense",
@@ -37,8 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--backends", default=None,
                      help="comma-separated allow-list (a layer's supported_attention_backends)")
     val = sub.add_parser("validate", help="check capability files; exit 1 on any error")
-    val.add_argument("files", nargs="+")
-    val.add_argument("--json", action="store_true")
+    val.add_argument("files", nargs="+", help="capability YAML files to check")
+    val.add_argument("--json", action="store_true", help="print JSON")
     from attnrt.tools import benchmark, tune
 
     benchmark.add_bench_arguments(_common(sub.add_parser("bench", help=benchmark.BENCH_HELP)))
@@ -72,7 +81,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     data = info_dict()
     _emit(args, data, format_info(data))
-    return 0
+    return 1 if data.get("forced_error") else 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -83,7 +92,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     request = AttentionRequest(args.head_size, args.dtype, args.heads, args.kv_heads,
                                args.causal, allowed, args.grad, args.seq_len, args.method)
     decision = decide(request)
-    _emit(args, decision.to_dict(), decision.explain())
+    mode = ("training (--grad: a layer called with autograd on)" if args.grad else
+            "inference (--no-grad: a layer called under torch.no_grad(); --grad for training)")
+    _emit(args, {**decision.to_dict(), "mode": "training" if args.grad else "inference"},
+          f"mode:     {mode}\n{decision.explain()}")
     return 0 if decision.backend else 1
 
 

@@ -85,9 +85,10 @@ def measure_shape(name: str, shape: AttentionShape, dtype: str, device: str, rep
     """Check `name` on `shape`, then time its forward if it is right."""
     errors = (AttnrtError, RuntimeError, ValueError, TypeError)
     try:
-        impl = registry.load(name).get_impl_cls()(shape.heads, shape.head_size,
-                                                  shape.head_size ** -0.5, shape.causal,
-                                                  shape.kv_heads, "bench-model")
+        impl = registry.load(name).get_impl_cls()(
+            num_heads=shape.heads, head_size=shape.head_size,
+            softmax_scale=shape.head_size ** -0.5, causal=shape.causal,
+            num_kv_heads=shape.kv_heads, prefix="bench-model")
         err = check_shape(impl, shape, dtype, device, check_seq)
         if not err <= benchmark.TOLERANCE[dtype]:  # also catches NaN
             return Row(name, shape.label, "WRONG", rel_error=err, error=f"rel error {err:.2e}")

@@ -10,6 +10,12 @@ on `seq_len`: adjacent lengths with the same fastest backend share one (ranked o
 together), split at the geometric mean of the lengths on either side of a change (4096 and
 16384 split at 8192). Backends that trail the fastest swap places between lengths with the
 noise of a run, so only the lead splits.
+
+A ranking is written only where the measurements order it: each backend's runs have a spread
+(25th-75th percentile, summed over the shapes a rule covers), and where two neighbours in a
+rule's ranking have overlapping spreads tune writes nothing and raises UnresolvedRankingError
+naming them (on a busy CPU single calls are bimodal, and a ranking read off such medians once
+put the measured-fastest backend last). REFERENCE is last by policy, not by measure.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import math
 import statistics
 from typing import Any
 
-from attnrt.errors import ManifestError
+from attnrt.errors import AttnrtError, ManifestError
 from attnrt.selection.device import Device
 from attnrt.selection.dispatch import LAST_RESORT
 from attnrt.tools.benchmark import (
@@ -32,8 +38,13 @@ from attnrt.tools.benchmark import (
     format_table,
     run_grid,
 )
+from attnrt.tools.timing import overlaps
 
 TUNE_HELP = "measure the grid and write an override manifest ranking by what was measured"
+
+
+class UnresolvedRankingError(AttnrtError, ValueError):
+    """The measurements do not order two backends a rule would rank (their spreads overlap)."""
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +84,13 @@ def tune_rules(results: list[Result], device: Device, env: dict[str, Any]) -> li
             bounds += [f"<={cuts[j]}"] if j < len(cuts) else []
             part = [r for r in rs if r.case.seq_len in lengths]
             rules += _cell_rules(key, part, device, env, ",".join(bounds) or None)
+    unresolved = [line for rule in rules for line in rule.pop("_overlaps")]
+    if unresolved:
+        raise UnresolvedRankingError(
+            "attnrt tune wrote nothing: these measurements do not order the backends a rule "
+            "would rank (their spreads, 25th-75th percentile of the runs, overlap):\n"
+            + "\n".join(unresolved) + "\ntime them again with more --repeats or --rounds, on a "
+            "quieter machine, or leave one out with --backends")
     return rules
 
 
@@ -103,6 +121,8 @@ def _rule(key: tuple[int, str, bool, bool], results: list[Result], device: Devic
     good = [n for n in names if all((n, c) in ok for c in cases)]  # right on every case
     total = {n: sum(r.ms or 0.0 for r in results if r.backend == n) for n in good}
     rank = [n for n in sorted(good, key=total.__getitem__) if n != LAST_RESORT] + [LAST_RESORT]
+    spread = {n: (sum(r.spread()[0] for r in results if r.backend == n),
+                  sum(r.spread()[1] for r in results if r.backend == n)) for n in good}
     tflops = {n: _three_digits(statistics.mean(r.tflops or 0.0 for r in results
                                                if r.backend == n)) for n in good}
     shapes = sorted({(c.seq_len, c.pass_) for c in cases})
@@ -116,7 +136,21 @@ def _rule(key: tuple[int, str, bool, bool], results: list[Result], device: Devic
             "dtype": [dtype], "causal": causal, "gqa": gqa,
             **({} if grad is None else {"grad": grad}),
             **({} if seq_len is None else {"seq_len": seq_len}), "rank": rank,
-            "measured": measured}
+            "measured": measured, "_overlaps": _overlapping(rank, spread, key, grad, seq_len)}
+
+
+def _overlapping(rank: list[str], spread: dict[str, tuple[float, float]],
+                 key: tuple[int, str, bool, bool], grad: bool | None,
+                 seq_len: str | None) -> list[str]:
+    """A line per pair of neighbours in `rank` whose summed spreads overlap."""
+    measured = [n for n in rank if n != LAST_RESORT]
+    where = (f"D={key[0]} {key[1]} causal={key[2]} gqa={key[3]}"
+             + (f" grad={grad}" if grad is not None else "")
+             + (f" seq_len={seq_len}" if seq_len else ""))
+    return [f"  {where}: {a} {spread[a][0]:.3f}-{spread[a][1]:.3f} ms and {b} "
+            f"{spread[b][0]:.3f}-{spread[b][1]:.3f} ms"
+            for a, b in zip(measured, measured[1:], strict=False)
+            if overlaps(spread[a], spread[b])]
 
 
 def write_manifest(rules: list[dict], path: str, device: Device) -> None:
@@ -141,7 +175,12 @@ def run_tune(args: argparse.Namespace) -> int:
     device = bench_device()
     results = run_grid(args, device)
     env = environment(device)
-    rules = tune_rules(results, device, env)
+    try:
+        rules = tune_rules(results, device, env)
+    except UnresolvedRankingError:
+        if not args.json:
+            print(format_table(results, device))  # the spreads it refuses to rank by
+        raise
     write_manifest(rules, args.out, device)
     if args.json:
         print(json.dumps({**env, "out": args.out, "rules": rules}, indent=2))

@@ -7,6 +7,17 @@ import pytest
 
 from attnrt.kernels import fast_launch
 from attnrt.kernels.flash import launch as tf
+from tests.triton_support import installed_triton, interpreter_skip_reason, interpreting
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Interpret-marked tests skip, saying why, under a Triton whose interpreter is too old."""
+    reason = interpreter_skip_reason(installed_triton(), interpreting())
+    if reason is None:
+        return
+    for item in items:
+        if "interpret" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(autouse=True)
