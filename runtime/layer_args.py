@@ -111,7 +111,14 @@ def _suggest(name: str, known: set[str]) -> str:
 
 
 def check_extras_known(extra: dict[str, Any]) -> None:
-    """Refuse a name that no registered backend's impl takes (a typo), suggesting the closest."""
+    """Refuse a name that no registered backend's impl takes (a typo), suggesting the closest.
+    FastVideo's layers pass `dropout_rate=0` (its impls read it); attnrt runs no attention
+    dropout, so 0 is taken off the extras here and any other value refused."""
+    if "dropout_rate" in extra:
+        rate = extra.pop("dropout_rate")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate != 0:
+            raise LayerArgumentError(f"dropout_rate={rate!r} is not allowed; allowed: 0 (attnrt "
+                                     "backends run no attention dropout)")
     if not extra:
         return
     known: set[str] = set(LAYER_PARAMETERS)

@@ -149,7 +149,7 @@ class LocalAttention(nn.Module):
         super().__init__()
         kv_heads, scale = check_layer_args(num_heads, head_size, num_kv_heads, softmax_scale,
                                            causal)
-        self.dtype = check_layer_dtype(dtype)
+        self.compute_dtype = check_layer_dtype(dtype)
         self.method = methods.method_of_arguments(method, extra_impl_args)
         check_extras_known(extra_impl_args)
         self.num_heads = num_heads
@@ -192,7 +192,8 @@ class LocalAttention(nn.Module):
 
     def _initial_selection(self) -> _Selected:
         # Where tensors for the probed device live, so the first forward needs no re-selection.
-        dtype, device = self.dtype or torch.get_default_dtype(), torch_device_of(probe())
+        dtype = self.compute_dtype or torch.get_default_dtype()
+        device = torch_device_of(probe())
         try:
             return self._select(dtype, device)
         except (BackendUnavailableError, ExtraArgumentError):

@@ -72,7 +72,8 @@ def test_info_availability_agrees_with_explain(capsys) -> None:
 
     rows = {r["name"]: r for r in info_dict()["backends"]}
     for name, row in rows.items():
-        decision = attnrt.explain(AttentionRequest(64, "fp16", 2, allowed=(name,)))
+        method = row.get("methods", ["dense"])[0]
+        decision = attnrt.explain(AttentionRequest(64, "fp16", 2, allowed=(name,), method=method))
         reasons = next(c for c in decision.candidates if c.name == name).reasons
         platform_refused = any(r.code in ("PLATFORM", "ARCH", "PACKAGE_MISSING",
                                           "VERSION_WINDOW") for r in reasons)

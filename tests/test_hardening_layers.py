@@ -122,3 +122,12 @@ def test_bad_input_errors_are_typed_and_keep_their_builtin_class() -> None:
     with pytest.raises(AttnrtError, match="dtypes must match") as info:
         layer(q, k.double(), v)
     assert isinstance(info.value, TypeError)
+
+
+def test_fastvideo_dropout_rate_zero_is_taken_and_any_other_value_refused() -> None:
+    from attnrt.layer_args import LayerArgumentError
+
+    layer = attnrt.LocalAttention(2, 64, dropout_rate=0)  # FastVideo's cross-attention passes it
+    assert "dropout_rate" not in layer.extra_impl_args
+    with pytest.raises(LayerArgumentError, match=r"dropout_rate=0.1 is not allowed; allowed: 0"):
+        attnrt.LocalAttention(2, 64, dropout_rate=0.1)

@@ -51,6 +51,7 @@ class EngineImpl(ScaledImpl):
     """Runs one layer's variant on the backend class's ENGINE_BACKEND."""
 
     ENGINE_BACKEND: ClassVar[str] = "reference"
+    EXTRA_IMPL_ARGS: ClassVar[frozenset[str]] = frozenset(_VARIANT_ARGS)
 
     def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
                  num_kv_heads: int | None = None, prefix: str = "", **extra: Any) -> None:

@@ -29,6 +29,7 @@ class LinearAttnImpl(ScaledImpl):
     """Runs LinearAttentionEngine on backend RUN ("triton", "fla" or "reference")."""
 
     RUN: ClassVar[str] = "reference"
+    EXTRA_IMPL_ARGS: ClassVar[frozenset[str]] = frozenset(EXTRA_ARGS)
 
     def __init__(self, num_heads: int, head_size: int, softmax_scale: float, causal: bool = False,
                  num_kv_heads: int | None = None, prefix: str = "",

@@ -119,7 +119,7 @@ class LocalAttention(_LocalAttention):
 
     @property
     def dtype(self) -> torch.dtype:
-        return NAME_DTYPES[self.decision.request.dtype]
+        return self.compute_dtype or NAME_DTYPES[self.decision.request.dtype]
 
     @property
     def attn_impl(self) -> AttentionImpl:

@@ -108,7 +108,8 @@ def backend_rows() -> list[dict[str, Any]]:
 def _device_problems(cls: type, name: str, device: Any) -> list[str]:
     """Why `cls` cannot run on this device at all (platform, arch), as explain would say: so
     "available" in info means what a decision would find."""
-    request = AttentionRequest(64, next(iter(sorted(capability.declared(cls, "DTYPES"))), "fp32"))
+    request = AttentionRequest(64, next(iter(sorted(capability.declared(cls, "DTYPES"))), "fp32"),
+                               method=sorted(capability.declared(cls, "METHODS"))[0])
     return [str(r) for r in capability.check_device(cls, name, request, device)]
 
 

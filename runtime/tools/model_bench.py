@@ -26,7 +26,7 @@ from attnrt.selection import registry
 from attnrt.selection.device import Device
 from attnrt.selection.dispatch import decide, reasons_for
 from attnrt.selection.request import NAME_DTYPES, AttentionRequest
-from attnrt.tools import benchmark
+from attnrt.tools import benchmark, timing
 from attnrt.tools.models import AttentionShape, ModelPreset
 
 BASELINE = "TORCH_SDPA"
@@ -98,8 +98,8 @@ def measure_shape(name: str, shape: AttentionShape, dtype: str, device: str, rep
             with torch.no_grad():
                 return impl.forward(q, k, v, None)
 
-        benchmark._run_times(forward, lambda: None, device, 1)  # compiles, autotuning
-        ms = statistics.median(benchmark._run_times(forward, lambda: None, device, repeats))
+        timing.run_times(forward, lambda: None, device, 1)  # compiles, autotuning
+        ms = statistics.median(timing.run_times(forward, lambda: None, device, repeats))
     except errors as exc:
         return Row(name, shape.label, "FAILED", error=f"{type(exc).__name__}: "
                    f"{benchmark._first_line(exc)}")
@@ -259,7 +259,9 @@ def run_model_bench(args: argparse.Namespace, model: ModelPreset) -> int:
 
 def _run(grid: list[tuple[AttentionShape, list[str], str | None]], dtype: str, device: str,
          repeats: int, check_seq: int) -> list[Row]:
-    progress, rows = benchmark._Progress(sum(len(names) for _, names, _ in grid)), []
+    from attnrt.tools.progress import Progress
+
+    progress, rows = Progress([1.0] * sum(len(names) for _, names, _ in grid)), []
     for shape, names, chosen in grid:
         for name in names:
             progress.step(f"{name} {shape.describe()}")

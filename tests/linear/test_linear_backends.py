@@ -34,7 +34,7 @@ def test_backends_declare_method_linear_and_stable_names() -> None:
         assert backend.SUPPORTS_GQA is False
 
 
-def test_capability_check_reasons_on_a_simulated_h100() -> None:
+def test_capability_check_reasons_on_a_simulated_h100(local_packages) -> None:
     device = parse_device_spec("cuda:sm90")
     request = AttentionRequest(128, "bf16", 16, 16, True, method="linear")
     assert support.check(lb.ReferenceLinearAttnBackend, request, device) == []
