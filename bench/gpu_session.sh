@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One GPU session for everything that needs the device, in two phases so each fits one call:
+#   bash bench/gpu_session.sh tests   # install, the gpu-marked tests (xdist), the CLI on the device
+#   bash bench/gpu_session.sh bench   # every benchmark's --quick table, one after another
+# Wheels the image lacks (pytest, xdist; fla-core + einops for the linear bench) travel in .whl/.
+# Each step has its own time limit, so one slow step cannot eat the call; logs go to $OUT.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+out=${OUT:-/tmp/attnrt-gpu}
+mkdir -p "$out"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1 \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$out/pip.log" 2>&1 \
+  || echo "install: editable install failed (see pip.log)"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+step() {  # step SECONDS NAME COMMAND...: run with a limit, log to $out/NAME.log, print its tail
+  local limit=$1 name=$2; shift 2
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1; echo "rc=$?" >>"$out/$name.log"
+  tail -n "${TAIL:-25}" "$out/$name.log"
+}
+case "${1:-tests}" in
+  tests)
+    step 60 cli bash -c "python3 -m attnrt.tools.cli info | head -30; python3 -m attnrt.tools.cli explain --head-size 128 --dtype bf16 --heads 40 --method vsa"
+    TAIL=40 step 420 gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 --maxfail=60 tests
+    ;;
+  bench)
+    step 150 sparse python3 bench/sparse_gpu.py --quick --sweep --sweep-budget 60
+    step 75 sla_vmoba python3 bench/sla_vmoba_gpu.py --quick
+    step 90 engine python3 bench/engine_gpu.py --quick
+    step 75 linear python3 bench/linear_gpu.py --quick
+    step 45 host_overhead python3 bench/host_overhead_gpu.py --quick
+    step 75 models python3 bench/models_gpu.py --quick
+    ;;
+esac
