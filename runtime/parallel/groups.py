@@ -64,6 +64,7 @@ class SequenceParallel:
     check_shards: bool | str = True
     local_first: bool | None = None
     peer_copies: Any = None  # a PeerCopies where the exchange runs on copy engines
+    usp: Any = None  # attnrt.parallel.mesh.UspGroups where a ring runs beside Ulysses (R > 1)
     # check_shards="new_shapes": what each shape signature checked so far agreed on.
     checked: dict[tuple[int, ...], dict[str, int]] = field(
         default_factory=dict, init=False, compare=False, repr=False)
@@ -85,7 +86,10 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
                            overlap_chunks: int | None = None, all_to_all: str = "auto",
                            check_shards: bool | str = True, local_first: bool | None = None,
                            priority_exchange: bool = True,
-                           copy_engine: bool | None = None) -> SequenceParallel:
+                           copy_engine: bool | None = None, ulysses: int | None = None,
+                           ring: int | None = None, plan: Any = None,
+                           ring_layout: str = "contiguous",
+                           **plan_hints: Any) -> SequenceParallel:
     """Set the SP group for every DistributedAttention layer of this process; call on every rank.
 
     group: an existing process group (its ranks, in rank order, hold consecutive shards);
@@ -115,8 +119,17 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
     SequenceParallelError where it does not; False: always NCCL.
     Without torch.distributed (and no torchrun environment), group=None and size 1 give a
     one-process group that runs no collective.
+    ulysses, ring, plan, ring_layout, plan_hints: USP, U x R ranks on a DeviceMesh, ring attention
+    when R > 1 (attnrt.parallel.mesh says how; plan="auto" asks attnrt.parallel.plan).
     """
     global _state
+    if ulysses is not None or ring is not None or plan is not None or plan_hints:
+        from attnrt.parallel.mesh import init_usp
+
+        options = {"overlap_chunks": overlap_chunks, "all_to_all": all_to_all,
+                   "check_shards": check_shards, "priority_exchange": priority_exchange}
+        return init_usp(group, size, ulysses=ulysses, ring=ring, plan=plan,
+                        ring_layout=ring_layout, hints=plan_hints, options=options)
     _check_arguments(overlap_chunks, all_to_all, check_shards, local_first, copy_engine)
     if not _init_from_launcher():
         if group is None and size in (None, 1):

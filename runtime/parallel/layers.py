@@ -137,7 +137,9 @@ class DistributedAttention(nn.Module):
         # Select now when the SP group is known, so a bad head count fails at build time; a
         # missing group is left for forward to raise, on every rank.
         with contextlib.suppress(SequenceParallelError):
-            self.local_for(get_sequence_parallel().size)
+            sp = get_sequence_parallel()
+            if sp.usp is None:  # USP pads heads that do not split (attnrt.parallel.usp)
+                self.local_for(sp.size)
 
     def local_for(self, size: int, chunks: int = 1) -> LocalAttention:
         """The LocalAttention serving this layer's heads on each of `size` ranks, per chunk."""
@@ -175,6 +177,10 @@ class DistributedAttention(nn.Module):
              freqs_cis: tuple[torch.Tensor, torch.Tensor] | None,
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         sp = get_sequence_parallel()
+        if sp.usp is not None:  # a ring beside Ulysses: ring attention (attnrt.parallel.usp)
+            from attnrt.parallel.usp import run_usp
+
+            return run_usp(self, tensors, original_seq_len, replicated, freqs_cis, sp)
         base = self.local_for(sp.size)  # raises for heads that do not split, on every rank
         n = _local_length(tensors[0], sp.size, original_seq_len, replicated[0])
         reps, agreed = self._validate(sp, base, tensors, replicated, original_seq_len,

@@ -1,0 +1,230 @@
+"""Ring attention and USP (Ulysses x ring) on gloo: 4 ranks (1x4, 2x2, 4x1) and 8 ranks (2x4).
+
+The multi-process checks live in tests/ring_worker.py; each world is spawned once and runs
+its checks there. The rest runs in this process: the layouts, the piece plans (zigzag keeps
+every rank's work equal) and the ring's schedule with threads standing in for ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import attnrt
+from attnrt.parallel.groups import clear_sequence_parallel
+from attnrt.parallel.ring import plan_pieces, ring_backward, ring_forward, ring_spec
+from attnrt.parallel.ring_math import reference_attend
+from attnrt.parallel.usp import pad_heads
+from attnrt.parallel.zigzag import (
+    LayoutError,
+    shard_positions,
+    shard_sequence,
+    unshard_sequence,
+    zigzag_shard,
+    zigzag_unshard,
+)
+from tests.helpers import dense_reference
+from tests.ring_streams import run_ranks
+from tests.ring_worker import CHECKS, run_ring_world
+
+
+@pytest.fixture(autouse=True)
+def _clean() -> Iterator[None]:
+    attnrt.clear_caches()
+    clear_sequence_parallel()
+    yield
+    clear_sequence_parallel()
+    attnrt.clear_caches()
+
+
+def _failures(results: dict[str, dict[int, str]]) -> str:
+    return "\n".join(f"--- {name} on rank {rank}:\n{verdict}"
+                     for name, by_rank in results.items()
+                     for rank, verdict in by_rank.items() if verdict != "ok")
+
+
+WORLD_8 = ["plain_and_causal", "gqa_padding_replicated"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("world", "names"), [(4, sorted(CHECKS)), (8, WORLD_8)])
+def test_every_ring_check_passes_on_every_gloo_rank(world: int, names: list[str]) -> None:
+    """Outputs and gradients of DistributedAttention on U x R meshes (and of ring_attention
+    over a group) equal single-process attention (fp32, relative L2 < 1e-5): plain, causal,
+    contiguous and zigzag layouts, GQA, replicated tokens, padding, rotary, heads padded for
+    U; K/V memory per rank falls as 1/R; every refusal raises on every rank."""
+    results = run_ring_world(world, names, timeout=100.0)
+    failures = _failures(results)
+    assert not failures, failures
+
+
+# ---------------------------------------------------------------- layouts
+
+
+@pytest.mark.parametrize(("ring", "ulysses", "layout"), [
+    (2, 1, "zigzag"), (4, 1, "zigzag"), (2, 2, "zigzag"), (4, 2, "contiguous"),
+    (2, 2, "contiguous")])
+def test_shard_then_unshard_gives_the_sequence_back(ring: int, ulysses: int, layout: str) -> None:
+    x = torch.randn(2, 13, 3, 4)
+    shards = [shard_sequence(x, g, ring=ring, ulysses=ulysses, layout=layout)
+              for g in range(ring * ulysses)]
+    assert len({s.shape for s in shards}) == 1
+    back = unshard_sequence(shards, ring=ring, ulysses=ulysses, layout=layout, length=13)
+    assert torch.equal(back, x)
+
+
+def test_zigzag_gives_ring_rank_r_chunks_r_and_2r_minus_1_minus_r() -> None:
+    # R = 2, U = 2, N = 16: chunks of 4; ring rank 0 holds chunks 0 and 3, rank 1 chunks 1, 2.
+    assert shard_positions(0, 4, ring=2, ulysses=2, layout="zigzag").tolist() == [0, 1, 2, 3]
+    assert shard_positions(1, 4, ring=2, ulysses=2, layout="zigzag").tolist() == [12, 13, 14, 15]
+    assert shard_positions(2, 4, ring=2, ulysses=2, layout="zigzag").tolist() == [4, 5, 6, 7]
+    assert shard_positions(3, 4, ring=2, ulysses=2, layout="zigzag").tolist() == [8, 9, 10, 11]
+    x = torch.arange(8.0).view(1, 8, 1, 1)
+    assert zigzag_shard(x, 1, ring=2).flatten().tolist() == [2, 3, 4, 5]
+    assert torch.equal(zigzag_unshard([zigzag_shard(x, r, ring=2) for r in range(2)], ring=2), x)
+
+
+def test_bad_layouts_are_refused() -> None:
+    with pytest.raises(LayoutError, match="layout='striped' is not allowed"):
+        shard_sequence(torch.zeros(1, 4, 1, 1), 0, ring=2, layout="striped")
+    with pytest.raises(LayoutError, match="rank=4 is not allowed"):
+        shard_sequence(torch.zeros(1, 4, 1, 1), 4, ring=2, ulysses=2)
+    with pytest.raises(LayoutError, match="even number of tokens per ring rank; got 3"):
+        shard_positions(0, 3, ring=2, layout="zigzag")
+
+
+def _work(ring: int, layout: str, rank: int, block: int) -> list[int]:
+    """Score elements each ring step costs ring rank `rank` (causal; a diagonal counts half)."""
+    spec = ring_spec(_FakeRing(ring, rank, layout), block, True, 1.0, None, None)  # type: ignore[arg-type]
+    steps = []
+    for step in range(ring):
+        src = (rank - step) % ring
+        pieces = plan_pieces(spec.q_runs, spec.k_runs[src], True)
+        steps.append(sum((p.q.stop - p.q.start) * (p.k.stop - p.k.start) // (2 if p.causal else 1)
+                         for p in pieces))
+    return steps
+
+
+class _FakeRing:
+    def __init__(self, size: int, rank: int, layout: str) -> None:
+        self.size, self.rank, self.layout = size, rank, layout
+
+
+@pytest.mark.parametrize("ring", [2, 4, 8])
+def test_zigzag_gives_every_ring_rank_the_same_causal_work(ring: int) -> None:
+    zigzag = [sum(_work(ring, "zigzag", r, 64)) for r in range(ring)]
+    contiguous = [sum(_work(ring, "contiguous", r, 64)) for r in range(ring)]
+    assert len(set(zigzag)) == 1, zigzag
+    assert contiguous[-1] == (2 * ring - 1) * contiguous[0], contiguous  # the idling it avoids
+    assert sum(zigzag) == sum(contiguous)
+
+
+def test_own_zigzag_block_is_one_causal_call_and_others_half_a_block() -> None:
+    spec = ring_spec(_FakeRing(4, 1, "zigzag"), 8, True, 1.0, None, None)  # type: ignore[arg-type]
+    own = plan_pieces(spec.q_runs, spec.k_runs[1], True)
+    assert [(p.q, p.k, p.causal) for p in own] == [(slice(0, 8), slice(0, 8), True)]
+    earlier = plan_pieces(spec.q_runs, spec.k_runs[0], True)  # all queries, first half keys
+    assert [(p.q, p.k, p.causal) for p in earlier] == [(slice(0, 8), slice(0, 4), False)]
+    later = plan_pieces(spec.q_runs, spec.k_runs[3], True)  # second half queries, all keys
+    assert [(p.q, p.k, p.causal) for p in later] == [(slice(4, 8), slice(0, 8), False)]
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "ulysses", "expected"), [
+    (6, 6, 4, (8, 8)), (8, 2, 4, (8, 2)), (6, 3, 2, (8, 4)), (3, 1, 2, (6, 2)), (40, 8, 8, (40, 8)),
+    (12, 3, 2, (16, 4))])
+def test_pad_heads_adds_the_fewest_zero_heads(heads: int, kv_heads: int, ulysses: int,
+                                              expected: tuple[int, int]) -> None:
+    assert pad_heads(heads, kv_heads, ulysses) == expected
+
+
+# ---------------------------------------------------------------- threads as ranks (CPU)
+
+
+def ring_on_threads(size: int, layout: str, causal: bool, device: str, dtype: torch.dtype,
+                    valid: int = 13, rep: int = 3) -> list[float]:
+    """ring_forward / ring_backward on `size` threads vs dense attention; relative L2 errors,
+    and every thread's log checked for the overlap schedule."""
+    b, h, hkv, d = 2, 4, 2, 8
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(b, valid + rep, x, d, generator=gen, dtype=torch.float64)
+               for x in (h, hkv, hkv))
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = dense_reference(*leaves, causal)
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    (ref * g).sum().backward()
+    scale = d ** -0.5
+
+    def body(rank: int, transport: object, log: list[object]) -> object:
+        def shard(t: torch.Tensor) -> torch.Tensor:
+            return shard_sequence(t[:, :valid], rank, ring=size, layout=layout).to(device, dtype)
+
+        base = reference_attend(scale)
+
+        def attend(*args: object) -> object:
+            log.append(("attend", None))
+            return base(*args)  # type: ignore[arg-type]
+
+        qs = torch.cat([shard(q), q[:, valid:].to(device, dtype)], 1)
+        kv = [shard(k), shard(v)]
+        extra = [t[:, valid:].to(device, dtype) for t in (k, v)]
+        spec = ring_spec(transport.ring, kv[0].shape[1], causal, scale, attend, valid, rep)  # type: ignore[attr-defined]
+        out, lse = ring_forward(qs, kv, extra, spec, transport)
+        dout = torch.cat([shard(g), g[:, valid:].to(device, dtype)], 1)
+        return out, ring_backward(dout, qs, kv, extra, out, lse, spec, transport)
+
+    results = run_ranks(size, body, layout, device)
+    for _, log in results:
+        _check_schedule(log, size)
+    outs = [r[0][0].double().cpu() for r in results]
+    block = outs[0].shape[1] - rep
+    errs = [_rel(unshard_sequence([o[:, :block] for o in outs], ring=size, layout=layout,
+                                  length=valid), ref[:, :valid])]
+    errs += [_rel(o[:, block:], ref[:, valid:]) for o in outs]
+    grads = [r[0][1] for r in results]
+    for i, full in enumerate((leaves[1], leaves[2])):
+        got = unshard_sequence([gr[1][i].double().cpu() for gr in grads], ring=size,
+                               layout=layout, length=valid)
+        errs.append(_rel(got, full.grad[:, :valid]))
+    dq = unshard_sequence([gr[0][:, :block].double().cpu() for gr in grads], ring=size,
+                          layout=layout, length=valid)
+    errs.append(_rel(dq, leaves[0].grad[:, :valid]))
+    rep_dq = sum(gr[0][:, block:].double().cpu() for gr in grads)  # shares of the ranks
+    errs.append(_rel(rep_dq, leaves[0].grad[:, valid:]))
+    return errs
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).norm() / want.norm()).item()
+
+
+def _check_schedule(log: list[tuple[str, object]], size: int) -> None:
+    """Forward: each of the R - 1 K/V rotations is posted before the block in hand is
+    attended and waited for only after it (the transfer overlaps the attention). Backward:
+    R - 1 rotations again, and R dK/dV hand-overs (the last one brings each block's home)."""
+    posts = [i for i, e in enumerate(log) if e == ("post", "kv")]
+    waits = [i for i, e in enumerate(log) if e == ("wait", "kv")]
+    assert len(posts) == len(waits) == 2 * (size - 1), log
+    for post, wait in zip(posts[:size - 1], waits[:size - 1], strict=True):
+        assert post < wait, log
+        assert any(kind == "attend" for kind, _ in log[post:wait]), log
+    assert log.count(("post", "dkv")) == (size if size > 1 else 0), log
+
+
+@pytest.mark.parametrize(("size", "layout", "causal"), [
+    (1, "contiguous", True), (2, "zigzag", True), (3, "contiguous", False), (4, "zigzag", True)])
+def test_ring_on_threads_matches_dense_attention(size: int, layout: str, causal: bool) -> None:
+    errs = ring_on_threads(size, layout, causal, "cpu", torch.float32)
+    assert max(errs) < 1e-5, errs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ring_merge_and_overlap_on_cuda_streams(dtype: torch.dtype) -> None:
+    """Four CUDA streams (one per virtual rank, plus one copy stream each) run the ring on one
+    GPU: K/V copies posted before each block's attention, merges in fp32, exact results."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    errs = ring_on_threads(4, "zigzag", True, "cuda", dtype)
+    assert max(errs) < (1e-5 if dtype == torch.float32 else 1.5e-2), errs
