@@ -7,13 +7,21 @@ every rank's work equal) and the ring's schedule with threads standing in for ra
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
 import torch
 
 import attnrt
-from attnrt.parallel.groups import clear_sequence_parallel
+from attnrt.parallel.groups import (
+    SequenceParallelError,
+    clear_sequence_parallel,
+    init_sequence_parallel,
+)
+from attnrt.parallel.mesh import resolve_shape
+from attnrt.parallel.plan import plan_sp
+from attnrt.tools import cli
 from attnrt.parallel.ring import plan_pieces, ring_backward, ring_forward, ring_spec
 from attnrt.parallel.ring_math import reference_attend
 from attnrt.parallel.usp import pad_heads
@@ -228,3 +236,51 @@ def test_ring_merge_and_overlap_on_cuda_streams(dtype: torch.dtype) -> None:
         pytest.skip("needs a CUDA GPU")
     errs = ring_on_threads(4, "zigzag", True, "cuda", dtype)
     assert max(errs) < (1e-5 if dtype == torch.float32 else 1.5e-2), errs
+
+
+# ---------------------------------------------------------------- the planner
+
+
+def test_plan_keeps_ulysses_inside_a_node_and_rings_across_nodes() -> None:
+    plan = plan_sp(16, num_heads=40, seq_len=75600, gpus_per_node=8)
+    assert (plan.ulysses, plan.ring) == (8, 2)
+    assert "not allowed: U=16" in plan.reason
+    assert len(plan.times) == 5
+
+
+def test_plan_moves_what_the_heads_cannot_split_into_the_ring() -> None:
+    plan = plan_sp(8, num_heads=6, seq_len=32760, gpus_per_node=8)
+    assert (plan.ulysses, plan.ring) == (2, 4)  # 6 heads: U in (1, 2) splits them unpadded
+    assert "not allowed: U=4, U=8" in plan.reason
+    gqa = plan_sp(8, num_heads=32, num_kv_heads=8, seq_len=131072, causal=True,
+                  gpus_per_node=8)
+    assert gqa.ulysses * gqa.ring == 8
+    assert 32 % gqa.ulysses == 0
+
+
+def test_plan_without_heads_fills_a_node_with_ulysses() -> None:
+    assert (plan_sp(16, gpus_per_node=8).ulysses, plan_sp(16, gpus_per_node=8).ring) == (8, 2)
+    with pytest.raises(SequenceParallelError, match="world=0 is not allowed"):
+        plan_sp(0)
+
+
+def test_plan_sp_command_prints_the_shape_and_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["plan-sp", "--world", "16", "--heads", "40", "--seq-len", "75600",
+                     "--gpus-per-node", "8", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["ulysses"], data["ring"]) == (8, 2)
+    assert cli.main(["plan-sp", "--world", "8", "--heads", "6", "--gpus-per-node", "8"]) == 0
+    assert capsys.readouterr().out.startswith("ulysses=2 ring=4\n")
+
+
+def test_usp_arguments_are_checked_before_any_group_is_built() -> None:
+    with pytest.raises(SequenceParallelError, match="needs torch.distributed"):
+        init_sequence_parallel(ulysses=2, ring=2)
+    with pytest.raises(SequenceParallelError, match="group=/size= and ulysses="):
+        init_sequence_parallel(size=2, ring=2)
+    with pytest.raises(TypeError, match="allowed only with plan="):
+        init_sequence_parallel(num_heads=4)
+    with pytest.raises(SequenceParallelError, match=r"ulysses=3 x ring=2 = 6 is not the world"):
+        resolve_shape(3, 2, None, 4, {})
+    assert resolve_shape(None, 2, None, 8, {})[:2] == (4, 2)
+    assert resolve_shape(None, None, None, 8, {})[:2] == (8, 1)

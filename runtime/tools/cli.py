@@ -1,4 +1,4 @@
-"""attnrt command line: info | explain | validate | bench | tune. No arguments prints `info`.
+"""attnrt command line: info | explain | validate | bench | tune | plan-sp. No arguments: `info`.
 
 Every subcommand takes --json for scripts and bug reports. Errors exit non-zero with one line.
 """
@@ -49,9 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("files", nargs="+", help="capability YAML files to check")
     val.add_argument("--json", action="store_true", help="print JSON")
     from attnrt.tools import benchmark, tune
+    from attnrt.parallel import plan
 
     benchmark.add_bench_arguments(_common(sub.add_parser("bench", help=benchmark.BENCH_HELP)))
     tune.add_tune_arguments(_common(sub.add_parser("tune", help=tune.TUNE_HELP)))
+    plan.add_plan_arguments(_common(sub.add_parser("plan-sp", help=plan.PLAN_HELP)))
     return parser
 
 
@@ -117,9 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         args = parser.parse_args(["info", *(argv or [])])
     from attnrt.tools import benchmark, tune
+    from attnrt.parallel import plan
 
     commands = {"info": cmd_info, "explain": cmd_explain, "validate": cmd_validate,
-                "bench": benchmark.run_bench, "tune": tune.run_tune}
+                "bench": benchmark.run_bench, "tune": tune.run_tune, "plan-sp": plan.run_plan}
     try:
         with _device(getattr(args, "device", None)):
             return commands[args.command](args)
