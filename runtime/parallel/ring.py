@@ -310,9 +310,9 @@ class _RingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 ek: torch.Tensor | None, ev: torch.Tensor | None, spec: RingSpec) -> torch.Tensor:
-        extra = None if ek is None else [ek, ev]
+        extra = None if ek is None or ev is None else [ek, ev]
         transport = GroupTransport(spec.ring)
-        out, lse = ring_forward(q, [k, v], extra, spec, transport)  # type: ignore[list-item]
+        out, lse = ring_forward(q, [k, v], extra, spec, transport)
         ctx.spec, ctx.has_extra = spec, extra is not None
         ctx.save_for_backward(q, k, v, ek, ev, out, lse)
         return out

@@ -68,8 +68,9 @@ def piece_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.T
     rows = max(1, CHUNK_ELEMENTS // max(1, b * h * m))
     for start in range(0, n, rows):
         part = slice(start, min(n, start + rows))
-        args = [t[:, part] for t in (q, dout)] + [t[:, :, part] for t in (lse, delta)]
-        dq_c, dk_c, dv_c = _chunk_grads(*args, kt, vt, (start if causal else None), scale)
+        dq_c, dk_c, dv_c = _chunk_grads(q[:, part], dout[:, part], lse[:, :, part],
+                                        delta[:, :, part], kt, vt,
+                                        start if causal else None, scale)
         dq[:, part] = dq_c
         dk += dk_c
         dv += dv_c
