@@ -93,7 +93,7 @@ def sp_groups(world: int) -> dict[tuple[int, int, str], Any]:
     """One SequenceParallel per U x R and layout, built once (every rank alike)."""
     from dataclasses import replace
 
-    from attnrt.distributed import init_sequence_parallel
+    from attnrt.parallel.groups import init_sequence_parallel
 
     out = {}
     for u, r in shapes_of(world):
@@ -106,8 +106,8 @@ def sp_groups(world: int) -> dict[tuple[int, int, str], Any]:
 
 def run_case(case: tuple[str, int, int, int, bool], groups: dict[Any, Any], world: int,
              iters: int, quick: bool) -> list[str]:
-    from attnrt.distributed import set_sequence_parallel
-    from attnrt.distributed_layers import DistributedAttention
+    from attnrt.parallel.groups import set_sequence_parallel
+    from attnrt.parallel.layers import DistributedAttention
 
     name, n, h, hkv, causal = case
     if quick:
@@ -164,9 +164,9 @@ def bandwidth(world: int, n: int, h: int, iters: int) -> list[str]:
 
 def check(groups: dict[Any, Any], world: int) -> list[str]:
     """Each U x R against one GPU at N = 64 W, fp32: output and dq (relative L2)."""
-    from attnrt.distributed import set_sequence_parallel
-    from attnrt.distributed_layers import DistributedAttention
     from attnrt.layers import LocalAttention
+    from attnrt.parallel.groups import set_sequence_parallel
+    from attnrt.parallel.layers import DistributedAttention
     from attnrt.parallel.zigzag import shard_sequence
 
     rows, n, h, hkv = [], 64 * world, 8, 2

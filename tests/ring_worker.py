@@ -25,8 +25,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import attnrt
-from attnrt.parallel import groups as sp_mod
 from attnrt.backends.sdpa import sdpa_bnhd
+from attnrt.interfaces import AttentionBackend, AttentionImpl
+from attnrt.layers import LocalAttention, apply_rotary_emb
+from attnrt.parallel import groups as sp_mod
 from attnrt.parallel.groups import (
     SequenceParallelError,
     ShardError,
@@ -36,8 +38,6 @@ from attnrt.parallel.groups import (
     set_sequence_parallel,
 )
 from attnrt.parallel.layers import DistributedAttention, DistributedAttention_VSA
-from attnrt.interfaces import AttentionBackend, AttentionImpl
-from attnrt.layers import LocalAttention, apply_rotary_emb
 from attnrt.parallel.ring import KV_MEMORY, Ring, ring_attention
 from attnrt.parallel.zigzag import LayoutError, shard_sequence
 from tests.dist_worker import count_collectives, free_port, register_test_backends

@@ -21,7 +21,6 @@ from attnrt.parallel.groups import (
 )
 from attnrt.parallel.mesh import resolve_shape
 from attnrt.parallel.plan import plan_sp
-from attnrt.tools import cli
 from attnrt.parallel.ring import plan_pieces, ring_backward, ring_forward, ring_spec
 from attnrt.parallel.ring_math import reference_attend
 from attnrt.parallel.usp import pad_heads
@@ -33,6 +32,7 @@ from attnrt.parallel.zigzag import (
     zigzag_shard,
     zigzag_unshard,
 )
+from attnrt.tools import cli
 from tests.helpers import dense_reference
 from tests.ring_streams import run_ranks
 from tests.ring_worker import CHECKS, run_ring_world

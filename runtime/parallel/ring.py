@@ -35,8 +35,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from attnrt.parallel.groups import Pending, SequenceParallelError
 from attnrt.errors import AttnrtError
+from attnrt.parallel.groups import Pending, SequenceParallelError
 from attnrt.parallel.ring_math import acc_dtype, merge_into, piece_grads, reference_attend
 from attnrt.parallel.zigzag import check_layout, ring_runs
 

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 from attnrt.parallel.groups import SequenceParallel, ShardError
-from attnrt.parallel.zigzag import check_layout
 from attnrt.parallel.shard_check import check_same_on_all_ranks
+from attnrt.parallel.zigzag import check_layout
 
 
 def group_view(group: Any, meta_group: Any = None) -> SequenceParallel:

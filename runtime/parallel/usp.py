@@ -29,12 +29,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnrt.parallel.groups import ShardError, gather_heads, heads_to_seq, seq_to_heads
 from attnrt.interfaces import lse_forward
 from attnrt.layers import LocalAttention, apply_rotary_emb
+from attnrt.parallel.groups import ShardError, gather_heads, heads_to_seq, seq_to_heads
 from attnrt.parallel.ring import ring_attention
-from attnrt.parallel.zigzag import shard_positions
 from attnrt.parallel.shard_check import check_same_on_all_ranks
+from attnrt.parallel.zigzag import shard_positions
 from attnrt.selection.capability import declared
 
 
@@ -73,8 +73,8 @@ def _ready(locals_: dict[bool, LocalAttention], q: Any, n: int) -> dict[str, int
     shape check): lse from each, no hooks in any."""
     if not (isinstance(q, torch.Tensor) and q.dim() == 4 and q.dtype.is_floating_point):
         return {"lse": 0, "no_hooks": 0}
-    from attnrt.parallel.layers import _has_hooks
     from attnrt.errors import AttnrtError
+    from attnrt.parallel.layers import _has_hooks
 
     try:
         impls = [local.impl_for(q.dtype, q.device, n) for local in locals_.values()]
@@ -108,19 +108,20 @@ def run_usp(layer: Any, tensors: list[torch.Tensor], original_seq_len: int | Non
     if freqs_cis is not None:
         q, k = _rotate(q, k, freqs_cis, usp, sp.rank, full)
     q, k, v, reps = _padded(layer, sp.size, (h_pad, hkv_pad), [q, k, v], reps)
-    gathered = [seq_to_heads(t, sp) for t in (q, k, v)]
-    rep_heads = tuple(_rank_heads(r, sp) for r in reps) if reps else None
+    qh, kh, vh = (seq_to_heads(t, sp) for t in (q, k, v))
+    rep_heads = (_rank_heads(reps[0], sp), _rank_heads(reps[1], sp),
+                 _rank_heads(reps[2], sp)) if reps else None
     local = locals_
 
     def attend(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor,
                causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return local[causal].forward_with_lse(qp, kp, vp)
 
-    result = ring_attention(*gathered, usp.ring, causal=layer.causal,
+    result = ring_attention(qh, kh, vh, usp.ring, causal=layer.causal,
                             softmax_scale=layer.softmax_scale,
                             original_seq_len=original_seq_len or full, replicated=rep_heads,
                             attend=attend, check=False)
-    out, rep_out = result if rep_heads is not None else (result, None)
+    out, rep_out = result if isinstance(result, tuple) else (result, None)
     out = heads_to_seq(out, sp)[:, :, :layer.num_heads]
     if rep_out is None:
         return out, None

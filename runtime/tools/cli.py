@@ -48,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check capability files; exit 1 on any error")
     val.add_argument("files", nargs="+", help="capability YAML files to check")
     val.add_argument("--json", action="store_true", help="print JSON")
-    from attnrt.tools import benchmark, tune
     from attnrt.parallel import plan
+    from attnrt.tools import benchmark, tune
 
     benchmark.add_bench_arguments(_common(sub.add_parser("bench", help=benchmark.BENCH_HELP)))
     tune.add_tune_arguments(_common(sub.add_parser("tune", help=tune.TUNE_HELP)))
@@ -118,8 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["info", *(argv or [])])
-    from attnrt.tools import benchmark, tune
     from attnrt.parallel import plan
+    from attnrt.tools import benchmark, tune
 
     commands = {"info": cmd_info, "explain": cmd_explain, "validate": cmd_validate,
                 "bench": benchmark.run_bench, "tune": tune.run_tune, "plan-sp": plan.run_plan}
