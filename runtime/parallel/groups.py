@@ -85,11 +85,9 @@ def _backend_of(group: Any) -> str:
 def init_sequence_parallel(group: Any = None, size: int | None = None, *,
                            overlap_chunks: int | None = None, all_to_all: str = "auto",
                            check_shards: bool | str = True, local_first: bool | None = None,
-                           priority_exchange: bool = True,
-                           copy_engine: bool | None = None, ulysses: int | None = None,
-                           ring: int | None = None, plan: Any = None,
-                           ring_layout: str = "contiguous",
-                           **plan_hints: Any) -> SequenceParallel:
+                           priority_exchange: bool = True, copy_engine: bool | None = None,
+                           ulysses: int | None = None, ring: int | None = None, plan: Any = None,
+                           ring_layout: str = "contiguous", **plan_hints: Any) -> SequenceParallel:
     """Set the SP group for every DistributedAttention layer of this process; call on every rank.
 
     group: an existing process group (its ranks, in rank order, hold consecutive shards);
@@ -119,29 +117,19 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
     SequenceParallelError where it does not; False: always NCCL.
     Without torch.distributed (and no torchrun environment), group=None and size 1 give a
     one-process group that runs no collective.
-    ulysses, ring, plan, ring_layout, plan_hints: USP, U x R ranks on a DeviceMesh, ring attention
-    when R > 1 (attnrt.parallel.mesh says how; plan="auto" asks attnrt.parallel.plan).
+    ulysses, ring, plan, ring_layout, plan_hints: USP on a U x R mesh (attnrt.parallel.mesh).
     """
     global _state
     if ulysses is not None or ring is not None or plan is not None or plan_hints:
         from attnrt.parallel.mesh import init_usp
 
-        options = {"overlap_chunks": overlap_chunks, "all_to_all": all_to_all,
-                   "check_shards": check_shards, "priority_exchange": priority_exchange}
-        return init_usp(group, size, ulysses=ulysses, ring=ring, plan=plan,
-                        ring_layout=ring_layout, hints=plan_hints, options=options)
+        return init_usp(group, size, (ulysses, ring, plan, ring_layout), plan_hints,
+                        overlap_chunks=overlap_chunks, all_to_all=all_to_all,
+                        check_shards=check_shards, priority_exchange=priority_exchange)
     _check_arguments(overlap_chunks, all_to_all, check_shards, local_first, copy_engine)
     if not _init_from_launcher():
-        if group is None and size in (None, 1):
-            if copy_engine:
-                raise SequenceParallelError("copy_engine=True needs a 2-rank NCCL group; this "
-                                            "process has no torch.distributed group")
-            _state = replace(SINGLE, overlap_chunks=overlap_chunks, check_shards=check_shards,
-                             local_first=local_first)
-            return _state
-        raise SequenceParallelError(
-            f"init_sequence_parallel(group={group!r}, size={size!r}) needs torch.distributed: "
-            "call dist.init_process_group first, or start the ranks with torchrun")
+        return set_sequence_parallel(_one_process(group, size, copy_engine, overlap_chunks,
+                                                  check_shards, local_first))
     group = _data_group(group, size)
     backend = _backend_of(group)
     mode = all_to_all if all_to_all != "auto" else "single"
@@ -154,6 +142,21 @@ def init_sequence_parallel(group: Any = None, size: int | None = None, *,
     logger.info("sequence parallel: size %d, rank %d, backend %s, all_to_all %s, copy engines "
                 "%s", _state.size, _state.rank, backend, mode, copies is not None)
     return _state
+
+
+def _one_process(group: Any, size: int | None, copy_engine: bool | None,
+                 overlap_chunks: int | None, check_shards: bool | str,
+                 local_first: bool | None) -> SequenceParallel:
+    """The SP group of a process without torch.distributed: only one rank, no collective."""
+    if group is None and size in (None, 1):
+        if copy_engine:
+            raise SequenceParallelError("copy_engine=True needs a 2-rank NCCL group; this "
+                                        "process has no torch.distributed group")
+        return replace(SINGLE, overlap_chunks=overlap_chunks, check_shards=check_shards,
+                       local_first=local_first)
+    raise SequenceParallelError(
+        f"init_sequence_parallel(group={group!r}, size={size!r}) needs torch.distributed: "
+        "call dist.init_process_group first, or start the ranks with torchrun")
 
 
 def _check_arguments(overlap_chunks: Any, all_to_all: Any, check_shards: Any, local_first: Any,

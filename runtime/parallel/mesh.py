@@ -76,18 +76,19 @@ def resolve_shape(ulysses: int | None, ring: int | None, plan: Any, world: int,
     return ulysses, ring, reason
 
 
-def init_usp(group: Any, size: int | None, *, ulysses: int | None, ring: int | None, plan: Any,
-             ring_layout: str, hints: dict[str, Any], options: dict[str, Any]) -> SequenceParallel:
+def init_usp(group: Any, size: int | None, shape: tuple[Any, Any, Any, str],
+             hints: dict[str, Any], **options: Any) -> SequenceParallel:
     """Build the mesh and set the SP group; every rank calls it alike (init_sequence_parallel
     forwards here when given ulysses=, ring=, plan= or plan hints).
 
-    ulysses, ring: U x R = world size (either alone: the other divides the world); with R > 1
-    the local attention of DistributedAttention becomes ring attention (attnrt.parallel.ring)
-    over sequence blocks laid out as `ring_layout` says ("contiguous" or "zigzag", the
-    load-balanced causal layout: attnrt.parallel.zigzag). plan="auto" (or a plan_sp result)
-    picks U x R (attnrt.parallel.plan) from the hints num_heads, num_kv_heads, seq_len,
-    gpus_per_node where given.
+    shape: (ulysses, ring, plan, ring_layout). ulysses, ring: U x R = world size (either alone:
+    the other divides the world; neither: Ulysses over all ranks); with R > 1 the local
+    attention of DistributedAttention becomes ring attention (attnrt.parallel.ring) over
+    sequence blocks laid out as `ring_layout` says ("contiguous" or "zigzag", the load-balanced
+    causal layout: attnrt.parallel.zigzag). plan="auto" (or a plan_sp result) picks U x R
+    (attnrt.parallel.plan) from the hints num_heads, num_kv_heads, seq_len, gpus_per_node.
     """
+    ulysses, ring, plan, ring_layout = shape
     if group is not None or size is not None:
         raise SequenceParallelError("group=/size= and ulysses=/ring=/plan= were both given; "
                                     "pass one way of shaping the group")
