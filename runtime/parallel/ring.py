@@ -15,8 +15,10 @@ The backward walks the same ring: K/V rotate again, each rank adds its dK/dV for
 hand into an fp32 accumulator that travels on with the block (sent while the next block is
 attended) and, after R steps, arrives back at the block's owner. Pieces go through the
 `attend(q, k, v, causal) -> (out, lse [B, H, n] float32)` given (a backend's
-forward_with_lse); their gradients are computed from the final lse and output (exact flash
-attention backward in fp32, `piece_grads`). K/V travel with Hkv heads: GQA is never expanded.
+forward_with_lse); their gradients come from the final lse and output (flash attention's
+backward, exact for a piece): TRITON_FLASH_ATTN's backward kernels where it serves the device,
+the same formula in fp32 torch elsewhere (attnrt.parallel.ring_grads), summed in fp32. K/V
+travel with Hkv heads: GQA is never expanded.
 
 Replicated tokens (text) are held whole by every ring rank: their keys are one more piece,
 attended locally (not rotated); their queries ride along every ring step, so every ring rank
@@ -30,14 +32,15 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from attnrt.errors import AttnrtError
 from attnrt.parallel.groups import Pending, SequenceParallelError
-from attnrt.parallel.ring_math import acc_dtype, merge_into, piece_grads, reference_attend
+from attnrt.parallel.ring_grads import PieceBackward, choose_piece_backward, torch_backward
+from attnrt.parallel.ring_math import acc_dtype, merge_into, reference_attend
 from attnrt.parallel.zigzag import check_layout, ring_runs
 
 Run = tuple[int, int, int]  # (local row offset, global position, length)
@@ -103,6 +106,7 @@ class RingSpec:
     scale: float
     attend: Attend
     replicated_rows: slice = field(default_factory=lambda: slice(0, 0))  # grads: 1/R each
+    backward: PieceBackward | None = None  # each piece's gradients; None: the torch formula
 
 
 def block_runs(layout: str, ring: int, ring_rank: int, block: int, valid: int,
@@ -256,24 +260,37 @@ def _attend_pieces(q: torch.Tensor, kv: list[torch.Tensor], pieces: list[Piece],
         merge_into(out, lse, p.q, part_out, part_lse)
 
 
+class _Rows(NamedTuple):
+    """Row terms of one ring backward, over all Nq query rows of this rank."""
+
+    backward: PieceBackward
+    dout: torch.Tensor  # in the dtype the backward reads (PieceBackward.wants_input_dtype)
+    out: torch.Tensor
+    lse: torch.Tensor
+    delta: torch.Tensor
+    dq: torch.Tensor  # accumulator
+
+
 def ring_backward(dout: torch.Tensor, q: torch.Tensor, kv: list[torch.Tensor],
                   extra: list[torch.Tensor] | None, out: torch.Tensor, lse: torch.Tensor,
                   spec: RingSpec, transport: Any,
                   ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
     """Gradients of ring_forward: (dq, [dk, dv] of this rank's block, [dk, dv] of the
-    replicated keys or None), in the inputs' dtypes."""
+    replicated keys or None), in the inputs' dtypes. Each piece through spec.backward."""
     dt, ring = acc_dtype(q.dtype), spec.ring
     dout = dout.to(dt, copy=True)  # scaled below: never the caller's tensor
     if spec.replicated_rows.stop > spec.replicated_rows.start and ring.size > 1:
         dout[:, spec.replicated_rows] /= ring.size  # each ring rank takes 1/R (module doc)
     delta = (dout * out.to(dt)).sum(-1).transpose(1, 2)  # [B, H, Nq]
     dq = torch.zeros(q.shape, dtype=dt, device=q.device)
-    grads = (dout, lse, delta, dq)
+    backward = spec.backward or torch_backward(spec.scale)
+    rows = _Rows(backward, dout.to(q.dtype) if backward.wants_input_dtype else dout,
+                 out.to(q.dtype), lse, delta, dq)
     dextra = None
     if extra is not None:
         dextra = [torch.zeros(t.shape, dtype=dt, device=t.device) for t in extra]
         _piece_grads(q, extra, plan_pieces(spec.q_runs, spec.extra_runs, spec.causal), spec,
-                     grads, dextra)
+                     rows, dextra)
     current, arriving, dkv = kv, None, None
     for step in range(ring.size):
         src = (ring.rank - step) % ring.size
@@ -281,7 +298,7 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, kv: list[torch.Tensor],
         dkv = [torch.zeros(t.shape, dtype=dt, device=t.device) for t in current]
         KV_MEMORY.track("dkv", *dkv)
         _piece_grads(q, current, plan_pieces(spec.q_runs, spec.k_runs[src], spec.causal), spec,
-                     grads, dkv)
+                     rows, dkv)
         if arriving is not None:  # what the ranks before added for this block
             for mine, theirs in zip(dkv, arriving.wait(), strict=True):
                 mine += theirs
@@ -296,12 +313,12 @@ def ring_backward(dout: torch.Tensor, q: torch.Tensor, kv: list[torch.Tensor],
 
 
 def _piece_grads(q: torch.Tensor, kv: list[torch.Tensor], pieces: list[Piece], spec: RingSpec,
-                 grads: tuple[torch.Tensor, ...], dkv: list[torch.Tensor]) -> None:
-    dout, lse, delta, dq = grads
+                 rows: _Rows, dkv: list[torch.Tensor]) -> None:
     for p in pieces:
-        dq_p, dk_p, dv_p = piece_grads(q[:, p.q], kv[0][:, p.k], kv[1][:, p.k], dout[:, p.q],
-                                       lse[:, :, p.q], delta[:, :, p.q], p.causal, spec.scale)
-        dq[:, p.q] += dq_p
+        dq_p, dk_p, dv_p = rows.backward.grads(
+            q[:, p.q], kv[0][:, p.k], kv[1][:, p.k], rows.out[:, p.q], rows.dout[:, p.q],
+            rows.lse[:, :, p.q], rows.delta[:, :, p.q], p.causal)
+        rows.dq[:, p.q] += dq_p
         dkv[0][:, p.k] += dk_p
         dkv[1][:, p.k] += dv_p
 
@@ -331,9 +348,11 @@ class _RingFunction(torch.autograd.Function):
 
 
 def ring_spec(ring: Ring, block: int, causal: bool, scale: float, attend: Attend,
-              original_seq_len: int | None = None, replicated: int = 0) -> RingSpec:
+              original_seq_len: int | None = None, replicated: int = 0,
+              backward: PieceBackward | None = None) -> RingSpec:
     """The spec of one ring call: blocks of `block` rows in ring.layout, positions >=
-    original_seq_len padding, `replicated` query and key rows after the sequence."""
+    original_seq_len padding, `replicated` query and key rows after the sequence; each piece's
+    gradients through `backward` (None: the torch formula, attnrt.parallel.ring_grads)."""
     full = block * ring.size
     valid = full if original_seq_len is None else original_seq_len
     rep_runs = ((block, valid, replicated),) if replicated else ()
@@ -341,7 +360,7 @@ def ring_spec(ring: Ring, block: int, causal: bool, scale: float, attend: Attend
         ring, block_runs(ring.layout, ring.size, ring.rank, block, valid) + rep_runs,
         tuple(block_runs(ring.layout, ring.size, j, block, valid) for j in range(ring.size)),
         ((0, valid, replicated),) if replicated else (), causal, scale, attend,
-        slice(block, block + replicated))
+        slice(block, block + replicated), backward)
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring, *,
@@ -349,6 +368,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring
                    original_seq_len: int | None = None,
                    replicated: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                    attend: Attend | None = None, check: bool = True,
+                   piece_backward: str = "auto",
                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Ring attention over `ring`: this rank's block in, its output block out (differentiable).
 
@@ -358,7 +378,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring
     rank, placed after the sequence; then returns (out, replicated out [B, T, H, D]).
     attend(q, k, v, causal) -> (out, lse [B, H, n] float32) runs each piece (default: attnrt's
     reference). check: gather every rank's shapes first, so a mismatch raises
-    ShardMismatchError on every rank instead of hanging. Call on every ring rank.
+    ShardMismatchError on every rank instead of hanging. piece_backward: "auto" (a kernel where
+    TRITON_FLASH_ATTN serves the device, else the torch formula), "torch" or "triton"
+    (attnrt.parallel.ring_grads). Call on every ring rank.
 
     Equivalent PyTorch: attention over the whole (unsharded) sequence, then each rank's rows.
     """
@@ -367,8 +389,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring
     check_ring_inputs(q, k, v, ring, replicated, original_seq_len, check)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     t = 0 if replicated is None else replicated[0].shape[1]
+    backward = choose_piece_backward(piece_backward, q, k, causal, scale)
     spec = ring_spec(ring, q.shape[1], causal, scale, attend or reference_attend(scale),  # type: ignore[arg-type]
-                     original_seq_len, t)
+                     original_seq_len, t, backward)
     if replicated is None:
         return _RingFunction.apply(q, k, v, None, None, spec)
     out = _RingFunction.apply(torch.cat([q, replicated[0]], 1), k, v, replicated[1],

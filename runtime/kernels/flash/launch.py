@@ -38,6 +38,7 @@ __all__ = [
     "HEAD_SIZES",
     "SUPPORTED_DTYPES",
     "flash_attention",
+    "flash_attention_backward",
     "flash_attention_reference",
 ]
 
@@ -454,3 +455,36 @@ def flash_attention(
     else:  # the same kernels without autograd's bookkeeping (host time per call)
         out, lse = _forward(q, k, v, bool(causal), scale, cfg)
     return (out, lse) if return_lse else out
+
+
+def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+                             causal: bool = False, softmax_scale: float | None = None,
+                             config: dict | None = None,
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq [B, N, H, D], dk, dv [B, M, Hkv, D]) in the inputs' dtype, given the out and lse
+    [B, H, N] float32 the query rows were normalised by: flash_attention's own (its backward),
+    or those of a longer key set of which k, v are one piece (ring attention's merged out and
+    lse; the result is then exactly that piece's share of the gradients). out, dout: q's
+    shape and dtype, any strides. Arguments as flash_attention's.
+
+    Equivalent PyTorch: p = exp(q k^T * scale - lse); dv = p^T dout;
+    ds = p * (dout v^T - rowsum(dout * out)); dq = ds k * scale; dk = ds^T q * scale.
+    """
+    check_inputs(q, k, v, softmax_scale)
+    for name, t in (("out", out), ("dout", dout)):
+        if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype:
+            what = (f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor)
+                    else type(t).__name__)
+            raise ValueError(f"{name}={what} is not supported by {NAME}; expected q's shape "
+                             f"{tuple(q.shape)} and dtype {q.dtype}")
+    want = (q.shape[0], q.shape[2], q.shape[1])
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != want:
+        shape = tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
+        raise ValueError(f"lse.shape={shape} is not supported by {NAME}; expected [B, H, N] = "
+                         f"{want}")
+    cfg = _resolve_config(config, bool(causal))
+    scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else float(softmax_scale)
+    lse = lse.to(torch.float32).contiguous()
+    delta, lse2 = _backward_delta(out, dout, lse, None, _stats_pad(cfg))
+    return _backward_kernels(q, k, v, dout, lse2, delta, bool(causal), scale, cfg)
