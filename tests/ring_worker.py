@@ -328,6 +328,47 @@ def check_refusals_raise_on_every_rank(rank: int, world: int) -> None:
         init_sequence_parallel(size=2, ring=2)
 
 
+def _length_rules(rank: int, short: int, first: str) -> str:
+    """An override manifest (a file of this rank's): `first` for queries of at most `short`
+    rows on CPU, TORCH_SDPA beyond."""
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(prefix=f"ring-rules-{rank}-"), "rules.yaml")
+    with open(path, "w") as f:
+        f.write(f"schema: 1\nrules:\n  - platform: cpu\n    seq_len: '<={short}'\n"
+                f"    rank: [{first}, TORCH_SDPA]\n  - platform: cpu\n    rank: [TORCH_SDPA]\n")
+    return path
+
+
+def check_backends_are_chosen_at_the_piece_lengths_they_run(rank: int, world: int) -> None:
+    """Zigzag ring pieces are half-blocks: a seq_len rule choosing a backend without lse for
+    them (while the block's own length gets TORCH_SDPA) raises on every rank, naming the
+    backend, the rule and the piece length, instead of silently running the reference; a rule
+    choosing REFERENCE (which has lse) for them runs and equals single-process attention."""
+    u, r = (1, world) if world < 8 else (2, 4)
+    n = 8 * world // u  # block U*S = 8 rows, zigzag half-blocks of 4
+    q, k, v = (randn(1, n // world, 4, 8, seed=s) for s in (1, 2, 3))
+    old = os.environ.get("ATTNRT_CAPABILITY")
+    try:
+        os.environ["ATTNRT_CAPABILITY"] = _length_rules(rank, 4, "NO_LSE_TEST")
+        attnrt.clear_caches()
+        use_mesh(u, r, "zigzag")
+        # Ring rank 0 (zigzag chunks 0 and 2R-1) has 4-row pieces; the last ring rank none.
+        names = (r"backend NO_LSE_TEST \(rule .*rules.yaml:3\) for 4-row pieces" if rank == 0
+                 else r"(backend NO_LSE_TEST .* for 4-row pieces|a backend on another rank)")
+        with pytest.raises(ShardError, match=names + " has no forward_with_lse"):
+            DistributedAttention(4, 8, causal=True)(q, k, v)
+        os.environ["ATTNRT_CAPABILITY"] = _length_rules(rank, 4, "REFERENCE")
+        attnrt.clear_caches()
+        compare_layer(rank, world, u, r, "zigzag", n=n, causal=True)
+    finally:
+        if old is None:
+            os.environ.pop("ATTNRT_CAPABILITY", None)
+        else:
+            os.environ["ATTNRT_CAPABILITY"] = old
+        attnrt.clear_caches()
+
+
 def check_plan_auto_builds_the_planned_mesh(rank: int, world: int) -> None:
     from attnrt.parallel.plan import plan_sp
 
@@ -362,7 +403,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], results: Any) ->
         try:
             CHECKS[name](rank, world)
             out[name] = "ok"
-        except Exception:  # reported to the parent test, which fails with the traceback
+        except BaseException:  # pytest.fail is one; reported to the parent test with its traceback
             out[name] = traceback.format_exc()
     results.put((rank, out))
     clear_sequence_parallel()

@@ -51,7 +51,8 @@ def _failures(results: dict[str, dict[int, str]]) -> str:
                      for rank, verdict in by_rank.items() if verdict != "ok")
 
 
-WORLD_8 = ["plain_and_causal", "gqa_padding_replicated"]
+WORLD_8 = ["plain_and_causal", "gqa_padding_replicated",
+           "backends_are_chosen_at_the_piece_lengths_they_run"]
 
 
 @pytest.mark.distributed

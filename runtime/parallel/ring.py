@@ -153,6 +153,14 @@ def plan_pieces(q_runs: tuple[Run, ...], k_runs: tuple[Run, ...], causal: bool) 
     return _joined(_joined(pieces, by_k=True), by_k=False)
 
 
+def piece_queries(spec: RingSpec) -> set[tuple[bool, int]]:
+    """(causal, query rows) of every piece one ring call attends on this rank, over all steps
+    and the replicated keys: the lengths its `attend` will see."""
+    return {(p.causal, p.q.stop - p.q.start)
+            for k_runs in (spec.extra_runs, *spec.k_runs)
+            for p in plan_pieces(spec.q_runs, k_runs, spec.causal)}
+
+
 def _joined(pieces: list[Piece], by_k: bool) -> list[Piece]:
     """Join full pieces that share their key (by_k) or query rows and are adjacent in the other."""
     def key(p: Piece) -> tuple[int, ...]:
@@ -400,5 +408,5 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring
 
 
 __all__ = ["KV_MEMORY", "GroupTransport", "Piece", "Ring", "RingError", "RingSpec",
-           "block_runs", "plan_pieces", "ring_attention", "ring_backward", "ring_forward",
-           "ring_spec"]
+           "block_runs", "piece_queries", "plan_pieces", "ring_attention", "ring_backward",
+           "ring_forward", "ring_spec"]

@@ -5,9 +5,11 @@ Shapes: B batch, S this rank's shard, W = U x R ranks, N = S x W the padded sequ
 
 One forward, on every rank of the mesh (DistributedAttention._run forwards here when R > 1):
 
-    check    one all-gather over all W ranks: shapes, and whether every rank's backend returns
-             lse without hooks; a mismatch or a backend ring attention cannot use raises the
-             same error on every rank, before any large collective
+    check    one all-gather over all W ranks: shapes, and whether the backend each rank selects
+             for each length of query rows its ring pieces will have (piece_queries; seq_len
+             rules may choose per length) returns lse without hooks; a mismatch or a backend
+             ring attention cannot use raises the same error, naming the backend, rule and
+             piece length, on every rank, before any large collective
     rotary   q, k rotated at their global positions (the layout's, attnrt.parallel.zigzag)
     heads    padded with zero heads to H' where U does not divide H (see pad_heads); kv heads
              repeated only up to U where Hkv < U, never to H
@@ -29,10 +31,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from attnrt.errors import AttnrtError
 from attnrt.interfaces import lse_forward
 from attnrt.layers import LocalAttention, apply_rotary_emb
 from attnrt.parallel.groups import ShardError, gather_heads, heads_to_seq, seq_to_heads
-from attnrt.parallel.ring import ring_attention
+from attnrt.parallel.ring import piece_queries, ring_attention, ring_spec
 from attnrt.parallel.shard_check import check_same_on_all_ranks
 from attnrt.parallel.zigzag import shard_positions
 from attnrt.selection.capability import declared
@@ -68,20 +71,50 @@ def _locals(layer: Any, hp: int, hkvp: int) -> dict[bool, LocalAttention]:
     return out
 
 
-def _ready(locals_: dict[bool, LocalAttention], q: Any, n: int) -> dict[str, int]:
-    """What this rank's backends can do for ring pieces (never raises: it runs before the
-    shape check): lse from each, no hooks in any."""
+def _piece_rows(usp: Any, q: Any, ulysses: int, causal: bool, original_seq_len: Any,
+                replicated: tuple[Any, ...]) -> set[tuple[bool, int]]:
+    """(causal, query rows) of every piece this ring rank will attend, so the backend is
+    selected and checked at the lengths it runs (a seq_len rule may pick another backend for a
+    zigzag half-block or the replicated rows than for the block). Never raises: inputs the
+    checks after the gather refuse give the block length alone."""
+    block = q.shape[1] * ulysses
+    fallback = {(c, block) for c in {causal, False}}
+    full = q.shape[1] * usp.world.size
+    t = replicated[0].shape[1] if isinstance(replicated[0], torch.Tensor) else 0
+    try:
+        spec = ring_spec(usp.ring, block, causal, 1.0, None, original_seq_len or full, t)  # type: ignore[arg-type]
+        return piece_queries(spec) or fallback
+    except (AttnrtError, ValueError, TypeError):
+        return fallback
+
+
+def _ready(locals_: dict[bool, LocalAttention], q: Any, rows: set[tuple[bool, int]],
+           ) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """What this rank's backends can do for its ring pieces (never raises: it runs before the
+    shape check): {lse: every piece's backend returns lse, no_hooks: none has hooks,
+    replicated: every one declares SUPPORTS_REPLICATED_TOKENS}, and for each key the pieces
+    that fail it, for the error."""
+    failing: dict[str, list[str]] = {"lse": [], "no_hooks": [], "replicated": []}
     if not (isinstance(q, torch.Tensor) and q.dim() == 4 and q.dtype.is_floating_point):
-        return {"lse": 0, "no_hooks": 0}
-    from attnrt.errors import AttnrtError
+        return dict.fromkeys(failing, 0), failing
     from attnrt.parallel.layers import _has_hooks
 
-    try:
-        impls = [local.impl_for(q.dtype, q.device, n) for local in locals_.values()]
-    except AttnrtError:
-        return {"lse": 0, "no_hooks": 0}
-    return {"lse": int(all(lse_forward(i) is not None for i in impls)),
-            "no_hooks": int(not any(_has_hooks(i) for i in impls))}
+    for causal, n in sorted(rows):
+        what = f"{n}-row {'causal ' if causal else ''}pieces"
+        local = locals_[causal]
+        try:
+            impl = local.impl_for(q.dtype, q.device, n)
+            decision = local.decision_for(q.dtype, q.device, n)
+        except AttnrtError as exc:
+            failing["lse"].append(f"no backend for {what}: {exc}")
+            continue
+        where = f"backend {decision.backend} (rule {decision.rule_where}) for {what}"
+        for key, bad in (("lse", lse_forward(impl) is None), ("no_hooks", _has_hooks(impl)),
+                         ("replicated", not declared(decision.backend_cls,
+                                                     "SUPPORTS_REPLICATED_TOKENS"))):
+            if bad:
+                failing[key].append(where)
+    return {key: int(not bad) for key, bad in failing.items()}, failing
 
 
 def run_usp(layer: Any, tensors: list[torch.Tensor], original_seq_len: int | None,
@@ -95,14 +128,15 @@ def run_usp(layer: Any, tensors: list[torch.Tensor], original_seq_len: int | Non
     hp, hkvp = h_pad // sp.size, max(1, hkv_pad // sp.size)
     locals_ = _locals(layer, hp, hkvp)
     q = tensors[0]
-    block = q.shape[1] * sp.size if isinstance(q, torch.Tensor) and q.dim() == 4 else 0
-    mine = _ready(locals_, q, block)
+    rows = _piece_rows(usp, q, sp.size, layer.causal, original_seq_len, replicated) \
+        if isinstance(q, torch.Tensor) and q.dim() == 4 else set()
+    mine, failing = _ready(locals_, q, rows)
     agreed = mine
     if usp.world.check_shards:
         agreed = check_same_on_all_ranks(usp.world, named_inputs(tensors, replicated, freqs_cis),
                                          original_seq_len, mine)
     check_inputs(layer, usp.world, tensors, replicated, original_seq_len, freqs_cis)
-    reps = _check_ring_backend(layer, locals_, tensors, replicated, agreed)
+    reps = _check_ring_backend(tensors, replicated, agreed, failing)
     q, k, v = tensors[:3]
     full = q.shape[1] * usp.world.size
     if freqs_cis is not None:
@@ -128,34 +162,37 @@ def run_usp(layer: Any, tensors: list[torch.Tensor], original_seq_len: int | Non
     return out, gather_heads(rep_out, sp)[:, :, :layer.num_heads]
 
 
-def _check_ring_backend(layer: Any, locals_: dict[bool, LocalAttention],
-                        tensors: list[torch.Tensor], replicated: tuple[Any, ...],
-                        agreed: dict[str, int]) -> list[torch.Tensor]:
-    """After the shape check, so alike on every rank; returns the replicated tensors."""
+def _check_ring_backend(tensors: list[torch.Tensor], replicated: tuple[Any, ...],
+                        agreed: dict[str, int], failing: dict[str, list[str]],
+                        ) -> list[torch.Tensor]:
+    """After the shape check, so alike on every rank; returns the replicated tensors.
+    failing: this rank's pieces whose backend fails each of _ready's keys, for the message."""
     if len(tensors) > 3:
         raise ShardError("DistributedAttention_VSA cannot run with ring > 1: VSA's sparse "
                          "block selection spans the whole sequence, which no ring rank holds; "
                          "allowed: ring=1 (Ulysses only) for VSA layers")
-    q = tensors[0]
-    name = locals_[False].decision_for(q.dtype, q.device).backend
+
+    def where(key: str) -> str:
+        return "; ".join(failing[key]) or "a backend on another rank"
+
     if not agreed["lse"]:
-        raise ShardError(f"backend {name} (on some rank) has no forward_with_lse, which ring "
-                         "attention needs to merge partial results; allowed: a backend with "
-                         "forward_with_lse (TORCH_SDPA, REFERENCE, ...) through "
-                         "supported_attention_backends, or ring=1")
+        raise ShardError(f"ring attention merges pieces by lse, but {where('lse')} has no "
+                         "forward_with_lse; allowed: a backend with forward_with_lse "
+                         "(TORCH_SDPA, REFERENCE, ...) at every piece length (through "
+                         "supported_attention_backends or the manifest's seq_len rules), "
+                         "or ring=1")
     if not agreed["no_hooks"]:
-        raise ShardError(f"backend {name} (on some rank) has preprocess_qkv/postprocess_output "
-                         "hooks, which need the whole sequence on one rank; allowed: ring=1")
+        raise ShardError(f"{where('no_hooks')} has preprocess_qkv/postprocess_output hooks, "
+                         "which need the whole sequence on one rank; allowed: ring=1")
     given = [r is not None for r in replicated]
     if not any(given):
         return []
     if not all(given):
         raise ShardError("replicated_q/k/v: some are None while others are given; allowed: "
                          "all of them, or none")
-    if not declared(locals_[False].decision_for(q.dtype, q.device).backend_cls,
-                    "SUPPORTS_REPLICATED_TOKENS"):
-        raise ShardError(f"replicated_q is given but backend {name} cannot attend replicated "
-                         "tokens (SUPPORTS_REPLICATED_TOKENS = False)")
+    if not agreed["replicated"]:
+        raise ShardError(f"replicated_q is given but {where('replicated')} cannot attend "
+                         "replicated tokens (SUPPORTS_REPLICATED_TOKENS = False)")
     return list(replicated)
 
 
