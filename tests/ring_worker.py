@@ -410,12 +410,24 @@ def _worker(rank: int, world: int, port: int, names: list[str], results: Any) ->
     dist.destroy_process_group()
 
 
+# What the forkserver imports once for every rank it forks: this module (torch, attnrt), what
+# the backends' package checks import on the first selection (Triton, FlexAttention) and what
+# DistributedAttention's torch.compiler.disable imports (dynamo, sympy); a module that is not
+# installed is skipped.
+PRELOAD = [__name__, "triton", "torch.nn.attention.flex_attention", "torch._dynamo"]
+
+
 def run_ring_world(world: int, names: list[str], timeout: float = 50.0,
                    ) -> dict[str, dict[int, str]]:
-    spawn = mp.get_context("spawn")
-    results = spawn.Queue()
+    """Ranks fork from one forkserver that imported PRELOAD once (each spawned rank would
+    import torch and the rest again: seconds of CPU apiece on a small CI machine); once every
+    rank has reported, the ranks are ended without waiting for their interpreters to wind
+    down."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    results = ctx.Queue()
     port = free_port()
-    procs = [spawn.Process(target=_worker, args=(r, world, port, names, results), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world, port, names, results), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
@@ -427,10 +439,9 @@ def run_ring_world(world: int, names: list[str], timeout: float = 50.0,
     except queue.Empty:
         pass
     finally:
-        for p in procs:
-            p.join(timeout=max(0.1, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
+        for p in procs:  # every rank reported (or time ran out): nothing left to wait for
+            p.kill()
+            p.join(timeout=5.0)
     missing = f"no result from this rank within {timeout:.0f} s (hung or crashed)"
     return {name: {r: by_rank.get(r, {}).get(name, missing) for r in range(world)}
             for name in names}
