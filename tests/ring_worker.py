@@ -40,10 +40,15 @@ from attnrt.parallel.groups import (
 from attnrt.parallel.layers import DistributedAttention, DistributedAttention_VSA
 from attnrt.parallel.ring import KV_MEMORY, Ring, ring_attention
 from attnrt.parallel.zigzag import LayoutError, shard_sequence
-from tests.dist_worker import count_collectives, free_port, register_test_backends
+from tests.dist_worker import GatedImpl, count_collectives, free_port, register_test_backends
 from tests.helpers import dense_reference
 
-TOL = 1e-5
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+# How this world runs: gloo on CPU in fp32 (head size 8), or NCCL with one GPU a rank, the
+# distributed layers in RUN["dtype"] against one GPU's fp32 LocalAttention (head size 64, so
+# TRITON_FLASH_ATTN's kernels serve the ring's piece backward). Set by _worker.
+RUN: dict[str, Any] = {"device": torch.device("cpu"), "dtype": torch.float32, "head_size": 8,
+                       "backend": "gloo"}
 
 
 class NoLseImpl(AttentionImpl):
@@ -93,12 +98,22 @@ class HookedLseBackend(NoLseBackend):
 
 def rel(got: torch.Tensor, want: torch.Tensor, what: str, rank: int) -> None:
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    err = ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
-    assert err < TOL, f"{what}: relative L2 error {err:.3g} >= {TOL} on rank {rank}"
+    tol = TOL[RUN["dtype"]]  # the layers' dtype, whatever dtype a result is summed in
+    got64, want64 = got.detach().double(), want.detach().double()
+    assert torch.isfinite(got64).all(), f"{what}: not finite on rank {rank}"
+    err = ((got64 - want64).norm() / want64.norm().clamp_min(1e-30)).item()
+    assert err < tol, f"{what}: relative L2 error {err:.3g} >= {tol} on rank {rank}"
 
 
 def randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    """The same fp32 tensor on every rank, on this world's device."""
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return t.to(RUN["device"])
+
+
+def low(t: torch.Tensor) -> torch.Tensor:
+    """An input of the distributed layer: in this world's dtype, a leaf."""
+    return t.detach().to(RUN["dtype"]).requires_grad_(True)
 
 
 # ---------------------------------------------------------------- mesh configurations
@@ -119,6 +134,10 @@ def use_mesh(ulysses: int, ring: int, layout: str = "contiguous") -> Any:
 
 
 def shapes(world: int) -> list[tuple[int, int]]:
+    """The U x R meshes a check runs on: on gloo a few (CI time), on NCCL every one with U <= 4
+    (the checks' 4 heads split over U)."""
+    if RUN["backend"] == "nccl":
+        return [(u, world // u) for u in (1, 2, 4) if world % u == 0]
     return {4: [(1, 4), (2, 2), (4, 1)], 8: [(2, 4)], 2: [(1, 2)]}[world]
 
 
@@ -128,8 +147,9 @@ def shapes(world: int) -> list[tuple[int, int]]:
 def compare_layer(rank: int, world: int, u: int, r: int, layout: str, *, h: int = 4,
                   hkv: int | None = None, n: int = 16, causal: bool = False, rep: int = 0,
                   padded_to: int | None = None, rotary: bool = False) -> None:
-    """DistributedAttention on the U x R mesh vs LocalAttention on the whole sequence."""
-    b, d, hkv = 2, 8, hkv or h
+    """DistributedAttention on the U x R mesh vs LocalAttention on the whole sequence (one
+    device, fp32)."""
+    b, d, hkv = 2, RUN["head_size"], hkv or h
     full = [randn(b, n, x, d, seed=s) for x, s in ((h, 1), (hkv, 2), (hkv, 3))]
     reps = [randn(b, rep, x, d, seed=s) for x, s in ((h, 11), (hkv, 12), (hkv, 13))] if rep else []
     ref_in = [t.clone().requires_grad_(True) for t in full + reps]
@@ -149,8 +169,8 @@ def compare_layer(rank: int, world: int, u: int, r: int, layout: str, *, h: int 
             t = F.pad(t, (0, 0, 0, 0, 0, padded_to - t.shape[1]))
         return shard_sequence(t, rank, ring=r, ulysses=u, layout=layout)
 
-    dist_in = [shard(t).requires_grad_(True) for t in full]
-    dist_reps = [t.clone().requires_grad_(True) for t in reps]
+    dist_in = [low(shard(t)) for t in full]
+    dist_reps = [low(t) for t in reps]
     layer = DistributedAttention(h, d, hkv, causal=causal)
     s = dist_in[0].shape[1]
     out, rep_out = layer(*dist_in, original_seq_len=n if s * world != n else None,
@@ -168,7 +188,7 @@ def compare_layer(rank: int, world: int, u: int, r: int, layout: str, *, h: int 
     for i, name in enumerate("qkv"):
         rel(dist_in[i].grad, shard(ref_in[i].grad), f"{what}: d{name}", rank)
     for i, name in enumerate("qkv"[:len(reps)]):
-        grad = dist_reps[i].grad.clone()  # each rank's share; the whole mesh sums
+        grad = dist_reps[i].grad.float()  # each rank's share; the whole mesh sums (in fp32)
         dist.all_reduce(grad)
         rel(grad, ref_in[3 + i].grad, f"{what}: d replicated_{name}", rank)
 
@@ -369,6 +389,32 @@ def check_backends_are_chosen_at_the_piece_lengths_they_run(rank: int, world: in
         attnrt.clear_caches()
 
 
+def check_vsa_matches_one_device(rank: int, world: int) -> None:
+    """DistributedAttention_VSA under Ulysses (U = world, every rank whole-sequence heads) equals
+    the VSA-shaped backend's impl on the whole sequence on one device, outputs and gradients of
+    q, k, v and gate_compress (GATED_TEST: attention * sigmoid(gate), behind sequence-reversing
+    hooks, which non-causal attention does not see). With ring > 1 it is refused (refusals)."""
+    use_mesh(world, 1)
+    b, n, h, d = 1, 8 * world, 2 * world, RUN["head_size"]
+    full = [randn(b, n, h, d, seed=s) for s in (41, 42, 43, 44)]  # q, k, v, gate
+    ref_in = [t.clone().requires_grad_(True) for t in full]
+    ref = GatedImpl(h, d, d ** -0.5).forward(*ref_in, None)
+
+    def shard(t: torch.Tensor) -> torch.Tensor:
+        return shard_sequence(t, rank, ring=1, ulysses=world)
+
+    mine = [low(shard(t)) for t in full]
+    layer = DistributedAttention_VSA(h, d, supported_attention_backends=("GATED_TEST",))
+    out, rep = layer(*mine[:3], None, gate_compress=mine[3])
+    assert rep is None
+    rel(out, shard(ref.detach()), f"VSA U{world}: output", rank)
+    g = randn(*ref.shape, seed=45)
+    (ref * g).sum().backward()
+    (out * shard(g)).sum().backward()
+    for i, name in enumerate(("q", "k", "v", "gate_compress")):
+        rel(mine[i].grad, shard(ref_in[i].grad), f"VSA U{world}: d{name}", rank)
+
+
 def check_plan_auto_builds_the_planned_mesh(rank: int, world: int) -> None:
     from attnrt.parallel.plan import plan_sp
 
@@ -387,11 +433,16 @@ CHECKS: dict[str, Callable[[int, int], None]] = {
 # ---------------------------------------------------------------- the process harness
 
 
-def _worker(rank: int, world: int, port: int, names: list[str], results: Any) -> None:
+def _worker(rank: int, world: int, port: int, names: list[str], results: Any,
+            run: dict[str, Any]) -> None:
     torch.set_num_threads(1)
     os.environ.pop("ATTNRT_BACKEND", None)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=30))
+    RUN.update(run)
+    if run["backend"] == "nccl":
+        torch.cuda.set_device(rank)
+        RUN["device"] = torch.device("cuda", rank)
+    dist.init_process_group(run["backend"], init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=run["timeout"]))
     register_test_backends()
     for cls in (NoLseBackend, HookedLseBackend):
         attnrt.register_backend(cls.get_name(), cls)
@@ -418,17 +469,20 @@ PRELOAD = [__name__, "triton", "torch.nn.attention.flex_attention", "torch._dyna
 
 
 def run_ring_world(world: int, names: list[str], timeout: float = 50.0,
+                   backend: str = "gloo", dtype: torch.dtype = torch.float32,
                    ) -> dict[str, dict[int, str]]:
     """Ranks fork from one forkserver that imported PRELOAD once (each spawned rank would
     import torch and the rest again: seconds of CPU apiece on a small CI machine); once every
     rank has reported, the ranks are ended without waiting for their interpreters to wind
-    down."""
+    down. backend "nccl": one GPU a rank, the layers in `dtype`, head size 64 (RUN)."""
+    run = {"backend": backend, "dtype": dtype, "head_size": 64 if backend == "nccl" else 8,
+           "timeout": max(30, int(timeout / 2))}
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, names, results), daemon=True)
-             for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, names, results, run),
+                         daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     deadline, by_rank = time.monotonic() + timeout, {}

@@ -55,14 +55,41 @@ WORLD_8 = ["plain_and_causal", "gqa_padding_replicated",
            "backends_are_chosen_at_the_piece_lengths_they_run"]
 
 
+NCCL_CHECKS = ["plain_and_causal", "gqa_padding_replicated", "a_whole_shard_of_padding",
+               "heads_not_dividing_ulysses_are_padded", "vsa_matches_one_device",
+               "refusals_raise_on_every_rank"]
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize(("world", "names"), [(4, sorted(CHECKS)), (8, WORLD_8)])
-def test_every_ring_check_passes_on_every_gloo_rank(world: int, names: list[str]) -> None:
+@pytest.mark.parametrize(("world", "names", "dtype"), [
+    (4, sorted(CHECKS), torch.float32), (8, WORLD_8, torch.float32),
+    (2, NCCL_CHECKS, torch.bfloat16)])
+def test_every_ring_check_passes_on_every_gloo_rank(world: int, names: list[str],
+                                                    dtype: torch.dtype) -> None:
     """Outputs and gradients of DistributedAttention on U x R meshes (and of ring_attention
-    over a group) equal single-process attention (fp32, relative L2 < 1e-5): plain, causal,
-    contiguous and zigzag layouts, GQA, replicated tokens, padding, rotary, heads padded for
-    U; K/V memory per rank falls as 1/R; every refusal raises on every rank."""
-    results = run_ring_world(world, names, timeout=100.0)
+    over a group) equal single-process attention (fp32, relative L2 < 1e-5; the bf16 world,
+    which runs the NCCL test's checks, < 1.5e-2): plain, causal, contiguous and zigzag
+    layouts, GQA, replicated tokens, padding, rotary, heads padded for U, VSA under Ulysses;
+    K/V memory per rank falls as 1/R; every refusal raises on every rank."""
+    results = run_ring_world(world, names, timeout=100.0, dtype=dtype)
+    failures = _failures(results)
+    assert not failures, failures
+
+
+@pytest.mark.gpu
+@pytest.mark.distributed
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_ring_and_usp_on_every_gpu_with_nccl(dtype: torch.dtype) -> None:
+    """One rank a GPU over NCCL, on every GPU of the machine (2, 4 or 8): DistributedAttention
+    on each U x R mesh with U <= 4 (the ring path wherever R > 1, its piece backward through
+    TRITON_FLASH_ATTN's kernels at head size 64) and DistributedAttention_VSA under Ulysses,
+    outputs and gradients against one GPU's fp32 LocalAttention on the whole sequence
+    (relative L2 < 1e-5 in fp32, 1.5e-2 in bf16); refusals raise on every rank."""
+    gpus = min(torch.cuda.device_count(), 8)
+    if gpus < 2:
+        pytest.skip(f"needs 2 or more CUDA GPUs; found {gpus}")
+    world = gpus if gpus in (2, 4, 8) else 2
+    results = run_ring_world(world, NCCL_CHECKS, timeout=400.0, backend="nccl", dtype=dtype)
     failures = _failures(results)
     assert not failures, failures
 
