@@ -157,3 +157,24 @@ def test_kernel_backward_refuses_out_and_lse_that_do_not_fit_q() -> None:
     with pytest.raises(ValueError, match=r"lse.shape=\(1, 4, 2\) is not supported .* expected "
                                          r"\[B, H, N\] = \(1, 2, 4\)"):
         tf.flash_attention_backward(q, k, v, q, lse.transpose(1, 2), q)
+
+
+def test_a_kernel_that_fails_to_compile_leaves_the_piece_to_the_torch_formula(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Logged, the same gradients from the torch formula; under ATTNRT_STRICT=1 it raises."""
+    from triton.runtime.errors import OutOfResources
+
+    def no_room(*args: object, **kwargs: object) -> None:
+        raise OutOfResources(262144, 232448, "shared memory")
+
+    monkeypatch.setattr(tf, "flash_attention_backward", no_room)
+    (q, k, v, out, dout, lse), _ = _whole(1, 8, 16, 2, 2, 32, False)
+    delta = (dout * out).sum(-1).transpose(1, 2)
+    want = torch_backward(0.2).grads(q, k, v, out, dout, lse, delta, False)
+    with caplog.at_level("WARNING", logger="attnrt"):
+        got = triton_backward(0.2, None).grads(q, k, v, out, dout, lse, delta, False)
+    assert "the torch formula serves this piece" in caplog.text
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    monkeypatch.setenv("ATTNRT_STRICT", "1")
+    with pytest.raises(OutOfResources):
+        triton_backward(0.2, None).grads(q, k, v, out, dout, lse, delta, False)

@@ -21,6 +21,7 @@ exact share of the whole sequence's.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import torch
 from attnrt.errors import AttnrtError
 from attnrt.parallel.ring_math import piece_grads
 
+logger = logging.getLogger("attnrt")
 PIECE_BACKWARDS = ("auto", "torch", "triton")
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # grads(q, k, v, out, dout, lse, delta, causal) -> (dq, dk, dv); dout in q's dtype for "triton",
@@ -65,12 +67,26 @@ def torch_backward(scale: float, reason: str = "asked for") -> PieceBackward:
 
 def triton_backward(scale: float, config: dict | None, reason: str = "asked for",
                     ) -> PieceBackward:
-    """config: TRITON_FLASH_ATTN's block config (None: the kernel's DEFAULT_CONFIG)."""
+    """config: TRITON_FLASH_ATTN's block config (None: the kernel's DEFAULT_CONFIG). A kernel
+    that fails to compile is logged and the torch formula serves that piece (the same
+    gradients); under ATTNRT_STRICT=1 the failure raises."""
     def grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
               dout: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, causal: bool) -> Grads:
+        from attnrt.kernels import compile_error_types
         from attnrt.kernels.flash.launch import flash_attention_backward
+        from attnrt.selection.dispatch import strict_mode
 
-        return flash_attention_backward(q, k, v, out, lse, dout, causal, scale, config)
+        try:
+            return flash_attention_backward(q, k, v, out, lse, dout, causal, scale, config)
+        except compile_error_types() as exc:
+            if strict_mode():
+                raise
+            logger.warning("ring piece backward: TRITON_FLASH_ATTN failed to compile for "
+                           "q%s, k%s, %s (%s: %s); the torch formula serves this piece (set "
+                           "ATTNRT_STRICT=1 to make this an error)", tuple(q.shape),
+                           tuple(k.shape), q.dtype, type(exc).__name__,
+                           str(exc).strip().splitlines()[-1:])
+            return piece_grads(q, k, v, dout, lse, delta, causal, scale)
 
     return PieceBackward("triton", reason, grads)
 
