@@ -74,6 +74,7 @@ def _whole(b: int, n: int, m: int, h: int, hkv: int, d: int, causal: bool) -> tu
     return (q, k, v, out.detach(), dout, lse), [t.grad for t in leaves]
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize(("dtype", "causal", "heads"), [
     (torch.float32, False, (4, 2)), (torch.float16, False, (2, 2)), (torch.float32, True, (4, 1))])
 def test_kernel_piece_backward_equals_the_torch_formula_and_sums_to_the_whole(
@@ -106,6 +107,7 @@ def test_kernel_piece_backward_equals_the_torch_formula_and_sums_to_the_whole(
     assert poisoned  # the kernel's buffers were the NaN-filled ones
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize(("size", "layout", "causal"), [(2, "zigzag", True),
                                                         (2, "contiguous", False)])
 def test_ring_with_kernel_piece_backward_matches_dense_attention(
@@ -122,6 +124,7 @@ def test_auto_picks_the_kernel_only_where_triton_flash_attn_serves() -> None:
     cpu = choose_piece_backward("auto", q, k, True, 0.1)
     assert cpu.name == "torch"
     assert "platform=cpu is not supported by TRITON_FLASH_ATTN" in cpu.reason
+    q, k = q.to(DEVICE), k.to(DEVICE)  # where the kernel can run (interpreted on CPU)
     assert choose_piece_backward("torch", q, k, True, 0.1).name == "torch"
     with pytest.raises(PieceBackwardError, match="piece_backward='fast' is not allowed; "
                                                  "allowed: 'auto', 'torch', 'triton'"):
@@ -148,8 +151,8 @@ def test_ring_piece_backward_kernel_and_torch_agree_on_cuda(dtype: torch.dtype) 
 
 
 def test_kernel_backward_refuses_out_and_lse_that_do_not_fit_q() -> None:
-    q, k, v = (torch.randn(1, 4, 2, 32) for _ in range(3))
-    lse = torch.zeros(1, 2, 4)
+    q, k, v = (torch.randn(1, 4, 2, 32, device=DEVICE) for _ in range(3))
+    lse = torch.zeros(1, 2, 4, device=DEVICE)
     with pytest.raises(ValueError, match=r"out=\(1, 3, 2, 32\) torch.float32 is not supported"):
         tf.flash_attention_backward(q, k, v, q[:, :3], lse, q)
     with pytest.raises(ValueError, match=r"dout=\(1, 4, 2, 32\) torch.float16"):
