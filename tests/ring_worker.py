@@ -439,6 +439,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], results: Any,
     os.environ.pop("ATTNRT_BACKEND", None)
     RUN.update(run)
     if run["backend"] == "nccl":
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast on shared hosts
         torch.cuda.set_device(rank)
         RUN["device"] = torch.device("cuda", rank)
     dist.init_process_group(run["backend"], init_method=f"tcp://127.0.0.1:{port}", rank=rank,
