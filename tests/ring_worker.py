@@ -96,6 +96,28 @@ class HookedLseBackend(NoLseBackend):
         return HookedLseImpl
 
 
+class SparseLseImpl(NoLseImpl):
+    """Returns lse, no hooks, but implements a sparse method: ring attention must refuse it."""
+
+    def forward_with_lse(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attn_metadata: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        from attnrt.backends.sdpa import sdpa_with_lse
+
+        return sdpa_with_lse(query, key, value, self.causal, self.scale)
+
+
+class SparseLseBackend(NoLseBackend):
+    METHODS = frozenset({"vsa"})
+
+    @staticmethod
+    def get_name() -> str:
+        return "SPARSE_LSE_TEST"
+
+    @staticmethod
+    def get_impl_cls() -> type[AttentionImpl]:
+        return SparseLseImpl
+
+
 def rel(got: torch.Tensor, want: torch.Tensor, what: str, rank: int) -> None:
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     tol = TOL[RUN["dtype"]]  # the layers' dtype, whatever dtype a result is summed in
@@ -330,7 +352,8 @@ def check_refusals_raise_on_every_rank(rank: int, world: int) -> None:
         DistributedAttention(4, 8)(*short)
     for backends, match in ((("NO_LSE_TEST",), "has no forward_with_lse"),
                             (("LSE_ON_RANK0_TEST",), "has no forward_with_lse"),
-                            (("HOOKED_LSE_TEST",), "hooks, which need the whole sequence")):
+                            (("HOOKED_LSE_TEST",), "hooks, which need the whole sequence"),
+                            (("SPARSE_LSE_TEST",), "computes a sparse or custom method")):
         with pytest.raises(ShardError, match=match):
             DistributedAttention(4, 8, supported_attention_backends=backends)(q, k, v)
     with pytest.raises(ShardError, match="VSA cannot run with ring > 1"):
@@ -445,7 +468,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], results: Any,
     dist.init_process_group(run["backend"], init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=run["timeout"]))
     register_test_backends()
-    for cls in (NoLseBackend, HookedLseBackend):
+    for cls in (NoLseBackend, HookedLseBackend, SparseLseBackend):
         attnrt.register_backend(cls.get_name(), cls)
     out = {}
     for name in names:

@@ -91,10 +91,11 @@ def _piece_rows(usp: Any, q: Any, ulysses: int, causal: bool, original_seq_len: 
 def _ready(locals_: dict[bool, LocalAttention], q: Any, rows: set[tuple[bool, int]],
            ) -> tuple[dict[str, int], dict[str, list[str]]]:
     """What this rank's backends can do for its ring pieces (never raises: it runs before the
-    shape check): {lse: every piece's backend returns lse, no_hooks: none has hooks,
-    replicated: every one declares SUPPORTS_REPLICATED_TOKENS}, and for each key the pieces
+    shape check): {dense: every piece's request is method dense, lse: every piece's backend
+    returns lse, no_hooks: none has hooks, replicated: every one declares
+    SUPPORTS_REPLICATED_TOKENS}, and for each key the pieces
     that fail it, for the error."""
-    failing: dict[str, list[str]] = {"lse": [], "no_hooks": [], "replicated": []}
+    failing: dict[str, list[str]] = {"dense": [], "lse": [], "no_hooks": [], "replicated": []}
     if not (isinstance(q, torch.Tensor) and q.dim() == 4 and q.dtype.is_floating_point):
         return dict.fromkeys(failing, 0), failing
     from attnrt.parallel.layers import _has_hooks
@@ -109,7 +110,8 @@ def _ready(locals_: dict[bool, LocalAttention], q: Any, rows: set[tuple[bool, in
             failing["lse"].append(f"no backend for {what}: {exc}")
             continue
         where = f"backend {decision.backend} (rule {decision.rule_where}) for {what}"
-        for key, bad in (("lse", lse_forward(impl) is None), ("no_hooks", _has_hooks(impl)),
+        for key, bad in (("dense", decision.request.method != "dense"),
+                         ("lse", lse_forward(impl) is None), ("no_hooks", _has_hooks(impl)),
                          ("replicated", not declared(decision.backend_cls,
                                                      "SUPPORTS_REPLICATED_TOKENS"))):
             if bad:
@@ -174,6 +176,11 @@ def _check_ring_backend(tensors: list[torch.Tensor], replicated: tuple[Any, ...]
 
     def where(key: str) -> str:
         return "; ".join(failing[key]) or "a backend on another rank"
+
+    if not agreed["dense"]:
+        raise ShardError(f"{where('dense')} computes a sparse or custom method (not dense), "
+                         "whose selection spans the whole sequence, which no ring rank holds; "
+                         "allowed: dense attention, or ring=1 (Ulysses only)")
 
     if not agreed["lse"]:
         raise ShardError(f"ring attention merges pieces by lse, but {where('lse')} has no "
