@@ -34,5 +34,6 @@ case "${1:-tests}" in
     step 75 linear python3 bench/linear_gpu.py --quick
     step 45 host_overhead python3 bench/host_overhead_gpu.py --quick
     step 75 models python3 bench/models_gpu.py --quick
+    step 75 ring_backward python3 bench/ring_backward_gpu.py --quick
     ;;
 esac
