@@ -28,12 +28,12 @@ case "${1:-tests}" in
     TAIL=40 step 420 gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 --maxfail=60 tests
     ;;
   bench)
-    step 150 sparse python3 bench/sparse_gpu.py --quick --sweep --sweep-budget 60
+    step 140 sparse python3 bench/sparse_gpu.py --quick --sweep --sweep-budget 60
     step 75 sla_vmoba python3 bench/sla_vmoba_gpu.py --quick
-    step 90 engine python3 bench/engine_gpu.py --quick
+    step 80 engine python3 bench/engine_gpu.py --quick
     step 75 linear python3 bench/linear_gpu.py --quick
-    step 45 host_overhead python3 bench/host_overhead_gpu.py --quick
-    step 75 models python3 bench/models_gpu.py --quick
-    step 75 ring_backward python3 bench/ring_backward_gpu.py --quick
+    step 40 host_overhead python3 bench/host_overhead_gpu.py --quick
+    step 60 models python3 bench/models_gpu.py --quick
+    step 45 ring_backward python3 bench/ring_backward_gpu.py --quick
     ;;
 esac
