@@ -35,14 +35,14 @@ def test_a_layer_built_with_its_dtype_reports_what_its_first_forward_uses(bf16_o
         layer = attnrt.LocalAttention(2, 16, supported_attention_backends=ALLOWED, dtype=dtype)
     built = layer.backend_name
     assert built == "BF16_ONLY"
-    assert layer.dtype is torch.bfloat16
+    assert layer.compute_dtype is torch.bfloat16
     assert _forward_backend(layer) == built
 
 
 def test_without_dtype_the_default_dtype_decides_until_the_first_forward(bf16_only):
     with torch.no_grad():
         layer = attnrt.LocalAttention(2, 16, supported_attention_backends=ALLOWED)
-    assert layer.dtype is None
+    assert layer.compute_dtype is None
     assert layer.backend_name == "REFERENCE"  # fp32, the default dtype
     assert _forward_backend(layer) == "BF16_ONLY"
 

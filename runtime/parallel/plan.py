@@ -116,12 +116,13 @@ PLAN_HELP = "suggest ulysses x ring for sequence parallelism, with the reason"
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--world", type=int, required=True, help="ranks (GPUs) in the SP group")
-    p.add_argument("--heads", type=int, default=None)
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--head-size", type=int, default=128)
-    p.add_argument("--causal", action="store_true")
-    p.add_argument("--gpus-per-node", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None, help="query heads H of the model")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA); default H")
+    p.add_argument("--seq-len", type=int, default=None, help="the full sequence length N")
+    p.add_argument("--head-size", type=int, default=128, help="head size D (default 128)")
+    p.add_argument("--causal", action="store_true", help="causal attention (ring load balance)")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs linked by NVLink in one node (Ulysses stays inside a node)")
     return p
 
 
