@@ -292,3 +292,32 @@ def test_every_name_fastvideo_models_import_is_here():
     assert [n for n in names if not hasattr(fastvideo, n)] == []
     assert set(names) <= set(fastvideo.__all__)
     assert fastvideo.STR_BACKEND_ENV_VAR == "FASTVIDEO_ATTENTION_BACKEND"
+
+
+@pytest.mark.interpret
+def test_a_fastvideo_vsa_layer_runs_real_vsa(monkeypatch):
+    """A FastVideo-style self-attention written with DistributedAttention_VSA and the env var
+    FastVideo users set runs Video Sparse Attention (checked against the published algorithm's
+    float64 reference), one process, the kernel under Triton's interpreter on CPU."""
+    from attnrt.integrations.fastvideo import DistributedAttention_VSA
+    from attnrt.sparse.vsa_metadata import VideoSparseAttentionMetadataBuilder
+    from attnrt.sparse.vsa_reference import vsa_reference
+
+    monkeypatch.setenv("FASTVIDEO_ATTENTION_BACKEND", "VIDEO_SPARSE_ATTN")
+    grid, heads, head_dim = (4, 4, 8), 2, 16
+    attn = DistributedAttention_VSA(
+        num_heads=heads, head_size=head_dim, causal=False,
+        supported_attention_backends=(AttentionBackendEnum.VIDEO_SPARSE_ATTN,
+                                      AttentionBackendEnum.TORCH_SDPA),
+        prefix="blocks.0.attn1")
+    gen = torch.Generator().manual_seed(11)
+    q, k, v, gate = (torch.randn(1, 128, heads, head_dim, generator=gen) for _ in range(4))
+    metadata = VideoSparseAttentionMetadataBuilder().build(
+        current_timestep=0, raw_latent_shape=grid, patch_size=(1, 1, 1), VSA_sparsity=0.5,
+        device=torch.device("cpu"))
+    with set_forward_context(current_timestep=0, attn_metadata=metadata):
+        out, replicated = attn(q, k, v, original_seq_len=128, gate_compress=gate)
+    assert replicated is None
+    assert attn.backend.name == "VIDEO_SPARSE_ATTN"
+    ref = vsa_reference(*(t.double() for t in (q, k, v, gate)), grid, 0.5)
+    assert rel_l2(out, ref) < 1e-5
