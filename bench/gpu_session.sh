@@ -26,15 +26,15 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, log to $out/NAME.log
 }
 case "${1:-tests}" in
   all)
-    TAIL=30 step 230 gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 \
+    TAIL=30 step 170 gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 \
       --maxfail=80 tests/kernels tests/sparse tests/engine tests/linear tests/test_ring.py \
       tests/test_ring_grads.py tests/test_hardening_declared.py tests/test_methods.py
-    step 70 sparse python3 bench/sparse_gpu.py --quick --only parts,vsa,fine,flex
-    step 60 sla_vmoba python3 bench/sla_vmoba_gpu.py --quick
-    step 60 engine python3 bench/engine_gpu.py --quick
-    step 50 linear python3 bench/linear_gpu.py --quick
-    step 25 host_overhead python3 bench/host_overhead_gpu.py --quick
-    step 40 models python3 bench/models_gpu.py --quick
+    step 60 sparse python3 bench/sparse_gpu.py --quick --only parts,vsa,fine,flex
+    step 50 sla_vmoba python3 bench/sla_vmoba_gpu.py --quick
+    step 55 engine python3 bench/engine_gpu.py --quick
+    step 45 linear python3 bench/linear_gpu.py --quick
+    step 20 host_overhead python3 bench/host_overhead_gpu.py --quick
+    step 30 models python3 bench/models_gpu.py --quick
     ;;
   tests)
     step 60 cli bash -c "python3 -m attnrt.tools.cli info | head -30; python3 -m attnrt.tools.cli explain --head-size 128 --dtype bf16 --heads 40 --method vsa"
