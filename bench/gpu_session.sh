@@ -25,6 +25,13 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, log to $out/NAME.log
   tail -n "${TAIL:-25}" "$out/$name.log"
 }
 case "${1:-tests}" in
+  min)  # the least that proves the new kernels on the device: their gpu tests, two tables
+    TAIL=30 step 150 gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 \
+      --maxfail=80 tests/kernels tests/sparse tests/engine tests/linear tests/test_ring.py \
+      tests/test_ring_grads.py
+    step 55 sparse python3 bench/sparse_gpu.py --quick --only vsa,fine,flex
+    step 50 engine python3 bench/engine_gpu.py --quick
+    ;;
   all)
     TAIL=30 step 170 gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 \
       --maxfail=80 tests/kernels tests/sparse tests/engine tests/linear tests/test_ring.py \
