@@ -25,6 +25,12 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, log to $out/NAME.log
   tail -n "${TAIL:-25}" "$out/$name.log"
 }
 case "${1:-tests}" in
+  tiny)  # a last check on a nearly spent budget: the Gluon forward after the restructure,
+          # the block-sparse kernel's launch plans
+    TAIL=20 step 110 gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 \
+      tests/kernels/test_triton_flash.py::test_gpu_gluon_forward \
+      tests/kernels/test_block_sparse_kernel.py
+    ;;
   min)  # the least that proves the new kernels on the device: their gpu tests, two tables
     TAIL=30 step 150 gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 \
       --maxfail=80 tests/kernels tests/sparse tests/engine tests/linear tests/test_ring.py \
