@@ -5,7 +5,11 @@ Shapes: B batch, N query sequence, M key sequence, H heads, Hkv kv heads, D head
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import weakref
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -111,6 +115,20 @@ class _Selected:
         return self.seq_low <= seq_len < self.seq_high
 
 
+_IMPL_OWNER: ContextVar[nn.Module | None] = ContextVar("attnrt_impl_owner", default=None)
+
+
+@contextlib.contextmanager
+def impls_owned_by(owner: nn.Module) -> Iterator[None]:
+    """LocalAttentions built in the block register an nn.Module impl on `owner`, as `attn_impl`
+    (see LocalAttention._module_owner)."""
+    token = _IMPL_OWNER.set(owner)
+    try:
+        yield
+    finally:
+        _IMPL_OWNER.reset(token)
+
+
 class LocalAttention(nn.Module):
     """Attention on one device through the best backend attnrt can select here.
 
@@ -166,6 +184,8 @@ class LocalAttention(nn.Module):
         self._kv_tail = (self.num_kv_heads, head_size)
         # (dtype, device, force, grad mode) -> a selection per span of query lengths seen
         self._by_key: dict[tuple[Any, ...], list[_Selected]] = {}
+        owner = _IMPL_OWNER.get()  # a weak reference: a child never holds its parent module
+        self.__dict__["_owner_ref"] = weakref.ref(owner) if owner is not None else None
         self._active = self._initial_selection()
 
     # -- selection ---------------------------------------------------------------------------
@@ -232,6 +252,14 @@ class LocalAttention(nn.Module):
                              and (s.seq_low, s.seq_high) != span] + [found]
         return found
 
+    def _module_owner(self) -> nn.Module:
+        """Where an nn.Module impl is registered as `attn_impl`: this layer, or the layer that
+        built it (DistributedAttention, whose LocalAttentions per SP size share one impl, so its
+        state_dict has FastVideo's keys once)."""
+        ref = self.__dict__.get("_owner_ref")
+        owner = ref() if ref is not None else None
+        return owner if owner is not None else self
+
     def _build_impl(self, decision: Decision) -> AttentionImpl:
         """The chosen backend's impl, by keyword as FastVideo's layers build it. An impl that is
         an nn.Module (SLA's, with its learnable proj_l) becomes this layer's `attn_impl`, so
@@ -244,13 +272,16 @@ class LocalAttention(nn.Module):
             softmax_scale=self.softmax_scale, causal=self.causal,
             num_kv_heads=self.num_kv_heads, prefix=self.prefix, **self.extra_impl_args)
         if isinstance(impl, nn.Module):
-            previous = self._modules.get("attn_impl")
+            owner = self._module_owner()
+            previous = owner._modules.get("attn_impl")
+            if owner is not self and type(previous) is type(impl):
+                return previous  # type: ignore[return-value]  # one impl across the owner's layers
             if previous is not None and previous is not impl:
                 state = previous.state_dict()
                 if state.keys() == impl.state_dict().keys():
                     impl.load_state_dict(state)
             # Registered directly: `attn_impl` is also the property naming the active impl.
-            self._modules["attn_impl"] = impl
+            owner._modules["attn_impl"] = impl
         return impl
 
     @property

@@ -172,3 +172,25 @@ def test_an_nn_module_impl_is_the_layers_attn_impl(register):
     layer = attnrt.LocalAttention(2, 4, supported_attention_backends=("PARAM",))
     keys = set(layer.state_dict())
     assert keys == {"attn_impl.proj_l.weight", "attn_impl.proj_l.bias"}
+
+
+def test_a_distributed_layers_nn_module_impl_has_fastvideos_key_once(register):
+    """DistributedAttention's LocalAttentions (one per SP size) share one nn.Module impl,
+    registered on the layer as attn_impl: FastVideo's checkpoint keys, and one set of weights."""
+
+    class ParamImpl(torch.nn.Module):
+        def __init__(self, **kwargs):
+            super().__init__()
+            self.proj_l = torch.nn.Linear(4, 4)
+
+        def forward(self, q, k, v, attn_metadata):
+            return q
+
+    register("PARAM", make_backend("PARAM", get_impl_cls=classmethod(lambda cls: ParamImpl)))
+    layer = attnrt.DistributedAttention(2, 4, supported_attention_backends=("PARAM",))
+    one, two = layer.local_for(1), layer.local_for(2)
+    assert set(layer.state_dict()) == {"attn_impl.proj_l.weight", "attn_impl.proj_l.bias"}
+    assert one.impl_for(torch.float32) is two.impl_for(torch.float32)
+    state = {k: torch.zeros_like(v) for k, v in layer.state_dict().items()}
+    layer.load_state_dict(state)  # strict: exactly FastVideo's keys
+    assert torch.count_nonzero(one.impl_for(torch.float32).proj_l.weight) == 0

@@ -40,7 +40,7 @@ from attnrt.errors import AttnrtError
 from attnrt.integrations.fastvideo import backend_name_to_enum
 from attnrt.interfaces import AttentionImpl, lse_forward
 from attnrt.layer_args import check_extras_known, check_layer_args
-from attnrt.layers import LocalAttention, apply_rotary_emb
+from attnrt.layers import LocalAttention, apply_rotary_emb, impls_owned_by
 from attnrt.parallel.groups import (
     SINGLE,
     SequenceParallel,
@@ -146,9 +146,11 @@ class DistributedAttention(nn.Module):
         key = f"p{size}c{chunks}"
         if key not in self.locals:
             hp, hkvp, _ = shard_heads(self.num_heads, self.num_kv_heads, size)
-            self.locals[key] = LocalAttention(
-                hp // chunks, self.head_size, hkvp // chunks, self.softmax_scale, self.causal,
-                self.supported_attention_backends, f"{self.prefix}.impl", **self.extra_impl_args)
+            with impls_owned_by(self):  # one nn.Module impl (SLA's proj_l) at self.attn_impl
+                self.locals[key] = LocalAttention(
+                    hp // chunks, self.head_size, hkvp // chunks, self.softmax_scale,
+                    self.causal, self.supported_attention_backends, f"{self.prefix}.impl",
+                    **self.extra_impl_args)
         local: LocalAttention = self.locals[key]  # type: ignore[assignment]
         return local
 
