@@ -110,7 +110,12 @@ def _device_problems(cls: type, name: str, device: Any) -> list[str]:
     "available" in info means what a decision would find."""
     request = AttentionRequest(64, next(iter(sorted(capability.declared(cls, "DTYPES"))), "fp32"),
                                method=sorted(capability.declared(cls, "METHODS"))[0])
-    return [str(r) for r in capability.check_device(cls, name, request, device)]
+    reasons = capability.check_device(cls, name, request, device)
+    extra = getattr(cls, "extra_reasons", None)
+    if not reasons and callable(extra):  # a platform limit that is not data (VSA's CPU path)
+        reasons = [r for r in extra(request, device) if r.code in (capability.PLATFORM,
+                                                                   capability.ARCH)]
+    return [str(r) for r in reasons]
 
 
 def _forced() -> dict[str, Any] | None:
