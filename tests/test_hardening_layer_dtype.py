@@ -51,3 +51,24 @@ def test_without_dtype_the_default_dtype_decides_until_the_first_forward(bf16_on
 def test_a_dtype_attnrt_cannot_run_is_named(bad):
     with pytest.raises(AttnrtError, match=r"dtype=.* is not allowed; allowed: None"):
         attnrt.LocalAttention(2, 16, dtype=bad)
+
+
+def test_distributed_attention_takes_the_dtype_its_local_attention_selects_for(bf16_only):
+    """DistributedAttention(dtype=...) hands the dtype to the LocalAttention it builds per SP
+    size, and its FastVideo attribute attn_impl is the impl for that dtype."""
+    with torch.no_grad():
+        layer = attnrt.DistributedAttention(2, 16, supported_attention_backends=ALLOWED,
+                                            dtype="bf16")
+        assert layer.compute_dtype is torch.bfloat16
+        local = layer.local_for(1)
+        assert local.compute_dtype is torch.bfloat16
+        assert local.backend_name == "BF16_ONLY"
+        assert type(layer.attn_impl).__name__ != "ReferenceImpl"
+        assert layer.attn_impl is local.impl_for(torch.bfloat16)
+        assert _forward_backend(local) == "BF16_ONLY"
+
+
+@pytest.mark.parametrize("bad", [torch.int8, "fp8"])
+def test_distributed_attention_names_a_bad_dtype_without_an_sp_group(bad):
+    with pytest.raises(AttnrtError, match=r"dtype=.* is not allowed; allowed: None"):
+        attnrt.DistributedAttention(2, 16, dtype=bad)

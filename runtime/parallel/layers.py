@@ -39,7 +39,7 @@ from attnrt.context import get_forward_context
 from attnrt.errors import AttnrtError
 from attnrt.integrations.fastvideo import backend_name_to_enum
 from attnrt.interfaces import AttentionImpl, lse_forward
-from attnrt.layer_args import check_extras_known, check_layer_args
+from attnrt.layer_args import check_extras_known, check_layer_args, check_layer_dtype
 from attnrt.layers import LocalAttention, apply_rotary_emb, impls_owned_by
 from attnrt.parallel.groups import (
     SINGLE,
@@ -126,6 +126,9 @@ class DistributedAttention(nn.Module):
         kv_heads, scale = check_layer_args(num_heads, head_size, num_kv_heads, softmax_scale,
                                            causal)
         check_extras_known(extra_impl_args)  # also without an SP group (no LocalAttention yet)
+        # LocalAttention's dtype= (the compute dtype its first selection assumes), checked here
+        # too: without an SP group no LocalAttention is built before forward.
+        self.compute_dtype = check_layer_dtype(extra_impl_args.get("dtype"))
         self.num_heads, self.head_size = num_heads, head_size
         self.num_kv_heads = kv_heads
         self.softmax_scale = scale
@@ -156,8 +159,10 @@ class DistributedAttention(nn.Module):
 
     @property
     def attn_impl(self) -> AttentionImpl:
-        """FastVideo's attribute: the impl for the current SP size (default dtype)."""
-        return self.local_for(get_sequence_parallel().size).impl_for(torch.get_default_dtype())
+        """FastVideo's attribute: the impl for the current SP size, for the layer's dtype= (else
+        the default dtype)."""
+        dtype = self.compute_dtype or torch.get_default_dtype()
+        return self.local_for(get_sequence_parallel().size).impl_for(dtype)
 
     @property
     def backend(self) -> Any:
