@@ -26,5 +26,6 @@ PLATFORM = Platform(
         "FLASH_ATTN_3": f"{_PACK}.flash_attn3:FlashAttn3Backend",
         "SAGE_ATTN": f"{_PACK}.sage:SageAttnBackend",
         "FASTVIDEO_KERNEL_VSA": "attnrt.sparse.vsa_fastvideo_kernel:FastVideoKernelVSABackend",
+        "CUDNN_BSA_VSA": "attnrt.sparse.vsa_cudnn_bsa:CudnnBsaVSABackend",
     },
 )

@@ -11,13 +11,15 @@ hold zeros), C cubes, H query heads, Hkv key/value heads (H % Hkv == 0), D head 
     fine = exact attention of each query over the valid tokens of its kept key cubes
     out = coarse (broadcast to the cube's tokens) * gate_compress + fine
 
-The fine stage is attnrt's block-sparse flash kernel (64-token blocks, per-cube valid counts).
+The fine stage is attnrt's block-sparse flash kernel (64-token blocks, per-cube valid counts);
+vsa_with_fine_stage takes another (CUDNN_BSA_VSA hands it to cuDNN's block-sparse attention).
 Equivalent PyTorch (float64, on tokens in grid order): attnrt.sparse.vsa_reference.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -74,6 +76,36 @@ def check_gate_and_length(q: torch.Tensor, k: torch.Tensor, gate_compress: objec
                 f"{n_slots // CUBE_TOKENS}; preprocess_qkv tiles the video tokens)")
 
 
+# (q [B, S, H, D], k, v [B, S, Hkv, D], kept key cubes int32 [B, H, C, topk], valid tokens per
+# cube int32 [C], softmax scale) -> fine output [B, S, H, D]: the swappable stage of VSA.
+FineStage = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],
+                     torch.Tensor]
+
+
+def triton_fine_stage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                      sizes: torch.Tensor, scale: float) -> torch.Tensor:
+    """attnrt's block-sparse flash kernel over the kept cubes (64-token blocks both sides)."""
+    count = torch.full(index.shape[:3], index.shape[-1], dtype=torch.int32, device=q.device)
+    return cast(torch.Tensor, block_sparse_attention(
+        q, k, v, index, count, block_q=CUBE_TOKENS, block_k=CUBE_TOKENS, key_block_valid=sizes,
+        softmax_scale=scale))
+
+
+def vsa_with_fine_stage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        gate_compress: torch.Tensor, sizes: torch.Tensor, topk: int,
+                        scale: float, fine_stage: FineStage) -> torch.Tensor:
+    """VSA on checked tiled tensors (q, gate_compress [B, S, H, D], k, v [B, S, Hkv, D], sizes
+    int32 [C]): the coarse stage and selection here, the fine stage by `fine_stage`, then
+    coarse * gate_compress + fine. Returns [B, S, H, D]."""
+    coarse, index = coarse_stage(q, k, v, sizes, topk, scale)
+    b, s, h, d = q.shape
+    fine = fine_stage(q, k, v, index, sizes, scale)
+    c = s // CUBE_TOKENS
+    out = torch.addcmul(fine.view(b, c, CUBE_TOKENS, h, d),
+                        gate_compress.reshape(b, c, CUBE_TOKENS, h, d), coarse[:, :, None])
+    return out.view(b, s, h, d)
+
+
 def video_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            gate_compress: torch.Tensor, variable_block_sizes: torch.Tensor,
                            topk: int, softmax_scale: float | None = None) -> torch.Tensor:
@@ -84,13 +116,4 @@ def video_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_tensors(q, k, v, gate_compress, variable_block_sizes.numel() * CUBE_TOKENS)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     sizes = variable_block_sizes.to(torch.int32)
-    coarse, index = coarse_stage(q, k, v, sizes, topk, scale)
-    b, s, h, d = q.shape
-    count = torch.full(index.shape[:3], topk, dtype=torch.int32, device=q.device)
-    fine = cast(torch.Tensor, block_sparse_attention(
-        q, k, v, index, count, block_q=CUBE_TOKENS, block_k=CUBE_TOKENS, key_block_valid=sizes,
-        softmax_scale=scale))
-    c = s // CUBE_TOKENS
-    out = torch.addcmul(fine.view(b, c, CUBE_TOKENS, h, d),
-                        gate_compress.reshape(b, c, CUBE_TOKENS, h, d), coarse[:, :, None])
-    return out.view(b, s, h, d)
+    return vsa_with_fine_stage(q, k, v, gate_compress, sizes, topk, scale, triton_fine_stage)
