@@ -163,7 +163,7 @@ class CudnnBsaVSABackend(VideoSparseAttentionBackend):
     HEAD_SIZES: ClassVar[tuple[int, ...]] = HEAD_SIZES  # type: ignore[assignment]
     SUPPORTS_GQA: ClassVar[bool] = True  # sm90 and sm120; Blackwell blk64 in extra_reasons
     BACKWARD_PLATFORMS: ClassVar[frozenset[str]] = frozenset()  # no autograd backward
-    PACKAGES = (PACKAGE, CUTE_DSL)
+    PACKAGES = (PACKAGE, CUTE_DSL)  # type: ignore[assignment]  # the base declares one
 
     @classmethod
     def extra_reasons(cls, request: AttentionRequest, device: Device) -> list[Reason]:
