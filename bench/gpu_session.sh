@@ -2,6 +2,7 @@
 # One GPU session for everything that needs the device, in two phases so each fits one call:
 #   bash bench/gpu_session.sh tests   # install, the gpu-marked tests (xdist), the CLI on the device
 #   bash bench/gpu_session.sh bench   # every benchmark's --quick table, one after another
+#   bash bench/gpu_session.sh rest    # after 'all': the sweep, the other gpu tests
 #   bash bench/gpu_session.sh all     # when one call is all the budget allows: the new features'
 #                                     # gpu tests and the shortest form of each table
 # Wheels the image lacks (pytest, xdist; fla-core + einops for the linear bench) travel in .whl/.
@@ -48,6 +49,16 @@ case "${1:-tests}" in
     step 45 linear python3 bench/linear_gpu.py --quick
     step 20 host_overhead python3 bench/host_overhead_gpu.py --quick
     step 30 models python3 bench/models_gpu.py --quick
+    ;;
+  rest)  # after 'all': the sweep (launch plans for options.py), every other gpu test, the
+          # tables 'all' gave in short form
+    step 130 sparse_sweep python3 bench/sparse_gpu.py --quick --sweep --sweep-budget 60 \
+      --only sweep,vsa
+    TAIL=30 step 200 gpu_tests_rest python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 \
+      --maxfail=60 tests --ignore=tests/kernels --ignore=tests/sparse --ignore=tests/engine \
+      --ignore=tests/linear --ignore=tests/test_ring.py --ignore=tests/test_ring_grads.py
+    step 45 ring_backward python3 bench/ring_backward_gpu.py --quick
+    step 60 models python3 bench/models_gpu.py --quick
     ;;
   tests)
     step 60 cli bash -c "python3 -m attnrt.tools.cli info | head -30; python3 -m attnrt.tools.cli explain --head-size 128 --dtype bf16 --heads 40 --method vsa"
