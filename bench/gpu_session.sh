@@ -22,7 +22,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 step() {  # step SECONDS NAME COMMAND...: run with a limit, log to $out/NAME.log, print its tail
   local limit=$1 name=$2; shift 2
   echo "=== $name (limit ${limit}s)"
-  timeout "$limit" "$@" >"$out/$name.log" 2>&1; echo "rc=$?" >>"$out/$name.log"
+  timeout -s INT -k 15 "$limit" "$@" >"$out/$name.log" 2>&1; echo "rc=$?" >>"$out/$name.log"
   tail -n "${TAIL:-25}" "$out/$name.log"
 }
 case "${1:-tests}" in
@@ -49,6 +49,16 @@ case "${1:-tests}" in
     step 45 linear python3 bench/linear_gpu.py --quick
     step 20 host_overhead python3 bench/host_overhead_gpu.py --quick
     step 30 models python3 bench/models_gpu.py --quick
+    ;;
+  final)  # a second call on a short budget: failures named (SIGINT at the limit still prints
+           # pytest's summary), the launch-plan sweep, the linear table, two profiles
+    TAIL=30 step 170 gpu_tests python3 -m pytest -m gpu -v -rfE --tb=short -p no:cacheprovider \
+      -n 16 --maxfail=40 --junitxml="$out/junit.xml" tests/kernels tests/sparse tests/engine \
+      tests/linear tests/test_ring.py tests/test_ring_grads.py
+    step 130 sparse_sweep python3 bench/sparse_gpu.py --quick --sweep --sweep-budget 80 --only vsa
+    step 80 linear python3 bench/linear_gpu.py --quick
+    step 35 engine_profile python3 bench/engine_profile_gpu.py
+    TAIL=45 step 25 host_overhead python3 bench/host_overhead_gpu.py --quick --profile cprofile
     ;;
   rest)  # after 'all': the sweep (launch plans for options.py), every other gpu test, the
           # tables 'all' gave in short form
