@@ -60,6 +60,11 @@ case "${1:-tests}" in
     step 35 engine_profile python3 bench/engine_profile_gpu.py
     TAIL=45 step 25 host_overhead python3 bench/host_overhead_gpu.py --quick --profile cprofile
     ;;
+  correct)  # the gpu tests of the engine, the linear engine, ring and sparse methods alone
+    TAIL=40 step "${LIMIT:-140}" gpu_tests python3 -m pytest -m gpu -v -rfE --tb=short \
+      -p no:cacheprovider -n 16 --maxfail=40 --junitxml="$out/junit.xml" tests/engine \
+      tests/linear tests/test_ring.py tests/test_ring_grads.py tests/sparse
+    ;;
   rest)  # after 'all': the sweep (launch plans for options.py), every other gpu test, the
           # tables 'all' gave in short form
     step 130 sparse_sweep python3 bench/sparse_gpu.py --quick --sweep --sweep-budget 60 \
