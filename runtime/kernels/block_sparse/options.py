@@ -27,7 +27,15 @@ MAX_STEP_KEYS = 256  # a step's gathered tile is at most this many rows
 # Measured winners, "<kernel>-<block_q>x<block_k>-d<BD>" -> options (16-bit dtypes; float32 is
 # fitted down from them). `python bench/sparse_gpu.py --sweep` times the candidates on the GPU
 # and prints the entries to paste here. Unlisted keys take default_plan.
-LAUNCH_OPTIONS: dict[str, dict[str, int]] = {}
+# Measured on an H100 (torch 2.11, Triton 3.6, bench/NOTES-sparse.md run 3): for 64-token
+# blocks one block per step and two stages beat the default (two per step, three stages) by
+# 11% forward; 128-token blocks: dq only (the sweep's budget ended before the others).
+LAUNCH_OPTIONS: dict[str, dict[str, int]] = {
+    "fwd-64x64-d128": {"num_warps": 4, "num_stages": 2, "step": 1, "split": 1},
+    "dq-64x64-d128": {"num_warps": 4, "num_stages": 2, "step": 1, "split": 1},
+    "dkdv-64x64-d128": {"num_warps": 4, "num_stages": 2, "step": 1, "split": 1},
+    "dq-128x128-d128": {"num_warps": 8, "num_stages": 2, "step": 1, "split": 1},
+}
 
 
 @dataclass(frozen=True)
@@ -69,8 +77,8 @@ def plan_from(options: dict[str, int]) -> Plan:
 
 def smem_bytes(kernel: str, plan: Plan, block_q: int, block_k: int, d: int, es: int) -> int:
     """Shared memory Triton needs for a plan on Hopper, an upper bound fitted to what Triton 3.6
-    asked for on an H100 (fwd: Q + P + max(1, stages - 1) K/V buffers; dq: Q + dO + stages K/V
-    buffers; dkdv: resident K/V + stages Q/dO buffers, + P and dS for float32)."""
+    asked for on an H100 (fwd: Q + P + max(1, stages - 1) K/V buffers, stages buffers where a
+    step gathers several key blocks; dq: Q + dO + stages K/V buffers; dkdv: resident K/V + stages Q/dO buffers, + P and dS for float32)."""
     bd = padded_head(d)
     if kernel == "dkdv":
         keys, rows = block_k // plan.split, block_q * plan.step
@@ -78,8 +86,9 @@ def smem_bytes(kernel: str, plan: Plan, block_q: int, block_k: int, d: int, es: 
         return (2 * keys * bd + plan.num_stages * 2 * rows * bd + scores) * es
     rows, keys = block_q // plan.split, block_k * plan.step
     kv = 2 * keys * bd * es
-    if kernel == "fwd":
-        return rows * bd * es + rows * keys * es + max(1, plan.num_stages - 1) * kv
+    if kernel == "fwd":  # a gathered tile (step > 1) took a buffer per stage on the H100
+        buffers = plan.num_stages if plan.step > 1 else max(1, plan.num_stages - 1)
+        return rows * bd * es + rows * keys * es + buffers * kv
     return 2 * rows * bd * es + plan.num_stages * kv
 
 
