@@ -22,7 +22,17 @@ from ..flash.jit import _fwd_epilogue, _load_tile, _row_ptrs, _store_tile
 def _listed_rows(idx_row, t, stride_t, count, VALID, M, HAS_VALID: tl.constexpr,
                  BLOCK: tl.constexpr, STEP: tl.constexpr):
     """Rows [STEP * BLOCK] of the STEP blocks listed at idx_row from entry t, and which of
-    them hold a valid token (entries past count and rows past a block's valid count do not)."""
+    them hold a valid token (entries past count and rows past a block's valid count do not).
+    One block a step reads its entry as a scalar: its rows are then provably contiguous, which
+    the H100 ran 15% faster than the gathered form (bench/NOTES-sparse.md, run 3)."""
+    if STEP == 1:
+        first = tl.load(idx_row + t * stride_t) * BLOCK
+        within1 = tl.arange(0, BLOCK)
+        if HAS_VALID:
+            valid1 = tl.load(VALID + first // BLOCK)
+        else:
+            valid1 = tl.minimum(BLOCK, M - first)
+        return first + within1, within1 < valid1
     cols = tl.arange(0, STEP * BLOCK)
     j = t + cols // BLOCK
     listed = j < count
