@@ -60,6 +60,17 @@ case "${1:-tests}" in
     step 35 engine_profile python3 bench/engine_profile_gpu.py
     TAIL=45 step 25 host_overhead python3 bench/host_overhead_gpu.py --quick --profile cprofile
     ;;
+  next)  # what the next session runs first (see bench/NOTES-*.md, "next"): the gpu tests
+          # run 3 did not reach, the engine experiments, the linear table with time for fla's
+          # autotuning, the block-sparse plans after the scalar-entry change
+    TAIL=40 step 200 gpu_tests python3 -m pytest -m gpu -v -rfE --tb=short \
+      -p no:cacheprovider -n 16 --maxfail=40 --junitxml="$out/junit.xml" tests/engine \
+      tests/linear tests/test_ring.py tests/test_ring_grads.py tests/sparse \
+      tests/kernels/test_block_sparse_plans.py
+    step 60 engine_experiments python3 bench/engine_experiments_gpu.py
+    step 60 sparse python3 bench/sparse_gpu.py --quick --only parts,vsa,fine,flex
+    step 150 linear python3 bench/linear_gpu.py --quick
+    ;;
   correct)  # the gpu tests of the engine, the linear engine, ring and sparse methods alone
     TAIL=40 step "${LIMIT:-140}" gpu_tests python3 -m pytest -m gpu -v -rfE --tb=short \
       -p no:cacheprovider -n 16 --maxfail=40 --junitxml="$out/junit.xml" tests/engine \

@@ -1,0 +1,149 @@
+"""Why the engine's generated forward is slower than our dense Triton kernel: one GPU call that
+times the generated kernel with one change at a time, against the dense kernel's Triton path
+and its shipped (Gluon) path at the same shape.
+
+Shapes: B=1, H=24, N=8192, D=128, bf16, forward without grad (the engine's plain softmax
+variant, no score_mod, no mask). Each experiment patches the generated source text (or the
+tiles) and reports the kernel's milliseconds, TFLOP/s and its difference from the baseline's
+output (the patched kernels compute the same attention, except "exp2 (timing only)", which
+skips the log2(e) factor and reports how much the transcendental costs).
+
+Experiments (issue 21, bench/NOTES-engine.md has what they showed):
+    baseline        the shipped source and tiles
+    no-index        walk key blocks by position instead of through the block list
+    no-dmask        K/V loads without the head-size column mask (D = BLOCK_D here)
+    exp2            tl.exp -> tl.math.exp2 (timing only)
+    1d-rows         row state as [BLOCK_M] vectors (max/sum without keep_dims)
+    tiles ...       BLOCK_M, BLOCK_N, warps, stages candidates
+
+    python bench/engine_experiments_gpu.py [--n 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable
+
+import torch
+
+B, H, D = 1, 24, 128
+TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 4),
+         (64, 64, 4, 3), (64, 128, 4, 3)]
+
+
+def _time(fn: Callable[[], torch.Tensor], reps: int = 10) -> float:
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _no_index(src: str) -> str:
+    return src.replace("start_n = tl.load(FULL_IDX + list_off + j) * BLOCK_N",
+                       "start_n = j * BLOCK_N")
+
+
+def _no_dmask(src: str) -> str:
+    src = src.replace(", mask=offs_d[None, :] < HEAD_DIM, other=0.0)", ")")
+    return src.replace(", mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)", ")")
+
+
+def _exp2(src: str) -> str:
+    return src.replace("tl.exp(", "tl.math.exp2(")
+
+
+def _rows_1d(src: str) -> str:
+    """[BLOCK_M, 1] row state -> [BLOCK_M] vectors, broadcast with [:, None] where they meet
+    [BLOCK_M, X] tiles (written for the plain softmax variant's source)."""
+    src = src.replace("tl.full([BLOCK_M, 1], ", "tl.full([BLOCK_M], ")
+    src = src.replace("tl.zeros([BLOCK_M, 1], dtype=tl.int32)",
+                      "tl.zeros([BLOCK_M], dtype=tl.int32)")
+    src = src.replace(" + tl.zeros([BLOCK_M, 1], dtype=tl.float32)", "")
+    src = src.replace(", 1, keep_dims=True)", ", 1)")
+    src = re.sub(r"\((s2?) - (\w+)\)", r"(\1 - \2[:, None])", src)
+    src = re.sub(r"acc ([*/]) (\w+)\b", r"acc \1 \2[:, None]", src)
+    src = src.replace("tl.where(hit > 0,", "tl.where(hit[:, None] > 0,")
+    return re.sub(r"(tl\.store\(FIN .*?)offs_m\[:, None\], (.*?)mask=row_ok\)",
+                  r"\1offs_m, \2mask=offs_m < N)", src)
+
+
+PATCHES: dict[str, Callable[[str], str]] = {
+    "no-index": _no_index, "no-dmask": _no_dmask, "exp2 (timing only)": _exp2,
+    "1d-rows": _rows_1d,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--show-source", action="store_true", help="print the baseline source")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from attnrt.engine import codegen, kernel
+    from attnrt.engine.softmax import AttentionEngine
+    from attnrt.kernels.flash.configs import make_config
+    from attnrt.kernels.flash.configs_cuda import select_config
+    from attnrt.kernels.flash.launch import flash_attention
+
+    n = args.n
+    flops = 4 * B * H * n * n * D
+    q, k, v = (torch.randn(B, n, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, B={B} H={H} N={n} D={D} "
+          "bf16, forward, no grad")
+    print(f"{'case':<34} {'ms':>8} {'TFLOP/s':>8} {'vs base':>8} {'rel diff':>9}")
+    engine = AttentionEngine(None, None, backend="triton")
+    original = codegen.source
+    with torch.no_grad():
+        base_out = engine(q, k, v).float()
+        base_ms = _time(lambda: engine(q, k, v))
+
+        def row(name: str, ms: float, out: torch.Tensor | None) -> None:
+            diff = ((out.float() - base_out).norm() / base_out.norm()).item() if out is not None \
+                else float("nan")
+            print(f"{name:<34} {ms:8.3f} {flops / ms / 1e9:8.0f} {base_ms / ms:7.2f}x "
+                  f"{diff:9.1e}", flush=True)
+
+        row("engine baseline (shipped)", base_ms, base_out)
+        for name, patch in PATCHES.items():
+            kernel.clear_modules()
+            kernel.source = lambda variant, flags, p=patch: p(original(variant, flags))
+            try:
+                out = engine(q, k, v)
+                row(f"engine {name}", _time(lambda: engine(q, k, v)), out)
+            except Exception as exc:  # noqa: BLE001 - an experiment that fails to compile
+                print(f"engine {name}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+        kernel.source = original
+        shipped = dict(kernel._CUDA_TILES["fwd"])
+        for tiles in TILES:
+            kernel.clear_modules()
+            kernel._CUDA_TILES["fwd"][False] = tiles
+            try:
+                out = engine(q, k, v)
+                row(f"engine tiles {tiles}", _time(lambda: engine(q, k, v)), out)
+            except Exception as exc:  # noqa: BLE001
+                print(f"engine tiles {tiles}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+        kernel._CUDA_TILES["fwd"].update(shipped)
+        triton_only = make_config((128, 128, 8, 3), (64, 128, 8, 3), (128, 64, 8, 3))
+        for name, cfg in (("dense Triton (128,128,8,3)", triton_only),
+                          ("dense shipped sm90 (Gluon)", select_config("sm90", D))):
+            out = flash_attention(q, k, v, config=cfg)
+            row(name, _time(lambda c=cfg: flash_attention(q, k, v, config=c)), out)
+    if args.show_source:
+        print(original(engine.variant, kernel.KernelFlags(False, True, ())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
