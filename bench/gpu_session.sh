@@ -69,7 +69,8 @@ case "${1:-tests}" in
       tests/kernels/test_block_sparse_plans.py
     step 60 engine_experiments python3 bench/engine_experiments_gpu.py
     step 60 sparse python3 bench/sparse_gpu.py --quick --only parts,vsa,fine,flex
-    step 150 linear python3 bench/linear_gpu.py --quick
+    step 60 linear_ours python3 bench/linear_gpu.py --quick --no-fla
+    step 180 linear_fla python3 bench/linear_gpu.py --quick  # fla autotunes per shape: minutes
     ;;
   correct)  # the gpu tests of the engine, the linear engine, ring and sparse methods alone
     TAIL=40 step "${LIMIT:-140}" gpu_tests python3 -m pytest -m gpu -v -rfE --tb=short \
