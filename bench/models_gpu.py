@@ -12,6 +12,10 @@ one (relative L2; bf16 through 30 layers, so reported, not asserted).
     python bench/models_gpu.py            # 2 warm-up + 5 timed forwards per path
     python bench/models_gpu.py --quick    # 1 + 2 (well under a minute on an H100)
 
+A third path runs the self-attention through VSA (VideoSparse, sparsity 0.875, zero gate: the
+random Wan has no gate_compress projection), the cross-attention dense; its output differs from
+native by design (reported).
+
 Last, the per-call cost of routing through attnrt: a small attention call through diffusers'
 dispatch_attention_fn, natively and through attnrt, in host microseconds per call.
 """
@@ -106,13 +110,14 @@ def native(model: torch.nn.Module, inputs: dict[str, Any], warmup: int,
 
 
 def through_attnrt(model: torch.nn.Module, inputs: dict[str, Any], warmup: int, repeats: int,
-                   allowed: tuple[str, ...] | None = None) -> dict[str, Any]:
+                   allowed: tuple[str, ...] | None = None, sparse: Any = None) -> dict[str, Any]:
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry as registry
 
     from attnrt.integrations import diffusers as attnrt_diffusers
 
     current: dict[str, EventLog | None] = {"log": None}
-    with attnrt_diffusers.enabled(model, supported_attention_backends=allowed) as router:
+    with attnrt_diffusers.enabled(model, supported_attention_backends=allowed,
+                                  sparse=sparse) as router:
         key = attnrt_diffusers.dispatcher_backend(model)
         inner = registry._backends[key]
 
@@ -132,14 +137,15 @@ def through_attnrt(model: torch.nn.Module, inputs: dict[str, Any], warmup: int, 
 
 
 def vsa_variant(model: torch.nn.Module, inputs: dict[str, Any], warmup: int,
-                repeats: int) -> dict[str, Any] | str:
-    """The same forward with VSA; a string saying why not until attnrt has a VSA backend.
-    TODO(sparse part 1): route through VIDEO_SPARSE_ATTN with its metadata once registered."""
-    from attnrt.selection import registry
+                repeats: int, sparsity: float = 0.875) -> dict[str, Any]:
+    """The same forward with the self-attention through VSA (attnrt's diffusers integration,
+    VideoSparse with the zero gate: Wan has no gate_compress projection), cross-attention
+    dense. The latent is (frames, 60, 104) with Wan's (1, 2, 2) patches."""
+    from attnrt.integrations.diffusers import VideoSparse
 
-    if not registry.is_registered("VIDEO_SPARSE_ATTN"):
-        return "pending: no VIDEO_SPARSE_ATTN backend registered (sparse part 1)"
-    return "pending: VSA needs its metadata builder wired into the diffusers integration"
+    frames = inputs["hidden_states"].shape[2]
+    sparse = VideoSparse((frames, 60, 104), (1, 2, 2), sparsity)
+    return through_attnrt(model, inputs, warmup, repeats, sparse=sparse)
 
 
 def call_overhead_us(calls: int = 2000) -> dict[str, float]:
@@ -201,8 +207,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.cuda.get_device_name()}; built in {time.perf_counter() - t0:.1f} s")
     ref = native(model, inputs, warmup, repeats)
     ours = through_attnrt(model, inputs, warmup, repeats, allowed)
-    print_table(ref, ours, vsa_variant(model, inputs, warmup, repeats))
-    print(f"attnrt vs native output: rel L2 {rel_l2(ours['out'], ref['out']):.2e} (bf16)")
+    vsa = vsa_variant(model, inputs, warmup, repeats)
+    print_table(ref, ours, vsa)
+    print(f"attnrt vs native output: rel L2 {rel_l2(ours['out'], ref['out']):.2e} (bf16); "
+          f"attnrt + VSA (s=0.875, zero gate, random weights) vs native: "
+          f"{rel_l2(vsa['out'], ref['out']):.2e}")
     over = call_overhead_us(500 if args.quick else 2000)
     print(f"per call through dispatch_attention_fn (B1 N256 H12 D128 bf16, host us incl. the "
           f"kernel): native {over['native']:.1f}, attnrt {over['attnrt']:.1f} "
@@ -210,17 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_table(ref: dict[str, Any], ours: dict[str, Any], vsa: dict[str, Any] | str) -> None:
-    rows = [("native (torch SDPA)", "torch picks", ref), (
-        "attnrt", ",".join(f"{k} x{v}" for k, v in ours["served"].items()), ours)]
-    print(f"{'path':<22} {'backend (calls)':<32} {'ms/fwd':>9} {'attn ms':>9} {'attn %':>7} "
+def print_table(ref: dict[str, Any], ours: dict[str, Any], vsa: dict[str, Any]) -> None:
+    def served(r: dict[str, Any]) -> str:
+        return ",".join(f"{k} x{v}" for k, v in r["served"].items())
+
+    rows = [("native (torch SDPA)", "torch picks", ref), ("attnrt", served(ours), ours),
+            ("attnrt + VSA s=0.875", served(vsa), vsa)]
+    print(f"{'path':<22} {'backend (calls)':<44} {'ms/fwd':>9} {'attn ms':>9} {'attn %':>7} "
           f"{'calls':>6} {'fwd speed-up':>13}")
     for name, backend, r in rows:
         share = 100 * r["attention_ms"] / r["forward_ms"]
-        print(f"{name:<22} {backend:<32} {r['forward_ms']:>9.1f} {r['attention_ms']:>9.1f} "
+        print(f"{name:<22} {backend:<44} {r['forward_ms']:>9.1f} {r['attention_ms']:>9.1f} "
               f"{share:>6.1f}% {r['calls']:>6} {ref['forward_ms'] / r['forward_ms']:>12.2f}x")
-    if isinstance(vsa, str):
-        print(f"{'attnrt + VSA':<22} {vsa}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,11 @@ from torch import nn
 
 from attnrt.errors import AttnrtError
 from attnrt.integrations.sdpa_router import SdpaRouter, check_call
+from attnrt.integrations.video_sparse import VideoSparse, VideoSparseError
+
+__all__ = ["SUPPORTED_DIFFUSERS", "DiffusersIntegrationError", "VideoSparse", "VideoSparseError",
+           "attention_modules", "check_diffusers_version", "disable", "dispatcher_backend",
+           "enable", "enabled", "router_of"]
 
 SUPPORTED_DIFFUSERS = ">=0.42,<0.43"
 _REGISTRY_FIELDS = ("_backends", "_constraints", "_supported_arg_names",
@@ -113,6 +118,11 @@ def _backend_fn(router: SdpaRouter) -> Any:
             return router(query, key, value, attn_mask, dropout_p, is_causal, scale,
                           enable_gqa, return_lse, **unknown)
         check_call(query, key, attn_mask, dropout_p, is_causal, enable_gqa, unknown)
+        if router.video is not None:
+            raise DiffusersIntegrationError(
+                "_parallel_config is not supported with sparse=VideoSparse(...): context "
+                "parallelism splits the video sequence, and VSA over one shard is not VSA over "
+                "the video; allowed: no context parallelism, or enable() without sparse")
         from diffusers.models.attention_dispatch import _templated_context_parallel_attention
 
         return _templated_context_parallel_attention(
@@ -167,10 +177,16 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def enable(model: nn.Module, *,
-           supported_attention_backends: tuple[str, ...] | None = None) -> SdpaRouter:
+           supported_attention_backends: tuple[str, ...] | None = None,
+           sparse: VideoSparse | None = None) -> SdpaRouter:
     """Route every attention call of `model` through attnrt; returns the router (its `served`
-    counts calls per backend). Raises DiffusersIntegrationError if already enabled or if the
-    model has no diffusers attention module."""
+    counts calls per backend). `sparse=VideoSparse(...)` runs the video's self-attention with
+    VSA (attnrt.integrations.video_sparse). Raises DiffusersIntegrationError if already
+    enabled or if the model has no diffusers attention module."""
+    if sparse is not None and not isinstance(sparse, VideoSparse):
+        raise DiffusersIntegrationError(f"sparse={type(sparse).__name__} is not allowed; "
+                                        "allowed: None or attnrt.integrations.diffusers."
+                                        "VideoSparse(...)")
     dispatch = _dispatch_module()
     modules = attention_modules(model)
     if not modules:
@@ -180,7 +196,7 @@ def enable(model: nn.Module, *,
         if model in _ENABLED:
             raise DiffusersIntegrationError(f"model={type(model).__name__} is already routed "
                                             "through attnrt; call disable(model) first")
-        router = SdpaRouter(supported_attention_backends)
+        router = SdpaRouter(supported_attention_backends, sparse)
         state = _Enabled(router, _register(dispatch, router))
         for module in modules:
             _route(module, state)
@@ -231,9 +247,10 @@ def router_of(model: nn.Module) -> SdpaRouter | None:
 @contextlib.contextmanager
 def enabled(model: nn.Module, *,
             supported_attention_backends: tuple[str, ...] | None = None,
-            ) -> Iterator[SdpaRouter]:
+            sparse: VideoSparse | None = None) -> Iterator[SdpaRouter]:
     """enable(model) for the block; disable(model) on exit, also on error."""
-    router = enable(model, supported_attention_backends=supported_attention_backends)
+    router = enable(model, supported_attention_backends=supported_attention_backends,
+                    sparse=sparse)
     try:
         yield router
     finally:

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from attnrt.errors import AttnrtError
 from attnrt.integrations import masked
 from attnrt.layers import LocalAttention
+
+if TYPE_CHECKING:
+    from attnrt.integrations.video_sparse import VideoSparse
 
 Out = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -61,11 +64,18 @@ class SdpaRouter:
 
     `served` counts calls per backend name (the count the tests compare with the model's own
     attention calls), `served_masked` the masked ones among them.
-    `supported_attention_backends` is the allow-list every layer gets.
+    `supported_attention_backends` is the allow-list every layer gets. `sparse` (a
+    VideoSparse) runs the video's self-attention calls with VSA
+    (attnrt.integrations.video_sparse).
     """
 
-    def __init__(self, supported_attention_backends: tuple[str, ...] | None = None) -> None:
+    def __init__(self, supported_attention_backends: tuple[str, ...] | None = None,
+                 sparse: VideoSparse | None = None) -> None:
+        from attnrt.integrations.video_sparse import VideoSparseRoute
+
         self.allowed = supported_attention_backends
+        self.video = None if sparse is None else VideoSparseRoute(sparse,
+                                                                  supported_attention_backends)
         self.served: Counter[str] = Counter()
         self.served_masked: Counter[str] = Counter()
         self._layers: dict[tuple[Any, ...], LocalAttention] = {}
@@ -94,6 +104,11 @@ class SdpaRouter:
         if attn_mask is not None and attn_mask.dim() == 2 and (
                 tuple(attn_mask.shape) == (query.shape[0], key.shape[1])):
             attn_mask = attn_mask[:, None, None, :]
+        if self.video is not None and self.video.serves(query, key):
+            self.video.check(attn_mask, is_causal, return_lse)
+            out, name = self.video(query, key, value, scale)
+            self.served[name] += 1
+            return out
         return self.serve(query, key, value, attn_mask, is_causal, scale, return_lse)
 
     def serve(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

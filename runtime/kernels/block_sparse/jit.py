@@ -28,10 +28,7 @@ def _listed_rows(idx_row, t, stride_t, count, VALID, M, HAS_VALID: tl.constexpr,
     if STEP == 1:
         first = tl.load(idx_row + t * stride_t) * BLOCK
         within1 = tl.arange(0, BLOCK)
-        if HAS_VALID:
-            valid1 = tl.load(VALID + first // BLOCK)
-        else:
-            valid1 = tl.minimum(BLOCK, M - first)
+        valid1 = tl.load(VALID + first // BLOCK) if HAS_VALID else tl.minimum(BLOCK, M - first)
         return first + within1, within1 < valid1
     cols = tl.arange(0, STEP * BLOCK)
     j = t + cols // BLOCK

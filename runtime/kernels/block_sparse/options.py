@@ -78,7 +78,8 @@ def plan_from(options: dict[str, int]) -> Plan:
 def smem_bytes(kernel: str, plan: Plan, block_q: int, block_k: int, d: int, es: int) -> int:
     """Shared memory Triton needs for a plan on Hopper, an upper bound fitted to what Triton 3.6
     asked for on an H100 (fwd: Q + P + max(1, stages - 1) K/V buffers, stages buffers where a
-    step gathers several key blocks; dq: Q + dO + stages K/V buffers; dkdv: resident K/V + stages Q/dO buffers, + P and dS for float32)."""
+    step gathers several key blocks; dq: Q + dO + stages K/V buffers; dkdv: resident K/V +
+    stages Q/dO buffers, + P and dS for float32)."""
     bd = padded_head(d)
     if kernel == "dkdv":
         keys, rows = block_k // plan.split, block_q * plan.step
