@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from attnrt.context import get_forward_context
 from attnrt.errors import BackendUnavailableError, KernelCompileError
@@ -114,6 +115,14 @@ class _Selected:
             return self.seq_low == 0 and self.seq_high in (0, float("inf"))
         return self.seq_low <= seq_len < self.seq_high
 
+
+# nn.Module's global hook tables (dicts torch mutates in place) and the TorchScript tracing
+# state, bound once for LocalAttention.__call__'s check.
+_GLOBAL_FORWARD_HOOKS = _torch_module._global_forward_hooks
+_GLOBAL_FORWARD_PRE_HOOKS = _torch_module._global_forward_pre_hooks
+_GLOBAL_BACKWARD_HOOKS = _torch_module._global_backward_hooks
+_GLOBAL_BACKWARD_PRE_HOOKS = _torch_module._global_backward_pre_hooks
+_tracing_state = torch._C._get_tracing_state
 
 _IMPL_OWNER: ContextVar[nn.Module | None] = ContextVar("attnrt_impl_owner", default=None)
 
@@ -332,6 +341,17 @@ class LocalAttention(nn.Module):
                 and active.seq_low <= qs[1] < active.seq_high):
             active = self._slow_path(q, k, v)
         return active
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """nn.Module's call, minus two Python frames where no hook can run (the fields torch's
+        own fast path reads): 0.6 us of the layer's ~2.4 us per call (bench/NOTES-core.md).
+        Hooks, module.compile() and TorchScript tracing take nn.Module's full path."""
+        if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
+                or self._backward_pre_hooks or _GLOBAL_FORWARD_HOOKS or _GLOBAL_FORWARD_PRE_HOOKS
+                or _GLOBAL_BACKWARD_HOOKS or _GLOBAL_BACKWARD_PRE_HOOKS
+                or self._compiled_call_impl is not None or _tracing_state()):
+            return super().__call__(*args, **kwargs)
+        return self.forward(*args, **kwargs)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 freqs_cis: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

@@ -337,3 +337,47 @@ def test_decision_for_sees_a_failure_recorded_by_another_layer(failing_first):
     attnrt.LocalAttention(2, 32)(q, k, v)  # fails, records, falls back
     assert other.decision_for(torch.float32, q.device).backend == "TORCH_SDPA"
     assert type(other.impl_for(torch.float32, q.device)).__name__ == "TorchSdpaImpl"
+
+
+class TestModuleCall:
+    """LocalAttention.__call__ skips nn.Module's hook machinery only where no hook can run:
+    every kind of hook still runs, and module.compile() still compiles."""
+
+    @staticmethod
+    def _qkv() -> tuple[torch.Tensor, ...]:
+        return tuple(torch.randn(1, 8, 2, 16) for _ in range(3))
+
+    def test_forward_and_pre_hooks_run(self):
+        layer = attnrt.LocalAttention(2, 16)
+        seen: list[str] = []
+        pre = layer.register_forward_pre_hook(lambda mod, args: seen.append("pre"))
+        post = layer.register_forward_hook(lambda mod, args, out: out * 2)
+        q, k, v = self._qkv()
+        with torch.no_grad():
+            doubled = layer(q, k, v)
+            pre.remove()
+            post.remove()
+            plain = layer(q, k, v)
+        assert seen == ["pre"]
+        assert torch.equal(doubled, plain * 2)
+
+    def test_global_hooks_run(self):
+        from torch.nn.modules.module import register_module_forward_hook
+
+        layer = attnrt.LocalAttention(2, 16)
+        calls: list[type] = []
+        handle = register_module_forward_hook(lambda mod, args, out: calls.append(type(mod)))
+        try:
+            with torch.no_grad():
+                layer(*self._qkv())
+        finally:
+            handle.remove()
+        assert calls == [attnrt.LocalAttention]
+
+    def test_backward_hooks_run(self):
+        layer = attnrt.LocalAttention(2, 16)
+        grads: list[torch.Size] = []
+        layer.register_full_backward_hook(lambda mod, gin, gout: grads.append(gout[0].shape))
+        q, k, v = (t.requires_grad_() for t in self._qkv())
+        layer(q, k, v).sum().backward()
+        assert grads == [torch.Size([1, 8, 2, 16])]
