@@ -68,7 +68,9 @@ case "${1:-tests}" in
       tests/linear tests/test_ring.py tests/test_ring_grads.py tests/sparse \
       tests/kernels/test_block_sparse_plans.py
     step 60 engine_experiments python3 bench/engine_experiments_gpu.py
-    step 60 sparse python3 bench/sparse_gpu.py --quick --only parts,vsa,fine,flex
+    step 150 sparse python3 bench/sparse_gpu.py --quick --sweep --sweep-budget 90 \
+      --sweep-blocks 128,128x64 --only parts,vsa,fine,flex
+    step 25 host_overhead python3 bench/host_overhead_gpu.py --quick
     step 60 linear_ours python3 bench/linear_gpu.py --quick --no-fla
     step 180 linear_fla python3 bench/linear_gpu.py --quick  # fla autotunes per shape: minutes
     ;;

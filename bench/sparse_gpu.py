@@ -185,25 +185,28 @@ def sweep_rows(quick: bool) -> None:
             "vs dense cuDNN fwd")
 
 
-def _fine_inputs(block: int, n: int, keep: float) -> tuple[list[torch.Tensor], torch.Tensor,
-                                                            torch.Tensor]:
-    """q, k, v [B, n, H, D] and random top-k key blocks (fraction `keep`) per query block."""
+def _fine_inputs(block: int, n: int, keep: float, block_k: int | None = None
+                 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """q, k, v [B, n, H, D] and random top-k key blocks (fraction `keep`) per query block;
+    query blocks of `block` rows, key blocks of `block_k` (default: `block`)."""
     from attnrt.kernels.block_sparse import block_mask_to_index
 
-    nb = n // block
+    nqb, nb = n // block, n // (block_k or block)
     topk = max(1, round(keep * nb))
-    scores = torch.rand(B, H, nb, nb, device="cuda")
+    scores = torch.rand(B, H, nqb, nb, device="cuda")
     mask = torch.zeros_like(scores, dtype=torch.bool)
     mask.scatter_(-1, scores.topk(topk, dim=-1).indices, True)
     index, count = block_mask_to_index(mask)
     return leaves(*[(B, n, H, D)] * 3), index, count
 
 
-def _sparse_fn(inputs, index, count, block: int) -> Callable[[], torch.Tensor]:
+def _sparse_fn(inputs, index, count, block: int, block_k: int | None = None
+               ) -> Callable[[], torch.Tensor]:
     from attnrt.kernels.block_sparse import block_sparse_attention
 
     def fn() -> torch.Tensor:
-        return block_sparse_attention(*inputs, index, count, block_q=block, block_k=block)
+        return block_sparse_attention(*inputs, index, count, block_q=block,
+                                      block_k=block_k or block)
     return fn
 
 
@@ -263,39 +266,39 @@ def flex_rows(quick: bool) -> None:
             f"{f_ms / ms:.2f}x FlexAttention (target {1.3 if not backward else 1.2}x)")
 
 
-def _candidates(kernel: str, block: int, quick: bool) -> list[dict[str, int]]:
-    """Plans to time for one kernel at square blocks: warps x stages x step x split."""
+def _candidates(kernel: str, bq: int, bk: int, quick: bool) -> list[dict[str, int]]:
+    """Plans to time for one kernel: warps x stages x step x split."""
     from attnrt.kernels.block_sparse import options
 
     stages = (2, 3) if quick else ((2, 3, 4) if kernel == "fwd" else (1, 2, 3))
-    steps = (1, 2) if quick or block >= 128 else (1, 2, 4)
-    splits = (1,) if quick or block < 128 else (1, 2)
+    steps = (1, 2) if quick or max(bq, bk) >= 128 else (1, 2, 4)
+    splits = (1,) if quick or max(bq, bk) < 128 else (1, 2)
     out = []
     for w in (4, 8):
         for st in stages:
             for step in steps:
                 for split in splits:
                     plan = options.Plan(w, st, step, split)
-                    if options.valid_plan(kernel, plan, block, block):
+                    if options.valid_plan(kernel, plan, bq, bk):
                         out.append({"num_warps": w, "num_stages": st, "step": step,
                                     "split": split})
     return out
 
 
-def _sweep_kernel(kernel: str, block: int, inputs, index, count, quick: bool,
+def _sweep_kernel(kernel: str, bq: int, bk: int, inputs, index, count, quick: bool,
                   deadline: float) -> dict[str, int] | None:
     """Times every candidate of one kernel (the others at their current plans); returns the
     fastest plan that ran as asked (not fitted down) and matched the default plan's output."""
     from attnrt.kernels.block_sparse import launch, options
 
-    key = options.key(kernel, block, block, D)
-    fn = _sparse_fn(inputs, index, count, block)
+    key = options.key(kernel, bq, bk, D)
+    fn = _sparse_fn(inputs, index, count, bq, bk)
     options.LAUNCH_OPTIONS.pop(key, None)
     launch.clear_plans()
     with torch.no_grad():
         expect = fn().float()
     timings = []
-    for opt in _candidates(kernel, block, quick):
+    for opt in _candidates(kernel, bq, bk, quick):
         if time.monotonic() > deadline:
             print(f"  {key}: sweep budget spent, keeping the best so far", flush=True)
             break
@@ -326,18 +329,24 @@ def _sweep_kernel(kernel: str, block: int, inputs, index, count, quick: bool,
     return best
 
 
-def sweep_launch(quick: bool, budget_s: float) -> None:
-    """Times plans of the three block-sparse kernels (D=128, bf16, 12.5% kept, N=16384), keeps
-    each winner for the rest of this run (so the table below measures them), and prints the
-    LAUNCH_OPTIONS entries to paste into runtime/kernels/block_sparse/options.py."""
+# Block sizes the sweep times: VSA's 64-token cubes, FlexAttention's 128, SLA's (128, 64).
+SWEEP_BLOCKS = {"64": (64, 64), "128": (128, 128), "128x64": (128, 64)}
+
+
+def sweep_launch(quick: bool, budget_s: float, blocks: list[str]) -> None:
+    """Times plans of the three block-sparse kernels (D=128, bf16, 12.5% kept, N=16384) at
+    each block size in `blocks`, keeps each winner for the rest of this run (so the table
+    below measures them), and prints the LAUNCH_OPTIONS entries to paste into
+    runtime/kernels/block_sparse/options.py."""
     best: dict[str, dict[str, int]] = {}
-    for block in (64, 128):
-        inputs, index, count = _fine_inputs(block, 16384, 0.125)
-        for kernel in ("fwd", "dq", "dkdv"):  # each kernel gets a sixth of the budget
-            deadline = time.monotonic() + budget_s / 6
-            won = _sweep_kernel(kernel, block, inputs, index, count, quick, deadline)
+    for name in blocks:
+        bq, bk = SWEEP_BLOCKS[name]
+        inputs, index, count = _fine_inputs(bq, 16384, 0.125, bk)
+        for kernel in ("fwd", "dq", "dkdv"):  # each kernel gets its share of the budget
+            deadline = time.monotonic() + budget_s / (3 * len(blocks))
+            won = _sweep_kernel(kernel, bq, bk, inputs, index, count, quick, deadline)
             if won is not None:
-                best[f"{kernel}-{block}x{block}-d{D}"] = won
+                best[f"{kernel}-{bq}x{bk}-d{D}"] = won
     print("# paste into runtime/kernels/block_sparse/options.py (measured: "
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}):")
     print("LAUNCH_OPTIONS: dict[str, dict[str, int]] = {")
@@ -353,8 +362,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="first time launch plans of the block-sparse kernels, keep the "
                              "winners for the table and print them as LAUNCH_OPTIONS")
     parser.add_argument("--sweep-budget", type=float, default=300.0,
-                        help="seconds the plan sweep may take, a sixth per kernel and block "
+                        help="seconds the plan sweep may take, a share per kernel and block "
                              "size (default 300)")
+    parser.add_argument("--sweep-blocks", default="64,128",
+                        help=f"comma-separated block sizes to sweep: {', '.join(SWEEP_BLOCKS)}")
     parser.add_argument("--only", default="parts,vsa,fine,flex,sweep",
                         help="comma-separated subset of: parts, vsa, fine, flex, sweep")
     args = parser.parse_args(argv)
@@ -363,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, B={B} H={H} D={D} bf16")
     if args.sweep:
-        sweep_launch(args.quick, args.sweep_budget)
+        sweep_launch(args.quick, args.sweep_budget, args.sweep_blocks.split(","))
     print(f"{'case':<46} {'ms':>9} {'TFLOP/s':>8} {'speedup':>7} {'ideal':>7} {'%ideal':>6}")
     parts = {"parts": parts_rows, "vsa": vsa_rows, "fine": fine_rows, "flex": flex_rows,
              "sweep": sweep_rows}
