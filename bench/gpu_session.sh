@@ -2,6 +2,7 @@
 # One GPU session for everything that needs the device, in two phases so each fits one call:
 #   bash bench/gpu_session.sh tests   # install, the gpu-marked tests (xdist), the CLI on the device
 #   bash bench/gpu_session.sh bench   # every benchmark's --quick table, one after another
+#   bash bench/gpu_session.sh next    # then next2: what the twelfth session runs first
 #   bash bench/gpu_session.sh rest    # after 'all': the sweep, the other gpu tests
 #   bash bench/gpu_session.sh all     # when one call is all the budget allows: the new features'
 #                                     # gpu tests and the shortest form of each table
@@ -71,8 +72,12 @@ case "${1:-tests}" in
     step 150 sparse python3 bench/sparse_gpu.py --quick --sweep --sweep-budget 90 \
       --sweep-blocks 128,128x64 --only parts,vsa,fine,flex
     step 25 host_overhead python3 bench/host_overhead_gpu.py --quick
+    ;;
+  next2)  # the second call of the next session: the linear tables, VMoBA/SLA, the model rows
     step 60 linear_ours python3 bench/linear_gpu.py --quick --no-fla
     step 180 linear_fla python3 bench/linear_gpu.py --quick  # fla autotunes per shape: minutes
+    step 90 sla_vmoba python3 bench/sla_vmoba_gpu.py --quick
+    step 120 models python3 bench/models_gpu.py --quick
     ;;
   correct)  # the gpu tests of the engine, the linear engine, ring and sparse methods alone
     TAIL=40 step "${LIMIT:-140}" gpu_tests python3 -m pytest -m gpu -v -rfE --tb=short \
