@@ -94,16 +94,25 @@ _CUDA_TILES = {
 }
 
 
-def pick_tiles(q: torch.Tensor, dv: int, block_size: tuple[int, int], kernel: str) -> Tiles:
+def pick_tiles(device_type: str, d: int, dv: int, block_size: tuple[int, int] | None,
+               kernel: str) -> Tiles:
     """Tiles of `kernel` ("fwd", "dq" or "dkdv") for this call: 16 x 16 under the
-    interpreter; a tile always divides the call's block-sparse block size."""
-    if q.device.type != "cuda":
+    interpreter. `block_size` is the call's block-sparse mask granularity where it has one
+    (block_sparse_mask / _indices): a tile then divides it. Without a mask the tiles are the
+    table's: the mask_mod's block lists are built at tile granularity. A tile cut to 64 rows
+    runs one warpgroup (4 warps); the H100 profile of eleventh session showed (64, 64) tiles
+    with 8 warps, from cutting the table's tiles to the default block size with no mask, at
+    177 TFLOP/s where the dense kernel's Triton path runs ~450 (bench/NOTES-engine.md)."""
+    if device_type != "cuda":
         bm, bn, warps, stages = 16, 16, 4, 1
     else:
-        bm, bn, warps, stages = _CUDA_TILES[kernel][max(q.shape[-1], dv) > 128]
-    bm, bn = math.gcd(bm, block_size[0]), math.gcd(bn, block_size[1])
+        bm, bn, warps, stages = _CUDA_TILES[kernel][max(d, dv) > 128]
+    if block_size is not None:
+        bm, bn = math.gcd(bm, block_size[0]), math.gcd(bn, block_size[1])
     if min(bm, bn) < 16:
         raise EngineInputError(f"block_size={block_size} must be multiples of 16")
+    if (bm if kernel != "dkdv" else bn) < 128:
+        warps = min(warps, 4)
     return Tiles(bm, bn, warps, stages)
 
 
@@ -138,7 +147,9 @@ class EngineRun:
         self.flags = KernelFlags(call.varlen is not None, scale is not None, input_grads)
         self.module = _module_for(variant, self.flags)
         q, v = call.q, call.v
-        self.tiles = {name: pick_tiles(q, v.shape[-1], call.block_size, name)
+        mask_blocks = call.block_size if call.block_mask is not None else None
+        self.tiles = {name: pick_tiles(q.device.type, q.shape[-1], v.shape[-1], mask_blocks,
+                                       name)
                       for name in ("fwd", "dq", "dkdv")}
         self.fwd_lists = _lists(fns, variant, call, self.tiles["fwd"])[0]
         self._fns = fns

@@ -231,3 +231,41 @@ def test_rows_that_keep_no_key_output_zero_with_zero_gradients(backend):
     want = attend(scores(q.detach().cpu(), k.detach().cpu()) * 0.25, (j < 8) & (i >= 16),
                   v.detach().cpu())
     assert rel_l2(out, want) < TOLERANCE[torch.float32]
+
+
+def test_cuda_tiles_are_the_table_s_unless_a_block_mask_sets_the_granularity():
+    """Without a block-sparse mask the tiles are the table's (128-row forward); a mask's
+    block size cuts them, and a 64-row tile runs one warpgroup (4 warps): the H100 run that
+    found (64, 64) tiles with 8 warps at 177 TFLOP/s is in bench/NOTES-engine.md."""
+    assert kernel.pick_tiles("cuda", 128, 128, None, "fwd") == kernel.Tiles(128, 64, 8, 3)
+    assert kernel.pick_tiles("cuda", 128, 128, None, "dkdv") == kernel.Tiles(64, 128, 8, 3)
+    assert kernel.pick_tiles("cuda", 128, 128, (64, 64), "fwd") == kernel.Tiles(64, 64, 4, 3)
+    assert kernel.pick_tiles("cuda", 128, 128, (64, 64), "dkdv") == kernel.Tiles(64, 64, 4, 3)
+    assert kernel.pick_tiles("cuda", 256, 256, None, "fwd") == kernel.Tiles(64, 64, 4, 2)
+    assert kernel.pick_tiles("cpu", 128, 128, None, "fwd") == kernel.Tiles(16, 16, 4, 1)
+    with pytest.raises(Exception, match=r"block_size=\(8, 64\) must be multiples of 16"):
+        kernel.pick_tiles("cuda", 128, 128, (8, 64), "fwd")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("window", [None, 40])
+def test_tiles_wider_than_the_call_block_size_match_the_reference(monkeypatch, window):
+    """With no block mask, tiles need not divide the call's block_size (64, 64): the mask_mod's
+    lists are built at the tiles' own granularity. Forced 128 x 64 / 64 x 128 tiles under the
+    interpreter, forward and backward, against the reference."""
+    from attnrt.engine.library import sliding_window_mask
+
+    table = {"fwd": (128, 64), "dq": (128, 64), "dkdv": (64, 128)}
+    monkeypatch.setattr(kernel, "pick_tiles", lambda device, d, dv, block_size, name:
+                        kernel.Tiles(*table[name], 4, 1))
+    mask = None if window is None else sliding_window_mask(window)
+    ours = AttentionEngine(None, None, mask_mod=mask, backend="triton")
+    ref = AttentionEngine(None, None, mask_mod=mask, backend="reference")
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 200, 2, 32, generator=gen, requires_grad=True) for _ in range(3))
+    out, want = ours(q, k, v), ref(q, k, v)
+    do = torch.randn(out.shape, generator=gen)
+    assert rel_l2(out, want) < TOLERANCE[torch.float32]
+    for got, expect in zip(torch.autograd.grad(out, (q, k, v), do),
+                           torch.autograd.grad(want, (q, k, v), do), strict=True):
+        assert rel_l2(got, expect) < TOLERANCE[torch.float32]
