@@ -175,3 +175,14 @@ def test_gpu_refuses_what_fits_no_plan():
 
     with pytest.raises(BlockSparseInputError, match="head_size=256 and float32"):
         block_sparse_attention(q, q, q, index, count, block_q=128, block_k=128)
+
+
+def test_default_plans_take_a_warpgroup_per_64_rows_of_the_program_s_own_block():
+    """4 warps for 64-row tiles, 8 for 128 (measured on the H100: bench/NOTES-sparse.md, run
+    3); the own block is the query block for fwd and dq, the key block for dkdv."""
+    assert bs_options.default_plan("fwd", 64, 64, 128).num_warps == 4
+    assert bs_options.default_plan("fwd", 128, 64, 128).num_warps == 8  # SLA's blocks
+    assert bs_options.default_plan("dq", 128, 64, 128).num_warps == 8
+    assert bs_options.default_plan("dkdv", 128, 64, 128).num_warps == 4
+    assert bs_options.default_plan("dkdv", 64, 128, 128).num_warps == 8
+    assert bs_options.default_plan("fwd", 64, 64, 256).num_warps == 8

@@ -59,8 +59,12 @@ def key(kernel: str, block_q: int, block_k: int, d: int) -> str:
 
 def default_plan(kernel: str, block_q: int, block_k: int, d: int) -> Plan:
     """Before measurement: 64-key blocks go two per step (a 128-wide tile, half the softmax
-    rescales), one warpgroup for 64-row tiles, two for 128x128 or D = 256."""
-    warps = 8 if block_q * block_k >= 128 * 128 or d > 128 else 4
+    rescales); one warpgroup per 64 rows of the program's own block (query rows for fwd and
+    dq, key rows for dkdv), so two for 128-row blocks (SLA's 128 x 64 too) or D = 256. On the
+    H100 the 128-row dq ran 15% faster with 8 warps than 4, the 64-row kernels 2x faster with
+    4 than 8 (bench/NOTES-sparse.md, run 3)."""
+    rows = block_k if kernel == "dkdv" else block_q
+    warps = 8 if rows >= 128 or d > 128 else 4
     stages = 3 if d <= 128 else 1
     own, other = (block_q, block_k) if kernel == "dkdv" else (block_k, block_q)
     step = 2 if own <= 64 and other <= 64 and d <= 128 else 1
