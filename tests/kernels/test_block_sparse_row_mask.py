@@ -69,8 +69,9 @@ def check_masked(shape, dtype, valid=False, seed=0, device=DEVICE):
     assert torch.equal(torch.isneginf(lse.cpu()), torch.isneginf(r_lse))
     fin = torch.isfinite(r_lse)
     assert rel_l2(lse.cpu()[fin], r_lse[fin]) < tol
+    grad_tol = 2 * tol if dtype == torch.bfloat16 else tol  # as the kernel's own gpu tests
     for name, g, r in zip("qkv", grads, r_grads, strict=True):
-        assert rel_l2(g, r) < 2 * tol, name
+        assert rel_l2(g, r) < grad_tol, name
     dead = (-(-n // bq) - 1) * bq + DEAD_ROW
     if dead < n:  # masked from every entry: out 0, lse -inf, no gradient
         assert torch.equal(out[0, dead, 0].cpu(), torch.zeros(d, dtype=dtype))
