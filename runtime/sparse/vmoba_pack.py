@@ -25,8 +25,9 @@ from .vmoba_layout import key_blocks, padded_keys
 from .vmoba_select import METHOD
 
 # Bytes one pass of the row-bit packing may use: the selection of a group of heads padded to
-# whole query blocks, as bytes, about three copies ([B, C, heads, NQB * block_q] each). Heads
-# go in groups of key/value heads that keep a pass under it; the lists are built once.
+# whole query blocks (a copy only when N is not a multiple of block_q) and its weighted bytes,
+# [B, C, heads, NQB * block_q] each. Heads go in groups of key/value heads that keep a pass
+# under it; the lists are then built once for all heads.
 PACKED_BYTES_BUDGET = 1 << 30
 ROW_MASK_BLOCK_Q = (16, 32, 64)  # one int64 bit per query row; whole bytes of rows
 
@@ -46,7 +47,7 @@ def row_words(select: torch.Tensor, block_q: int) -> torch.Tensor:
         rows = select.new_zeros(b, c, h, nqb * block_q)
         rows[..., :n] = select
     weights = torch.tensor([1 << s for s in range(8)], dtype=torch.uint8, device=select.device)
-    eights = rows.reshape(b, c, h, nqb, block_q // 8, 8).to(torch.uint8)
+    eights = rows.reshape(b, c, h, nqb, block_q // 8, 8).view(torch.uint8)  # no copy
     packed = (eights * weights).sum(-1, dtype=torch.uint8)  # [B, C, H, NQB, block_q / 8]
     if block_q < 64:
         packed = torch.nn.functional.pad(packed, (0, 8 - block_q // 8))
@@ -75,7 +76,7 @@ def chunk_lists(words: torch.Tensor, chunk_ids: torch.Tensor
 
 def _kv_heads_per_pass(select: torch.Tensor, hkv: int, block_q: int) -> int:
     b, c, h, n = select.shape
-    per_kv_head = 3 * b * c * (h // hkv) * -(-n // block_q) * block_q
+    per_kv_head = 2 * b * c * (h // hkv) * -(-n // block_q) * block_q
     return max(1, PACKED_BYTES_BUDGET // per_kv_head)
 
 
