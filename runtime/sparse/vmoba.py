@@ -8,8 +8,9 @@ and i = layer_idx - first_full_layer, layer i uses temporal chunks while i % L <
 temporal_layer, then spatial, then spatio-temporal (FastVideo's rule; the layer index is parsed
 from the impl's prefix, "...blocks.<i>..."). Tokens are put in chunk order
 (attnrt.sparse.vmoba_layout), each (query, head) selects chunks (attnrt.sparse.vmoba_select),
-and the attention over the selected chunks runs on the block-sparse kernel
-(attnrt.sparse.vmoba_pack). Forward and backward; no flash-attn dependency.
+and the attention over the selected chunks runs on the block-sparse kernel: per query block the
+union of its rows' chunks, with a per-row bit mask (attnrt.sparse.vmoba_pack). Forward and
+backward; no flash-attn dependency.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def layer_chunk(layer_idx: int, meta: VideoMobaAttentionMetadata) -> tuple[Chunk
 class VMOBAAttentionImpl(AttentionImpl):
     """VMoBA for one layer: forward(query, key, value [B, N, H, D] / [B, N, Hkv, D],
     VideoMobaAttentionMetadata) -> [B, N, H, D]. FastVideo's signature; `block_q`/`block_k`
-    (64, 64) pick the kernel tiles."""
+    (64, 64) pick the kernel tiles (block_q at most 64: one row-mask bit per query row)."""
 
     def __init__(self, num_heads: int, head_size: int, softmax_scale: float,
                  causal: bool = False, num_kv_heads: int | None = None, prefix: str = "",
@@ -139,10 +140,11 @@ class VMOBAAttentionImpl(AttentionImpl):
         if extra_impl_args:
             raise SparseArgumentError(f"extra_impl_args={sorted(extra_impl_args)} are not "
                                       f"supported by {METHOD}; allowed: block_q, block_k")
-        for name, value in (("block_q", block_q), ("block_k", block_k)):
-            if value not in (16, 32, 64, 128) or isinstance(value, bool):
+        for name, value, allowed in (("block_q", block_q, (16, 32, 64)),
+                                     ("block_k", block_k, (16, 32, 64, 128))):
+            if value not in allowed or isinstance(value, bool):
                 raise SparseArgumentError(f"{name}={value!r} is not supported by {METHOD}; "
-                                          "allowed: 16, 32, 64, 128")
+                                          f"allowed: {', '.join(map(str, allowed))}")
         self.num_heads, self.head_size = num_heads, head_size
         self.num_kv_heads = num_kv_heads or num_heads
         self.softmax_scale = softmax_scale if softmax_scale else head_size ** -0.5

@@ -1,8 +1,8 @@
-"""VMoBA's token layouts: the chunk order of the video grid, and the packing of (query, chunk)
-pairs that lets attnrt's block-sparse kernel run a per-query chunk selection.
+"""VMoBA's token layouts: the chunk order of the video grid, and the padded key layout (each
+chunk whole key blocks) that lets attnrt's block-sparse kernel list chunks by key block.
 
 Shapes: B batch, N = T * Hp * Wp tokens (the patch grid, row-major t, h, w), H query heads,
-Hkv key/value heads, D head size, C chunks, P packed pair rows.
+Hkv key/value heads, D head size, C chunks.
 
 Chunk shapes (FastVideo's process_moba_input / process_moba_output):
 - int ct: temporal, ct whole frames per chunk (ct * Hp * Wp tokens, the last chunk may be

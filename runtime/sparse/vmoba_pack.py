@@ -1,118 +1,123 @@
-"""VMoBA attention on the block-sparse kernel: pack (query, chunk) pairs, attend, merge.
+"""VMoBA attention on the block-sparse kernel: per query block, the union of the chunks its rows
+selected, with a per-row bit mask.
 
 Shapes: B batch, N tokens (chunk order), H query heads, Hkv key/value heads, D head size,
-C chunks, P packed rows per (batch, head).
+C chunks, KB key blocks per (padded) chunk, NQB = ceil(N / block_q) query blocks, MAXC the
+most chunks one query block lists, MAXK = MAXC * KB.
 
-Each query picks its own set of chunks, which a block-sparse kernel (one key list per query
-block) cannot express directly. So, per (batch, head), every selected (query t, chunk c) pair
-becomes one packed query row, rows grouped by chunk and each group padded to whole query
-blocks; each packed block visits exactly its chunk's key blocks. The kernel returns each
-pair's (out, lse); a query's result is the log-sum-exp merge of its pairs, which equals
-attention over the union of its chunks (chunks are disjoint). Padding rows visit nothing.
+Each query picks its own set of chunks. Per (batch, head) and query block of block_q rows, the
+kernel's key list is every key block of every chunk any of the block's rows selected (in chunk
+order), and row_mask bit r of each entry says whether row r selected that entry's chunk: rows
+that did not see those keys at -inf. Chunks are disjoint runs of key blocks (each chunk padded
+to KB whole blocks, key_block_valid marking the padding), so this is exactly each query's
+attention over the union of its chunks: no query is copied, nothing is merged. Neighbouring
+queries in chunk order select mostly the same chunks, so the union stays near the top-k.
 """
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from .pair_scatter import weighted_scatter
+from .method_errors import SparseArgumentError
 from .vmoba_layout import key_blocks, padded_keys
+from .vmoba_select import METHOD
+
+# Bytes one pass of the row-bit packing may use: the selection of a group of heads padded to
+# whole query blocks (a copy only when N is not a multiple of block_q) and its weighted bytes,
+# [B, C, heads, NQB * block_q] each. Heads go in groups of key/value heads that keep a pass
+# under it; the lists are then built once for all heads.
+PACKED_BYTES_BUDGET = 1 << 30
+ROW_MASK_BLOCK_Q = (16, 32, 64)  # one int64 bit per query row; whole bytes of rows
 
 
-def pack_pairs(select: torch.Tensor, block_q: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """select bool [B, C, H, N] -> (token int64 [B, H, P], real bool [B, H, P], chunk of each
-    packed query block int64 [B, H, P // block_q], C for padding-only blocks)."""
+def row_words(select: torch.Tensor, block_q: int) -> torch.Tensor:
+    """select bool [B, C, H, N] -> int64 [B, H, NQB, C]: bit r of word [b, h, i, c] is set
+    where row r of query block i (token i * block_q + r) selected chunk c. Rows past N are 0.
+
+    Eight rows make a byte (row 8j + s at bit s of byte j); the block's bytes, zero-padded to
+    eight, are read as one little-endian int64 (CPU and CUDA byte order), so byte j holds bits
+    8j..8j+7 and no shift wider than a byte is needed.
+    """
     b, c, h, n = select.shape
-    sel = select.permute(0, 2, 1, 3)  # [B, H, C, N]
-    per_chunk = sel.sum(-1)  # [B, H, C]
-    padded = (per_chunk + block_q - 1) // block_q * block_q
-    ends = padded.cumsum(-1)
-    starts = ends - padded
-    rows = int(ends[..., -1].max().item())
-    rank = sel.to(torch.int32).cumsum(-1) - 1  # [B, H, C, N]: place within its chunk's group
-    bi, hi, ci, ti = sel.nonzero(as_tuple=True)
-    pos = starts[bi, hi, ci] + rank[bi, hi, ci, ti]
-    token = torch.zeros(b, h, rows, dtype=torch.long, device=select.device)
-    real = torch.zeros(b, h, rows, dtype=torch.bool, device=select.device)
-    token[bi, hi, pos] = ti
-    real[bi, hi, pos] = True
-    block_start = torch.arange(0, rows, block_q, device=select.device)
-    block_chunk = torch.searchsorted(ends.contiguous(),
-                                     block_start.expand(b, h, -1).contiguous(), right=True)
-    return token, real, block_chunk
+    nqb = -(-n // block_q)
+    rows = select
+    if n != nqb * block_q:
+        rows = select.new_zeros(b, c, h, nqb * block_q)
+        rows[..., :n] = select
+    weights = torch.tensor([1 << s for s in range(8)], dtype=torch.uint8, device=select.device)
+    eights = rows.reshape(b, c, h, nqb, block_q // 8, 8).view(torch.uint8)  # no copy
+    packed = (eights * weights).sum(-1, dtype=torch.uint8)  # [B, C, H, NQB, block_q / 8]
+    if block_q < 64:
+        packed = torch.nn.functional.pad(packed, (0, 8 - block_q // 8))
+    words = packed.contiguous().view(torch.int64)[..., 0]  # [B, C, H, NQB]
+    return words.permute(0, 2, 3, 1)
 
 
-# Memory one call may use for packed rows (packed q, pair outputs, float32 merge terms).
-PACKED_BYTES_BUDGET = 8 << 30
+def chunk_lists(words: torch.Tensor, chunk_ids: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """words int64 [B, H, NQB, C] (row_words), chunk_ids int32 [C, KB] (the key blocks of each
+    chunk) -> (block_index int32 [B, H, NQB, MAXK], block_count int32 [B, H, NQB], row_mask
+    int64 [B, H, NQB, MAXK]): per query block, the key blocks of each chunk with a nonzero
+    word, in chunk order, each carrying that word. One host read (MAXC)."""
+    kb = chunk_ids.shape[1]
+    listed = words != 0
+    per_block = listed.sum(-1, dtype=torch.int32)  # [B, H, NQB]
+    maxc = max(1, int(per_block.max().item()))
+    # A stable descending sort of 0/1 puts the listed chunks first, in increasing order.
+    order = torch.sort(listed.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    order = order[..., :maxc]
+    shape = (*order.shape[:3], maxc * kb)
+    index = chunk_ids[order].reshape(shape)  # [B, H, NQB, MAXC, KB] -> [..., MAXK]
+    row_mask = words.gather(-1, order)[..., None].expand(*order.shape, kb).reshape(shape)
+    return index.contiguous(), per_block * kb, row_mask.contiguous()
+
+
+def _kv_heads_per_pass(select: torch.Tensor, hkv: int, block_q: int) -> int:
+    b, c, h, n = select.shape
+    per_kv_head = 2 * b * c * (h // hkv) * -(-n // block_q) * block_q
+    return max(1, PACKED_BYTES_BUDGET // per_kv_head)
+
+
+def block_lists(select: torch.Tensor, hkv: int, chunk_ids: torch.Tensor, block_q: int,
+                kv_heads_per_call: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """select bool [B, C, H, N] -> the kernel's (block_index, block_count, row_mask) for all
+    heads (chunk_lists), the row bits packed in groups of `kv_heads_per_call` key/value heads
+    (default: as many as keep a pass under PACKED_BYTES_BUDGET)."""
+    h = select.shape[2]
+    group = h // hkv
+    step = kv_heads_per_call or _kv_heads_per_pass(select, hkv, block_q)
+    parts = [row_words(select[:, :, k0 * group:(k0 + step) * group], block_q)
+             for k0 in range(0, hkv, step)]
+    words = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return chunk_lists(words, chunk_ids)
 
 
 def vmoba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, select: torch.Tensor,
                     chunk: int, scale: float, block_q: int = 64, block_k: int = 64,
                     kv_heads_per_call: int | None = None) -> torch.Tensor:
-    """q [B, N, H, D], k/v [B, N, Hkv, D] in chunk order, select bool [B, C, H, N] ->
-    out [B, N, H, D]: each query's attention over the union of its selected chunks.
+    """q [B, N, H, D], k/v [B, N, Hkv, D] in chunk order, select bool [B, C, H, N] (chunks of
+    `chunk` tokens) -> out [B, N, H, D]: each query's attention over the union of its selected
+    chunks, in one block-sparse kernel call over all heads (differentiable in q, k, v).
 
-    Heads run in groups of `kv_heads_per_call` key/value heads (default: as many as keep the
-    packed rows under PACKED_BYTES_BUDGET); with autograd on, each group is checkpointed
-    (recomputed in the backward), so the packed rows never pile up across groups.
+    block_q: 16, 32 or 64 (one row-mask bit per query row). `kv_heads_per_call` bounds the
+    heads whose selection is bit-packed at once (default: PACKED_BYTES_BUDGET); the kernel
+    itself runs once.
 
     Equivalent PyTorch: softmax(q k^T * scale, masked to keys in the selected chunks) v.
     """
-    h, hkv, d = q.shape[2], k.shape[2], q.shape[3]
-    group = h // hkv
-    if kv_heads_per_call is None:
-        rows_per_head = max(1, int(select.sum().item()) // h)
-        per_kv_head = group * rows_per_head * d * 12  # bf16 q + out, float32 parts + merge
-        kv_heads_per_call = max(1, PACKED_BYTES_BUDGET // per_kv_head)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    outs = []
-    for k0 in range(0, hkv, kv_heads_per_call):
-        k1 = min(hkv, k0 + kv_heads_per_call)
-        heads = slice(k0 * group, k1 * group)
-        args = (q[:, :, heads], k[:, :, k0:k1], v[:, :, k0:k1], select[:, :, heads], chunk,
-                scale, block_q, block_k)
-        if grad and hkv > kv_heads_per_call:
-            outs.append(checkpoint(_attend_heads, *args, use_reentrant=False))
-        else:
-            outs.append(_attend_heads(*args))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-
-
-def _attend_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, select: torch.Tensor,
-                  chunk: int, scale: float, block_q: int, block_k: int) -> torch.Tensor:
-    """vmoba_attention for one group of heads, in one kernel call."""
     from attnrt.kernels.block_sparse import block_sparse_attention
 
-    b, n, h, d = q.shape
-    token, real, block_chunk = pack_pairs(select, block_q)
-    valid, chunk_ids, chunk_counts = key_blocks(n, chunk, block_k, q.device)
-    ids = torch.cat([chunk_ids, chunk_ids[:1]])  # row C: padding blocks (count 0)
-    counts = torch.cat([chunk_counts, chunk_counts.new_zeros(1)])
-    index = ids[block_chunk].contiguous()  # [B, H, P / block_q, KB]
-    count = counts[block_chunk].contiguous()
-    qh = q.transpose(1, 2)  # [B, H, N, D]
-    packed = torch.gather(qh, 2, token[..., None].expand(-1, -1, -1, d)).transpose(1, 2)
+    if block_q not in ROW_MASK_BLOCK_Q or isinstance(block_q, bool):
+        raise SparseArgumentError(f"block_q={block_q!r} is not supported by {METHOD}; allowed: "
+                                  "16, 32, 64 (one row-mask bit per query row)")
+    n = q.shape[1]
+    valid, chunk_ids, _ = key_blocks(n, chunk, block_k, q.device)
+    index, count, row_mask = block_lists(select, k.shape[2], chunk_ids, block_q,
+                                         kv_heads_per_call)
     kp, vp = padded_keys(k, chunk, block_k), padded_keys(v, chunk, block_k)
-    # The kernel's lse is differentiable too (its backward takes dlse), which the merge needs.
-    out, lse = block_sparse_attention(packed.contiguous(), kp, vp, index, count,
-                                      block_q=block_q, block_k=block_k, key_block_valid=valid,
-                                      softmax_scale=scale, return_lse=True)
-    return merge_pairs(out, lse, token, real, n)
-
-
-def merge_pairs(out: torch.Tensor, lse: torch.Tensor, token: torch.Tensor, real: torch.Tensor,
-                n: int) -> torch.Tensor:
-    """Pairs' out [B, P, H, D] and lse [B, H, P] -> per token [B, N, H, D]: the
-    log-sum-exp-weighted sum over each token's pairs (differentiable)."""
-    b, _, h, _ = out.shape
-    acc = torch.promote_types(out.dtype, torch.float32)
-    lse = torch.where(real, lse.to(acc), torch.full_like(lse, float("-inf"), dtype=acc))
-    top = torch.full((b, h, n), float("-inf"), dtype=acc, device=out.device)
-    # The max only steadies exp(); it cancels in the share, so it needs no gradient.
-    top = top.scatter_reduce(2, token, lse.detach(), "amax", include_self=True)
-    weight = torch.exp(lse - top.gather(2, token))  # [B, H, P]; 0 on padding rows
-    total = torch.zeros(b, h, n, dtype=acc, device=out.device).scatter_add(2, token, weight)
-    share = weight / total.gather(2, token)
-    return weighted_scatter(out, share, token, n).to(out.dtype)
+    out = block_sparse_attention(q, kp, vp, index, count, block_q=block_q, block_k=block_k,
+                                 key_block_valid=valid, row_mask=row_mask, softmax_scale=scale)
+    return cast(torch.Tensor, out)

@@ -224,3 +224,121 @@ class TestRefusals:
         with pytest.raises(SparseArgumentError, match=pattern):
             VMOBAAttentionImpl(num_heads=2, head_size=16, softmax_scale=0.25,
                                prefix="blocks.0", **kw)  # type: ignore[arg-type]
+
+
+def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, select: torch.Tensor,
+                       chunk: int) -> torch.Tensor:
+    """float64 dense attention of q [B, N, H, D] over the keys of the chunks select [B, C, H, N]
+    gives each query (chunk order, one head per key/value head)."""
+    q, k, v = q.double(), k.double(), v.double()
+    keep = select.permute(0, 2, 3, 1)[..., torch.arange(k.shape[1]) // chunk]  # [B, H, N, M]
+    s = torch.einsum("bnhd,bmhd->bhnm", q, k) * q.shape[-1] ** -0.5
+    p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+    return torch.einsum("bhnm,bmhd->bnhd", p, v)
+
+
+class TestRowMaskLists:
+    def test_block_lists_are_the_union_with_each_row_masked_to_its_own(self) -> None:
+        from attnrt.sparse.vmoba_layout import key_blocks
+        from attnrt.sparse.vmoba_pack import block_lists, vmoba_attention
+
+        select = torch.zeros(1, 4, 1, 32, dtype=torch.bool)  # C = 4 chunks of 8 tokens
+        select[0, 0, 0, :8] = True  # block 0 (rows 0-15): rows 0-7 chunk 0, rows 8-15 chunk 2
+        select[0, 2, 0, 8:16] = True
+        select[0, 3, 0, 16:] = True  # block 1: every row chunk 3
+        _, chunk_ids, _ = key_blocks(32, 8, 16, torch.device("cpu"))  # KB = 1 block a chunk
+        index, count, row_mask = block_lists(select, 1, chunk_ids, 16)
+        assert count.tolist() == [[[2, 1]]]
+        assert index[0, 0, 0].tolist() == [0, 2]  # both chunks, in chunk order
+        assert row_mask[0, 0, 0].tolist() == [0x00FF, 0xFF00]
+        assert index[0, 0, 1, 0].item() == 3
+        assert row_mask[0, 0, 1, 0].item() == 0xFFFF
+        q, k, v = (torch.randn(1, 32, 1, 16, generator=torch.Generator().manual_seed(s))
+                   for s in range(3))
+        out = vmoba_attention(q, k, v, select, 8, 16 ** -0.5, block_q=16, block_k=16)
+        assert rel_l2(out, selected_attention(q, k, v, select, 8)) < 1e-5
+
+    def test_64_row_blocks_use_bit_63_and_head_groups_agree(self) -> None:
+        from attnrt.sparse.vmoba_layout import key_blocks
+        from attnrt.sparse.vmoba_pack import block_lists
+
+        gen = torch.Generator().manual_seed(2)
+        select = torch.rand(2, 5, 4, 150, generator=gen) < 0.3  # N = 150: a partial block
+        _, chunk_ids, _ = key_blocks(150, 30, 16, torch.device("cpu"))
+        whole = block_lists(select, 2, chunk_ids, 64)
+        grouped = block_lists(select, 2, chunk_ids, 64, kv_heads_per_call=1)
+        for a, b in zip(whole, grouped, strict=True):
+            assert torch.equal(a, b)
+        index, count, row_mask = whole
+        kb = chunk_ids.shape[1]
+        for c in range(5):  # each listed chunk's word: the rows of the block that chose it
+            rows = select[0, c, 1, 64:128]
+            want = sum(1 << r for r in range(64) if rows[r])
+            want = want - (1 << 64) if want >= 1 << 63 else want  # as int64
+            slots = (index[0, 1, 1, :count[0, 1, 1]] == c * kb).nonzero()
+            assert (slots.numel() == 1) == bool(rows.any())
+            if rows.any():
+                assert row_mask[0, 1, 1, slots[0, 0]].item() == want
+
+    def test_refuses_row_blocks_over_64(self) -> None:
+        from attnrt.sparse.vmoba_pack import vmoba_attention
+
+        q, k, v = qkv()
+        select = torch.ones(1, 4, 2, N, dtype=torch.bool)
+        with pytest.raises(SparseArgumentError, match=r"block_q=128 is not supported by "
+                                                      r"VMOBA_ATTN; allowed: 16, 32, 64"):
+            vmoba_attention(q, k, v, select, 24, 0.25, block_q=128)
+
+
+ST_GRID = (4, 6, 12)  # st chunks (2, 6, 6) = 72 tokens: two 64-token key blocks, the second 8
+
+
+def st_metadata(grid_shape: tuple[int, int, int]) -> VideoMobaAttentionMetadata:
+    t, hp, wp = grid_shape
+    return VideoMobaAttentionMetadataBuilder().build(
+        current_timestep=0, raw_latent_shape=(t, 2 * hp, 2 * wp), patch_size=(1, 2, 2),
+        temporal_chunk_size=1, temporal_topk=2, spatial_chunk_size=(3, 4), spatial_topk=2,
+        st_chunk_size=(2, 6, 6), st_topk=2, moba_threshold=0.3)
+
+
+def st_case(grid_shape: tuple[int, int, int], h: int, hkv: int, d: int, dtype: torch.dtype,
+            device: str) -> tuple[torch.Tensor, ...]:
+    n = grid_shape[0] * grid_shape[1] * grid_shape[2]
+    gen = torch.Generator().manual_seed(21)
+    return tuple(torch.randn(1, n, heads, d, generator=gen).to(device, dtype).requires_grad_()
+                 for heads in (h, hkv, hkv))
+
+
+def check_st_chunks(grid_shape: tuple[int, int, int], h: int, hkv: int, d: int,
+                    dtype: torch.dtype, device: str, tol: float) -> None:
+    """Layer 2 (st, 72-token chunks) with 64-token blocks against vmoba_reference, out and
+    gradients."""
+    meta = st_metadata(grid_shape)
+    q, k, v = st_case(grid_shape, h, hkv, d, dtype, device)
+    impl = VMOBAAttentionImpl(num_heads=h, head_size=d, softmax_scale=d ** -0.5,
+                              num_kv_heads=hkv, prefix="blocks.2", block_q=64, block_k=64)
+    out = impl.forward(q, k, v, meta)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(out)
+    out.backward(dout)
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref, select = vmoba_reference(q64, k64, v64, grid_shape, (2, 6, 6), "threshold",
+                                  "query_head", 0.3, 2)
+    ref.backward(dout.cpu().double())
+    assert select.shape[1] * 72 == q.shape[1]
+    assert rel_l2(out, ref) < tol
+    grad_tol = 2 * tol if dtype == torch.bfloat16 else tol  # as the kernel's own gpu tests
+    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert rel_l2(got, want) < grad_tol
+
+
+class TestChunksSmallerThanBlocks:
+    @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float16, 3e-3)])
+    def test_72_token_chunks_64_token_blocks(self, dtype: torch.dtype, tol: float) -> None:
+        if torch.cuda.is_available():
+            pytest.skip("interpreter case; the gpu case below covers CUDA")
+        check_st_chunks(ST_GRID, 2, 1, 16, dtype, "cpu", tol)
+
+
+@pytest.mark.gpu
+def test_gpu_vmoba_st_chunks_bf16() -> None:
+    check_st_chunks((8, 12, 12), 4, 2, 128, torch.bfloat16, "cuda", 1.5e-2)

@@ -115,6 +115,25 @@ def _check_valid(q: torch.Tensor, key_block_valid: object, nkb: int) -> torch.Te
     return valid
 
 
+# Row masks are one int64 word per list entry: bit r for row r of the query block.
+ROW_MASK_MAX_BLOCK_Q = 64
+
+
+def _check_row_mask(index: torch.Tensor, row_mask: object, block_q: int) -> torch.Tensor | None:
+    if row_mask is None:
+        return None
+    mask = _tensor("row_mask", row_mask, 4, (torch.int64,), "[B, H, NQB, MAXK]")
+    if block_q > ROW_MASK_MAX_BLOCK_Q:
+        raise BlockSparseInputError(f"row_mask with block_q={block_q} is not supported by "
+                                    f"{NAME}; row_mask needs block_q <= {ROW_MASK_MAX_BLOCK_Q} "
+                                    "(one int64 bit per query row)")
+    if mask.shape != index.shape or mask.device != index.device:
+        raise BlockSparseInputError(f"row_mask.shape={tuple(mask.shape)} on {mask.device} is "
+                                    f"not supported by {NAME}; expected block_index's shape "
+                                    f"{tuple(index.shape)} on {index.device}")
+    return mask
+
+
 def _check_scale(softmax_scale: object) -> None:
     ok = softmax_scale is None or (isinstance(softmax_scale, (int, float))
                                    and not isinstance(softmax_scale, bool)
@@ -187,11 +206,12 @@ def check_kernel_tensors(q: object, k: object, v: object) -> None:
 
 def check_inputs(q: object, k: object, v: object, block_index: object, block_count: object,
                  block_q: object, block_k: object, key_block_valid: object,
-                 softmax_scale: object, flags: dict[str, object], kernel: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 softmax_scale: object, flags: dict[str, object], kernel: bool,
+                 row_mask: object = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Checks every argument of block_sparse_attention(_reference); kernel=True adds the
     kernel's limits (dtypes, block sizes, head sizes, devices). Returns (block_index,
-    block_count, key_block_valid) as tensors."""
+    block_count, key_block_valid, row_mask) as tensors."""
     if kernel:
         check_kernel_tensors(q, k, v)
     q, k, _ = _check_qkv(q, k, v, kernel)
@@ -200,9 +220,10 @@ def check_inputs(q: object, k: object, v: object, block_index: object, block_cou
     nqb, nkb = -(-q.shape[1] // bq), -(-k.shape[1] // bk)
     index, count = _check_index(q, block_index, block_count, nqb)
     valid = _check_valid(q, key_block_valid, nkb)
+    mask = _check_row_mask(index, row_mask, bq)
     _check_scale(softmax_scale)
     for name, value in flags.items():
         _check_flag(name, value)
     if _want_contents(q, kernel):
         check_contents(index, count, valid, nkb, bk, k.shape[1])
-    return index, count, valid
+    return index, count, valid, mask

@@ -5,7 +5,9 @@ key loop driven by per-query-block lists instead of a range.
 Shapes: q/out/dout [B, N, H, D], k/v [B, M, Hkv, D]; IDX [B, H, NQB, MAXK], CNT [B, H, NQB]
 (any strides, expanded views included); VALID [NKB]; LSE [B, H, N]; LSE2/DELTA [B, H, NP] with
 NP = NQB * BLOCK_Q (padding rows: LSE2 = +inf, DELTA = 0); K2Q [B, H, NKB, NQB] and K2Q_CNT
-[B, H, NKB] (contiguous): the query blocks that visit each key block.
+[B, H, NKB] (contiguous): the query blocks that visit each key block. With HAS_ROW_MASK:
+RMASK int64 [B, H, NQB, MAXK] aligned with IDX (bit r: row r of the query block attends that
+entry's key block), and for dK/dV DENSE int64 [B, H, NQB, NKB], the same words by key block id.
 
 Tiling (attnrt.kernels.block_sparse.options): STEP list entries are gathered into one tile per
 inner step (key blocks for fwd/dq, query blocks for dkdv); TILE_Q / TILE_K cut a program's own
@@ -60,14 +62,30 @@ def _sub_tile(pid, BLOCK_Q: tl.constexpr, TILE_Q: tl.constexpr):
     return qb, qb * BLOCK_Q + (pid % (BLOCK_Q // TILE_Q)) * TILE_Q
 
 
+@triton.jit
+def _row_bits(mask_row, t, stride_t, count, first_bit, TILE_Q: tl.constexpr,
+              BLOCK: tl.constexpr, STEP: tl.constexpr):
+    """Which of the TILE_Q rows (bits first_bit + r of each word) attend the STEP list entries
+    from t: [TILE_Q, 1] for one entry a step, [TILE_Q, STEP * BLOCK] (one column per key row)
+    for gathered steps; entries past count read 0."""
+    bit = first_bit + tl.arange(0, TILE_Q)
+    if STEP == 1:
+        word = tl.load(mask_row + t * stride_t)
+        return ((word >> bit) & 1)[:, None] != 0
+    j = t + tl.arange(0, STEP * BLOCK) // BLOCK
+    words = tl.load(mask_row + j * stride_t, mask=j < count, other=0)
+    return ((words[None, :] >> bit[:, None]) & 1) != 0
+
+
 @triton.jit(do_not_specialize=["N", "M"])
-def _fwd_kernel(Q, K, V, OUT, LSE, IDX, CNT, VALID, sq, sk, sv, so, si, sc, N, M, H, GROUP,
-                qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def _fwd_kernel(Q, K, V, OUT, LSE, IDX, CNT, VALID, RMASK, sq, sk, sv, so, si, sc, sr, N, M, H,
+                GROUP, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HAS_VALID: tl.constexpr,
                 PREC: tl.constexpr, INT64: tl.constexpr, STEP: tl.constexpr,
-                TILE_Q: tl.constexpr):
+                TILE_Q: tl.constexpr, HAS_ROW_MASK: tl.constexpr = False):
     """One program per (TILE_Q rows of a query block, batch * head): online softmax over its
-    listed key blocks, STEP of them gathered into one [STEP * BLOCK_K, D] tile per step."""
+    listed key blocks, STEP of them gathered into one [STEP * BLOCK_K, D] tile per step; with
+    HAS_ROW_MASK, a row whose bit is clear sees the entry's keys as -inf."""
     qb, start_m = _sub_tile(tl.program_id(0), BLOCK_Q, TILE_Q)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -87,7 +105,11 @@ def _fwd_kernel(Q, K, V, OUT, LSE, IDX, CNT, VALID, sq, sk, sv, so, si, sc, N, M
         rows, ok = _listed_rows(idx_row, t, si[3], count, VALID, M, HAS_VALID, BLOCK_K, STEP)
         k = _gather(k_h, rows, ok, sk[1], sk[3], HEAD_DIM, BLOCK_D, INT64)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
-        s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+        keep = ok[None, :]
+        if HAS_ROW_MASK:
+            keep = keep & _row_bits(RMASK + b * sr[0] + h * sr[1] + qb * sr[2], t, sr[3],
+                                    count, start_m - qb * BLOCK_Q, TILE_Q, BLOCK_K, STEP)
+        s = tl.where(keep, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no valid key keeps m = -inf; subtract 0 instead to avoid NaN.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -103,11 +125,11 @@ def _fwd_kernel(Q, K, V, OUT, LSE, IDX, CNT, VALID, sq, sk, sv, so, si, sc, N, M
 
 
 @triton.jit(do_not_specialize=["N", "M", "NP"])
-def _dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, IDX, CNT, VALID, sq, sk, sv, sdo, sdq, si, sc,
-               N, M, NP, H, GROUP, qk_scale, sm_scale, HEAD_DIM: tl.constexpr,
+def _dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, IDX, CNT, VALID, RMASK, sq, sk, sv, sdo, sdq, si,
+               sc, sr, N, M, NP, H, GROUP, qk_scale, sm_scale, HEAD_DIM: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                HAS_VALID: tl.constexpr, PREC: tl.constexpr, INT64: tl.constexpr,
-               STEP: tl.constexpr, TILE_Q: tl.constexpr):
+               STEP: tl.constexpr, TILE_Q: tl.constexpr, HAS_ROW_MASK: tl.constexpr = False):
     """dQ of TILE_Q rows of one query block over its own list (STEP key blocks a step): no
     atomics, deterministic."""
     qb, start_m = _sub_tile(tl.program_id(0), BLOCK_Q, TILE_Q)
@@ -133,7 +155,11 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, IDX, CNT, VALID, sq, sk, sv, sdo, s
         k = _gather(k_h, rows, ok, sk[1], sk[3], HEAD_DIM, BLOCK_D, INT64)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
-        p = tl.where(ok[None, :], p, 0.0)
+        keep = ok[None, :]
+        if HAS_ROW_MASK:
+            keep = keep & _row_bits(RMASK + b * sr[0] + h * sr[1] + qb * sr[2], t, sr[3],
+                                    count, start_m - qb * BLOCK_Q, TILE_Q, BLOCK_K, STEP)
+        p = tl.where(keep, p, 0.0)
         v = _gather(v_h, rows, ok, sv[1], sv[3], HEAD_DIM, BLOCK_D, INT64)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -144,17 +170,33 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, IDX, CNT, VALID, sq, sk, sv, sdo, s
 
 
 @triton.jit
+def _query_bits(dense_col, s_qb, list_row, t, rows, ok, BLOCK_Q: tl.constexpr,
+                STEP: tl.constexpr):
+    """Whether each of the STEP * BLOCK_Q query rows listed from entry t attends this key
+    block ([STEP * BLOCK_Q] bool): bit (row % BLOCK_Q) of the word of its query block, read
+    from the dense [NQB] column of words at dense_col (stride s_qb)."""
+    if STEP == 1:
+        word = tl.load(dense_col + tl.load(list_row + t) * s_qb)
+        return ((word >> tl.arange(0, BLOCK_Q)) & 1) != 0
+    words = tl.load(dense_col + (rows // BLOCK_Q) * s_qb, mask=ok, other=0)
+    return ((words >> (rows % BLOCK_Q)) & 1) != 0
+
+
+@triton.jit
 def _dkdv_step(dk, dv, k, v, q_h, do_h, lse2_h, delta_h, list_row, t, count, key_ok, N,
-               qk_scale, sq, sdo, BLOCK_Q: tl.constexpr, STEP: tl.constexpr,
+               qk_scale, sq, sdo, dense_col, s_qb, BLOCK_Q: tl.constexpr, STEP: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-               INT64: tl.constexpr):
+               INT64: tl.constexpr, HAS_ROW_MASK: tl.constexpr):
     # STEP listed query blocks from entry t. Rows past N or past count load as zeros with
     # lse2 = +inf, so p = 0 there; key rows past the block's valid count are zeroed by key_ok.
     rows, ok = _listed_rows(list_row, t, 1, count, list_row, N, False, BLOCK_Q, STEP)
     q = _gather(q_h, rows, ok, sq[1], sq[3], HEAD_DIM, BLOCK_D, INT64)
     lse2 = tl.load(lse2_h + rows, mask=ok, other=float("inf"))
     s_t = tl.dot(k, tl.trans(q), input_precision=PREC)
-    p_t = tl.where(key_ok[:, None], tl.math.exp2(s_t * qk_scale - lse2[None, :]), 0.0)
+    keep = key_ok[:, None]
+    if HAS_ROW_MASK:
+        keep = keep & _query_bits(dense_col, s_qb, list_row, t, rows, ok, BLOCK_Q, STEP)[None, :]
+    p_t = tl.where(keep, tl.math.exp2(s_t * qk_scale - lse2[None, :]), 0.0)
     do = _gather(do_h, rows, ok, sdo[1], sdo[3], HEAD_DIM, BLOCK_D, INT64)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
     delta = tl.load(delta_h + rows, mask=ok, other=0.0)
@@ -165,14 +207,16 @@ def _dkdv_step(dk, dv, k, v, q_h, do_h, lse2_h, delta_h, list_row, t, count, key
 
 
 @triton.jit(do_not_specialize=["N", "M", "NP"])
-def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, K2Q, K2Q_CNT, VALID, sq, sk, sv, sdo, sdk,
-                 sdv, N, M, NP, H, HKV, GROUP, NQB, NKB, qk_scale, sm_scale,
+def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, K2Q, K2Q_CNT, VALID, DENSE, sq, sk, sv, sdo,
+                 sdk, sdv, sd, N, M, NP, H, HKV, GROUP, NQB, NKB, qk_scale, sm_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
                  BLOCK_K: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
-                 INT64: tl.constexpr, STEP: tl.constexpr, TILE_K: tl.constexpr):
+                 INT64: tl.constexpr, STEP: tl.constexpr, TILE_K: tl.constexpr,
+                 HAS_ROW_MASK: tl.constexpr = False):
     """One program per (TILE_K rows of a key block, batch * kv head): sums dK/dV in registers
     over the GROUP query heads and, per head, the query blocks that visit the block (STEP of
-    them a step; no atomics)."""
+    them a step; no atomics). With HAS_ROW_MASK, DENSE [B, H, NQB, NKB] (strides sd) holds
+    each (query block, key block) pair's row bits."""
     kb, start_n = _sub_tile(tl.program_id(0), BLOCK_K, TILE_K)
     bhk = tl.program_id(1)
     b = (bhk // HKV).to(tl.int64)
@@ -195,7 +239,8 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, K2Q, K2Q_CNT, VALID, sq, sk, 
             dk, dv = _dkdv_step(dk, dv, k, v, Q + b * sq[0] + h * sq[2],
                                 DO + b * sdo[0] + h * sdo[2], LSE2 + bh * NP, DELTA + bh * NP,
                                 K2Q + (bh * NKB + kb) * NQB, t, count, key_ok, N, qk_scale, sq,
-                                sdo, BLOCK_Q, STEP, HEAD_DIM, BLOCK_D, PREC, INT64)
+                                sdo, DENSE + b * sd[0] + h * sd[1] + kb * sd[3], sd[2],
+                                BLOCK_Q, STEP, HEAD_DIM, BLOCK_D, PREC, INT64, HAS_ROW_MASK)
     dk_ptrs = _row_ptrs(DK + b * sdk[0] + hk * sdk[2], offs_n, sdk[1], sdk[3], BLOCK_D, INT64)
     dv_ptrs = _row_ptrs(DV + b * sdv[0] + hk * sdv[2], offs_n, sdv[1], sdv[3], BLOCK_D, INT64)
     _store_tile(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), start_n, M, TILE_K, HEAD_DIM,

@@ -101,29 +101,51 @@ def _needs_int64(*tensors: torch.Tensor) -> bool:
     return any(t.shape[1] * t.stride(1) >= 2**31 for t in tensors)
 
 
-def _forward(q, k, v, index, count, valid, block_q, block_k, scale):
+def _forward(q, k, v, index, count, valid, row_mask, block_q, block_k, scale):
     b, n, h, _ = q.shape
     out = _alloc(tuple(q.shape), q.dtype, q.device)
     lse = _alloc((b, h, n), torch.float32, q.device)
+    # Without a mask the kernel never reads RMASK: any tensor and strides stand in for it.
+    rmask = row_mask if row_mask is not None else index
 
     def launch(plan: Plan) -> None:
         _fwd_kernel[(cdiv(n, block_q) * plan.split, b * h)](
-            q, k, v, out, lse, index, count, valid if valid is not None else count,
+            q, k, v, out, lse, index, count, valid if valid is not None else count, rmask,
             q.stride(), k.stride(), v.stride(), out.stride(), index.stride(), count.stride(),
-            n, k.shape[1], h, h // k.shape[2], scale * LOG2E,
+            rmask.stride(), n, k.shape[1], h, h // k.shape[2], scale * LOG2E,
             INT64=_needs_int64(q, k, v, out), **_consts(q, block_q, block_k, valid is not None),
-            STEP=plan.step, TILE_Q=block_q // plan.split, **plan.launch_kwargs())
+            STEP=plan.step, TILE_Q=block_q // plan.split, HAS_ROW_MASK=row_mask is not None,
+            **plan.launch_kwargs())
 
     _with_plan("fwd", q, block_q, block_k, launch)
     return out, lse
 
 
-def transpose_lists(index: torch.Tensor, count: torch.Tensor, num_key_blocks: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_row_mask(index: torch.Tensor, count: torch.Tensor, row_mask: torch.Tensor,
+                   num_key_blocks: int) -> torch.Tensor:
+    """row_mask int64 [B, H, NQB, MAXK] (aligned with index) -> int64 [B, H, NQB, NKB]: the
+    row bits of each (query block, key block) pair, 0 where the block is not listed. One
+    scatter on the device (entries past each count land in a dropped column)."""
+    maxk = index.shape[-1]
+    used = torch.arange(maxk, device=index.device) < count[..., None]
+    ids = index.long().masked_fill(~used, num_key_blocks)
+    dense = torch.zeros((*ids.shape[:3], num_key_blocks + 1), dtype=torch.int64,
+                        device=index.device)
+    dense.scatter_(-1, ids, row_mask.expand(ids.shape))
+    return dense[..., :num_key_blocks]
+
+
+def transpose_lists(index: torch.Tensor, count: torch.Tensor, num_key_blocks: int,
+                    dense: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per key block, the query blocks that visit it: (k2q int32 [B, H, NKB, NQB], k2q_count
-    int32 [B, H, NKB]), entries in increasing order, built on the device without a host sync."""
+    int32 [B, H, NKB]), entries in increasing order, built on the device without a host sync.
+    With dense (dense_row_mask), a pair whose row bits are all 0 is left out: no row of it
+    attends the block."""
     b, h, nqb, _ = index.shape
-    mask = index_to_block_mask(index, count, num_key_blocks).view(torch.int8)
+    if dense is None:
+        mask = index_to_block_mask(index, count, num_key_blocks).view(torch.int8)
+    else:
+        mask = (dense != 0).view(torch.int8)
     mask = mask.reshape(b * h, nqb, num_key_blocks)
     k2q = torch.empty((b, h, num_key_blocks, nqb), dtype=torch.int32, device=index.device)
     k2q_count = torch.empty((b, h, num_key_blocks), dtype=torch.int32, device=index.device)
@@ -148,7 +170,7 @@ def _row_terms(out, dout, lse, dlse, np_rows):
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, index, count, valid = ctx.saved_tensors
+    q, k, v, out, lse, index, count, valid, row_mask = ctx.saved_tensors
     block_q, block_k = ctx.block_q, ctx.block_k
     n, m = q.shape[1], k.shape[1]
     nqb = cdiv(n, block_q)
@@ -162,45 +184,52 @@ def _backward(ctx, dout, dlse):
     common = (q, k, v, dout, lse2, delta, valid if valid is not None else count,
               valid is not None, ctx.scale, block_q, block_k)
     _with_plan("dq", q, block_q, block_k,
-               lambda plan: launch_dq(*common, dq, index, count, plan))
-    k2q, k2q_count = transpose_lists(index, count, cdiv(m, block_k))
+               lambda plan: launch_dq(*common, dq, index, count, plan, row_mask))
+    dense = None if row_mask is None else dense_row_mask(index, count, row_mask,
+                                                         cdiv(m, block_k))
+    k2q, k2q_count = transpose_lists(index, count, cdiv(m, block_k), dense)
     _with_plan("dkdv", q, block_q, block_k,
-               lambda plan: launch_dkdv(*common, dk, dv, k2q, k2q_count, plan))
+               lambda plan: launch_dkdv(*common, dk, dv, k2q, k2q_count, plan, dense))
     return dq, dk, dv
 
 
 def launch_dq(q, k, v, dout, lse2, delta, valid, has_valid, scale, block_q, block_k, dq, index,
-              count, plan: Plan) -> None:
+              count, plan: Plan, row_mask: torch.Tensor | None = None) -> None:
     """dQ over each query block's list; valid is key_block_valid, or any int32 tensor when
-    has_valid is False."""
+    has_valid is False; row_mask as block_sparse_attention's, or None."""
     b, n, h, _ = q.shape
+    rmask = row_mask if row_mask is not None else index
     _dq_kernel[(cdiv(n, block_q) * plan.split, b * h)](
-        q, k, v, dout, dq, lse2, delta, index, count, valid, q.stride(), k.stride(),
-        v.stride(), dout.stride(), dq.stride(), index.stride(), count.stride(), n, k.shape[1],
-        lse2.shape[-1], h, h // k.shape[2], scale * LOG2E, scale,
+        q, k, v, dout, dq, lse2, delta, index, count, valid, rmask, q.stride(), k.stride(),
+        v.stride(), dout.stride(), dq.stride(), index.stride(), count.stride(), rmask.stride(),
+        n, k.shape[1], lse2.shape[-1], h, h // k.shape[2], scale * LOG2E, scale,
         INT64=_needs_int64(q, k, v, dout, dq), **_consts(q, block_q, block_k, has_valid),
-        STEP=plan.step, TILE_Q=block_q // plan.split, **plan.launch_kwargs())
+        STEP=plan.step, TILE_Q=block_q // plan.split, HAS_ROW_MASK=row_mask is not None,
+        **plan.launch_kwargs())
 
 
 def launch_dkdv(q, k, v, dout, lse2, delta, valid, has_valid, scale, block_q, block_k, dk, dv,
-                k2q, k2q_count, plan: Plan) -> None:
-    """dK/dV over each key block's transposed list (transpose_lists)."""
+                k2q, k2q_count, plan: Plan, dense: torch.Tensor | None = None) -> None:
+    """dK/dV over each key block's transposed list (transpose_lists); dense the row bits per
+    (query block, key block) pair (dense_row_mask), or None."""
     b, n, h, _ = q.shape
     m, hkv = k.shape[1], k.shape[2]
     nkb = cdiv(m, block_k)
+    words = dense if dense is not None else k2q
     _dkdv_kernel[(nkb * plan.split, b * hkv)](
-        q, k, v, dout, dk, dv, lse2, delta, k2q, k2q_count, valid, q.stride(), k.stride(),
-        v.stride(), dout.stride(), dk.stride(), dv.stride(), n, m, lse2.shape[-1], h, hkv,
-        h // hkv, k2q.shape[-1], nkb, scale * LOG2E, scale,
+        q, k, v, dout, dk, dv, lse2, delta, k2q, k2q_count, valid, words, q.stride(),
+        k.stride(), v.stride(), dout.stride(), dk.stride(), dv.stride(), words.stride(), n, m,
+        lse2.shape[-1], h, hkv, h // hkv, k2q.shape[-1], nkb, scale * LOG2E, scale,
         INT64=_needs_int64(q, k, v, dout, dk, dv), **_consts(q, block_q, block_k, has_valid),
-        STEP=plan.step, TILE_K=block_k // plan.split, **plan.launch_kwargs())
+        STEP=plan.step, TILE_K=block_k // plan.split, HAS_ROW_MASK=dense is not None,
+        **plan.launch_kwargs())
 
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, index, count, valid, block_q, block_k, scale):
-        out, lse = _forward(q, k, v, index, count, valid, block_q, block_k, scale)
-        ctx.save_for_backward(q, k, v, out, lse, index, count, valid)
+    def forward(ctx, q, k, v, index, count, valid, row_mask, block_q, block_k, scale):
+        out, lse = _forward(q, k, v, index, count, valid, row_mask, block_q, block_k, scale)
+        ctx.save_for_backward(q, k, v, out, lse, index, count, valid, row_mask)
         ctx.block_q, ctx.block_k, ctx.scale = block_q, block_k, scale
         ctx.set_materialize_grads(False)  # an unused lse sends None, not a zero tensor
         return out, lse
@@ -208,14 +237,15 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         dq, dk, dv = _backward(ctx, dout, dlse)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def run(q, k, v, index, count, valid, block_q, block_k, softmax_scale):
+def run(q, k, v, index, count, valid, block_q, block_k, softmax_scale, row_mask=None):
     """Checked inputs -> (out, lse) through the autograd Function."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     check_budget(q, block_q, block_k, backward)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = (t.contiguous() for t in (q, k, v))
-    return _BlockSparseAttention.apply(q, k, v, index, count, valid, block_q, block_k, scale)
+    return _BlockSparseAttention.apply(q, k, v, index, count, valid, row_mask, block_q, block_k,
+                                       scale)

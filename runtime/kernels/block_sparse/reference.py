@@ -52,15 +52,33 @@ def key_valid_tokens(m: int, block_k: int, key_block_valid: torch.Tensor | None,
     return (pos % block_k) < key_block_valid.to(device).long()[pos // block_k]
 
 
+def row_mask_bits(n: int, block_index: torch.Tensor, block_count: torch.Tensor,
+                  row_mask: torch.Tensor, block_q: int, num_key_blocks: int) -> torch.Tensor:
+    """bool [B, H, N, NKB]: bit (i % block_q) of row_mask at the entry that lists key block kb
+    for query block i // block_q (False where kb is not listed)."""
+    maxk = block_index.shape[-1]
+    used = torch.arange(maxk, device=block_index.device) < block_count[..., None]
+    ids = block_index.long().masked_fill(~used, num_key_blocks)
+    words = torch.zeros((*ids.shape[:3], num_key_blocks + 1), dtype=torch.int64,
+                        device=ids.device)
+    words.scatter_(-1, ids, row_mask.to(ids.device).expand(ids.shape))
+    rows = torch.arange(n, device=ids.device)
+    per_row = words[:, :, rows // block_q, :num_key_blocks]  # [B, H, N, NKB]
+    return ((per_row >> (rows % block_q)[:, None]) & 1) != 0
+
+
 def token_mask(n: int, m: int, block_index: torch.Tensor, block_count: torch.Tensor,
-               block_q: int, block_k: int, key_block_valid: torch.Tensor | None
-               ) -> torch.Tensor:
+               block_q: int, block_k: int, key_block_valid: torch.Tensor | None,
+               row_mask: torch.Tensor | None = None) -> torch.Tensor:
     """bool [B, H, N, M]: True where query i attends key j."""
     nkb = -(-m // block_k)
-    blocks = index_to_block_mask(block_index, block_count, nkb)
-    rows = torch.arange(n, device=blocks.device) // block_q
+    rows = torch.arange(n, device=block_index.device)
+    if row_mask is None:
+        blocks = index_to_block_mask(block_index, block_count, nkb)[:, :, rows // block_q]
+    else:
+        blocks = row_mask_bits(n, block_index, block_count, row_mask, block_q, nkb)
     cols = torch.arange(m, device=blocks.device) // block_k
-    keep = blocks[:, :, rows][:, :, :, cols]
+    keep = blocks[:, :, :, cols]
     return keep & key_valid_tokens(m, block_k, key_block_valid, blocks.device)
 
 
@@ -93,6 +111,7 @@ def block_sparse_attention_reference(
     block_q: int = 64,
     block_k: int = 64,
     key_block_valid: torch.Tensor | None = None,
+    row_mask: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     return_lse: bool = False,
     deterministic: bool = False,
@@ -103,17 +122,20 @@ def block_sparse_attention_reference(
     Query i (block i // block_q) attends key j (block j // block_k) iff that key block is among
     the first block_count[b, h, i // block_q] entries of block_index[b, h, i // block_q] and j
     is among the first key_block_valid[j // block_k] tokens of its block (None: every token
-    that exists). Query head h reads key/value head h // (H // Hkv).
+    that exists) and, with row_mask int64 [B, H, NQB, MAXK] (block_q <= 64), bit
+    i % block_q of the word at that key block's entry is set. Query head h reads key/value
+    head h // (H // Hkv).
 
     Equivalent PyTorch: softmax(q k^T * scale masked to -inf outside the kept pairs) v, with a
     row that keeps no key giving out = 0 and lse = -inf. Returns out [B, N, H, D] in q's dtype
     and, with return_lse, lse [B, H, N] (natural log; float64 for float64 inputs, else float32).
     `deterministic` is accepted for signature parity (this is always deterministic).
     """
-    index, count, valid = check_inputs(
+    index, count, valid, mask = check_inputs(
         q, k, v, block_index, block_count, block_q, block_k, key_block_valid, softmax_scale,
-        {"return_lse": return_lse, "deterministic": deterministic}, kernel=False)
+        {"return_lse": return_lse, "deterministic": deterministic}, kernel=False,
+        row_mask=row_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    keep = token_mask(q.shape[1], k.shape[1], index, count, block_q, block_k, valid)
+    keep = token_mask(q.shape[1], k.shape[1], index, count, block_q, block_k, valid, mask)
     out, lse = masked_attention(q, k, v, keep, scale)
     return (out, lse) if return_lse else out
