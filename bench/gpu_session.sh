@@ -67,7 +67,7 @@ case "${1:-tests}" in
     TAIL=40 step 200 gpu_tests python3 -m pytest -m gpu -v -rfE --tb=short \
       -p no:cacheprovider -n 16 --maxfail=40 --junitxml="$out/junit.xml" tests/engine \
       tests/linear tests/test_ring.py tests/test_ring_grads.py tests/sparse \
-      tests/kernels/test_block_sparse_plans.py
+      tests/kernels/test_block_sparse_plans.py tests/kernels/test_block_sparse_row_mask.py
     step 60 engine_experiments python3 bench/engine_experiments_gpu.py
     step 150 sparse python3 bench/sparse_gpu.py --quick --sweep --sweep-budget 90 \
       --sweep-blocks 128,128x64 --only parts,vsa,fine,flex
