@@ -384,6 +384,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from attnrt.tools.models import run_models
 
         return run_models(args)
+    for flag, default in (("scale", 1), ("vsa_sparsity", 0.875)):
+        if getattr(args, flag, default) != default:
+            raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)!r} applies only "
+                             "with --model; allowed without it: the default")
     if args.plot:
         _pyplot(args.plot)  # a missing matplotlib fails now, not after the whole run
     device = bench_device()

@@ -26,7 +26,7 @@ from attnrt.selection import registry
 from attnrt.selection.device import Device
 from attnrt.selection.dispatch import decide, reasons_for
 from attnrt.selection.request import NAME_DTYPES, AttentionRequest
-from attnrt.tools import benchmark, timing
+from attnrt.tools import benchmark, model_sparse, timing
 from attnrt.tools.models import AttentionShape, ModelPreset
 
 BASELINE = "TORCH_SDPA"
@@ -48,6 +48,7 @@ class Row:
     rel_error: float | None = None
     error: str = ""
     chosen: bool = False
+    method: str = "dense"  # what is computed: a sparse row (model_sparse) names its method
 
 
 def _request(shape: AttentionShape, dtype: str) -> AttentionRequest:
@@ -138,7 +139,10 @@ def per_step(model: ModelPreset, rows: list[Row]) -> dict[str, float]:
         if r.status == "ok" and r.ms is not None:
             times.setdefault(r.backend, {})[r.shape] = r.ms
             if r.chosen:
-                times.setdefault("attnrt", {})[r.shape] = r.ms
+                total = "attnrt" if r.method == "dense" else f"attnrt + {r.method}"
+                times.setdefault(total, {})[r.shape] = r.ms
+    for name in [n for n in times if n.startswith("attnrt + ")]:  # dense where not sparse
+        times[name] = {**times.get("attnrt", {}), **times[name]}
     weight = model.layers * model.calls_per_step
     labels = [a.label for a in model.attention]
     return {name: weight * sum(t[label] for label in labels)
@@ -149,25 +153,32 @@ def summary(model: ModelPreset, rows: list[Row]) -> dict[str, Any]:
     """Per-step attention time per backend, attnrt's, the SDPA baseline's and the speed-up."""
     steps = per_step(model, rows)
     chosen, base = steps.get("attnrt"), steps.get(BASELINE)
+    sparse = {name.removeprefix("attnrt + "): ms for name, ms in steps.items()
+              if name.startswith("attnrt + ")}
     return {"per_step_ms": steps, "attnrt_ms_per_step": chosen,
             "attnrt_s_per_generation": chosen * model.steps / 1e3 if chosen else None,
             "sdpa_ms_per_step": base,
-            "speedup_over_sdpa": base / chosen if base and chosen else None}
+            "speedup_over_sdpa": base / chosen if base and chosen else None,
+            "sparse_ms_per_step": sparse,
+            "sparse_speedup_over_sdpa": {m: base / ms for m, ms in sparse.items()} if base
+            else {}}
 
 
-def format_report(model: ModelPreset, rows: list[Row], device: Device, dtype: str) -> str:
+def format_report(model: ModelPreset, rows: list[Row], device: Device, dtype: str,
+                  notes: list[str] | None = None) -> str:
     lines = [f"attnrt bench --model {model.name} on {device.describe()}, {dtype}; "
              "* = attnrt's choice",
              f"  {model.title}: {model.layers} layers x {model.calls_per_step} calls/step, "
              f"{model.steps} steps  ({model.source})"]
     lines += [f"    {a.describe()}" for a in model.attention]
-    lines.append(f"  {'backend':<22} {'call':<8} {'ms/call':>10} {'ms/step':>11} {'rel err':>9}")
+    notes = notes or []
+    lines.append(f"  {'backend':<32} {'call':<8} {'ms/call':>10} {'ms/step':>11} {'rel err':>9}")
     weight = model.layers * model.calls_per_step
     for r in rows:
         err = f"{r.rel_error:.1e}" if r.rel_error is not None else "-"
         cols = (f"{r.ms:>10.3f} {r.ms * weight:>11.1f} {err:>9}" if r.ms is not None
                 else f"{r.status:>10} {'':>11} {err:>9}  {r.error}")
-        lines.append(f"{'*' if r.chosen else ' '} {r.backend:<22} {r.shape:<8} {cols}")
+        lines.append(f"{'*' if r.chosen else ' '} {r.backend:<32} {r.shape:<8} {cols}")
     s = summary(model, rows)
     if s["attnrt_ms_per_step"] is not None:
         lines.append(f"attention per step: {s['attnrt_ms_per_step']:.1f} ms through attnrt "
@@ -175,7 +186,12 @@ def format_report(model: ModelPreset, rows: list[Row], device: Device, dtype: st
     if s["speedup_over_sdpa"] is not None:
         lines.append(f"speed-up over PyTorch's default SDPA: {s['speedup_over_sdpa']:.2f}x "
                      f"({s['sdpa_ms_per_step']:.1f} ms per step)")
-    return "\n".join(lines)
+    for method, ms in s["sparse_ms_per_step"].items():
+        speedup = s["sparse_speedup_over_sdpa"].get(method)
+        lines.append(f"with {method} where the model's sparse variant uses it: {ms:.1f} ms per "
+                     "step" + (f", {speedup:.2f}x over PyTorch's default SDPA" if speedup
+                               else ""))
+    return "\n".join(lines + notes)
 
 
 def require_matplotlib(path: str) -> Any:
@@ -239,13 +255,17 @@ def run_model_bench(args: argparse.Namespace, model: ModelPreset) -> int:
     for name in names or ():
         registry.spec(name)  # unknown names fail here, listing the registered ones
     repeats = args.repeats or 5
+    sparsity = model_sparse.check_sparsity(args.vsa_sparsity)
     grid = plan(model, dtype, device, names)
-    seconds = estimate_seconds(grid, device, repeats)
+    sparse = model_sparse.vsa_plan(model, dtype, device, names)
+    seconds = estimate_seconds(grid, device, repeats) + (1 - sparsity) * estimate_seconds(
+        sparse, device, repeats)
     if seconds > LONG_RUN_S:
         print(f"attnrt: warning: this run may take about {seconds / 60:.0f} min on "
               f"{device.describe()} (estimated from the grid); --scale, --backends or "
               "--repeats shorten it", file=sys.stderr)
-    rows = _run(grid, dtype, benchmark._torch_type(device), repeats, args.check_seq)
+    rows = _run(grid, dtype, benchmark._torch_type(device), repeats, args.check_seq,
+                sparse, sparsity)
     data = {**benchmark.environment(device), "model": asdict(model), "dtype": dtype,
             "results": [asdict(r) for r in rows], **summary(model, rows)}
     if args.out:
@@ -253,19 +273,30 @@ def run_model_bench(args: argparse.Namespace, model: ModelPreset) -> int:
             json.dump(data, f, indent=2)
     if args.plot:
         write_model_plot(model, rows, device, args.plot)
-    print(json.dumps(data, indent=2) if args.json else format_report(model, rows, device, dtype))
+    print(json.dumps(data, indent=2) if args.json else format_report(
+        model, rows, device, dtype, model_sparse.unserved(sparse, sparsity)))
     return 0
 
 
 def _run(grid: list[tuple[AttentionShape, list[str], str | None]], dtype: str, device: str,
-         repeats: int, check_seq: int) -> list[Row]:
+         repeats: int, check_seq: int, sparse: model_sparse.Plan | None = None,
+         sparsity: float = 0.875) -> list[Row]:
+    """Dense rows for `grid`, then VSA rows for `sparse` (model_sparse), with progress."""
     from attnrt.tools.progress import Progress
 
-    progress, rows = Progress([1.0] * sum(len(names) for _, names, _ in grid)), []
+    sparse = sparse or []
+    count = sum(len(names) for _, names, _ in grid + sparse)
+    progress, rows = Progress([1.0] * count), []
     for shape, names, chosen in grid:
         for name in names:
             progress.step(f"{name} {shape.describe()}")
             rows.append(measure_shape(name, shape, dtype, device, repeats, check_seq))
+            rows[-1].chosen = name == chosen
+    for shape, names, chosen in sparse:
+        for name in names:
+            progress.step(f"{name} {model_sparse.method_label(sparsity)} {shape.describe()}")
+            rows.append(model_sparse.measure_vsa(name, shape, dtype, device, repeats,
+                                                 check_seq, sparsity))
             rows[-1].chosen = name == chosen
     progress.close()
     return rows

@@ -33,6 +33,9 @@ class AttentionShape:
     head_size: int
     causal: bool = False
     batch: int = 1
+    # The latent video grid (T, H, W) after patching, for a video self-attention whose N == M
+    # tokens are that grid in order: what the video sparse methods (VSA) tile.
+    grid: tuple[int, int, int] | None = None
 
     def flops(self) -> float:
         """Forward FLOPs: 4*B*H*N*M*D, halved when causal (N == M)."""
@@ -41,8 +44,9 @@ class AttentionShape:
 
     def describe(self) -> str:
         heads = f"H{self.heads}" + (f"/{self.kv_heads}" if self.kv_heads != self.heads else "")
+        grid = f" grid {'x'.join(map(str, self.grid))}" if self.grid else ""
         return (f"{self.label}: B{self.batch} N{self.n} M{self.m} {heads} D{self.head_size}"
-                f"{' causal' if self.causal else ''}")
+                f"{' causal' if self.causal else ''}{grid}")
 
 
 @dataclass(frozen=True)
@@ -56,23 +60,45 @@ class ModelPreset:
     steps: int
     attention: tuple[AttentionShape, ...]
     source: str
+    # Sparse methods this model's sparse variants use (FastVideo's VSA checkpoints of Wan),
+    # timed on its shapes that have a grid.
+    sparse: tuple[str, ...] = ()
 
     def scaled(self, factor: int) -> ModelPreset:
-        """The same model with every sequence length divided by `factor` (at least 1 token)."""
-        shapes = tuple(replace(a, n=max(1, a.n // factor), m=max(1, a.m // factor))
-                       for a in self.attention)
-        return replace(self, attention=shapes, title=f"{self.title} (lengths / {factor})")
+        """The same model with every sequence length divided by `factor` (at least 1 token); a
+        video grid's largest side is halved until the grid has at most N / factor tokens."""
+        shapes = [_scaled_shape(a, factor) for a in self.attention]
+        # Other calls over the same video tokens (cross-attention's queries) follow the grid.
+        video = {a.n: b.n for a, b in zip(self.attention, shapes, strict=True) if a.grid}
+        shapes = [b if a.grid or a.n not in video else replace(b, n=video[a.n])
+                  for a, b in zip(self.attention, shapes, strict=True)]
+        return replace(self, attention=tuple(shapes),
+                       title=f"{self.title} (lengths / {factor})")
+
+
+def _scaled_shape(shape: AttentionShape, factor: int) -> AttentionShape:
+    n, m = max(1, shape.n // factor), max(1, shape.m // factor)
+    if shape.grid is None:
+        return replace(shape, n=n, m=m)
+    grid = list(shape.grid)
+    while grid[0] * grid[1] * grid[2] > n and max(grid) > 1:
+        side = grid.index(max(grid))
+        grid[side] = max(1, grid[side] // 2)
+    tokens = grid[0] * grid[1] * grid[2]
+    return replace(shape, n=tokens, m=tokens, grid=(grid[0], grid[1], grid[2]))
 
 
 def _wan(size: str, width: int, height: int, dim: int, heads: int, layers: int) -> ModelPreset:
     # VAE stride (4, 8, 8), patch (1, 2, 2), 81 frames -> 21 latent frames; text 512 tokens.
-    tokens = 21 * (height // 16) * (width // 16)
+    grid = (21, height // 16, width // 16)
+    tokens = grid[0] * grid[1] * grid[2]
     return ModelPreset(
         f"wan2.1-{size.lower()}-{height}p", f"Wan 2.1 {size} {width}x{height}x81", layers, 2,
-        50, (AttentionShape("self", tokens, tokens, heads, heads, 128),
+        50, (AttentionShape("self", tokens, tokens, heads, heads, 128, grid=grid),
              AttentionShape("cross", tokens, 512, heads, heads, 128)),
         f"Wan-AI/Wan2.1-T2V-{size} config: dim {dim}, {heads} heads of 128, {layers} layers; "
-        "CFG (2 calls/step), 50 steps")
+        "CFG (2 calls/step), 50 steps; FastVideo's VSA variants sparsify the self-attention",
+        sparse=("vsa",))
 
 
 PRESETS: dict[str, ModelPreset] = {p.name: p for p in (
@@ -133,6 +159,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list-models", action="store_true", help="show the model presets")
     parser.add_argument("--scale", type=int, default=1,
                         help="with --model: divide every sequence length by this (quick looks)")
+    parser.add_argument("--vsa-sparsity", type=float, default=0.875,
+                        help="with --model: VSA_sparsity for the models whose sparse variants "
+                             "use VSA (Wan 2.1); the share of key cubes dropped, in [0, 1)")
 
 
 def run_models(args: argparse.Namespace) -> int:

@@ -102,3 +102,60 @@ def test_per_step_needs_every_shape_of_a_backend():
             model_bench.Row("C", "cross", "ok", 0.25, chosen=True)]
     steps = model_bench.per_step(model, rows)
     assert steps == {"A": 6 * 1.5, "attnrt": 6 * 1.25}
+
+
+WAN_TINY = ["bench", "--model", "wan2.1-1.3b-480p", "--scale", "256", "--repeats", "1",
+            "--check-seq", "128", "--backends", "TORCH_SDPA,VIDEO_SPARSE_ATTN"]
+
+
+@pytest.mark.interpret
+def test_wan_times_vsa_on_its_self_attention_checked_against_vsa_s_reference(capsys):
+    """Wan's sparse variants use VSA: its self-attention (the shape with a grid) gets a VSA row,
+    checked against the published algorithm's reference, and the per-step total with VSA takes
+    it for the self-attention and attnrt's dense choice for the cross-attention."""
+    assert main([*WAN_TINY, "--vsa-sparsity", "0.5", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = data["results"]
+    vsa = [r for r in rows if r["method"] == "vsa"]
+    assert [(r["backend"], r["shape"], r["status"]) for r in vsa] == [
+        ("VIDEO_SPARSE_ATTN vsa s=0.5", "self", "ok")]
+    assert vsa[0]["rel_error"] < 1e-5
+    assert vsa[0]["chosen"]
+    cross = next(r for r in rows if r["chosen"] and r["shape"] == "cross")
+    weight = data["model"]["layers"] * data["model"]["calls_per_step"]
+    assert data["sparse_ms_per_step"]["vsa"] == pytest.approx(
+        weight * (vsa[0]["ms"] + cross["ms"]))
+    self_shape = data["model"]["attention"][0]
+    t, h, w = self_shape["grid"]
+    assert self_shape["n"] == t * h * w == data["model"]["attention"][1]["n"]
+
+
+def test_vsa_rows_follow_backends_and_say_when_none_is_timed(monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(model_bench, "_run", lambda *a: seen.setdefault("sparse", a[5]) and [])
+    assert main(["bench", "--model", "wan2.1-1.3b-480p", "--scale", "256", "--backends",
+                 "TORCH_SDPA"]) == 0
+    assert seen["sparse"][0][1] == []  # VSA backends not in --backends are not timed ...
+    assert "vsa s=0.875 on self: not timed: --backends names none of method vsa" in \
+        capsys.readouterr().out  # ... and the report says so
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--model", "wan2.1-1.3b-480p", "--vsa-sparsity", "1.0"], "--vsa-sparsity=1.0 is not "
+                                                               "allowed"),
+    (["--vsa-sparsity", "0.5"], "--vsa-sparsity=0.5 applies only with --model"),
+    (["--scale", "4"], "--scale=4 applies only with --model"),
+])
+def test_model_only_flags_are_refused_where_they_do_not_apply(argv, named, capsys):
+    assert main(["bench", *argv]) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_scaled_video_grid_keeps_its_calls_consistent():
+    model = preset("wan2.1-14b-720p").scaled(100)
+    self_shape, cross = model.attention
+    assert self_shape.grid is not None
+    t, h, w = self_shape.grid
+    assert self_shape.n == self_shape.m == t * h * w <= 75600 // 100
+    assert cross.n == self_shape.n
+    assert cross.m == 5
