@@ -34,18 +34,11 @@ TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2), (1
 
 
 def _time(fn: Callable[[], torch.Tensor], reps: int = 10) -> float:
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    """Median ms over `reps` timed runs: engine_gpu.py's timer (this folder is on sys.path
+    when the script runs as `python bench/engine_experiments_gpu.py`)."""
+    from engine_gpu import bench
+
+    return bench(fn, reps)
 
 
 def _no_index(src: str) -> str:
