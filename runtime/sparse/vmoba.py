@@ -26,7 +26,7 @@ from attnrt.interfaces import AttentionImpl, AttentionMetadata, AttentionMetadat
 
 from .method_errors import SparseArgumentError, SparseMetadataError, check_qkv
 from .vmoba_layout import Chunk, check_chunk, from_chunk_order, to_chunk_order
-from .vmoba_pack import vmoba_attention
+from .vmoba_pack import ROW_MASK_BLOCK_Q, vmoba_attention
 from .vmoba_select import METHOD, check_selection, select_chunks
 
 _LAYER_INDEX = re.compile(r"blocks\.(\d+)")
@@ -140,7 +140,7 @@ class VMOBAAttentionImpl(AttentionImpl):
         if extra_impl_args:
             raise SparseArgumentError(f"extra_impl_args={sorted(extra_impl_args)} are not "
                                       f"supported by {METHOD}; allowed: block_q, block_k")
-        for name, value, allowed in (("block_q", block_q, (16, 32, 64)),
+        for name, value, allowed in (("block_q", block_q, ROW_MASK_BLOCK_Q),
                                      ("block_k", block_k, (16, 32, 64, 128))):
             if value not in allowed or isinstance(value, bool):
                 raise SparseArgumentError(f"{name}={value!r} is not supported by {METHOD}; "

@@ -10,8 +10,10 @@ kernel's key list is every key block of every chunk any of the block's rows sele
 order), and row_mask bit r of each entry says whether row r selected that entry's chunk: rows
 that did not see those keys at -inf. Chunks are disjoint runs of key blocks (each chunk padded
 to KB whole blocks, key_block_valid marking the padding), so this is exactly each query's
-attention over the union of its chunks: no query is copied, nothing is merged. Neighbouring
-queries in chunk order select mostly the same chunks, so the union stays near the top-k.
+attention over the union of its chunks: no query is copied, nothing is merged. The cost is
+the union: a block's rows may select different chunks, and every row of the block runs over
+every chunk any of them selected (masked). On CPU at Wan 480p the union covered 76-100% of the
+chunks (bench/NOTES-sla-vmoba.md), so this runs near dense cost unless rows agree.
 """
 
 from __future__ import annotations
@@ -61,13 +63,13 @@ def chunk_lists(words: torch.Tensor, chunk_ids: torch.Tensor
     chunk) -> (block_index int32 [B, H, NQB, MAXK], block_count int32 [B, H, NQB], row_mask
     int64 [B, H, NQB, MAXK]): per query block, the key blocks of each chunk with a nonzero
     word, in chunk order, each carrying that word. One host read (MAXC)."""
+    from attnrt.kernels.block_sparse import block_mask_to_index
+
     kb = chunk_ids.shape[1]
-    listed = words != 0
-    per_block = listed.sum(-1, dtype=torch.int32)  # [B, H, NQB]
+    # The listed chunks of each query block first, in increasing order, and their count.
+    order, per_block = block_mask_to_index(words != 0)
     maxc = max(1, int(per_block.max().item()))
-    # A stable descending sort of 0/1 puts the listed chunks first, in increasing order.
-    order = torch.sort(listed.to(torch.int8), dim=-1, descending=True, stable=True).indices
-    order = order[..., :maxc]
+    order = order[..., :maxc].long()
     shape = (*order.shape[:3], maxc * kb)
     index = chunk_ids[order].reshape(shape)  # [B, H, NQB, MAXC, KB] -> [..., MAXK]
     row_mask = words.gather(-1, order)[..., None].expand(*order.shape, kb).reshape(shape)

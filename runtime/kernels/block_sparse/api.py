@@ -35,9 +35,9 @@ def block_sparse_attention(
     [B, H, NQB, MAXK] or None (block_q <= 64 only): bit r of row_mask[b, h, i, j] says whether
     row r of query block i attends key block block_index[b, h, i, j] (a clear bit: that block's
     keys are masked, -inf scores, for that row); None: every row attends every listed block.
-    Expanded (stride-0)
-    views are read as they are. Returns out [B, N, H, D] in q's dtype and, with return_lse, lse
-    [B, H, N] float32 (natural log); a row that visits no valid key gets out = 0, lse = -inf.
+    Expanded (stride-0) views are read as they are. Returns out [B, N, H, D] in q's dtype
+    and, with return_lse, lse [B, H, N] float32 (natural log); a row that visits no valid key
+    gets out = 0, lse = -inf.
     Differentiable in q, k, v. dQ is summed per query block over its own list, so every
     gradient is deterministic; `deterministic` is accepted and always holds.
 

@@ -16,7 +16,7 @@ import torch
 from .. import cdiv, next_power_of_2
 from .jit import _compact_kernel, _dkdv_kernel, _dq_kernel, _fwd_kernel
 from .options import KERNELS, Plan, check_fits, fitting_plans, wanted_plan
-from .reference import index_to_block_mask
+from .reference import dense_row_mask, index_to_block_mask
 
 LOG2E = 1.4426950408889634
 _COMPACT_CHUNK = 256
@@ -119,20 +119,6 @@ def _forward(q, k, v, index, count, valid, row_mask, block_q, block_k, scale):
 
     _with_plan("fwd", q, block_q, block_k, launch)
     return out, lse
-
-
-def dense_row_mask(index: torch.Tensor, count: torch.Tensor, row_mask: torch.Tensor,
-                   num_key_blocks: int) -> torch.Tensor:
-    """row_mask int64 [B, H, NQB, MAXK] (aligned with index) -> int64 [B, H, NQB, NKB]: the
-    row bits of each (query block, key block) pair, 0 where the block is not listed. One
-    scatter on the device (entries past each count land in a dropped column)."""
-    maxk = index.shape[-1]
-    used = torch.arange(maxk, device=index.device) < count[..., None]
-    ids = index.long().masked_fill(~used, num_key_blocks)
-    dense = torch.zeros((*ids.shape[:3], num_key_blocks + 1), dtype=torch.int64,
-                        device=index.device)
-    dense.scatter_(-1, ids, row_mask.expand(ids.shape))
-    return dense[..., :num_key_blocks]
 
 
 def transpose_lists(index: torch.Tensor, count: torch.Tensor, num_key_blocks: int,

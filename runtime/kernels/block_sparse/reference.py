@@ -29,17 +29,33 @@ def block_mask_to_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return index.to(torch.int32), keep.sum(dim=-1, dtype=torch.int32)
 
 
+def _by_key_block(block_index: torch.Tensor, block_count: torch.Tensor, values: torch.Tensor,
+                  num_key_blocks: int) -> torch.Tensor:
+    """values [B, H, NQB, MAXK] (or broadcastable), aligned with block_index -> [B, H, NQB,
+    NKB] of values' dtype: each listed entry's value at its key block id, zero elsewhere. One
+    scatter on the device (entries past each count land in a dropped column)."""
+    maxk = block_index.shape[-1]
+    used = torch.arange(maxk, device=block_index.device) < block_count[..., None]
+    ids = block_index.long().masked_fill(~used, num_key_blocks)
+    out = torch.zeros((*ids.shape[:3], num_key_blocks + 1), dtype=values.dtype,
+                      device=ids.device)
+    out.scatter_(-1, ids, values.to(ids.device).expand(ids.shape))
+    return out[..., :num_key_blocks]
+
+
 def index_to_block_mask(block_index: torch.Tensor, block_count: torch.Tensor,
                         num_key_blocks: int) -> torch.Tensor:
     """(block_index [B, H, NQB, MAXK], block_count [B, H, NQB]) -> bool [B, H, NQB, NKB]: the
     inverse of block_mask_to_index (entries past each count ignored)."""
-    maxk = block_index.shape[-1]
-    used = torch.arange(maxk, device=block_index.device) < block_count[..., None]
-    ids = block_index.long().masked_fill(~used, num_key_blocks)
-    mask = torch.zeros((*ids.shape[:3], num_key_blocks + 1), dtype=torch.bool,
-                       device=ids.device)
-    mask.scatter_(-1, ids, True)
-    return mask[..., :num_key_blocks]
+    listed = torch.ones((), dtype=torch.bool, device=block_index.device)
+    return _by_key_block(block_index, block_count, listed, num_key_blocks)
+
+
+def dense_row_mask(block_index: torch.Tensor, block_count: torch.Tensor, row_mask: torch.Tensor,
+                   num_key_blocks: int) -> torch.Tensor:
+    """row_mask int64 [B, H, NQB, MAXK] (aligned with block_index) -> int64 [B, H, NQB, NKB]:
+    the row bits of each (query block, key block) pair, 0 where the block is not listed."""
+    return _by_key_block(block_index, block_count, row_mask, num_key_blocks)
 
 
 def key_valid_tokens(m: int, block_k: int, key_block_valid: torch.Tensor | None,
@@ -56,14 +72,9 @@ def row_mask_bits(n: int, block_index: torch.Tensor, block_count: torch.Tensor,
                   row_mask: torch.Tensor, block_q: int, num_key_blocks: int) -> torch.Tensor:
     """bool [B, H, N, NKB]: bit (i % block_q) of row_mask at the entry that lists key block kb
     for query block i // block_q (False where kb is not listed)."""
-    maxk = block_index.shape[-1]
-    used = torch.arange(maxk, device=block_index.device) < block_count[..., None]
-    ids = block_index.long().masked_fill(~used, num_key_blocks)
-    words = torch.zeros((*ids.shape[:3], num_key_blocks + 1), dtype=torch.int64,
-                        device=ids.device)
-    words.scatter_(-1, ids, row_mask.to(ids.device).expand(ids.shape))
-    rows = torch.arange(n, device=ids.device)
-    per_row = words[:, :, rows // block_q, :num_key_blocks]  # [B, H, N, NKB]
+    words = dense_row_mask(block_index, block_count, row_mask, num_key_blocks)
+    rows = torch.arange(n, device=words.device)
+    per_row = words[:, :, rows // block_q]  # [B, H, N, NKB]
     return ((per_row >> (rows % block_q)[:, None]) & 1) != 0
 
 
