@@ -154,6 +154,7 @@ class VideoSparseAttentionBackend(AttentionBackend):
     def get_builder_cls() -> type[VideoSparseAttentionMetadataBuilder]:
         return VideoSparseAttentionMetadataBuilder
 
-    @staticmethod
-    def get_supported_head_sizes() -> list[int]:
-        return list(range(16, 257, 8))
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        """FastVideo's accessor, from the class's HEAD_SIZES (so subclasses need none)."""
+        return list(cls.HEAD_SIZES or ())

@@ -177,7 +177,3 @@ class CudnnBsaVSABackend(VideoSparseAttentionBackend):
     @staticmethod
     def get_impl_cls() -> type[CudnnBsaVSAImpl]:
         return CudnnBsaVSAImpl
-
-    @staticmethod
-    def get_supported_head_sizes() -> list[int]:
-        return list(HEAD_SIZES)

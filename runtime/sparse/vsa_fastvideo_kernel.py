@@ -85,7 +85,3 @@ class FastVideoKernelVSABackend(VideoSparseAttentionBackend):
     @staticmethod
     def get_impl_cls() -> type[FastVideoKernelVSAImpl]:
         return FastVideoKernelVSAImpl
-
-    @staticmethod
-    def get_supported_head_sizes() -> list[int]:
-        return [64, 128]

@@ -268,3 +268,13 @@ def test_gpu_real_package_matches_the_reference(shape, h, hkv):
     ref = vsa_reference(*(t.double() for t in tokens), shape, 0.75)
     assert out.dtype == torch.bfloat16
     assert rel_l2(out, ref) < TOLERANCE[torch.bfloat16]
+
+
+def test_fastvideo_s_head_size_accessor_follows_each_vsa_backend_s_declaration():
+    from attnrt.sparse.vsa_backend import VideoSparseAttentionBackend
+    from attnrt.sparse.vsa_cudnn_bsa import CudnnBsaVSABackend
+    from attnrt.sparse.vsa_fastvideo_kernel import FastVideoKernelVSABackend
+
+    assert VideoSparseAttentionBackend.get_supported_head_sizes() == list(range(16, 257, 8))
+    assert FastVideoKernelVSABackend.get_supported_head_sizes() == [64, 128]
+    assert CudnnBsaVSABackend.get_supported_head_sizes() == [64, 96, 128]
