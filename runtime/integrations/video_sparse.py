@@ -85,6 +85,7 @@ class VideoSparseRoute:
         self.spec, self.allowed = spec, allowed
         self._layers: dict[tuple[Any, ...], LocalAttention] = {}
         self._metadata: dict[str, VideoSparseAttentionMetadata] = {}
+        self._gates: dict[tuple[Any, ...], torch.Tensor] = {}
         self._lock = threading.Lock()
 
     def serves(self, query: torch.Tensor, key: torch.Tensor) -> bool:
@@ -131,8 +132,17 @@ class VideoSparseRoute:
         layer = self.layer(query.shape[2], key.shape[2], query.shape[3], scale)
         impl = layer.impl_for(query.dtype, query.device)
         md = self.metadata(query.device)
-        fill = 0.0 if self.spec.gate == "zeros" else 1.0
-        gate = torch.full_like(query, fill)
-        tiled = [impl.preprocess_qkv(t, md) for t in (query, key, value, gate)]
-        out = impl.postprocess_output(impl.forward(*tiled, md), md)  # type: ignore[call-arg]
+        q, k, v = (impl.preprocess_qkv(t, md) for t in (query, key, value))
+        out = impl.postprocess_output(impl.forward(q, k, v, self.gate(q), md),  # type: ignore[call-arg]
+                                      md)
         return out, layer.decision_for(query.dtype, query.device).backend or ""
+
+    def gate(self, tiled_q: torch.Tensor) -> torch.Tensor:
+        """The constant gate_compress in the tiled layout, built once per shape, dtype and
+        device (its padding slots hold the same constant; untiling drops them)."""
+        key = (tuple(tiled_q.shape), tiled_q.dtype, str(tiled_q.device))
+        found = self._gates.get(key)
+        if found is None:
+            fill = 0.0 if self.spec.gate == "zeros" else 1.0
+            found = self._gates.setdefault(key, torch.full_like(tiled_q, fill))
+        return found
