@@ -100,7 +100,7 @@ def pick_tiles(device_type: str, d: int, dv: int, block_size: tuple[int, int] | 
     interpreter. `block_size` is the call's block-sparse mask granularity where it has one
     (block_sparse_mask / _indices): a tile then divides it. Without a mask the tiles are the
     table's: the mask_mod's block lists are built at tile granularity. A tile cut to 64 rows
-    runs one warpgroup (4 warps); the H100 profile of eleventh session showed (64, 64) tiles
+    runs one warpgroup (4 warps); an H100 profile showed (64, 64) tiles
     with 8 warps, from cutting the table's tiles to the default block size with no mask, at
     177 TFLOP/s where the dense kernel's Triton path runs ~450 (bench/NOTES-engine.md)."""
     if device_type != "cuda":

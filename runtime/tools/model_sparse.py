@@ -26,7 +26,7 @@ from attnrt.selection.device import Device
 from attnrt.selection.dispatch import decide, reasons_for
 from attnrt.selection.request import NAME_DTYPES, AttentionRequest
 from attnrt.tools import benchmark, timing
-from attnrt.tools.models import AttentionShape, ModelPreset, _scaled_shape
+from attnrt.tools.models import AttentionShape, ModelPreset, scaled_shape
 
 METHOD = "vsa"
 Plan = list[tuple[AttentionShape, list[str], str | None]]
@@ -90,7 +90,7 @@ def check_vsa(impl: Any, shape: AttentionShape, dtype: str, device: str, check_s
     """Relative L2 error vs VSA's float64 reference on a grid of at most check_seq tokens."""
     from attnrt.sparse.vsa_reference import vsa_reference
 
-    small = _scaled_shape(shape, max(1, -(-shape.n // check_seq)))
+    small = scaled_shape(shape, max(1, -(-shape.n // check_seq)))
     grid = small.grid or (1, 1, small.n)
     tensors = _tensors(shape, small.n, dtype, device)
     out = _run(impl, tensors, _metadata(grid, sparsity, device))

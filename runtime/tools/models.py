@@ -67,7 +67,7 @@ class ModelPreset:
     def scaled(self, factor: int) -> ModelPreset:
         """The same model with every sequence length divided by `factor` (at least 1 token); a
         video grid's largest side is halved until the grid has at most N / factor tokens."""
-        shapes = [_scaled_shape(a, factor) for a in self.attention]
+        shapes = [scaled_shape(a, factor) for a in self.attention]
         # Other calls over the same video tokens (cross-attention's queries) follow the grid.
         video = {a.n: b.n for a, b in zip(self.attention, shapes, strict=True) if a.grid}
         shapes = [b if a.grid or a.n not in video else replace(b, n=video[a.n])
@@ -76,7 +76,9 @@ class ModelPreset:
                        title=f"{self.title} (lengths / {factor})")
 
 
-def _scaled_shape(shape: AttentionShape, factor: int) -> AttentionShape:
+def scaled_shape(shape: AttentionShape, factor: int) -> AttentionShape:
+    """`shape` with N and M divided by `factor`; a grid shrinks by halving its largest side
+    until it has at most N / factor tokens, and N = M = its tokens."""
     n, m = max(1, shape.n // factor), max(1, shape.m // factor)
     if shape.grid is None:
         return replace(shape, n=n, m=m)
