@@ -14,7 +14,6 @@ takes it for those shapes and attnrt's dense choice for the others (model_bench.
 
 from __future__ import annotations
 
-import math
 import statistics
 from typing import Any
 
@@ -37,10 +36,14 @@ def method_label(sparsity: float) -> str:
 
 
 def check_sparsity(value: float) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value < 1):
+    """--vsa-sparsity, by VSA's own rule (attnrt.sparse.vsa_metadata), named as the flag."""
+    from attnrt.sparse.vsa_metadata import check_sparsity as vsa_rule
+
+    try:
+        return vsa_rule(value)
+    except ValueError:
         raise ValueError(f"--vsa-sparsity={value!r} is not allowed; allowed: a number in [0, 1) "
-                         "(the share of key cubes VSA drops)")
-    return float(value)
+                         "(the share of key cubes VSA drops)") from None
 
 
 def vsa_plan(model: ModelPreset, dtype: str, device: Device,
