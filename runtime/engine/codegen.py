@@ -68,7 +68,7 @@ def engine_fwd(Q, K, V, O, FIN, DOCQ, POSQ, DOCK, POSK, FULL_IDX, FULL_CNT, PART
     list_off = b * slb + h * slh + pid * slq
     cnt_off = b * scb + h * sch + pid
     n_full = tl.load(FULL_CNT + cnt_off)
-    hit = tl.zeros([BLOCK_M, 1], dtype=tl.int32) + (n_full > 0).to(tl.int32)
+    hit = tl.zeros([BLOCK_M], dtype=tl.int32) + (n_full > 0).to(tl.int32)
     for j in range(0, n_full):
         start_n = tl.load(FULL_IDX + list_off + j) * BLOCK_N
 {full}
@@ -80,13 +80,18 @@ def engine_fwd(Q, K, V, O, FIN, DOCQ, POSQ, DOCK, POSK, FULL_IDX, FULL_CNT, PART
 '''
 
 
+# A per-row or per-key vector as a column ([X, 1], index True) or a row ([1, X], False).
+_AXIS = {True: "[:, None]", False: "[None, :]"}
+
+
 def _indent(lines: list[str], n: int) -> str:
     return "\n".join(" " * n + line for line in lines)
 
 
-def _row_side(flags: KernelFlags, offs: str = "offs_m") -> list[str]:
-    """Index leaves of the rows (b, q_idx), clamped into range for loads."""
-    lines = [f"q_rows = tl.minimum({offs}, N - 1)[:, None]", "h_idx = h"]
+def _row_side(flags: KernelFlags, offs: str = "offs_m", t: bool = False) -> list[str]:
+    """Index leaves of the rows (b, q_idx), clamped into range for loads; t: the block is
+    transposed ([keys, rows]), so rows run along its second axis."""
+    lines = [f"q_rows = tl.minimum({offs}, N - 1){_AXIS[not t]}", "h_idx = h"]
     if flags.varlen:
         lines += ["b_idx = tl.load(DOCQ + q_rows)", "q_idx = tl.load(POSQ + q_rows)"]
     else:
@@ -94,8 +99,10 @@ def _row_side(flags: KernelFlags, offs: str = "offs_m") -> list[str]:
     return lines
 
 
-def _col_side(flags: KernelFlags, masked: bool, offs: str = "offs_n") -> list[str]:
-    cols = f"tl.minimum({offs}, M - 1)[None, :]" if masked else f"{offs}[None, :]"
+def _col_side(flags: KernelFlags, masked: bool, offs: str = "offs_n",
+              t: bool = False) -> list[str]:
+    cols = f"tl.minimum({offs}, M - 1)" if masked else offs
+    cols += _AXIS[t]
     lines = [f"kv_cols = {cols}"]
     if flags.varlen:
         lines += ["kv_idx = tl.load(POSK + kv_cols)", "kv_doc = tl.load(DOCK + kv_cols)"]
@@ -104,8 +111,8 @@ def _col_side(flags: KernelFlags, masked: bool, offs: str = "offs_n") -> list[st
     return lines
 
 
-def _keep(em: Emitter, variant: Variant, flags: KernelFlags) -> None:
-    terms = ["(offs_n[None, :] < M)", "row_ok"]
+def _keep(em: Emitter, variant: Variant, flags: KernelFlags, t: bool = False) -> None:
+    terms = [f"(offs_n{_AXIS[t]} < M)", "row_ok_t" if t else "row_ok"]
     if variant.mask is not None:
         terms.append(em(variant.mask))
     if flags.varlen:
@@ -113,13 +120,15 @@ def _keep(em: Emitter, variant: Variant, flags: KernelFlags) -> None:
     em.line(f"keep = {' & '.join(terms)}")
 
 
-def _scores(em: Emitter, variant: Variant, flags: KernelFlags, masked: bool) -> str:
-    """Lines computing the modified, masked score block; returns its variable."""
-    em.line("s = tl.dot(q, tl.trans(k), input_precision=PREC)" + (" * scale" if flags.scaled
-                                                                   else ""))
+def _scores(em: Emitter, variant: Variant, flags: KernelFlags, masked: bool,
+            t: bool = False) -> str:
+    """Lines computing the modified, masked score block ([rows, keys], or [keys, rows] when
+    t); returns its variable."""
+    product = "tl.dot(k, tl.trans(q)" if t else "tl.dot(q, tl.trans(k)"
+    em.line(f"s = {product}, input_precision=PREC)" + (" * scale" if flags.scaled else ""))
     s2 = em(variant.score, as_float=True)
     if masked:
-        _keep(em, variant, flags)
+        _keep(em, variant, flags, t)
         em.line(f"s2 = tl.where(keep, {s2}, 0.0)")
         return "s2"
     return s2
@@ -138,9 +147,12 @@ def _load_kv(which: str, offs: str, masked: bool) -> str:
             f"{dim}[None, :], mask={mask}, other=0.0)")
 
 
+_CARRY = "row_{n} = tl.sum({v}, 1)"
+
+
 def _fwd_body(variant: Variant, flags: KernelFlags, table: dict, masked: bool) -> str:
     prog = variant.online
-    names = dict(_LEAVES, **{f"row.{n}": f"row_{n}" for n, _ in prog.inits})
+    names = dict(_LEAVES, **{f"row.{n}": f"row_{n}[:, None]" for n, _ in prog.inits})
     em = Emitter(names, table, "keep" if masked else None, "t")
     em.line("offs_n = start_n + tl.arange(0, BLOCK_N)")
     for line in _col_side(flags, masked):
@@ -149,7 +161,7 @@ def _fwd_body(variant: Variant, flags: KernelFlags, table: dict, masked: bool) -
     s2 = _scores(em, variant, flags, masked)
     em.rebind("score", s2)
     if masked:
-        em.line("hit = tl.maximum(hit, tl.max(keep.to(tl.int32), 1, keep_dims=True))")
+        em.line("hit = tl.maximum(hit, tl.max(keep.to(tl.int32), 1))")
     p = em(prog.p, as_float=True)
     if masked:
         em.line(f"p = tl.where(keep, {p}, 0.0)")
@@ -163,17 +175,17 @@ def _fwd_body(variant: Variant, flags: KernelFlags, table: dict, masked: bool) -
         em.line(f"acc = tl.dot({p}.to(v.dtype), v, acc * {em(o_scale, as_float=True)}, "
                 "input_precision=PREC)")
     for n, var in new_rows:
-        em.line(f"row_{n} = {var} + tl.zeros([BLOCK_M, 1], dtype=tl.float32)")
+        em.line(_CARRY.format(n=n, v=f"{var} + tl.zeros([BLOCK_M, 1], dtype=tl.float32)"))
     return _indent(em.lines, 8)
 
 
 def _fwd_epilogue(variant: Variant, table: dict, masked: bool) -> str:
     prog = variant.online
-    names = dict(_LEAVES, o="acc", **{f"row.{n}": f"row_{n}" for n, _ in prog.inits})
+    names = dict(_LEAVES, o="acc", **{f"row.{n}": f"row_{n}[:, None]" for n, _ in prog.inits})
     em = Emitter(names, table, None, "e")
     out = em(prog.out, as_float=True)
     if masked:
-        out = em.temp(f"tl.where(hit > 0, {out}, 0.0)")
+        out = em.temp(f"tl.where(hit[:, None] > 0, {out}, 0.0)")
     em.line(f"tl.store(O + b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * son"
             f" + offs_dv[None, :], {out}.to(O.dtype.element_ty), "
             "mask=row_ok & (offs_dv[None, :] < HEAD_DIM_V))")
@@ -190,7 +202,7 @@ def masked_kernel(variant: Variant, flags: KernelFlags) -> bool:
 
 def forward_source(variant: Variant, flags: KernelFlags) -> str:
     ptrs, strides, table = _input_args(variant)
-    inits = [f"row_{n} = tl.full([BLOCK_M, 1], {literal(v, FLOAT)}, dtype=tl.float32)"
+    inits = [f"row_{n} = tl.full([BLOCK_M], {literal(v, FLOAT)}, dtype=tl.float32)"
              for n, v in variant.online.inits]
     return _FWD_SIG.format(
         ptrs=ptrs, strides=strides, rowside=_indent(_row_side(flags), 4),

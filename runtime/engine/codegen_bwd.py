@@ -22,6 +22,7 @@ from attnrt.engine.codegen import (
 )
 from attnrt.engine.emit import Emitter
 from attnrt.engine.spec import Variant
+from attnrt.engine.trace import Expr
 
 _COMMON = '''DOCQ, POSQ, DOCK, POSK, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT,
         {ptrs}{grad_ptrs}sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh,
@@ -81,15 +82,17 @@ def engine_bwd_dq(Q, K, V, DO, FIN, DOOSUM, DQ, ''' + _COMMON + '''\
 '''
 
 
-def _row_loads(variant: Variant, flags: KernelFlags) -> list[str]:
-    """q, do, final row scales and doosum of the rows offs_m, and their index leaves."""
+def _row_loads(variant: Variant, flags: KernelFlags, t: bool = False) -> list[str]:
+    """q, do, final row scales and doosum of the rows offs_m, and their index leaves (as
+    [1, BLOCK_M] rows of a transposed block when t)."""
     lines = [
         "row_ok = offs_m[:, None] < N",
+        *(["row_ok_t = offs_m[None, :] < N"] if t else []),
         "q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqn"
         " + offs_d[None, :], mask=row_ok & (offs_d[None, :] < HEAD_DIM), other=0.0)",
         "do = tl.load(DO + b.to(tl.int64) * sdob + h * sdoh + offs_m[:, None].to(tl.int64) * "
         "sdon + offs_dv[None, :], mask=row_ok & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)",
-        *_row_side(flags),
+        *_row_side(flags, t=t),
         "doosum = tl.load(DOOSUM + bh.to(tl.int64) * N + q_rows)",
     ]
     for r, (name, _) in enumerate(variant.online.finals):
@@ -102,15 +105,18 @@ def _names(variant: Variant) -> dict[str, str]:
     return dict(_LEAVES, doosum="doosum", **finals)
 
 
-def _grad_core(em: Emitter, variant: Variant, flags: KernelFlags, masked: bool) -> str:
-    """p and ds (raw-score gradient) of the block; returns ds's variable."""
+def _grad_core(em: Emitter, variant: Variant, flags: KernelFlags, masked: bool,
+               t: bool = False) -> str:
+    """p and ds (raw-score gradient) of the block ([keys, rows] when t); returns ds's
+    variable."""
     prog = variant.online
-    s2 = _scores(em, variant, flags, masked)
+    s2 = _scores(em, variant, flags, masked, t)
     dsmod = em(score_grad(variant), as_float=True)
     em.rebind("score", s2)
     p = em(prog.recompute, as_float=True)
     em.line(f"p = tl.where(keep, {p}, 0.0)" if masked else f"p = {p}")
-    em.line("dp = tl.dot(do, tl.trans(v), input_precision=PREC)")
+    em.line(f"dp = {'tl.dot(v, tl.trans(do)' if t else 'tl.dot(do, tl.trans(v)'}, "
+            "input_precision=PREC)")
     em.rebind("p", "p")
     em.names["dp"] = "dp"
     ds2 = em(prog.dscore, as_float=True)
@@ -119,7 +125,12 @@ def _grad_core(em: Emitter, variant: Variant, flags: KernelFlags, masked: bool) 
     return "ds"
 
 
-def _atomics(em: Emitter, variant: Variant, flags: KernelFlags, score_em: Emitter) -> None:
+def _atomics(em: Emitter, variant: Variant, flags: KernelFlags, score_em: Emitter,
+             t: bool = False) -> None:
+    """Custom-input gradients of the block, summed over the axes the read does not index;
+    the block is [BLOCK_M, BLOCK_N], or [BLOCK_N, BLOCK_M] when t."""
+    rows, keys = (1, 0) if t else (0, 1)  # the block's axis of rows and of keys
+    shape = ["BLOCK_M", "BLOCK_N"][::-1 if t else 1]
     for name, node, grad in input_grads(variant, flags.input_grads):
         _, strides = em.inputs[name]
         index = [score_em(a) for a in node.args]
@@ -131,30 +142,61 @@ def _atomics(em: Emitter, variant: Variant, flags: KernelFlags, score_em: Emitte
             x.startswith("in.") for x in leaves)
         kv_dep = "kv_idx" in leaves or any(x.startswith("in.") for x in leaves)
         if q_dep and kv_dep:
-            em.line(f"tl.atomic_add({addr} + tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32), g)")
-        elif q_dep:
-            em.line(f"tl.atomic_add({addr} + tl.zeros([BLOCK_M, 1], dtype=tl.int32), "
-                    "tl.sum(g, 1, keep_dims=True))")
-        elif kv_dep:
-            em.line(f"tl.atomic_add({addr} + tl.zeros([1, BLOCK_N], dtype=tl.int32), "
-                    "tl.sum(g, 0, keep_dims=True))")
+            em.line(f"tl.atomic_add({addr} + tl.zeros([{', '.join(shape)}], dtype=tl.int32), "
+                    "g)")
+        elif q_dep or kv_dep:  # sum over the other axis
+            axis = keys if q_dep else rows
+            kept = ["1", "1"]
+            kept[1 - axis] = shape[1 - axis]
+            em.line(f"tl.atomic_add({addr} + tl.zeros([{', '.join(kept)}], dtype=tl.int32), "
+                    f"tl.sum(g, {axis}, keep_dims=True))")
         else:
             em.line(f"tl.atomic_add({addr}, tl.sum(tl.sum(g, 1), 0))")
 
 
-def _dkdv_body(variant: Variant, flags: KernelFlags, table: dict, masked: bool) -> str:
+def _dkdv_body(variant: Variant, flags: KernelFlags, table: dict, masked: bool,
+               t: bool) -> str:
+    """One step of dK/dV over a block of rows; t: the block is computed as [keys, rows] (see
+    transposed)."""
     em = Emitter(_names(variant), table, "keep" if masked else None, "t")
     em.line("offs_m = start_m + tl.arange(0, BLOCK_M)")
-    for line in _row_loads(variant, flags):
+    for line in _row_loads(variant, flags, t):
         em.line(line)
     # Index and input reads for the atomics see the raw score (score_mod's argument).
     score_em = Emitter(dict(_names(variant), score="s"), table, None, "u")
     score_em.lines = em.lines
-    _grad_core(em, variant, flags, masked)
-    em.line("dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)")
-    em.line("dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)")
-    _atomics(em, variant, flags, score_em)
+    _grad_core(em, variant, flags, masked, t)
+    if t:
+        em.line("dv += tl.dot(p.to(do.dtype), do, input_precision=PREC)")
+        em.line("dk += tl.dot(ds.to(q.dtype), q, input_precision=PREC)")
+    else:
+        em.line("dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)")
+        em.line("dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)")
+    _atomics(em, variant, flags, score_em, t)
     return _indent(em.lines, 8)
+
+
+def _reduces(expr: Expr | None) -> bool:
+    """Whether the expression reduces over the keys of a row anywhere."""
+    stack = [expr] if expr is not None else []
+    while stack:
+        node = stack.pop()
+        if node.op.startswith("reduce_"):
+            return True
+        stack.extend(node.args)
+    return False
+
+
+def transposed(variant: Variant) -> bool:
+    """Whether dK/dV computes its blocks as [keys, rows]: p and ds then feed the dK/dV
+    products without a transpose. Computed as [rows, keys], Triton 3.6 rematerialised p's
+    exponentials in the transposed layout (4x the exp2 of our dense kernel's dK/dV at
+    (64, 128, 8 warps), and 672-912 bytes of register spills on sm90: bench/
+    engine_compile_check.py). Every element-wise expression reads the same in either
+    orientation; a row reduction (over keys) keeps the [rows, keys] block."""
+    prog = variant.online
+    return not any(_reduces(e) for e in (variant.score, variant.mask, prog.recompute,
+                                          prog.dscore))
 
 
 def _dq_body(variant: Variant, flags: KernelFlags, table: dict, masked: bool) -> str:
@@ -173,12 +215,13 @@ def backward_source(variant: Variant, flags: KernelFlags) -> str:
     ptrs, strides, table = _input_args(variant)
     grad_ptrs = "".join(f"DIN_{n}, " for n in flags.input_grads)
     fmt = {"ptrs": ptrs, "grad_ptrs": grad_ptrs, "strides": strides}
-    kv_cols = _col_side(flags, True, "offs_n")
+    t = transposed(variant)
+    kv_cols = _col_side(flags, True, "offs_n", t)
     dkdv = _DKDV.format(
         **fmt, kload=_indent([*kv_cols, _load_kv("k", "offs_n", True)], 4),
         vload=_indent([_load_kv("v", "offs_n", True)], 4),
-        full=_dkdv_body(variant, flags, table, False),
-        part=_dkdv_body(variant, flags, table, True))
+        full=_dkdv_body(variant, flags, table, False, t),
+        part=_dkdv_body(variant, flags, table, True, t))
     dq = _DQ.format(**{**fmt, "grad_ptrs": ""}, rowload=_indent(_row_loads(variant, flags), 4),
                     full=_dq_body(variant, flags, table, False),
                     part=_dq_body(variant, flags, table, True))

@@ -236,11 +236,12 @@ def test_rows_that_keep_no_key_output_zero_with_zero_gradients(backend):
 def test_cuda_tiles_are_the_table_s_unless_a_block_mask_sets_the_granularity():
     """Without a block-sparse mask the tiles are the table's (128-row forward); a mask's
     block size cuts them, and a 64-row tile runs one warpgroup (4 warps): the H100 run that
-    found (64, 64) tiles with 8 warps at 177 TFLOP/s is in bench/NOTES-engine.md."""
+    found (64, 64) tiles with 8 warps at 177 TFLOP/s is in bench/NOTES-engine.md. dK/dV
+    walks 32 rows per step (no register spills on sm90, bench/engine_compile_check.py)."""
     assert kernel.pick_tiles("cuda", 128, 128, None, "fwd") == kernel.Tiles(128, 64, 8, 3)
-    assert kernel.pick_tiles("cuda", 128, 128, None, "dkdv") == kernel.Tiles(64, 128, 8, 3)
+    assert kernel.pick_tiles("cuda", 128, 128, None, "dkdv") == kernel.Tiles(32, 128, 8, 2)
     assert kernel.pick_tiles("cuda", 128, 128, (64, 64), "fwd") == kernel.Tiles(64, 64, 4, 3)
-    assert kernel.pick_tiles("cuda", 128, 128, (64, 64), "dkdv") == kernel.Tiles(64, 64, 4, 3)
+    assert kernel.pick_tiles("cuda", 128, 128, (64, 64), "dkdv") == kernel.Tiles(32, 64, 4, 2)
     assert kernel.pick_tiles("cuda", 256, 256, None, "fwd") == kernel.Tiles(64, 64, 4, 2)
     assert kernel.pick_tiles("cpu", 128, 128, None, "fwd") == kernel.Tiles(16, 16, 4, 1)
     with pytest.raises(Exception, match=r"block_size=\(8, 64\) must be multiples of 16"):
@@ -269,3 +270,79 @@ def test_tiles_wider_than_the_call_block_size_match_the_reference(monkeypatch, w
     for got, expect in zip(torch.autograd.grad(out, (q, k, v), do),
                            torch.autograd.grad(want, (q, k, v), do), strict=True):
         assert rel_l2(got, expect) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("name", ["relpos_bias", "document_ids", "alibi"])
+@pytest.mark.parametrize("keys_first", [True, False], ids=["keys_x_rows", "rows_x_keys"])
+def test_dkdv_in_either_block_orientation_matches_the_reference(monkeypatch, name, keys_first):
+    """dK/dV computes its blocks as [keys, rows] where every backward expression is element-
+    wise (codegen_bwd.transposed), else as [rows, keys]: both orientations, with a custom-input
+    gradient (relpos_bias), a mask reading a custom input and an index-dependent score, under
+    the interpreter against the float64 reference."""
+    from attnrt.engine import codegen_bwd
+    from tests.engine.test_examples import _check
+
+    monkeypatch.setattr(codegen_bwd, "transposed", lambda variant: keys_first)
+    kernel.clear_modules()
+    case = CASES[name]()
+    try:
+        _check(case, case.make("triton"), (1, 37, 2, 16), torch.float32, "cpu")
+    finally:
+        kernel.clear_modules()
+
+
+def test_dkdv_orientation_is_keys_first_unless_a_backward_expression_reduces():
+    """The shipped variants have element-wise backward expressions; a reduction over the keys
+    (read from a traced tree) keeps [rows, keys]."""
+    from attnrt.engine import codegen_bwd
+    from attnrt.engine.trace import leaf, make
+
+    for name in CASES:
+        assert codegen_bwd.transposed(CASES[name]().make("triton").variant), name
+    assert codegen_bwd._reduces(make("add", leaf("score"), make("reduce_max", leaf("score"))))
+    assert not codegen_bwd._reduces(make("exp", leaf("score")))
+
+
+def _row_and_key_inputs(backend: str) -> AttentionEngine:
+    """A score_mod reading one custom input per row (a multiplicative scale: its gradient is
+    a sum over keys) and one per key (an additive bias: a sum over rows)."""
+    from attnrt.engine.spec import CustomIO
+
+    def scaled_biased(score, custom_fwd_inputs, b, h, q_idx, kv_idx):
+        return (score * 0.25 * custom_fwd_inputs["row_scale"][h, q_idx]
+                + custom_fwd_inputs["key_bias"][h, kv_idx])
+
+    inputs = CustomIO({"row_scale": ("heads", "seq_len"), "key_bias": ("heads", "seq_len")})
+    return AttentionEngine(None, scaled_biased, inputs, backend=backend)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("keys_first", [True, False], ids=["keys_x_rows", "rows_x_keys"])
+def test_per_row_and_per_key_input_gradients_in_either_orientation(monkeypatch, keys_first):
+    """The dK/dV kernel's atomics sum a per-row input's gradient over the keys and a per-key
+    input's over the rows, in either block orientation (interpreter, against the float64
+    reference)."""
+    from attnrt.engine import codegen_bwd
+
+    monkeypatch.setattr(codegen_bwd, "transposed", lambda variant: keys_first)
+    kernel.clear_modules()
+    gen = torch.Generator().manual_seed(5)
+    n, h = 45, 2
+    q, k, v = (torch.randn(1, n, h, 16, generator=gen) for _ in range(3))
+    scale = (0.5 + torch.rand(h, n, generator=gen))
+    bias = torch.randn(h, n, generator=gen)
+    do = torch.randn(1, n, h, 16, generator=gen)
+    results = []
+    try:
+        for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+            leaves = [t.to(dtype).requires_grad_() for t in (q, k, v, scale, bias)]
+            out = _row_and_key_inputs(backend)(*leaves[:3], leaves[3:])
+            results.append((out, torch.autograd.grad(out, leaves, do.to(dtype))))
+    finally:
+        kernel.clear_modules()
+    (out, grads), (want, want_grads) = results
+    assert rel_l2(out, want) < TOLERANCE[torch.float32]
+    for name, got, expect in zip(("dq", "dk", "dv", "drow_scale", "dkey_bias"), grads,
+                                 want_grads, strict=True):
+        assert rel_l2(got, expect) < 2e-5, name
