@@ -13,7 +13,8 @@ Experiments (issue 21, bench/NOTES-engine.md has what they showed):
     no-index        walk key blocks by position instead of through the block list
     no-dmask        K/V loads without the head-size column mask (D = BLOCK_D here)
     exp2            tl.exp -> tl.math.exp2 (timing only)
-    1d-rows         row state as [BLOCK_M] vectors (max/sum without keep_dims)
+    (1-D row state, once an experiment here, is the codegen's default since an offline
+    compile showed [BLOCK_M, 1] state recomputing the exponentials; NOTES-engine.md)
     tiles ...       BLOCK_M, BLOCK_N, warps, stages candidates
 
     python bench/engine_experiments_gpu.py [--n 8192]
@@ -22,7 +23,6 @@ Experiments (issue 21, bench/NOTES-engine.md has what they showed):
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Callable
 
@@ -55,24 +55,8 @@ def _exp2(src: str) -> str:
     return src.replace("tl.exp(", "tl.math.exp2(")
 
 
-def _rows_1d(src: str) -> str:
-    """[BLOCK_M, 1] row state -> [BLOCK_M] vectors, broadcast with [:, None] where they meet
-    [BLOCK_M, X] tiles (written for the plain softmax variant's source)."""
-    src = src.replace("tl.full([BLOCK_M, 1], ", "tl.full([BLOCK_M], ")
-    src = src.replace("tl.zeros([BLOCK_M, 1], dtype=tl.int32)",
-                      "tl.zeros([BLOCK_M], dtype=tl.int32)")
-    src = src.replace(" + tl.zeros([BLOCK_M, 1], dtype=tl.float32)", "")
-    src = src.replace(", 1, keep_dims=True)", ", 1)")
-    src = re.sub(r"\((s2?) - (\w+)\)", r"(\1 - \2[:, None])", src)
-    src = re.sub(r"acc ([*/]) (\w+)\b", r"acc \1 \2[:, None]", src)
-    src = src.replace("tl.where(hit > 0,", "tl.where(hit[:, None] > 0,")
-    return re.sub(r"(tl\.store\(FIN .*?)offs_m\[:, None\], (.*?)mask=row_ok\)",
-                  r"\1offs_m, \2mask=offs_m < N)", src)
-
-
 PATCHES: dict[str, Callable[[str], str]] = {
     "no-index": _no_index, "no-dmask": _no_dmask, "exp2 (timing only)": _exp2,
-    "1d-rows": _rows_1d,
 }
 
 
