@@ -267,21 +267,22 @@ def flex_rows(quick: bool) -> None:
 
 
 def _candidates(kernel: str, bq: int, bk: int, quick: bool) -> list[dict[str, int]]:
-    """Plans to time for one kernel: warps x stages x step x split."""
+    """Plans to time for one kernel: warps x stages x step x split (x rows_split for dK/dV
+    of 128-row query blocks, whose whole-block steps spill registers on sm90)."""
+    from itertools import product
+
     from attnrt.kernels.block_sparse import options
 
     stages = (2, 3) if quick else ((2, 3, 4) if kernel == "fwd" else (1, 2, 3))
     steps = (1, 2) if quick or max(bq, bk) >= 128 else (1, 2, 4)
     splits = (1,) if quick or max(bq, bk) < 128 else (1, 2)
+    rows_splits = (1, 2, 4) if kernel == "dkdv" and bq >= 128 else (1,)
     out = []
-    for w in (4, 8):
-        for st in stages:
-            for step in steps:
-                for split in splits:
-                    plan = options.Plan(w, st, step, split)
-                    if options.valid_plan(kernel, plan, bq, bk):
-                        out.append({"num_warps": w, "num_stages": st, "step": step,
-                                    "split": split})
+    for w, st, step, split, rows in product((4, 8), stages, steps, splits, rows_splits):
+        plan = options.Plan(w, st, step, split, rows)
+        if options.valid_plan(kernel, plan, bq, bk):
+            out.append({"num_warps": w, "num_stages": st, "step": step, "split": split,
+                        "rows_split": rows})
     return out
 
 

@@ -39,7 +39,8 @@ H100_RAN = [("fwd", 64, 128, 2, 4, 3, 2, 1), ("fwd", 64, 128, 2, 8, 3, 2, 1),
 
 def _force(monkeypatch: pytest.MonkeyPatch, bq: int, bk: int, d: int, **plans: Plan) -> None:
     table = {bs_options.key(kernel, bq, bk, d): {"num_warps": 4, "num_stages": 1,
-                                                 "step": p.step, "split": p.split}
+                                                 "step": p.step, "split": p.split,
+                                                 "rows_split": p.rows_split}
              for kernel, p in plans.items()}
     monkeypatch.setattr(bs_options, "LAUNCH_OPTIONS", table)
 
@@ -56,6 +57,36 @@ def test_every_variant_matches_reference(monkeypatch, step, split, valid):
     plan = Plan(4, 1, step, split)
     _force(monkeypatch, 32, 32, 16, fwd=plan, dq=plan, dkdv=plan)
     _check(SHAPE, torch.float32, valid=valid, seed=11)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(("rows_split", "split"), [(2, 1), (2, 2)], ids=lambda v: str(v))
+@pytest.mark.parametrize("valid", [False, True])
+def test_dkdv_rows_split_matches_reference(monkeypatch, rows_split, split, valid):
+    """dK/dV taking each visiting 32-row query block in 16-row steps (with split key tiles
+    too), GQA, tails and a query block that visits nothing, against the float64 reference."""
+    _force(monkeypatch, 32, 32, 16, fwd=Plan(4, 1), dq=Plan(4, 1),
+           dkdv=Plan(4, 1, 1, split, rows_split))
+    _check(SHAPE, torch.float32, valid=valid, seed=12)
+
+
+def test_rows_split_plans_are_dkdv_one_block_a_step_only(monkeypatch):
+    assert bs_options.valid_plan("dkdv", Plan(4, 2, 1, 1, 4), 128, 64)
+    assert not bs_options.valid_plan("fwd", Plan(4, 2, 1, 1, 2), 128, 64)
+    assert not bs_options.valid_plan("dq", Plan(4, 2, 1, 1, 2), 128, 64)
+    assert not bs_options.valid_plan("dkdv", Plan(4, 2, 2, 1, 2), 64, 64)  # gathered steps
+    assert not bs_options.valid_plan("dkdv", Plan(4, 2, 1, 1, 8), 64, 64)  # 8-row steps
+    assert not bs_options.valid_plan("dkdv", Plan(4, 2, 1, 1, 3), 96, 64)  # not a power of 2
+    # The default takes 128-row query blocks 32 rows a step (no register spills on sm90).
+    assert bs_options.default_plan("dkdv", 128, 64, 128).rows_split == 4
+    assert bs_options.default_plan("dkdv", 64, 64, 128).rows_split == 1
+    monkeypatch.setattr(bs_options, "LAUNCH_OPTIONS", {"fwd-64x64-d16": {
+        "num_warps": 4, "num_stages": 1, "rows_split": 2}})
+    with pytest.raises(BlockSparseInputError, match="rows_split"):
+        bs_options.wanted_plan("fwd", 64, 64, 16)
+    # Its shared memory counts a step's rows, not the whole block's.
+    full = bs_options.smem_bytes("dkdv", Plan(8, 2), 128, 128, 128, 2)
+    assert bs_options.smem_bytes("dkdv", Plan(8, 2, 1, 1, 4), 128, 128, 128, 2) < full
 
 
 @pytest.mark.interpret
@@ -118,9 +149,12 @@ def test_fitting_reduces_stages_then_step_then_splits():
 def test_sizes_no_plan_fits_are_a_capability_error():
     with pytest.raises(BlockSparseInputError, match=r"block_k=128 with head_size=256 and float32"):
         bs_options.check_fits(("fwd",), 64, 128, 256, torch.float32, H100_SMEM)
-    with pytest.raises(BlockSparseInputError, match="backward"):
-        bs_options.check_fits(bs_options.KERNELS, 128, 64, 256, torch.float32, H100_SMEM)
+    with pytest.raises(BlockSparseInputError, match="backward"):  # the forward fits
+        bs_options.check_fits(bs_options.KERNELS, 64, 64, 256, torch.float32, 160_000)
+    bs_options.check_fits(("fwd",), 64, 64, 256, torch.float32, 160_000)
     bs_options.check_fits(bs_options.KERNELS, 128, 128, 256, torch.bfloat16, H100_SMEM)
+    # dK/dV's 32-row steps (rows_split) fit 128-row blocks in float32 at D=256.
+    bs_options.check_fits(bs_options.KERNELS, 128, 64, 256, torch.float32, H100_SMEM)
 
 
 def test_a_tuned_entry_that_cannot_tile_is_refused(monkeypatch):

@@ -122,6 +122,15 @@ def test_interpreter_row_mask_plans(monkeypatch, step, split):
 
 
 @pytest.mark.interpret
+def test_interpreter_row_mask_dkdv_rows_split(monkeypatch):
+    """dK/dV in 16-row steps of 32-row query blocks reads each step's own row bits."""
+    if HAS_CUDA:
+        pytest.skip("interpreter case")
+    _force(monkeypatch, 32, 32, 16, fwd=Plan(4, 1), dq=Plan(4, 1), dkdv=Plan(4, 1, 1, 1, 2))
+    check_masked((2, 70, 90, 2, 1, 16, 32, 32, 0.6), torch.float32, valid=True, seed=13)
+
+
+@pytest.mark.interpret
 def test_all_ones_mask_equals_no_mask_bitwise():
     q, k, v, index, count, kv = _case(1, 48, 64, 2, 1, 16, 16, 16, 0.6, torch.float32, 4,
                                       valid=True)

@@ -11,7 +11,8 @@ entry's key block), and for dK/dV DENSE int64 [B, H, NQB, NKB], the same words b
 
 Tiling (attnrt.kernels.block_sparse.options): STEP list entries are gathered into one tile per
 inner step (key blocks for fwd/dq, query blocks for dkdv); TILE_Q / TILE_K cut a program's own
-block into row tiles, one program each.
+block into row tiles, one program each; dK/dV's ROWS cut each visiting query block into steps
+of ROWS rows.
 """
 
 import triton
@@ -183,19 +184,36 @@ def _query_bits(dense_col, s_qb, list_row, t, rows, ok, BLOCK_Q: tl.constexpr,
 
 
 @triton.jit
+def _dkdv_rows(list_row, t, count, N, BLOCK_Q: tl.constexpr, STEP: tl.constexpr,
+               ROWS: tl.constexpr):
+    """Query rows of dK/dV's step t and which are real: STEP listed blocks from entry t, or,
+    with ROWS < BLOCK_Q (STEP == 1), part t % (BLOCK_Q // ROWS) of entry t // (BLOCK_Q //
+    ROWS): ROWS contiguous rows."""
+    if ROWS == BLOCK_Q:
+        return _listed_rows(list_row, t, 1, count, list_row, N, False, BLOCK_Q, STEP)
+    first = (tl.load(list_row + t // (BLOCK_Q // ROWS)) * BLOCK_Q
+             + (t % (BLOCK_Q // ROWS)) * ROWS)
+    rows = first + tl.arange(0, ROWS)
+    return rows, rows < N
+
+
+@triton.jit
 def _dkdv_step(dk, dv, k, v, q_h, do_h, lse2_h, delta_h, list_row, t, count, key_ok, N,
                qk_scale, sq, sdo, dense_col, s_qb, BLOCK_Q: tl.constexpr, STEP: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-               INT64: tl.constexpr, HAS_ROW_MASK: tl.constexpr):
-    # STEP listed query blocks from entry t. Rows past N or past count load as zeros with
+               ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               PREC: tl.constexpr, INT64: tl.constexpr, HAS_ROW_MASK: tl.constexpr):
+    # The rows of step t (_dkdv_rows). Rows past N or past count load as zeros with
     # lse2 = +inf, so p = 0 there; key rows past the block's valid count are zeroed by key_ok.
-    rows, ok = _listed_rows(list_row, t, 1, count, list_row, N, False, BLOCK_Q, STEP)
+    rows, ok = _dkdv_rows(list_row, t, count, N, BLOCK_Q, STEP, ROWS)
     q = _gather(q_h, rows, ok, sq[1], sq[3], HEAD_DIM, BLOCK_D, INT64)
     lse2 = tl.load(lse2_h + rows, mask=ok, other=float("inf"))
     s_t = tl.dot(k, tl.trans(q), input_precision=PREC)
     keep = key_ok[:, None]
     if HAS_ROW_MASK:
-        keep = keep & _query_bits(dense_col, s_qb, list_row, t, rows, ok, BLOCK_Q, STEP)[None, :]
+        # Sub-steps read their rows' bits in the general (gathered) form.
+        bits = _query_bits(dense_col, s_qb, list_row, t, rows, ok, BLOCK_Q,
+                           STEP if ROWS == BLOCK_Q else 2)
+        keep = keep & bits[None, :]
     p_t = tl.where(keep, tl.math.exp2(s_t * qk_scale - lse2[None, :]), 0.0)
     do = _gather(do_h, rows, ok, sdo[1], sdo[3], HEAD_DIM, BLOCK_D, INT64)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
@@ -212,11 +230,11 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, K2Q, K2Q_CNT, VALID, DENSE, s
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
                  BLOCK_K: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
                  INT64: tl.constexpr, STEP: tl.constexpr, TILE_K: tl.constexpr,
-                 HAS_ROW_MASK: tl.constexpr = False):
+                 ROWS: tl.constexpr, HAS_ROW_MASK: tl.constexpr = False):
     """One program per (TILE_K rows of a key block, batch * kv head): sums dK/dV in registers
     over the GROUP query heads and, per head, the query blocks that visit the block (STEP of
-    them a step; no atomics). With HAS_ROW_MASK, DENSE [B, H, NQB, NKB] (strides sd) holds
-    each (query block, key block) pair's row bits."""
+    them a step, or ROWS rows of one a step; no atomics). With HAS_ROW_MASK, DENSE
+    [B, H, NQB, NKB] (strides sd) holds each (query block, key block) pair's row bits."""
     kb, start_n = _sub_tile(tl.program_id(0), BLOCK_K, TILE_K)
     bhk = tl.program_id(1)
     b = (bhk // HKV).to(tl.int64)
@@ -235,12 +253,13 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, K2Q, K2Q_CNT, VALID, DENSE, s
         h = hk * GROUP + g
         bh = b * H + h
         count = tl.load(K2Q_CNT + bh * NKB + kb)
-        for t in tl.range(0, count, STEP):
+        for t in tl.range(0, count * (BLOCK_Q // ROWS), STEP):
             dk, dv = _dkdv_step(dk, dv, k, v, Q + b * sq[0] + h * sq[2],
                                 DO + b * sdo[0] + h * sdo[2], LSE2 + bh * NP, DELTA + bh * NP,
                                 K2Q + (bh * NKB + kb) * NQB, t, count, key_ok, N, qk_scale, sq,
                                 sdo, DENSE + b * sd[0] + h * sd[1] + kb * sd[3], sd[2],
-                                BLOCK_Q, STEP, HEAD_DIM, BLOCK_D, PREC, INT64, HAS_ROW_MASK)
+                                BLOCK_Q, STEP, ROWS, HEAD_DIM, BLOCK_D, PREC, INT64,
+                                HAS_ROW_MASK)
     dk_ptrs = _row_ptrs(DK + b * sdk[0] + hk * sdk[2], offs_n, sdk[1], sdk[3], BLOCK_D, INT64)
     dv_ptrs = _row_ptrs(DV + b * sdv[0] + hk * sdv[2], offs_n, sdv[1], sdv[3], BLOCK_D, INT64)
     _store_tile(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), start_n, M, TILE_K, HEAD_DIM,

@@ -207,7 +207,8 @@ def launch_dkdv(q, k, v, dout, lse2, delta, valid, has_valid, scale, block_q, bl
         k.stride(), v.stride(), dout.stride(), dk.stride(), dv.stride(), words.stride(), n, m,
         lse2.shape[-1], h, hkv, h // hkv, k2q.shape[-1], nkb, scale * LOG2E, scale,
         INT64=_needs_int64(q, k, v, dout, dk, dv), **_consts(q, block_q, block_k, has_valid),
-        STEP=plan.step, TILE_K=block_k // plan.split, HAS_ROW_MASK=dense is not None,
+        STEP=plan.step, TILE_K=block_k // plan.split, ROWS=block_q // plan.rows_split,
+        HAS_ROW_MASK=dense is not None,
         **plan.launch_kwargs())
 
 

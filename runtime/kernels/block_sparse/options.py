@@ -4,12 +4,15 @@ shared memory before any kernel runs. Pure Python: importing this needs torch al
 Shapes: block_q / block_k the query / key block sizes of the lists, D head size (tiles padded to
 BD = the next power of two, at least 16), es the element size (2 for fp16/bf16, 4 for fp32).
 
-A plan is (num_warps, num_stages, step, split):
+A plan is (num_warps, num_stages, step, split, rows_split):
 - step: list entries one inner step takes, so its tile is `step` blocks gathered by id: key
   blocks for fwd and dq (a [block_q, step * block_k] score tile), query blocks for dkdv.
 - split: the program's own block cut into `split` row tiles, one program each: query rows for
   fwd and dq, key rows for dkdv. Smaller tiles for the sizes whose whole block does not fit.
-Both change only how the work is tiled, never the result beyond rounding order.
+- rows_split (dkdv, one block a step): each visiting query block taken in `rows_split` steps
+  of block_q / rows_split rows, so a program keeps its whole key block (K and V read once)
+  with a small score tile.
+They change only how the work is tiled, never the result beyond rounding order.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class Plan:
     num_stages: int
     step: int = 1
     split: int = 1
+    rows_split: int = 1
 
     def launch_kwargs(self) -> dict[str, int]:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -62,7 +66,9 @@ def default_plan(kernel: str, block_q: int, block_k: int, d: int) -> Plan:
     rescales); one warpgroup per 64 rows of the program's own block (query rows for fwd and
     dq, key rows for dkdv), so two for 128-row blocks (SLA's 128 x 64 too) or D = 256. On the
     H100 the 128-row dq ran 15% faster with 8 warps than 4, the 64-row kernels 2x faster with
-    4 than 8 (bench/NOTES-sparse.md, run 3)."""
+    4 than 8 (bench/NOTES-sparse.md, run 3). dK/dV takes 128-row query blocks 32 rows a step:
+    compiled for sm90 (Triton 3.6, D=128), whole 128-row steps spilled 576-688 bytes of
+    registers, 32-row steps none (bench/NOTES-sparse.md)."""
     rows = block_k if kernel == "dkdv" else block_q
     warps = 8 if rows >= 128 or d > 128 else 4
     stages = 3 if d <= 128 else 1
@@ -70,13 +76,15 @@ def default_plan(kernel: str, block_q: int, block_k: int, d: int) -> Plan:
     step = 2 if own <= 64 and other <= 64 and d <= 128 else 1
     if kernel != "fwd":
         stages = min(stages, 2)
-    return Plan(warps, stages, step)
+    rows_split = block_q // 32 if kernel == "dkdv" and block_q >= 128 and step == 1 else 1
+    return Plan(warps, stages, step, 1, rows_split)
 
 
 def plan_from(options: dict[str, int]) -> Plan:
     """A Plan from a LAUNCH_OPTIONS entry (num_warps, num_stages required; step, split)."""
     return Plan(int(options["num_warps"]), int(options["num_stages"]),
-                int(options.get("step", 1)), int(options.get("split", 1)))
+                int(options.get("step", 1)), int(options.get("split", 1)),
+                int(options.get("rows_split", 1)))
 
 
 def smem_bytes(kernel: str, plan: Plan, block_q: int, block_k: int, d: int, es: int) -> int:
@@ -86,7 +94,7 @@ def smem_bytes(kernel: str, plan: Plan, block_q: int, block_k: int, d: int, es: 
     stages Q/dO buffers, + P and dS for float32)."""
     bd = padded_head(d)
     if kernel == "dkdv":
-        keys, rows = block_k // plan.split, block_q * plan.step
+        keys, rows = block_k // plan.split, block_q * plan.step // plan.rows_split
         scores = 2 * keys * rows if es == 4 else 0  # tf32 dots read P and dS from shared memory
         return (2 * keys * bd + plan.num_stages * 2 * rows * bd + scores) * es
     rows, keys = block_q // plan.split, block_k * plan.step
@@ -99,10 +107,14 @@ def smem_bytes(kernel: str, plan: Plan, block_q: int, block_k: int, d: int, es: 
 
 def valid_plan(kernel: str, plan: Plan, block_q: int, block_k: int) -> bool:
     own, other = (block_k, block_q) if kernel == "dkdv" else (block_q, block_k)
+    rows_ok = plan.rows_split == 1 or (
+        kernel == "dkdv" and plan.step == 1 and plan.rows_split & (plan.rows_split - 1) == 0
+        and block_q % plan.rows_split == 0 and block_q // plan.rows_split >= MIN_TILE)
     return (plan.num_warps in (1, 2, 4, 8, 16) and plan.num_stages >= 1
             and plan.step >= 1 and plan.step & (plan.step - 1) == 0
             and other * plan.step <= MAX_STEP_KEYS
-            and plan.split >= 1 and own % plan.split == 0 and own // plan.split >= MIN_TILE)
+            and plan.split >= 1 and own % plan.split == 0 and own // plan.split >= MIN_TILE
+            and plan.rows_split >= 1 and rows_ok)
 
 
 def ladder(kernel: str, wanted: Plan, block_q: int, block_k: int) -> list[Plan]:
@@ -133,7 +145,8 @@ def wanted_plan(kernel: str, block_q: int, block_k: int, d: int) -> Plan:
         raise BlockSparseInputError(
             f"LAUNCH_OPTIONS[{name!r}]={LAUNCH_OPTIONS[name]} is not supported by {NAME}; "
             f"allowed: split dividing the block into tiles of at least {MIN_TILE} rows, step a "
-            f"power of two with step * block at most {MAX_STEP_KEYS}")
+            f"power of two with step * block at most {MAX_STEP_KEYS}, rows_split (dkdv, step "
+            f"1) a power of two leaving steps of at least {MIN_TILE} rows")
     return plan
 
 
