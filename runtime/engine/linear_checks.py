@@ -183,7 +183,7 @@ def check_fuse_mods(value: Any) -> str:
         raise LinearAttentionTypeError(
             f"fuse_mods={value} is not allowed; allowed: 'kernel' (default: element-wise mods "
             f"fused into the Triton kernels), 'compile' or 'eager'; fuse_mods={value} meant "
-            f"{'a torch.compile' if value else 'an eager'}'d pre-pass: write fuse_mods={now!r}")
+            f"{'a torch.compiled' if value else 'an eager'} pre-pass: write fuse_mods={now!r}")
     if value not in FUSE_MODS:
         raise LinearAttentionError(
             f"fuse_mods={value!r} is not allowed; allowed: 'kernel' (default), 'compile' "
