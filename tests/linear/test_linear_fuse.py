@@ -222,3 +222,13 @@ def test_other_settings_run_mods_in_the_prepass(kwargs: dict, words: str) -> Non
     assert words in engine.mod_paths["q_mod"].reason
     assert engine.mod_paths["decay_mod"].path == PRE_PASS
     assert "summed within chunks" in engine.mod_paths["decay_mod"].reason
+
+
+def test_explain_says_where_linear_mods_run() -> None:
+    from attnrt.selection.dispatch import explain
+
+    decision = explain(head_size=64, dtype="fp16", causal=True, method="linear")
+    assert any("inside its kernels" in n for n in decision.notes), decision.notes
+    assert "inside its kernels" in decision.explain()
+    dense = explain(head_size=64, dtype="fp16", causal=True)
+    assert not any("method linear" in n for n in dense.notes)
