@@ -232,3 +232,22 @@ def test_explain_says_where_linear_mods_run() -> None:
     assert "inside its kernels" in decision.explain()
     dense = explain(head_size=64, dtype="fp16", causal=True)
     assert not any("method linear" in n for n in dense.notes)
+
+
+@pytest.mark.interpret
+def test_local_attention_triton_impl_fuses_scaled_q_mod() -> None:
+    """LocalAttention's impl wraps q_mod with its softmax_scale; the wrapper still traces, so
+    the layer's mods run inside the kernels too."""
+    from attnrt.engine import linear_backends as lb
+    from attnrt.kernels.linear.reference import linear_attention_reference
+
+    gen = torch.Generator().manual_seed(5)
+    b, n, h, d = 1, 40, 2, 16
+    q, k, v = (torch.randn(b, n, h, d, generator=gen) * 0.5 for _ in range(3))
+    impl = lb.TritonLinearAttnBackend.get_impl_cls()(h, d, 0.25, True, q_mod=elu1, k_mod=elu1)
+    out = impl.forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None)
+    engine = impl._engine(q.to(DEVICE))
+    assert engine.last_fused == ("q_mod", "k_mod")
+    want, _ = linear_attention_reference(elu1(q.double(), None) * 0.25,
+                                         elu1(k.double(), None), v.double(), None)
+    assert rel_l2(out, want) < 1e-5

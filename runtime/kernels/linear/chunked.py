@@ -1,4 +1,5 @@
-"""attnrt's chunked linear-attention kernel (Triton), forward and backward, on modded inputs.
+"""attnrt's chunked linear-attention kernel (Triton), forward and backward, with element-wise
+q/k/v mods optionally fused in (KernelMods; otherwise the inputs arrive modded).
 
 Shapes: B batch, N sequence, H heads, Dk query/key head size, Dv value head size.
 q, k [B, N, H, Dk]; v [B, N, H, Dv]; g None | [B, N, H] | [B, N, H, Dk] natural-log decay (<= 0);

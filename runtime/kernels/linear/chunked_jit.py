@@ -11,6 +11,11 @@ it is <= 0: no overflow at any length (the global cumulative sum is never formed
 the intra-chunk products exactly, channel by channel ([BT, BT, BK] in registers), so its
 parallel kernels take 16-token blocks (SUB of them per G chunk; see chunked_expand_jit); modes
 0 and 1 are plain matrix products.
+
+Q_MOD, K_MOD, V_MOD (constexpr @triton.jit functions of a float32 tile, or None): element-wise
+mods applied right after every load of q, k, v (load_mod); the backward kernels take their
+derivatives Q_GRAD, K_GRAD, V_GRAD and scale dq, dk, dv by them at the raw input before the
+store (store_grad). None compiles to the plain load and store.
 """
 
 from __future__ import annotations
