@@ -5,9 +5,11 @@ Shapes: H heads, Dk = Dv = D head size (B and N are runtime values, not compiled
 
     python bench/linear_compile_check.py                 # sm90, D=128, bf16 and fp32
     python bench/linear_compile_check.py --arch 80 --head-size 64
+    python bench/linear_compile_check.py --mod elu1      # each kernel without and with elu+1
+                                                         # fused on q and k (fuse_mods="kernel")
 
-Uses Triton's ASTSource / GPUTarget and the cuobjdump Triton ships (checked with Triton 3.9);
-TRITON_INTERPRET must be unset. A kernel that cannot compile raises here as on a GPU.
+Uses Triton's ASTSource / GPUTarget and the cuobjdump Triton ships (checked with Triton 3.9 and
+3.6); TRITON_INTERPRET must be unset. A kernel that cannot compile raises here as on a GPU.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ POINTERS = {
     "states_fwd": {"k": "x", "v": "x", "G": "f", "h": "s", "h0": "f", "ht": "f"},
     "output_fwd": {"q": "x", "k": "x", "v": "x", "G": "f", "h": "s", "o": "x"},
     "states_bwd": {"q": "x", "do": "x", "G": "f", "dh": "s", "dht": "f", "dh0": "f"},
-    "dv_bwd": {"q": "x", "k": "x", "do": "x", "G": "f", "dh": "s", "dv": "x"},
+    "dv_bwd": {"q": "x", "k": "x", "v": "x", "do": "x", "G": "f", "dh": "s", "dv": "x"},
     "dqk_bwd": {"q": "x", "k": "x", "v": "x", "do": "x", "G": "f", "h": "s", "dh": "s",
                 "dq": "x", "dk": "x", "dg": "f"},
     "states_expand": {"k": "x", "v": "x", "G": "f", "h64": "s", "h16": "s"},
     "grads_expand": {"q": "x", "do": "x", "G": "f", "dh64": "s", "dh16": "s"},
 }
+MOD_ARGS = ("Q_MOD", "K_MOD", "V_MOD", "Q_GRAD", "K_GRAD", "V_GRAD")
 SWITCHES = {"states_fwd": {"HAS_H0": True, "STORE_HT": True},
             "states_bwd": {"HAS_DHT": True, "STORE_DH0": True}}
 
@@ -49,7 +52,24 @@ def _usage(cubin: bytes) -> tuple[str, str]:
     return (regs.group(1) if regs else "?"), (stack.group(1) if stack else "?")
 
 
-def compile_kernel(fn, dtype: str, mode: int, head_size: int, heads: int, arch: int) -> str:
+def kernel_mods(mod: str, head_size: int, heads: int) -> dict:
+    """{Q_MOD: fn, ...} of `mod` ("elu1", "relu" or "none") fused on q and k, traced and
+    generated as the engine does (attnrt.engine.linear_codegen)."""
+    import torch.nn.functional as F
+
+    from attnrt.engine.linear_codegen import KERNEL, kernel_mods, plan_mod
+
+    if mod == "none":
+        return {}
+    fn = {"elu1": lambda t, io: F.elu(t) + 1, "relu": lambda t, io: F.relu(t)}[mod]
+    plans = {name: plan_mod(name, fn, (1, 64, heads, head_size)) for name in ("q_mod", "k_mod")}
+    if any(p.path != KERNEL for p in plans.values()):
+        raise SystemExit(f"--mod {mod} does not fuse: {plans}")
+    return {k: v for k, v in vars(kernel_mods(plans)).items() if v is not None}
+
+
+def compile_kernel(fn, dtype: str, mode: int, head_size: int, heads: int, arch: int,
+                   mods: dict | None = None) -> str:
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -63,6 +83,7 @@ def compile_kernel(fn, dtype: str, mode: int, head_size: int, heads: int, arch: 
     sub = cfg.get("BT_STATES", bt) // bt
     consts = {"H": heads, "DK": head_size, "DV": head_size, "BT": bt, "BK": bk, "BV": bv,
               "PREC": "ieee" if dtype == "fp32" else "tf32", **SWITCHES.get(fn.__name__, {})}
+    consts.update({n: (mods or {}).get(n) for n in MOD_ARGS if n in fn.arg_names})
     if fn.__name__.endswith("_expand"):
         consts.update(BT=bt * sub, BC=bt)
     else:
@@ -79,8 +100,10 @@ def compile_kernel(fn, dtype: str, mode: int, head_size: int, heads: int, arch: 
                             options={"num_warps": cfg["num_warps"],
                                      "num_stages": cfg["num_stages"]})
     regs, spills = _usage(kernel.asm["cubin"])
+    fused = ",".join(n[0] + n[2:].lower() for n in MOD_ARGS if consts.get(n) is not None)
     return (f"{fn.__name__:13s} {dtype} G_MODE={mode} BT={consts['BT']} BK={bk} BV={bv} "
-            f"warps={cfg['num_warps']}: {regs} registers, {spills} bytes spilled")
+            f"warps={cfg['num_warps']} mods={fused or '-'}: {regs} registers, {spills} bytes "
+            f"spilled")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-size", type=int, default=128)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument("--mod", default="none", choices=("none", "elu1", "relu"),
+                        help="also compile each kernel with this mod fused on q and k")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: this compiles for a real GPU arch")
@@ -97,11 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     kernels = (chunked_jit.states_fwd, chunked_jit.output_fwd, chunked_jit.states_bwd,
                chunked_bwd_jit.dv_bwd, chunked_bwd_jit.dqk_bwd)
     expand = (chunked_expand_jit.states_expand, chunked_expand_jit.grads_expand)
+    variants = [None] + ([kernel_mods(args.mod, args.head_size, args.heads)]
+                         if args.mod != "none" else [])
     for dtype in args.dtypes.split(","):
         for mode in (0, 1, 2):
             for fn in kernels + (expand if mode == 2 else ()):
-                print(compile_kernel(fn, dtype, mode, args.head_size, args.heads, args.arch),
-                      flush=True)
+                for mods in variants:
+                    print(compile_kernel(fn, dtype, mode, args.head_size, args.heads,
+                                         args.arch, mods), flush=True)
     return 0
 
 

@@ -14,11 +14,18 @@ ratio of our time to our dense causal softmax kernel (TRITON_FLASH_ATTN) at N=16
 Before timing, each kernel is checked against the float64 recurrent reference (N=512): a wrong
 one is reported and not timed.
 
+Mod rows (after the variants; --no-mods skips them): elu+1 linear attention (q_mod = k_mod =
+elu(x)+1, no decay) through LinearAttentionEngine on the Triton backend, "fused" (fuse_mods=
+"kernel": the mods inside the chunked kernels) against "pre-pass" (fuse_mods="eager": PyTorch
+ops write modded q, k first, autograd differentiates them) and, without --quick, "compile"
+(fuse_mods="compile": one torch.compile'd pre-pass); fused/pre-pass < 1.0 means fusion helps.
+
     python bench/linear_gpu.py                 # every variant, N = 4096, 16384, 65536
     python bench/linear_gpu.py --quick         # simple_gla only, fewer repeats
     python bench/linear_gpu.py --quick --no-fla   # ours only (< 60 s: fla autotunes per shape)
     python bench/linear_gpu.py --json "$OUT/linear.json"
     python bench/linear_gpu.py --sweep         # launch configs of our kernel (N=16384), then exit
+    python bench/linear_gpu.py --quick --no-fla --variants linear   # + the mod rows, fastest
 
 --sweep times each candidate of attnrt.kernels.linear.chunked.CONFIGS (checked first) for
 simple_gla ("plain" configs) and gla ("per_channel"), forward+backward, and prints the fastest:
@@ -188,6 +195,8 @@ def _print_row(variant: str, row: dict[str, Any]) -> None:
 
 def summarize(results: list[dict[str, Any]], dense: dict[str, float]) -> None:
     for res in results:
+        if res["variant"] == "elu1_mods":
+            continue  # printed row by row
         rows = {r["N"]: r for r in res["rows"]}
         print(f"\n{res['variant']}: check rel L2 ours {res.get('ours_err', float('nan')):.1e}"
               + (f", fla {res['fla_err']:.1e}" if "fla_err" in res else f"; fla: {res.get('fla')}"))
@@ -200,6 +209,78 @@ def summarize(results: list[dict[str, Any]], dense: dict[str, float]) -> None:
                   f"{rows[DENSE_N]['ours_f'] / dense['f']:.3f}x, fwd+bwd "
                   f"{rows[DENSE_N]['ours_fb'] / dense['fb']:.3f}x (time ratio; dense "
                   f"{dense['f']:.2f} / {dense['fb']:.2f} ms)")
+
+
+def _elu1(t, io):  # type: ignore[no-untyped-def]
+    import torch.nn.functional as F
+
+    return F.elu(t) + 1
+
+
+def _engine(fuse_mods: str) -> Callable[..., Any]:
+    """elu+1 linear attention through LinearAttentionEngine (Triton backend), fuse_mods as
+    given; (q, k, v, g) -> out like the other implementations (g must be None)."""
+    import torch
+
+    from attnrt.engine.linear import LinearAttentionEngine, meta_tensor
+
+    meta = meta_tensor(B, 1, H, D, dtype=torch.bfloat16)
+    engine = LinearAttentionEngine((meta, meta, meta), q_mod=_elu1, k_mod=_elu1,
+                                   backend="triton", fuse_mods=fuse_mods)
+    return lambda q, k, v, g: engine(q, k, v, g)
+
+
+def _check_mods(fn: Callable[..., Any]) -> float:
+    """Relative L2 error of the elu+1 engine's output and q, k, v gradients (N=512, float64
+    reference on the modded inputs)."""
+    import torch
+    import torch.nn.functional as F
+
+    from attnrt.kernels.linear.reference import linear_attention_reference
+
+    q, k, v, _ = _inputs("linear", 512, True)
+    out = fn(q, k, v, None)
+    do = torch.randn_like(out)
+    got = [out, *torch.autograd.grad(out, [q, k, v], do)]
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = linear_attention_reference(F.elu(q64) + 1, F.elu(k64) + 1, v64, None)[0]
+    want = [ref, *torch.autograd.grad(ref, [q64, k64, v64], do.double())]
+    return max(float((a.detach().double() - b.detach()).norm() / b.detach().norm())
+               for a, b in zip(got, want, strict=True))
+
+
+def run_mods(lengths: tuple[int, ...], reps: int, paths: tuple[str, ...]) -> dict[str, Any]:
+    """The mod rows: fused (fuse_mods="kernel") against the pre-pass paths, elu+1 on q, k."""
+    result: dict[str, Any] = {"variant": "elu1_mods", "rows": []}
+    impls = {}
+    for path in ("kernel", *paths):
+        fn = _engine(path)
+        err = _check_mods(fn)
+        result[f"{path}_err"] = err
+        if err < TOL:
+            impls[path] = fn
+        else:
+            print(f"elu1 mods fuse_mods={path!r}: wrong (rel L2 {err:.1e}), not timed")
+    for n in lengths:
+        row: dict[str, Any] = {"N": n}
+        for path, fn in impls.items():
+            for backward in (False, True):
+                row[f"{path}_{'fb' if backward else 'f'}"] = _time(fn, "linear", n, backward,
+                                                                   reps)
+        result["rows"].append(row)
+        parts = [f"elu1 mods  N={n:6d}"]
+        for path in impls:
+            f, fb = row[f"{path}_f"], row[f"{path}_fb"]
+            label = "fused" if path == "kernel" else "pre-pass" if path == "eager" else path
+            parts.append(f"{label}: fwd {f:8.3f} ms ({_tflops(n, f, False):5.1f} TF/s) fwd+bwd "
+                         f"{fb:8.3f} ms ({_tflops(n, fb, True):5.1f} TF/s)")
+        for path in paths:
+            if "kernel_f" in row and f"{path}_f" in row:
+                parts.append(f"fused/{'pre-pass' if path == 'eager' else path} fwd "
+                             f"{row['kernel_f'] / row[f'{path}_f']:.2f}x fwd+bwd "
+                             f"{row['kernel_fb'] / row[f'{path}_fb']:.2f}x")
+        print(" | ".join(parts), flush=True)
+    return result
 
 
 def sweep(reps: int) -> None:
@@ -239,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="time our launch configs, exit")
     parser.add_argument("--no-fla", action="store_true",
                         help="skip flash-linear-attention (its first calls autotune per shape)")
+    parser.add_argument("--no-mods", action="store_true",
+                        help="skip the mod rows (elu+1 fused into the kernels vs pre-pass)")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("attnrt") is None:
         raise SystemExit("attnrt is not installed: run `pip install --no-deps "
@@ -256,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         sweep(reps)
         return 0
     results = [run_variant(v, LENGTHS, reps, not args.no_fla) for v in variants]
+    if not args.no_mods:
+        paths = ("eager",) if args.quick else ("eager", "compile")
+        results.append(run_mods(LENGTHS, reps, paths))
     dense = {"f": _dense_ms(False, reps), "fb": _dense_ms(True, reps)}
     summarize(results, dense)
     if args.json:

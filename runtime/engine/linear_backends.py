@@ -33,10 +33,13 @@ def run_reference(q, k, v, g, initial_state, output_final_state):  # type: ignor
                                       output_final_state=output_final_state)
 
 
-def run_triton(q, k, v, g, initial_state, output_final_state):  # type: ignore[no-untyped-def]
-    from attnrt.kernels.linear.chunked import chunked_linear_attention
+def run_triton(q, k, v, g, initial_state, output_final_state,  # type: ignore[no-untyped-def]
+               mods=None):
+    """The chunked kernel; `mods` (a KernelMods) are q/k/v mods fused into it: q, k, v raw."""
+    from attnrt.kernels.linear.chunked import NO_MODS, chunked_linear_attention
 
-    return chunked_linear_attention(q, k, v, g, initial_state, output_final_state)
+    return chunked_linear_attention(q, k, v, g, initial_state, output_final_state,
+                                    mods=mods if mods is not None else NO_MODS)
 
 
 def fla_functions() -> dict[str, Any] | str:

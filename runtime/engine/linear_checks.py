@@ -170,3 +170,22 @@ def _describe(tensors: Any) -> str:
     if isinstance(tensors, Sequence):
         return f"{len(tensors)} tensors"
     return type(tensors).__name__
+
+
+FUSE_MODS = ("kernel", "compile", "eager")
+
+
+def check_fuse_mods(value: Any) -> str:
+    """fuse_mods: "kernel", "compile" or "eager"; the old booleans are refused with the value
+    that keeps their meaning."""
+    if isinstance(value, bool):
+        now = "compile" if value else "eager"
+        raise LinearAttentionTypeError(
+            f"fuse_mods={value} is not allowed; allowed: 'kernel' (default: element-wise mods "
+            f"fused into the Triton kernels), 'compile' or 'eager'; fuse_mods={value} meant "
+            f"{'a torch.compiled' if value else 'an eager'} pre-pass: write fuse_mods={now!r}")
+    if value not in FUSE_MODS:
+        raise LinearAttentionError(
+            f"fuse_mods={value!r} is not allowed; allowed: 'kernel' (default), 'compile' "
+            f"(a torch.compile'd pre-pass), 'eager' (an eager pre-pass)")
+    return str(value)

@@ -47,7 +47,7 @@ class LinearAttnImpl(ScaledImpl):
         self.custom_inputs = extra_impl_args.get("custom_inputs")
         self._mods = {name: extra_impl_args.get(name) for name in EXTRA_ARGS[:4]}
         self._custom_io: CustomIO | None = extra_impl_args.get("custom_io")
-        self._fuse = bool(extra_impl_args.get("fuse_mods", False))
+        self._fuse = extra_impl_args.get("fuse_mods", "kernel")
         self._engines: dict[torch.dtype, LinearAttentionEngine] = {}
 
     def _engine(self, q: torch.Tensor) -> LinearAttentionEngine:

@@ -175,6 +175,7 @@ class Expr:
     def sign(self) -> Expr: return make("sign", self)
     def max(self, other: Any) -> Expr: return make("max", self, other)
     def min(self, other: Any) -> Expr: return make("min", self, other)
+    def relu(self) -> Expr: return _relu(self)
 
     def clamp(self, min: Any = None, max: Any = None) -> Expr:  # noqa: A002 - torch's names
         out = self if min is None else make("max", self, min)
@@ -291,6 +292,15 @@ def _clamp(x: Any, min: Any = None, max: Any = None) -> Expr:  # noqa: A002 - to
     return as_expr(x).clamp(min, max)
 
 
+def _relu(x: Any, inplace: bool = False) -> Expr:
+    """where(x > 0, x, 0): its derivative is 0 at 0, as torch's."""
+    return where(make("gt", x, 0.0), x, 0.0)
+
+
+def _elu(x: Any, alpha: float = 1.0, inplace: bool = False) -> Expr:
+    return where(make("gt", x, 0.0), x, make("mul", alpha, make("sub", make("exp", x), 1.0)))
+
+
 _TORCH_FUNCS: dict[str, Callable[..., Expr]] = {
     **{name: _unary(name) for name in ("exp", "exp2", "log", "log2", "tanh", "sigmoid", "abs",
                                        "sqrt", "sign")},
@@ -298,7 +308,7 @@ _TORCH_FUNCS: dict[str, Callable[..., Expr]] = {
     "maximum": _binary("max"), "minimum": _binary("min"), "fmax": _binary("max"),
     "fmin": _binary("min"), "add": _binary("add"), "sub": _binary("sub"),
     "mul": _binary("mul"), "div": _binary("div"), "pow": _binary("pow"),
-    "clamp": _clamp, "clip": _clamp,
+    "clamp": _clamp, "clip": _clamp, "relu": _relu, "elu": _elu,
     "where": lambda c, a, b: where(c, a, b),
     "logical_and": _binary("and"), "logical_or": _binary("or"), "logical_not": _unary("not"),
     "__add__": _binary("add"), "__sub__": _binary("sub"), "__mul__": _binary("mul"),

@@ -298,7 +298,7 @@ def _decide(request: AttentionRequest, device: Device, manifest: Manifest,
     if forced is None:
         chosen, candidates = _walk(ranked, request, device)
         return Decision(chosen, request, device, tuple(candidates), rule,
-                        notes=_length_note(request, device, manifest))
+                        notes=(*_length_note(request, device, manifest), *_mods_note(request)))
     name, source = forced
     force_note = _method_force_note(name, source, request)
     if force_note:  # the force names a method, or one this request does not compute
@@ -331,6 +331,15 @@ def _method_force_note(name: str, source: str, request: AttentionRequest) -> str
         return (f"forced {name} ({source}) implements method {forced_method}; this request "
                 f"computes {request.method}, so the force does not apply to it")
     return ""
+
+
+def _mods_note(request: AttentionRequest) -> tuple[str, ...]:
+    """Where method linear's mods run (the request knows no mods: the engine says per mod)."""
+    if request.method != "linear":
+        return ()
+    return ("method linear: TRITON_LINEAR_ATTN runs element-wise q/k/v mods inside its kernels "
+            "(fuse_mods='kernel', the default); other mods, decay_mod and the other backends "
+            "use a PyTorch pre-pass (LinearAttentionEngine.explain() says which, per mod)",)
 
 
 def _length_note(request: AttentionRequest, device: Device,

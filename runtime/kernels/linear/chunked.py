@@ -1,4 +1,5 @@
-"""attnrt's chunked linear-attention kernel (Triton), forward and backward, on modded inputs.
+"""attnrt's chunked linear-attention kernel (Triton), forward and backward, with element-wise
+q/k/v mods optionally fused in (KernelMods; otherwise the inputs arrive modded).
 
 Shapes: B batch, N sequence, H heads, Dk query/key head size, Dv value head size.
 q, k [B, N, H, Dk]; v [B, N, H, Dv]; g None | [B, N, H] | [B, N, H, Dk] natural-log decay (<= 0);
@@ -23,6 +24,7 @@ float32 inputs, TF32 for float32 states under 16-bit inputs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,6 +48,28 @@ CONFIGS: dict[str, dict[str, int]] = {
     "per_channel_f32_states": {"BT": 16, "BT_STATES": 64, "BK": 32, "BV": 32, "num_warps": 4,
                                "num_stages": 2},
 }
+
+
+@dataclass(frozen=True)
+class KernelMods:
+    """Element-wise mods fused into the kernels: @triton.jit functions of a float32 tile (Q_MOD:
+    q' = q_mod(q); Q_GRAD: q_mod'(q), the derivative, for the backward), None for identity.
+    Every kernel that loads q, k or v applies the mod right after the load; the backward
+    kernels multiply dq, dk, dv by the derivative at the raw input before storing them."""
+
+    Q_MOD: Any = None
+    K_MOD: Any = None
+    V_MOD: Any = None
+    Q_GRAD: Any = None
+    K_GRAD: Any = None
+    V_GRAD: Any = None
+
+    def args(self, *names: str) -> dict[str, Any]:
+        """The constexpr arguments `names` of one kernel."""
+        return {name: getattr(self, name) for name in names}
+
+
+NO_MODS = KernelMods()
 
 
 def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -98,7 +122,7 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-def _forward(q, k, v, gcum, h0, mode, keep_states):
+def _forward(q, k, v, gcum, h0, mode, keep_states, mods):
     from attnrt.kernels.linear import chunked_jit as jit
 
     b, n, h, dk = q.shape
@@ -109,15 +133,18 @@ def _forward(q, k, v, gcum, h0, mode, keep_states):
     ht = _alloc((b, h, dk, dv), torch.float32, q.device)
     g_arg = gcum if gcum is not None else ht  # never read in mode 0
     jit.states_fwd[(nk, nv, b * h)](k, v, g_arg, states, h0 if h0 is not None else ht, ht,
-                                    HAS_H0=h0 is not None, STORE_HT=True, **smeta)
+                                    HAS_H0=h0 is not None, STORE_HT=True, **smeta,
+                                    **mods.args("K_MOD", "V_MOD"))
     if meta["SUB"] > 1:
-        states = _expand("states_expand", (k, v, g_arg, states), meta, (b, h, dk, dv))
+        states = _expand("states_expand", (k, v, g_arg, states), meta, (b, h, dk, dv),
+                         mods.args("K_MOD", "V_MOD"))
     o = _alloc((b, n, h, dv), q.dtype, q.device)
-    jit.output_fwd[(nv, meta["NT"], b * h)](q, k, v, g_arg, states, o, **meta)
+    jit.output_fwd[(nv, meta["NT"], b * h)](q, k, v, g_arg, states, o, **meta,
+                                            **mods.args("Q_MOD", "K_MOD", "V_MOD"))
     return o, ht, (states if keep_states else None)
 
 
-def _expand(name, args, meta, shape):  # type: ignore[no-untyped-def]
+def _expand(name, args, meta, shape, mod_args):  # type: ignore[no-untyped-def]
     """Sub-block states (or state gradients) from chunk ones (chunked_expand_jit)."""
     from attnrt.kernels.linear import chunked_expand_jit as ejit
 
@@ -128,7 +155,7 @@ def _expand(name, args, meta, shape):  # type: ignore[no-untyped-def]
     getattr(ejit, name)[grid](*args, out, meta["N"], meta["NP"], nt_states, meta["NT"],
                               H=h, DK=dk, DV=dv, BT=meta["BT"] * meta["SUB"], BC=meta["BT"],
                               BK=meta["BK"], BV=meta["BV"], PREC=meta["PREC"],
-                              num_warps=meta["num_warps"])
+                              num_warps=meta["num_warps"], **mod_args)
     return out
 
 
@@ -137,7 +164,7 @@ def _backward(ctx, do, dht):
     from attnrt.kernels.linear import chunked_jit as jit
 
     q, k, v, gcum, h0, states, ht = ctx.saved_tensors
-    mode, has_h0 = ctx.mode, ctx.has_h0
+    mode, has_h0, mods = ctx.mode, ctx.has_h0, ctx.mods
     b, n, h, dk = q.shape
     dv_size = v.shape[-1]
     meta, smeta = _metas(q, v, mode)
@@ -147,30 +174,34 @@ def _backward(ctx, do, dht):
     dh0 = _alloc((b, h, dk, dv_size), torch.float32, q.device) if has_h0 else ht
     g_arg = gcum if mode else ht
     jit.states_bwd[(nk, nv, b * h)](q, do, g_arg, dh, dht if dht is not None else ht, dh0,
-                                    HAS_DHT=dht is not None, STORE_DH0=has_h0, **smeta)
+                                    HAS_DHT=dht is not None, STORE_DH0=has_h0, **smeta,
+                                    **mods.args("Q_MOD"))
     if meta["SUB"] > 1:
-        dh = _expand("grads_expand", (q, do, g_arg, dh), meta, (b, h, dk, dv_size))
+        dh = _expand("grads_expand", (q, do, g_arg, dh), meta, (b, h, dk, dv_size),
+                     mods.args("Q_MOD"))
     dv = _alloc(v.shape, v.dtype, q.device)
-    bjit.dv_bwd[(nv, nt, b * h)](q, k, do, g_arg, dh, dv, **meta)
+    bjit.dv_bwd[(nv, nt, b * h)](q, k, v, do, g_arg, dh, dv, **meta,
+                                 **mods.args("Q_MOD", "K_MOD", "V_GRAD"))
     dq = _alloc(q.shape, q.dtype, q.device)
     dk_ = _alloc(k.shape, k.dtype, q.device)
     dg = _alloc((nk, b, n, h) if mode == 1 else (b, n, h, dk), torch.float32, q.device)
     bjit.dqk_bwd[(nk, nt, b * h)](q, k, v, do, g_arg, states, dh, dq, dk_, dg, DG_SPLIT=b * n * h,
-                                  **meta)
+                                  **meta, **mods.args("Q_MOD", "K_MOD", "V_MOD", "Q_GRAD",
+                                                      "K_GRAD"))
     dg = (dg.sum(0) if mode == 1 else dg) if mode else None
     return dq, dk_, dv, dg, (dh0 if has_h0 else None)
 
 
 class _ChunkedLinearAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q, k, v, g, h0):
+    def forward(ctx: Any, q, k, v, g, h0, mods):
         mode = g_mode(g)
         _, smeta = _metas(q, v, mode)
         gcum = chunk_cumsum(g, smeta["BT"]) if g is not None else None
         keep = any(ctx.needs_input_grad)
-        o, ht, states = _forward(q, k, v, gcum, h0, mode, keep)
+        o, ht, states = _forward(q, k, v, gcum, h0, mode, keep, mods)
         if keep:
-            ctx.mode, ctx.has_h0 = mode, h0 is not None
+            ctx.mode, ctx.has_h0, ctx.mods = mode, h0 is not None, mods
             ctx.save_for_backward(q, k, v, gcum, h0, states, ht)
         ctx.set_materialize_grads(False)
         return o, ht
@@ -180,23 +211,26 @@ class _ChunkedLinearAttention(torch.autograd.Function):
         if do is None:
             do = torch.zeros(ctx.saved_tensors[0].shape[:3] + ctx.saved_tensors[2].shape[-1:],
                              dtype=ctx.saved_tensors[2].dtype, device=ctx.saved_tensors[0].device)
-        return _backward(ctx, do, dht)
+        return (*_backward(ctx, do, dht), None)
 
 
 def chunked_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              g: torch.Tensor | None = None,
                              initial_state: torch.Tensor | None = None,
-                             output_final_state: bool = False,
+                             output_final_state: bool = False, mods: KernelMods = NO_MODS,
                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal linear attention with the Triton chunked kernel, differentiable in every input.
 
     q, k [B, N, H, Dk], v [B, N, H, Dv] (one dtype: fp16, bf16 or fp32, one CUDA device, or CPU
     under TRITON_INTERPRET=1), g None | [B, N, H] | [B, N, H, Dk] natural-log decay,
     initial_state [B, H, Dk, Dv] float32 -> (o [B, N, H, Dv], final state [B, H, Dk, Dv]
-    float32 or None). Inputs are assumed checked (the engine does it).
+    float32 or None). Inputs are assumed checked (the engine does it). `mods` fuses element-wise
+    q/k/v mods into the kernels (attnrt.engine.linear_codegen builds them); the gradients are
+    then those of the raw q, k, v.
 
-    Equivalent PyTorch: linear_attention_reference(q, k, v, g, causal=True,
-    initial_state=initial_state, output_final_state=output_final_state).
+    Equivalent PyTorch: linear_attention_reference(q_mod(q), k_mod(k), v_mod(v), g,
+    causal=True, initial_state=initial_state, output_final_state=output_final_state), each mod
+    computed in float32 and cast to q's dtype.
     """
     b, n, h, _ = q.shape
     if n == 0:
@@ -206,5 +240,5 @@ def chunked_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q, k, v = (t.contiguous() for t in (q, k, v))
     g = g.float().contiguous() if g is not None else None
     h0 = initial_state.float().contiguous() if initial_state is not None else None
-    o, ht = _ChunkedLinearAttention.apply(q, k, v, g, h0)
+    o, ht = _ChunkedLinearAttention.apply(q, k, v, g, h0, mods)
     return o, (ht if output_final_state else None)

@@ -25,16 +25,21 @@ import triton.language as tl
 from attnrt.kernels.linear.chunked_jit import (
     causal_mask,
     load_g,
+    load_mod,
     load_state,
     load_tile,
+    store_grad,
     store_tile,
 )
 
 
 @triton.jit
-def dv_bwd(q, k, do, G, dh, dv, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
+def dv_bwd(q, k, v, do, G, dh, dv, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
            DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-           G_MODE: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
+           G_MODE: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr,
+           Q_MOD: tl.constexpr = None, K_MOD: tl.constexpr = None,
+           V_GRAD: tl.constexpr = None):
+    """dv of one chunk and value block (times v_mod'(v) when v_mod is fused)."""
     i_v, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hd = i_bh // H, i_bh % H
     v0 = i_v * BV
@@ -43,8 +48,8 @@ def dv_bwd(q, k, do, G, dh, dv, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
     acc_at = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(DK, BK)):
         k0 = i_k * BK
-        qq = load_tile(q, b, hd, c * BT, k0, N, H, DK, BT, BK)
-        kk = load_tile(k, b, hd, c * BT, k0, N, H, DK, BT, BK)
+        qq = load_mod(q, b, hd, c * BT, k0, N, H, DK, BT, BK, Q_MOD)
+        kk = load_mod(k, b, hd, c * BT, k0, N, H, DK, BT, BK, K_MOD)
         dhh = load_state(dh, i_bh, c, NT, k0, v0, DK, DV, BK, BV)
         if G_MODE == 2:
             g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE, SUB)
@@ -64,13 +69,13 @@ def dv_bwd(q, k, do, G, dh, dv, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
         acc_at = tl.where(causal_t, acc_at, 0.0)
     dd = load_tile(do, b, hd, c * BT, v0, N, H, DV, BT, BV)
     acc_dv = tl.dot(acc_at.to(dd.dtype), dd, acc_dv, input_precision=PREC)
-    store_tile(dv, acc_dv, b, hd, c * BT, v0, N, H, DV, BT, BV)
+    store_grad(dv, acc_dv, v, b, hd, c * BT, v0, N, H, DV, BT, BV, V_GRAD)
 
 
 @triton.jit
 def _inter_grads(v, do, h, dh, b, hd, i_bh, c, k0, N, NT, H: tl.constexpr, DK: tl.constexpr,
                  DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 PREC: tl.constexpr):
+                 PREC: tl.constexpr, V_MOD: tl.constexpr):
     """(do v^T [BT, BT], do @ h[c]^T [BT, BK], v @ dh[c]^T [BT, BK], sum over values of
     h[c] * dh[c] [BK]), summed over DV."""
     acc_hdh = tl.zeros([BK], dtype=tl.float32)
@@ -80,7 +85,7 @@ def _inter_grads(v, do, h, dh, b, hd, i_bh, c, k0, N, NT, H: tl.constexpr, DK: t
     for i_v in range(tl.cdiv(DV, BV)):
         v0 = i_v * BV
         dd = load_tile(do, b, hd, c * BT, v0, N, H, DV, BT, BV)
-        vv = load_tile(v, b, hd, c * BT, v0, N, H, DV, BT, BV)
+        vv = load_mod(v, b, hd, c * BT, v0, N, H, DV, BT, BV, V_MOD)
         hh = load_state(h, i_bh, c, NT, k0, v0, DK, DV, BK, BV)
         dhh = load_state(dh, i_bh, c, NT, k0, v0, DK, DV, BK, BV)
         acc_da = tl.dot(dd, tl.trans(vv), acc_da, input_precision=PREC)
@@ -93,16 +98,20 @@ def _inter_grads(v, do, h, dh, b, hd, i_bh, c, k0, N, NT, H: tl.constexpr, DK: t
 @triton.jit
 def dqk_bwd(q, k, v, do, G, h, dh, dq, dk, dg, N, NP, NT, DG_SPLIT, H: tl.constexpr,
             DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-            BV: tl.constexpr, G_MODE: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
-    """dq, dk of one chunk and key block; with decay also dL/dg (see the module docstring)."""
+            BV: tl.constexpr, G_MODE: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr,
+            Q_MOD: tl.constexpr = None, K_MOD: tl.constexpr = None, V_MOD: tl.constexpr = None,
+            Q_GRAD: tl.constexpr = None, K_GRAD: tl.constexpr = None):
+    """dq, dk of one chunk and key block; with decay also dL/dg (see the module docstring).
+    With fused mods, dg is formed from the modded q, k and their gradients, and dq, dk are
+    then multiplied by the mods' derivatives at the raw inputs."""
     i_k, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hd = i_bh // H, i_bh % H
     k0 = i_k * BK
     causal = causal_mask(BT)
     acc_da, acc_dq, acc_dk, hdh = _inter_grads(v, do, h, dh, b, hd, i_bh, c, k0, N, NT, H, DK,
-                                               DV, BT, BK, BV, PREC)
-    qq = load_tile(q, b, hd, c * BT, k0, N, H, DK, BT, BK)
-    kk = load_tile(k, b, hd, c * BT, k0, N, H, DK, BT, BK)
+                                               DV, BT, BK, BV, PREC, V_MOD)
+    qq = load_mod(q, b, hd, c * BT, k0, N, H, DK, BT, BK, Q_MOD)
+    kk = load_mod(k, b, hd, c * BT, k0, N, H, DK, BT, BK, K_MOD)
     if G_MODE == 2:
         g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE, SUB)
         acc_dq = acc_dq * tl.exp(g)
@@ -123,8 +132,8 @@ def dqk_bwd(q, k, v, do, G, h, dh, dq, dk, dg, N, NP, NT, DG_SPLIT, H: tl.conste
             ds = tl.where(causal, acc_da, 0.0)
         acc_dq = tl.dot(ds.to(kk.dtype), kk, acc_dq, input_precision=PREC)
         acc_dk = tl.dot(tl.trans(ds).to(qq.dtype), qq, acc_dk, input_precision=PREC)
-    store_tile(dq, acc_dq, b, hd, c * BT, k0, N, H, DK, BT, BK)
-    store_tile(dk, acc_dk, b, hd, c * BT, k0, N, H, DK, BT, BK)
+    store_grad(dq, acc_dq, q, b, hd, c * BT, k0, N, H, DK, BT, BK, Q_GRAD)
+    store_grad(dk, acc_dk, k, b, hd, c * BT, k0, N, H, DK, BT, BK, K_GRAD)
     if G_MODE != 0:
         term = qq.to(tl.float32) * acc_dq - kk.to(tl.float32) * acc_dk
         dgc = tl.cumsum(term, axis=0, reverse=True) + carry[None, :]

@@ -18,13 +18,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from attnrt.kernels.linear.chunked_jit import _g_row, load_state, load_tile, store_state
+from attnrt.kernels.linear.chunked_jit import (
+    _g_row,
+    load_mod,
+    load_state,
+    load_tile,
+    store_state,
+)
 
 
 @triton.jit
 def states_expand(k, v, G, h64, h16, N, NP, NT, NS, H: tl.constexpr, DK: tl.constexpr,
                   DV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                  BV: tl.constexpr, PREC: tl.constexpr):
+                  BV: tl.constexpr, PREC: tl.constexpr, K_MOD: tl.constexpr = None,
+                  V_MOD: tl.constexpr = None):
     """h16[s] = the state before sub-block s, from h64[c] and the chunk's earlier rows."""
     i_kv, s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hd = i_bh // H, i_bh % H
@@ -36,9 +43,9 @@ def states_expand(k, v, G, h64, h16, N, NP, NT, NS, H: tl.constexpr, DK: tl.cons
     acc = load_state(h64, i_bh, c, NT, k0, v0, DK, DV, BK, BV).to(tl.float32)
     acc = acc * tl.exp(g_a)[:, None]
     rows = c * BT + tl.arange(0, BT)
-    kk = load_tile(k, b, hd, c * BT, k0, N, H, DK, BT, BK)
+    kk = load_mod(k, b, hd, c * BT, k0, N, H, DK, BT, BK, K_MOD)
     gj = load_tile(G, b, hd, c * BT, k0, NP, H, DK, BT, BK)
-    vv = load_tile(v, b, hd, c * BT, v0, N, H, DV, BT, BV)
+    vv = load_mod(v, b, hd, c * BT, v0, N, H, DV, BT, BV, V_MOD)
     kt = tl.where((rows < start)[:, None], kk.to(tl.float32) * tl.exp(g_a[None, :] - gj), 0.0)
     acc = tl.dot(tl.trans(kt.to(vv.dtype)), vv, acc, input_precision=PREC)
     store_state(h16, acc, i_bh, s, NS, k0, v0, DK, DV, BK, BV)
@@ -47,7 +54,7 @@ def states_expand(k, v, G, h64, h16, N, NP, NT, NS, H: tl.constexpr, DK: tl.cons
 @triton.jit
 def grads_expand(q, do, G, dh64, dh16, N, NP, NT, NS, H: tl.constexpr, DK: tl.constexpr,
                  DV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                 BV: tl.constexpr, PREC: tl.constexpr):
+                 BV: tl.constexpr, PREC: tl.constexpr, Q_MOD: tl.constexpr = None):
     """dh16[s] = dL/d(state after sub-block s), from dh64[c] and the chunk's later rows."""
     i_kv, s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hd = i_bh // H, i_bh % H
@@ -59,7 +66,7 @@ def grads_expand(q, do, G, dh64, dh16, N, NP, NT, NS, H: tl.constexpr, DK: tl.co
     acc = load_state(dh64, i_bh, c, NT, k0, v0, DK, DV, BK, BV).to(tl.float32)
     acc = acc * tl.exp(g_last - g_e)[:, None]
     rows = c * BT + tl.arange(0, BT)
-    qq = load_tile(q, b, hd, c * BT, k0, N, H, DK, BT, BK)
+    qq = load_mod(q, b, hd, c * BT, k0, N, H, DK, BT, BK, Q_MOD)
     gt = load_tile(G, b, hd, c * BT, k0, NP, H, DK, BT, BK)
     dd = load_tile(do, b, hd, c * BT, v0, N, H, DV, BT, BV)
     qt = tl.where((rows > end)[:, None], qq.to(tl.float32) * tl.exp(gt - g_e[None, :]), 0.0)

@@ -11,6 +11,11 @@ it is <= 0: no overflow at any length (the global cumulative sum is never formed
 the intra-chunk products exactly, channel by channel ([BT, BT, BK] in registers), so its
 parallel kernels take 16-token blocks (SUB of them per G chunk; see chunked_expand_jit); modes
 0 and 1 are plain matrix products.
+
+Q_MOD, K_MOD, V_MOD (constexpr @triton.jit functions of a float32 tile, or None): element-wise
+mods applied right after every load of q, k, v (load_mod); the backward kernels take their
+derivatives Q_GRAD, K_GRAD, V_GRAD and scale dq, dk, dv by them at the raw input before the
+store (store_grad). None compiles to the plain load and store.
 """
 
 from __future__ import annotations
@@ -22,23 +27,53 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile_offsets(b, hd, row0, col0, N, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
+                  BC: tl.constexpr):
+    """Element offsets and mask of rows row0.. (< N), columns col0.. (< D) of head hd, batch b
+    of [B, N, H, D]."""
+    rows, cols = row0 + tl.arange(0, BR), col0 + tl.arange(0, BC)
+    start = ((b.to(tl.int64) * N + row0) * H + hd) * D + col0
+    offs = start + tl.arange(0, BR)[:, None] * (H * D) + tl.arange(0, BC)[None, :]
+    return offs, (rows < N)[:, None] & (cols < D)[None, :]
+
+
+@triton.jit
 def load_tile(base, b, hd, row0, col0, N, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
               BC: tl.constexpr):
     """Rows row0.. (< N), columns col0.. (< D) of head hd, batch b of [B, N, H, D]; 0 outside."""
-    rows, cols = row0 + tl.arange(0, BR), col0 + tl.arange(0, BC)
-    start = base + ((b.to(tl.int64) * N + row0) * H + hd) * D + col0
-    ptrs = start + tl.arange(0, BR)[:, None] * (H * D) + tl.arange(0, BC)[None, :]
-    return tl.load(ptrs, mask=(rows < N)[:, None] & (cols < D)[None, :], other=0.0)
+    offs, mask = _tile_offsets(b, hd, row0, col0, N, H, D, BR, BC)
+    return tl.load(base + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_mod(base, b, hd, row0, col0, N, H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
+             BC: tl.constexpr, MOD: tl.constexpr):
+    """load_tile, then the fused element-wise mod (a generated @triton.jit function of a
+    float32 tile, or None: identity) in float32, cast back to the input dtype as the pre-pass
+    casts; 0 outside, as the pre-pass's zero padding (mod(0) need not be 0)."""
+    offs, mask = _tile_offsets(b, hd, row0, col0, N, H, D, BR, BC)
+    x = tl.load(base + offs, mask=mask, other=0.0)
+    if MOD is not None:
+        x = tl.where(mask, MOD(x.to(tl.float32)), 0.0).to(x.dtype)
+    return x
 
 
 @triton.jit
 def store_tile(base, value, b, hd, row0, col0, N, H: tl.constexpr, D: tl.constexpr,
                BR: tl.constexpr, BC: tl.constexpr):
-    rows, cols = row0 + tl.arange(0, BR), col0 + tl.arange(0, BC)
-    start = base + ((b.to(tl.int64) * N + row0) * H + hd) * D + col0
-    ptrs = start + tl.arange(0, BR)[:, None] * (H * D) + tl.arange(0, BC)[None, :]
-    tl.store(ptrs, value.to(base.dtype.element_ty),
-             mask=(rows < N)[:, None] & (cols < D)[None, :])
+    offs, mask = _tile_offsets(b, hd, row0, col0, N, H, D, BR, BC)
+    tl.store(base + offs, value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_grad(base, value, raw, b, hd, row0, col0, N, H: tl.constexpr, D: tl.constexpr,
+               BR: tl.constexpr, BC: tl.constexpr, MOD_GRAD: tl.constexpr):
+    """Store the gradient of a raw input: value (the gradient of the modded tile, float32)
+    times the mod's derivative at the raw input `raw` (loaded here; None: identity)."""
+    offs, mask = _tile_offsets(b, hd, row0, col0, N, H, D, BR, BC)
+    if MOD_GRAD is not None:
+        value = value * MOD_GRAD(tl.load(raw + offs, mask=mask, other=0.0).to(tl.float32))
+    tl.store(base + offs, value.to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -104,7 +139,8 @@ def causal_mask(BT: tl.constexpr):
 def states_fwd(k, v, G, h, h0, ht, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
                DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                G_MODE: tl.constexpr, SUB: tl.constexpr, HAS_H0: tl.constexpr,
-               STORE_HT: tl.constexpr, PREC: tl.constexpr):
+               STORE_HT: tl.constexpr, PREC: tl.constexpr, K_MOD: tl.constexpr = None,
+               V_MOD: tl.constexpr = None):
     """h[c] = the state before chunk c; ht = the state after the last chunk."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hd = i_bh // H, i_bh % H
@@ -114,8 +150,8 @@ def states_fwd(k, v, G, h, h0, ht, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
         state = load_state(h0, i_bh, 0, 1, k0, v0, DK, DV, BK, BV).to(tl.float32)
     for c in range(NT):
         store_state(h, state, i_bh, c, NT, k0, v0, DK, DV, BK, BV)
-        kk = load_tile(k, b, hd, c * BT, k0, N, H, DK, BT, BK)
-        vv = load_tile(v, b, hd, c * BT, v0, N, H, DV, BT, BV)
+        kk = load_mod(k, b, hd, c * BT, k0, N, H, DK, BT, BK, K_MOD)
+        vv = load_mod(v, b, hd, c * BT, v0, N, H, DV, BT, BV, V_MOD)
         if G_MODE == 2:
             g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE, SUB)
             kk = (kk.to(tl.float32) * tl.exp(glast[None, :] - g)).to(vv.dtype)
@@ -132,7 +168,9 @@ def states_fwd(k, v, G, h, h0, ht, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
 @triton.jit
 def output_fwd(q, k, v, G, h, o, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
                DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               G_MODE: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
+               G_MODE: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr,
+               Q_MOD: tl.constexpr = None, K_MOD: tl.constexpr = None,
+               V_MOD: tl.constexpr = None):
     """o of one chunk = (q * exp(G)) @ h[c] + (causal, decayed q k^T) @ v."""
     i_v, c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hd = i_bh // H, i_bh % H
@@ -142,8 +180,8 @@ def output_fwd(q, k, v, G, h, o, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
     acc_a = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(DK, BK)):
         k0 = i_k * BK
-        qq = load_tile(q, b, hd, c * BT, k0, N, H, DK, BT, BK)
-        kk = load_tile(k, b, hd, c * BT, k0, N, H, DK, BT, BK)
+        qq = load_mod(q, b, hd, c * BT, k0, N, H, DK, BT, BK, Q_MOD)
+        kk = load_mod(k, b, hd, c * BT, k0, N, H, DK, BT, BK, K_MOD)
         hh = load_state(h, i_bh, c, NT, k0, v0, DK, DV, BK, BV)
         if G_MODE == 2:
             g, _ = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE, SUB)
@@ -161,7 +199,7 @@ def output_fwd(q, k, v, G, h, o, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
         acc_a = acc_a * tl.exp(tl.where(causal, g[:, None] - g[None, :], float("-inf")))
     elif G_MODE == 0:
         acc_a = tl.where(causal, acc_a, 0.0)
-    vv = load_tile(v, b, hd, c * BT, v0, N, H, DV, BT, BV)
+    vv = load_mod(v, b, hd, c * BT, v0, N, H, DV, BT, BV, V_MOD)
     acc_o = tl.dot(acc_a.to(vv.dtype), vv, acc_o, input_precision=PREC)
     store_tile(o, acc_o, b, hd, c * BT, v0, N, H, DV, BT, BV)
 
@@ -170,7 +208,7 @@ def output_fwd(q, k, v, G, h, o, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
 def states_bwd(q, do, G, dh, dht, dh0, N, NP, NT, H: tl.constexpr, DK: tl.constexpr,
                DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                G_MODE: tl.constexpr, SUB: tl.constexpr, HAS_DHT: tl.constexpr,
-               STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+               STORE_DH0: tl.constexpr, PREC: tl.constexpr, Q_MOD: tl.constexpr = None):
     """dh[c] = dL/d(state after chunk c), walking the chunks backwards; dh0 = dL/d(h0)."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, hd = i_bh // H, i_bh % H
@@ -181,7 +219,7 @@ def states_bwd(q, do, G, dh, dht, dh0, N, NP, NT, H: tl.constexpr, DK: tl.conste
     for i in range(NT):
         c = NT - 1 - i
         store_state(dh, dstate, i_bh, c, NT, k0, v0, DK, DV, BK, BV)
-        qq = load_tile(q, b, hd, c * BT, k0, N, H, DK, BT, BK)
+        qq = load_mod(q, b, hd, c * BT, k0, N, H, DK, BT, BK, Q_MOD)
         dd = load_tile(do, b, hd, c * BT, v0, N, H, DV, BT, BV)
         if G_MODE == 2:
             g, glast = load_g(G, b, hd, c, k0, NP, H, DK, BT, BK, G_MODE, SUB)
