@@ -144,7 +144,7 @@ def _valid_keys(j, idx_row, s_idx, valid_ptr, M, cfg):
 @gluon.jit
 def _mask_keys(s, n_keys, cfg, col_layout: gl.constexpr):
     """-inf scores past the block's first n_keys columns (only in a block that has fewer)."""
-    if cfg.MASK:
+    if cfg.MASK:  # noqa: SIM102 (compile-time test outside, a runtime branch inside)
         if n_keys < cfg.BLOCK_N:
             cols = gl.arange(0, cfg.BLOCK_N, layout=col_layout)
             s = gl.where(cols[None, :] < n_keys, s, float("-inf"))
