@@ -66,6 +66,8 @@ STAGES = 2  # slots per K and V ring (as the dense kernel; `forward` takes other
 HALF = gl.constexpr(64)  # query rows per consumer warpgroup
 PRODUCER_REGS = gl.constexpr(24)
 _INT32 = 2**31
+# TMA's global -> shared copy: async_copy_global_to_shared in Triton 3.6, renamed async_load later.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
 @aggregate
@@ -97,7 +99,7 @@ def _producer(ring: gl.constexpr, q_desc, k_desc, v_desc, sm, q_row, q_col, kv_r
     if ring == 0:
         mbarrier.expect(sm.q_bar, 2 * q_desc.block_type.nbytes)
         for half in gl.static_range(2):
-            tma.async_copy_global_to_shared(q_desc, [q_row + half * HALF, q_col], sm.q_bar,
+            _tma_load(q_desc, [q_row + half * HALF, q_col], sm.q_bar,
                                             sm.q.index(half))
     for j in range(n_tiles):
         row = kv_row + gl.load(idx_row + j * s_idx) * cfg.BLOCK_N
@@ -105,11 +107,11 @@ def _producer(ring: gl.constexpr, q_desc, k_desc, v_desc, sm, q_row, q_col, kv_r
         free = ((j // cfg.STAGES) & 1) ^ 1  # a fresh barrier passes the wait for parity 1
         mbarrier.wait(sm.k_empty.index(slot), free)
         mbarrier.expect(sm.k_full.index(slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row, kv_col], sm.k_full.index(slot),
+        _tma_load(k_desc, [row, kv_col], sm.k_full.index(slot),
                                         sm.k.index(slot))
         mbarrier.wait(sm.v_empty.index(slot), free)
         mbarrier.expect(sm.v_full.index(slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [row, kv_col], sm.v_full.index(slot),
+        _tma_load(v_desc, [row, kv_col], sm.v_full.index(slot),
                                         sm.v.index(slot))
 
 
