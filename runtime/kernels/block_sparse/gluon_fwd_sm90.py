@@ -99,20 +99,17 @@ def _producer(ring: gl.constexpr, q_desc, k_desc, v_desc, sm, q_row, q_col, kv_r
     if ring == 0:
         mbarrier.expect(sm.q_bar, 2 * q_desc.block_type.nbytes)
         for half in gl.static_range(2):
-            _tma_load(q_desc, [q_row + half * HALF, q_col], sm.q_bar,
-                                            sm.q.index(half))
+            _tma_load(q_desc, [q_row + half * HALF, q_col], sm.q_bar, sm.q.index(half))
     for j in range(n_tiles):
         row = kv_row + gl.load(idx_row + j * s_idx) * cfg.BLOCK_N
         slot = ring * cfg.STAGES + j % cfg.STAGES
         free = ((j // cfg.STAGES) & 1) ^ 1  # a fresh barrier passes the wait for parity 1
         mbarrier.wait(sm.k_empty.index(slot), free)
         mbarrier.expect(sm.k_full.index(slot), k_desc.block_type.nbytes)
-        _tma_load(k_desc, [row, kv_col], sm.k_full.index(slot),
-                                        sm.k.index(slot))
+        _tma_load(k_desc, [row, kv_col], sm.k_full.index(slot), sm.k.index(slot))
         mbarrier.wait(sm.v_empty.index(slot), free)
         mbarrier.expect(sm.v_full.index(slot), v_desc.block_type.nbytes)
-        _tma_load(v_desc, [row, kv_col], sm.v_full.index(slot),
-                                        sm.v.index(slot))
+        _tma_load(v_desc, [row, kv_col], sm.v_full.index(slot), sm.v.index(slot))
 
 
 @gluon.jit
@@ -130,17 +127,26 @@ def _producer1(q_desc, k_desc, v_desc, sm, q_row, q_col, kv_row, kv_col, idx_row
 
 
 @gluon.jit
-def _valid_keys(j, idx_row, s_idx, valid_ptr, M, cfg):
-    """Keys to attend at the start of list entry j's block: M - start for the tail block,
-    at most key_block_valid's count; BLOCK_N (no mask) where neither can cut a block."""
+def _key_block(j, idx_row, s_idx, n_tiles, cfg):
+    """The key block of list entry j (of the last entry past the list's end; the consumers read
+    ahead); 0 where no mask needs it."""
     if cfg.MASK:
-        kb = gl.load(idx_row + j * s_idx)
+        return gl.load(idx_row + gl.minimum(j, n_tiles - 1) * s_idx)
+    else:
+        return gl.to_tensor(0)
+
+
+@gluon.jit
+def _valid_keys(kb, valid_ptr, M, cfg):
+    """Keys to attend at the start of key block kb: M - start for the tail block, at most
+    key_block_valid's count; BLOCK_N (no mask) where neither can cut a block."""
+    if cfg.MASK:
         n = M - kb * cfg.BLOCK_N
         if cfg.HAS_VALID:
             n = gl.minimum(n, gl.load(valid_ptr + kb))
         return n
     else:
-        return cfg.BLOCK_N
+        return gl.to_tensor(cfg.BLOCK_N)
 
 
 @gluon.jit
@@ -221,12 +227,18 @@ def _consumer(wg: gl.constexpr, sm, o_ptr, lse_ptr, N, M, qk_scale, b, h, bh, m0
     q = sm.q.index(wg)
     mbarrier.wait(sm.q_bar, 0)
     if n_tiles > 0:
-        n_keys = _valid_keys(0, idx_row, s_idx, valid_ptr, M, cfg)
+        # Masked lists read ahead: entry j + 2's key block and entry j + 1's count during
+        # tile j, so no load is waited for before a tile's products are issued.
+        n_keys = _valid_keys(_key_block(0, idx_row, s_idx, n_tiles, cfg), valid_ptr, M, cfg)
+        kb_next = _key_block(1, idx_row, s_idx, n_tiles, cfg)
         p_op, m_i, l_i = _first_tile(wg, sm, q, s_zero, m_i, l_i, rows, row0, N, M, qk_scale,
                                      n_keys, other_turns, cfg, s_layout, p_layout)
+        n_keys = _valid_keys(kb_next, valid_ptr, M, cfg)
+        kb_next = _key_block(2, idx_row, s_idx, n_tiles, cfg)
         acc = warpgroup_mma_init(acc)
         for j in range(1, n_tiles):
-            n_keys = _valid_keys(j, idx_row, s_idx, valid_ptr, M, cfg)
+            n_next = _valid_keys(kb_next, valid_ptr, M, cfg)
+            kb_next = _key_block(j + 2, idx_row, s_idx, n_tiles, cfg)
             slot, prev = base + j % STAGES_, base + (j - 1) % STAGES_
             _take_turn(sm, wg, j, other_turns)
             mbarrier.wait(sm.k_full.index(slot), (j // STAGES_) & 1)
@@ -243,6 +255,7 @@ def _consumer(wg: gl.constexpr, sm, o_ptr, lse_ptr, N, M, qk_scale, b, h, bh, m0
             mbarrier.arrive(sm.v_empty.index(prev))
             acc = warpgroup_mma_init(acc * gl.convert_layout(alpha, row_o)[:, None])
             p_op = gl.convert_layout(p.to(dtype), p_layout)
+            n_keys = n_next
         acc = _last_tile(wg, sm, p_op, acc, n_tiles, other_turns, cfg)
     _store(acc, m_i, l_i, o_ptr, lse_ptr, N, b, h, bh, row0, rows, so_b, so_n, so_h, o_layout,
            dtype, HEAD_DIM)
