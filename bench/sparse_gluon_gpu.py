@@ -65,9 +65,9 @@ def _sparse(inputs, index, count, bq: int, bk: int, gluon: bool,
         with options.gluon_forward(gluon, blocks=[(bq, bk)]):
             return block_sparse_attention(*inputs, index, count, block_q=bq, block_k=bk)
 
-    if stages is None:
-        return fn
     gluon_mod = gluon_path.module()
+    if stages is None or gluon_mod is None:
+        return fn
 
     def with_stages() -> torch.Tensor:
         real = gluon_mod.forward
