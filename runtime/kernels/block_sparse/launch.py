@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from .. import cdiv, next_power_of_2
+from . import gluon_path
 from .jit import _compact_kernel, _dkdv_kernel, _dq_kernel, _fwd_kernel
 from .options import KERNELS, Plan, check_fits, fitting_plans, wanted_plan
 from .reference import dense_row_mask, index_to_block_mask
@@ -105,6 +106,9 @@ def _forward(q, k, v, index, count, valid, row_mask, block_q, block_k, scale):
     b, n, h, _ = q.shape
     out = _alloc(tuple(q.shape), q.dtype, q.device)
     lse = _alloc((b, h, n), torch.float32, q.device)
+    if gluon_path.forward(q, k, v, index, count, valid, row_mask, block_q, block_k, scale, out,
+                          lse):
+        return out, lse
     # Without a mask the kernel never reads RMASK: any tensor and strides stand in for it.
     rmask = row_mask if row_mask is not None else index
 

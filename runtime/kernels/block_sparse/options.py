@@ -17,6 +17,9 @@ They change only how the work is tiled, never the result beyond rounding order.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
 import torch
@@ -39,6 +42,54 @@ LAUNCH_OPTIONS: dict[str, dict[str, int]] = {
     "dkdv-64x64-d128": {"num_warps": 4, "num_stages": 2, "step": 1, "split": 1},
     "dq-128x128-d128": {"num_warps": 8, "num_stages": 2, "step": 1, "split": 1},
 }
+
+
+# (block_q, block_k) -> whether the forward runs the Gluon kernel on Hopper (gluon_fwd_sm90.py,
+# where its `usable` holds; the Triton kernel otherwise). Off until a GPU session measures it
+# against the Triton forward (bench/sparse_gluon_gpu.py); turn on per process with
+# set_gluon_forward or per call with gluon_forward.
+GLUON_FORWARD: dict[tuple[int, int], bool] = {(128, 64): False, (128, 128): False,
+                                              (64, 64): False}
+_GLUON_SCOPED: ContextVar[dict[tuple[int, int], bool] | None] = ContextVar(
+    "attnrt_block_sparse_gluon_forward", default=None)
+
+
+def gluon_forward_on(block_q: int, block_k: int) -> bool:
+    """Whether the forward of these block sizes should take the Gluon kernel."""
+    scoped = _GLUON_SCOPED.get()
+    table = GLUON_FORWARD if scoped is None else scoped
+    return table.get((block_q, block_k), False)
+
+
+def _switched(on: bool, blocks: Iterable[tuple[int, int]] | None,
+              table: dict[tuple[int, int], bool]) -> dict[tuple[int, int], bool]:
+    chosen = list(GLUON_FORWARD) if blocks is None else [(bq, bk) for bq, bk in blocks]
+    for pair in chosen:
+        if pair not in GLUON_FORWARD:
+            raise BlockSparseInputError(
+                f"blocks={pair} is not supported by {NAME}'s Gluon forward; supported: "
+                f"{', '.join(map(str, GLUON_FORWARD))}")
+    return {**table, **dict.fromkeys(chosen, bool(on))}
+
+
+def set_gluon_forward(on: bool, blocks: Iterable[tuple[int, int]] | None = None) -> None:
+    """For this process: the Gluon forward on (or off) for `blocks` ((block_q, block_k)
+    pairs; None: every pair in GLUON_FORWARD)."""
+    GLUON_FORWARD.update(_switched(on, blocks, GLUON_FORWARD))
+
+
+@contextmanager
+def gluon_forward(on: bool = True,
+                  blocks: Iterable[tuple[int, int]] | None = None) -> Iterator[None]:
+    """Within the with block (this thread or task only): the Gluon forward on (or off) for
+    `blocks` (None: every pair in GLUON_FORWARD); the previous choice comes back on exit."""
+    current = _GLUON_SCOPED.get()
+    token = _GLUON_SCOPED.set(_switched(on, blocks, GLUON_FORWARD if current is None
+                                       else current))
+    try:
+        yield
+    finally:
+        _GLUON_SCOPED.reset(token)
 
 
 @dataclass(frozen=True)
