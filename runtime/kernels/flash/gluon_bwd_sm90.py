@@ -52,6 +52,9 @@ from attnrt.kernels import capability, cdiv, reads_as_2d
 from attnrt.kernels.fast_launch import launch
 from attnrt.kernels.flash.gluon_fwd_sm90 import grouped_program, tma_descriptor
 
+# TMA's global -> shared copy: async_copy_global_to_shared in Triton 3.6, renamed async_load later.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
 SUPPORTED_HEAD_SIZES = (64, 128)
 # Causal launches at these head sizes run each warpgroup's masked steps first and then an
 # unmasked loop; the others keep one loop that masks where a step needs it. H100, causal,
@@ -136,8 +139,8 @@ def _producer(q_desc, k_desc, v_desc, do_desc, sm, b, h0, hk, start_n, N, M, lo,
               steps, shape):
     HEAD_DIM: gl.constexpr = shape.HEAD_DIM
     mbarrier.expect(sm.kv_bar, 2 * k_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [b * M + start_n, hk * HEAD_DIM], sm.kv_bar, sm.k)
-    tma.async_copy_global_to_shared(v_desc, [b * M + start_n, hk * HEAD_DIM], sm.kv_bar, sm.v)
+    _tma_load(k_desc, [b * M + start_n, hk * HEAD_DIM], sm.kv_bar, sm.k)
+    _tma_load(v_desc, [b * M + start_n, hk * HEAD_DIM], sm.kv_bar, sm.v)
     for t in range(steps):
         h = h0 + t // n_steps
         row = b * N + _query_block(t, lo, n_steps)
@@ -145,11 +148,11 @@ def _producer(q_desc, k_desc, v_desc, do_desc, sm, b, h0, hk, start_n, N, M, lo,
         free = ((t // STAGES) & 1) ^ 1  # a fresh barrier passes the wait for parity 1
         mbarrier.wait(sm.q_empty.index(slot), free)
         mbarrier.expect(sm.q_full.index(slot), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [row, h * HEAD_DIM], sm.q_full.index(slot),
+        _tma_load(q_desc, [row, h * HEAD_DIM], sm.q_full.index(slot),
                                         sm.q.index(slot))
         mbarrier.wait(sm.do_empty.index(slot), free)
         mbarrier.expect(sm.do_full.index(slot), do_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(do_desc, [row, h * HEAD_DIM], sm.do_full.index(slot),
+        _tma_load(do_desc, [row, h * HEAD_DIM], sm.do_full.index(slot),
                                         sm.do.index(slot))
 
 

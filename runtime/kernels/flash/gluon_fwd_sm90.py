@@ -42,6 +42,9 @@ from triton.language.core import _aggregate as aggregate
 from attnrt.kernels import capability, cdiv, reads_as_2d
 from attnrt.kernels.fast_launch import launch
 
+# TMA's global -> shared copy: async_copy_global_to_shared in Triton 3.6, renamed async_load later.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
 SUPPORTED_HEAD_SIZES = (64, 128)
 BLOCK_M = gl.constexpr(128)  # two consumer warpgroups of 64 rows
 STAGES = gl.constexpr(2)  # K and V ring slots (measured on H100: 3 K slots gained nothing)
@@ -93,18 +96,18 @@ def _producer(q_desc, k_desc, v_desc, sm, q_row, q_col, kv_row, kv_col, n_tiles,
     BLOCK_N: gl.constexpr = shape.BLOCK_N
     mbarrier.expect(sm.q_bar, 2 * q_desc.block_type.nbytes)
     for half in gl.static_range(2):
-        tma.async_copy_global_to_shared(q_desc, [q_row + half * (BLOCK_M // 2), q_col],
+        _tma_load(q_desc, [q_row + half * (BLOCK_M // 2), q_col],
                                         sm.q_bar, sm.q.index(half))
     for j in range(n_tiles):
         slot = j % STAGES
         free = ((j // STAGES) & 1) ^ 1  # a fresh barrier passes the wait for parity 1
         mbarrier.wait(sm.k_empty.index(slot), free)
         mbarrier.expect(sm.k_full.index(slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [kv_row + j * BLOCK_N, kv_col],
+        _tma_load(k_desc, [kv_row + j * BLOCK_N, kv_col],
                                         sm.k_full.index(slot), sm.k.index(slot))
         mbarrier.wait(sm.v_empty.index(slot), free)
         mbarrier.expect(sm.v_full.index(slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [kv_row + j * BLOCK_N, kv_col],
+        _tma_load(v_desc, [kv_row + j * BLOCK_N, kv_col],
                                         sm.v_full.index(slot), sm.v.index(slot))
 
 
