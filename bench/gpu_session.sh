@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# One GPU session for everything that needs the device, in two phases so each fits one call:
-#   bash bench/gpu_session.sh tests   # install, the gpu-marked tests (xdist), the CLI on the device
+# One GPU session for everything that needs the device, in phases that each fit one call:
+#   bash bench/gpu_session.sh next    # then next2: what the next session runs first
+#   bash bench/gpu_session.sh correct # the gpu tests of the engine, linear, ring, sparse alone
+#   bash bench/gpu_session.sh rest    # the sweep, every other gpu test, two tables
+#   bash bench/gpu_session.sh tests   # install, all gpu-marked tests (xdist), the CLI on the device
 #   bash bench/gpu_session.sh bench   # every benchmark's --quick table, one after another
-#   bash bench/gpu_session.sh next    # then next2: what the twelfth session runs first
-#   bash bench/gpu_session.sh rest    # after 'all': the sweep, the other gpu tests
-#   bash bench/gpu_session.sh all     # when one call is all the budget allows: the new features'
-#                                     # gpu tests and the shortest form of each table
 # Wheels the image lacks (pytest, xdist; fla-core + einops for the linear bench) travel in .whl/.
 # Each step has its own time limit, so one slow step cannot eat the call; logs go to $OUT.
 set -uo pipefail
@@ -27,65 +26,36 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, log to $out/NAME.log
   tail -n "${TAIL:-25}" "$out/$name.log"
 }
 case "${1:-tests}" in
-  tiny)  # a last check on a nearly spent budget: the Gluon forward after the restructure,
-          # the block-sparse kernel's launch plans
-    TAIL=20 step 110 gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 \
-      tests/kernels/test_triton_flash.py::test_gpu_gluon_forward \
-      tests/kernels/test_block_sparse_kernel.py
-    ;;
-  min)  # the least that proves the new kernels on the device: their gpu tests, two tables
-    TAIL=30 step 150 gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 \
-      --maxfail=80 tests/kernels tests/sparse tests/engine tests/linear tests/test_ring.py \
-      tests/test_ring_grads.py
-    step 55 sparse python3 bench/sparse_gpu.py --quick --only vsa,fine,flex
-    step 50 engine python3 bench/engine_gpu.py --quick
-    ;;
-  all)
-    TAIL=30 step 170 gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 \
-      --maxfail=80 tests/kernels tests/sparse tests/engine tests/linear tests/test_ring.py \
-      tests/test_ring_grads.py tests/test_hardening_declared.py tests/test_methods.py
-    step 60 sparse python3 bench/sparse_gpu.py --quick --only parts,vsa,fine,flex
-    step 50 sla_vmoba python3 bench/sla_vmoba_gpu.py --quick
-    step 55 engine python3 bench/engine_gpu.py --quick
-    step 45 linear python3 bench/linear_gpu.py --quick
-    step 20 host_overhead python3 bench/host_overhead_gpu.py --quick
-    step 30 models python3 bench/models_gpu.py --quick
-    ;;
-  final)  # a second call on a short budget: failures named (SIGINT at the limit still prints
-           # pytest's summary), the launch-plan sweep, the linear table, two profiles
-    TAIL=30 step 170 gpu_tests python3 -m pytest -m gpu -v -rfE --tb=short -p no:cacheprovider \
-      -n 16 --maxfail=40 --junitxml="$out/junit.xml" tests/kernels tests/sparse tests/engine \
-      tests/linear tests/test_ring.py tests/test_ring_grads.py
-    step 130 sparse_sweep python3 bench/sparse_gpu.py --quick --sweep --sweep-budget 80 --only vsa
-    step 80 linear python3 bench/linear_gpu.py --quick
-    step 35 engine_profile python3 bench/engine_profile_gpu.py
-    TAIL=45 step 25 host_overhead python3 bench/host_overhead_gpu.py --quick --profile cprofile
-    ;;
-  next)  # what the next session runs first (see bench/NOTES-*.md, "next"): the gpu tests
-          # run 3 did not reach, the engine experiments, the linear table with time for fla's
-          # autotuning, the block-sparse plans after the scalar-entry change
+  next)  # what the thirteenth session runs first: the gpu tests no run has reached (engine,
+          # linear incl. fused mods, ring, sparse methods, the Gluon block-sparse forward), the
+          # Gluon block-sparse table (decides options.GLUON_FORWARD), the engine's targets
+          # after the offline-compile fixes, the VSA table with the 128-block plan sweep
     TAIL=40 step 200 gpu_tests python3 -m pytest -m gpu -v -rfE --tb=short \
       -p no:cacheprovider -n 16 --maxfail=40 --junitxml="$out/junit.xml" tests/engine \
       tests/linear tests/test_ring.py tests/test_ring_grads.py tests/sparse \
-      tests/kernels/test_block_sparse_plans.py tests/kernels/test_block_sparse_row_mask.py
-    step 60 engine_experiments python3 bench/engine_experiments_gpu.py
-    step 150 sparse python3 bench/sparse_gpu.py --quick --sweep --sweep-budget 90 \
+      tests/kernels/test_block_sparse_gluon.py tests/kernels/test_block_sparse_plans.py \
+      tests/kernels/test_block_sparse_row_mask.py
+    step 75 sparse_gluon python3 bench/sparse_gluon_gpu.py --quick
+    step 90 engine python3 bench/engine_gpu.py --quick
+    step 120 sparse python3 bench/sparse_gpu.py --quick --sweep --sweep-budget 60 \
       --sweep-blocks 128,128x64 --only parts,vsa,fine,flex
-    step 25 host_overhead python3 bench/host_overhead_gpu.py --quick
     ;;
-  next2)  # the second call of the next session: the linear tables, VMoBA/SLA, the model rows
+  next2)  # the second call: the linear tables (ours alone, then with fla's autotuning),
+           # SLA/VMoBA, the model rows, the engine experiments, the host overhead
     step 60 linear_ours python3 bench/linear_gpu.py --quick --no-fla
-    step 180 linear_fla python3 bench/linear_gpu.py --quick  # fla autotunes per shape: minutes
-    step 90 sla_vmoba python3 bench/sla_vmoba_gpu.py --quick
-    step 120 models python3 bench/models_gpu.py --quick
+    step 150 linear_fla python3 bench/linear_gpu.py --quick  # fla autotunes per shape: minutes
+    step 80 sla_vmoba python3 bench/sla_vmoba_gpu.py --quick
+    step 100 models python3 bench/models_gpu.py --quick
+    step 50 engine_experiments python3 bench/engine_experiments_gpu.py
+    step 25 host_overhead python3 bench/host_overhead_gpu.py --quick
     ;;
   correct)  # the gpu tests of the engine, the linear engine, ring and sparse methods alone
     TAIL=40 step "${LIMIT:-140}" gpu_tests python3 -m pytest -m gpu -v -rfE --tb=short \
       -p no:cacheprovider -n 16 --maxfail=40 --junitxml="$out/junit.xml" tests/engine \
       tests/linear tests/test_ring.py tests/test_ring_grads.py tests/sparse
     ;;
-  rest)  # after 'all': the sweep (launch plans for options.py), every other gpu test, the
-          # tables 'all' gave in short form
+  rest)  # the sweep (launch plans for options.py), every gpu test outside the new features,
+          # the ring backward and model tables
     step 130 sparse_sweep python3 bench/sparse_gpu.py --quick --sweep --sweep-budget 60 \
       --only sweep,vsa
     TAIL=30 step 200 gpu_tests_rest python3 -m pytest -m gpu -q -p no:cacheprovider -n 8 \
