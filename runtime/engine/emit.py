@@ -16,9 +16,9 @@ from attnrt.engine.trace import BOOL, FLOAT, INT, Expr, const, make, where
 
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "lt": "<", "le": "<=", "gt": ">",
           "ge": ">=", "eq": "==", "ne": "!=", "and": "&", "or": "|", "xor": "^"}
-_CALL = {"exp": "tl.exp", "exp2": "tl.exp2", "log": "tl.log", "log2": "tl.log2",
-         "sigmoid": "tl.sigmoid", "abs": "tl.abs", "sqrt": "tl.sqrt", "max": "tl.maximum",
-         "min": "tl.minimum", "where": "tl.where"}
+# op -> function of the dialect's namespace (Emitter.ns: "tl" for Triton, "gl" for Gluon)
+_CALL = {"exp": "exp", "exp2": "exp2", "log": "log", "log2": "log2", "sigmoid": "sigmoid",
+         "abs": "abs", "sqrt": "sqrt", "max": "maximum", "min": "minimum", "where": "where"}
 
 
 def literal(value: object, kind: str) -> str:
@@ -37,7 +37,10 @@ def literal(value: object, kind: str) -> str:
 class Emitter:
     """Emits one straight-line code block. `names` maps leaves to Triton variables, `inputs`
     custom-input names to (pointer, stride names); `keep` names the block's keep mask (None:
-    every key kept) for row reductions."""
+    every key kept) for row reductions. `ns` is the language module's name in the generated
+    text (subclasses print other dialects: engine/gluon_codegen.py)."""
+
+    ns = "tl"
 
     def __init__(self, names: dict[str, str], inputs: dict[str, tuple[str, list[str]]],
                  keep: str | None, prefix: str) -> None:
@@ -52,7 +55,9 @@ class Emitter:
     def __call__(self, expr: Expr, as_float: bool = False) -> str:
         code = self._value(expr)
         if as_float and expr.kind != FLOAT:
-            return f"{code}.to(tl.float32)" if expr.op != "const" else literal(expr.attr, FLOAT)
+            if expr.op == "const":
+                return literal(expr.attr, FLOAT)
+            return f"{code}.to({self.ns}.float32)"
         return code
 
     def _value(self, expr: Expr) -> str:
@@ -79,13 +84,13 @@ class Emitter:
         if e.op in _INFIX:
             return f"({args[0]} {_INFIX[e.op]} {args[1]})"
         if e.op in _CALL:
-            return f"{_CALL[e.op]}({', '.join(args)})"
+            return f"{self.ns}.{_CALL[e.op]}({', '.join(args)})"
         return _SPECIAL[e.op](self, e, args)
 
     def _load(self, e: Expr, args: list[str]) -> str:
         ptr, strides = self.inputs[e.attr]
         offset = " + ".join(f"({a}) * {s}" for a, s in zip(args, strides, strict=True))
-        return f"tl.load({ptr} + {offset}).to(tl.float32)"
+        return f"{self.ns}.load({ptr} + {offset}).to({self.ns}.float32)"
 
     def _reduce(self, how: str, x: str) -> str:
         full = f"tl.broadcast_to({x}, [BLOCK_M, BLOCK_N])"
@@ -114,7 +119,7 @@ def _floor_quotient(em: Emitter, a: str, b: str) -> str:
     # a truncated quotient where the remainder's sign differs from the divisor's.
     q = em.temp(f"{a} // {b}")
     r = em.temp(f"{a} - {q} * {b}")
-    return em.temp(f"{q} - ((({r}) != 0) & ((({r}) < 0) != (({b}) < 0))).to(tl.int32)")
+    return em.temp(f"{q} - ((({r}) != 0) & ((({r}) < 0) != (({b}) < 0))).to({em.ns}.int32)")
 
 
 def _pow(em: Emitter, e: Expr, args: list[str]) -> str:
@@ -123,16 +128,16 @@ def _pow(em: Emitter, e: Expr, args: list[str]) -> str:
     if power.op == "const" and float(power.attr) == int(power.attr) and 0 <= power.attr <= 4:
         return " * ".join([f"({base})"] * int(power.attr)) or "1.0"
     if power.op == "const" and power.attr == 0.5:
-        return f"tl.sqrt({base})"
-    return f"tl.exp2({exponent} * tl.log2({base}))"  # defined for base > 0, as documented
+        return f"{em.ns}.sqrt({base})"
+    return f"{em.ns}.exp2({exponent} * {em.ns}.log2({base}))"  # defined for base > 0, as documented
 
 
 def _tanh(em: Emitter, e: Expr, args: list[str]) -> str:
     # tanh(x) = sign(x) (1 - exp(-2|x|)) / (1 + exp(-2|x|)); libdevice's tanh has no
     # interpreter twin, and this form never overflows.
     x = args[0]
-    t = em.temp(f"tl.exp(-2.0 * tl.abs({x}))")
-    return f"tl.where({x} < 0, -1.0, 1.0) * (1.0 - {t}) / (1.0 + {t})"
+    t = em.temp(f"{em.ns}.exp(-2.0 * {em.ns}.abs({x}))")
+    return f"{em.ns}.where({x} < 0, -1.0, 1.0) * (1.0 - {t}) / (1.0 + {t})"
 
 
 _SPECIAL = {
@@ -142,9 +147,9 @@ _SPECIAL = {
     "mod": lambda em, e, a: f"({a[0]} - {_floor_quotient(em, *a)} * {a[1]})",
     "pow": _pow,
     "tanh": _tanh,
-    "sign": lambda em, e, a: (f"tl.where({a[0]} > 0, 1, tl.where({a[0]} < 0, -1, 0))"
-                              if e.kind == INT else
-                              f"tl.where({a[0]} > 0, 1.0, tl.where({a[0]} < 0, -1.0, 0.0))"),
+    "sign": lambda em, e, a: (f"{em.ns}.where({a[0]} > 0, 1, {em.ns}.where({a[0]} < 0, -1, 0))"
+                              if e.kind == INT else f"{em.ns}.where({a[0]} > 0, 1.0, "
+                              f"{em.ns}.where({a[0]} < 0, -1.0, 0.0))"),
 }
 
 

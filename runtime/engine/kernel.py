@@ -170,6 +170,11 @@ class EngineRun:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        from attnrt.engine import gluon_forward
+
+        served = gluon_forward.forward(self, q, k, v, inputs)  # None: the Triton forward runs
+        if served is not None:
+            return served
         b, n, h, _ = q.shape
         m, t = k.shape[1], self.tiles["fwd"]
         out = torch.full((b, n, h, v.shape[-1]), float("nan"), dtype=q.dtype, device=q.device)

@@ -1,0 +1,125 @@
+"""The fixed parts of the engine's Gluon sm90 forward (the generated consumer is in
+engine/gluon_codegen.py): compile-time parameters, shared buffers, the producer warp walking
+the engine's two block lists, and the launch.
+
+Shapes: q [B, N, H, D], k [B, M, Hkv, D], v [B, M, Hkv, Dv]; out [B, N, H, Dv]; final row
+scales FIN [R, B*H, N] float32; block lists idx int32 [Bm, Hm, NQB, K], cnt int32 [Bm, Hm, NQB]
+of (128-row, BLOCK_N-key) tiles (engine/blocks.py).
+
+One program takes 128 query rows of one (batch, head), as the dense Gluon forward
+(attnrt.kernels.flash.gluon_fwd_sm90) does: the producer warp loads the two 64-row Q halves
+once, then K and V of every fully kept key block of the row block's list, then of every
+partial one, by TMA into 2-slot rings; two consumer warpgroups of 64 rows run the FA3 ping-pong
+over the same tiles in the same order.
+
+Imported only where Triton has Gluon (engine/gluon_forward.py imports it on first use). No
+`from __future__ import annotations`: Gluon's aggregate checks field annotations as real types.
+"""
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.language.core import _aggregate as aggregate
+
+from attnrt.kernels.fast_launch import launch
+from attnrt.kernels.flash.gluon_fwd_sm90 import BLOCK_M, CONSUMER_REGS, _Smem, tma_descriptor
+
+HALF = gl.constexpr(64)  # query rows per consumer warpgroup
+STAGES = gl.constexpr(2)  # slots per K and V ring
+PRODUCER_REGS = gl.constexpr(24)
+# TMA's global -> shared copy: async_copy_global_to_shared in Triton 3.6, async_load later.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+
+@aggregate
+class Cfg:
+    """Compile-time parameters every partition needs (plain arguments would reach the
+    partitions as runtime values)."""
+
+    HEAD_DIM: gl.constexpr
+    HEAD_DIM_V: gl.constexpr
+    BLOCK_N: gl.constexpr
+
+    @gluon.constexpr_function
+    def __init__(self, HEAD_DIM, HEAD_DIM_V, BLOCK_N):  # noqa: N803 (constexpr names)
+        self.HEAD_DIM = gl.constexpr(HEAD_DIM)
+        self.HEAD_DIM_V = gl.constexpr(HEAD_DIM_V)
+        self.BLOCK_N = gl.constexpr(BLOCK_N)
+
+
+@gluon.jit
+def _load_kv(k_desc, v_desc, sm, j, row, k_col, v_col):
+    """Tile j of the walk: K and V rows [row, row + BLOCK_N) into slot j % STAGES, once both
+    consumers released that slot's previous tile."""
+    slot = j % STAGES
+    free = ((j // STAGES) & 1) ^ 1  # a fresh barrier passes the wait for parity 1
+    mbarrier.wait(sm.k_empty.index(slot), free)
+    mbarrier.expect(sm.k_full.index(slot), k_desc.block_type.nbytes)
+    _tma_load(k_desc, [row, k_col], sm.k_full.index(slot), sm.k.index(slot))
+    mbarrier.wait(sm.v_empty.index(slot), free)
+    mbarrier.expect(sm.v_full.index(slot), v_desc.block_type.nbytes)
+    _tma_load(v_desc, [row, v_col], sm.v_full.index(slot), sm.v.index(slot))
+
+
+@gluon.jit
+def producer(q_desc, k_desc, v_desc, sm, q_row, q_col, kv_row, k_col, v_col, full_row, part_row,
+             n_full, n_part, cfg):
+    """Q once, then the K/V tiles of the full list's key blocks, then the partial list's."""
+    mbarrier.expect(sm.q_bar, 2 * q_desc.block_type.nbytes)
+    for half in gl.static_range(2):
+        _tma_load(q_desc, [q_row + half * HALF, q_col], sm.q_bar, sm.q.index(half))
+    for j in range(n_full):
+        _load_kv(k_desc, v_desc, sm, j, kv_row + gl.load(full_row + j) * cfg.BLOCK_N, k_col,
+                 v_col)
+    for j in range(n_part):
+        _load_kv(k_desc, v_desc, sm, n_full + j, kv_row + gl.load(part_row + j) * cfg.BLOCK_N,
+                 k_col, v_col)
+
+
+@gluon.jit
+def allocate(dtype: gl.constexpr, q_desc, k_desc, v_desc, cfg):
+    """Q halves, the K and V rings and their barriers (each slot released by 2 consumers)."""
+    barrier: gl.constexpr = mbarrier.MBarrierLayout()
+    sm = _Smem(gl.allocate_shared_memory(dtype, [2, HALF, cfg.HEAD_DIM], q_desc.layout),
+               gl.allocate_shared_memory(dtype, [STAGES, cfg.BLOCK_N, cfg.HEAD_DIM],
+                                         k_desc.layout),
+               gl.allocate_shared_memory(dtype, [STAGES, cfg.BLOCK_N, cfg.HEAD_DIM_V],
+                                         v_desc.layout),
+               gl.allocate_shared_memory(gl.int64, [1], barrier),
+               gl.allocate_shared_memory(gl.int64, [STAGES, 1], barrier),
+               gl.allocate_shared_memory(gl.int64, [STAGES, 1], barrier),
+               gl.allocate_shared_memory(gl.int64, [STAGES, 1], barrier),
+               gl.allocate_shared_memory(gl.int64, [STAGES, 1], barrier),
+               gl.allocate_shared_memory(gl.int64, [2, 1], barrier))
+    mbarrier.init(sm.q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(sm.k_full.index(i), count=1)
+        mbarrier.init(sm.v_full.index(i), count=1)
+        mbarrier.init(sm.k_empty.index(i), count=2)
+        mbarrier.init(sm.v_empty.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(sm.turn.index(i), count=1)
+    return sm
+
+
+def forward(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            fin: torch.Tensor, lists: tuple, inputs: list[torch.Tensor], list_strides: list[int],
+            scale: float, block_n: int) -> None:
+    """Launches the generated `kernel` (engine_gluon_fwd) over (row blocks of 128, B * H):
+    writes out [B, N, H, Dv] and FIN [R, B*H, N]."""
+    b, n, h, d = q.shape
+    m, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
+    full_idx, full_cnt, part_idx, part_cnt = lists
+    strides = [s for t in inputs for s in t.stride()]
+    grid = (-(-n // BLOCK_M.value), b * h)
+    launch(kernel, grid,
+           (tma_descriptor(q, HALF.value), tma_descriptor(k, block_n),
+            tma_descriptor(v, block_n), out, fin, full_idx, full_cnt, part_idx, part_cnt,
+            *inputs, *out.stride()[:3], fin.stride(0), *list_strides, *strides, n, m, h,
+            h // hkv, scale),
+           {"HEAD_DIM": d, "HEAD_DIM_V": dv, "BLOCK_N": block_n, "num_warps": 4})
+
+
+__all__ = ["BLOCK_M", "CONSUMER_REGS", "HALF", "PRODUCER_REGS", "STAGES", "Cfg", "allocate",
+           "forward", "producer"]
