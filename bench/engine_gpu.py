@@ -1,6 +1,8 @@
 """AttentionEngine on the GPU: generated Triton kernels against compiled FlexAttention with the
 same modification, sliding window against dense over the visited blocks, sigmoid attention
-against our dense TRITON_FLASH_ATTN kernel, and first-call (trace + compile) time.
+against our dense TRITON_FLASH_ATTN kernel, the generated Gluon sm90 forward
+(engine/gluon_forward.py, switched on here) next to the Triton forward and those peers, and
+first-call (trace + compile) time.
 
 Shapes: B=1, H=24, D=128, bf16, N in (8192, 16384) (--quick: N=8192, fewer repeats).
 Prints tables; asserts nothing about speed (targets: issue 21, Speed). Run:
@@ -152,6 +154,47 @@ def sigmoid_row(n: int, reps: int) -> tuple:
             tflops(t_dense, n, False), t_dense / t_sig, err)
 
 
+def gluon_rows(n: int, reps: int, peers: dict) -> list[tuple]:
+    """Forward ms with the Gluon forward on and off (same engine, same inputs), and the peer's
+    ms measured in this run (peers[(name, n)] = (label, ms)): Flex for ALiBi, softcap and the
+    window (targets >= 1.15x, 1.15x, 1x), the dense TRITON_FLASH_ATTN kernel for sigmoid
+    (target >= 0.9x its TFLOP/s, the same FLOPs)."""
+    from attnrt.engine import gluon_forward
+
+    slopes = torch.tensor([2.0 ** (-8 * (i + 1) / H) for i in range(H)], device="cuda")
+    bias = torch.tensor([-9.0], device="cuda")
+    engines = {
+        "alibi": (AttentionLibrary("AlibiAttention", "None", head_size=D, backend="triton"),
+                  [slopes]),
+        "softcap": (AttentionLibrary("SoftcapAttention", "None", head_size=D, softcap=CAP,
+                                     backend="triton"), None),
+        "sigmoid": (AttentionLibrary("SigmoidAttention", "None", head_size=D, backend="triton"),
+                    [bias]),
+        "window": (AttentionEngine(None, None, mask_mod=sliding_window_mask(WINDOW),
+                                   backend="triton"), None),
+    }
+    rows = []
+    qkv = _qkv(n, False)
+    for name, (engine, inputs) in engines.items():
+        if name == "window" and (name, n) not in peers:
+            continue  # the window is measured at the largest N only
+
+        def call(engine=engine, inputs=inputs) -> torch.Tensor:
+            return engine(*qkv, inputs)
+
+        with torch.no_grad(), gluon_forward.gluon_forward(True):
+            t_gluon = bench(call, reps)
+            served, out_gluon = gluon_forward.last_served(), call()
+        with torch.no_grad(), gluon_forward.gluon_forward(False):
+            t_triton = bench(call, reps)
+            out_triton = call()
+        label, t_peer = peers.get((name, n), ("-", float("nan")))
+        rows.append((f"{name} N={n}", t_gluon, t_triton, t_triton / t_gluon,
+                     tflops(t_gluon, n, False), label, t_peer, t_peer / t_gluon,
+                     _rel(out_gluon, out_triton), str(served)[:20]))
+    return rows
+
+
 _FIRST_CALL = textwrap.dedent("""
     import time, torch
     t0 = time.perf_counter()
@@ -196,17 +239,27 @@ def main() -> None:
     reps = 5 if args.quick else 20
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, B={B} H={H} D={D}"
           f" {DTYPE}")
+    mods = [r for n in sizes for r in score_mod_rows(n, reps, args.quick)]
     show("score_mod variants: ours vs compiled FlexAttention (ms; target fwd >= 1.15x, bwd >= 1x)",
          ("variant", "ours fwd", "ours bwd", "flex fwd", "flex bwd", "fwd speedup",
-          "bwd speedup", "rel err"),
-         [r for n in sizes for r in score_mod_rows(n, reps, args.quick)])
+          "bwd speedup", "rel err"), mods)
     n_window = max(sizes)
+    window = window_row(n_window, reps)
     show("sliding window vs dense over the visited blocks (target ratio <= 1.2, flex/ours >= 1)",
          ("case", "ours ms", "dense*frac ms", "visited frac", "flex ms", "ours/dense",
-          "flex/ours", "rel err"), [window_row(n_window, reps)])
+          "flex/ours", "rel err"), [window])
+    sigmoids = [sigmoid_row(n, reps) for n in sizes]
     show("sigmoid attention vs TRITON_FLASH_ATTN dense softmax (target >= 0.9)",
          ("case", "sigmoid ms", "TFLOP/s", "dense ms", "TFLOP/s", "ratio", "rel err"),
-         [sigmoid_row(n, reps) for n in sizes])
+         sigmoids)
+    peers = {(r[0].split()[0], int(r[0].split("N=")[1])): ("flex", r[3]) for r in mods}
+    peers[("window", n_window)] = ("flex", window[4])
+    peers.update({("sigmoid", n): ("dense", r[3]) for n, r in zip(sizes, sigmoids, strict=True)})
+    show("Gluon sm90 forward (switch on) vs the Triton forward, and the peers above (fwd ms; "
+         "targets: peer/gluon >= 1.15 alibi, softcap; >= 1 window; >= 0.9 sigmoid)",
+         ("case", "gluon ms", "triton ms", "triton/gluon", "gluon TFLOP/s", "peer", "peer ms",
+          "peer/gluon", "rel err g-t", "served"),
+         [r for n in sizes for r in gluon_rows(n, reps, peers)])
     show("first call, N=4096 (target < 10 s; second process reuses the cache)",
          ("case", "seconds"), first_call_rows())
 
