@@ -50,6 +50,10 @@ def _engines() -> dict:
         "retention": (AttentionLibrary("RetentionAttention", "Causal", backend="triton"),
                       {"log_decay": -torch.rand(H)}),
         "relpos_bias": (_relpos(), {"bias": torch.randn(H, 2 * N - 1)}),
+        "document": (AttentionLibrary("SoftmaxAttention", "Document", backend="triton"),
+                     {"document_ids": (torch.arange(N) * 3 // N).to(torch.int32)}),
+        "prefix": (AttentionLibrary("SoftmaxAttention", "PrefixLM", prefix=100,
+                                    backend="triton"), None),
     }
 
 
@@ -162,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--variants", default="plain,alibi,softcap,sigmoid,window")
     parser.add_argument("--gluon", default="plain,alibi,softcap,sigmoid,window,causal,"
-                        "retention,relpos_bias", help="variants of the Gluon forward")
+                        "retention,relpos_bias,document,prefix",
+                        help="variants of the Gluon forward")
     parser.add_argument("--gluon-only", action="store_true",
                         help="only the Gluon forward rows (and the dense Gluon forward's)")
     args = parser.parse_args(argv)
