@@ -36,8 +36,8 @@ case "${1:-tests}" in
       tests/kernels/test_block_sparse_gluon.py tests/kernels/test_block_sparse_plans.py \
       tests/kernels/test_block_sparse_row_mask.py
     step 75 sparse_gluon python3 bench/sparse_gluon_gpu.py --quick
-    step 90 engine python3 bench/engine_gpu.py --quick
-    step 120 sparse python3 bench/sparse_gpu.py --quick --sweep --sweep-budget 60 \
+    step 110 engine python3 bench/engine_gpu.py --quick
+    step 110 sparse python3 bench/sparse_gpu.py --quick --sweep --sweep-budget 60 \
       --sweep-blocks 128,128x64 --only parts,vsa,fine,flex
     ;;
   next2)  # the second call: the linear tables (ours alone, then with fla's autotuning),
