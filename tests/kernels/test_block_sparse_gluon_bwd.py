@@ -192,7 +192,8 @@ def test_a_backward_module_that_does_not_import_turns_only_it_off_once(monkeypat
             assert not gluon_path.backward_usable(_cuda_like(q), k, v, q, None, 128, 64, False)
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
-    assert "Gluon backward is off" in message and "does not import" in message
+    assert "Gluon backward is off" in message
+    assert "does not import" in message
     assert "forward" not in gluon_path._LOADED
 
 
@@ -228,7 +229,8 @@ def _grads_through(monkeypatch, serve: bool, deterministic: bool = False):
         return True
 
     def backward(q, k, v, dout, lse2, delta, k2q, cnt, valid, bq, bk, scale, acc, dk, dv):
-        assert torch.equal(acc, torch.zeros_like(acc)) and acc.dtype == torch.float32
+        assert torch.equal(acc, torch.zeros_like(acc))
+        assert acc.dtype == torch.float32
         if serve:
             acc.fill_(2.0)
             dk.fill_(3.0)
@@ -254,7 +256,8 @@ def test_launch_returns_the_gluon_gradients_when_the_path_serves(monkeypatch):
     monkeypatch.setattr(bs_launch, "launch_dkdv", no_triton)
     seen, (dq, dk, dv) = _grads_through(monkeypatch, serve=True)
     assert seen == [False]
-    assert dq.dtype == torch.float16 and torch.equal(dq, torch.full_like(dq, 2.0))
+    assert dq.dtype == torch.float16
+    assert torch.equal(dq, torch.full_like(dq, 2.0))
     assert torch.equal(dk, torch.full_like(dk, 3.0))
     assert torch.equal(dv, torch.full_like(dv, 4.0))
 
