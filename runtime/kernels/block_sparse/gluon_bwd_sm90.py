@@ -9,19 +9,17 @@ the query blocks that visit its keys (k2q) in 64-row steps, as the dense kernel 
 
     producer   a warp per Q/dO ring: K and V of its keys once, then the Q and dO tiles of the
                listed query blocks (row qb * block_q + 64 s) by TMA into 2-slot rings
-    consumer   two warpgroups of 64 keys, each keeping its dK and dV in registers. Per step:
-    0 and 1    S^T = K Q^T and dP^T = V dO^T, P^T from the saved log-sum-exp, dV += P^T dO,
-               dS^T = P^T (dP^T - delta), dK += dS^T Q, dQ = dS K added into a float32 buffer
-               by TMA reduce-adds from a staging tile (dQ's last bits vary between runs)
+    consumer   two warpgroups of 64 keys, dK and dV in registers: S^T = K Q^T, dP^T = V dO^T,
+    0 and 1    P^T from the saved lse, dV += P^T dO, dS^T = P^T (dP^T - delta), dK += dS^T Q,
+               dQ = dS K added to a float32 buffer by TMA reduce-adds (order varies by run)
 
 Modes, by (block_q, block_k) (MODES):
 - whole (128 x 128, FlexAttention's blocks): the program is one key block; one producer and
   both warpgroups walk its list, as the dense kernel (at D=128 exchanging dS^T halves).
 - pair (64 x 64 VSA's cubes, 128 x 64 SLA's blocks): the program is key blocks 2j and 2j + 1;
-  warpgroup w walks the list of block 2j + w through its own ring and producer, and adds dQ
-  over its own 64 keys. Its dS^T tile and its dQ staging share one [64, 64] float32 tile (two
-  rings leave no room for both at D=128); at D=128 dQ goes out in two 64-column halves. An
-  odd NKB leaves the last program's second warpgroup an empty list.
+  warpgroup w walks block 2j + w's list through its own ring and producer, adds dQ over its
+  own 64 keys (at D=128 in two 64-column halves) and keeps dS^T in its dQ staging tile (two
+  rings leave no room for both). An odd NKB leaves the last second warpgroup an empty list.
 P = 0 past the valid keys of a key block (the tail past M, key_block_valid): dK, dV are 0 there.
 
 Contract as launch._backward's Triton kernels: q, dout [B, N, H, D], k, v [B, M, Hkv, D] (GQA
@@ -31,13 +29,13 @@ key_block_valid int32 [NKB] or None. Writes dk, dv [B, M, Hkv, D] (contiguous) a
 dq_acc [B, N, H, D] float32 (zeroed by the caller). `usable` says where it runs (else the
 Triton kernels serve the same computation). Written against Triton 3.6.
 
-No `from __future__ import annotations` here: Gluon's aggregate checks field annotations as
-real types.
+No `from __future__ import annotations`: Gluon's aggregate reads annotations as types.
 """
 
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -48,6 +46,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.core import _aggregate as aggregate
+from triton.language.core import _unwrap_if_constexpr as unwrap
 
 from attnrt.kernels import cdiv, reads_as_2d
 from attnrt.kernels.fast_launch import launch
@@ -81,7 +80,6 @@ class _Cfg:
     BLOCK_Q: gl.constexpr
     BLOCK_K: gl.constexpr
     PAIR: gl.constexpr  # a warpgroup per key block, each its own list and ring
-    STEPS: gl.constexpr  # 64-row steps per listed query block
     HAS_VALID: gl.constexpr
     MASK: gl.constexpr  # some key block may hold fewer valid keys than block_k
     SPLIT_D: gl.constexpr  # whole mode, D=128: dQ as half of D over all 128 keys a warpgroup
@@ -93,26 +91,33 @@ class _Cfg:
         self.BLOCK_Q = gl.constexpr(BLOCK_Q)
         self.BLOCK_K = gl.constexpr(BLOCK_K)
         self.PAIR = gl.constexpr(PAIR)
-        self.STEPS = gl.constexpr(BLOCK_Q // 64)
         self.HAS_VALID = gl.constexpr(HAS_VALID)
         self.MASK = gl.constexpr(MASK)
         self.SPLIT_D = gl.constexpr(not PAIR and HEAD_DIM >= 128)
         self.DQ_COLS = gl.constexpr(64)  # D=64: all of D; D=128: half (or a chunk)
 
 
+@builtin
+def _view(smem, dtype, shape, layout, _semantic=None):
+    """smem's bytes as a [shape] dtype tile (`_reinterpret` in Triton 3.6, `reinterpret` later)."""
+    return _semantic.memdesc_reinterpret(smem, unwrap(dtype), [unwrap(x) for x in shape],
+                                         unwrap(layout))
+
+
 @gluon.jit
 def _list(k2q_ptr, cnt_ptr, b, h, H, kb, NQB, NKB, cfg):
-    """(first entry, steps) of head h's list for key block kb: count * STEPS steps; none for
+    """(first entry, 64-row steps) of head h's list for key block kb; no steps for
     a key block past NKB (the second block of an odd NKB's last pair)."""
     row = (b * H + h) * NKB + gl.minimum(kb, NKB - 1)
     count = gl.where(kb < NKB, gl.load(cnt_ptr + row), 0)
-    return k2q_ptr + row * NQB, count * cfg.STEPS
+    return k2q_ptr + row * NQB, count * (cfg.BLOCK_Q // BLOCK_M)
 
 
 @gluon.jit
 def _query_row(lst, j, cfg):
-    """First query row of step j of a list: entry j // STEPS, 64-row part j % STEPS."""
-    return gl.load(lst + j // cfg.STEPS) * cfg.BLOCK_Q + (j % cfg.STEPS) * BLOCK_M
+    """First query row of step j of a list (64-row steps through each listed block)."""
+    steps: gl.constexpr = cfg.BLOCK_Q // BLOCK_M
+    return gl.load(lst + j // steps) * cfg.BLOCK_Q + (j % steps) * BLOCK_M
 
 
 @gluon.jit
@@ -127,8 +132,7 @@ def _total_steps(k2q_ptr, cnt_ptr, b, h0, H, kb, NQB, NKB, n_group, cfg):
 @gluon.jit
 def _producer(ring: gl.constexpr, q_desc, k_desc, v_desc, do_desc, sm, k2q_ptr, cnt_ptr, b, h0,
               hk, kb, N, M, H, NQB, NKB, n_group, cfg):
-    """Ring `ring`: K and V of key block kb once (not where nothing visits it), then Q and dO
-    of every step, in the consumers' order; a slot is refilled once its readers released it."""
+    """Ring `ring`: K, V of key block kb (where visited), then each step's Q and dO tiles."""
     HEAD_DIM: gl.constexpr = cfg.HEAD_DIM
     if _total_steps(k2q_ptr, cnt_ptr, b, h0, H, kb, NQB, NKB, n_group, cfg) > 0:
         at, bar = [b * M + kb * cfg.BLOCK_K, hk * HEAD_DIM], sm.kv_bar.index(ring)
@@ -168,8 +172,7 @@ def _producer1(q_desc, k_desc, v_desc, do_desc, sm, k2q_ptr, cnt_ptr, b, h0, hk,
 
 @gluon.jit
 def _grads(sm, t, s_t, dp_t, dk, dv, lse2_h, delta_h, m0, n_keys, qk_scale, lay, cfg):
-    """From step t's issued S^T and dP^T: P^T (0 past the warpgroup's n_keys valid keys),
-    dV += P^T dO and dK += dS^T Q issued (async); returns dS^T (16-bit), dK, dV."""
+    """P^T (0 past n_keys keys) from step t's S^T, dV and dK issued; returns dS^T, dK, dV."""
     dtype: gl.constexpr = sm.q.dtype
     slot = t % STAGES
     cols = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, lay.s))
@@ -191,8 +194,8 @@ def _grads(sm, t, s_t, dp_t, dk, dv, lse2_h, delta_h, m0, n_keys, qk_scale, lay,
 
 @gluon.jit
 def _reduce_dq(tile, dq_desc, dq, row, col):
-    """Adds the float32 dQ tile (registers) into the buffer at (row, col) through the shared
-    staging `tile`: one TMA reduce-add per DQ_BOX columns. The tile must be free (store_wait)."""
+    """Adds dQ (registers) at (row, col) through the free staging tile, DQ_BOX columns a TMA
+    reduce-add."""
     tile.store(dq)
     fence_async_shared()
     for c in gl.static_range(0, dq.shape[1], DQ_BOX):
@@ -214,7 +217,6 @@ def _step_whole(wg: gl.constexpr, sm, t, dk, dv, k_w, v_w, k_cols, s_zero, dq_ze
     ds_t, dk, dv = _grads(sm, t, s_t, dp_t, dk, dv, lse2_h, delta_h, m0, n_keys, qk_scale, lay,
                           cfg)
     if cfg.SPLIT_D:
-        # dQ over all 128 keys needs the other warpgroup's dS^T: both write theirs, then wait.
         ds = sm.ds.index(t % 2)
         ds.slice(wg * HALF, HALF).store(ds_t)
         fence_async_shared()
@@ -236,15 +238,14 @@ def _step_whole(wg: gl.constexpr, sm, t, dk, dv, k_w, v_w, k_cols, s_zero, dq_ze
 @gluon.jit
 def _step_pair(wg: gl.constexpr, sm, t, dk, dv, k_w, v_w, s_zero, dq_zero, lse2_h, delta_h,
                dq_desc, row, m0, col, n_keys, qk_scale, sm_scale, lay, cfg):
-    """One step of the pair mode: this warpgroup's own rows, dQ over its own 64 keys. dS^T
-    is staged in the first half of the warpgroup's dQ tile, then dQ (in 64-column chunks)."""
+    """One pair-mode step: own rows, dQ over own keys; dS^T staged in the dQ tile first."""
     dtype: gl.constexpr = sm.q.dtype
     s_t, dp_t = _issue_scores(sm, t, k_w, v_w, s_zero)
     ds_t, dk, dv = _grads(sm, t, s_t, dp_t, dk, dv, lse2_h, delta_h, m0, n_keys, qk_scale, lay,
                           cfg)
     tile = sm.dq.index(wg)
-    ds = tile._reinterpret(dtype, [HALF, BLOCK_M],
-                           gl.NVMMASharedLayout.get_default_for([HALF, BLOCK_M], dtype))
+    ds = _view(tile, dtype, [HALF, BLOCK_M],
+               gl.NVMMASharedLayout.get_default_for([HALF, BLOCK_M], dtype))
     tma.store_wait(0)  # the previous step's reduces have read the tile
     ds.store(ds_t)
     fence_async_shared()
@@ -267,8 +268,7 @@ def _step_pair(wg: gl.constexpr, sm, t, dk, dv, k_w, v_w, s_zero, dq_zero, lse2_
 
 @gluon.jit
 def _valid_keys(kb, valid_ptr, M, cfg):
-    """Valid keys at the start of key block kb: M - start for the tail, at most
-    key_block_valid's count; block_k where neither can cut a block (no mask)."""
+    """Valid keys of key block kb (M - start, at most key_block_valid's); block_k unmasked."""
     n = gl.to_tensor(cfg.BLOCK_K)
     if cfg.MASK:
         n = M - kb * cfg.BLOCK_K
