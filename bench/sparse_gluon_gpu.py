@@ -1,16 +1,19 @@
-"""The block-sparse forward in Gluon (runtime/kernels/block_sparse/gluon_fwd_sm90.py) against
-the Triton block-sparse forward, dense cuDNN SDPA and compiled FlexAttention, one table.
+"""The block-sparse forward and backward in Gluon (runtime/kernels/block_sparse/
+gluon_fwd_sm90.py, gluon_bwd_sm90.py) against the Triton block-sparse kernels, dense cuDNN
+SDPA, our dense kernel and compiled FlexAttention, one table.
 
 Shapes: B batch (1), N tokens, H heads (40), D head size (128); bf16. Lists keep a random 12.5%
 of key blocks per query block. Block sizes: shared 128x128 and 128x64 (one 128-row query block
 a program), split 64x64 (two 64-row query blocks a program, VSA's cubes). Sparse TFLOP/s count
 only the visited blocks (4 * D * block_q * block_k per listed entry; backward 2.5x that more);
 "x cuDNN" is dense cuDNN's time over the row's time (ideal 8x), "% cuDNN" the row's TFLOP/s over
-dense cuDNN's (how close the visited blocks run to the dense rate). The forward+backward rows
-run the Triton backward either way (it reads the forward's out and lse). Timed with
-triton.testing.do_bench (median), all in one process.
+dense cuDNN's (how close the visited blocks run to the dense rate). In the forward+backward
+sections the Gluon forward rows run the Triton backward; the "Gluon fwd + Gluon bwd" rows add
+the Gluon backward (its gradients are checked against the Triton backward's first: WRONG marks
+a mismatch), with the ratio to the Triton-backward row and to our dense kernel's fwd+bwd
+TFLOP/s. Timed with triton.testing.do_bench (median), all in one process.
 
-    python bench/sparse_gluon_gpu.py --quick    # fwd at N=16384, 32768; fwd+bwd at 32768 (< 60 s)
+    python bench/sparse_gluon_gpu.py --quick    # fwd at N=16384, 32768; fwd+bwd at 32768 (< 75 s)
     python bench/sparse_gluon_gpu.py            # fwd and fwd+bwd at both lengths, longer repeats
     python bench/sparse_gluon_gpu.py --stages 2 3   # also the Gluon kernel with 3-slot rings
 """
@@ -48,11 +51,62 @@ def _row(case: str, ms: float, flops: float, dense: tuple[float, float], note: s
           f"{100 * tflops / dense_tflops:.0f}% | {note} |", flush=True)
 
 
-def _time(fn: Callable[[], torch.Tensor], inputs, quick: bool, backward: bool) -> float:
+def _time(fn: Callable[[], torch.Tensor], inputs, quick: bool, backward: bool,
+          gluon_bwd: tuple[int, int] | None = None) -> float:
+    """Median ms of fn (with backward: forward and backward); gluon_bwd: the block sizes whose
+    Gluon backward is on for the timed calls (the switch must hold while backward runs)."""
     if not backward:
         with torch.no_grad():
             return bench_ms(fn, quick)
-    return bench_ms(fwd_bwd(fn, inputs), quick)
+    step = fwd_bwd(fn, inputs)
+    if gluon_bwd is None:
+        return bench_ms(step, quick)
+    from attnrt.kernels.block_sparse import options
+
+    def with_gluon_bwd() -> None:
+        with options.gluon_backward(True, blocks=[gluon_bwd]):
+            step()
+    return bench_ms(with_gluon_bwd, quick)
+
+
+def _grads(fn: Callable[[], torch.Tensor], inputs, blocks: tuple[int, int] | None):
+    """(dq, dk, dv) of fn's output against ones, the Gluon backward on for `blocks` (or
+    off), and whether the Gluon backward ran."""
+    from attnrt.kernels.block_sparse import gluon_path, options
+
+    gluon = gluon_path.module("backward")
+    calls: list[int] = []
+    real = gluon.backward if gluon is not None else None
+    if gluon is not None:
+        gluon.backward = lambda *a: calls.append(1) or real(*a)
+    try:
+        with options.gluon_backward(blocks is not None, blocks=None if blocks is None
+                                    else [blocks]):
+            fwd_bwd(fn, inputs)()
+    finally:
+        if gluon is not None:
+            gluon.backward = real
+    return [t.grad.clone() for t in inputs], bool(calls)
+
+
+def _gluon_backward_row(inputs, index, count, bq: int, bk: int, quick: bool, visited: float,
+                        dense: tuple[float, float], triton_bwd_ms: float,
+                        ours_tflops: float) -> None:
+    """The Gluon forward with the Gluon backward, checked against the Triton backward."""
+    fn = _sparse(inputs, index, count, bq, bk, True)
+    ref, _ = _grads(fn, inputs, None)
+    got, ran = _grads(fn, inputs, (bq, bk))
+    if not ran:
+        print(f"| Gluon fwd + Gluon bwd {bq}x{bk} | - | - | - | - | did not run (off or not "
+              "usable; see the log) |", flush=True)
+        return
+    err = max(_rel(g, r) for g, r in zip(got, ref, strict=True))
+    g_ms = _time(fn, inputs, quick, True, (bq, bk))
+    flag = "" if err < 2e-2 else " WRONG"
+    tflops = visited / g_ms / 1e9
+    _row(f"Gluon fwd + Gluon bwd {bq}x{bk} fwd+bwd", g_ms, visited, dense,
+         f"{triton_bwd_ms / g_ms:.2f}x the Triton-backward row; {100 * tflops / ours_tflops:.0f}%"
+         f" of our dense kernel; max rel. grad diff to Triton {err:.1e}{flag}")
 
 
 def _sparse(inputs, index, count, bq: int, bk: int, gluon: bool,
@@ -127,12 +181,14 @@ def section(n: int, backward: bool, quick: bool, stages: list[int]) -> None:
     ours = _time(lambda: triton_flash(*inputs, False, None), inputs, quick, backward)
     _row(f"our dense TRITON_FLASH_ATTN N={n} {what}", ours, dense[1], dense,
          "issue 19: the fine stage's target is 85% (fwd) / 80% of this row's TFLOP/s")
+    ours_tflops = dense[1] / ours / 1e9
     for bq, bk in BLOCKS:
         index, count = _lists(n, bq, bk)
         visited = 4.0 * D * bq * bk * float(count.sum()) * mult
         triton_fn = _sparse(inputs, index, count, bq, bk, False)
         ms = _time(triton_fn, inputs, quick, backward)
         _row(f"Triton block-sparse {bq}x{bk} {what}", ms, visited, dense)
+        g2_ms = None
         for st in stages:
             gluon_fn = _sparse(inputs, index, count, bq, bk, True, None if st == 2 else st)
             ran, out = _gluon_ran(gluon_fn)
@@ -146,6 +202,10 @@ def section(n: int, backward: bool, quick: bool, stages: list[int]) -> None:
             flag = "" if err < 1e-2 else " WRONG"
             _row(f"Gluon block-sparse {bq}x{bk} stages={st} {what}", g_ms, visited, dense,
                  f"{ms / g_ms:.2f}x Triton; rel. diff to Triton {err:.1e}{flag}")
+            g2_ms = g_ms if st == 2 else g2_ms
+        if backward:
+            _gluon_backward_row(inputs, index, count, bq, bk, quick, visited, dense,
+                                ms if g2_ms is None else g2_ms, ours_tflops)
         if (bq, bk) == (128, 128):
             flex_fn = _flex(inputs, index, count)
             f_ms = _time(flex_fn, inputs, quick, backward)

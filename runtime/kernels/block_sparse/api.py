@@ -38,8 +38,10 @@ def block_sparse_attention(
     Expanded (stride-0) views are read as they are. Returns out [B, N, H, D] in q's dtype
     and, with return_lse, lse [B, H, N] float32 (natural log); a row that visits no valid key
     gets out = 0, lse = -inf.
-    Differentiable in q, k, v. dQ is summed per query block over its own list, so every
-    gradient is deterministic; `deterministic` is accepted and always holds.
+    Differentiable in q, k, v. The Triton backward sums dQ per query block over its own list,
+    so every gradient is deterministic; the Gluon backward on Hopper (off unless switched on,
+    options.GLUON_BACKWARD) adds dQ by TMA reduce-adds in a varying order, and is not taken
+    with deterministic=True or torch.use_deterministic_algorithms(True).
 
     Equivalent PyTorch: `block_sparse_attention_reference` (same signature).
     The contents of the lists are checked on CPU tensors, and on CUDA only with
@@ -51,5 +53,6 @@ def block_sparse_attention(
         row_mask=row_mask)
     from .launch import run  # imports Triton
 
-    out, lse = run(q, k, v, index, count, valid, block_q, block_k, softmax_scale, mask)
+    out, lse = run(q, k, v, index, count, valid, block_q, block_k, softmax_scale, mask,
+                   deterministic)
     return (out, lse) if return_lse else out

@@ -1,13 +1,15 @@
-"""The block-sparse kernel's Gluon forward on Hopper (gluon_fwd_sm90), switched on per block
-size by options.GLUON_FORWARD (or options.gluon_forward / set_gluon_forward).
+"""The block-sparse kernel's Gluon forward and backward on Hopper (gluon_fwd_sm90,
+gluon_bwd_sm90), switched on per block size by options.GLUON_FORWARD / GLUON_BACKWARD (or
+options.gluon_forward / gluon_backward and set_gluon_forward / set_gluon_backward).
 
 Shapes: B batch, N query length, M key length, H query heads, Hkv key/value heads, D head size,
-NQB = ceil(N / block_q), NKB = ceil(M / block_k), MAXK the length of each block list.
+NQB = ceil(N / block_q), NKB = ceil(M / block_k), MAXK the length of each block list,
+NP = NQB * block_q.
 
-The module is imported on first use. One that does not import with the installed Triton, or
+Each module is imported on first use. One that does not import with the installed Triton, or
 whose kernel fails to compile, is turned off for the process with one WARNING naming the
-reason; launch._forward then runs the Triton kernel, the same computation. Errors raised while
-a compiled kernel runs (CUDA errors) propagate.
+reason; launch then runs the Triton kernels, the same computation. Errors raised while a
+compiled kernel runs (CUDA errors) propagate.
 """
 
 from __future__ import annotations
@@ -20,33 +22,33 @@ import torch
 
 from .. import compile_error_types
 from .checks import NAME
-from .options import gluon_forward_on
+from .options import gluon_backward_on, gluon_forward_on
 
-_MODULE = "gluon_fwd_sm90"
-_LOADED: dict[str, ModuleType | None] = {}  # "forward" -> module, or None once turned off
+_MODULES = {"forward": "gluon_fwd_sm90", "backward": "gluon_bwd_sm90"}
+_LOADED: dict[str, ModuleType | None] = {}  # kind -> module, or None once turned off
 
 
-def module() -> ModuleType | None:
-    """The Gluon forward module, or None where it is off."""
-    if "forward" not in _LOADED:
+def module(kind: str = "forward") -> ModuleType | None:
+    """The Gluon module of `kind` ("forward" or "backward"), or None where it is off."""
+    if kind not in _LOADED:
         try:
-            _LOADED["forward"] = importlib.import_module(f"{__package__}.{_MODULE}")
+            _LOADED[kind] = importlib.import_module(f"{__package__}.{_MODULES[kind]}")
         except Exception as exc:  # noqa: BLE001 (an optional fast path: any import failure)
             import triton
 
-            turn_off(f"it does not import with Triton {triton.__version__}: {exc!r}")
-    return _LOADED["forward"]
+            turn_off(f"it does not import with Triton {triton.__version__}: {exc!r}", kind)
+    return _LOADED[kind]
 
 
-def turn_off(why: str) -> None:
-    """Stop using the Gluon forward in this process, saying why once."""
-    _LOADED["forward"] = None
+def turn_off(why: str, kind: str = "forward") -> None:
+    """Stop using the Gluon `kind` in this process, saying why once."""
+    _LOADED[kind] = None
     logging.getLogger("attnrt").warning(
-        "%s: the Gluon forward is off (%s); the Triton forward serves instead", NAME, why)
+        "%s: the Gluon %s is off (%s); the Triton %s serves instead", NAME, kind, why, kind)
 
 
 def reset() -> None:
-    """Forget the import (and a turned-off state); the next call imports again."""
+    """Forget the imports (and turned-off states); the next call imports again."""
     _LOADED.clear()
 
 
@@ -67,5 +69,37 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tens
         gluon.forward(q, k, v, index, count, valid, block_q, block_k, scale, out, lse)
     except compile_error_types() as exc:
         turn_off(f"compiling it failed: {exc!r}"[:500])
+        return False
+    return True
+
+
+def backward_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
+                    row_mask: torch.Tensor | None, block_q: int, block_k: int,
+                    deterministic: bool) -> bool:
+    """Whether the Gluon backward is switched on for these block sizes and can serve the
+    inputs (checked before the transposed lists are built; `backward` checks them too)."""
+    if not (q.is_cuda and gluon_backward_on(block_q, block_k)):
+        return False
+    gluon = module("backward")
+    return gluon is not None and gluon.usable(q, k, v, dout, None, row_mask, block_q, block_k,
+                                              deterministic) is None
+
+
+def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
+             lse2: torch.Tensor, delta: torch.Tensor, k2q: torch.Tensor,
+             k2q_count: torch.Tensor, valid: torch.Tensor | None, block_q: int, block_k: int,
+             scale: float, dq_acc: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> bool:
+    """Adds dQ into dq_acc [B, N, H, D] (float32, zeroed) and writes dk, dv [B, M, Hkv, D] with
+    the Gluon backward where backward_usable held; False where the caller must run its Triton
+    backward (the lists do not fit int32 offsets, or the kernel did not compile)."""
+    gluon = module("backward")
+    if gluon is None or gluon.usable(q, k, v, dout, k2q, None, block_q, block_k,
+                                     False) is not None:
+        return False
+    try:
+        gluon.backward(q, k, v, dout, lse2, delta, k2q, k2q_count, valid, block_q, block_k,
+                       scale, dq_acc, dk, dv)
+    except compile_error_types() as exc:
+        turn_off(f"compiling it failed: {exc!r}"[:500], "backward")
         return False
     return True

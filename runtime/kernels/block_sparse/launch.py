@@ -168,9 +168,17 @@ def _backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
     delta, lse2 = _row_terms(out, dout, lse, dlse, nqb * block_q)
-    dq = _alloc(tuple(q.shape), q.dtype, q.device)
     dk = _alloc(tuple(k.shape), k.dtype, k.device)
     dv = _alloc(tuple(v.shape), v.dtype, v.device)
+    if gluon_path.backward_usable(q, k, v, dout, row_mask, block_q, block_k,
+                                  ctx.deterministic):
+        k2q, k2q_count = transpose_lists(index, count, cdiv(m, block_k))
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        if gluon_path.backward(q, k, v, dout, lse2, delta, k2q, k2q_count, valid, block_q,
+                               block_k, ctx.scale, dq_acc, dk, dv):
+            dq = _alloc(tuple(q.shape), q.dtype, q.device)
+            return dq.copy_(dq_acc), dk, dv
+    dq = _alloc(tuple(q.shape), q.dtype, q.device)
     common = (q, k, v, dout, lse2, delta, valid if valid is not None else count,
               valid is not None, ctx.scale, block_q, block_k)
     _with_plan("dq", q, block_q, block_k,
@@ -218,25 +226,29 @@ def launch_dkdv(q, k, v, dout, lse2, delta, valid, has_valid, scale, block_q, bl
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, index, count, valid, row_mask, block_q, block_k, scale):
+    def forward(ctx, q, k, v, index, count, valid, row_mask, block_q, block_k, scale,
+                deterministic):
         out, lse = _forward(q, k, v, index, count, valid, row_mask, block_q, block_k, scale)
         ctx.save_for_backward(q, k, v, out, lse, index, count, valid, row_mask)
         ctx.block_q, ctx.block_k, ctx.scale = block_q, block_k, scale
+        ctx.deterministic = deterministic
         ctx.set_materialize_grads(False)  # an unused lse sends None, not a zero tensor
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         dq, dk, dv = _backward(ctx, dout, dlse)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-def run(q, k, v, index, count, valid, block_q, block_k, softmax_scale, row_mask=None):
-    """Checked inputs -> (out, lse) through the autograd Function."""
+def run(q, k, v, index, count, valid, block_q, block_k, softmax_scale, row_mask=None,
+        deterministic=False):
+    """Checked inputs -> (out, lse) through the autograd Function. deterministic: the
+    backward keeps the Triton kernels (the Gluon one sums dQ in a varying order)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     check_budget(q, block_q, block_k, backward)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = (t.contiguous() for t in (q, k, v))
     return _BlockSparseAttention.apply(q, k, v, index, count, valid, row_mask, block_q, block_k,
-                                       scale)
+                                       scale, deterministic)

@@ -18,7 +18,7 @@ They change only how the work is tiled, never the result beyond rounding order.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
@@ -44,52 +44,96 @@ LAUNCH_OPTIONS: dict[str, dict[str, int]] = {
 }
 
 
-# (block_q, block_k) -> whether the forward runs the Gluon kernel on Hopper (gluon_fwd_sm90.py,
-# where its `usable` holds; the Triton kernel otherwise). Off until a GPU session measures it
-# against the Triton forward (bench/sparse_gluon_gpu.py); turn on per process with
-# set_gluon_forward or per call with gluon_forward.
+# (block_q, block_k) -> whether the forward / backward runs its Gluon kernel on Hopper
+# (gluon_fwd_sm90.py / gluon_bwd_sm90.py, where its `usable` holds; the Triton kernels
+# otherwise). Off until a GPU session measures them against Triton (bench/sparse_gluon_gpu.py);
+# turn on per process with set_gluon_forward / set_gluon_backward or per call with
+# gluon_forward / gluon_backward.
 GLUON_FORWARD: dict[tuple[int, int], bool] = {(128, 64): False, (128, 128): False,
                                               (64, 64): False}
-_GLUON_SCOPED: ContextVar[dict[tuple[int, int], bool] | None] = ContextVar(
-    "attnrt_block_sparse_gluon_forward", default=None)
+GLUON_BACKWARD: dict[tuple[int, int], bool] = {(128, 64): False, (128, 128): False,
+                                               (64, 64): False}
+_TABLES = {"forward": "GLUON_FORWARD", "backward": "GLUON_BACKWARD"}  # read at call time
+_GLUON_SCOPED: dict[str, ContextVar[dict[tuple[int, int], bool] | None]] = {
+    kind: ContextVar(f"attnrt_block_sparse_gluon_{kind}", default=None) for kind in _TABLES}
+
+
+def _table(kind: str) -> dict[tuple[int, int], bool]:
+    return globals()[_TABLES[kind]]
+
+
+def gluon_on(kind: str, block_q: int, block_k: int) -> bool:
+    """Whether the `kind` ("forward" or "backward") of these block sizes should take its
+    Gluon kernel."""
+    scoped = _GLUON_SCOPED[kind].get()
+    table = _table(kind) if scoped is None else scoped
+    return table.get((block_q, block_k), False)
 
 
 def gluon_forward_on(block_q: int, block_k: int) -> bool:
     """Whether the forward of these block sizes should take the Gluon kernel."""
-    scoped = _GLUON_SCOPED.get()
-    table = GLUON_FORWARD if scoped is None else scoped
-    return table.get((block_q, block_k), False)
+    return gluon_on("forward", block_q, block_k)
 
 
-def _switched(on: bool, blocks: Iterable[tuple[int, int]] | None,
+def gluon_backward_on(block_q: int, block_k: int) -> bool:
+    """Whether the backward of these block sizes should take the Gluon kernel."""
+    return gluon_on("backward", block_q, block_k)
+
+
+def _switched(kind: str, on: bool, blocks: Iterable[tuple[int, int]] | None,
               table: dict[tuple[int, int], bool]) -> dict[tuple[int, int], bool]:
-    chosen = list(GLUON_FORWARD) if blocks is None else [(bq, bk) for bq, bk in blocks]
+    known = _table(kind)
+    chosen = list(known) if blocks is None else [(bq, bk) for bq, bk in blocks]
     for pair in chosen:
-        if pair not in GLUON_FORWARD:
+        if pair not in known:
             raise BlockSparseInputError(
-                f"blocks={pair} is not supported by {NAME}'s Gluon forward; supported: "
-                f"{', '.join(map(str, GLUON_FORWARD))}")
+                f"blocks={pair} is not supported by {NAME}'s Gluon {kind}; supported: "
+                f"{', '.join(map(str, known))}")
     return {**table, **dict.fromkeys(chosen, bool(on))}
 
 
+def set_gluon(kind: str, on: bool, blocks: Iterable[tuple[int, int]] | None = None) -> None:
+    """For this process: the Gluon `kind` ("forward" or "backward") on (or off) for `blocks`
+    ((block_q, block_k) pairs; None: every pair of its table)."""
+    table = _table(kind)
+    table.update(_switched(kind, on, blocks, table))
+
+
 def set_gluon_forward(on: bool, blocks: Iterable[tuple[int, int]] | None = None) -> None:
-    """For this process: the Gluon forward on (or off) for `blocks` ((block_q, block_k)
-    pairs; None: every pair in GLUON_FORWARD)."""
-    GLUON_FORWARD.update(_switched(on, blocks, GLUON_FORWARD))
+    """set_gluon("forward", ...): the process switch of the Gluon forward."""
+    set_gluon("forward", on, blocks)
+
+
+def set_gluon_backward(on: bool, blocks: Iterable[tuple[int, int]] | None = None) -> None:
+    """set_gluon("backward", ...): the process switch of the Gluon backward."""
+    set_gluon("backward", on, blocks)
 
 
 @contextmanager
-def gluon_forward(on: bool = True,
-                  blocks: Iterable[tuple[int, int]] | None = None) -> Iterator[None]:
-    """Within the with block (this thread or task only): the Gluon forward on (or off) for
-    `blocks` (None: every pair in GLUON_FORWARD); the previous choice comes back on exit."""
-    current = _GLUON_SCOPED.get()
-    token = _GLUON_SCOPED.set(_switched(on, blocks, GLUON_FORWARD if current is None
-                                       else current))
+def gluon_switch(kind: str, on: bool = True,
+                 blocks: Iterable[tuple[int, int]] | None = None) -> Iterator[None]:
+    """Within the with block (this thread or task only): the Gluon `kind` on (or off) for
+    `blocks` (None: every pair of its table); the previous choice comes back on exit."""
+    scoped = _GLUON_SCOPED[kind]
+    current = scoped.get()
+    token = scoped.set(_switched(kind, on, blocks, _table(kind) if current is None
+                                 else current))
     try:
         yield
     finally:
-        _GLUON_SCOPED.reset(token)
+        scoped.reset(token)
+
+
+def gluon_forward(on: bool = True,
+                  blocks: Iterable[tuple[int, int]] | None = None) -> AbstractContextManager[None]:
+    """gluon_switch("forward", ...): the Gluon forward on (or off) within a with block."""
+    return gluon_switch("forward", on, blocks)
+
+
+def gluon_backward(on: bool = True,
+                   blocks: Iterable[tuple[int, int]] | None = None) -> AbstractContextManager[None]:
+    """gluon_switch("backward", ...): the Gluon backward on (or off) within a with block."""
+    return gluon_switch("backward", on, blocks)
 
 
 @dataclass(frozen=True)
