@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session for everything that needs the device, in phases that each fit one call:
-#   bash bench/gpu_session.sh next    # then next2: what the next session runs first
+#   bash bench/gpu_session.sh next    # then next2, next3: what the next session runs first
 #   bash bench/gpu_session.sh correct # the gpu tests of the engine, linear, ring, sparse alone
 #   bash bench/gpu_session.sh rest    # the sweep, every other gpu test, two tables
 #   bash bench/gpu_session.sh tests   # install, all gpu-marked tests (xdist), the CLI on the device
@@ -26,28 +26,33 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, log to $out/NAME.log
   tail -n "${TAIL:-25}" "$out/$name.log"
 }
 case "${1:-tests}" in
-  next)  # what the thirteenth session runs first: the gpu tests no run has reached (engine,
-          # linear incl. fused mods, ring, sparse methods, the Gluon block-sparse forward), the
-          # Gluon block-sparse table (decides options.GLUON_FORWARD), the engine's targets
-          # after the offline-compile fixes, the VSA table with the 128-block plan sweep
-    TAIL=40 step 200 gpu_tests python3 -m pytest -m gpu -v -rfE --tb=short \
-      -p no:cacheprovider -n 16 --maxfail=40 --junitxml="$out/junit.xml" tests/engine \
+  next)  # what the thirteenth session runs first: the gpu tests no run has reached (engine
+          # incl. its Gluon forward, linear incl. fused mods, ring, sparse methods, the Gluon
+          # block-sparse forward and backward), then the two tables that decide the Gluon
+          # switches (options.GLUON_FORWARD / GLUON_BACKWARD, engine GLUON_FORWARD)
+    TAIL=40 step 290 gpu_tests python3 -m pytest -m gpu -v -rfE --tb=short \
+      -p no:cacheprovider -n 16 --maxfail=60 --junitxml="$out/junit.xml" tests/engine \
       tests/linear tests/test_ring.py tests/test_ring_grads.py tests/sparse \
-      tests/kernels/test_block_sparse_gluon.py tests/kernels/test_block_sparse_plans.py \
-      tests/kernels/test_block_sparse_row_mask.py
-    step 75 sparse_gluon python3 bench/sparse_gluon_gpu.py --quick
+      tests/kernels/test_block_sparse_gluon.py tests/kernels/test_block_sparse_gluon_bwd.py \
+      tests/kernels/test_block_sparse_plans.py tests/kernels/test_block_sparse_row_mask.py
+    step 80 sparse_gluon python3 bench/sparse_gluon_gpu.py --quick
     step 110 engine python3 bench/engine_gpu.py --quick
+    ;;
+  next2)  # the second call: VSA with the 128-block plan sweep, SLA/VMoBA, the linear tables
+           # (ours alone, then with fla's autotuning), the model rows
     step 110 sparse python3 bench/sparse_gpu.py --quick --sweep --sweep-budget 60 \
       --sweep-blocks 128,128x64 --only parts,vsa,fine,flex
-    ;;
-  next2)  # the second call: the linear tables (ours alone, then with fla's autotuning),
-           # SLA/VMoBA, the model rows, the engine experiments, the host overhead
-    step 60 linear_ours python3 bench/linear_gpu.py --quick --no-fla
-    step 150 linear_fla python3 bench/linear_gpu.py --quick  # fla autotunes per shape: minutes
     step 80 sla_vmoba python3 bench/sla_vmoba_gpu.py --quick
+    step 60 linear_ours python3 bench/linear_gpu.py --quick --no-fla
+    step 120 linear_fla python3 bench/linear_gpu.py --quick  # fla autotunes per shape: minutes
     step 100 models python3 bench/models_gpu.py --quick
+    ;;
+  next3)  # if budget is left: the engine experiments, the host overhead, the dense Gluon
+           # kernels' tests after their TMA-name change
     step 50 engine_experiments python3 bench/engine_experiments_gpu.py
     step 25 host_overhead python3 bench/host_overhead_gpu.py --quick
+    TAIL=20 step 150 gpu_tests_flash python3 -m pytest -m gpu -q -p no:cacheprovider -n 16 \
+      tests/kernels/test_triton_flash.py tests/kernels/test_block_sparse_kernel.py
     ;;
   correct)  # the gpu tests of the engine, the linear engine, ring and sparse methods alone
     TAIL=40 step "${LIMIT:-140}" gpu_tests python3 -m pytest -m gpu -v -rfE --tb=short \
