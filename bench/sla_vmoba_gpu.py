@@ -6,6 +6,7 @@ Shapes: B batch (1), N tokens of a Wan 2.1 latent grid (480p: 21 x 30 x 52 = 32,
     python bench/sla_vmoba_gpu.py            # both lengths, every row
     python bench/sla_vmoba_gpu.py --quick    # 480p only, fewer rows and repeats (< 60 s)
     python bench/sla_vmoba_gpu.py --only sla --lengths 75600
+    python bench/sla_vmoba_gpu.py --only parts    # where SLA's forward goes, part by part
 
 Needs the repo installed as attnrt (pip install --no-deps --no-build-isolation -e .).
 
@@ -120,6 +121,34 @@ def sla_rows(table: Table, n: int, h: int, d: int, args: argparse.Namespace) -> 
             del impl
 
 
+def sla_parts(table: Table, n: int, h: int, d: int, args: argparse.Namespace) -> None:
+    """Where SLA's forward goes (topk 0.1, 128 x 64 blocks): the block selection, the sparse
+    kernel (Triton, and the Gluon forward where it runs), the linear branch, proj_l and the
+    sum. Each part is timed alone on the same inputs."""
+    from attnrt.kernels.block_sparse import block_sparse_attention, options
+    from attnrt.sparse.block_select import select_blocks
+    from attnrt.sparse.sla import SLAAttentionImpl
+
+    q, k, v = inputs(n, h, d)
+    impl = SLAAttentionImpl(num_heads=h, head_size=d, topk_ratio=0.1).cuda()
+    with torch.no_grad():
+        index, count, _ = select_blocks(q, k, 0.1, 128, 64)
+        parts = {
+            "SLA part: select blocks": lambda: select_blocks(q, k, 0.1, 128, 64),
+            "SLA part: sparse kernel (Triton)": lambda: block_sparse_attention(
+                q, k, v, index, count, block_q=128, block_k=64),
+            "SLA part: linear branch": lambda: impl.linear_branch(q, k, v),
+        }
+        o_l = impl.linear_branch(q, k, v)
+        parts["SLA part: proj_l + sum"] = lambda: q + impl.project(o_l).to(q.dtype)
+        for name, fn in parts.items():
+            table.row(name, "fwd", measure(fn, args.iters))
+        with options.gluon_forward(True, [(128, 64)]):
+            table.row("SLA part: sparse kernel (Gluon on)", "fwd", measure(
+                lambda: block_sparse_attention(q, k, v, index, count, block_q=128, block_k=64),
+                args.iters))
+
+
 def vmoba_kept(n: int, meta: object, layer: int, q: torch.Tensor, k: torch.Tensor) -> float:
     """Share of (query, head, key chunk) entries the layer's selection keeps."""
     from attnrt.sparse.vmoba import layer_chunk
@@ -199,17 +228,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="480p only, fewer rows (< 60 s)")
     parser.add_argument("--lengths", type=int, nargs="*", choices=sorted(GRIDS))
     parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--only", choices=("sla", "vmoba", "sage"), nargs="*")
+    parser.add_argument("--only", choices=("sla", "parts", "vmoba", "sage"), nargs="*")
     args = parser.parse_args()
     args.iters = args.iters or (3 if args.quick else 10)
     lengths = args.lengths or ([32760] if args.quick else [32760, 75600])
-    only = set(args.only or ("sla", "vmoba", "sage"))
+    only = set(args.only or ("sla", "parts", "vmoba", "sage"))
     h, d = 40, 128
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     for n in lengths:
         table = Table(n, h, d)
         dense_rows(table, n, h, d, args.iters)
-        for name, rows in (("sla", sla_rows), ("vmoba", vmoba_rows), ("sage", sage_rows)):
+        for name, rows in (("sla", sla_rows), ("parts", sla_parts), ("vmoba", vmoba_rows),
+                           ("sage", sage_rows)):
             if name in only:
                 rows(table, n, h, d, args)
                 torch.cuda.empty_cache()
