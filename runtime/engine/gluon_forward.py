@@ -173,13 +173,14 @@ def _launch(run: EngineRun, gluon: ModuleType, q: torch.Tensor, k: torch.Tensor,
     out = torch.full((b, n, h, dv), float("nan"), dtype=q.dtype, device=q.device)
     fin = torch.full((max(1, len(run.variant.online.finals)), b * h, n), float("nan"),
                      dtype=torch.float32, device=q.device)
+    refusals: tuple[type[BaseException], ...] = (*compile_error_types(), ImportError)
     try:
         from attnrt.engine import gluon_parts
 
         gluon_parts.forward(gluon.engine_gluon_fwd, q, k, v, out, fin, lists, inputs,
                             _list_strides(lists[0], lists[1]),
                             run.scale if run.scale is not None else 1.0, block_n)
-    except (*compile_error_types(), ImportError) as exc:
+    except refusals as exc:
         turn_off(f"compiling it failed: {exc!r}"[:500])
         _STATE["served"] = f"triton: {_STATE['off']}"
         return None
