@@ -487,7 +487,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tens
     grid = ((cdiv(nkb, 2) if pair else nkb) * b * hkv,)
     dq_desc = TensorDescriptor(dq_acc, [b * n, h * d], [h * d, 1], [BLOCK_M.value, DQ_BOX.value],
                                _DQ_LAYOUT)
-    valid = key_block_valid if key_block_valid is not None else k2q_count  # unread stand-in
+    valid = k2q_count if key_block_valid is None else key_block_valid.contiguous()  # read as [kb]
     launch(_bwd_kernel, grid,
            (tma_descriptor(q, BLOCK_M.value), tma_descriptor(k, block_k),
             tma_descriptor(v, block_k), tma_descriptor(dout, BLOCK_M.value), lse2, delta,

@@ -394,7 +394,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torc
     checked inputs where `usable` holds. stages: slots per K/V ring."""
     b, n, h, d = q.shape
     m, hkv = k.shape[1], k.shape[2]
-    valid = key_block_valid if key_block_valid is not None else block_count  # unread stand-in
+    # The kernel reads key_block_valid[kb] at valid_ptr + kb: a strided view (which the API
+    # accepts) is made contiguous; without one, any int32 tensor stands in, unread.
+    valid = key_block_valid.contiguous() if key_block_valid is not None else block_count
     grid = (cdiv(n, BLOCK_M.value) * b * h,)
     launch(_fwd_kernel, grid,
            (tma_descriptor(q, HALF.value), tma_descriptor(k, block_k),
