@@ -165,3 +165,23 @@ def test_gpu_matches_reference(shape, dtype):
 @pytest.mark.parametrize("bk", [64, 128])
 def test_gpu_partial_key_blocks(bk):
     _check((1, 1024, 1024, 4, 2, 128, 64, bk, 0.5), torch.bfloat16, valid=True, device="cuda")
+
+
+@pytest.mark.interpret
+def test_strided_key_block_valid_reads_its_own_entries():
+    """A key_block_valid view with a stride (every other entry of a longer tensor) means its
+    own entries: forward and gradients equal the float64 reference given the same values."""
+    q, k, v, index, count, kv = _case(1, 50, 45, 2, 1, 16, 16, 16, 0.7, torch.float32, 8,
+                                      valid=True)
+    spread = torch.zeros(2 * kv.numel(), dtype=torch.int32, device=kv.device)
+    spread[::2] = kv
+    spread[1::2] = 16 - kv  # other values where a contiguous read would land
+    strided = spread[::2]
+    assert strided.stride(0) == 2 and torch.equal(strided, kv)
+    out, lse, grads = _grads(block_sparse_attention, q, k, v, index, count, 16, 16, strided, 3)
+    ref = [t.double().cpu() for t in (q, k, v)]
+    r_out, _, r_grads = _grads(block_sparse_attention_reference, *ref, index.cpu(),
+                               count.cpu(), 16, 16, kv.cpu(), 3)
+    assert rel_l2(out, r_out) < TOLERANCE[torch.float32]
+    for name, g, r in zip("qkv", grads, r_grads, strict=True):
+        assert rel_l2(g, r) < 2 * TOLERANCE[torch.float32], name

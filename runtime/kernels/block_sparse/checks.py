@@ -112,7 +112,7 @@ def _check_valid(q: torch.Tensor, key_block_valid: object, nkb: int) -> torch.Te
         raise BlockSparseInputError(f"key_block_valid.shape={tuple(valid.shape)} on "
                                     f"{valid.device} is not supported by {NAME}; expected "
                                     f"[NKB] = [{nkb}] on q.device={q.device}")
-    return valid
+    return valid.contiguous()  # the kernels read entry j at offset j
 
 
 # Row masks are one int64 word per list entry: bit r for row r of the query block.
