@@ -97,6 +97,7 @@ def vsa_with_fine_stage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """VSA on checked tiled tensors (q, gate_compress [B, S, H, D], k, v [B, S, Hkv, D], sizes
     int32 [C]): the coarse stage and selection here, the fine stage by `fine_stage`, then
     coarse * gate_compress + fine. Returns [B, S, H, D]."""
+    sizes = sizes.contiguous()  # the pooling and fine-stage kernels read entry c at offset c
     coarse, index = coarse_stage(q, k, v, sizes, topk, scale)
     b, s, h, d = q.shape
     fine = fine_stage(q, k, v, index, sizes, scale)

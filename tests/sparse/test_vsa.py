@@ -267,3 +267,23 @@ def test_preprocess_refuses_a_sequence_that_is_not_the_latent_grid():
         impl.preprocess_qkv(torch.randn(1, 209, 2, 16), md)
     with pytest.raises(VSAInputError, match="causal=True"):
         VideoSparseAttentionImpl(2, 16, 0.25, causal=True)
+
+
+@pytest.mark.interpret
+def test_strided_variable_block_sizes_read_as_their_own_entries():
+    """Metadata whose variable_block_sizes is a strided view (every other entry of a longer
+    tensor, other values between) gives the result of the same sizes stored contiguously: the
+    pooling kernel and the fine stage read each cube's own count."""
+    if HAS_CUDA:
+        pytest.skip("interpreter case")
+    shape = (5, 6, 7)
+    md = _metadata(shape, 0.5)
+    q, k, v, gate = _inputs(shape, 1, 2, 2, 16, torch.float32, seed=14)
+    want, _ = _run_impl(q, k, v, gate, md)
+    sizes = md.variable_block_sizes
+    spread = torch.full((2 * sizes.numel(),), 64, dtype=sizes.dtype, device=sizes.device)
+    spread[::2] = sizes
+    md.variable_block_sizes = spread[::2]
+    assert md.variable_block_sizes.stride(0) == 2
+    got, _ = _run_impl(q, k, v, gate, md)
+    assert rel_l2(got, want) < 1e-6
