@@ -145,6 +145,18 @@ def test_usable_refuses_row_masks_deterministic_mode_and_what_tma_cannot_read(mo
     assert gluon.usable(q, k, v, q, None, None, 64, 64, False) is None
 
 
+def test_usable_refuses_row_statistics_past_int32_offsets(monkeypatch):
+    """lse2 and delta [B, H, NP] are addressed with 32-bit offsets in the kernel."""
+    gluon = _gluon()
+    monkeypatch.setattr(gluon, "_device_reason", lambda q: None)
+    monkeypatch.setattr(gluon, "_tensor_reason", lambda *tensors: None)
+    big = torch.empty(1, 1, 1, 64, dtype=torch.float16).expand(4096, 4096, 128, 64)  # no memory
+    assert gluon.usable(big, big, big, big, None, None, 128, 128, False) == \
+        "offsets past int32 (the transposed lists or the row statistics lse2, delta)"
+    fits = big[:4095]
+    assert gluon.usable(fits, fits, fits, fits, None, None, 128, 128, False) is None
+
+
 # --- the path: switch, fallback, compile failure ----------------------------------------------
 
 def _fake_module(calls: list, reason=None, error: BaseException | None = None):

@@ -468,8 +468,9 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor
     if b > 1 and (n % block_q or m % block_k):
         return (f"B={b} with N={n}, M={m} not multiples of block_q={block_q}, "
                 f"block_k={block_k} (a tile would cross batches)")
-    if k2q is not None and _max_offset(k2q) >= _INT32:
-        return "the transposed lists need int64 offsets"
+    if b * q.shape[2] * cdiv(n, block_q) * block_q >= _INT32 or (
+            k2q is not None and _max_offset(k2q) >= _INT32):
+        return "offsets past int32 (the transposed lists or the row statistics lse2, delta)"
     return None
 
 
