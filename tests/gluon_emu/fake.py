@@ -213,5 +213,6 @@ def launch(kernel, grid, args, kwargs, key=None) -> None:
             for x in range(grid[0]):
                 PROGRAM["pid"] = (x, y, z)
                 sync.Launch.reset()
+                _ALLOCATIONS[0] = 0  # barriers named by allocation order within the program
                 kernel(*wrapped, **consts)
     LAUNCHED.append(kernel.__name__)
