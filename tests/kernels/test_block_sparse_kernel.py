@@ -177,7 +177,8 @@ def test_strided_key_block_valid_reads_its_own_entries():
     spread[::2] = kv
     spread[1::2] = 16 - kv  # other values where a contiguous read would land
     strided = spread[::2]
-    assert strided.stride(0) == 2 and torch.equal(strided, kv)
+    assert strided.stride(0) == 2
+    assert torch.equal(strided, kv)
     out, lse, grads = _grads(block_sparse_attention, q, k, v, index, count, 16, 16, strided, 3)
     ref = [t.double().cpu() for t in (q, k, v)]
     r_out, _, r_grads = _grads(block_sparse_attention_reference, *ref, index.cpu(),
