@@ -180,10 +180,8 @@ def _grads(sm, t, s_t, dp_t, dk, dv, lse2_h, delta_h, m0, n_keys, qk_scale, lay,
     delta = gl.load(delta_h + cols)
     s_t = warpgroup_mma_wait(1, deps=(s_t,))  # dP^T may still run
     p_t = gl.exp2(s_t * qk_scale - lse2[None, :])
-    if cfg.MASK:  # noqa: SIM102 (compile-time test outside, a runtime branch inside)
-        if n_keys < HALF:
-            keys = gl.arange(0, HALF, layout=gl.SliceLayout(1, lay.s))
-            p_t = gl.where(keys[:, None] < n_keys, p_t, 0.0)
+    if cfg.MASK:
+        p_t = gl.where(n_keys[:, None], p_t, 0.0)
     dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), lay.a), sm.do.index(slot), dv,
                        is_async=True)
     dp_t = warpgroup_mma_wait(1, deps=(dp_t,))  # dV may still run
@@ -298,6 +296,7 @@ def _consumer(wg: gl.constexpr, sm, lse2_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr
     own = kb + wg if cfg.PAIR else kb  # this warpgroup's key block (kb: the pair's first)
     key0 = own * cfg.BLOCK_K + (0 if cfg.PAIR else wg * HALF)
     n_keys = _valid_keys(own, valid_ptr, M, cfg) - (0 if cfg.PAIR else wg * HALF)
+    n_keys = gl.arange(0, HALF, layout=gl.SliceLayout(1, lay.s)) < n_keys
     k_w = sm.k.slice(wg * HALF, HALF)
     v_w = sm.v.slice(wg * HALF, HALF)
     k_cols = sm.k.slice(wg * cfg.DQ_COLS, cfg.DQ_COLS, dim=1) if cfg.SPLIT_D else k_w
