@@ -106,8 +106,7 @@ def _view(smem, dtype, shape, layout, _semantic=None):
 
 @gluon.jit
 def _list(k2q_ptr, cnt_ptr, b, h, H, kb, NQB, NKB, cfg):
-    """(first entry, 64-row steps) of head h's list for key block kb; no steps for
-    a key block past NKB (the second block of an odd NKB's last pair)."""
+    """(first entry, 64-row steps) of head h's list for key block kb (none past NKB)."""
     row = (b * H + h) * NKB + gl.minimum(kb, NKB - 1)
     count = gl.where(kb < NKB, gl.load(cnt_ptr + row), 0)
     return k2q_ptr + row * NQB, count * (cfg.BLOCK_Q // BLOCK_M)
@@ -137,8 +136,8 @@ def _producer(ring: gl.constexpr, q_desc, k_desc, v_desc, do_desc, sm, k2q_ptr, 
     if _total_steps(k2q_ptr, cnt_ptr, b, h0, H, kb, NQB, NKB, n_group, cfg) > 0:
         at, bar = [b * M + kb * cfg.BLOCK_K, hk * HEAD_DIM], sm.kv_bar.index(ring)
         mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
-        _tma_load(k_desc, at, bar, sm.k.slice(ring * cfg.BLOCK_K, cfg.BLOCK_K))
-        _tma_load(v_desc, at, bar, sm.v.slice(ring * cfg.BLOCK_K, cfg.BLOCK_K))
+        _tma_load(k_desc, at, bar, sm.k.index(ring) if cfg.PAIR else sm.k)
+        _tma_load(v_desc, at, bar, sm.v.index(ring) if cfg.PAIR else sm.v)
     t = 0
     for g in range(n_group):
         h = h0 + g
@@ -192,8 +191,7 @@ def _grads(sm, t, s_t, dp_t, dk, dv, lse2_h, delta_h, m0, n_keys, qk_scale, lay,
 
 @gluon.jit
 def _reduce_dq(tile, dq_desc, dq, row, col):
-    """Adds dQ (registers) at (row, col) through the free staging tile, DQ_BOX columns a TMA
-    reduce-add."""
+    """Adds dQ (registers) at (row, col) via the staging tile, DQ_BOX columns a TMA reduce."""
     tile.store(dq)
     fence_async_shared()
     for c in gl.static_range(0, dq.shape[1], DQ_BOX):
@@ -209,8 +207,7 @@ def _release(sm, t):
 @gluon.jit
 def _step_whole(wg: gl.constexpr, sm, t, dk, dv, k_w, v_w, k_cols, s_zero, dq_zero, lse2_h,
                 delta_h, dq_desc, row, m0, col, n_keys, qk_scale, sm_scale, lay, cfg):
-    """One step of the whole mode: both warpgroups on the same 64 query rows (the dense
-    kernel's _step and _add_dq, with the rows from the list)."""
+    """A whole-mode step: both warpgroups on the same 64 rows (the dense _step, _add_dq)."""
     s_t, dp_t = _issue_scores(sm, t, k_w, v_w, s_zero)
     ds_t, dk, dv = _grads(sm, t, s_t, dp_t, dk, dv, lse2_h, delta_h, m0, n_keys, qk_scale, lay,
                           cfg)
@@ -234,11 +231,13 @@ def _step_whole(wg: gl.constexpr, sm, t, dk, dv, k_w, v_w, k_cols, s_zero, dq_ze
 
 
 @gluon.jit
-def _step_pair(wg: gl.constexpr, sm, t, dk, dv, k_w, v_w, s_zero, dq_zero, lse2_h, delta_h,
-               dq_desc, row, m0, col, n_keys, qk_scale, sm_scale, lay, cfg):
+def _step_pair(wg: gl.constexpr, sm, t, dk, dv, s_zero, dq_zero, lse2_h, delta_h, dq_desc, row,
+               m0, col, n_keys, qk_scale, sm_scale, lay, cfg):
     """One pair-mode step: own rows, dQ over own keys; dS^T staged in the dQ tile first."""
     dtype: gl.constexpr = sm.q.dtype
-    s_t, dp_t = _issue_scores(sm, t, k_w, v_w, s_zero)
+    sel = wg + (m0 >> 31)  # = wg (m0 >= 0) per step: K, V descriptors not hoisted and spilled
+    k_w = sm.k.index(sel)
+    s_t, dp_t = _issue_scores(sm, t, k_w, sm.v.index(sel), s_zero)
     ds_t, dk, dv = _grads(sm, t, s_t, dp_t, dk, dv, lse2_h, delta_h, m0, n_keys, qk_scale, lay,
                           cfg)
     tile = sm.dq.index(wg)
@@ -247,6 +246,8 @@ def _step_pair(wg: gl.constexpr, sm, t, dk, dv, k_w, v_w, s_zero, dq_zero, lse2_
     tma.store_wait(0)  # the previous step's reduces have read the tile
     ds.store(ds_t)
     fence_async_shared()
+    if cfg.HEAD_DIM > 64:  # dK, dV done (and their register operands free) before dQ's two
+        dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))  # products: else ptxas serializes wgmma
     dq0 = warpgroup_mma(ds.permute((1, 0)), k_w.slice(0, 64, dim=1), dq_zero, use_acc=False,
                         is_async=True)
     if cfg.HEAD_DIM > 64:
@@ -297,8 +298,8 @@ def _consumer(wg: gl.constexpr, sm, lse2_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr
     key0 = own * cfg.BLOCK_K + (0 if cfg.PAIR else wg * HALF)
     n_keys = _valid_keys(own, valid_ptr, M, cfg) - (0 if cfg.PAIR else wg * HALF)
     n_keys = gl.arange(0, HALF, layout=gl.SliceLayout(1, lay.s)) < n_keys
-    k_w = sm.k.slice(wg * HALF, HALF)
-    v_w = sm.v.slice(wg * HALF, HALF)
+    k_w = sm.k.index(wg) if cfg.PAIR else sm.k.slice(wg * HALF, HALF)  # (pair: per step)
+    v_w = sm.v.index(wg) if cfg.PAIR else sm.v.slice(wg * HALF, HALF)
     k_cols = sm.k.slice(wg * cfg.DQ_COLS, cfg.DQ_COLS, dim=1) if cfg.SPLIT_D else k_w
     dq_zero = gl.zeros([BLOCK_M, cfg.DQ_COLS], gl.float32, layout=lay.dq)
     dk = warpgroup_mma_init(gl.zeros([HALF, HEAD_DIM], gl.float32, layout=lay.acc))
@@ -314,7 +315,7 @@ def _consumer(wg: gl.constexpr, sm, lse2_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr
         for j in range(n):
             m0 = _query_row(lst, j, cfg)
             if cfg.PAIR:
-                dk, dv = _step_pair(wg, sm, t, dk, dv, k_w, v_w, s_zero, dq_zero,
+                dk, dv = _step_pair(wg, sm, t, dk, dv, s_zero, dq_zero,
                                     lse2_ptr + stats, delta_ptr + stats, dq_desc, b * N + m0,
                                     m0, h * HEAD_DIM, n_keys, qk_scale, sm_scale, lay, cfg)
             else:
@@ -349,8 +350,7 @@ def _consumer1(sm, lse2_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr, k2q_ptr, cnt_pt
 @gluon.jit
 def _allocate_ring(dtype: gl.constexpr, q_desc, do_desc, k, v, ds, kv_bar, ds_ready, dq,
                    readers: gl.constexpr, cfg):
-    """A Q/dO ring (STAGES slots of each, `readers` consumers release a slot) with the shared
-    K, V, dS^T, dQ tiles and barriers, as one _Smem."""
+    """A Q/dO ring (STAGES slots; `readers` consumers free one) and the shared tiles, as _Smem."""
     barrier: gl.constexpr = mbarrier.MBarrierLayout()
     sm = _Smem(k, v, gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, cfg.HEAD_DIM],
                                                q_desc.layout),
@@ -383,8 +383,9 @@ def _allocate(dtype: gl.constexpr, q_desc, k_desc, v_desc, do_desc, dq_desc, cfg
         ds = gl.allocate_shared_memory(dtype, [2, 2 * HALF, BLOCK_M],
                                        gl.NVMMASharedLayout.get_default_for([2 * HALF, BLOCK_M],
                                                                             dtype))
-    k = gl.allocate_shared_memory(dtype, [2 * HALF, cfg.HEAD_DIM], k_desc.layout)
-    v = gl.allocate_shared_memory(dtype, [2 * HALF, cfg.HEAD_DIM], v_desc.layout)
+    kv_shape: gl.constexpr = [2, HALF, cfg.HEAD_DIM] if cfg.PAIR else [2 * HALF, cfg.HEAD_DIM]
+    k = gl.allocate_shared_memory(dtype, kv_shape, k_desc.layout)
+    v = gl.allocate_shared_memory(dtype, kv_shape, v_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [2, 1], barrier)
     ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], barrier)
     for i in gl.static_range(2):
