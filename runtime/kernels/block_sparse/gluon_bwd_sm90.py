@@ -21,6 +21,8 @@ Modes, by (block_q, block_k) (MODES):
   own 64 keys (at D=128 in two 64-column halves) and keeps dS^T in its dQ staging tile (two
   rings leave no room for both). An odd NKB leaves the last second warpgroup an empty list.
 P = 0 past the valid keys of a key block (the tail past M, key_block_valid): dK, dV are 0 there.
+K and V are two 64-key tiles, indexed each step through wg + (m0 >> 31) (m0 >= 0): with a
+constant index their wgmma descriptors were hoisted out of the loop and spilled at D=128.
 
 Contract as launch._backward's Triton kernels: q, dout [B, N, H, D], k, v [B, M, Hkv, D] (GQA
 by head index); lse2, delta [B, H, NP] float32 (launch._row_terms; lse2 = +inf past N); k2q
@@ -106,8 +108,7 @@ def _view(smem, dtype, shape, layout, _semantic=None):
 
 @gluon.jit
 def _list(k2q_ptr, cnt_ptr, b, h, H, kb, NQB, NKB, cfg):
-    """(first entry, 64-row steps) of head h's list for key block kb; no steps for
-    a key block past NKB (the second block of an odd NKB's last pair)."""
+    """(first entry, 64-row steps) of head h's list for key block kb (none past NKB)."""
     row = (b * H + h) * NKB + gl.minimum(kb, NKB - 1)
     count = gl.where(kb < NKB, gl.load(cnt_ptr + row), 0)
     return k2q_ptr + row * NQB, count * (cfg.BLOCK_Q // BLOCK_M)
@@ -133,26 +134,27 @@ def _total_steps(k2q_ptr, cnt_ptr, b, h0, H, kb, NQB, NKB, n_group, cfg):
 def _producer(ring: gl.constexpr, q_desc, k_desc, v_desc, do_desc, sm, k2q_ptr, cnt_ptr, b, h0,
               hk, kb, N, M, H, NQB, NKB, n_group, cfg):
     """Ring `ring`: K, V of key block kb (where visited), then each step's Q and dO tiles."""
-    HEAD_DIM: gl.constexpr = cfg.HEAD_DIM
     if _total_steps(k2q_ptr, cnt_ptr, b, h0, H, kb, NQB, NKB, n_group, cfg) > 0:
-        at, bar = [b * M + kb * cfg.BLOCK_K, hk * HEAD_DIM], sm.kv_bar.index(ring)
-        mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
-        _tma_load(k_desc, at, bar, sm.k.slice(ring * cfg.BLOCK_K, cfg.BLOCK_K))
-        _tma_load(v_desc, at, bar, sm.v.slice(ring * cfg.BLOCK_K, cfg.BLOCK_K))
+        bar = sm.kv_bar.index(ring)
+        mbarrier.expect(bar, 2 * (cfg.BLOCK_K // HALF) * k_desc.block_type.nbytes)
+        for i in gl.static_range(cfg.BLOCK_K // HALF):  # 64-key tiles
+            at = [b * M + kb * cfg.BLOCK_K + i * HALF, hk * cfg.HEAD_DIM]
+            _tma_load(k_desc, at, bar, sm.k.index(ring + i))
+            _tma_load(v_desc, at, bar, sm.v.index(ring + i))
     t = 0
     for g in range(n_group):
-        h = h0 + g
-        lst, n = _list(k2q_ptr, cnt_ptr, b, h, H, kb, NQB, NKB, cfg)
+        col = (h0 + g) * cfg.HEAD_DIM
+        lst, n = _list(k2q_ptr, cnt_ptr, b, h0 + g, H, kb, NQB, NKB, cfg)
         for j in range(n):
             row = b * N + _query_row(lst, j, cfg)
             slot = t % STAGES
             free = ((t // STAGES) & 1) ^ 1  # a fresh barrier passes the wait for parity 1
             mbarrier.wait(sm.q_empty.index(slot), free)
             mbarrier.expect(sm.q_full.index(slot), q_desc.block_type.nbytes)
-            _tma_load(q_desc, [row, h * HEAD_DIM], sm.q_full.index(slot), sm.q.index(slot))
+            _tma_load(q_desc, [row, col], sm.q_full.index(slot), sm.q.index(slot))
             mbarrier.wait(sm.do_empty.index(slot), free)
             mbarrier.expect(sm.do_full.index(slot), do_desc.block_type.nbytes)
-            _tma_load(do_desc, [row, h * HEAD_DIM], sm.do_full.index(slot), sm.do.index(slot))
+            _tma_load(do_desc, [row, col], sm.do_full.index(slot), sm.do.index(slot))
             t += 1
 
 
@@ -180,10 +182,8 @@ def _grads(sm, t, s_t, dp_t, dk, dv, lse2_h, delta_h, m0, n_keys, qk_scale, lay,
     delta = gl.load(delta_h + cols)
     s_t = warpgroup_mma_wait(1, deps=(s_t,))  # dP^T may still run
     p_t = gl.exp2(s_t * qk_scale - lse2[None, :])
-    if cfg.MASK:  # noqa: SIM102 (compile-time test outside, a runtime branch inside)
-        if n_keys < HALF:
-            keys = gl.arange(0, HALF, layout=gl.SliceLayout(1, lay.s))
-            p_t = gl.where(keys[:, None] < n_keys, p_t, 0.0)
+    if cfg.MASK:
+        p_t = gl.where(n_keys[:, None], p_t, 0.0)
     dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), lay.a), sm.do.index(slot), dv,
                        is_async=True)
     dp_t = warpgroup_mma_wait(1, deps=(dp_t,))  # dV may still run
@@ -194,8 +194,7 @@ def _grads(sm, t, s_t, dp_t, dk, dv, lse2_h, delta_h, m0, n_keys, qk_scale, lay,
 
 @gluon.jit
 def _reduce_dq(tile, dq_desc, dq, row, col):
-    """Adds dQ (registers) at (row, col) through the free staging tile, DQ_BOX columns a TMA
-    reduce-add."""
+    """Adds dQ (registers) at (row, col) via the staging tile, DQ_BOX columns a TMA reduce."""
     tile.store(dq)
     fence_async_shared()
     for c in gl.static_range(0, dq.shape[1], DQ_BOX):
@@ -209,11 +208,11 @@ def _release(sm, t):
 
 
 @gluon.jit
-def _step_whole(wg: gl.constexpr, sm, t, dk, dv, k_w, v_w, k_cols, s_zero, dq_zero, lse2_h,
-                delta_h, dq_desc, row, m0, col, n_keys, qk_scale, sm_scale, lay, cfg):
-    """One step of the whole mode: both warpgroups on the same 64 query rows (the dense
-    kernel's _step and _add_dq, with the rows from the list)."""
-    s_t, dp_t = _issue_scores(sm, t, k_w, v_w, s_zero)
+def _step_whole(wg: gl.constexpr, sm, t, dk, dv, s_zero, dq_zero, lse2_h, delta_h, dq_desc, row,
+                m0, col, n_keys, qk_scale, sm_scale, lay, cfg):
+    """A whole-mode step: both warpgroups on the same 64 rows (the dense _step, _add_dq)."""
+    z = m0 >> 31  # 0 (m0 >= 0) per step: K, V descriptors not hoisted and spilled
+    s_t, dp_t = _issue_scores(sm, t, sm.k.index(wg + z), sm.v.index(wg + z), s_zero)
     ds_t, dk, dv = _grads(sm, t, s_t, dp_t, dk, dv, lse2_h, delta_h, m0, n_keys, qk_scale, lay,
                           cfg)
     if cfg.SPLIT_D:
@@ -223,11 +222,17 @@ def _step_whole(wg: gl.constexpr, sm, t, dk, dv, k_w, v_w, k_cols, s_zero, dq_ze
         mbarrier.arrive(sm.ds_ready.index(t % 2))
         mbarrier.wait(sm.ds_ready.index(t % 2), (t // 2) & 1)
         col += wg * cfg.DQ_COLS
+        dq = dq_zero
+        for i in gl.static_range(2):  # keys of K tile i, this warpgroup's half of D
+            dq = warpgroup_mma(ds.slice(i * HALF, HALF).permute((1, 0)),
+                               sm.k.index(z + i).slice(wg * cfg.DQ_COLS, cfg.DQ_COLS, dim=1),
+                               dq, use_acc=i > 0, is_async=True)
     else:
         ds = sm.ds.index(wg).slice(0, HALF)
         ds.store(ds_t)
         fence_async_shared()
-    dq = warpgroup_mma(ds.permute((1, 0)), k_cols, dq_zero, use_acc=False, is_async=True)
+        dq = warpgroup_mma(ds.permute((1, 0)), sm.k.index(wg + z), dq_zero, use_acc=False,
+                           is_async=True)
     dq, dk, dv = warpgroup_mma_wait(0, deps=(dq, dk, dv))
     _release(sm, t)
     tma.store_wait(0)  # the previous step's reduces have read the tile
@@ -236,11 +241,12 @@ def _step_whole(wg: gl.constexpr, sm, t, dk, dv, k_w, v_w, k_cols, s_zero, dq_ze
 
 
 @gluon.jit
-def _step_pair(wg: gl.constexpr, sm, t, dk, dv, k_w, v_w, s_zero, dq_zero, lse2_h, delta_h,
-               dq_desc, row, m0, col, n_keys, qk_scale, sm_scale, lay, cfg):
+def _step_pair(wg: gl.constexpr, sm, t, dk, dv, s_zero, dq_zero, lse2_h, delta_h, dq_desc, row,
+               m0, col, n_keys, qk_scale, sm_scale, lay, cfg):
     """One pair-mode step: own rows, dQ over own keys; dS^T staged in the dQ tile first."""
     dtype: gl.constexpr = sm.q.dtype
-    s_t, dp_t = _issue_scores(sm, t, k_w, v_w, s_zero)
+    k_w = sm.k.index(wg + (m0 >> 31))  # as in _step_whole
+    s_t, dp_t = _issue_scores(sm, t, k_w, sm.v.index(wg + (m0 >> 31)), s_zero)
     ds_t, dk, dv = _grads(sm, t, s_t, dp_t, dk, dv, lse2_h, delta_h, m0, n_keys, qk_scale, lay,
                           cfg)
     tile = sm.dq.index(wg)
@@ -249,6 +255,8 @@ def _step_pair(wg: gl.constexpr, sm, t, dk, dv, k_w, v_w, s_zero, dq_zero, lse2_
     tma.store_wait(0)  # the previous step's reduces have read the tile
     ds.store(ds_t)
     fence_async_shared()
+    if cfg.HEAD_DIM > 64:  # dK, dV done (and their register operands free) before dQ's two
+        dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))  # products: else ptxas serializes wgmma
     dq0 = warpgroup_mma(ds.permute((1, 0)), k_w.slice(0, 64, dim=1), dq_zero, use_acc=False,
                         is_async=True)
     if cfg.HEAD_DIM > 64:
@@ -298,9 +306,7 @@ def _consumer(wg: gl.constexpr, sm, lse2_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr
     own = kb + wg if cfg.PAIR else kb  # this warpgroup's key block (kb: the pair's first)
     key0 = own * cfg.BLOCK_K + (0 if cfg.PAIR else wg * HALF)
     n_keys = _valid_keys(own, valid_ptr, M, cfg) - (0 if cfg.PAIR else wg * HALF)
-    k_w = sm.k.slice(wg * HALF, HALF)
-    v_w = sm.v.slice(wg * HALF, HALF)
-    k_cols = sm.k.slice(wg * cfg.DQ_COLS, cfg.DQ_COLS, dim=1) if cfg.SPLIT_D else k_w
+    n_keys = gl.arange(0, HALF, layout=gl.SliceLayout(1, lay.s)) < n_keys
     dq_zero = gl.zeros([BLOCK_M, cfg.DQ_COLS], gl.float32, layout=lay.dq)
     dk = warpgroup_mma_init(gl.zeros([HALF, HEAD_DIM], gl.float32, layout=lay.acc))
     dv = warpgroup_mma_init(gl.zeros([HALF, HEAD_DIM], gl.float32, layout=lay.acc))
@@ -315,11 +321,11 @@ def _consumer(wg: gl.constexpr, sm, lse2_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr
         for j in range(n):
             m0 = _query_row(lst, j, cfg)
             if cfg.PAIR:
-                dk, dv = _step_pair(wg, sm, t, dk, dv, k_w, v_w, s_zero, dq_zero,
+                dk, dv = _step_pair(wg, sm, t, dk, dv, s_zero, dq_zero,
                                     lse2_ptr + stats, delta_ptr + stats, dq_desc, b * N + m0,
                                     m0, h * HEAD_DIM, n_keys, qk_scale, sm_scale, lay, cfg)
             else:
-                dk, dv = _step_whole(wg, sm, t, dk, dv, k_w, v_w, k_cols, s_zero, dq_zero,
+                dk, dv = _step_whole(wg, sm, t, dk, dv, s_zero, dq_zero,
                                      lse2_ptr + stats, delta_ptr + stats, dq_desc, b * N + m0,
                                      m0, h * HEAD_DIM, n_keys, qk_scale, sm_scale, lay, cfg)
             t += 1
@@ -350,8 +356,7 @@ def _consumer1(sm, lse2_ptr, delta_ptr, dq_desc, dk_ptr, dv_ptr, k2q_ptr, cnt_pt
 @gluon.jit
 def _allocate_ring(dtype: gl.constexpr, q_desc, do_desc, k, v, ds, kv_bar, ds_ready, dq,
                    readers: gl.constexpr, cfg):
-    """A Q/dO ring (STAGES slots of each, `readers` consumers release a slot) with the shared
-    K, V, dS^T, dQ tiles and barriers, as one _Smem."""
+    """A Q/dO ring (STAGES slots; `readers` consumers free one) and the shared tiles, as _Smem."""
     barrier: gl.constexpr = mbarrier.MBarrierLayout()
     sm = _Smem(k, v, gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, cfg.HEAD_DIM],
                                                q_desc.layout),
@@ -373,19 +378,14 @@ def _allocate_ring(dtype: gl.constexpr, q_desc, do_desc, k, v, ds, kv_bar, ds_re
 
 @gluon.jit
 def _allocate(dtype: gl.constexpr, q_desc, k_desc, v_desc, do_desc, dq_desc, cfg):
-    """Warpgroup 0's and 1's views of shared memory: K and V of the program's 128 keys, dS^T
-    and dQ tiles, barriers, and the Q/dO ring: one read by both (whole mode) or one each
-    (pair mode; dS^T then lives in each warpgroup's dQ tile)."""
+    """Warpgroup 0's and 1's views of shared memory: K, V (64-key tiles), dS^T, dQ, barriers,
+    and the Q/dO ring: one for both (whole mode) or one each (pair: dS^T in the dQ tile)."""
     barrier: gl.constexpr = mbarrier.MBarrierLayout()
     dq = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, cfg.DQ_COLS], dq_desc.layout)
-    if cfg.PAIR:
-        ds = dq
-    else:
-        ds = gl.allocate_shared_memory(dtype, [2, 2 * HALF, BLOCK_M],
-                                       gl.NVMMASharedLayout.get_default_for([2 * HALF, BLOCK_M],
-                                                                            dtype))
-    k = gl.allocate_shared_memory(dtype, [2 * HALF, cfg.HEAD_DIM], k_desc.layout)
-    v = gl.allocate_shared_memory(dtype, [2 * HALF, cfg.HEAD_DIM], v_desc.layout)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([2 * HALF, BLOCK_M], dtype)
+    ds = dq if cfg.PAIR else gl.allocate_shared_memory(dtype, [2, 2 * HALF, BLOCK_M], ds_layout)
+    k = gl.allocate_shared_memory(dtype, [2, HALF, cfg.HEAD_DIM], k_desc.layout)
+    v = gl.allocate_shared_memory(dtype, [2, HALF, cfg.HEAD_DIM], v_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [2, 1], barrier)
     ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], barrier)
     for i in gl.static_range(2):
@@ -490,8 +490,8 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tens
                                _DQ_LAYOUT)
     valid = k2q_count if key_block_valid is None else key_block_valid.contiguous()  # read as [kb]
     launch(_bwd_kernel, grid,
-           (tma_descriptor(q, BLOCK_M.value), tma_descriptor(k, block_k),
-            tma_descriptor(v, block_k), tma_descriptor(dout, BLOCK_M.value), lse2, delta,
+           (tma_descriptor(q, BLOCK_M.value), tma_descriptor(k, HALF.value),
+            tma_descriptor(v, HALF.value), tma_descriptor(dout, BLOCK_M.value), lse2, delta,
             dq_desc, dk, dv, k2q, k2q_count, valid, n, m, h, hkv, lse2.shape[2],
             k2q.shape[3], nkb, scale * 1.4426950408889634, scale, dk.stride(0), dk.stride(1),
             dk.stride(2)),
