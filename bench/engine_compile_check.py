@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from offline_compile import capture, usage  # noqa: E402
 
 B, N, H, D = 1, 4096, 24, 128
-COLUMNS = ("regs", "spill_bytes", "smem", "convert_layout", "ex2", "wgmma")
+COLUMNS = ("regs", "spill_bytes", "smem", "convert_layout", "ex2", "wgmma", "wgmma_serialized")
 
 
 def _engines() -> dict:

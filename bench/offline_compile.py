@@ -96,6 +96,25 @@ def _cubin_usage(cubin: bytes) -> tuple[str, str]:
     return (regs.group(1) if regs else "?"), (stack.group(1) if stack else "?")
 
 
+def wgmma_serialized(kernel: Any) -> bool:
+    """Whether ptxas serialises the kernel's wgmma instructions (warning C7512: each waits for
+    the previous one, e.g. for lack of registers), which Triton does not report. Reruns ptxas
+    -v on the kernel's PTX for its arch (sm_90a for Hopper)."""
+    import triton
+
+    arch = getattr(kernel.metadata, "target", None)
+    cc = getattr(arch, "arch", 90)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(kernel.asm["ptx"])
+        err = subprocess.run([ptxas, f"-arch=sm_{cc}{'a' if cc == 90 else ''}", "-v", src,
+                              "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=False).stderr
+    return "C7512" in err
+
+
 def usage(kernel: Any) -> dict[str, Any]:
     """Registers, spilled (stack) bytes, shared memory and op counts of the TTGIR and PTX."""
     regs, stack = _cubin_usage(kernel.asm["cubin"])
@@ -108,6 +127,7 @@ def usage(kernel: Any) -> dict[str, Any]:
     out["ld_global_v4"] = len(re.findall(r"ld\.global(\.\w+)*\.v4", ptx))
     out["cp_async_16"] = len(re.findall(r"cp\.async\.cg\.shared\.global.*16;", ptx))
     out["ex2"] = len(re.findall(r"ex2\.approx", ptx))
+    out["wgmma_serialized"] = bool(out["wgmma"]) and wgmma_serialized(kernel)
     return out
 
 
