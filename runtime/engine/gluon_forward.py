@@ -15,7 +15,6 @@ raised while a compiled kernel runs (CUDA errors) propagate. Importing this need
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -25,6 +24,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from attnrt.engine.errors import TraceError
+from attnrt.kernels.gluon_host import INT32 as _INT32
+from attnrt.kernels.gluon_host import GluonSwitch, tma_reason
+from attnrt.kernels.gluon_host import device_reason as _device_reason
 
 if TYPE_CHECKING:
     from attnrt.engine.kernel import EngineRun
@@ -38,8 +40,8 @@ BLOCK_N = {False: 128, True: 64}
 HEAD_SIZES = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
 BLOCK_M = 128  # query rows per program (two warpgroups of 64)
-_INT32 = 2**31
-_STATE: dict[str, str | None] = {"off": None, "served": None}
+_STATE: dict[str, str | None] = {"served": None}
+_SWITCH = GluonSwitch("AttentionEngine")  # its turned-off state; the modules are generated
 _MODULES: dict[str, ModuleType] = {}
 
 
@@ -53,7 +55,7 @@ def set_gluon_forward(on: bool) -> None:
     """For this process: the Gluon forward on (or off); also clears a turned-off state."""
     global GLUON_FORWARD
     GLUON_FORWARD = bool(on)
-    _STATE["off"] = None
+    _SWITCH.reset()
 
 
 @contextmanager
@@ -68,30 +70,12 @@ def gluon_forward(on: bool = True) -> Iterator[None]:
 
 def turn_off(why: str) -> None:
     """Stop using the Gluon forward in this process, saying why once."""
-    _STATE["off"] = why
-    logging.getLogger("attnrt").warning(
-        "AttentionEngine: the Gluon forward is off (%s); the Triton forward serves instead", why)
+    _SWITCH.turn_off("forward", why)
 
 
 def last_served() -> str | None:
     """What served the last engine forward that asked: "gluon", or "triton: <reason>"."""
     return _STATE["served"]
-
-
-def _device_reason(q: torch.Tensor) -> str | None:
-    if not q.is_cuda or torch.version.hip is not None:
-        return f"device={q.device} (supported: CUDA sm90)"
-    from attnrt.kernels import capability
-
-    if capability(q.device) != (9, 0):
-        return f"compute capability={capability(q.device)} (supported: (9, 0))"
-    return None
-
-
-def _reads_2d(t: torch.Tensor) -> bool:
-    from attnrt.kernels import reads_as_2d
-
-    return reads_as_2d(t) and t.numel() < _INT32
 
 
 def reason(run: EngineRun, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -112,10 +96,9 @@ def reason(run: EngineRun, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
                                         or call.block_size[1] % block_n):
         return (f"block_size={call.block_size} does not tile into ({BLOCK_M}, {block_n}) "
                 "tiles")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not _reads_2d(t):
-            return (f"{name} with shape {tuple(t.shape)}, strides {t.stride()} cannot be read "
-                    "by TMA as [B * L, Hx * D] with int32 offsets")
+    found = tma_reason((("q", q), ("k", k), ("v", v)))
+    if found is not None:
+        return found
     if q.shape[0] > 1 and k.shape[1] % block_n:
         return f"B={q.shape[0]} with M={k.shape[1]} not a multiple of {block_n}: a key tile " \
                "would cross into the next batch"
@@ -149,7 +132,7 @@ def forward(run: EngineRun, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     caller runs the Triton forward (`last_served` says why)."""
     if not gluon_forward_on():
         return None
-    why = _STATE["off"] or reason(run, q, k, v)
+    why = _SWITCH.off.get("forward") or reason(run, q, k, v)
     if why is None:
         try:
             gluon = module(run)
@@ -181,8 +164,8 @@ def _launch(run: EngineRun, gluon: ModuleType, q: torch.Tensor, k: torch.Tensor,
                             _list_strides(lists[0], lists[1]),
                             run.scale if run.scale is not None else 1.0, block_n)
     except refusals as exc:
-        turn_off(f"compiling it failed: {exc!r}"[:500])
-        _STATE["served"] = f"triton: {_STATE['off']}"
+        _SWITCH.compile_failed("forward", exc)
+        _STATE["served"] = f"triton: {_SWITCH.off['forward']}"
         return None
     _STATE["served"] = "gluon"
     return out, fin
@@ -191,4 +174,5 @@ def _launch(run: EngineRun, gluon: ModuleType, q: torch.Tensor, k: torch.Tensor,
 def reset() -> None:
     """Forget generated modules and a turned-off state (tests)."""
     _MODULES.clear()
-    _STATE.update(off=None, served=None)
+    _SWITCH.reset()
+    _STATE["served"] = None

@@ -19,17 +19,16 @@ Imported only where Triton has Gluon (engine/gluon_forward.py imports it on firs
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 from triton.language.core import _aggregate as aggregate
 
 from attnrt.kernels.fast_launch import launch
 from attnrt.kernels.flash.gluon_fwd_sm90 import BLOCK_M, CONSUMER_REGS, _Smem, tma_descriptor
+from attnrt.kernels.gluon_compat import tma_load as _tma_load
 
 HALF = gl.constexpr(64)  # query rows per consumer warpgroup
 STAGES = gl.constexpr(2)  # slots per K and V ring
 PRODUCER_REGS = gl.constexpr(24)
-# TMA's global -> shared copy: async_copy_global_to_shared in Triton 3.6, async_load later.
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
 @aggregate

@@ -31,7 +31,7 @@ BLOCKS = [(128, 128), (128, 64), (64, 64)]
 def fresh_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts with the shipped switch table and a Gluon module not yet imported."""
     monkeypatch.setattr(options, "GLUON_FORWARD", dict(options.GLUON_FORWARD))
-    monkeypatch.setattr(gluon_path, "_LOADED", {})
+    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {})
 
 
 @pytest.fixture(autouse=True)
@@ -165,12 +165,12 @@ def _fake_module(calls: list, reason=None, error: BaseException | None = None):
 def test_the_path_runs_the_kernel_where_switched_on_and_usable(monkeypatch):
     calls: list = []
     q, k, v, index, count = _inputs()
-    monkeypatch.setattr(gluon_path, "_LOADED", {"forward": _fake_module(calls)})
+    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"forward": _fake_module(calls)})
     args = (_cuda_like(q), k, v, index, count, None, None, 128, 64, 0.5, "out", "lse")
     with options.gluon_forward(blocks=[(128, 64)]):
         assert gluon_path.forward(*args) is True
     assert calls == [(args[0], k, v, index, count, None, 128, 64, 0.5, "out", "lse")]
-    monkeypatch.setattr(gluon_path, "_LOADED", {"forward": _fake_module(calls, "dtype=...")})
+    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"forward": _fake_module(calls, "dtype=...")})
     with options.gluon_forward():
         assert gluon_path.forward(*args) is False
     assert len(calls) == 1
@@ -195,16 +195,16 @@ def test_a_compile_failure_turns_the_path_off_once_and_runtime_errors_propagate(
     q, k, v, index, count = _inputs()
     args = (_cuda_like(q), k, v, index, count, None, None, 128, 64, 1.0, None, None)
     calls: list = []
-    monkeypatch.setattr(gluon_path, "_LOADED", {"forward": _fake_module(
+    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"forward": _fake_module(
         calls, error=RuntimeError("CUDA error: an illegal memory access"))})
     with options.gluon_forward(), pytest.raises(RuntimeError, match="illegal memory access"):
         gluon_path.forward(*args)
-    monkeypatch.setattr(gluon_path, "_LOADED", {"forward": _fake_module(
+    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"forward": _fake_module(
         calls, error=CompilationError(None, None, "simulated"))})
     with caplog.at_level("WARNING", logger="attnrt"), options.gluon_forward():
         assert gluon_path.forward(*args) is False
         assert gluon_path.forward(*args) is False
-    assert gluon_path._LOADED["forward"] is None
+    assert gluon_path.SWITCH.loaded["forward"] is None
     assert len(calls) == 2  # the second call after the failure does not try again
     assert len(caplog.records) == 1
     assert "compiling it failed" in caplog.records[0].getMessage()

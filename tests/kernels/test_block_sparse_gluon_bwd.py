@@ -34,7 +34,7 @@ def fresh_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts with the shipped switch tables and no Gluon module imported."""
     monkeypatch.setattr(options, "GLUON_FORWARD", dict(options.GLUON_FORWARD))
     monkeypatch.setattr(options, "GLUON_BACKWARD", dict(options.GLUON_BACKWARD))
-    monkeypatch.setattr(gluon_path, "_LOADED", {})
+    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {})
 
 
 @pytest.fixture(autouse=True)
@@ -182,14 +182,14 @@ def test_the_path_is_not_looked_up_when_off_or_on_cpu(monkeypatch):
 def test_the_path_runs_the_kernel_where_switched_on_and_usable(monkeypatch):
     calls: list = []
     q, k, v, _, _ = _inputs()
-    monkeypatch.setattr(gluon_path, "_LOADED", {"backward": _fake_module(calls)})
+    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"backward": _fake_module(calls)})
     with options.gluon_backward(blocks=[(128, 64)]):
         assert gluon_path.backward_usable(_cuda_like(q), k, v, q, None, 128, 64, False)
         assert not gluon_path.backward_usable(_cuda_like(q), k, v, q, None, 128, 128, False)
     args = (q, k, v, q, "lse2", "delta", "k2q", "cnt", None, 128, 64, 0.5, "acc", "dk", "dv")
     assert gluon_path.backward(*args) is True
     assert calls == [args]
-    monkeypatch.setattr(gluon_path, "_LOADED", {"backward": _fake_module(calls, "dtype=...")})
+    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"backward": _fake_module(calls, "dtype=...")})
     with options.gluon_backward():
         assert not gluon_path.backward_usable(_cuda_like(q), k, v, q, None, 128, 64, False)
     assert gluon_path.backward(*args) is False
@@ -206,7 +206,7 @@ def test_a_backward_module_that_does_not_import_turns_only_it_off_once(monkeypat
     message = caplog.records[0].getMessage()
     assert "Gluon backward is off" in message
     assert "does not import" in message
-    assert "forward" not in gluon_path._LOADED
+    assert "forward" not in gluon_path.SWITCH.loaded
 
 
 def test_a_compile_failure_turns_the_backward_off_once_and_runtime_errors_propagate(
@@ -216,16 +216,16 @@ def test_a_compile_failure_turns_the_backward_off_once_and_runtime_errors_propag
     q, k, v, _, _ = _inputs()
     args = (q, k, v, q, None, None, None, None, None, 128, 64, 1.0, None, None, None)
     calls: list = []
-    monkeypatch.setattr(gluon_path, "_LOADED", {"backward": _fake_module(
+    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"backward": _fake_module(
         calls, error=RuntimeError("CUDA error: an illegal memory access"))})
     with pytest.raises(RuntimeError, match="illegal memory access"):
         gluon_path.backward(*args)
-    monkeypatch.setattr(gluon_path, "_LOADED", {"backward": _fake_module(
+    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"backward": _fake_module(
         calls, error=CompilationError(None, None, "simulated"))})
     with caplog.at_level("WARNING", logger="attnrt"):
         assert gluon_path.backward(*args) is False
         assert gluon_path.backward(*args) is False
-    assert gluon_path._LOADED["backward"] is None
+    assert gluon_path.SWITCH.loaded["backward"] is None
     assert len(calls) == 2  # the call after the failure does not try again
     assert len(caplog.records) == 1
     assert "Gluon backward is off (compiling it failed" in caplog.records[0].getMessage()

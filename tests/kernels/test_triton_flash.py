@@ -197,8 +197,8 @@ def test_autotune_candidates_start_with_the_shipped_forward():
 def test_gluon_module_that_does_not_import_turns_the_path_off(monkeypatch, caplog, kind):
     import sys
 
-    monkeypatch.setattr(gluon_paths, "_LOADED", {})
-    name = gluon_paths._MODULES[kind]
+    monkeypatch.setattr(gluon_paths.SWITCH, "loaded", {})
+    name = gluon_paths.SWITCH.modules[kind]
     monkeypatch.setitem(sys.modules, f"attnrt.kernels.flash.{name}", None)  # import fails
     with caplog.at_level("WARNING", logger="attnrt"):
         assert gluon_paths.module(kind) is None
@@ -232,16 +232,16 @@ def test_gluon_compile_failure_turns_the_gluon_path_off(monkeypatch, caplog):
                                                  1.0, {"gluon": 1}, grads, 1),
     }
     for kind, call in calls.items():
-        monkeypatch.setattr(gluon_paths, "_LOADED",
+        monkeypatch.setattr(gluon_paths.SWITCH, "loaded",
                             {kind: _failing_gluon(RuntimeError("CUDA error: illegal access"))})
         with pytest.raises(RuntimeError, match="illegal access"):
             call()
-        monkeypatch.setattr(gluon_paths, "_LOADED",
+        monkeypatch.setattr(gluon_paths.SWITCH, "loaded",
                             {kind: _failing_gluon(CompilationError(None, None, "simulated"))})
         caplog.clear()
         with caplog.at_level("WARNING", logger="attnrt"):
             assert call() is False
-        assert gluon_paths._LOADED[kind] is None
+        assert gluon_paths.SWITCH.loaded[kind] is None
         assert any(f"Gluon {kind} is off" in r.getMessage() and "compiling it failed"
                    in r.getMessage() for r in caplog.records)
         assert call() is False

@@ -50,7 +50,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.core import _aggregate as aggregate
 from triton.language.core import _unwrap_if_constexpr as unwrap
 
-from attnrt.kernels import cdiv, reads_as_2d
+from attnrt.kernels import cdiv
 from attnrt.kernels.fast_launch import launch
 from attnrt.kernels.flash.gluon_bwd_sm90 import (
     _DQ_LAYOUT,
@@ -66,12 +66,15 @@ from attnrt.kernels.flash.gluon_bwd_sm90 import (
     _tma_reduce_add,
 )
 from attnrt.kernels.flash.gluon_fwd_sm90 import grouped_program, tma_descriptor
+from attnrt.kernels.gluon_host import INT32 as _INT32
+from attnrt.kernels.gluon_host import device_reason as _device_reason
+from attnrt.kernels.gluon_host import max_offset as _max_offset
+from attnrt.kernels.gluon_host import tma_reason
 
-from .gluon_fwd_sm90 import DTYPES, PRODUCER_REGS, _device_reason, _max_offset
+from .gluon_fwd_sm90 import DTYPES, PRODUCER_REGS
 
 MODES = {(128, 128): "whole", (128, 64): "pair", (64, 64): "pair"}
 HALF = gl.constexpr(64)  # keys per consumer warpgroup
-_INT32 = 2**31
 
 
 @aggregate
@@ -440,11 +443,7 @@ def _tensor_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return f"dtype={q.dtype} (supported: {', '.join(map(str, DTYPES))})"
     if q.shape[3] not in SUPPORTED_HEAD_SIZES:
         return f"head_size={q.shape[3]} (supported: {', '.join(map(str, SUPPORTED_HEAD_SIZES))})"
-    for name, t in (("q", q), ("k", k), ("v", v), ("dout", dout)):
-        if not reads_as_2d(t) or t.numel() >= _INT32:
-            return (f"{name} with shape {tuple(t.shape)}, strides {t.stride()} cannot be read "
-                    "by TMA as [B * L, Hx * D] with int32 offsets")
-    return None
+    return tma_reason((("q", q), ("k", k), ("v", v), ("dout", dout)))
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,

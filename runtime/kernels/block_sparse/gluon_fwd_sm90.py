@@ -38,14 +38,13 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
-    tma,
     warpgroup_mma,
     warpgroup_mma_init,
     warpgroup_mma_wait,
 )
 from triton.language.core import _aggregate as aggregate
 
-from attnrt.kernels import capability, cdiv, reads_as_2d
+from attnrt.kernels import cdiv
 from attnrt.kernels.fast_launch import launch
 from attnrt.kernels.flash.gluon_fwd_sm90 import (
     BLOCK_M,
@@ -59,15 +58,17 @@ from attnrt.kernels.flash.gluon_fwd_sm90 import (
     grouped_program,
     tma_descriptor,
 )
+from attnrt.kernels.gluon_compat import tma_load as _tma_load
+from attnrt.kernels.gluon_host import INT32 as _INT32
+from attnrt.kernels.gluon_host import device_reason as _device_reason
+from attnrt.kernels.gluon_host import max_offset as _max_offset
+from attnrt.kernels.gluon_host import tma_reason
 
 MODES = {(128, 64): "shared", (128, 128): "shared", (64, 64): "split"}
 DTYPES = (torch.float16, torch.bfloat16)
 STAGES = 2  # slots per K and V ring (as the dense kernel; `forward` takes others for trials)
 HALF = gl.constexpr(64)  # query rows per consumer warpgroup
 PRODUCER_REGS = gl.constexpr(24)
-_INT32 = 2**31
-# TMA's global -> shared copy: async_copy_global_to_shared in Triton 3.6, renamed async_load later.
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
 @aggregate
@@ -343,18 +344,6 @@ def _fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, idx_ptr, cnt_ptr, valid_
                             (_producer0, producer0)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def _device_reason(q: torch.Tensor) -> str | None:
-    if not q.is_cuda or torch.version.hip is not None:
-        return f"device={q.device} (supported: CUDA sm90)"
-    if capability(q.device) != (9, 0):
-        return f"compute capability={capability(q.device)} (supported: (9, 0))"
-    return None
-
-
-def _max_offset(t: torch.Tensor) -> int:
-    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
-
-
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch.Tensor,
            block_count: torch.Tensor, row_mask: torch.Tensor | None, block_q: int,
            block_k: int) -> str | None:
@@ -375,10 +364,9 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch
         return f"dtype={q.dtype} (supported: {', '.join(map(str, DTYPES))})"
     if d not in SUPPORTED_HEAD_SIZES:
         return f"head_size={d} (supported: {', '.join(map(str, SUPPORTED_HEAD_SIZES))})"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not reads_as_2d(t) or t.numel() >= _INT32:
-            return (f"{name} with shape {tuple(t.shape)}, strides {t.stride()} cannot be read "
-                    "by TMA as [B * L, Hx * D] with int32 offsets")
+    reason = tma_reason((("q", q), ("k", k), ("v", v)))
+    if reason is not None:
+        return reason
     if b > 1 and m % block_k:
         return f"B={b} with M={m} not a multiple of block_k={block_k}"
     if max(_max_offset(block_index), _max_offset(block_count)) >= _INT32:

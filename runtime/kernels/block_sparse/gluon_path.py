@@ -14,42 +14,31 @@ compiled kernel runs (CUDA errors) propagate.
 
 from __future__ import annotations
 
-import importlib
-import logging
 from types import ModuleType
 
 import torch
 
 from .. import compile_error_types
+from ..gluon_host import GluonSwitch
 from .checks import NAME
 from .options import gluon_backward_on, gluon_forward_on
 
-_MODULES = {"forward": "gluon_fwd_sm90", "backward": "gluon_bwd_sm90"}
-_LOADED: dict[str, ModuleType | None] = {}  # kind -> module, or None once turned off
+SWITCH = GluonSwitch(NAME, __package__, {"forward": "gluon_fwd_sm90", "backward": "gluon_bwd_sm90"})
 
 
 def module(kind: str = "forward") -> ModuleType | None:
     """The Gluon module of `kind` ("forward" or "backward"), or None where it is off."""
-    if kind not in _LOADED:
-        try:
-            _LOADED[kind] = importlib.import_module(f"{__package__}.{_MODULES[kind]}")
-        except Exception as exc:  # noqa: BLE001 (an optional fast path: any import failure)
-            import triton
-
-            turn_off(f"it does not import with Triton {triton.__version__}: {exc!r}", kind)
-    return _LOADED[kind]
+    return SWITCH.module(kind)
 
 
 def turn_off(why: str, kind: str = "forward") -> None:
     """Stop using the Gluon `kind` in this process, saying why once."""
-    _LOADED[kind] = None
-    logging.getLogger("attnrt").warning(
-        "%s: the Gluon %s is off (%s); the Triton %s serves instead", NAME, kind, why, kind)
+    SWITCH.turn_off(kind, why)
 
 
 def reset() -> None:
     """Forget the imports (and turned-off states); the next call imports again."""
-    _LOADED.clear()
+    SWITCH.reset()
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
@@ -68,7 +57,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tens
     try:
         gluon.forward(q, k, v, index, count, valid, block_q, block_k, scale, out, lse)
     except compile_error_types() as exc:
-        turn_off(f"compiling it failed: {exc!r}"[:500])
+        SWITCH.compile_failed("forward", exc)
         return False
     return True
 
@@ -100,6 +89,6 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tens
         gluon.backward(q, k, v, dout, lse2, delta, k2q, k2q_count, valid, block_q, block_k,
                        scale, dq_acc, dk, dv)
     except compile_error_types() as exc:
-        turn_off(f"compiling it failed: {exc!r}"[:500], "backward")
+        SWITCH.compile_failed("backward", exc)
         return False
     return True

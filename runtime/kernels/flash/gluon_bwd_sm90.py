@@ -48,12 +48,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.core import _aggregate as aggregate
 
-from attnrt.kernels import capability, cdiv, reads_as_2d
+from attnrt.kernels import cdiv
 from attnrt.kernels.fast_launch import launch
 from attnrt.kernels.flash.gluon_fwd_sm90 import grouped_program, tma_descriptor
-
-# TMA's global -> shared copy: async_copy_global_to_shared in Triton 3.6, renamed async_load later.
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+from attnrt.kernels.gluon_compat import tma_load as _tma_load
+from attnrt.kernels.gluon_host import device_reason, tma_readable
 
 SUPPORTED_HEAD_SIZES = (64, 128)
 # Causal launches at these head sizes run each warpgroup's masked steps first and then an
@@ -405,10 +404,9 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor
     the next batch's rows (their values, inf included, would reach this batch's dK and dV):
     hence N % 64 == 0 and M % 128 == 0 where B > 1."""
     b, n, _, d = q.shape
-    return (q.is_cuda and torch.version.hip is None
-            and capability(q.device) == (9, 0)
+    return (device_reason(q) is None
             and q.dtype in (torch.float16, torch.bfloat16) and d in SUPPORTED_HEAD_SIZES
-            and all(reads_as_2d(t) and t.numel() < 2**31 for t in (q, k, v, dout))
+            and all(tma_readable(t) for t in (q, k, v, dout))
             and (b == 1 or (n % BLOCK_M.value == 0 and k.shape[1] % BLOCK_N.value == 0))
             and dk.is_contiguous() and dv.is_contiguous() and dk.numel() < 2**31
             and lse2.shape[2] % BLOCK_M.value == 0)

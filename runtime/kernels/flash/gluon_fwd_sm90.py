@@ -31,7 +31,6 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
-    tma,
     warpgroup_mma,
     warpgroup_mma_init,
     warpgroup_mma_wait,
@@ -39,11 +38,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.core import _aggregate as aggregate
 
-from attnrt.kernels import capability, cdiv, reads_as_2d
+from attnrt.kernels import cdiv
 from attnrt.kernels.fast_launch import launch
-
-# TMA's global -> shared copy: async_copy_global_to_shared in Triton 3.6, renamed async_load later.
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+from attnrt.kernels.gluon_compat import tma_load as _tma_load
+from attnrt.kernels.gluon_host import device_reason, tma_readable
 
 SUPPORTED_HEAD_SIZES = (64, 128)
 BLOCK_M = gl.constexpr(128)  # two consumer warpgroups of 64 rows
@@ -305,10 +303,9 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     into the next batch's rows: masked scores give P = 0 there, but 0 * inf in the next
     batch's V would still be NaN. Hence M % block_n == 0 where B > 1."""
     b, _, h, d = q.shape
-    return (q.is_cuda and torch.version.hip is None
-            and capability(q.device) == (9, 0)
+    return (device_reason(q) is None
             and q.dtype in (torch.float16, torch.bfloat16) and d in SUPPORTED_HEAD_SIZES
-            and all(reads_as_2d(t) and t.numel() < 2**31 for t in (q, k, v))
+            and all(tma_readable(t) for t in (q, k, v))
             and (b == 1 or k.shape[1] % block_n == 0)
             and out.stride(3) == 1 and out.numel() < 2**31)
 

@@ -9,35 +9,25 @@ compiled kernel runs (CUDA errors) propagate.
 
 from __future__ import annotations
 
-import importlib
-import logging
 from types import ModuleType
 
 import torch
-import triton
 
 from attnrt.kernels import compile_error_types
+from attnrt.kernels.gluon_host import GluonSwitch
 
-_MODULES = {"forward": "gluon_fwd_sm90", "backward": "gluon_bwd_sm90"}
-_LOADED: dict[str, ModuleType | None] = {}  # kind -> module, or None once turned off
+SWITCH = GluonSwitch("TRITON_FLASH_ATTN", __package__,
+                     {"forward": "gluon_fwd_sm90", "backward": "gluon_bwd_sm90"})
 
 
 def module(kind: str) -> ModuleType | None:
     """The Gluon module for "forward" or "backward", or None where it is off."""
-    if kind not in _LOADED:
-        try:
-            _LOADED[kind] = importlib.import_module(f"{__package__}.{_MODULES[kind]}")
-        except Exception as exc:  # noqa: BLE001 (an optional fast path: any import failure)
-            turn_off(kind, f"it does not import with Triton {triton.__version__}: {exc!r}")
-    return _LOADED[kind]
+    return SWITCH.module(kind)
 
 
 def turn_off(kind: str, why: str) -> None:
     """Stop using the Gluon `kind` in this process, saying why once."""
-    _LOADED[kind] = None
-    logging.getLogger("attnrt").warning(
-        "TRITON_FLASH_ATTN: the Gluon %s is off (%s); the Triton %s serves instead", kind, why,
-        kind)
+    SWITCH.turn_off(kind, why)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
@@ -55,7 +45,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sca
     try:
         gluon.forward(q, k, v, causal, scale, block_n, out, lse, head_group, key)
     except compile_error_types() as exc:
-        turn_off("forward", f"compiling it failed: {exc!r}"[:500])
+        SWITCH.compile_failed("forward", exc)
         return False
     return True
 
@@ -78,7 +68,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tens
     try:
         gluon.backward(q, k, v, dout, lse2, delta, causal, scale, acc, dk, dv, head_group)
     except compile_error_types() as exc:
-        turn_off("backward", f"compiling it failed: {exc!r}"[:500])
+        SWITCH.compile_failed("backward", exc)
         return False
     dq.copy_(acc)
     return True
