@@ -8,7 +8,6 @@ Shapes: B batch, N query length, M key length, H query heads, Hkv key/value head
 from __future__ import annotations
 
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,37 +22,27 @@ from attnrt.kernels.block_sparse import (
 )
 from attnrt.kernels.block_sparse import launch as bs_launch
 from tests.conftest import TOLERANCE, rel_l2
-
-BLOCKS = [(128, 128), (128, 64), (64, 64)]
+from tests.kernels.block_sparse_gluon_helpers import (
+    BLOCKS,
+    cuda_like,
+    fake_module,
+    fresh_gluon_path,
+    inputs,
+    spy,
+)
 
 
 @pytest.fixture(autouse=True)
-def fresh_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test starts with the shipped switch table and a Gluon module not yet imported."""
-    monkeypatch.setattr(options, "GLUON_FORWARD", dict(options.GLUON_FORWARD))
-    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {})
-
-
-@pytest.fixture(autouse=True)
-def nan_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every kernel output starts as NaN, so an element the kernel never wrote fails a test."""
-    monkeypatch.setattr(bs_launch, "_alloc", lambda shape, dtype, device: torch.full(
-        shape, float("nan"), dtype=dtype, device=device))
+def fresh_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with the shipped switch tables, no Gluon module imported, and
+    NaN-filled kernel outputs."""
+    fresh_gluon_path(monkeypatch)
 
 
 def _gluon():
     from attnrt.kernels.block_sparse import gluon_fwd_sm90
 
     return gluon_fwd_sm90
-
-
-def _inputs(b=1, n=256, m=256, h=2, hkv=1, d=64, bq=128, bk=64, dtype=torch.float16,
-            device="cpu"):
-    q = torch.randn(b, n, h, d, dtype=dtype, device=device)
-    k = torch.randn(b, m, hkv, d, dtype=dtype, device=device)
-    nqb, nkb = -(-n // bq), -(-m // bk)
-    index, count = block_mask_to_index(torch.ones(b, h, nqb, nkb, dtype=torch.bool))
-    return q, k, k.clone(), index.to(device), count.to(device)
 
 
 # --- the switch -------------------------------------------------------------------------------
@@ -100,7 +89,7 @@ def test_the_switch_refuses_block_sizes_without_a_gluon_kernel():
 # --- usable -----------------------------------------------------------------------------------
 
 def test_usable_refuses_cpu_tensors_by_device():
-    q, k, v, index, count = _inputs()
+    q, k, v, index, count = inputs()
     assert "device=cpu" in _gluon().usable(q, k, v, index, count, None, 128, 64)
 
 
@@ -114,16 +103,16 @@ def test_usable_names_each_limit(monkeypatch, change, reason):
     gluon = _gluon()
     monkeypatch.setattr(gluon, "_device_reason", lambda q: None)
     args = {"b": 1, "m": 256, "d": 64, "bq": 128, "bk": 64, "dtype": torch.float16, **change}
-    q, k, v, index, count = _inputs(**args)
+    q, k, v, index, count = inputs(**args)
     assert gluon.usable(q, k, v, index, count, None, args["bq"], args["bk"]) == reason
-    fine = _inputs()
+    fine = inputs()
     assert gluon.usable(*fine, None, 128, 64) is None
 
 
 def test_usable_refuses_row_masks_and_tensors_tma_cannot_read(monkeypatch):
     gluon = _gluon()
     monkeypatch.setattr(gluon, "_device_reason", lambda q: None)
-    q, k, v, index, count = _inputs(bq=64, bk=64)
+    q, k, v, index, count = inputs(bq=64, bk=64)
     row_mask = torch.ones(index.shape, dtype=torch.int64)
     assert gluon.usable(q, k, v, index, count, row_mask, 64, 64) == \
         "row_mask is given (supported: None)"
@@ -136,41 +125,29 @@ def test_usable_refuses_row_masks_and_tensors_tma_cannot_read(monkeypatch):
 
 # --- the path: switch, fallback, compile failure ----------------------------------------------
 
-def _cuda_like(q):
-    return SimpleNamespace(is_cuda=True, shape=q.shape)
-
-
 def test_the_path_is_not_looked_up_when_off_or_on_cpu(monkeypatch):
     def unexpected():
         raise AssertionError("the Gluon module was looked up")
 
     monkeypatch.setattr(gluon_path, "module", unexpected)
-    q, k, v, index, count = _inputs()
-    assert gluon_path.forward(_cuda_like(q), k, v, index, count, None, None, 128, 64, 1.0,
+    q, k, v, index, count = inputs()
+    assert gluon_path.forward(cuda_like(q), k, v, index, count, None, None, 128, 64, 1.0,
                               None, None) is False  # switched off
     with options.gluon_forward():
         assert gluon_path.forward(q, k, v, index, count, None, None, 128, 64, 1.0, None,
                                   None) is False  # CPU tensors
 
 
-def _fake_module(calls: list, reason=None, error: BaseException | None = None):
-    def forward(*args):
-        calls.append(args)
-        if error is not None:
-            raise error
-
-    return SimpleNamespace(usable=lambda *a: reason, forward=forward)
-
-
 def test_the_path_runs_the_kernel_where_switched_on_and_usable(monkeypatch):
     calls: list = []
-    q, k, v, index, count = _inputs()
-    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"forward": _fake_module(calls)})
-    args = (_cuda_like(q), k, v, index, count, None, None, 128, 64, 0.5, "out", "lse")
+    q, k, v, index, count = inputs()
+    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"forward": fake_module("forward", calls)})
+    args = (cuda_like(q), k, v, index, count, None, None, 128, 64, 0.5, "out", "lse")
     with options.gluon_forward(blocks=[(128, 64)]):
         assert gluon_path.forward(*args) is True
     assert calls == [(args[0], k, v, index, count, None, 128, 64, 0.5, "out", "lse")]
-    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"forward": _fake_module(calls, "dtype=...")})
+    monkeypatch.setattr(gluon_path.SWITCH, "loaded",
+                        {"forward": fake_module("forward", calls, "dtype=...")})
     with options.gluon_forward():
         assert gluon_path.forward(*args) is False
     assert len(calls) == 1
@@ -178,10 +155,10 @@ def test_the_path_runs_the_kernel_where_switched_on_and_usable(monkeypatch):
 
 def test_a_module_that_does_not_import_turns_the_path_off_once(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "attnrt.kernels.block_sparse.gluon_fwd_sm90", None)
-    q, k, v, index, count = _inputs()
+    q, k, v, index, count = inputs()
     with caplog.at_level("WARNING", logger="attnrt"), options.gluon_forward():
         for _ in range(2):
-            assert gluon_path.forward(_cuda_like(q), k, v, index, count, None, None, 128, 64,
+            assert gluon_path.forward(cuda_like(q), k, v, index, count, None, None, 128, 64,
                                       1.0, None, None) is False
     assert [r.getMessage() for r in caplog.records if "Gluon forward is off" in r.getMessage()
             and "does not import" in r.getMessage()]
@@ -192,14 +169,14 @@ def test_a_compile_failure_turns_the_path_off_once_and_runtime_errors_propagate(
                                                                                caplog):
     from triton.compiler.errors import CompilationError
 
-    q, k, v, index, count = _inputs()
-    args = (_cuda_like(q), k, v, index, count, None, None, 128, 64, 1.0, None, None)
+    q, k, v, index, count = inputs()
+    args = (cuda_like(q), k, v, index, count, None, None, 128, 64, 1.0, None, None)
     calls: list = []
-    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"forward": _fake_module(
+    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"forward": fake_module("forward",
         calls, error=RuntimeError("CUDA error: an illegal memory access"))})
     with options.gluon_forward(), pytest.raises(RuntimeError, match="illegal memory access"):
         gluon_path.forward(*args)
-    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"forward": _fake_module(
+    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"forward": fake_module("forward",
         calls, error=CompilationError(None, None, "simulated"))})
     with caplog.at_level("WARNING", logger="attnrt"), options.gluon_forward():
         assert gluon_path.forward(*args) is False
@@ -222,7 +199,7 @@ def test_launch_takes_the_gluon_result_when_the_path_serves(monkeypatch):
 
     monkeypatch.setattr(gluon_path, "forward", serve)
     monkeypatch.setattr(bs_launch, "_with_plan", no_triton)
-    q, k, v, index, count = _inputs()
+    q, k, v, index, count = inputs()
     out, lse = block_sparse_attention(q, k, v, index, count, block_q=128, block_k=64,
                                       return_lse=True)
     assert torch.equal(out, torch.full_like(out, 2.0))
@@ -261,15 +238,6 @@ def _gpu_case(b, n, m, h, hkv, d, bq, bk, dtype, valid, seed=0):
         kv[1] = cap[1]
         kv = kv.cuda()
     return q, k, v, index.cuda(), count.cuda(), kv
-
-
-def _spy(monkeypatch) -> list[int]:
-    gluon = gluon_path.module()
-    assert gluon is not None, "the GPU machine's Triton should import the Gluon forward"
-    calls: list[int] = []
-    real = gluon.forward
-    monkeypatch.setattr(gluon, "forward", lambda *a: calls.append(1) or real(*a))
-    return calls
 
 
 def _check(case, bq, bk, dtype, seed=1):
@@ -317,7 +285,7 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_gpu_gluon_forward_matches_reference(case, d, dtype, monkeypatch):
     b, n, m, h, hkv, bq, bk, valid = case
-    calls = _spy(monkeypatch)
+    calls = spy(monkeypatch, "forward")
     _check(_gpu_case(b, n, m, h, hkv, d, bq, bk, dtype, valid), bq, bk, dtype)
     assert calls == [1]  # the Gluon kernel ran, not the Triton fallback
 
@@ -329,7 +297,7 @@ def test_gpu_gluon_forward_matches_reference(case, d, dtype, monkeypatch):
 def test_gpu_what_gluon_cannot_read_runs_the_triton_forward(monkeypatch):
     """B > 1 with M not a multiple of block_k (a tail tile would read the next batch): usable
     refuses, the Triton forward serves, the result is still the reference's."""
-    calls = _spy(monkeypatch)
+    calls = spy(monkeypatch, "forward")
     _check(_gpu_case(2, 500, 1000, 2, 1, 128, 128, 64, torch.bfloat16, False), 128, 64,
            torch.bfloat16)
     assert calls == []

@@ -9,7 +9,6 @@ Shapes: B batch, N query length, M key length, H query heads, Hkv key/value head
 from __future__ import annotations
 
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,43 +23,29 @@ from attnrt.kernels.block_sparse import (
 )
 from attnrt.kernels.block_sparse import launch as bs_launch
 from tests.conftest import TOLERANCE, rel_l2
+from tests.kernels.block_sparse_gluon_helpers import (
+    BLOCKS,
+    cuda_like,
+    fake_module,
+    fresh_gluon_path,
+    inputs,
+    spy,
+)
 
-BLOCKS = [(128, 128), (128, 64), (64, 64)]
 _SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
 @pytest.fixture(autouse=True)
-def fresh_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test starts with the shipped switch tables and no Gluon module imported."""
-    monkeypatch.setattr(options, "GLUON_FORWARD", dict(options.GLUON_FORWARD))
-    monkeypatch.setattr(options, "GLUON_BACKWARD", dict(options.GLUON_BACKWARD))
-    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {})
-
-
-@pytest.fixture(autouse=True)
-def nan_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every kernel output starts as NaN, so an element the kernel never wrote fails a test."""
-    monkeypatch.setattr(bs_launch, "_alloc", lambda shape, dtype, device: torch.full(
-        shape, float("nan"), dtype=dtype, device=device))
+def fresh_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with the shipped switch tables, no Gluon module imported, and
+    NaN-filled kernel outputs."""
+    fresh_gluon_path(monkeypatch)
 
 
 def _gluon():
     from attnrt.kernels.block_sparse import gluon_bwd_sm90
 
     return gluon_bwd_sm90
-
-
-def _inputs(b=1, n=256, m=256, h=2, hkv=1, d=64, bq=128, bk=64, dtype=torch.float16,
-            device="cpu"):
-    q = torch.randn(b, n, h, d, dtype=dtype, device=device)
-    k = torch.randn(b, m, hkv, d, dtype=dtype, device=device)
-    nqb, nkb = -(-n // bq), -(-m // bk)
-    index, count = block_mask_to_index(torch.ones(b, h, nqb, nkb, dtype=torch.bool))
-    return q, k, k.clone(), index.to(device), count.to(device)
-
-
-def _cuda_like(q):
-    return SimpleNamespace(is_cuda=True, shape=q.shape)
 
 
 # --- the switch -------------------------------------------------------------------------------
@@ -99,7 +84,7 @@ def test_the_backward_switch_refuses_block_sizes_without_a_gluon_kernel():
 # --- usable -----------------------------------------------------------------------------------
 
 def test_usable_refuses_cpu_tensors_by_device():
-    q, k, v, _, _ = _inputs()
+    q, k, v, _, _ = inputs()
     assert "device=cpu" in _gluon().usable(q, k, v, q, None, None, 128, 64, False)
 
 
@@ -117,16 +102,16 @@ def test_usable_names_each_limit(monkeypatch, change, reason):
     monkeypatch.setattr(gluon, "_device_reason", lambda q: None)
     args = {"b": 1, "n": 256, "m": 256, "d": 64, "bq": 128, "bk": 64, "dtype": torch.float16,
             **change}
-    q, k, v, _, _ = _inputs(**args)
+    q, k, v, _, _ = inputs(**args)
     assert gluon.usable(q, k, v, q, None, None, args["bq"], args["bk"], False) == reason
-    q, k, v, _, _ = _inputs(n=1000, m=900)  # tails are fine with B = 1
+    q, k, v, _, _ = inputs(n=1000, m=900)  # tails are fine with B = 1
     assert gluon.usable(q, k, v, q, None, None, 128, 64, False) is None
 
 
 def test_usable_refuses_row_masks_deterministic_mode_and_what_tma_cannot_read(monkeypatch):
     gluon = _gluon()
     monkeypatch.setattr(gluon, "_device_reason", lambda q: None)
-    q, k, v, index, _ = _inputs(bq=64, bk=64)
+    q, k, v, index, _ = inputs(bq=64, bk=64)
     row_mask = torch.ones(index.shape, dtype=torch.int64)
     assert gluon.usable(q, k, v, q, None, row_mask, 64, 64, False) == \
         "row_mask is given (supported: None)"
@@ -159,49 +144,41 @@ def test_usable_refuses_row_statistics_past_int32_offsets(monkeypatch):
 
 # --- the path: switch, fallback, compile failure ----------------------------------------------
 
-def _fake_module(calls: list, reason=None, error: BaseException | None = None):
-    def backward(*args):
-        calls.append(args)
-        if error is not None:
-            raise error
-
-    return SimpleNamespace(usable=lambda *a: reason, backward=backward)
-
-
 def test_the_path_is_not_looked_up_when_off_or_on_cpu(monkeypatch):
     def unexpected(kind="forward"):
         raise AssertionError("the Gluon module was looked up")
 
     monkeypatch.setattr(gluon_path, "module", unexpected)
-    q, k, v, _, _ = _inputs()
-    assert not gluon_path.backward_usable(_cuda_like(q), k, v, q, None, 128, 64, False)
+    q, k, v, _, _ = inputs()
+    assert not gluon_path.backward_usable(cuda_like(q), k, v, q, None, 128, 64, False)
     with options.gluon_backward():
         assert not gluon_path.backward_usable(q, k, v, q, None, 128, 64, False)  # CPU
 
 
 def test_the_path_runs_the_kernel_where_switched_on_and_usable(monkeypatch):
     calls: list = []
-    q, k, v, _, _ = _inputs()
-    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"backward": _fake_module(calls)})
+    q, k, v, _, _ = inputs()
+    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"backward": fake_module("backward", calls)})
     with options.gluon_backward(blocks=[(128, 64)]):
-        assert gluon_path.backward_usable(_cuda_like(q), k, v, q, None, 128, 64, False)
-        assert not gluon_path.backward_usable(_cuda_like(q), k, v, q, None, 128, 128, False)
+        assert gluon_path.backward_usable(cuda_like(q), k, v, q, None, 128, 64, False)
+        assert not gluon_path.backward_usable(cuda_like(q), k, v, q, None, 128, 128, False)
     args = (q, k, v, q, "lse2", "delta", "k2q", "cnt", None, 128, 64, 0.5, "acc", "dk", "dv")
     assert gluon_path.backward(*args) is True
     assert calls == [args]
-    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"backward": _fake_module(calls, "dtype=...")})
+    monkeypatch.setattr(gluon_path.SWITCH, "loaded",
+                        {"backward": fake_module("backward", calls, "dtype=...")})
     with options.gluon_backward():
-        assert not gluon_path.backward_usable(_cuda_like(q), k, v, q, None, 128, 64, False)
+        assert not gluon_path.backward_usable(cuda_like(q), k, v, q, None, 128, 64, False)
     assert gluon_path.backward(*args) is False
     assert len(calls) == 1
 
 
 def test_a_backward_module_that_does_not_import_turns_only_it_off_once(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "attnrt.kernels.block_sparse.gluon_bwd_sm90", None)
-    q, k, v, _, _ = _inputs()
+    q, k, v, _, _ = inputs()
     with caplog.at_level("WARNING", logger="attnrt"), options.gluon_backward():
         for _ in range(2):
-            assert not gluon_path.backward_usable(_cuda_like(q), k, v, q, None, 128, 64, False)
+            assert not gluon_path.backward_usable(cuda_like(q), k, v, q, None, 128, 64, False)
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
     assert "Gluon backward is off" in message
@@ -213,14 +190,14 @@ def test_a_compile_failure_turns_the_backward_off_once_and_runtime_errors_propag
         monkeypatch, caplog):
     from triton.compiler.errors import CompilationError
 
-    q, k, v, _, _ = _inputs()
+    q, k, v, _, _ = inputs()
     args = (q, k, v, q, None, None, None, None, None, 128, 64, 1.0, None, None, None)
     calls: list = []
-    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"backward": _fake_module(
+    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"backward": fake_module("backward",
         calls, error=RuntimeError("CUDA error: an illegal memory access"))})
     with pytest.raises(RuntimeError, match="illegal memory access"):
         gluon_path.backward(*args)
-    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"backward": _fake_module(
+    monkeypatch.setattr(gluon_path.SWITCH, "loaded", {"backward": fake_module("backward",
         calls, error=CompilationError(None, None, "simulated"))})
     with caplog.at_level("WARNING", logger="attnrt"):
         assert gluon_path.backward(*args) is False
@@ -252,7 +229,7 @@ def _grads_through(monkeypatch, serve: bool, deterministic: bool = False):
     monkeypatch.setattr(gluon_path, "backward_usable", usable)
     monkeypatch.setattr(gluon_path, "backward", backward)
     q, k, v, index, count = (t.requires_grad_() if t.is_floating_point() else t
-                             for t in _inputs(n=128, m=128, bq=64, bk=64))
+                             for t in inputs(n=128, m=128, bq=64, bk=64))
     out = block_sparse_attention(q, k, v, index, count, block_q=64, block_k=64,
                                  deterministic=deterministic)
     out.sum().backward()
@@ -320,15 +297,6 @@ def _gpu_case(b, n, m, h, hkv, d, bq, bk, dtype, valid, seed=0):
     return q, k, v, index.cuda(), count.cuda(), kv
 
 
-def _spy(monkeypatch) -> list[int]:
-    gluon = gluon_path.module("backward")
-    assert gluon is not None, "the GPU machine's Triton should import the Gluon backward"
-    calls: list[int] = []
-    real = gluon.backward
-    monkeypatch.setattr(gluon, "backward", lambda *a: calls.append(1) or real(*a))
-    return calls
-
-
 def _grads(fn, q, k, v, index, count, bq, bk, kv, seed):
     out, lse = fn(q, k, v, index, count, block_q=bq, block_k=bk, key_block_valid=kv,
                   return_lse=True)
@@ -374,7 +342,7 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_gpu_gluon_backward_matches_reference(case, d, dtype, monkeypatch):
     b, n, m, h, hkv, bq, bk, valid = case
-    calls = _spy(monkeypatch)
+    calls = spy(monkeypatch, "backward")
     _check(_gpu_case(b, n, m, h, hkv, d, bq, bk, dtype, valid), bq, bk, dtype)
     assert calls == [1]  # the Gluon kernel ran, not the Triton fallback
 
@@ -384,7 +352,7 @@ def test_gpu_gluon_backward_matches_reference(case, d, dtype, monkeypatch):
 def test_gpu_what_gluon_cannot_serve_runs_the_triton_backward(monkeypatch):
     """B > 1 with N not a multiple of block_q, and deterministic mode: the Triton backward
     serves, the gradients are still the reference's."""
-    calls = _spy(monkeypatch)
+    calls = spy(monkeypatch, "backward")
     _check(_gpu_case(2, 500, 1024, 2, 1, 128, 128, 64, torch.bfloat16, False), 128, 64,
            torch.bfloat16)
     previous = torch.are_deterministic_algorithms_enabled()
