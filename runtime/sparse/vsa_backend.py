@@ -18,8 +18,8 @@ import torch
 
 from ..interfaces import AttentionBackend, ScaledImpl
 from ..selection.capability import ARCH, PLATFORM, Package, Reason
-from .vsa import video_sparse_attention
-from .vsa_layout import tile, untile
+from .vsa import check_gate_and_length, video_sparse_attention
+from .vsa_layout import CUBE_TOKENS, tile, untile
 from .vsa_metadata import (
     VideoSparseAttentionMetadata,
     VideoSparseAttentionMetadataBuilder,
@@ -103,11 +103,19 @@ class VideoSparseAttentionImpl(ScaledImpl[VideoSparseAttentionMetadata]):
         attn_metadata: VideoSparseAttentionMetadata,
     ) -> torch.Tensor:
         """Tiled query, gate_compress [B, S, H, D], key, value [B, S, Hkv, D] -> [B, S, H, D]."""
-        md = check_metadata(attn_metadata)
-        sizes = md.variable_block_sizes
-        return video_sparse_attention(query, key, value, gate_compress, sizes,
-                                      cur_topk(md.VSA_sparsity, sizes.numel()),
+        sizes, topk = self.cubes(query, key, gate_compress, attn_metadata)
+        return video_sparse_attention(query, key, value, gate_compress, sizes, topk,
                                       self.softmax_scale)
+
+    @staticmethod
+    def cubes(query: torch.Tensor, key: torch.Tensor, gate_compress: object,
+              attn_metadata: object) -> tuple[torch.Tensor, int]:
+        """(per-cube valid counts int32 [C], contiguous; key cubes kept per query cube) of a
+        checked metadata, after the gate and sequence-length checks every VSA impl makes."""
+        md = check_metadata(attn_metadata)
+        sizes = md.variable_block_sizes.to(torch.int32).contiguous()
+        check_gate_and_length(query, key, gate_compress, sizes.numel() * CUBE_TOKENS)
+        return sizes, cur_topk(md.VSA_sparsity, sizes.numel())
 
 
 class VideoSparseAttentionBackend(AttentionBackend):

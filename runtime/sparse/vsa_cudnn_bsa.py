@@ -24,15 +24,14 @@ import torch
 
 from ..errors import BackendUnavailableError
 from ..selection.capability import DTYPE, GQA, HEAD_SIZE, Package, Reason, package_status
-from .vsa import check_gate_and_length, vsa_with_fine_stage
+from .vsa import vsa_with_fine_stage
 from .vsa_backend import (
     VideoSparseAttentionBackend,
     VideoSparseAttentionImpl,
     _sm_major,
-    check_metadata,
 )
 from .vsa_layout import CUBE_TOKENS
-from .vsa_metadata import VideoSparseAttentionMetadata, VSAInputError, VSATypeError, cur_topk
+from .vsa_metadata import VideoSparseAttentionMetadata, VSAInputError, VSATypeError
 
 if TYPE_CHECKING:
     from ..selection.device import Device
@@ -143,14 +142,11 @@ class CudnnBsaVSAImpl(VideoSparseAttentionImpl):
         attn_metadata: VideoSparseAttentionMetadata,
     ) -> torch.Tensor:
         """Tiled query, gate_compress [B, S, H, D], key, value [B, S, Hkv, D] -> [B, S, H, D]."""
-        md = check_metadata(attn_metadata)
-        sizes = md.variable_block_sizes
-        check_gate_and_length(query, key, gate_compress, sizes.numel() * CUBE_TOKENS)
+        sizes, topk = self.cubes(query, key, gate_compress, attn_metadata)
         check_bsa_tensors(query, key, value)
         fine = functools.partial(bsa_fine_stage, vendor_function())
-        return vsa_with_fine_stage(query, key, value, gate_compress, sizes.to(torch.int32),
-                                   cur_topk(md.VSA_sparsity, sizes.numel()), self.softmax_scale,
-                                   fine)
+        return vsa_with_fine_stage(query, key, value, gate_compress, sizes, topk,
+                                   self.softmax_scale, fine)
 
 
 class CudnnBsaVSABackend(VideoSparseAttentionBackend):

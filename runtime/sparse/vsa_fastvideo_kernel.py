@@ -17,10 +17,9 @@ import torch
 
 from ..errors import BackendUnavailableError
 from ..selection.capability import Package, package_status
-from .vsa import check_gate_and_length
-from .vsa_backend import VideoSparseAttentionBackend, VideoSparseAttentionImpl, check_metadata
-from .vsa_layout import CUBE_TOKENS, VSA_TILE_SIZE
-from .vsa_metadata import VideoSparseAttentionMetadata, VSAInputError, cur_topk
+from .vsa_backend import VideoSparseAttentionBackend, VideoSparseAttentionImpl
+from .vsa_layout import VSA_TILE_SIZE
+from .vsa_metadata import VideoSparseAttentionMetadata, VSAInputError
 
 NAME = "FASTVIDEO_KERNEL_VSA"
 PACKAGE = Package("fastvideo_kernel", dist="fastvideo-kernel",
@@ -54,16 +53,13 @@ class FastVideoKernelVSAImpl(VideoSparseAttentionImpl):
         attn_metadata: VideoSparseAttentionMetadata,
     ) -> torch.Tensor:
         """Tiled [B, S, H, D] in and out; the package sees [B, H, S, D]."""
-        md = check_metadata(attn_metadata)
-        sizes = md.variable_block_sizes
-        check_gate_and_length(query, key, gate_compress, sizes.numel() * CUBE_TOKENS)
+        sizes, topk = self.cubes(query, key, gate_compress, attn_metadata)
         if key.shape[2] != query.shape[2]:
             raise VSAInputError(f"num_kv_heads={key.shape[2]} is not allowed for {NAME}; it "
                                 f"must equal num_heads={query.shape[2]}")
         fn = vendor_function()
         q, k, v, g = (t.transpose(1, 2).contiguous() for t in (query, key, value, gate_compress))
-        out = fn(q, k, v, sizes, sizes, cur_topk(md.VSA_sparsity, sizes.numel()),
-                 block_size=VSA_TILE_SIZE, compress_attn_weight=g)
+        out = fn(q, k, v, sizes, sizes, topk, block_size=VSA_TILE_SIZE, compress_attn_weight=g)
         return out.transpose(1, 2)
 
 
