@@ -25,7 +25,7 @@ import torch
 
 from attnrt.engine.errors import TraceError
 from attnrt.kernels.gluon_host import INT32 as _INT32
-from attnrt.kernels.gluon_host import GluonSwitch, tma_reason
+from attnrt.kernels.gluon_host import GluonSwitch, dtype_reason, tma_reason
 from attnrt.kernels.gluon_host import device_reason as _device_reason
 
 if TYPE_CHECKING:
@@ -38,7 +38,6 @@ _SCOPED: ContextVar[bool | None] = ContextVar("attnrt_engine_gluon_forward", def
 # and retention variants spilled 32-168 bytes compiled for sm90 with Triton 3.6).
 BLOCK_N = {False: 128, True: 64}
 HEAD_SIZES = (64, 128)
-DTYPES = (torch.float16, torch.bfloat16)
 BLOCK_M = 128  # query rows per program (two warpgroups of 64)
 _STATE: dict[str, str | None] = {"served": None}
 _SWITCH = GluonSwitch("AttentionEngine")  # its turned-off state; the modules are generated
@@ -84,11 +83,9 @@ def reason(run: EngineRun, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     d, dv = q.shape[-1], v.shape[-1]
     if call.varlen is not None:
         return "variable-length inputs (cu_len_q / cu_len_kv) are not generated for Gluon"
-    found = _device_reason(q)
+    found = _device_reason(q) or dtype_reason(q)
     if found is not None:
         return found
-    if q.dtype not in DTYPES:
-        return f"dtype={q.dtype} (supported: {', '.join(map(str, DTYPES))})"
     if d not in HEAD_SIZES or dv not in HEAD_SIZES:
         return f"head sizes D={d}, Dv={dv} (supported: {', '.join(map(str, HEAD_SIZES))})"
     block_n = block_n_of(run)

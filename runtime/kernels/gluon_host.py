@@ -28,6 +28,16 @@ def device_reason(q: torch.Tensor) -> str | None:
     return None
 
 
+DTYPES = (torch.float16, torch.bfloat16)  # what the Gluon kernels' wgmma operands take
+
+
+def dtype_reason(q: torch.Tensor) -> str | None:
+    """Why q's dtype cannot run a Gluon sm90 kernel, or None."""
+    if q.dtype not in DTYPES:
+        return f"dtype={q.dtype} (supported: {', '.join(map(str, DTYPES))})"
+    return None
+
+
 def max_offset(t: torch.Tensor) -> int:
     """The largest element offset any index of t reaches from its first element."""
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))

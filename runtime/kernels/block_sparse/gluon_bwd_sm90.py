@@ -68,10 +68,10 @@ from attnrt.kernels.flash.gluon_bwd_sm90 import (
 from attnrt.kernels.flash.gluon_fwd_sm90 import grouped_program, tma_descriptor
 from attnrt.kernels.gluon_host import INT32 as _INT32
 from attnrt.kernels.gluon_host import device_reason as _device_reason
+from attnrt.kernels.gluon_host import dtype_reason, tma_reason
 from attnrt.kernels.gluon_host import max_offset as _max_offset
-from attnrt.kernels.gluon_host import tma_reason
 
-from .gluon_fwd_sm90 import DTYPES, PRODUCER_REGS
+from .gluon_fwd_sm90 import PRODUCER_REGS
 
 MODES = {(128, 128): "whole", (128, 64): "pair", (64, 64): "pair"}
 HALF = gl.constexpr(64)  # keys per consumer warpgroup
@@ -439,8 +439,9 @@ def _bwd_kernel(q_desc, k_desc, v_desc, do_desc, lse2_ptr, delta_ptr, dq_desc, d
 
 def _tensor_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    dout: torch.Tensor) -> str | None:
-    if q.dtype not in DTYPES:
-        return f"dtype={q.dtype} (supported: {', '.join(map(str, DTYPES))})"
+    reason = dtype_reason(q)
+    if reason is not None:
+        return reason
     if q.shape[3] not in SUPPORTED_HEAD_SIZES:
         return f"head_size={q.shape[3]} (supported: {', '.join(map(str, SUPPORTED_HEAD_SIZES))})"
     return tma_reason((("q", q), ("k", k), ("v", v), ("dout", dout)))

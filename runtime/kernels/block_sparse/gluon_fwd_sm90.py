@@ -61,11 +61,10 @@ from attnrt.kernels.flash.gluon_fwd_sm90 import (
 from attnrt.kernels.gluon_compat import tma_load as _tma_load
 from attnrt.kernels.gluon_host import INT32 as _INT32
 from attnrt.kernels.gluon_host import device_reason as _device_reason
+from attnrt.kernels.gluon_host import dtype_reason, tma_reason
 from attnrt.kernels.gluon_host import max_offset as _max_offset
-from attnrt.kernels.gluon_host import tma_reason
 
 MODES = {(128, 64): "shared", (128, 128): "shared", (64, 64): "split"}
-DTYPES = (torch.float16, torch.bfloat16)
 STAGES = 2  # slots per K and V ring (as the dense kernel; `forward` takes others for trials)
 HALF = gl.constexpr(64)  # query rows per consumer warpgroup
 PRODUCER_REGS = gl.constexpr(24)
@@ -357,11 +356,9 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: torch
                 f"{', '.join(f'{bq}x{bk}' for bq, bk in MODES)})")
     if row_mask is not None:
         return "row_mask is given (supported: None)"
-    reason = _device_reason(q)
+    reason = _device_reason(q) or dtype_reason(q)
     if reason is not None:
         return reason
-    if q.dtype not in DTYPES:
-        return f"dtype={q.dtype} (supported: {', '.join(map(str, DTYPES))})"
     if d not in SUPPORTED_HEAD_SIZES:
         return f"head_size={d} (supported: {', '.join(map(str, SUPPORTED_HEAD_SIZES))})"
     reason = tma_reason((("q", q), ("k", k), ("v", v)))
