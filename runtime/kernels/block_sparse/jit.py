@@ -28,21 +28,27 @@ def _listed_rows(idx_row, t, stride_t, count, VALID, M, HAS_VALID: tl.constexpr,
     them hold a valid token (entries past count and rows past a block's valid count do not).
     One block a step reads its entry as a scalar: its rows are then provably contiguous, which
     the H100 ran 15% faster than the gathered form (bench/NOTES-sparse.md, run 3)."""
+    # One return statement: Triton 3.6 types every return of a function, pruned or not.
     if STEP == 1:
-        first = tl.load(idx_row + t * stride_t) * BLOCK
-        within1 = tl.arange(0, BLOCK)
-        valid1 = tl.load(VALID + first // BLOCK) if HAS_VALID else tl.minimum(BLOCK, M - first)
-        return first + within1, within1 < valid1
-    cols = tl.arange(0, STEP * BLOCK)
-    j = t + cols // BLOCK
-    listed = j < count
-    start = tl.load(idx_row + j * stride_t, mask=listed, other=0) * BLOCK
-    within = cols % BLOCK
-    if HAS_VALID:
-        n_valid = tl.load(VALID + start // BLOCK, mask=listed, other=0)
+        start = tl.load(idx_row + t * stride_t) * BLOCK
+        within = tl.arange(0, BLOCK)
+        if HAS_VALID:
+            n_valid = tl.load(VALID + start // BLOCK)
+        else:
+            n_valid = tl.minimum(BLOCK, M - start)
+        ok = within < n_valid
     else:
-        n_valid = tl.minimum(BLOCK, M - start)
-    return start + within, listed & (within < n_valid)
+        cols = tl.arange(0, STEP * BLOCK)
+        j = t + cols // BLOCK
+        listed = j < count
+        start = tl.load(idx_row + j * stride_t, mask=listed, other=0) * BLOCK
+        within = cols % BLOCK
+        if HAS_VALID:
+            n_valid = tl.load(VALID + start // BLOCK, mask=listed, other=0)
+        else:
+            n_valid = tl.minimum(BLOCK, M - start)
+        ok = listed & (within < n_valid)
+    return start + within, ok
 
 
 @triton.jit
@@ -72,10 +78,12 @@ def _row_bits(mask_row, t, stride_t, count, first_bit, TILE_Q: tl.constexpr,
     bit = first_bit + tl.arange(0, TILE_Q)
     if STEP == 1:
         word = tl.load(mask_row + t * stride_t)
-        return ((word >> bit) & 1)[:, None] != 0
-    j = t + tl.arange(0, STEP * BLOCK) // BLOCK
-    words = tl.load(mask_row + j * stride_t, mask=j < count, other=0)
-    return ((words[None, :] >> bit[:, None]) & 1) != 0
+        bits = ((word >> bit) & 1)[:, None] != 0
+    else:
+        j = t + tl.arange(0, STEP * BLOCK) // BLOCK
+        words = tl.load(mask_row + j * stride_t, mask=j < count, other=0)
+        bits = ((words[None, :] >> bit[:, None]) & 1) != 0
+    return bits
 
 
 @triton.jit(do_not_specialize=["N", "M"])
@@ -178,9 +186,11 @@ def _query_bits(dense_col, s_qb, list_row, t, rows, ok, BLOCK_Q: tl.constexpr,
     from the dense [NQB] column of words at dense_col (stride s_qb)."""
     if STEP == 1:
         word = tl.load(dense_col + tl.load(list_row + t) * s_qb)
-        return ((word >> tl.arange(0, BLOCK_Q)) & 1) != 0
-    words = tl.load(dense_col + (rows // BLOCK_Q) * s_qb, mask=ok, other=0)
-    return ((words >> (rows % BLOCK_Q)) & 1) != 0
+        bits = ((word >> tl.arange(0, BLOCK_Q)) & 1) != 0
+    else:
+        words = tl.load(dense_col + (rows // BLOCK_Q) * s_qb, mask=ok, other=0)
+        bits = ((words >> (rows % BLOCK_Q)) & 1) != 0
+    return bits
 
 
 @triton.jit
@@ -190,11 +200,13 @@ def _dkdv_rows(list_row, t, count, N, BLOCK_Q: tl.constexpr, STEP: tl.constexpr,
     with ROWS < BLOCK_Q (STEP == 1), part t % (BLOCK_Q // ROWS) of entry t // (BLOCK_Q //
     ROWS): ROWS contiguous rows."""
     if ROWS == BLOCK_Q:
-        return _listed_rows(list_row, t, 1, count, list_row, N, False, BLOCK_Q, STEP)
-    first = (tl.load(list_row + t // (BLOCK_Q // ROWS)) * BLOCK_Q
-             + (t % (BLOCK_Q // ROWS)) * ROWS)
-    rows = first + tl.arange(0, ROWS)
-    return rows, rows < N
+        rows, ok = _listed_rows(list_row, t, 1, count, list_row, N, False, BLOCK_Q, STEP)
+    else:
+        first = (tl.load(list_row + t // (BLOCK_Q // ROWS)) * BLOCK_Q
+                 + (t % (BLOCK_Q // ROWS)) * ROWS)
+        rows = first + tl.arange(0, ROWS)
+        ok = rows < N
+    return rows, ok
 
 
 @triton.jit
