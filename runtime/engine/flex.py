@@ -10,6 +10,7 @@ FlexAttention runs eagerly (unfused, for correctness only).
 
 from __future__ import annotations
 
+import logging
 from functools import cache
 from typing import Any
 
@@ -53,6 +54,7 @@ class FlexRunner:
         self.state: dict[str, Any] = {}
         self.masks: dict[tuple, Any] = {}
         self.fns: dict[tuple, tuple[Any, Any]] = {}
+        self.kernel_options: dict[str, int] | None = None  # set once the defaults overflow
 
     def functions(self, call: Call) -> tuple[Any, Any]:
         """(score_mod or None, mask_mod) for the call's layout kind."""
@@ -100,10 +102,36 @@ class FlexRunner:
         self._fill(call)
         q, k, v = (t.transpose(1, 2) for t in (call.q, call.k, call.v))
         run = _compiled() if q.device.type == "cuda" else flex_attention
-        score_mod = self.functions(call)[0]
-        out = run(q, k, v, score_mod=score_mod, block_mask=self.block_mask(call),
-                  scale=1.0 if scale is None else scale, enable_gqa=q.shape[1] != k.shape[1])
+        args = {"score_mod": self.functions(call)[0], "block_mask": self.block_mask(call),
+                "scale": 1.0 if scale is None else scale, "enable_gqa": q.shape[1] != k.shape[1]}
+        if self.kernel_options is not None:
+            args["kernel_options"] = self.kernel_options
+        try:
+            out = run(q, k, v, **args)
+        except Exception as exc:
+            if self.kernel_options is not None or not out_of_shared_memory(exc):
+                raise
+            # Inductor's default tiles for a variant whose captured tensors take gradients
+            # can ask for more shared memory than the GPU has (torch 2.11, H100/H200, D=64):
+            # compile this variant once more with smaller tiles and one stage.
+            logging.getLogger("attnrt").warning(
+                "FlexAttention: %s; this variant compiles with kernel_options=%s instead",
+                str(exc).splitlines()[0][:200], SMALL_TILES)
+            self.kernel_options = args["kernel_options"] = dict(SMALL_TILES)
+            out = run(q, k, v, **args)
         return out.transpose(1, 2)
+
+
+# Tiles FlexAttention's Triton templates accept on every supported GPU (forward: BLOCK_M,
+# BLOCK_N; backward: BLOCK_M1/N1 for dK/dV, BLOCK_M2/N2 for dQ), with one pipeline stage.
+SMALL_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64,
+               "BLOCK_N2": 32, "num_stages": 1}
+
+
+def out_of_shared_memory(exc: BaseException) -> bool:
+    """Whether a compile error is Triton's shared-memory limit (Inductor wraps it)."""
+    text = str(exc)
+    return "out of resource" in text and "Hardware limit" in text
 
 
 def run_flex(engine: Any, call: Call, scale: float | None) -> torch.Tensor:

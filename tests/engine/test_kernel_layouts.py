@@ -138,6 +138,43 @@ def test_flex_forward_matches_the_reference(name):
     assert rel_l2(out, ref) < TOLERANCE[torch.float32]
 
 
+def test_flex_compiles_again_with_small_tiles_once_the_default_ones_overflow(monkeypatch):
+    """Inductor's default tiles overflowed shared memory for relpos_bias with its gradient
+    (torch 2.11, H200, D=64): the runner retries once with SMALL_TILES and keeps them; any
+    other error, or an overflow with the small tiles, propagates."""
+    import torch.nn.attention.flex_attention as fa
+
+    from attnrt.engine import flex
+
+    real, seen = fa.flex_attention, []
+
+    def stand_in(q, k, v, **kwargs):
+        seen.append(kwargs.get("kernel_options"))
+        if len(seen) == 1:
+            raise RuntimeError("No valid triton configs. OutOfMemoryError: out of resource: "
+                               "triton_tem Required: 245760 Hardware limit:232448")
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(fa, "flex_attention", stand_in)
+    case = CASES["relpos_bias"]()
+    q, k, v, custom, layout = case.inputs(1, 40, 2, 16, torch.float32, "cpu")
+    engine = case.make("flex")
+    out = engine(q, k, v, custom, **layout)
+    ref = case.make("reference")(q.double(), k.double(), v.double(),
+                                 [c.double() for c in custom], **layout)
+    assert rel_l2(out, ref) < TOLERANCE[torch.float32]
+    engine(q, k, v, custom, **layout)
+    assert seen == [None, flex.SMALL_TILES, flex.SMALL_TILES]
+    assert not flex.out_of_shared_memory(RuntimeError("out of resource: registers"))
+
+    def always(q, k, v, **kwargs):
+        raise RuntimeError("No valid triton configs. out of resource: Hardware limit:232448")
+
+    monkeypatch.setattr(fa, "flex_attention", always)
+    with pytest.raises(RuntimeError, match="Hardware limit"):
+        engine(q, k, v, custom, **layout)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["alibi", "softcap", "relpos_bias", "sliding_window",
                                   "varlen_document"])

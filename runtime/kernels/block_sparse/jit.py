@@ -32,10 +32,7 @@ def _listed_rows(idx_row, t, stride_t, count, VALID, M, HAS_VALID: tl.constexpr,
     if STEP == 1:
         start = tl.load(idx_row + t * stride_t) * BLOCK
         within = tl.arange(0, BLOCK)
-        if HAS_VALID:
-            n_valid = tl.load(VALID + start // BLOCK)
-        else:
-            n_valid = tl.minimum(BLOCK, M - start)
+        n_valid = tl.load(VALID + start // BLOCK) if HAS_VALID else tl.minimum(BLOCK, M - start)
         ok = within < n_valid
     else:
         cols = tl.arange(0, STEP * BLOCK)
