@@ -15,13 +15,15 @@ from attnrt.kernels.block_sparse import block_mask_to_index, gluon_path, options
 from attnrt.kernels.block_sparse import launch as bs_launch
 
 BLOCKS = [(128, 128), (128, 64), (64, 64)]  # (block_q, block_k) with Gluon kernels
+SHIPPED = {"forward": dict(options.GLUON_FORWARD), "backward": dict(options.GLUON_BACKWARD)}
 
 
 def fresh_gluon_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The shipped switch tables, no Gluon module imported yet, and every kernel output
-    NaN-filled (so an element the kernel never wrote fails a test), undone after the test."""
-    monkeypatch.setattr(options, "GLUON_FORWARD", dict(options.GLUON_FORWARD))
-    monkeypatch.setattr(options, "GLUON_BACKWARD", dict(options.GLUON_BACKWARD))
+    """Both switch tables off (tests turn on what they use), no Gluon module imported yet,
+    and every kernel output NaN-filled (so an element the kernel never wrote fails a test),
+    undone after the test."""
+    monkeypatch.setattr(options, "GLUON_FORWARD", dict.fromkeys(options.GLUON_FORWARD, False))
+    monkeypatch.setattr(options, "GLUON_BACKWARD", dict.fromkeys(options.GLUON_BACKWARD, False))
     monkeypatch.setattr(gluon_path.SWITCH, "loaded", {})
     monkeypatch.setattr(bs_launch, "_alloc", lambda shape, dtype, device: torch.full(
         shape, float("nan"), dtype=dtype, device=device))

@@ -37,8 +37,8 @@ _SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 
 
 @pytest.fixture(autouse=True)
 def fresh_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test starts with the shipped switch tables, no Gluon module imported, and
-    NaN-filled kernel outputs."""
+    """Each test starts with both switch tables off, no Gluon module imported, and NaN-filled
+    kernel outputs."""
     fresh_gluon_path(monkeypatch)
 
 

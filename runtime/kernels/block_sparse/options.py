@@ -46,11 +46,12 @@ LAUNCH_OPTIONS: dict[str, dict[str, int]] = {
 
 # (block_q, block_k) -> whether the forward / backward runs its Gluon kernel on Hopper
 # (gluon_fwd_sm90.py / gluon_bwd_sm90.py, where its `usable` holds; the Triton kernels
-# otherwise). Off until a GPU session measures them against Triton (bench/sparse_gluon_gpu.py);
-# turn on per process with set_gluon_forward / set_gluon_backward or per call with
+# otherwise). The forward is on: 1.17-1.44x the Triton forward at every block size on an H200
+# (bench/sparse_gluon_gpu.py, bench/NOTES-sparse.md). The backward stays off until a GPU run
+# serves it. Switch per process with set_gluon_forward / set_gluon_backward or per call with
 # gluon_forward / gluon_backward.
-GLUON_FORWARD: dict[tuple[int, int], bool] = {(128, 64): False, (128, 128): False,
-                                              (64, 64): False}
+GLUON_FORWARD: dict[tuple[int, int], bool] = {(128, 64): True, (128, 128): True,
+                                              (64, 64): True}
 GLUON_BACKWARD: dict[tuple[int, int], bool] = {(128, 64): False, (128, 128): False,
                                                (64, 64): False}
 _TABLES = {"forward": "GLUON_FORWARD", "backward": "GLUON_BACKWARD"}  # read at call time
