@@ -213,7 +213,7 @@ def _grads_through(monkeypatch, serve: bool, deterministic: bool = False):
     serve and either fills dq_acc/dk/dv with 2/3/4 (serve) or reports a failure (False)."""
     seen: list = []
 
-    def usable(q, k, v, dout, row_mask, bq, bk, det):
+    def usable(q, k, v, dout, row_mask, bq, bk, det, switched_on=None):
         seen.append(det)
         return True
 
@@ -234,6 +234,28 @@ def _grads_through(monkeypatch, serve: bool, deterministic: bool = False):
                                  deterministic=deterministic)
     out.sum().backward()
     return seen, (q.grad, k.grad, v.grad)
+
+
+def test_the_backward_follows_the_switch_the_forward_saw(monkeypatch):
+    """A CUDA backward runs on autograd's device thread, where the forward's `with
+    gluon_backward()` scope is not visible (the H200 run served no Gluon backward that way):
+    the forward records the switch for its backward."""
+    seen = []
+
+    def usable(q, k, v, dout, row_mask, bq, bk, det, switched_on=None):
+        seen.append(switched_on)
+        return False
+
+    monkeypatch.setattr(gluon_path, "backward_usable", usable)
+    q, k, v, index, count = (t.requires_grad_() if t.is_floating_point() else t
+                             for t in inputs(n=128, m=128, bq=64, bk=64))
+    with options.gluon_backward(blocks=[(64, 64)]):
+        inside = block_sparse_attention(q, k, v, index, count, block_q=64, block_k=64)
+    outside = block_sparse_attention(q, k, v, index, count, block_q=64, block_k=64)
+    with options.gluon_backward(blocks=[(64, 64)]):
+        outside.sum().backward()
+    inside.sum().backward()
+    assert seen == [False, True]
 
 
 @pytest.mark.interpret

@@ -64,10 +64,14 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tens
 
 def backward_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
                     row_mask: torch.Tensor | None, block_q: int, block_k: int,
-                    deterministic: bool) -> bool:
+                    deterministic: bool, switched_on: bool | None = None) -> bool:
     """Whether the Gluon backward is switched on for these block sizes and can serve the
-    inputs (checked before the transposed lists are built; `backward` checks them too)."""
-    if not (q.is_cuda and gluon_backward_on(block_q, block_k)):
+    inputs (checked before the transposed lists are built; `backward` checks them too).
+    switched_on: the switch as the forward saw it (autograd runs a CUDA backward on its own
+    thread, where a `gluon_backward()` block's scope is not visible); None reads it here."""
+    if switched_on is None:
+        switched_on = gluon_backward_on(block_q, block_k)
+    if not (q.is_cuda and switched_on):
         return False
     gluon = module("backward")
     return gluon is not None and gluon.usable(q, k, v, dout, None, row_mask, block_q, block_k,

@@ -16,7 +16,7 @@ import torch
 from .. import cdiv, next_power_of_2
 from . import gluon_path
 from .jit import _compact_kernel, _dkdv_kernel, _dq_kernel, _fwd_kernel
-from .options import KERNELS, Plan, check_fits, fitting_plans, wanted_plan
+from .options import KERNELS, Plan, check_fits, fitting_plans, gluon_backward_on, wanted_plan
 from .reference import dense_row_mask, index_to_block_mask
 
 LOG2E = 1.4426950408889634
@@ -171,7 +171,7 @@ def _backward(ctx, dout, dlse):
     dk = _alloc(tuple(k.shape), k.dtype, k.device)
     dv = _alloc(tuple(v.shape), v.dtype, v.device)
     if gluon_path.backward_usable(q, k, v, dout, row_mask, block_q, block_k,
-                                  ctx.deterministic):
+                                  ctx.deterministic, ctx.gluon_backward):
         k2q, k2q_count = transpose_lists(index, count, cdiv(m, block_k))
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         if gluon_path.backward(q, k, v, dout, lse2, delta, k2q, k2q_count, valid, block_q,
@@ -232,6 +232,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, index, count, valid, row_mask)
         ctx.block_q, ctx.block_k, ctx.scale = block_q, block_k, scale
         ctx.deterministic = deterministic
+        # The switch as it stands now: the backward may run on autograd's device thread.
+        ctx.gluon_backward = gluon_backward_on(block_q, block_k)
         ctx.set_materialize_grads(False)  # an unused lse sends None, not a zero tensor
         return out, lse
 
