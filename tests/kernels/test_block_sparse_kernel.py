@@ -17,6 +17,7 @@ from attnrt.kernels.block_sparse import (
     block_sparse_attention_reference,
 )
 from attnrt.kernels.block_sparse import launch as bs_launch
+from attnrt.kernels.block_sparse import options as bs_options
 from tests.conftest import TOLERANCE, rel_l2
 
 HAS_CUDA = torch.cuda.is_available()
@@ -25,8 +26,12 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 @pytest.fixture(autouse=True)
 def nan_buffers(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
-    """Every kernel output starts as NaN, so an element the kernel never wrote fails a test."""
+    """Every kernel output starts as NaN, so an element the kernel never wrote fails a test;
+    the Gluon switches are off, as these tests are the Triton kernels' (the Gluon kernels have
+    test_block_sparse_gluon.py and test_block_sparse_gluon_bwd.py)."""
     made: list[torch.Tensor] = []
+    for table in ("GLUON_FORWARD", "GLUON_BACKWARD"):
+        monkeypatch.setattr(bs_options, table, dict.fromkeys(getattr(bs_options, table), False))
 
     def alloc(shape, dtype, device):
         t = torch.full(shape, float("nan"), dtype=dtype, device=device)

@@ -46,13 +46,14 @@ LAUNCH_OPTIONS: dict[str, dict[str, int]] = {
 
 # (block_q, block_k) -> whether the forward / backward runs its Gluon kernel on Hopper
 # (gluon_fwd_sm90.py / gluon_bwd_sm90.py, where its `usable` holds; the Triton kernels
-# otherwise). The forward is on: 1.17-1.44x the Triton forward at every block size on an H200
-# (bench/sparse_gluon_gpu.py, bench/NOTES-sparse.md). The backward stays off until a GPU run
-# serves it. Switch per process with set_gluon_forward / set_gluon_backward or per call with
-# gluon_forward / gluon_backward.
+# otherwise), from bench/sparse_gluon_gpu.py --quick (bench/NOTES-sparse.md, run 5: H100,
+# H=40, D=128, bf16, 12.5% kept, N=16384/32768). Forward on: 1.20-1.38x the Triton forward.
+# Backward on at 128x128 (fwd+bwd 1.45x the Triton backward's, 7.2x dense cuDNN) and 128x64
+# (1.06x); off at 64x64 (1.00x: no gain for a dQ summed in a varying order). Switch per process
+# with set_gluon_forward / set_gluon_backward or per call with gluon_forward / gluon_backward.
 GLUON_FORWARD: dict[tuple[int, int], bool] = {(128, 64): True, (128, 128): True,
                                               (64, 64): True}
-GLUON_BACKWARD: dict[tuple[int, int], bool] = {(128, 64): False, (128, 128): False,
+GLUON_BACKWARD: dict[tuple[int, int], bool] = {(128, 64): True, (128, 128): True,
                                                (64, 64): False}
 _TABLES = {"forward": "GLUON_FORWARD", "backward": "GLUON_BACKWARD"}  # read at call time
 _GLUON_SCOPED: dict[str, ContextVar[dict[tuple[int, int], bool] | None]] = {
