@@ -26,33 +26,32 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, log to $out/NAME.log
   tail -n "${TAIL:-25}" "$out/$name.log"
 }
 case "${1:-tests}" in
-  next)  # what the thirteenth session runs first: the gpu tests no run has reached (engine
-          # incl. its Gluon forward, linear incl. fused mods, ring, sparse methods, the Gluon
-          # block-sparse forward and backward), then the two tables that decide the Gluon
-          # switches (options.GLUON_FORWARD / GLUON_BACKWARD, engine GLUON_FORWARD)
-    TAIL=40 step 290 gpu_tests python3 -m pytest -m gpu -v -rfE --tb=short \
-      -p no:cacheprovider -n 16 --maxfail=60 --junitxml="$out/junit.xml" tests/engine \
-      tests/linear tests/test_ring.py tests/test_ring_grads.py tests/sparse \
-      tests/kernels/test_block_sparse_gluon.py tests/kernels/test_block_sparse_gluon_bwd.py \
-      tests/kernels/test_block_sparse_plans.py tests/kernels/test_block_sparse_row_mask.py
-    step 80 sparse_gluon python3 bench/sparse_gluon_gpu.py --quick
-    step 110 engine python3 bench/engine_gpu.py --quick
+  next)  # what the fourteenth session runs first: the gpu tests no run has reached (ring,
+          # linear kernels and fused mods, the flex retry, VMoBA, SLA backward, the rest of the
+          # Gluon block-sparse forward), then VSA end to end and SLA/VMoBA with the Gluon
+          # kernels on (the thirteenth session's switches)
+    TAIL=40 step 220 gpu_tests python3 -m pytest -m gpu -v -rfE --tb=short \
+      -p no:cacheprovider -n 16 --maxfail=60 --junitxml="$out/junit.xml" tests/test_ring.py \
+      tests/test_ring_grads.py tests/sparse/test_vmoba.py tests/sparse/test_sla_vmoba_gpu.py \
+      tests/engine/test_kernel_layouts.py tests/linear tests/kernels/test_block_sparse_gluon.py \
+      tests/kernels/test_block_sparse_plans.py
+    step 120 sparse python3 bench/sparse_gpu.py --quick --only parts,vsa,fine,flex
+    step 90 sla_vmoba python3 bench/sla_vmoba_gpu.py --quick
     ;;
-  next2)  # the second call: VSA with the 128-block plan sweep, SLA/VMoBA, the linear tables
-           # (ours alone, then with fla's autotuning), the model rows
-    step 110 sparse python3 bench/sparse_gpu.py --quick --sweep --sweep-budget 60 \
-      --sweep-blocks 128,128x64 --only parts,vsa,fine,flex
-    step 80 sla_vmoba python3 bench/sla_vmoba_gpu.py --quick
-    step 60 linear_ours python3 bench/linear_gpu.py --quick --no-fla
-    step 120 linear_fla python3 bench/linear_gpu.py --quick  # fla autotunes per shape: minutes
+  next2)  # the second call: fla against ours (fla autotunes per shape: minutes), the engine
+           # table (the Flex retry, the Gluon forward on), the model rows with Gluon on
+    step 180 linear_fla python3 bench/linear_gpu.py --quick
+    step 110 engine python3 bench/engine_gpu.py --quick
     step 100 models python3 bench/models_gpu.py --quick
     ;;
-  next3)  # if budget is left: the engine experiments, the host overhead, the dense Gluon
-           # kernels' tests after their TMA-name change
-    step 50 engine_experiments python3 bench/engine_experiments_gpu.py
+  next3)  # if budget is left: host overhead (issue 18), the engine experiments, every other
+           # gpu test (dense flash, block-sparse kernel, the engine's examples)
     step 25 host_overhead python3 bench/host_overhead_gpu.py --quick
-    TAIL=20 step 150 gpu_tests_flash python3 -m pytest -m gpu -q -p no:cacheprovider -n 16 \
-      tests/kernels/test_triton_flash.py tests/kernels/test_block_sparse_kernel.py
+    step 50 engine_experiments python3 bench/engine_experiments_gpu.py
+    TAIL=20 step 300 gpu_tests_rest python3 -m pytest -m gpu -q -p no:cacheprovider -n 16 \
+      tests/kernels/test_triton_flash.py tests/kernels/test_block_sparse_kernel.py \
+      tests/kernels/test_block_sparse_gluon_bwd.py tests/kernels/test_block_sparse_row_mask.py \
+      tests/engine tests/sparse/test_vsa.py
     ;;
   correct)  # the gpu tests of the engine, the linear engine, ring and sparse methods alone
     TAIL=40 step "${LIMIT:-140}" gpu_tests python3 -m pytest -m gpu -v -rfE --tb=short \
