@@ -142,7 +142,8 @@ def sla_parts(table: Table, n: int, h: int, d: int, args: argparse.Namespace) ->
         o_l = impl.linear_branch(q, k, v)
         parts["SLA part: proj_l + sum"] = lambda: q + impl.project(o_l).to(q.dtype)
         for name, fn in parts.items():
-            table.row(name, "fwd", measure(fn, args.iters))
+            with options.gluon_forward(False):  # the "(Triton)" row; Gluon has its own
+                table.row(name, "fwd", measure(fn, args.iters))
         with options.gluon_forward(True, [(128, 64)]):
             table.row("SLA part: sparse kernel (Gluon on)", "fwd", measure(
                 lambda: block_sparse_attention(q, k, v, index, count, block_q=128, block_k=64),

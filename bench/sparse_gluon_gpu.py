@@ -59,14 +59,13 @@ def _time(fn: Callable[[], torch.Tensor], inputs, quick: bool, backward: bool,
         with torch.no_grad():
             return bench_ms(fn, quick)
     step = fwd_bwd(fn, inputs)
-    if gluon_bwd is None:
-        return bench_ms(step, quick)
     from attnrt.kernels.block_sparse import options
 
-    def with_gluon_bwd() -> None:
-        with options.gluon_backward(True, blocks=[gluon_bwd]):
+    def switched() -> None:  # the Gluon backward off unless asked (it ships on for some sizes)
+        with options.gluon_backward(gluon_bwd is not None,
+                                    blocks=None if gluon_bwd is None else [gluon_bwd]):
             step()
-    return bench_ms(with_gluon_bwd, quick)
+    return bench_ms(switched, quick)
 
 
 def _grads(fn: Callable[[], torch.Tensor], inputs, blocks: tuple[int, int] | None):

@@ -339,13 +339,17 @@ def sweep_launch(quick: bool, budget_s: float, blocks: list[str]) -> None:
     each block size in `blocks`, keeps each winner for the rest of this run (so the table
     below measures them), and prints the LAUNCH_OPTIONS entries to paste into
     runtime/kernels/block_sparse/options.py."""
+    from attnrt.kernels.block_sparse import options
+
     best: dict[str, dict[str, int]] = {}
     for name in blocks:
         bq, bk = SWEEP_BLOCKS[name]
         inputs, index, count = _fine_inputs(bq, 16384, 0.125, bk)
         for kernel in ("fwd", "dq", "dkdv"):  # each kernel gets its share of the budget
             deadline = time.monotonic() + budget_s / (3 * len(blocks))
-            won = _sweep_kernel(kernel, bq, bk, inputs, index, count, quick, deadline)
+            # The plans are the Triton kernels': the Gluon ones (on by default) stay out.
+            with options.gluon_forward(False), options.gluon_backward(False):
+                won = _sweep_kernel(kernel, bq, bk, inputs, index, count, quick, deadline)
             if won is not None:
                 best[f"{kernel}-{bq}x{bk}-d{D}"] = won
     print("# paste into runtime/kernels/block_sparse/options.py (measured: "
