@@ -102,6 +102,29 @@ class TritonEngineImpl(EngineImpl):
 class FlexEngineImpl(EngineImpl):
     ENGINE_BACKEND = "flex"
 
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_metadata: Any) -> torch.Tensor:
+        """EngineImpl's forward; compiling FlexAttention failing (Dynamo or Inductor) becomes
+        KernelCompileError, so the layer moves to the next ranked implementation."""
+        try:
+            return super().forward(query, key, value, attn_metadata)
+        except flex_compile_errors() as exc:
+            raise KernelCompileError(f"flex engine: compiling FlexAttention failed: "
+                                     f"{str(exc).splitlines()[0][:300]}") from exc
+
+
+def flex_compile_errors() -> tuple[type[BaseException], ...]:
+    """torch.compile's failure types present in this torch (Inductor's and Dynamo's)."""
+    import importlib
+
+    found: list[type[BaseException]] = []
+    for module, name in (("torch._inductor.exc", "InductorError"),
+                         ("torch._dynamo.exc", "BackendCompilerFailed")):
+        cls = getattr(importlib.import_module(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            found.append(cls)
+    return tuple(found)
+
 
 class _EngineBackend(AttentionBackend):
     METHODS = frozenset({"custom"})

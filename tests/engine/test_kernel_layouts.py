@@ -175,6 +175,34 @@ def test_flex_compiles_again_with_small_tiles_once_the_default_ones_overflow(mon
         engine(q, k, v, custom, **layout)
 
 
+def test_a_flex_compile_failure_becomes_kernel_compile_error(
+        monkeypatch):
+    """Inductor failing to build FlexAttention's kernels (as it did on the H200 for relpos_bias
+    with its gradient) reaches the layer as KernelCompileError, which moves it to the next
+    ranked implementation, instead of an Inductor traceback."""
+    import torch.nn.attention.flex_attention as fa
+    from torch._inductor.exc import InductorError
+
+    from attnrt.engine.backends import FlexEngineImpl
+    from attnrt.errors import KernelCompileError
+
+    def fails(q, k, v, **kwargs):
+        raise InductorError(RuntimeError("No valid triton configs. PTXASError"), None)
+
+    monkeypatch.setattr(fa, "flex_attention", fails)
+    impl = FlexEngineImpl(2, 16, None, score_mod=lambda s, io, b, h, qi, ki: s * 0.5)
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(KernelCompileError, match="compiling FlexAttention failed"):
+        impl.forward(q, q, q, None)
+
+    def user_error(q, k, v, **kwargs):
+        raise ValueError("not a compile failure")
+
+    monkeypatch.setattr(fa, "flex_attention", user_error)
+    with pytest.raises(ValueError, match="not a compile failure"):
+        impl.forward(q, q, q, None)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["alibi", "softcap", "relpos_bias", "sliding_window",
                                   "varlen_document"])
