@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from attnrt.context import get_forward_context
+from attnrt.ctxvars import visible
 from attnrt.errors import BackendUnavailableError, KernelCompileError
 from attnrt.interfaces import AttentionImpl, lse_forward
 from attnrt.layer_args import (
@@ -232,14 +233,14 @@ class LocalAttention(nn.Module):
             # extra argument the layer was given).
             request = self.request_for(dtype)
             return _Selected(decide(request, self._device_for(device)), _UNSELECTED, None, None,
-                             dispatch.selection_epoch, _CONTEXT_FORCE.get())
+                             dispatch.selection_epoch, visible(_CONTEXT_FORCE))
 
     def _select(self, dtype: torch.dtype, tensor_device: torch.device | None,
                 seq_len: int | None = None) -> _Selected:
         """seq_len: the query length, where known. The request carries it only where a rule
         that can match it has a seq_len key; the selection then serves the span of lengths
         that every rule treats alike, and a length outside it selects again."""
-        epoch, forced = dispatch.selection_epoch, _CONTEXT_FORCE.get()  # read before selecting
+        epoch, forced = dispatch.selection_epoch, visible(_CONTEXT_FORCE)  # read before selecting
         grad = torch.is_grad_enabled()
         key = (dtype, str(tensor_device), forced_backend(), grad)
         seen = self._by_key.get(key, [])

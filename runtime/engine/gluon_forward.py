@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from attnrt.ctxvars import visible
 from attnrt.engine.errors import TraceError
 from attnrt.kernels.gluon_host import INT32 as _INT32
 from attnrt.kernels.gluon_host import GluonSwitch, dtype_reason, tma_reason
@@ -47,7 +48,7 @@ _MODULES: dict[str, ModuleType] = {}
 
 def gluon_forward_on() -> bool:
     """Whether the engine's forward should take the Gluon kernel where it can serve."""
-    scoped = _SCOPED.get()
+    scoped = visible(_SCOPED)
     return GLUON_FORWARD if scoped is None else scoped
 
 

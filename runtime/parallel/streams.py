@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from attnrt.ctxvars import visible
 from attnrt.parallel.peer_copies import recorded
 
 _STREAMS: dict[tuple[int, str], Any] = {}  # (device index, role): one forward at a time
@@ -99,7 +100,7 @@ def beside(device: torch.device, after: Any, joins: list[Any]) -> Iterator[None]
     (a recorded work) but not for what the current stream queued since; appends to `joins`
     a work for all of it (waited for on the current stream, the stream returns to that order).
     On the current stream where devices have no streams, or within serial_launches()."""
-    if device.type != "cuda" or not _B_BESIDE.get():
+    if device.type != "cuda" or not visible(_B_BESIDE):
         yield
         return
     with torch.cuda.stream(_stream_of(device, "beside")):

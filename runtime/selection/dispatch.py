@@ -21,6 +21,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from attnrt.ctxvars import visible
 from attnrt.errors import BackendUnavailableError, RegistryError, UnknownBackendError
 from attnrt.interfaces import AttentionBackend
 from attnrt.selection import capability, methods, registry
@@ -156,7 +157,7 @@ def process_force() -> str | None:
 
 def forced_backend() -> tuple[str, str] | None:
     """(name, where it came from), in precedence order: context, global, environment."""
-    if (name := _FORCED.get()) is not None:
+    if (name := visible(_FORCED)) is not None:
         return name, "force_backend()"
     if _global_forced is not None:
         return _global_forced, "global_force_attn_backend()"

@@ -24,6 +24,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from attnrt.ctxvars import visible
+
 from .checks import NAME, BlockSparseInputError
 
 KERNELS = ("fwd", "dq", "dkdv")
@@ -67,7 +69,7 @@ def _table(kind: str) -> dict[tuple[int, int], bool]:
 def gluon_on(kind: str, block_q: int, block_k: int) -> bool:
     """Whether the `kind` ("forward" or "backward") of these block sizes should take its
     Gluon kernel."""
-    scoped = _GLUON_SCOPED[kind].get()
+    scoped = visible(_GLUON_SCOPED[kind])
     table = _table(kind) if scoped is None else scoped
     return table.get((block_q, block_k), False)
 
