@@ -31,7 +31,8 @@ case "${1:-tests}" in
           # Gluon block-sparse forward), then VSA end to end and SLA/VMoBA with the Gluon
           # kernels on (the thirteenth session's switches)
     TAIL=40 step 220 gpu_tests python3 -m pytest -m gpu -v -rfE --tb=short \
-      -p no:cacheprovider -n 16 --maxfail=60 --junitxml="$out/junit.xml" tests/test_ring.py \
+      -p no:cacheprovider -n 16 --maxfail=60 --junitxml="$out/junit.xml" tests/test_ctxvars.py \
+      tests/test_ring.py \
       tests/test_ring_grads.py tests/sparse/test_vmoba.py tests/sparse/test_sla_vmoba_gpu.py \
       tests/engine/test_kernel_layouts.py tests/linear tests/kernels/test_block_sparse_gluon.py \
       tests/kernels/test_block_sparse_plans.py
