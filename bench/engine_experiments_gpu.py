@@ -16,8 +16,13 @@ Experiments (issue 21, bench/NOTES-engine.md has what they showed):
     (1-D row state, once an experiment here, is the codegen's default since an offline
     compile showed [BLOCK_M, 1] state recomputing the exponentials; NOTES-engine.md)
     tiles ...       BLOCK_M, BLOCK_N, warps, stages candidates
+The Triton forward is timed with the (default-on) Gluon forward switched off.
 
-    python bench/engine_experiments_gpu.py [--n 8192]
+Backward (--backward, ALiBi, issue 21's bwd target: >= 1.0x compiled Flex): the backward alone
+(fwd+bwd minus fwd) of the engine with each dK/dV and dQ tile candidate, against compiled
+Flex's ALiBi backward and our dense Triton backward (no modification) at the same shape.
+
+    python bench/engine_experiments_gpu.py [--n 8192] [--backward]
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ import torch
 B, H, D = 1, 24, 128
 TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 4),
          (64, 64, 4, 3), (64, 128, 4, 3)]
+# dK/dV tiles are (query rows per step, keys per program, warps, stages); dQ (rows, keys, ...).
+# The dense kernel's best measured: dK/dV (32, 64, 4, 3), dQ (128, 64, 8, 3) (NOTES-triton-flash).
+BWD_TILES = {"dkdv": [(32, 128, 8, 2), (32, 64, 4, 3), (32, 128, 8, 3),
+                      (64, 128, 8, 2), (32, 64, 4, 2)],
+             "dq": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)]}
 
 
 def _time(fn: Callable[[], torch.Tensor], reps: int = 10) -> float:
@@ -64,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--show-source", action="store_true", help="print the baseline source")
+    parser.add_argument("--backward", action="store_true",
+                        help="the ALiBi backward's tile experiments instead of the forward's")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -74,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     from attnrt.kernels.flash.configs_cuda import select_config
     from attnrt.kernels.flash.launch import flash_attention
 
+    if args.backward:
+        return backward_experiments(args.n)
     n = args.n
     flops = 4 * B * H * n * n * D
     q, k, v = (torch.randn(B, n, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -82,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'case':<34} {'ms':>8} {'TFLOP/s':>8} {'vs base':>8} {'rel diff':>9}")
     engine = AttentionEngine(None, None, backend="triton")
     original = codegen.source
-    with torch.no_grad():
+    from attnrt.engine import gluon_forward
+
+    with torch.no_grad(), gluon_forward.gluon_forward(False):
         base_out = engine(q, k, v).float()
         base_ms = _time(lambda: engine(q, k, v))
 
@@ -119,6 +135,64 @@ def main(argv: list[str] | None = None) -> int:
             row(name, _time(lambda c=cfg: flash_attention(q, k, v, config=c)), out)
     if args.show_source:
         print(original(engine.variant, kernel.KernelFlags(False, True, ())))
+    return 0
+
+
+def _bwd_ms(call: Callable[..., torch.Tensor], qkv: tuple) -> float:
+    """Backward alone: median fwd+bwd minus median fwd, ms."""
+    with torch.no_grad():
+        fwd = _time(lambda: call(*qkv))
+    out = call(*qkv)
+    do = torch.randn_like(out)
+    both = _time(lambda: torch.autograd.grad(call(*qkv), qkv, do))
+    return max(both - fwd, 1e-6)
+
+
+def backward_experiments(n: int) -> int:
+    """ALiBi's backward with each dK/dV and dQ tile candidate (the other kernel at its shipped
+    tiles), compiled Flex's ALiBi backward and our dense Triton backward as peers."""
+    from engine_gpu import _flex_fn
+
+    from attnrt.engine import kernel
+    from attnrt.engine.library import AttentionLibrary
+    from attnrt.kernels.flash.configs import make_config
+    from attnrt.kernels.flash.launch import flash_attention
+
+    flops = 2.5 * 4 * B * H * n * n * D
+    qkv = tuple(torch.randn(B, n, H, D, device="cuda", dtype=torch.bfloat16,
+                            requires_grad=True) for _ in range(3))
+    slopes = torch.tensor([2.0 ** (-8 * (i + 1) / H) for i in range(H)], device="cuda")
+    alibi = AttentionLibrary("AlibiAttention", "None", head_size=D, backend="triton")
+
+    def ours(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return alibi(q, k, v, [slopes])
+
+    def flex_alibi(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, B={B} H={H} N={n} D={D} "
+          "bf16, ALiBi backward alone (fwd+bwd minus fwd)")
+    print(f"{'case':<40} {'bwd ms':>8} {'TFLOP/s':>8}")
+
+    def row(name: str, ms: float) -> None:
+        print(f"{name:<40} {ms:8.3f} {flops / ms / 1e9:8.0f}", flush=True)
+
+    row("compiled Flex ALiBi", _bwd_ms(_flex_fn(flex_alibi), qkv))
+    dense = make_config((128, 128, 8, 3), (32, 64, 4, 3), (128, 64, 8, 3))
+    row("dense Triton (no modification)",
+        _bwd_ms(lambda q, k, v: flash_attention(q, k, v, config=dense), qkv))
+    shipped = {name: dict(table) for name, table in kernel._CUDA_TILES.items()}
+    for name, candidates in BWD_TILES.items():
+        for tiles in candidates:
+            kernel.clear_modules()
+            kernel._CUDA_TILES[name][False] = tiles
+            try:
+                row(f"engine ALiBi {name} {tiles}", _bwd_ms(ours, qkv))
+            except Exception as exc:  # noqa: BLE001 - a candidate that fails to compile
+                print(f"engine ALiBi {name} {tiles}: {type(exc).__name__}: {str(exc)[:100]}",
+                      flush=True)
+            kernel._CUDA_TILES[name].update(shipped[name])
+    kernel.clear_modules()
     return 0
 
 

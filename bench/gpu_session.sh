@@ -49,6 +49,7 @@ case "${1:-tests}" in
            # gpu test (dense flash, block-sparse kernel, the engine's examples)
     step 25 host_overhead python3 bench/host_overhead_gpu.py --quick
     step 50 engine_experiments python3 bench/engine_experiments_gpu.py
+    step 80 engine_bwd_tiles python3 bench/engine_experiments_gpu.py --backward
     TAIL=20 step 300 gpu_tests_rest python3 -m pytest -m gpu -q -p no:cacheprovider -n 16 \
       tests/kernels/test_triton_flash.py tests/kernels/test_block_sparse_kernel.py \
       tests/kernels/test_block_sparse_gluon_bwd.py tests/kernels/test_block_sparse_row_mask.py \
