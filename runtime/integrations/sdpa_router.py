@@ -125,7 +125,7 @@ class SdpaRouter:
             out, lse = layer.forward_with_lse(query, key, value)
             self.served[layer.backend_name] += 1
             return out, lse.transpose(1, 2)
-        out = layer(query, key, value)
+        out = layer.forward(query, key, value)  # a private layer: no hooks to run (-0.6 us)
         self.served[layer.backend_name] += 1
         return out
 
