@@ -267,8 +267,32 @@ def main() -> None:
          ("case", "gluon ms", "triton ms", "triton/gluon", "gluon TFLOP/s", "peer", "peer ms",
           "peer/gluon", "rel err g-t", "served"),
          [r for n in sizes for r in gluon_rows(n, reps, peers)])
+    show("soft-capping with tanh as PTX tanh.approx.f32 (engine.kernel.FAST_TANH, shipped off) "
+         "vs the exact form, the shipped forward (Gluon) and the Triton backward (ms)",
+         ("case", "exact fwd", "exact bwd", "approx fwd", "approx bwd", "fwd gain", "bwd gain",
+          "rel err a-e"), [fast_tanh_row(n, reps) for n in sizes])
     show("first call, N=4096 (target < 10 s; second process reuses the cache)",
          ("case", "seconds"), first_call_rows())
+
+
+def fast_tanh_row(n: int, reps: int) -> tuple:
+    """Soft-capping timed with FAST_TANH off, then on (each compiles its own kernels)."""
+    from attnrt.engine import kernel
+
+    softcap = AttentionLibrary("SoftcapAttention", "None", head_size=D, softcap=CAP,
+                               backend="triton")
+    qkv = _qkv(n, True)
+    times, outs = [], []
+    for fast in (False, True):
+        kernel.FAST_TANH = fast
+        kernel.clear_modules()
+        times.append(_fwd_bwd(softcap, qkv, reps))
+        with torch.no_grad():
+            outs.append(softcap(*qkv))
+    kernel.FAST_TANH = False
+    kernel.clear_modules()
+    (ef, eb), (af, ab) = times
+    return (f"softcap N={n}", ef, eb, af, ab, ef / af, eb / ab, _rel(outs[1], outs[0]))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ case "${1:-tests}" in
       -p no:cacheprovider -n 16 --maxfail=60 --junitxml="$out/junit.xml" tests/test_ctxvars.py \
       tests/test_ring.py \
       tests/test_ring_grads.py tests/sparse/test_vmoba.py tests/sparse/test_sla_vmoba_gpu.py \
-      tests/engine/test_kernel_layouts.py tests/linear tests/kernels/test_block_sparse_gluon.py \
+      tests/engine/test_kernel_layouts.py tests/engine/test_fast_tanh.py tests/linear \
+      tests/kernels/test_block_sparse_gluon.py \
       tests/kernels/test_block_sparse_plans.py
     step 120 sparse python3 bench/sparse_gpu.py --quick --only parts,vsa,fine,flex
     step 90 sla_vmoba python3 bench/sla_vmoba_gpu.py --quick

@@ -25,6 +25,7 @@ class KernelFlags:
     varlen: bool
     scaled: bool
     input_grads: tuple[str, ...]  # custom inputs whose gradient the backward computes
+    fast_tanh: bool = False  # tanh as PTX tanh.approx.f32 (kernel.FAST_TANH: 16-bit on CUDA)
 
 
 def _input_args(variant: Variant) -> tuple[str, str, dict[str, tuple[str, list[str]]]]:
@@ -153,7 +154,7 @@ _CARRY = "row_{n} = tl.sum({v}, 1)"
 def _fwd_body(variant: Variant, flags: KernelFlags, table: dict, masked: bool) -> str:
     prog = variant.online
     names = dict(_LEAVES, **{f"row.{n}": f"row_{n}[:, None]" for n, _ in prog.inits})
-    em = Emitter(names, table, "keep" if masked else None, "t")
+    em = Emitter(names, table, "keep" if masked else None, "t", flags.fast_tanh)
     em.line("offs_n = start_n + tl.arange(0, BLOCK_N)")
     for line in _col_side(flags, masked):
         em.line(line)

@@ -158,12 +158,12 @@ def _dkdv_body(variant: Variant, flags: KernelFlags, table: dict, masked: bool,
                t: bool) -> str:
     """One step of dK/dV over a block of rows; t: the block is computed as [keys, rows] (see
     transposed)."""
-    em = Emitter(_names(variant), table, "keep" if masked else None, "t")
+    em = Emitter(_names(variant), table, "keep" if masked else None, "t", flags.fast_tanh)
     em.line("offs_m = start_m + tl.arange(0, BLOCK_M)")
     for line in _row_loads(variant, flags, t):
         em.line(line)
     # Index and input reads for the atomics see the raw score (score_mod's argument).
-    score_em = Emitter(dict(_names(variant), score="s"), table, None, "u")
+    score_em = Emitter(dict(_names(variant), score="s"), table, None, "u", flags.fast_tanh)
     score_em.lines = em.lines
     _grad_core(em, variant, flags, masked, t)
     if t:
@@ -200,7 +200,7 @@ def transposed(variant: Variant) -> bool:
 
 
 def _dq_body(variant: Variant, flags: KernelFlags, table: dict, masked: bool) -> str:
-    em = Emitter(_names(variant), table, "keep" if masked else None, "t")
+    em = Emitter(_names(variant), table, "keep" if masked else None, "t", flags.fast_tanh)
     em.line("offs_n = start_n + tl.arange(0, BLOCK_N)")
     for line in _col_side(flags, masked):
         em.line(line)

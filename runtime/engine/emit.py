@@ -43,8 +43,9 @@ class Emitter:
     ns = "tl"
 
     def __init__(self, names: dict[str, str], inputs: dict[str, tuple[str, list[str]]],
-                 keep: str | None, prefix: str) -> None:
+                 keep: str | None, prefix: str, fast_tanh: bool = False) -> None:
         self.names, self.inputs, self.keep, self.prefix = names, inputs, keep, prefix
+        self.fast_tanh = fast_tanh  # tanh as one PTX tanh.approx.f32 (CUDA only)
         self.lines: list[str] = []
         self.memo: dict[str, str] = {}
         self.count = 0
@@ -134,8 +135,13 @@ def _pow(em: Emitter, e: Expr, args: list[str]) -> str:
 
 def _tanh(em: Emitter, e: Expr, args: list[str]) -> str:
     # tanh(x) = sign(x) (1 - exp(-2|x|)) / (1 + exp(-2|x|)); libdevice's tanh has no
-    # interpreter twin, and this form never overflows.
+    # interpreter twin, and this form never overflows. It costs two special-function ops (exp,
+    # reciprocal); fast_tanh emits PTX's tanh.approx.f32 (one; max relative error 2^-11, as
+    # FlashAttention's soft-capping uses), which only a CUDA GPU runs.
     x = args[0]
+    if em.fast_tanh:
+        return (f'{em.ns}.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", '
+                f'[({x}).to({em.ns}.float32)], dtype={em.ns}.float32, is_pure=True, pack=1)')
     t = em.temp(f"{em.ns}.exp(-2.0 * {em.ns}.abs({x}))")
     return f"{em.ns}.where({x} < 0, -1.0, 1.0) * (1.0 - {t}) / (1.0 + {t})"
 

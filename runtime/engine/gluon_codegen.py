@@ -89,7 +89,7 @@ def _rows(variant: Variant) -> str:
 def _tile_lines(variant: Variant, flags: KernelFlags, table: dict, masked: bool) -> list[str]:
     prog = variant.online
     names = dict(_LEAVES, **{f"row.{n}": f"row_{n}[:, None]" for n, _ in prog.inits})
-    em = GluonEmitter(names, table, "keep" if masked else None, "t")
+    em = GluonEmitter(names, table, "keep" if masked else None, "t", flags.fast_tanh)
     cols = "gl.minimum(offs_n, M - 1)" if masked else "offs_n"
     for line in ("offs_n = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))",
                  "row_ok = (offs_m < N)[:, None]", "q_rows = gl.minimum(offs_m, N - 1)[:, None]",

@@ -74,6 +74,19 @@ def clear_modules() -> None:
     _SOURCES.clear()
 
 
+# tanh (soft-capping) as PTX tanh.approx.f32 in the generated kernels for fp16/bf16 inputs on
+# NVIDIA GPUs: one special-function op instead of two (bench/NOTES-engine.md run 4). Off until
+# a GPU run checks it against the float64 reference (tests/engine, softcap cases) and times it.
+FAST_TANH = False
+
+
+def fast_tanh(variant: Variant, q: torch.Tensor) -> bool:
+    """Whether this call's kernels take tanh as tanh.approx.f32 (FAST_TANH, a variant using
+    tanh, 16-bit q on an NVIDIA GPU)."""
+    return (FAST_TANH and q.is_cuda and torch.version.hip is None
+            and q.dtype in (torch.float16, torch.bfloat16) and "tanh(" in variant.text)
+
+
 @dataclass(frozen=True)
 class Tiles:
     """Tile sizes and launch options of one kernel."""
@@ -147,7 +160,8 @@ class EngineRun:
     def __init__(self, variant: Variant, fns: RefFns, call: Call, scale: float | None,
                  input_grads: tuple[str, ...]) -> None:
         self.variant, self.call, self.scale = variant, call, scale
-        self.flags = KernelFlags(call.varlen is not None, scale is not None, input_grads)
+        self.flags = KernelFlags(call.varlen is not None, scale is not None, input_grads,
+                                 fast_tanh(variant, call.q))
         self.module = _module_for(variant, self.flags)
         q, v = call.q, call.v
         mask_blocks = call.block_size if call.block_mask is not None else None
