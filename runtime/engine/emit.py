@@ -74,6 +74,9 @@ class Emitter:
         return self.memo[key]
 
     def _code(self, e: Expr) -> str:
+        split = distributed(e)
+        if split is not None:
+            return self(split)
         float_args = e.kind == FLOAT and e.op != "input" or e.op in ("max", "min", "where") and any(
             a.kind == FLOAT for a in e.args[1 if e.op == "where" else 0:])
         args = [self(a, as_float=float_args and (e.op != "where" or i > 0))
@@ -113,6 +116,40 @@ class Emitter:
         """Point a leaf at a new variable; values computed from the old one are forgotten."""
         self.names[leaf_name] = var
         self.memo.clear()
+
+
+_ROWS, _COLS = frozenset({"r"}), frozenset({"c"})
+
+
+def _axes(e: Expr) -> frozenset[str]:
+    """The tile axes e varies along: "r" (query rows: q_idx), "c" (key columns: kv_idx);
+    b, h and custom inputs indexed by them are per program. Any other leaf (the score, row
+    state, dP) varies along both."""
+    axes: set[str] = set()
+    for name in e.leaves():
+        if name == "q_idx":
+            axes.add("r")
+        elif name == "kv_idx":
+            axes.add("c")
+        elif name not in ("b", "h") and not name.startswith("in."):
+            return frozenset({"r", "c"})
+    return frozenset(axes)
+
+
+def distributed(e: Expr) -> Expr | None:
+    """c * (a -/+ b) as c*a -/+ c*b where c is per program and a, b each vary along one tile
+    axis (ALiBi's slope * (kv_idx - q_idx)): the products are then computed on a row and a
+    column of the tile, and each score pays one subtract instead of an integer subtract, a
+    conversion and a multiply. None where the pattern does not apply (floats only: the sum
+    of the products may round differently from the product of the difference, by an ulp)."""
+    if e.op != "mul" or e.kind != FLOAT:
+        return None
+    for c, d in ((e.args[0], e.args[1]), (e.args[1], e.args[0])):
+        if d.op in ("sub", "add") and not _axes(c):
+            a, b = (_axes(x) for x in d.args)
+            if {a, b} in ({_ROWS, _COLS}, {_ROWS, frozenset()}, {_COLS, frozenset()}):
+                return make(d.op, make("mul", c, d.args[0]), make("mul", c, d.args[1]))
+    return None
 
 
 def _floor_quotient(em: Emitter, a: str, b: str) -> str:
