@@ -150,10 +150,14 @@ def sla_parts(table: Table, n: int, h: int, d: int, args: argparse.Namespace) ->
                 args.iters))
 
 
-def vmoba_kept(n: int, meta: object, layer: int, q: torch.Tensor, k: torch.Tensor) -> float:
-    """Share of (query, head, key chunk) entries the layer's selection keeps."""
+def vmoba_kept(n: int, meta: object, layer: int, q: torch.Tensor, k: torch.Tensor,
+               block_q: int = 64) -> tuple[float, float]:
+    """(share of (query, head, key chunk) entries the layer's selection keeps, share of
+    (query block of block_q rows, head, chunk) entries the kernel visits: the union over the
+    block's rows, what the row-masked kernel pays for)."""
     from attnrt.sparse.vmoba import layer_chunk
     from attnrt.sparse.vmoba_layout import check_chunk, to_chunk_order
+    from attnrt.sparse.vmoba_pack import row_words
     from attnrt.sparse.vmoba_select import select_chunks
 
     chunk, topk = layer_chunk(layer, meta)  # type: ignore[arg-type]
@@ -163,7 +167,7 @@ def vmoba_kept(n: int, meta: object, layer: int, q: torch.Tensor, k: torch.Tenso
         sel = select_chunks(to_chunk_order(q, grid, chunk), to_chunk_order(k, grid, chunk),
                             tokens, meta.moba_select_mode, meta.moba_threshold_type,  # type: ignore[attr-defined]
                             meta.moba_threshold, topk)  # type: ignore[attr-defined]
-    return float(sel.float().mean())
+    return float(sel.float().mean()), float((row_words(sel, block_q) != 0).float().mean())
 
 
 def vmoba_rows(table: Table, n: int, h: int, d: int, args: argparse.Namespace) -> None:
@@ -179,13 +183,23 @@ def vmoba_rows(table: Table, n: int, h: int, d: int, args: argparse.Namespace) -
     q, k, v = inputs(n, h, d)
     fwd, both, kept = [], [], []
     for layer, kind in enumerate(("temporal", "spatial", "st")):
+        for bq in args.vmoba_block_q[1:]:  # other query blocks first: forward only
+            impl = VMOBAAttentionImpl(num_heads=h, head_size=d, softmax_scale=d ** -0.5,
+                                      prefix=f"blocks.{layer}", block_q=bq)
+            share, union = vmoba_kept(n, meta, layer, q, k, bq)
+            with torch.no_grad():
+                ms = measure(lambda impl=impl: impl.forward(q, k, v, meta), args.iters)
+            table.row(f"VMoBA {kind} block_q={bq} (visits {union:.0%})", "fwd", ms,
+                      f"{1 / share:.1f}x")
+        bq = args.vmoba_block_q[0]
         impl = VMOBAAttentionImpl(num_heads=h, head_size=d, softmax_scale=d ** -0.5,
-                                  prefix=f"blocks.{layer}")
-        share = vmoba_kept(n, meta, layer, q, k)
+                                  prefix=f"blocks.{layer}", block_q=bq)
+        share, union = vmoba_kept(n, meta, layer, q, k, bq)
         kept.append(share)
         with torch.no_grad():
             ms = measure(lambda impl=impl: impl.forward(q, k, v, meta), args.iters)
-        table.row(f"VMoBA {kind} (kept {share:.1%})", "fwd", ms, f"{1 / share:.1f}x")
+        table.row(f"VMoBA {kind} (kept {share:.1%}, block_q={bq} visits {union:.0%})", "fwd",
+                  ms, f"{1 / share:.1f}x")
         fwd.append(ms)
         if not args.quick:
             g = inputs(n, h, d, grad=True)
@@ -230,6 +244,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="*", choices=sorted(GRIDS))
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--only", choices=("sla", "parts", "vmoba", "sage"), nargs="*")
+    parser.add_argument("--vmoba-block-q", type=int, nargs="+", default=[64, 32],
+                        choices=(16, 32, 64), help="VMoBA query blocks: the first gets every "
+                        "row, the others a forward row each (default: 64 32)")
     args = parser.parse_args()
     args.iters = args.iters or (3 if args.quick else 10)
     lengths = args.lengths or ([32760] if args.quick else [32760, 75600])
