@@ -244,9 +244,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="*", choices=sorted(GRIDS))
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--only", choices=("sla", "parts", "vmoba", "sage"), nargs="*")
-    parser.add_argument("--vmoba-block-q", type=int, nargs="+", default=[64, 32],
+    parser.add_argument("--vmoba-block-q", type=int, nargs="+", default=[64],
                         choices=(16, 32, 64), help="VMoBA query blocks: the first gets every "
-                        "row, the others a forward row each (default: 64 32)")
+                        "row, the others a forward row each (default: 64)")
     args = parser.parse_args()
     args.iters = args.iters or (3 if args.quick else 10)
     lengths = args.lengths or ([32760] if args.quick else [32760, 75600])
