@@ -5,7 +5,7 @@ Python context variables belong to a thread's context, and autograd runs a backw
 CUDA graph on a device worker thread that starts with an empty one, so on torch 2.11 a
 `with set_forward_context(...)` or `with force_backend(...)` block was invisible to the
 backward's Python code: an autograd Function's backward, and the forward that activation
-checkpointing recomputes there. (Measured on the H200: a scoped switch set around forward and
+checkpointing recomputes there. (Seen on the H200: a scoped switch set around forward and
 backward was not seen by the backward, bench/NOTES-sparse.md run 5.) torch stashes the context
 of the thread that launched backward() for its worker threads (torch.autograd.graph's
 `_engine_run_backward`); `visible` reads a variable from it where the current thread has no
