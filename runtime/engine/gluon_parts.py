@@ -19,12 +19,17 @@ Imported only where Triton has Gluon (engine/gluon_forward.py imports it on firs
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 from triton.language.core import _aggregate as aggregate
 
 from attnrt.kernels.fast_launch import launch
-from attnrt.kernels.flash.gluon_fwd_sm90 import BLOCK_M, CONSUMER_REGS, _Smem, tma_descriptor
-from attnrt.kernels.gluon_compat import tma_load as _tma_load
+from attnrt.kernels.flash.gluon_fwd_sm90 import (
+    BLOCK_M,
+    CONSUMER_REGS,
+    allocate_rings,
+    load_kv,
+    load_q,
+    tma_descriptor,
+)
 
 HALF = gl.constexpr(64)  # query rows per consumer warpgroup
 STAGES = gl.constexpr(2)  # slots per K and V ring
@@ -48,58 +53,25 @@ class Cfg:
 
 
 @gluon.jit
-def _load_kv(k_desc, v_desc, sm, j, row, k_col, v_col):
-    """Tile j of the walk: K and V rows [row, row + BLOCK_N) into slot j % STAGES, once both
-    consumers released that slot's previous tile."""
-    slot = j % STAGES
-    free = ((j // STAGES) & 1) ^ 1  # a fresh barrier passes the wait for parity 1
-    mbarrier.wait(sm.k_empty.index(slot), free)
-    mbarrier.expect(sm.k_full.index(slot), k_desc.block_type.nbytes)
-    _tma_load(k_desc, [row, k_col], sm.k_full.index(slot), sm.k.index(slot))
-    mbarrier.wait(sm.v_empty.index(slot), free)
-    mbarrier.expect(sm.v_full.index(slot), v_desc.block_type.nbytes)
-    _tma_load(v_desc, [row, v_col], sm.v_full.index(slot), sm.v.index(slot))
-
-
-@gluon.jit
 def producer(q_desc, k_desc, v_desc, sm, q_row, q_col, kv_row, k_col, v_col, full_row, part_row,
              n_full, n_part, cfg):
-    """Q once, then the K/V tiles of the full list's key blocks, then the partial list's."""
-    mbarrier.expect(sm.q_bar, 2 * q_desc.block_type.nbytes)
-    for half in gl.static_range(2):
-        _tma_load(q_desc, [q_row + half * HALF, q_col], sm.q_bar, sm.q.index(half))
+    """Q once, then the K/V tiles of the full list's key blocks, then the partial list's (tile
+    t of the walk in slot t % STAGES)."""
+    load_q(q_desc, sm, q_row, q_col)
     for j in range(n_full):
-        _load_kv(k_desc, v_desc, sm, j, kv_row + gl.load(full_row + j) * cfg.BLOCK_N, k_col,
-                 v_col)
+        load_kv(k_desc, v_desc, sm, j % STAGES, j // STAGES,
+                kv_row + gl.load(full_row + j) * cfg.BLOCK_N, k_col, v_col)
     for j in range(n_part):
-        _load_kv(k_desc, v_desc, sm, n_full + j, kv_row + gl.load(part_row + j) * cfg.BLOCK_N,
-                 k_col, v_col)
+        t = n_full + j
+        load_kv(k_desc, v_desc, sm, t % STAGES, t // STAGES,
+                kv_row + gl.load(part_row + j) * cfg.BLOCK_N, k_col, v_col)
 
 
 @gluon.jit
 def allocate(dtype: gl.constexpr, q_desc, k_desc, v_desc, cfg):
     """Q halves, the K and V rings and their barriers (each slot released by 2 consumers)."""
-    barrier: gl.constexpr = mbarrier.MBarrierLayout()
-    sm = _Smem(gl.allocate_shared_memory(dtype, [2, HALF, cfg.HEAD_DIM], q_desc.layout),
-               gl.allocate_shared_memory(dtype, [STAGES, cfg.BLOCK_N, cfg.HEAD_DIM],
-                                         k_desc.layout),
-               gl.allocate_shared_memory(dtype, [STAGES, cfg.BLOCK_N, cfg.HEAD_DIM_V],
-                                         v_desc.layout),
-               gl.allocate_shared_memory(gl.int64, [1], barrier),
-               gl.allocate_shared_memory(gl.int64, [STAGES, 1], barrier),
-               gl.allocate_shared_memory(gl.int64, [STAGES, 1], barrier),
-               gl.allocate_shared_memory(gl.int64, [STAGES, 1], barrier),
-               gl.allocate_shared_memory(gl.int64, [STAGES, 1], barrier),
-               gl.allocate_shared_memory(gl.int64, [2, 1], barrier))
-    mbarrier.init(sm.q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(sm.k_full.index(i), count=1)
-        mbarrier.init(sm.v_full.index(i), count=1)
-        mbarrier.init(sm.k_empty.index(i), count=2)
-        mbarrier.init(sm.v_empty.index(i), count=2)
-    for i in gl.static_range(2):
-        mbarrier.init(sm.turn.index(i), count=1)
-    return sm
+    return allocate_rings(dtype, q_desc, k_desc, v_desc, STAGES, 2, cfg.BLOCK_N, cfg.HEAD_DIM,
+                          cfg.HEAD_DIM_V)
 
 
 def forward(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,

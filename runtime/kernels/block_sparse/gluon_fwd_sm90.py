@@ -52,13 +52,14 @@ from attnrt.kernels.flash.gluon_fwd_sm90 import (
     LOG2E,
     SUPPORTED_HEAD_SIZES,
     _Shape,
-    _Smem,
     _softmax,
     _store,
+    allocate_rings,
     grouped_program,
+    load_kv,
+    load_q,
     tma_descriptor,
 )
-from attnrt.kernels.gluon_compat import tma_load as _tma_load
 from attnrt.kernels.gluon_host import INT32 as _INT32
 from attnrt.kernels.gluon_host import device_reason as _device_reason
 from attnrt.kernels.gluon_host import dtype_reason, tma_reason
@@ -97,19 +98,10 @@ def _producer(ring: gl.constexpr, q_desc, k_desc, v_desc, sm, q_row, q_col, kv_r
               idx_row, s_idx, n_tiles, cfg):
     """Ring `ring`: K and V of the listed key blocks, in list order; ring 0 loads Q first."""
     if ring == 0:
-        mbarrier.expect(sm.q_bar, 2 * q_desc.block_type.nbytes)
-        for half in gl.static_range(2):
-            _tma_load(q_desc, [q_row + half * HALF, q_col], sm.q_bar, sm.q.index(half))
+        load_q(q_desc, sm, q_row, q_col)
     for j in range(n_tiles):
-        row = kv_row + gl.load(idx_row + j * s_idx) * cfg.BLOCK_N
-        slot = ring * cfg.STAGES + j % cfg.STAGES
-        free = ((j // cfg.STAGES) & 1) ^ 1  # a fresh barrier passes the wait for parity 1
-        mbarrier.wait(sm.k_empty.index(slot), free)
-        mbarrier.expect(sm.k_full.index(slot), k_desc.block_type.nbytes)
-        _tma_load(k_desc, [row, kv_col], sm.k_full.index(slot), sm.k.index(slot))
-        mbarrier.wait(sm.v_empty.index(slot), free)
-        mbarrier.expect(sm.v_full.index(slot), v_desc.block_type.nbytes)
-        _tma_load(v_desc, [row, kv_col], sm.v_full.index(slot), sm.v.index(slot))
+        load_kv(k_desc, v_desc, sm, ring * cfg.STAGES + j % cfg.STAGES, j // cfg.STAGES,
+                kv_row + gl.load(idx_row + j * s_idx) * cfg.BLOCK_N, kv_col, kv_col)
 
 
 @gluon.jit
@@ -280,27 +272,8 @@ def _allocate(dtype: gl.constexpr, q_desc, k_desc, v_desc, cfg):
     """Q halves, cfg's rings (one, or one per warpgroup when split) and their barriers."""
     slots: gl.constexpr = cfg.STAGES * 2 if cfg.SPLIT else cfg.STAGES
     readers: gl.constexpr = 1 if cfg.SPLIT else 2  # consumers that release each slot
-    barrier: gl.constexpr = mbarrier.MBarrierLayout()
-    sm = _Smem(gl.allocate_shared_memory(dtype, [2, HALF, cfg.HEAD_DIM], q_desc.layout),
-               gl.allocate_shared_memory(dtype, [slots, cfg.BLOCK_N, cfg.HEAD_DIM],
-                                         k_desc.layout),
-               gl.allocate_shared_memory(dtype, [slots, cfg.BLOCK_N, cfg.HEAD_DIM],
-                                         v_desc.layout),
-               gl.allocate_shared_memory(gl.int64, [1], barrier),
-               gl.allocate_shared_memory(gl.int64, [slots, 1], barrier),
-               gl.allocate_shared_memory(gl.int64, [slots, 1], barrier),
-               gl.allocate_shared_memory(gl.int64, [slots, 1], barrier),
-               gl.allocate_shared_memory(gl.int64, [slots, 1], barrier),
-               gl.allocate_shared_memory(gl.int64, [2, 1], barrier))
-    mbarrier.init(sm.q_bar, count=1)
-    for i in gl.static_range(slots):
-        mbarrier.init(sm.k_full.index(i), count=1)
-        mbarrier.init(sm.v_full.index(i), count=1)
-        mbarrier.init(sm.k_empty.index(i), count=readers)
-        mbarrier.init(sm.v_empty.index(i), count=readers)
-    for i in gl.static_range(2):
-        mbarrier.init(sm.turn.index(i), count=1)
-    return sm
+    return allocate_rings(dtype, q_desc, k_desc, v_desc, slots, readers, cfg.BLOCK_N,
+                          cfg.HEAD_DIM, cfg.HEAD_DIM)
 
 
 @gluon.jit

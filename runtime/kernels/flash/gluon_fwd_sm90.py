@@ -90,23 +90,60 @@ class _Smem:
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, sm, q_row, q_col, kv_row, kv_col, n_tiles, shape):
-    BLOCK_N: gl.constexpr = shape.BLOCK_N
+def allocate_rings(dtype: gl.constexpr, q_desc, k_desc, v_desc, slots: gl.constexpr,
+                   readers: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   HEAD_DIM_V: gl.constexpr):
+    """The Q halves, K and V rings of `slots` slots (each slot released by `readers`
+    consumers), their full/empty barriers and the two turn barriers: what the dense,
+    block-sparse and engine Gluon forwards share."""
+    barrier: gl.constexpr = mbarrier.MBarrierLayout()
+    sm = _Smem(gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, HEAD_DIM], q_desc.layout),
+               gl.allocate_shared_memory(dtype, [slots, BLOCK_N, HEAD_DIM], k_desc.layout),
+               gl.allocate_shared_memory(dtype, [slots, BLOCK_N, HEAD_DIM_V], v_desc.layout),
+               gl.allocate_shared_memory(gl.int64, [1], barrier),
+               gl.allocate_shared_memory(gl.int64, [slots, 1], barrier),
+               gl.allocate_shared_memory(gl.int64, [slots, 1], barrier),
+               gl.allocate_shared_memory(gl.int64, [slots, 1], barrier),
+               gl.allocate_shared_memory(gl.int64, [slots, 1], barrier),
+               gl.allocate_shared_memory(gl.int64, [2, 1], barrier))
+    mbarrier.init(sm.q_bar, count=1)
+    for i in gl.static_range(slots):
+        mbarrier.init(sm.k_full.index(i), count=1)
+        mbarrier.init(sm.v_full.index(i), count=1)
+        mbarrier.init(sm.k_empty.index(i), count=readers)
+        mbarrier.init(sm.v_empty.index(i), count=readers)
+    for i in gl.static_range(2):
+        mbarrier.init(sm.turn.index(i), count=1)
+    return sm
+
+
+@gluon.jit
+def load_q(q_desc, sm, q_row, q_col):
+    """Both Q halves of the program's 128 rows, on sm.q_bar."""
     mbarrier.expect(sm.q_bar, 2 * q_desc.block_type.nbytes)
     for half in gl.static_range(2):
-        _tma_load(q_desc, [q_row + half * (BLOCK_M // 2), q_col],
-                                        sm.q_bar, sm.q.index(half))
+        _tma_load(q_desc, [q_row + half * (BLOCK_M // 2), q_col], sm.q_bar, sm.q.index(half))
+
+
+@gluon.jit
+def load_kv(k_desc, v_desc, sm, slot, lap, row, k_col, v_col):
+    """K and V rows [row, row + BLOCK_N) into ring slot `slot` on its `lap`-th use, once its
+    consumers released the previous tile there."""
+    free = (lap & 1) ^ 1  # a fresh barrier passes the wait for parity 1
+    mbarrier.wait(sm.k_empty.index(slot), free)
+    mbarrier.expect(sm.k_full.index(slot), k_desc.block_type.nbytes)
+    _tma_load(k_desc, [row, k_col], sm.k_full.index(slot), sm.k.index(slot))
+    mbarrier.wait(sm.v_empty.index(slot), free)
+    mbarrier.expect(sm.v_full.index(slot), v_desc.block_type.nbytes)
+    _tma_load(v_desc, [row, v_col], sm.v_full.index(slot), sm.v.index(slot))
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, sm, q_row, q_col, kv_row, kv_col, n_tiles, shape):
+    load_q(q_desc, sm, q_row, q_col)
     for j in range(n_tiles):
-        slot = j % STAGES
-        free = ((j // STAGES) & 1) ^ 1  # a fresh barrier passes the wait for parity 1
-        mbarrier.wait(sm.k_empty.index(slot), free)
-        mbarrier.expect(sm.k_full.index(slot), k_desc.block_type.nbytes)
-        _tma_load(k_desc, [kv_row + j * BLOCK_N, kv_col],
-                                        sm.k_full.index(slot), sm.k.index(slot))
-        mbarrier.wait(sm.v_empty.index(slot), free)
-        mbarrier.expect(sm.v_full.index(slot), v_desc.block_type.nbytes)
-        _tma_load(v_desc, [kv_row + j * BLOCK_N, kv_col],
-                                        sm.v_full.index(slot), sm.v.index(slot))
+        load_kv(k_desc, v_desc, sm, j % STAGES, j // STAGES, kv_row + j * shape.BLOCK_N,
+                kv_col, kv_col)
 
 
 @gluon.jit
@@ -254,24 +291,7 @@ def _fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr, N, M, H, GROUP, HEAD_GRO
         hi = gl.minimum(M, gl.maximum(m0 + BLOCK_M + M - N, 0))
     n_tiles = gl.cdiv(hi, BLOCK_N)
 
-    barrier: gl.constexpr = mbarrier.MBarrierLayout()
-    sm = _Smem(gl.allocate_shared_memory(dtype, [2, BLOCK_M // 2, HEAD_DIM], q_desc.layout),
-               gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout),
-               gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout),
-               gl.allocate_shared_memory(gl.int64, [1], barrier),
-               gl.allocate_shared_memory(gl.int64, [STAGES, 1], barrier),
-               gl.allocate_shared_memory(gl.int64, [STAGES, 1], barrier),
-               gl.allocate_shared_memory(gl.int64, [STAGES, 1], barrier),
-               gl.allocate_shared_memory(gl.int64, [STAGES, 1], barrier),
-               gl.allocate_shared_memory(gl.int64, [2, 1], barrier))
-    mbarrier.init(sm.q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(sm.k_full.index(i), count=1)
-        mbarrier.init(sm.v_full.index(i), count=1)
-        mbarrier.init(sm.k_empty.index(i), count=2)  # one arrival per consumer
-        mbarrier.init(sm.v_empty.index(i), count=2)
-    for i in gl.static_range(2):
-        mbarrier.init(sm.turn.index(i), count=1)
+    sm = allocate_rings(dtype, q_desc, k_desc, v_desc, STAGES, 2, BLOCK_N, HEAD_DIM, HEAD_DIM)
     shape = _Shape(HEAD_DIM, BLOCK_N, CAUSAL, MASK)
     consumer_args = (sm, o_ptr, lse_ptr, N, M, qk_scale, b, h, bh, m0, n_tiles, so_b, so_n,
                      so_h, shape)
