@@ -60,14 +60,20 @@ def launch_arguments(block_q: int, block_k: int, d: int, dtype, masked: str, sta
     index = torch.zeros((b, h, nqb, nkb), dtype=torch.int32)
     count = torch.zeros((b, h, nqb), dtype=torch.int32)
     valid = torch.zeros((nkb,), dtype=torch.int32) if masked == "valid" else None
+    return _launched(g, lambda: g.forward(q, k, k, index, count, valid, block_q, block_k, 0.1,
+                                          out, lse, stages))
+
+
+def _launched(module, call) -> tuple:
+    """(kernel, args, kwargs) that call() hands to `module.launch`, which does not run."""
     captured = {}
-    real = g.launch
-    g.launch = lambda kernel, grid, args, kwargs, key=None: captured.update(
+    real = module.launch
+    module.launch = lambda kernel, grid, args, kwargs, key=None: captured.update(
         kernel=kernel, args=args, kwargs=kwargs)
     try:
-        g.forward(q, k, k, index, count, valid, block_q, block_k, 0.1, out, lse, stages)
+        call()
     finally:
-        g.launch = real
+        module.launch = real
     return captured["kernel"], captured["args"], captured["kwargs"]
 
 
@@ -88,16 +94,9 @@ def backward_arguments(block_q: int, block_k: int, d: int, dtype, masked: str):
     k2q = torch.zeros((b, h, nkb, nqb), dtype=torch.int32)
     k2q_count = torch.zeros((b, h, nkb), dtype=torch.int32)
     valid = torch.zeros((nkb,), dtype=torch.int32) if masked == "valid" else None
-    captured = {}
-    real = g.launch
-    g.launch = lambda kernel, grid, args, kwargs, key=None: captured.update(
-        kernel=kernel, args=args, kwargs=kwargs)
-    try:
-        g.backward(q, k, k, q, lse2, lse2, k2q, k2q_count, valid, block_q, block_k, 0.1,
-                   torch.empty((b, n, h, d)), torch.empty_like(k), torch.empty_like(k))
-    finally:
-        g.launch = real
-    return captured["kernel"], captured["args"], captured["kwargs"]
+    return _launched(g, lambda: g.backward(
+        q, k, k, q, lse2, lse2, k2q, k2q_count, valid, block_q, block_k, 0.1,
+        torch.empty((b, n, h, d)), torch.empty_like(k), torch.empty_like(k)))
 
 
 def compile_variant(block_q: int, block_k: int, d: int, dtype, masked: str, stages: int,

@@ -64,9 +64,17 @@ def _relpos():
     return relpos_case(N).make("triton")
 
 
+def _checked(engine, inputs, q, k, v) -> tuple:
+    """(the engine's checked call, its custom inputs in kernel order) for q, k, v."""
+    from attnrt.engine.call import check_call
+
+    call = check_call(engine._checked, q, k, v, inputs, None, None, None, None, None,
+                      engine.block_size)
+    return call, [call.inputs[n] for n in engine.variant.input_names]
+
+
 def engine_rows(names: list[str], arch: int) -> list[tuple]:
     from attnrt.engine import kernel
-    from attnrt.engine.call import check_call
 
     cuda_tiles = kernel.pick_tiles
     kernel.pick_tiles = lambda dt, d, dv, bs, name: cuda_tiles("cuda", d, dv, bs, name)
@@ -77,9 +85,7 @@ def engine_rows(names: list[str], arch: int) -> list[tuple]:
         for name in names:
             engine, inputs = engines[name]
             kernel.clear_modules()
-            call = check_call(engine._checked, q, k, v, inputs, None, None, None, None, None,
-                              engine.block_size)
-            ins = [call.inputs[n] for n in engine.variant.input_names]
+            call, ins = _checked(engine, inputs, q, k, v)
             with capture(arch) as cap, torch.no_grad():
                 run = kernel.EngineRun(engine.variant, engine.fns, call, engine._scale(q), ())
                 out, fin = run.forward(q, k, v, ins)
@@ -98,7 +104,6 @@ def engine_rows(names: list[str], arch: int) -> list[tuple]:
 def gluon_rows(names: list[str], arch: int) -> list[tuple]:
     """The generated Gluon forward of each variant, as EngineRun.forward launches it."""
     from attnrt.engine import gluon_forward, kernel
-    from attnrt.engine.call import check_call
 
     device_reason = gluon_forward._device_reason
     gluon_forward._device_reason = lambda q: None  # CPU tensors stand in for CUDA ones
@@ -108,9 +113,7 @@ def gluon_rows(names: list[str], arch: int) -> list[tuple]:
         engines = _engines()
         for name in names:
             engine, inputs = engines[name]
-            call = check_call(engine._checked, q, k, v, inputs, None, None, None, None, None,
-                              engine.block_size)
-            ins = [call.inputs[n] for n in engine.variant.input_names]
+            call, ins = _checked(engine, inputs, q, k, v)
             with capture(arch) as cap, torch.no_grad(), gluon_forward.gluon_forward(True):
                 run = kernel.EngineRun(engine.variant, engine.fns, call, engine._scale(q), ())
                 served = gluon_forward.forward(run, q, k, v, ins)
