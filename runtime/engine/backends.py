@@ -25,6 +25,7 @@ from attnrt.engine.softmax import AttentionEngine
 from attnrt.engine.trace import TraceError, check_arity
 from attnrt.errors import KernelCompileError
 from attnrt.interfaces import AttentionBackend, ScaledImpl
+from attnrt.kernels import TORCH_COMPILE_ERRORS, compile_error_types
 from attnrt.selection.capability import PACKAGE_MISSING, Package, Reason
 
 _LAYOUT = ("cu_len_q", "cu_len_kv", "block_sparse_mask", "block_sparse_indices", "block_num")
@@ -108,22 +109,9 @@ class FlexEngineImpl(EngineImpl):
         KernelCompileError, so the layer moves to the next ranked implementation."""
         try:
             return super().forward(query, key, value, attn_metadata)
-        except flex_compile_errors() as exc:
+        except compile_error_types(TORCH_COMPILE_ERRORS) as exc:
             raise KernelCompileError(f"flex engine: compiling FlexAttention failed: "
                                      f"{str(exc).splitlines()[0][:300]}") from exc
-
-
-def flex_compile_errors() -> tuple[type[BaseException], ...]:
-    """torch.compile's failure types present in this torch (Inductor's and Dynamo's)."""
-    import importlib
-
-    found: list[type[BaseException]] = []
-    for module, name in (("torch._inductor.exc", "InductorError"),
-                         ("torch._dynamo.exc", "BackendCompilerFailed")):
-        cls = getattr(importlib.import_module(module), name, None)
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            found.append(cls)
-    return tuple(found)
 
 
 class _EngineBackend(AttentionBackend):

@@ -12,14 +12,18 @@ import torch
 _COMPILE_ERRORS = (("triton.compiler.errors", "CompilationError"),
                    ("triton.runtime.errors", "OutOfResources"),
                    ("triton.runtime.errors", "PTXASError"))
+# torch.compile's failures to build a kernel (Inductor's, and Dynamo's wrapper of them)
+TORCH_COMPILE_ERRORS = (("torch._inductor.exc", "InductorError"),
+                        ("torch._dynamo.exc", "BackendCompilerFailed"))
 
 
 @cache
-def compile_error_types() -> tuple[type[BaseException], ...]:
-    """Triton's compile-time exception classes present in the installed version (none where
-    Triton is missing)."""
+def compile_error_types(names: tuple[tuple[str, str], ...] = _COMPILE_ERRORS,
+                        ) -> tuple[type[BaseException], ...]:
+    """The exception classes `names` ((module, class) pairs; default: Triton's compile-time
+    errors) that the installed packages have (none where a module is missing)."""
     found: list[type[BaseException]] = []
-    for module_name, attr in _COMPILE_ERRORS:
+    for module_name, attr in names:
         try:
             module = importlib.import_module(module_name)
         except ImportError:
