@@ -139,13 +139,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bwd_ms(call: Callable[..., torch.Tensor], qkv: tuple) -> float:
-    """Backward alone: median fwd+bwd minus median fwd, ms."""
-    with torch.no_grad():
-        fwd = _time(lambda: call(*qkv))
-    out = call(*qkv)
-    do = torch.randn_like(out)
-    both = _time(lambda: torch.autograd.grad(call(*qkv), qkv, do))
-    return max(both - fwd, 1e-6)
+    """Backward alone: median fwd+bwd minus median fwd, ms (engine_gpu.py's timing)."""
+    from engine_gpu import _fwd_bwd
+
+    return _fwd_bwd(call, qkv, 10)[1]
 
 
 def backward_experiments(n: int) -> int:
